@@ -1,0 +1,204 @@
+"""EnECG model configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+
+STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+# Expert types this package implements; each maps to a module `expert_<type>.py`.
+EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+ADAPTATIONS = ("lora", "full")
+NORMALIZATIONS = ("record", "lead", "none")
+
+
+@dataclass
+class EnECGExpertConfig:
+    """Settings of one expert, stored in `EnECGConfig.experts` as a plain dict.
+
+    Args:
+        name: Unique name of the expert in the ensemble (used in outputs and weight keys).
+        type: One of `EXPERT_TYPES`.
+        input_length: Samples per lead the backbone receives; the record is resampled to it.
+        leads: Lead names (from `EnECGConfig.lead_names`) the expert reads, in order.
+        pretrained: Where the backbone weights come from: a Hub repo id, a local folder, or `None` for random
+            weights (allowed, and logged loudly).
+        settings: Architecture settings of the backbone (see each expert's `PRESETS`); a `preset` key picks
+            named defaults that the other keys override.
+    """
+
+    name: str
+    type: str
+    input_length: int
+    leads: list[str] = field(default_factory=lambda: list(STANDARD_LEAD_NAMES))
+    pretrained: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], index: int = 0) -> "EnECGExpertConfig":
+        if isinstance(data, EnECGExpertConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"experts[{index}] must be a dict, got {type(data).__name__}")
+        unknown = set(data) - {"name", "type", "input_length", "leads", "pretrained", "settings"}
+        if unknown:
+            raise ValueError(f"experts[{index}] has unknown keys {sorted(unknown)}")
+        for key in ("name", "type", "input_length"):
+            if key not in data:
+                raise ValueError(f"experts[{index}].{key} is required")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EnECGConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`EnECGModel`]: frozen expert backbones, one FFN head per expert and a gating network.
+
+    Args:
+        experts (`list[dict]`):
+            One dict per expert with the fields of [`EnECGExpertConfig`]: `name`, `type`, `input_length`, `leads`,
+            `pretrained` and `settings`.
+        sampling_rate (`int`, defaults to 500):
+            Sampling rate (Hz) of `input_values`.
+        input_length (`int`, defaults to 5000):
+            Samples per lead of `input_values` (10 s at 500 Hz).
+        lead_names (`list[str]`):
+            Names of the rows of `input_values`, defaults to the 12 standard leads.
+        normalization (`str`, defaults to `"record"`):
+            Applied by the model to every input: `"record"` z-scores the whole record at once (the research code),
+            `"lead"` z-scores each lead, `"none"` leaves it alone.
+        problem_type (`str`, defaults to `"regression"`):
+            `"regression"` (MSE), `"single_label_classification"` (cross-entropy) or
+            `"multi_label_classification"` (BCE).
+        label_name (`str`, *optional*):
+            Dataset column the model predicts (`rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`).
+        label_unit (`str`, *optional*):
+            Unit of a regression target, shown by the pipeline (e.g. `"ms"`).
+        head_hidden_size (`int`, defaults to 256):
+            Width of the two hidden layers of each expert head.
+        head_dropout (`float`, defaults to 0.0):
+            Dropout between head layers.
+        gate_leads (`list[str]`, defaults to `["II"]`):
+            Leads the gating network reads.
+        gate_input_length (`int`, defaults to 5000):
+            Samples per lead the gate reads after resampling.
+        gate_hidden_size (`int`, defaults to 256):
+            Width of the gate's hidden layer.
+        gate_type (`str`, defaults to `"learned"`):
+            `"learned"` (the MLP gate) or `"uniform"` (plain average of the experts, the ablation).
+        adaptation (`str`, defaults to `"lora"`):
+            `"lora"`: heads and gate frozen, PEFT LoRA adapters on their linear layers are trained (the paper).
+            `"full"`: heads and gate are trained directly.
+        lora_r, lora_alpha, lora_dropout (defaults 8, 32, 0.05):
+            LoRA rank, scaling and dropout.
+        save_backbones (`bool`, defaults to `True`):
+            Save expert backbone weights inside the model folder (self-contained). With `False`, experts that have
+            a `pretrained` source are left out and re-attached from it on load.
+        max_input_seconds (`float`, defaults to 60.0):
+            Longest record the serving code accepts before cropping.
+    """
+
+    model_type = "enecg"
+
+    experts: list[dict[str, Any]] | None = None
+    sampling_rate: int = 500
+    input_length: int = 5000
+    lead_names: list[str] | None = None
+    normalization: str = "record"
+    label_name: str | None = None
+    label_unit: str | None = None
+    head_hidden_size: int = 256
+    head_dropout: float = 0.0
+    gate_leads: list[str] | None = None
+    gate_input_length: int = 5000
+    gate_hidden_size: int = 256
+    gate_type: str = "learned"
+    adaptation: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    save_backbones: bool = True
+    max_input_seconds: float = 60.0
+
+    def __post_init__(self, **kwargs):
+        if self.experts is None:
+            self.experts = [
+                {"name": "dlinear", "type": "dlinear", "input_length": 500, "leads": ["II"], "settings": {"preset": "tiny"}}
+            ]
+        if self.lead_names is None:
+            self.lead_names = list(STANDARD_LEAD_NAMES)
+        if self.gate_leads is None:
+            self.gate_leads = ["II"]
+        if kwargs.get("problem_type") is None and getattr(self, "problem_type", None) is None:
+            kwargs["problem_type"] = "regression"
+        if kwargs.get("problem_type", getattr(self, "problem_type", None)) == "regression" and "num_labels" not in kwargs:
+            if kwargs.get("id2label") is None and getattr(self, "id2label", None) is None:
+                kwargs["num_labels"] = 1
+        super().__post_init__(**kwargs)
+        self.experts = [EnECGExpertConfig.from_dict(e, i).to_dict() for i, e in enumerate(self.experts)]
+        self._validate()
+
+    @property
+    def expert_configs(self) -> list[EnECGExpertConfig]:
+        return [EnECGExpertConfig(**e) for e in self.experts]
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e["name"] for e in self.experts]
+
+    def _validate(self) -> None:
+        """Fail at construction, naming the field, rather than deep inside a forward pass."""
+
+        def fail(field_name: str, message: str) -> None:
+            raise ValueError(f"EnECGConfig.{field_name}: {message}")
+
+        if not self.experts:
+            fail("experts", "at least one expert is required")
+        if self.problem_type not in PROBLEM_TYPES:
+            fail("problem_type", f"must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.problem_type == "regression" and self.num_labels < 1:
+            fail("num_labels", "regression needs at least one output")
+        if self.problem_type != "regression" and self.num_labels < 2:
+            fail("num_labels", f"{self.problem_type} needs at least 2 labels, got {self.num_labels}")
+        if self.adaptation not in ADAPTATIONS:
+            fail("adaptation", f"must be one of {ADAPTATIONS}, got {self.adaptation!r}")
+        if self.normalization not in NORMALIZATIONS:
+            fail("normalization", f"must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.gate_type not in ("learned", "uniform"):
+            fail("gate_type", f"must be 'learned' or 'uniform', got {self.gate_type!r}")
+        for name in ("sampling_rate", "input_length", "head_hidden_size", "gate_input_length", "gate_hidden_size", "lora_r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, f"must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= float(self.head_dropout) < 1.0:
+            fail("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+        if len(set(self.lead_names)) != len(self.lead_names):
+            fail("lead_names", f"duplicate lead names in {self.lead_names}")
+        unknown_gate = [lead for lead in self.gate_leads if lead not in self.lead_names]
+        if not self.gate_leads or unknown_gate:
+            fail("gate_leads", f"unknown or empty leads {unknown_gate or self.gate_leads}; known: {self.lead_names}")
+        names = self.expert_names
+        if len(set(names)) != len(names):
+            fail("experts", f"expert names must be unique, got {names}")
+        for i, expert in enumerate(self.expert_configs):
+            where = f"experts[{i}] ({expert.name!r})"
+            if expert.type not in EXPERT_TYPES:
+                fail("experts", f"{where}.type must be one of {EXPERT_TYPES}, got {expert.type!r}")
+            if not isinstance(expert.input_length, int) or expert.input_length <= 0:
+                fail("experts", f"{where}.input_length must be a positive integer, got {expert.input_length!r}")
+            unknown = [lead for lead in expert.leads if lead not in self.lead_names]
+            if not expert.leads or unknown:
+                fail("experts", f"{where}.leads has unknown or no leads {unknown or expert.leads}")
+            if not isinstance(expert.settings, dict):
+                fail("experts", f"{where}.settings must be a dict")
+
+
+__all__ = ["EnECGConfig", "EnECGExpertConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES"]

@@ -1,0 +1,202 @@
+"""The expert interface every EnECG backbone implements.
+
+An expert takes the model's `input_values` (batch, leads, samples) at the config's sampling rate, keeps the leads it
+reads, resamples them to its own input length and returns one pooled embedding per record, (batch, embedding_dim).
+Experts are frozen feature extractors: the EnECG heads and gate learn on top of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from .configuration_enecg import EnECGExpertConfig
+
+
+logger = logging.getLogger(__name__)
+
+# Files of an expert weight folder, as written by `EnECGExpert.save_pretrained` and `python -m enecg_hf.convert`.
+EXPERT_CONFIG_FILE = "expert_config.json"
+EXPERT_WEIGHTS_FILE = "model.safetensors"
+
+
+def resample_fourier(x: torch.Tensor, num: int) -> torch.Tensor:
+    """Resample the last axis of `x` to `num` samples with the Fourier method of `scipy.signal.resample`.
+
+    Written in torch rather than calling scipy because it runs inside the model's forward pass: it must batch on the
+    model's device and stay differentiable for saliency maps. A test checks it against `scipy.signal.resample`.
+
+    Args:
+        x: (..., samples) real tensor.
+        num: output length.
+
+    Returns:
+        (..., num) tensor.
+    """
+    n = x.shape[-1]
+    if n == num:
+        return x
+    spectrum = torch.fft.rfft(x, dim=-1)
+    kept = min(n, num)
+    nyquist = kept // 2 + 1
+    resampled = spectrum.new_zeros(*spectrum.shape[:-1], num // 2 + 1)
+    resampled[..., :nyquist] = spectrum[..., :nyquist]
+    if kept % 2 == 0:
+        # The Nyquist bin of an even-length signal is shared by +/- frequencies: split or join it as scipy does.
+        factor = 2.0 if num < n else 0.5
+        resampled[..., kept // 2] = resampled[..., kept // 2] * factor
+    return torch.fft.irfft(resampled, n=num, dim=-1) * (num / n)
+
+
+class EnECGExpert(nn.Module):
+    """Base class of the frozen EnECG experts.
+
+    Subclasses set `expert_type`, `PRESETS` (named architecture settings; `"tiny"` is required for tests), build their
+    backbone in `__init__`, set `self.embedding_dim`, and implement `embed`. Weight loading from a hub id or local
+    folder is shared (`load_pretrained`); experts with an upstream format of their own (MOMENT) override it.
+    """
+
+    expert_type: ClassVar[str] = ""
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    DEFAULT_PRESET: ClassVar[str] = "tiny"
+
+    def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
+        super().__init__()
+        self.expert_config = config
+        self.settings = self.resolve_settings(config.settings)
+        # A plain list rather than a buffer: buffers created on the meta device by `from_pretrained` are not restored.
+        self.lead_indices = [list(lead_names).index(lead) for lead in config.leads]
+        self.embedding_dim: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.expert_config.name
+
+    @property
+    def num_leads(self) -> int:
+        return len(self.lead_indices)
+
+    @classmethod
+    def resolve_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Merge a preset with explicit overrides; unknown keys are an error naming the expert type."""
+        settings = dict(settings or {})
+        preset = settings.pop("preset", cls.DEFAULT_PRESET)
+        if preset not in cls.PRESETS:
+            raise ValueError(f"{cls.expert_type} expert: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
+        resolved = dict(cls.PRESETS[preset])
+        unknown = set(settings) - set(resolved)
+        if unknown:
+            raise ValueError(
+                f"{cls.expert_type} expert: unknown settings {sorted(unknown)}; known: {sorted(resolved)} (and 'preset')"
+            )
+        resolved.update(settings)
+        return resolved
+
+    def prepare_inputs(self, input_values: torch.Tensor) -> torch.Tensor:
+        """(batch, all_leads, samples) -> (batch, expert_leads, expert input_length)."""
+        selected = input_values[:, self.lead_indices, :]
+        return resample_fourier(selected, self.expert_config.input_length)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, expert_leads, input_length) -> (batch, embedding_dim). Implemented by each expert."""
+        raise NotImplementedError
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        """(batch, all_leads, samples) -> pooled embedding (batch, embedding_dim)."""
+        return self.embed(self.prepare_inputs(input_values))
+
+    # ------------------------------------------------------------------------------------------------ weights
+    @property
+    def has_weights(self) -> bool:
+        return any(True for _ in self.parameters()) or any(True for _ in self.buffers())
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the expert's weights as `model.safetensors` + `expert_config.json`, loadable by `load_pretrained`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / EXPERT_WEIGHTS_FILE), metadata={"format": "pt", "expert_type": self.expert_type})
+        meta = {"type": self.expert_type, "settings": self.settings}
+        (folder / EXPERT_CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return folder
+
+    def load_pretrained(self, source: str) -> None:
+        """Load backbone weights from a local folder or a Hub repo holding `model.safetensors` (our format).
+
+        Every missing or unexpected key is an error: a partial load would silently leave random weights behind.
+        """
+        from safetensors.torch import load_file
+
+        folder = resolve_source(source, self.name, allow_patterns=[EXPERT_WEIGHTS_FILE, EXPERT_CONFIG_FILE])
+        weights = folder / EXPERT_WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"Expert {self.name!r}: no {EXPERT_WEIGHTS_FILE} in {folder}. Convert upstream checkpoints with "
+                f"`python -m enecg_hf.convert {self.expert_type} SOURCE DEST` first."
+            )
+        config_file = folder / EXPERT_CONFIG_FILE
+        if config_file.is_file():
+            saved = json.loads(config_file.read_text())
+            if saved.get("type") not in (None, self.expert_type):
+                raise ValueError(f"Expert {self.name!r} is {self.expert_type!r} but {folder} holds a {saved['type']!r}")
+            mismatched = {
+                k: (v, self.settings.get(k)) for k, v in saved.get("settings", {}).items() if self.settings.get(k) != v
+            }
+            if mismatched:
+                raise ValueError(
+                    f"Expert {self.name!r}: settings differ from the checkpoint in {folder}: "
+                    + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(mismatched.items()))
+                )
+        load_state_dict_strict(self, load_file(str(weights)), f"expert {self.name!r} from {source}")
+
+
+def resolve_source(source: str, expert_name: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder as is, or a Hub repo id downloaded with `huggingface_hub.snapshot_download`."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"Expert {expert_name!r}: pretrained source {source} is a file; give its folder")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(source), allow_patterns=allow_patterns))
+    except Exception as err:  # offline, unknown repo, gated, ... all end the same way for the user
+        raise OSError(
+            f"Expert {expert_name!r}: cannot load pretrained weights from {source!r}: it is not a local folder and "
+            f"the Hugging Face Hub could not provide it ({type(err).__name__}: {err}). Download the weights where the "
+            "Hub is reachable and point `pretrained` at the local folder, or set `pretrained: null` for random weights."
+        ) from err
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """`load_state_dict(strict=True)` with a message that lists every missing, unexpected and mis-shaped key."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        lines = [f"Cannot load {what}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mis_shaped:
+            lines.append(f"  shape mismatches ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state_dict, strict=True)
+
+
+__all__ = ["EnECGExpert", "resample_fourier", "resolve_source", "load_state_dict_strict"]
