@@ -1,3 +1,29 @@
-"""enecg_hf: EnECG, a mixture of frozen ECG/time-series foundation-model experts, as a Hugging Face model."""
+"""enecg_hf: EnECG, a mixture of frozen ECG/time-series foundation-model experts, as a Hugging Face model.
+
+Importing the package registers `EnECGConfig` and `EnECGModel` with `AutoConfig` / `AutoModel`, so saved folders
+load with `AutoModel.from_pretrained(path)` without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_enecg import STANDARD_LEAD_NAMES, EnECGConfig, EnECGExpertConfig
+from .modeling_enecg import EnECGFeatures, EnECGModel, EnECGModelOutput, load_adapter_base
+
 
 __version__ = "0.1.0"
+
+AutoConfig.register(EnECGConfig.model_type, EnECGConfig, exist_ok=True)
+AutoModel.register(EnECGConfig, EnECGModel, exist_ok=True)
+# Saved folders carry `auto_map` and the code files, so they also load with `trust_remote_code=True` anywhere.
+EnECGConfig.register_for_auto_class()
+EnECGModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "EnECGConfig",
+    "EnECGExpertConfig",
+    "EnECGModel",
+    "EnECGModelOutput",
+    "EnECGFeatures",
+    "STANDARD_LEAD_NAMES",
+    "load_adapter_base",
+]

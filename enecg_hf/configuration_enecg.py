@@ -80,6 +80,9 @@ class EnECGConfig(PreTrainedConfig):
             Dataset column the model predicts (`rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`).
         label_unit (`str`, *optional*):
             Unit of a regression target, shown by the pipeline (e.g. `"ms"`).
+        target_mean, target_std (`float`, defaults to 0.0 and 1.0):
+            Regression heads learn `(label - target_mean) / target_std` (training sets them from the training split);
+            the model reports predictions in the label's unit.
         head_hidden_size (`int`, defaults to 256):
             Width of the two hidden layers of each expert head.
         head_dropout (`float`, defaults to 0.0):
@@ -113,6 +116,8 @@ class EnECGConfig(PreTrainedConfig):
     normalization: str = "record"
     label_name: str | None = None
     label_unit: str | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
     head_hidden_size: int = 256
     head_dropout: float = 0.0
     gate_leads: list[str] | None = None
@@ -176,6 +181,8 @@ class EnECGConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, f"must be a positive integer, got {value!r}")
+        if not float(self.target_std) > 0.0:
+            fail("target_std", f"must be positive, got {self.target_std}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= float(self.head_dropout) < 1.0:

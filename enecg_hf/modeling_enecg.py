@@ -1,0 +1,388 @@
+"""EnECG: a gated mixture of frozen ECG / time-series foundation-model experts with small adapted heads.
+
+Data flow for a batch of records `input_values` (batch, leads, samples):
+
+    normalise ─┬─> expert_1 (frozen) ─> embedding_1 ─> head_1 ─┐
+               ├─> ...                                          ├─> gate-weighted sum ─> logits
+               ├─> expert_E (frozen) ─> embedding_E ─> head_E ─┘
+               └─> gate leads ─> gate MLP ─> softmax weights (batch, E)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_enecg import EnECGConfig
+from .expert_base import resample_fourier
+from .expert_registry import build_expert
+
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FOLDER = "adapter"
+ADAPTER_BASE_WEIGHTS = "head_base_weights.safetensors"
+
+
+@dataclass
+class EnECGModelOutput(ModelOutput):
+    """
+    Output of [`EnECGModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): returned when `labels` are given; MSE, cross-entropy or
+            BCE according to `config.problem_type`.
+        logits (`torch.FloatTensor` of shape `(batch, num_labels)`): the gate-weighted sum of the experts' outputs
+            (regression values in the label's unit; classification logits).
+        expert_logits (`torch.FloatTensor` of shape `(batch, num_experts, num_labels)`): each expert head's own output.
+        gate_weights (`torch.FloatTensor` of shape `(batch, num_experts)`): softmax weights of the gate (rows sum to 1).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    expert_logits: torch.FloatTensor | None = None
+    gate_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class EnECGFeatures(ModelOutput):
+    """What the frozen part of the model computes from a record: enough to run heads and gate without the experts.
+
+    Args:
+        expert_embeddings (`tuple` of `torch.FloatTensor` of shape `(batch, embedding_dim_e)`): one per expert.
+        gate_inputs (`torch.FloatTensor` of shape `(batch, gate_leads * gate_input_length)`).
+    """
+
+    expert_embeddings: tuple[torch.FloatTensor, ...] | None = None
+    gate_inputs: torch.FloatTensor | None = None
+
+
+def normalize_ecg(input_values: torch.Tensor, mode: str, eps: float = 1e-6) -> torch.Tensor:
+    """Z-score (batch, leads, samples) over the whole record (`"record"`, the research code) or per lead (`"lead"`)."""
+    if mode == "none":
+        return input_values
+    dims = (1, 2) if mode == "record" else (2,)
+    mean = input_values.mean(dim=dims, keepdim=True)
+    std = input_values.std(dim=dims, keepdim=True, unbiased=False)
+    return (input_values - mean) / (std + eps)
+
+
+class EnECGHead(nn.Module):
+    """Per-expert FFN head: embedding -> hidden -> hidden -> num_labels, with ReLU (the paper's head)."""
+
+    def __init__(self, embedding_dim: int, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dense1 = nn.Linear(embedding_dim, hidden_size)
+        self.dense2 = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(batch, embedding_dim) -> (batch, num_labels)."""
+        hidden = self.dropout(F.relu(self.dense1(embedding)))
+        hidden = self.dropout(F.relu(self.dense2(hidden)))
+        return self.out_proj(hidden)
+
+
+class EnECGGate(nn.Module):
+    """Gating network: an MLP over the gate leads' samples, softmax over experts."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, num_experts)
+
+    def forward(self, gate_inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, input_size) -> softmax weights (batch, num_experts)."""
+        return F.softmax(self.out_proj(F.relu(self.dense(gate_inputs))), dim=-1)
+
+
+class EnECGPreTrainedModel(PreTrainedModel):
+    config_class = EnECGConfig
+    base_model_prefix = "enecg"
+    main_input_name = "input_values"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the heads and the gate are ours to initialise. Experts initialise themselves (and are usually
+        # overwritten by pretrained weights): the transformers default would re-draw every Linear/Conv/Norm in them.
+        if isinstance(module, (EnECGHead, EnECGGate)):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.kaiming_uniform_(layer.weight, a=5**0.5)  # nn.Linear's own default
+                    bound = 1 / layer.in_features**0.5
+                    nn.init.uniform_(layer.bias, -bound, bound)
+
+
+class EnECGModel(EnECGPreTrainedModel):
+    """The EnECG ensemble: frozen experts, one FFN head per expert (adapted with LoRA or trained fully) and a gate.
+
+    Create one with random expert weights with `EnECGModel(config)`, with each expert's pretrained weights with
+    `EnECGModel.from_expert_sources(config)`, or load a saved one with `from_pretrained`.
+    """
+
+    def __init__(self, config: EnECGConfig):
+        super().__init__(config)
+        lead_names = list(config.lead_names)
+        self.experts = nn.ModuleDict({e.name: build_expert(e, lead_names) for e in config.expert_configs})
+        self.heads = nn.ModuleDict(
+            {
+                name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels, config.head_dropout)
+                for name, expert in self.experts.items()
+            }
+        )
+        self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
+        self.gate = EnECGGate(len(config.gate_leads) * config.gate_input_length, config.gate_hidden_size, len(self.experts))
+        self.post_init()
+        if config.adaptation == "lora":
+            self._inject_lora()
+        # Light checkpoints leave out backbones that have a pretrained source; they are re-attached after loading.
+        self._keys_to_ignore_on_load_missing = set(self._keys_to_ignore_on_load_missing or ()) | {
+            rf"^experts\.{name}\." for name in self._left_out_expert_names()
+        }
+        self.freeze_experts()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora_config = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            bias="none",
+            target_modules=r"^(heads\.[^.]+\.(dense1|dense2|out_proj)|gate\.(dense|out_proj))$",
+        )
+        inject_adapter_in_model(lora_config, self)
+
+    def freeze_experts(self) -> None:
+        """Set what trains: never the experts; LoRA parameters only (`lora`) or heads and gate (`full`).
+
+        Called at construction and again after `from_pretrained`, which re-enables gradients on every parameter."""
+        for name, param in self.named_parameters():
+            if name.startswith("experts."):
+                param.requires_grad_(False)
+            elif self.config.adaptation == "lora":
+                param.requires_grad_("lora_" in name)
+            else:
+                param.requires_grad_(True)
+        self.experts.eval()
+
+    def train(self, mode: bool = True) -> "EnECGModel":
+        super().train(mode)
+        self.experts.eval()  # frozen experts never see dropout or batch-norm updates
+        return self
+
+    def _left_out_expert_names(self) -> list[str]:
+        if self.config.save_backbones:
+            return []
+        return [e.name for e in self.config.expert_configs if e.pretrained]
+
+    @classmethod
+    def from_expert_sources(cls, config: EnECGConfig) -> "EnECGModel":
+        """Build a new model and load every expert's pretrained weights from its `pretrained` source."""
+        model = cls(config)
+        model.load_expert_weights()
+        return model
+
+    def load_expert_weights(self, names: list[str] | None = None) -> None:
+        """Load pretrained backbone weights for the named experts (default: all) from their sources."""
+        for expert_config in self.config.expert_configs:
+            if names is not None and expert_config.name not in names:
+                continue
+            expert = self.experts[expert_config.name]
+            if expert_config.pretrained:
+                expert.load_pretrained(expert_config.pretrained)
+                logger.info("Expert %r: loaded pretrained weights from %s", expert_config.name, expert_config.pretrained)
+            elif expert.has_weights:
+                logger.warning(
+                    "Expert %r (%s) has RANDOM weights: no `pretrained` source is configured. Its embeddings carry no "
+                    "pretrained knowledge.", expert_config.name, expert_config.type
+                )
+        self.freeze_experts()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        with torch.no_grad():
+            # Tensors loaded from safetensors sit at the file's alignment; vectorised CPU kernels then round differently
+            # from freshly allocated ones. Own copies make a loaded model compute bit-identically to the saved one.
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.clone()
+        left_out = model._left_out_expert_names()
+        if left_out:
+            model.load_expert_weights(left_out)
+        model.freeze_experts()  # transformers 5 turns requires_grad back on while loading
+        return model
+
+    # ------------------------------------------------------------------------------------------------ forward
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.experts.keys())
+
+    def compute_features(self, input_values: torch.Tensor) -> EnECGFeatures:
+        """Run the frozen part: normalisation, experts and the gate's input selection.
+
+        Args:
+            input_values: (batch, leads, samples) at `config.sampling_rate`, leads in `config.lead_names` order.
+        """
+        self._check_input(input_values)
+        normalized = normalize_ecg(input_values.float(), self.config.normalization)
+        with torch.no_grad():
+            embeddings = tuple(expert(normalized) for expert in self.experts.values())
+        gate_inputs = resample_fourier(normalized[:, self.gate_lead_indices, :], self.config.gate_input_length)
+        return EnECGFeatures(expert_embeddings=embeddings, gate_inputs=gate_inputs.flatten(start_dim=1))
+
+    def _check_input(self, input_values: torch.Tensor) -> None:
+        expected = (len(self.config.lead_names), self.config.input_length)
+        if input_values.dim() != 3 or tuple(input_values.shape[1:]) != expected:
+            raise ValueError(
+                f"input_values must have shape (batch, {expected[0]}, {expected[1]}): {expected[0]} leads "
+                f"({', '.join(self.config.lead_names)}) x {expected[1]} samples at {self.config.sampling_rate} Hz; "
+                f"got {tuple(input_values.shape)}"
+            )
+        if not torch.isfinite(input_values).all():
+            raise ValueError("input_values contains NaN or infinite values")
+
+    def forward(
+        self,
+        input_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
+        gate_inputs: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> EnECGModelOutput | tuple:
+        """
+        Args:
+            input_values (`torch.FloatTensor` of shape `(batch, leads, samples)`): raw ECG in millivolts at
+                `config.sampling_rate`, leads ordered as `config.lead_names`. The model normalises it.
+            labels (`torch.Tensor`, *optional*): `(batch,)` or `(batch, num_labels)` floats for regression, `(batch,)`
+                class indices for single-label, `(batch, num_labels)` 0/1 for multi-label classification.
+            expert_embeddings, gate_inputs (*optional*): precomputed [`EnECGFeatures`] instead of `input_values`
+                (training on cached features skips the frozen experts).
+
+        Returns:
+            [`EnECGModelOutput`] with `logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`,
+            `gate_weights` `(batch, experts)` and `loss` when labels are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if expert_embeddings is None or gate_inputs is None:
+            if input_values is None:
+                raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
+            features = self.compute_features(input_values)
+            expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
+        if len(expert_embeddings) != len(self.heads):
+            raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
+
+        expert_logits = torch.stack(
+            [head(embedding.float()) for head, embedding in zip(self.heads.values(), expert_embeddings)], dim=1
+        )
+        if self.config.gate_type == "uniform":
+            gate_weights = expert_logits.new_full(expert_logits.shape[:2], 1.0 / expert_logits.shape[1])
+        else:
+            gate_weights = self.gate(gate_inputs.float())
+        scaled_logits = (gate_weights.unsqueeze(-1) * expert_logits).sum(dim=1)
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(scaled_logits, labels)
+        logits, expert_logits = self._to_label_units(scaled_logits), self._to_label_units(expert_logits)
+        if not return_dict:
+            return tuple(v for v in (loss, logits, expert_logits, gate_weights) if v is not None)
+        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
+
+    def _to_label_units(self, values: torch.Tensor) -> torch.Tensor:
+        """Regression heads learn a standardised target; report it in the label's unit."""
+        if self.config.problem_type != "regression":
+            return values
+        return values * self.config.target_std + self.config.target_mean
+
+    def _loss(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem_type = self.config.problem_type
+        if problem_type == "regression":
+            target = (labels.float() - self.config.target_mean) / self.config.target_std
+            return F.mse_loss(scaled_logits, target.view_as(scaled_logits))
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(scaled_logits, labels.long().view(-1))
+        return F.binary_cross_entropy_with_logits(scaled_logits, labels.float().view_as(scaled_logits))
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def lora_layers(self) -> dict[str, nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return {name: module for name, module in self.named_modules() if isinstance(module, LoraLayer)}
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict with every LoRA delta folded into its base layer and the adapter reset to zero.
+
+        Loading it into a fresh `lora` model (whose adapters start at zero) reproduces this model's predictions,
+        and training can go on from there with new adapters."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        for name, layer in self.lora_layers().items():
+            state[f"{name}.base_layer.weight"] += layer.get_delta_weight("default").detach()
+            state[f"{name}.lora_B.default.weight"].zero_()
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict=None, **kwargs):
+        """Save a Hub-ready folder: `config.json` (with `auto_map`), `model.safetensors` and the code files.
+
+        A LoRA model is saved merged (ready to predict) and its PEFT adapter is kept in `adapter/`, with the head
+        weights it was trained on, so that `peft.PeftModel` can load it (see `load_adapter_base`). Backbones of
+        experts with a pretrained source are left out when `config.save_backbones` is False."""
+        if state_dict is None:
+            state_dict = self.merged_state_dict() if self.lora_layers() else self.state_dict()
+            left_out = tuple(f"experts.{name}." for name in self._left_out_expert_names())
+            state_dict = {k: v for k, v in state_dict.items() if not (left_out and k.startswith(left_out))}
+        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if self.lora_layers() and kwargs.get("is_main_process", True):
+            self.save_adapter(Path(save_directory) / ADAPTER_FOLDER)
+        return result
+
+    def save_adapter(self, folder: str | os.PathLike) -> Path:
+        """Write the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) and the head/gate weights it
+        applies to (`head_base_weights.safetensors`)."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        lora_config = self.peft_config["default"]
+        lora_config.save_pretrained(str(folder))
+        adapter_state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self).items()}
+        save_file(adapter_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        base = {
+            k.replace(".base_layer.", "."): v.detach().contiguous().cpu()
+            for k, v in self.state_dict().items()
+            if k.startswith(("heads.", "gate.")) and "lora_" not in k
+        }
+        save_file(base, str(folder / ADAPTER_BASE_WEIGHTS), metadata={"format": "pt"})
+        return folder
+
+
+def load_adapter_base(model_directory: str | os.PathLike, **kwargs) -> EnECGModel:
+    """The model a saved PEFT adapter applies to: backbones from `model_directory`, heads and gate as they were before
+    adaptation, no LoRA layers. Use it as `PeftModel.from_pretrained(load_adapter_base(d), f"{d}/adapter")`."""
+    from safetensors.torch import load_file
+
+    model = EnECGModel.from_pretrained(model_directory, adaptation="full", **kwargs)
+    base = load_file(str(Path(model_directory) / ADAPTER_FOLDER / ADAPTER_BASE_WEIGHTS))
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    wrong = [k for k in missing if k.startswith(("heads.", "gate."))] + list(unexpected)
+    if wrong:
+        raise ValueError(f"{model_directory}: adapter base weights do not match the model: {wrong}")
+    model.freeze_experts()
+    return model
+
+
+__all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "load_adapter_base"]
