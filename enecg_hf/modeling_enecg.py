@@ -359,7 +359,10 @@ class EnECGModel(EnECGPreTrainedModel):
         folder.mkdir(parents=True, exist_ok=True)
         lora_config = self.peft_config["default"]
         lora_config.save_pretrained(str(folder))
-        adapter_state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self).items()}
+        # Key names as `PeftModel.save_pretrained` writes them, so `PeftModel.from_pretrained` finds every weight.
+        adapter_state = {
+            f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self).items()
+        }
         save_file(adapter_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
         base = {
             k.replace(".base_layer.", "."): v.detach().contiguous().cpu()
@@ -370,19 +373,27 @@ class EnECGModel(EnECGPreTrainedModel):
         return folder
 
 
-def load_adapter_base(model_directory: str | os.PathLike, **kwargs) -> EnECGModel:
+def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
     """The model a saved PEFT adapter applies to: backbones from `model_directory`, heads and gate as they were before
     adaptation, no LoRA layers. Use it as `PeftModel.from_pretrained(load_adapter_base(d), f"{d}/adapter")`."""
     from safetensors.torch import load_file
 
-    model = EnECGModel.from_pretrained(model_directory, adaptation="full", **kwargs)
-    base = load_file(str(Path(model_directory) / ADAPTER_FOLDER / ADAPTER_BASE_WEIGHTS))
-    missing, unexpected = model.load_state_dict(base, strict=False)
-    wrong = [k for k in missing if k.startswith(("heads.", "gate."))] + list(unexpected)
-    if wrong:
-        raise ValueError(f"{model_directory}: adapter base weights do not match the model: {wrong}")
+    folder = Path(model_directory)
+    config = EnECGConfig.from_pretrained(folder)
+    config.adaptation = "full"
+    model = EnECGModel(config)
+    saved = load_file(str(folder / "model.safetensors"))
+    state = {k: v for k, v in saved.items() if k.startswith("experts.")}
+    state.update(load_file(str(folder / ADAPTER_FOLDER / ADAPTER_BASE_WEIGHTS)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left_out = tuple(f"experts.{name}." for name in model._left_out_expert_names())
+    missing = [k for k in missing if not (left_out and k.startswith(left_out))]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: adapter base weights do not match the model: missing {missing}, unexpected {unexpected}")
+    if left_out:
+        model.load_expert_weights(model._left_out_expert_names())
     model.freeze_experts()
-    return model
+    return model.eval()
 
 
 __all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "load_adapter_base"]

@@ -1,0 +1,438 @@
+"""Core model tests, in the transformers `ModelTester` pattern: a tester builds tiny configs and inputs; the test class
+checks shapes, losses, freezing, adaptation and the save/load round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal import resample
+
+import enecg_hf
+from enecg_hf import EnECGConfig, EnECGModel, load_adapter_base
+from enecg_hf.expert_base import resample_fourier
+from enecg_hf.expert_registry import EXPERT_CLASSES
+
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_CONFIGS = REPO / "hub_configs"
+
+
+class EnECGModelTester:
+    """Tiny configs and inputs: three experts on different lead sets and lengths, a 2-lead gate."""
+
+    def __init__(self, batch_size: int = 3, input_length: int = 1000, sampling_rate: int = 100):
+        self.batch_size = batch_size
+        self.input_length = input_length
+        self.sampling_rate = sampling_rate
+
+    def get_config(self, **overrides) -> EnECGConfig:
+        experts = [
+            {"name": "moment", "type": "moment", "input_length": 64, "leads": ["I", "II", "V1"], "settings": {"preset": "tiny"}},
+            {"name": "dlinear", "type": "dlinear", "input_length": 200, "leads": ["II"], "settings": {"preset": "tiny"}},
+            {"name": "timesnet", "type": "timesnet", "input_length": 100, "leads": ["II", "V5"], "settings": {"preset": "tiny"}},
+        ]
+        kwargs = dict(
+            experts=experts, sampling_rate=self.sampling_rate, input_length=self.input_length, head_hidden_size=16,
+            gate_leads=["II", "V2"], gate_input_length=50, gate_hidden_size=8, lora_r=2, lora_alpha=8,
+            lora_dropout=0.0,
+        )
+        kwargs.update(overrides)
+        return EnECGConfig(**kwargs)
+
+    def get_inputs(self, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(self.batch_size, 12, self.input_length, generator=generator)
+
+    def get_model(self, seed: int = 0, **overrides) -> EnECGModel:
+        torch.manual_seed(seed)
+        return EnECGModel(self.get_config(**overrides))
+
+
+PROBLEMS = {
+    "regression": dict(problem_type="regression", num_labels=1),
+    "regression_2d": dict(problem_type="regression", num_labels=2),
+    "single_label": dict(problem_type="single_label_classification", id2label={0: "a", 1: "b", 2: "c"}),
+    "multi_label": dict(problem_type="multi_label_classification", id2label={0: "a", 1: "b", 2: "c", 3: "d"}),
+}
+
+
+def labels_for(config: EnECGConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    if config.problem_type == "regression":
+        return torch.randn(batch, config.num_labels, generator=generator) * 100 + 800
+    if config.problem_type == "single_label_classification":
+        return torch.randint(0, config.num_labels, (batch,), generator=generator)
+    return torch.randint(0, 2, (batch, config.num_labels), generator=generator).float()
+
+
+def expert_state(model: EnECGModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("experts.")}
+
+
+@pytest.fixture(scope="module")
+def tester() -> EnECGModelTester:
+    return EnECGModelTester()
+
+
+# ------------------------------------------------------------------------------------------------ outputs and losses
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_output_shapes_and_loss(tester, problem):
+    model = tester.get_model(**PROBLEMS[problem]).eval()
+    config = model.config
+    inputs = tester.get_inputs()
+    labels = labels_for(config, tester.batch_size, torch.Generator().manual_seed(1))
+    out = model(inputs, labels=labels)
+    assert out.logits.shape == (tester.batch_size, config.num_labels)
+    assert out.expert_logits.shape == (tester.batch_size, 3, config.num_labels)
+    assert out.gate_weights.shape == (tester.batch_size, 3)
+    torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(tester.batch_size))
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    # The logits are the gate-weighted sum of the experts' outputs.
+    torch.testing.assert_close(out.logits, (out.gate_weights.unsqueeze(-1) * out.expert_logits).sum(1))
+    # The loss is the one the problem type names.
+    if problem == "single_label":
+        torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    elif problem == "multi_label":
+        torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels))
+    else:
+        torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits, labels))
+    # Tuple outputs when asked.
+    assert len(model(inputs, labels=labels, return_dict=False)) == 4
+
+
+def test_regression_target_scaling(tester):
+    """Heads learn a standardised target; logits come back in the label's unit, and the loss is scale-free."""
+    model = tester.get_model(target_mean=800.0, target_std=100.0).eval()
+    out = model(tester.get_inputs(), labels=torch.full((tester.batch_size,), 900.0))
+    raw = (out.logits - 800.0) / 100.0
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(raw, torch.ones_like(raw)))
+
+
+def test_uniform_gate_is_plain_average(tester):
+    model = tester.get_model(gate_type="uniform").eval()
+    out = model(tester.get_inputs())
+    torch.testing.assert_close(out.gate_weights, torch.full_like(out.gate_weights, 1 / 3))
+    torch.testing.assert_close(out.logits, out.expert_logits.mean(1))
+
+
+def test_cached_features_give_the_same_output(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    features = model.compute_features(inputs)
+    assert [e.shape[0] for e in features.expert_embeddings] == [tester.batch_size] * 3
+    assert features.gate_inputs.shape == (tester.batch_size, 2 * 50)
+    direct = model(inputs)
+    cached = model(expert_embeddings=features.expert_embeddings, gate_inputs=features.gate_inputs)
+    assert torch.equal(direct.logits, cached.logits)
+
+
+def test_experts_embed_records_independently_of_batch(tester):
+    """Each record's embedding must not depend on its batch-mates (needed for caching and serving)."""
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    together = model.compute_features(inputs).expert_embeddings
+    alone = model.compute_features(inputs[1:2]).expert_embeddings
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a[1:2], b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ training behaviour
+@pytest.mark.parametrize("adaptation", ["lora", "full"])
+def test_loss_decreases_and_backbones_do_not_change(tester, adaptation):
+    model = tester.get_model(adaptation=adaptation, target_mean=800.0, target_std=100.0)
+    inputs = tester.get_inputs()
+    # A learnable toy target: a fixed function of the signal.
+    labels = 800 + 100 * inputs[:, 1].std(dim=-1)
+    before = expert_state(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    assert not any(m.training for m in model.experts.modules()), "experts must stay in eval mode"
+    losses = []
+    for _ in range(25):
+        loss = model(inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    after = expert_state(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen backbone changed"
+    assert all(p.grad is None for p in model.experts.parameters())
+
+
+def test_trainable_parameters_are_exactly_the_adaptation(tester):
+    lora = tester.get_model(adaptation="lora")
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    lora_names = {n for n, _ in lora.named_parameters() if "lora_" in n}
+    assert trainable == lora_names and trainable
+    # Every head and gate linear layer is adapted (3 per head, 2 in the gate: A and B each).
+    assert len(lora_names) == 2 * (3 * 3 + 2)
+    assert lora.num_parameters(only_trainable=True) == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+
+    full = tester.get_model(adaptation="full")
+    trainable = {n for n, p in full.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in full.named_parameters() if n.startswith(("heads.", "gate."))}
+
+
+# ------------------------------------------------------------------------------------------------ save and load
+def train_a_little(model: EnECGModel, inputs: torch.Tensor, steps: int = 5) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(inputs, labels=torch.full((inputs.shape[0],), 3.0)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def test_round_trip_is_bit_identical_and_refrozen(tester, tmp_path):
+    from transformers import AutoModel
+
+    model = tester.get_model(adaptation="full").eval()
+    train_a_little(model, tester.get_inputs())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_enecg.EnECGConfig",
+        "AutoModel": "modeling_enecg.EnECGModel",
+    }
+    for name in ("modeling_enecg.py", "configuration_enecg.py", "expert_base.py", "expert_moment.py", "model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert type(reloaded) is EnECGModel
+    inputs = tester.get_inputs(seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, reloaded(inputs).logits)
+    # transformers 5 re-enables gradients while loading: the model must be frozen again.
+    assert not any(p.requires_grad for p in reloaded.experts.parameters())
+    assert all(p.requires_grad for n, p in reloaded.named_parameters() if n.startswith(("heads.", "gate.")))
+
+
+def test_lora_model_saves_merged_and_keeps_a_peft_adapter(tester, tmp_path):
+    from peft import PeftModel
+
+    model = tester.get_model(adaptation="lora").eval()
+    train_a_little(model, tester.get_inputs())
+    assert any(layer.get_delta_weight("default").abs().sum() > 0 for layer in model.lora_layers().values())
+    model.save_pretrained(tmp_path)
+    inputs = tester.get_inputs(seed=7)
+    with torch.no_grad():
+        expected = model(inputs).logits
+
+    merged = EnECGModel.from_pretrained(tmp_path).eval()
+    assert all(torch.count_nonzero(layer.lora_B["default"].weight) == 0 for layer in merged.lora_layers().values())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs).logits, expected, rtol=1e-5, atol=1e-6)
+
+    adapter = tmp_path / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    peft_model = PeftModel.from_pretrained(load_adapter_base(tmp_path), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_values=inputs).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+BLOCK_ENECG = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "enecg_hf" or name.startswith("enecg_hf."):
+                raise ImportError("enecg_hf is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_trust_remote_code_loads_without_the_package(tester, tmp_path):
+    model = tester.get_model().eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    inputs = tester.get_inputs(seed=3)
+    np.save(tmp_path / "inputs.npy", inputs.numpy())
+    with torch.no_grad():
+        np.save(tmp_path / "expected.npy", model(inputs).logits.numpy())
+    script = BLOCK_ENECG + textwrap.dedent(
+        f"""
+        import numpy as np, torch
+        from transformers import AutoModel
+        try:
+            import enecg_hf
+            raise SystemExit("enecg_hf should be blocked")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "enecg_hf" not in type(model).__module__, type(model).__module__
+        assert not any(p.requires_grad for p in model.experts.parameters())
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.load({str(tmp_path / 'inputs.npy')!r}))).logits.numpy()
+        assert np.array_equal(logits, np.load({str(tmp_path / 'expected.npy')!r})), (logits,)
+        print("REMOTE_OK", type(model).__module__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "REMOTE_OK" in result.stdout
+
+
+def tiny_momentfm_folder(path: Path, input_length: int, seed: int = 0):
+    """A MOMENT checkpoint written by momentfm itself (its `save_pretrained`), at the tiny size."""
+    from momentfm import MOMENTPipeline
+
+    from enecg_hf.expert_moment import EnECGMomentExpert
+
+    torch.manual_seed(seed)
+    s = EnECGMomentExpert.PRESETS["tiny"]
+    t5 = {"d_model": s["d_model"], "d_ff": s["d_ff"], "num_layers": s["num_layers"], "num_heads": s["num_heads"],
+          "d_kv": 64, "feed_forward_proj": "gated-gelu", "vocab_size": s["vocab_size"], "model_type": "t5"}
+    config = {"task_name": "reconstruction", "model_name": "MOMENT", "transformer_type": "encoder_only",
+              "d_model": s["d_model"], "seq_len": input_length, "patch_len": 8, "patch_stride_len": 8,
+              "transformer_backbone": "google/flan-t5-large", "t5_config": t5}
+    upstream = MOMENTPipeline(config, model_kwargs={"task_name": "reconstruction", "enable_gradient_checkpointing": False})
+    upstream.init()
+    upstream.save_pretrained(str(path))
+    return upstream
+
+
+def test_moment_loads_a_checkpoint_written_by_momentfm(tester, tmp_path):
+    upstream = tiny_momentfm_folder(tmp_path / "moment", input_length=64).eval()
+    model = tester.get_model()
+    model.config.experts[0]["pretrained"] = str(tmp_path / "moment")
+    model.load_expert_weights(["moment"])
+    expert = model.experts["moment"]
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(expert.embed(x), upstream.embed(x_enc=x).embeddings)
+    assert not any(p.requires_grad for p in expert.parameters())
+
+
+def test_light_save_reattaches_backbones_from_their_source(tester, tmp_path):
+    tiny_momentfm_folder(tmp_path / "moment", input_length=64)
+    config = tester.get_config(save_backbones=False)
+    config.experts[0]["pretrained"] = str(tmp_path / "moment")
+    model = EnECGModel.from_expert_sources(config).eval()
+    model.save_pretrained(tmp_path / "light")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "light" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith("experts.moment.") for k in keys)
+    assert any(k.startswith("experts.dlinear.") for k in keys)  # no source: must be saved
+    reloaded = EnECGModel.from_pretrained(tmp_path / "light")
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, reloaded(inputs).logits)
+
+
+def test_unreachable_hub_source_names_the_expert(tester, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = tester.get_config()
+    config.experts[0]["pretrained"] = "AutonLab/MOMENT-1-large"
+    with pytest.raises(OSError, match=r"Expert 'moment'.*AutonLab/MOMENT-1-large"):
+        EnECGModel.from_expert_sources(config)
+
+
+def test_random_weights_are_logged(tester, caplog):
+    with caplog.at_level("WARNING"):
+        EnECGModel.from_expert_sources(tester.get_config())
+    assert "RANDOM weights" in caplog.text and "'timesnet'" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"adaptation": "qlora"}, "adaptation"),
+        ({"problem_type": "ranking"}, "problem_type"),
+        ({"gate_leads": ["X9"]}, "gate_leads"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"sampling_rate": 0}, "sampling_rate"),
+        ({"target_std": 0.0}, "target_std"),
+        ({"experts": []}, "experts"),
+        ({"experts": [{"name": "a", "type": "transformerxl", "input_length": 10}]}, "experts"),
+        ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "leads": ["V7"]}]}, "experts"),
+        ({"experts": [{"name": "a", "type": "dlinear"}]}, "experts"),
+        ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10}] * 2}, "experts"),
+        ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "colour": 1}]}, "experts"),
+    ],
+)
+def test_bad_config_names_the_field(tester, overrides, field):
+    with pytest.raises(ValueError, match=rf"EnECGConfig\.{field}|experts\[0\]"):
+        tester.get_config(**overrides)
+
+
+def test_bad_expert_settings_fail_at_construction(tester):
+    experts = [{"name": "t", "type": "timesnet", "input_length": 100, "settings": {"preset": "huge"}}]
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        EnECGModel(tester.get_config(experts=experts))
+    experts = [{"name": "t", "type": "timesnet", "input_length": 100, "settings": {"layers": 3}}]
+    with pytest.raises(ValueError, match=r"unknown settings \['layers'\]"):
+        EnECGModel(tester.get_config(experts=experts))
+    experts = [{"name": "m", "type": "moment", "input_length": 100}]
+    with pytest.raises(ValueError, match="multiple of its patch length"):
+        EnECGModel(tester.get_config(experts=experts))
+
+
+def test_wrong_input_is_a_clear_error(tester):
+    model = tester.get_model().eval()
+    with pytest.raises(ValueError, match=r"shape \(batch, 12, 1000\)"):
+        model(torch.randn(2, 8, 1000))
+    with pytest.raises(ValueError, match=r"shape \(batch, 12, 1000\)"):
+        model(torch.randn(2, 12, 999))
+    bad = tester.get_inputs()
+    bad[0, 3, 10] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(bad)
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+@pytest.mark.parametrize("n, num", [(5000, 512), (5000, 336), (500, 5000), (999, 100), (100, 999), (64, 64)])
+def test_fourier_resampling_matches_scipy(n, num):
+    x = np.random.default_rng(0).standard_normal((2, 3, n))
+    ours = resample_fourier(torch.from_numpy(x), num).numpy()
+    np.testing.assert_allclose(ours, resample(x, num, axis=-1), rtol=1e-7, atol=1e-9)
+
+
+def test_hub_configs_are_valid():
+    tiny = EnECGConfig.from_json_file(HUB_CONFIGS / "tiny.json")
+    assert set(EXPERT_CLASSES) <= {e["type"] for e in tiny.experts}, "tiny.json must cover every expert type"
+    expected_tasks = {
+        "paper_rr_interval": ("regression", "rr_interval", 1),
+        "paper_age": ("regression", "age", 1),
+        "paper_sex": ("single_label_classification", "sex", 2),
+        "paper_potassium": ("single_label_classification", "potassium_flag", 2),
+        "paper_arrhythmia": ("single_label_classification", "arrhythmia", 6),
+    }
+    for name, (problem_type, label, num_labels) in expected_tasks.items():
+        config = EnECGConfig.from_json_file(HUB_CONFIGS / f"{name}.json")
+        assert (config.problem_type, config.label_name, config.num_labels) == (problem_type, label, num_labels)
+        by_name = {e.name: e for e in config.expert_configs}
+        assert by_name["moment"].settings["preset"] == "large" and by_name["moment"].input_length == 5000
+        assert by_name["moment"].pretrained == "AutonLab/MOMENT-1-large"
+        assert by_name["tempo"].input_length == 336 and by_name["dlinear"].input_length == 500
+        assert config.gate_leads == ["II"] and config.gate_input_length == 5000
+        assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.05)
+        for expert in config.expert_configs:
+            if expert.type in EXPERT_CLASSES:  # presets resolve without building the (large) backbone
+                EXPERT_CLASSES[expert.type].resolve_settings(expert.settings)
+
+
+def test_tiny_hub_config_runs_on_a_10_second_record():
+    config = EnECGConfig.from_json_file(HUB_CONFIGS / "tiny.json")
+    model = EnECGModel(config).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 12, 5000))
+    assert out.logits.shape == (2, 1) and out.gate_weights.shape == (2, len(config.experts))
