@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,10 +59,13 @@ class EnECGMomentExpert(EnECGExpert):
                 f"Expert {config.name!r}: MOMENT input_length ({config.input_length}) must be a multiple of its patch "
                 f"length ({patch_len})"
             )
-        self.backbone = MOMENTPipeline(
-            self.momentfm_config(), model_kwargs={"task_name": "embedding", "enable_gradient_checkpointing": False}
-        )
-        self.backbone.init()
+        with warnings.catch_warnings():
+            # momentfm warns that non-reconstruction heads are untrained; the embedding task has no head at all.
+            warnings.filterwarnings("ignore", message="Only reconstruction head is pre-trained")
+            self.backbone = MOMENTPipeline(
+                self.momentfm_config(), model_kwargs={"task_name": "embedding", "enable_gradient_checkpointing": False}
+            )
+            self.backbone.init()
         self.embedding_dim = self.settings["d_model"]
 
     def momentfm_config(self) -> dict[str, Any]:

@@ -238,8 +238,9 @@ class EnECGModel(EnECGPreTrainedModel):
         """
         self._check_input(input_values)
         normalized = normalize_ecg(input_values.float(), self.config.normalization)
-        with torch.no_grad():
-            embeddings = tuple(expert(normalized) for expert in self.experts.values())
+        # No `torch.no_grad()` here: frozen parameters build no graph anyway, and saliency maps need gradients with
+        # respect to the input through the experts.
+        embeddings = tuple(expert(normalized) for expert in self.experts.values())
         gate_inputs = resample_fourier(normalized[:, self.gate_lead_indices, :], self.config.gate_input_length)
         return EnECGFeatures(expert_embeddings=embeddings, gate_inputs=gate_inputs.flatten(start_dim=1))
 

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="outputs/quickstart")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("enecg_hf").setLevel(logging.INFO)
 
     torch.manual_seed(args.seed)
     config = EnECGConfig.from_json_file(args.config)
