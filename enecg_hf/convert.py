@@ -1,0 +1,488 @@
+"""Convert upstream expert checkpoints into the folder an EnECG expert loads as its `pretrained` source.
+
+    python -m enecg_hf.convert tempo  TEMPO-80M_v1.pth            converted/tempo-80m
+    python -m enecg_hf.convert ecgfm  mimic_iv_ecg_finetuned.pt   converted/ecg-fm
+    python -m enecg_hf.convert moment path/to/MOMENT-1-large      converted/moment-large
+
+The output folder holds `model.safetensors` + `expert_config.json` (`EnECGExpert.save_pretrained`). Every upstream key
+is accounted for: converted, merged (LoRA), or dropped for a stated reason (optimizer state, pretraining-only heads,
+modules the upstream forward never uses). Anything else is an error that names the keys; nothing is skipped silently.
+Checkpoints are read with `torch.load(weights_only=True)`: no code in a checkpoint ever runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .configuration_enecg import EnECGExpertConfig
+from .expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
+
+
+class CheckpointError(ValueError):
+    """An upstream checkpoint that cannot be converted faithfully (unsafe, unknown or missing keys, wrong shape)."""
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did with every upstream key."""
+
+    expert_type: str
+    source: str
+    destination: str
+    settings: dict[str, Any]
+    converted: list[str] = field(default_factory=list)
+    merged_lora: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"Converted {self.expert_type} checkpoint {self.source} -> {self.destination}",
+            f"  settings: {json.dumps(self.settings, sort_keys=True)}",
+            f"  converted tensors: {len(self.converted)}",
+        ]
+        if self.merged_lora:
+            lines.append(f"  merged LoRA pairs: {len(self.merged_lora)} ({', '.join(self.merged_lora)})")
+        if self.dropped:
+            reasons: dict[str, list[str]] = {}
+            for key, reason in self.dropped.items():
+                reasons.setdefault(reason, []).append(key)
+            lines.append(f"  dropped: {len(self.dropped)}")
+            for reason, keys in reasons.items():
+                lines.append(f"    {len(keys)} x {reason}: {', '.join(sorted(keys))}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- safe loading
+def _allowed_globals() -> dict[str, Any]:
+    """Globals a weights-only load may meet in training checkpoints, all inert data types: argparse namespaces (older
+    fairseq `args`) and numpy scalars/arrays (metric meters in `extra_state`)."""
+    import argparse as argparse_module
+
+    import numpy as np
+
+    allowed: dict[str, Any] = {"argparse.Namespace": argparse_module.Namespace, "numpy.ndarray": np.ndarray,
+                               "numpy.dtype": np.dtype}
+    # numpy >= 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*: same functions.
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    for module_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        for name in ("scalar", "_reconstruct"):
+            allowed[f"{module_name}.{name}"] = getattr(multiarray, name)
+    for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, dtype_name):
+            allowed[f"numpy.dtypes.{dtype_name}"] = getattr(np.dtypes, dtype_name)
+    return allowed
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)`, retried with a small allow-list of inert data types if the file needs
+    them. A checkpoint that references anything else (a class, a function such as `os.system`) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first_error:  # UnpicklingError, or RuntimeError wrapping it
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a zip checkpoint (legacy or plain pickle): no allow-list can be checked
+            needed = None
+        allowed = _allowed_globals()
+        refused = sorted(set(needed) - set(allowed)) if needed is not None else None
+        if needed is None or refused or not needed:
+            what = f"it references {', '.join(refused)}" if refused else f"{type(first_error).__name__}: {first_error}"
+            raise CheckpointError(
+                f"Refusing to load {path}: a weights-only load failed ({what}). Only tensors, plain containers and "
+                f"inert data types ({', '.join(sorted(allowed))}) are accepted, so that no code in the file can run. "
+                "If you trust the file, re-save just its weights where you trust it, e.g. "
+                "`torch.save(torch.load(p, weights_only=False)['model'], 'weights.pt')`, and convert that."
+            ) from first_error
+        # The whole (inert) list: the scan does not report every type a numpy dtype unpickles into.
+        with torch.serialization.safe_globals(list(allowed.values())):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
+    bad = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    return dict(checkpoint)
+
+
+def _raise_on_mismatch(what: str, unknown: list[str], expected: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor],
+                       origin: dict[str, str]) -> None:
+    """Fail listing upstream keys nothing maps (`unknown`), our keys nothing fills, and mis-shaped tensors."""
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(unknown) + sorted(origin[k] for k in set(mapped) - set(expected))
+    mis_shaped = sorted(
+        f"{origin[k]} -> {k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(mapped) & set(expected) if mapped[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        lines = [f"Cannot convert {what}:"]
+        if unexpected:
+            lines.append(f"  unexpected checkpoint keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if missing:
+            lines.append(f"  missing (no checkpoint key provides them) ({len(missing)}): {', '.join(missing)}")
+        if mis_shaped:
+            lines.append(f"  shape mismatches ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
+        raise CheckpointError("\n".join(lines))
+
+
+def _finish(expert: EnECGExpert, mapped: dict[str, torch.Tensor], report: ConversionReport, destination: str) -> None:
+    expert.load_state_dict(mapped, strict=True)
+    expert.save_pretrained(destination)
+    report.settings = expert.settings
+
+
+# ---------------------------------------------------------------------------------------------------- TEMPO
+TEMPO_UNUSED = {
+    "mul_season.a": "MultiFourier season parameters, not used by TEMPO.forward",
+    "mul_season.b": "MultiFourier season parameters, not used by TEMPO.forward",
+    "map_resid.weight": "map_resid is not used by TEMPO.forward (residual = x - trend - season)",
+    "map_resid.bias": "map_resid is not used by TEMPO.forward (residual = x - trend - season)",
+    "rev_in_season.affine_weight": "RevIN of the season, not used by TEMPO.forward (only rev_in_trend is)",
+    "rev_in_season.affine_bias": "RevIN of the season, not used by TEMPO.forward (only rev_in_trend is)",
+    "rev_in_noise.affine_weight": "RevIN of the residual, not used by TEMPO.forward (only rev_in_trend is)",
+    "rev_in_noise.affine_bias": "RevIN of the residual, not used by TEMPO.forward (only rev_in_trend is)",
+}
+_GPT2_KEY = re.compile(r"^gpt2_(trend|season|noise)\.(?:base_model\.model\.)?(.+)$")
+_LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora_alpha: float = 16.0,
+                  n_head: int | None = None) -> ConversionReport:
+    """Convert the released TEMPO `.pth` state dict (PEFT-wrapped GPT-2, LoRA r=16 alpha=16 on `c_attn`)."""
+    from .expert_tempo import EnECGTempoExpert
+
+    report = ConversionReport("tempo", str(source), str(destination), {})
+    state = _state_dict_of(load_torch_checkpoint(source), source)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+        report.notes.append("stripped the DataParallel prefix 'module.'")
+
+    mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    lora: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unknown: list[str] = []
+    for key, tensor in state.items():
+        gpt2 = _GPT2_KEY.match(key)
+        if key in TEMPO_UNUSED:
+            report.dropped[key] = TEMPO_UNUSED[key]
+        elif gpt2:
+            stack, inner = gpt2.groups()
+            if re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", inner):
+                report.dropped[key] = "GPT-2 causal-mask buffer of older transformers, rebuilt at run time"
+                continue
+            lora_match = _LORA_KEY.match(inner)
+            if lora_match:
+                module, which = lora_match.groups()
+                lora.setdefault(f"gpt2_{stack}.{module}", {})[which] = (key, tensor)
+                continue
+            inner = inner.replace(".base_layer.", ".")
+            mapped[f"gpt2_{stack}.{inner}"], origin[f"gpt2_{stack}.{inner}"] = tensor, key
+        elif key.startswith("rev_in_trend."):
+            ours = "rev_in." + key[len("rev_in_trend."):]
+            mapped[ours], origin[ours] = tensor, key
+        elif re.match(r"^(map_trend|map_season|(in|out|prompt)_layer_(trend|season|noise))\.", key):
+            mapped[key], origin[key] = tensor, key
+        else:
+            unknown.append(key)
+
+    # Fold every LoRA pair into its base weight: W += (B @ A)^T * alpha / r (GPT-2's Conv1D stores W as (in, out)).
+    for module, pair in sorted(lora.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            unknown.extend(k for k, _ in pair.values())
+            continue
+        (key_a, a), (key_b, b) = pair["lora_A"], pair["lora_B"]
+        base_key = f"{module}.weight"
+        if base_key not in mapped:
+            unknown.extend([key_a, key_b])
+            continue
+        delta = (b.double() @ a.double()) * (lora_alpha / a.shape[0])
+        base = mapped[base_key]
+        if delta.T.shape == base.shape:
+            delta = delta.T
+        elif delta.shape != base.shape:
+            raise CheckpointError(f"LoRA {key_a} / {key_b}: delta {tuple(delta.shape)} does not fit {tuple(base.shape)}")
+        mapped[base_key] = (base.double() + delta).to(base.dtype)
+        report.merged_lora.append(module)
+    if lora:
+        report.notes.append(f"LoRA scaling alpha/r = {lora_alpha:g}/r (alpha is not stored in the state dict; "
+                            "upstream LoraConfig uses r=16, lora_alpha=16)")
+
+    settings = dict(EnECGTempoExpert.PRESETS[preset])
+    stacks = sorted({k.split(".")[0][len("gpt2_"):] for k in mapped if k.startswith("gpt2_")})
+    try:
+        inferred = {
+            "shared_backbone": stacks == ["trend"],
+            "gpt_layers": 1 + max(int(k.split(".")[2]) for k in mapped if re.match(r"^gpt2_\w+\.h\.\d+\.", k)),
+            "vocab_size": mapped["gpt2_trend.wte.weight"].shape[0],
+            "d_model": mapped["gpt2_trend.wte.weight"].shape[1],
+            "n_positions": mapped["gpt2_trend.wpe.weight"].shape[0],
+            "seq_len": mapped["map_trend.weight"].shape[0],
+            "pred_len": mapped["out_layer_trend.weight"].shape[0],
+            "patch_size": mapped["in_layer_trend.weight"].shape[1],
+        }
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source} is not a TEMPO state dict: cannot find {err}; keys: {sorted(state)[:20]}...")
+    num_patches = mapped["out_layer_trend.weight"].shape[1] // inferred["d_model"]
+    strides = [s for s in range(1, inferred["patch_size"] + 1)
+               if (inferred["seq_len"] - inferred["patch_size"]) // s + 2 == num_patches]
+    if settings["stride"] not in strides:
+        if not strides:
+            raise CheckpointError(f"{source}: out_layer_trend takes {num_patches} patches, which no stride gives")
+        inferred["stride"] = strides[0]
+    if n_head is not None:
+        inferred["n_head"] = n_head
+    changed = {k: (settings[k], v) for k, v in inferred.items() if settings.get(k) != v}
+    if changed:
+        report.notes.append(
+            f"checkpoint differs from preset {preset!r}: "
+            + ", ".join(f"{k} {v} (preset {p})" for k, (p, v) in sorted(changed.items()))
+            + "; use these settings in the expert config"
+        )
+    settings.update(inferred)
+    expert = EnECGTempoExpert(
+        EnECGExpertConfig("tempo", "tempo", settings["seq_len"], ["II"], settings=settings), ["II"]
+    )
+    _raise_on_mismatch(f"TEMPO checkpoint {source}", unknown, expert.state_dict(), mapped, origin)
+    report.converted = sorted(origin.values())
+    _finish(expert, mapped, report, destination)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- ECG-FM
+# Pretraining-only parts of a fairseq-signals wav2vec 2.0 checkpoint (not used to embed or classify).
+ECGFM_PRETRAINING_ONLY = ("mask_emb", "quantizer.", "project_q.", "final_proj.", "target_glu.", "project_inp.")
+ECGFM_RENAMES = [  # fairseq-signals (after the `encoder.` prefix of fine-tuned models) -> ours
+    (r"^feature_extractor\.conv_layers\.(\d+)\.0\.weight$", r"wav2vec2.feature_extractor.conv_layers.\1.conv.weight"),
+    (r"^feature_extractor\.conv_layers\.0\.2\.(weight|bias)$", r"wav2vec2.feature_extractor.conv_layers.0.layer_norm.\1"),
+    (r"^layer_norm\.(weight|bias)$", r"wav2vec2.feature_projection.layer_norm.\1"),
+    (r"^post_extract_proj\.(weight|bias)$", r"wav2vec2.feature_projection.projection.\1"),
+    (r"^conv_pos\.pos_conv\.0\.bias$", r"wav2vec2.encoder.pos_conv_embed.conv.bias"),
+    # weight norm over dim 2: torch.nn.utils.weight_norm's g/v are parametrizations' original0/original1.
+    (r"^conv_pos\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)$",
+     r"wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
+    (r"^conv_pos\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)$",
+     r"wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$",
+     r"wav2vec2.encoder.layers.\1.attention.\2_proj.\3"),
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)$", r"wav2vec2.encoder.layers.\1.layer_norm.\2"),
+    (r"^encoder\.layers\.(\d+)\.fc1\.(weight|bias)$", r"wav2vec2.encoder.layers.\1.feed_forward.intermediate_dense.\2"),
+    (r"^encoder\.layers\.(\d+)\.fc2\.(weight|bias)$", r"wav2vec2.encoder.layers.\1.feed_forward.output_dense.\2"),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)$", r"wav2vec2.encoder.layers.\1.final_layer_norm.\2"),
+    (r"^encoder\.layer_norm\.(weight|bias)$", r"wav2vec2.encoder.layer_norm.\1"),
+]
+
+
+def _parse_conv_layers(spec: Any) -> list[list[int]] | None:
+    """fairseq's `conv_feature_layers` string, e.g. "[(256, 2, 2)] * 4", parsed without eval."""
+    if not isinstance(spec, str):
+        return None
+    layers: list[list[int]] = []
+    for part in spec.split("+"):
+        match = re.fullmatch(r"\s*(\[.*\])\s*(?:\*\s*(\d+))?\s*", part)
+        if not match:
+            return None
+        try:
+            block = ast.literal_eval(match.group(1))
+        except (ValueError, SyntaxError):
+            return None
+        layers.extend([list(map(int, item)) for item in block] * int(match.group(2) or 1))
+    return layers
+
+
+def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> ConversionReport:
+    """Convert a fairseq-signals ECG-FM checkpoint (`.pt` dict with `model` and `cfg`)."""
+    from .expert_ecgfm import EnECGEcgFmExpert
+
+    report = ConversionReport("ecgfm", str(source), str(destination), {})
+    checkpoint = load_torch_checkpoint(source)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError(f"{source} is not a fairseq checkpoint: expected a dict with a 'model' entry")
+    for entry in sorted(set(checkpoint) - {"model"}):
+        report.dropped[f"<{entry}>"] = "checkpoint entry that is not model weights (config, optimizer, training state)"
+    state = _state_dict_of(checkpoint["model"], f"{source}['model']")
+    cfg = checkpoint.get("cfg") or {}
+    model_cfg = (cfg.get("model") if isinstance(cfg, dict) else None) or {}
+    if not isinstance(model_cfg, dict):
+        model_cfg = vars(model_cfg) if hasattr(model_cfg, "__dict__") else {}
+    if model_cfg.get("layer_norm_first"):
+        raise CheckpointError(f"{source}: layer_norm_first=True (pre-LN) is not the ECG-FM architecture this expert has")
+    if model_cfg.get("extractor_mode", "default") != "default":
+        raise CheckpointError(f"{source}: extractor_mode {model_cfg['extractor_mode']!r} is not supported (need 'default')")
+
+    prefix = "encoder." if any(k.startswith("encoder.feature_extractor.") for k in state) else ""
+    mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    unknown: list[str] = []
+    for key, tensor in state.items():
+        if key in ("proj.weight", "proj.bias"):
+            mapped[key], origin[key] = tensor, key
+            continue
+        inner = key[len(prefix):] if key.startswith(prefix) else None
+        if inner is not None and inner.startswith(ECGFM_PRETRAINING_ONLY) or key.startswith(ECGFM_PRETRAINING_ONLY):
+            report.dropped[key] = "wav2vec 2.0 pretraining-only module (quantizer / projections / mask embedding)"
+            continue
+        for pattern, replacement in ECGFM_RENAMES:
+            if inner is not None and re.match(pattern, inner):
+                ours = re.sub(pattern, replacement, inner)
+                if ours in mapped:
+                    raise CheckpointError(f"{source}: {key} and {origin[ours]} both give {ours}")
+                mapped[ours], origin[ours] = tensor, key
+                break
+        else:
+            unknown.append(key)
+    if any(k.endswith(("weight_g", "weight_v")) for k in origin.values()):
+        report.notes.append("positional conv in the older weight_g/weight_v layout, mapped to original0/original1")
+
+    try:
+        conv_keys = sorted((k for k in mapped if k.endswith(".conv.weight") and "feature_extractor" in k),
+                           key=lambda k: int(k.split(".")[3]))
+        conv_weights = [mapped[k] for k in conv_keys]
+        strides = [c[2] for c in _parse_conv_layers(model_cfg.get("conv_feature_layers")) or []]
+        base = dict(EnECGEcgFmExpert.PRESETS[preset or ("ecg-fm" if "proj.weight" in mapped else "ecg-fm-pretrained")])
+        if len(strides) != len(conv_weights):
+            strides = [c[2] for c in base["conv_layers"]]
+            report.notes.append(f"conv strides not in cfg; taken from the preset: {strides}")
+        pos_v = mapped["wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
+        hidden = mapped["wav2vec2.feature_projection.projection.weight"].shape[0]
+        inferred = {
+            "in_channels": conv_weights[0].shape[1],
+            "conv_layers": [[w.shape[0], w.shape[2], s] for w, s in zip(conv_weights, strides)],
+            "hidden_size": hidden,
+            "num_layers": 1 + max(int(k.split(".")[3]) for k in mapped if ".encoder.layers." in k),
+            "intermediate_size": mapped["wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
+            "conv_pos": pos_v.shape[2],
+            "conv_pos_groups": hidden // pos_v.shape[1],
+            "num_labels": mapped["proj.weight"].shape[0] if "proj.weight" in mapped else 0,
+        }
+    except (KeyError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{source} does not look like an ECG-FM checkpoint: cannot find {err}") from err
+    if model_cfg.get("encoder_attention_heads"):
+        inferred["num_heads"] = int(model_cfg["encoder_attention_heads"])
+    else:
+        report.notes.append(f"encoder_attention_heads not in cfg; {base['num_heads']} from the preset")
+    if model_cfg.get("in_d") not in (None, inferred["in_channels"]):
+        raise CheckpointError(f"{source}: cfg in_d {model_cfg['in_d']} but the first conv reads {inferred['in_channels']}")
+    changed = {k: (base[k], v) for k, v in inferred.items() if base.get(k) != v}
+    if changed:
+        report.notes.append("checkpoint differs from the preset: "
+                            + ", ".join(f"{k} {v} (preset {p})" for k, (p, v) in sorted(changed.items())))
+    settings = {**base, **inferred}
+    expert = EnECGEcgFmExpert(
+        EnECGExpertConfig("ecgfm", "ecgfm", 2500, [f"lead{i}" for i in range(settings["in_channels"])], settings=settings),
+        [f"lead{i}" for i in range(settings["in_channels"])],
+    )
+    _raise_on_mismatch(f"ECG-FM checkpoint {source}", unknown, expert.state_dict(), mapped, origin)
+    report.converted = sorted(origin.values())
+    _finish(expert, mapped, report, destination)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- MOMENT
+def convert_moment(source: str, destination: str, preset: str | None = None) -> ConversionReport:
+    """Convert a `momentfm` folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), including older
+    MOMENT-1-large configs without `t5_config`, into our folder format."""
+    from safetensors.torch import save_file
+
+    from .expert_moment import EnECGMomentExpert
+
+    folder = Path(source)
+    report = ConversionReport("moment", str(source), str(destination), {})
+    if not folder.is_dir():
+        raise CheckpointError(f"{source} is not a folder: give the momentfm folder (config.json + weights)")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if not preset:
+        by_width = {s["d_model"]: name for name, s in EnECGMomentExpert.PRESETS.items() if name != "tiny"}
+        if config.get("d_model") not in by_width:
+            raise CheckpointError(f"{source}: cannot tell the MOMENT size from config.json (d_model "
+                                  f"{config.get('d_model')}); pass --preset")
+        preset = by_width[config["d_model"]]
+    if config and "t5_config" not in config:
+        report.notes.append("config.json has no t5_config (older MOMENT-1 release): T5 settings from preset "
+                            f"{preset!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            if not (folder / "pytorch_model.bin").is_file():
+                raise CheckpointError(f"{source}: no model.safetensors or pytorch_model.bin")
+            state = _state_dict_of(load_torch_checkpoint(folder / "pytorch_model.bin"), f"{source}/pytorch_model.bin")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"))
+            report.notes.append("read pytorch_model.bin (weights-only)")
+            if (folder / "config.json").is_file():
+                (Path(tmp) / "config.json").write_text((folder / "config.json").read_text())
+            folder = Path(tmp)
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+            upstream_keys = list(handle.keys())
+        expert = EnECGMomentExpert(
+            EnECGExpertConfig("moment", "moment", int(config.get("seq_len", 512)), ["II"], settings={"preset": preset}),
+            ["II"],
+        )
+        try:
+            expert._load_momentfm_folder(folder, str(source))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+    for key in upstream_keys:
+        if key.startswith("head."):
+            report.dropped[key] = "pretraining reconstruction head, not part of the embedding model"
+        else:
+            report.converted.append(key)
+    expert.save_pretrained(destination)
+    report.settings = expert.settings
+    return report
+
+
+CONVERTERS: dict[str, Callable[..., ConversionReport]] = {
+    "tempo": convert_tempo, "ecgfm": convert_ecgfm, "moment": convert_moment,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m enecg_hf.convert", description="Convert an upstream expert checkpoint into an EnECG expert folder."
+    )
+    parser.add_argument("expert_type", choices=sorted(CONVERTERS))
+    parser.add_argument("source", help="tempo: the .pth state dict; ecgfm: the fairseq .pt; moment: the momentfm folder")
+    parser.add_argument("destination", help=f"output folder ({EXPERT_WEIGHTS_FILE} + {EXPERT_CONFIG_FILE})")
+    parser.add_argument("--preset", help="expert preset the checkpoint is checked against (default: by type/size)")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="tempo: LoRA alpha of the checkpoint (16)")
+    parser.add_argument("--n-head", type=int, help="tempo: GPT-2 attention heads, not stored in the weights (12)")
+    args = parser.parse_args(argv)
+    kwargs: dict[str, Any] = {}
+    if args.preset:
+        kwargs["preset"] = args.preset
+    if args.expert_type == "tempo":
+        kwargs["lora_alpha"] = args.lora_alpha
+        kwargs["n_head"] = args.n_head
+    try:
+        report = CONVERTERS[args.expert_type](args.source, args.destination, **kwargs)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["convert_tempo", "convert_ecgfm", "convert_moment", "load_torch_checkpoint", "CheckpointError",
+           "ConversionReport", "main"]
