@@ -112,7 +112,7 @@ def reference_tempo(state, peft_model, x):
     return forecast, embedding
 
 
-def test_tempo_converter_merges_lora_and_matches_reference(tmp_path, capsys):
+def test_tempo_converter_merges_lora_and_matches_reference(tmp_path):
     state, peft_model = upstream_tempo_checkpoint()
     torch.save(state, tmp_path / "TEMPO-tiny.pth")
     report = convert_tempo(str(tmp_path / "TEMPO-tiny.pth"), str(tmp_path / "out"), preset="tiny", lora_alpha=LORA_ALPHA)
