@@ -253,11 +253,16 @@ BLOCK_ENECG = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_loads_without_the_package(tester, tmp_path):
-    model = tester.get_model().eval()
+@pytest.mark.parametrize("which", ["tester", "tiny_hub_config"])
+def test_trust_remote_code_loads_without_the_package(tester, tmp_path, which):
+    if which == "tester":
+        model, inputs = tester.get_model().eval(), tester.get_inputs(seed=3)
+    else:  # every expert type, as shipped
+        torch.manual_seed(0)
+        model = EnECGModel(EnECGConfig.from_json_file(HUB_CONFIGS / "tiny.json")).eval()
+        inputs = torch.randn(2, 12, 5000, generator=torch.Generator().manual_seed(3))
     folder = tmp_path / "model"
     model.save_pretrained(folder)
-    inputs = tester.get_inputs(seed=3)
     np.save(tmp_path / "inputs.npy", inputs.numpy())
     with torch.no_grad():
         np.save(tmp_path / "expected.npy", model(inputs).logits.numpy())
