@@ -206,6 +206,11 @@ class EnECGConfig(PreTrainedConfig):
                 fail("experts", f"{where}.leads has unknown or no leads {unknown or expert.leads}")
             if not isinstance(expert.settings, dict):
                 fail("experts", f"{where}.settings must be a dict")
+            record_seconds = self.input_length / self.sampling_rate
+            if expert.type == "features" and abs(expert.settings.get("record_seconds", 10.0) - record_seconds) > 1e-6:
+                # The features expert measures intervals in seconds, so it must know how long the record is.
+                fail("experts", f"{where}.settings.record_seconds must be {record_seconds:g} "
+                     f"(input_length / sampling_rate) to measure intervals in seconds")
 
 
 __all__ = ["EnECGConfig", "EnECGExpertConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES"]

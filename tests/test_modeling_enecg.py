@@ -372,6 +372,8 @@ def test_random_weights_are_logged(tester, caplog):
         ({"experts": [{"name": "a", "type": "dlinear"}]}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10}] * 2}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "colour": 1}]}, "experts"),
+        # A 5 s record (500 samples at 100 Hz) with the features expert's default 10 s.
+        ({"input_length": 500, "experts": [{"name": "f", "type": "features", "input_length": 500}]}, "experts"),
     ],
 )
 def test_bad_config_names_the_field(tester, overrides, field):
