@@ -1,0 +1,268 @@
+"""Turn an ECG collection into one memory-mapped `datasets.Dataset` with the labels of the five EnECG tasks.
+
+The source's record list is cut into shards; `Dataset.from_generator` runs them (in `num_proc` processes) and writes
+examples straight to Arrow files, so memory holds one shard's records at a time however large the collection.
+Each worker writes the records it skips, with the reason, to a side file that the report collects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+import pandas as pd
+
+from ..preprocessing_enecg import ECGInputError, prepare_signal
+from . import challenge, jsonl, ludb, mimic, ptbxl, simulate
+from .report import BuildReport
+from .schema import ecg_features
+from .source import BuildOptions, LayoutError
+
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {
+    "mimic-iv-ecg": mimic,
+    "ptb-xl": ptbxl,
+    "challenge": challenge,
+    "ludb": ludb,
+    "jsonl": jsonl,
+    "simulated": simulate,
+}
+LABEL_KEYS = ("rr_interval", "age", "sex", "potassium_flag", "arrhythmia")
+
+
+class DatasetBuildError(RuntimeError):
+    """Nothing usable was read (every record was skipped, or the input was empty or not of the format)."""
+
+
+@dataclass
+class DatasetBuild:
+    """The result of [`build`]: the dataset and the report of how it was made."""
+
+    dataset: datasets.Dataset
+    report: BuildReport
+
+
+def _example(source: str, record_id: str, subject_id: Any, loaded, options: BuildOptions, extra: dict) -> dict:
+    recording = loaded.recording
+    prepared = prepare_signal(
+        recording.signal,
+        recording.sampling_rate,
+        recording.lead_names,
+        target_rate=options.sampling_rate,
+        seconds=options.seconds,
+        fill_missing_leads=options.fill_missing_leads,
+        max_gap_seconds=options.max_gap_seconds,
+        min_sampling_rate=options.min_sampling_rate,
+        flat_threshold_mv=options.flat_threshold_mv,
+    )
+    labels = loaded.labels
+    example = {
+        "record_id": record_id,
+        "subject_id": None if subject_id is None or (isinstance(subject_id, float) and math.isnan(subject_id)) else str(subject_id),
+        "source": source,
+        "signal": prepared.signal,
+        "sampling_rate": options.sampling_rate,
+        **{key: labels.get(key) for key in LABEL_KEYS},
+        "diagnoses": [str(item) for item in labels.get("diagnoses") or []],
+        "missing_leads": prepared.missing_leads,
+        "flat_leads": prepared.flat_leads,
+        "original_seconds": prepared.original_seconds,
+    }
+    example.update({name: labels.get(name) for name in extra})
+    return example
+
+
+def _generate_examples(shards: list[dict], format: str, options: BuildOptions, skip_folder: str) -> Iterator[dict]:
+    """Yield the examples of `shards`; write the skipped records of each shard to `skip_folder/<shard>.jsonl`."""
+    module = FORMATS[format]
+    for shard in shards:
+        skips = []
+        for row in shard["rows"]:
+            record_id = str(row["record_id"])
+            try:
+                loaded = module.load_record(row, options)
+                example = _example(module.SOURCE, record_id, row.get("subject_id"), loaded, options, module.EXTRA_FEATURES)
+            except ECGInputError as error:
+                skips.append({"record_id": record_id, "reason": error.reason, "detail": error.detail})
+                continue
+            except Exception as error:  # a reader bug or an exotic file must not end an 800k-record build
+                skips.append({"record_id": record_id, "reason": "read_error", "detail": f"{type(error).__name__}: {error}"})
+                continue
+            yield example
+        with open(Path(skip_folder) / f"{shard['index']:06d}.jsonl", "w") as handle:
+            handle.writelines(json.dumps(skip) + "\n" for skip in skips)
+
+
+def _shards(table: pd.DataFrame, shard_size: int) -> list[dict]:
+    rows = table.astype(object).where(table.notna(), None).to_dict("records")
+    return [{"index": i, "rows": rows[start : start + shard_size]} for i, start in enumerate(range(0, len(rows), shard_size))]
+
+
+def build(
+    format: str,
+    input: str | Path | None = None,
+    output: str | Path | None = None,
+    sampling_rate: int = 500,
+    seconds: float = 10.0,
+    num_proc: int | None = None,
+    limit: int | None = None,
+    fill_missing_leads: bool = False,
+    max_gap_seconds: float = 0.1,
+    min_sampling_rate: float = 100.0,
+    labels_csv: str | Path | None = None,
+    seed: int = 0,
+    shard_size: int = 200,
+    cache_dir: str | Path | None = None,
+) -> DatasetBuild:
+    """Build the dataset of one ECG collection; see [`build_dataset`] for the arguments.
+
+    Returns:
+        A [`DatasetBuild`] with the dataset and its [`BuildReport`].
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
+    module = FORMATS[format]
+    if format != "simulated":
+        if input is None:
+            raise ValueError(f"format {format!r} needs an input path")
+        if not Path(input).exists():
+            raise LayoutError(f"input {input} does not exist")
+    options = BuildOptions(
+        sampling_rate=int(sampling_rate),
+        seconds=float(seconds),
+        fill_missing_leads=fill_missing_leads,
+        max_gap_seconds=max_gap_seconds,
+        min_sampling_rate=min_sampling_rate,
+        limit=limit,
+        seed=seed,
+        labels_csv=str(labels_csv) if labels_csv else None,
+    )
+    started = time.perf_counter()
+    table = module.list_records(Path(input) if input is not None else None, options)
+    if limit is not None:
+        table = table.iloc[:limit]
+    report = BuildReport(format, str(input) if input is not None else None, None, options.sampling_rate, options.seconds)
+    report.records_read = len(table)
+    if report.records_read == 0:
+        raise DatasetBuildError(f"no records found in {input} ({format})")
+
+    num_proc = max(1, min(num_proc or 1, math.ceil(len(table) / shard_size)))
+    # Enough shards to balance the workers, each small enough that a worker holds little at once.
+    shard_size = max(1, min(shard_size, math.ceil(len(table) / num_proc)))
+    shards = _shards(table, shard_size)
+    del table
+
+    output = Path(output) if output is not None else None
+    work = Path(tempfile.mkdtemp(prefix=".enecg-build-", dir=output.parent if output is not None else None))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    skip_folder = work / "skipped"
+    skip_folder.mkdir()
+    features = ecg_features(options.num_samples, module.EXTRA_FEATURES)
+    try:
+        try:
+            dataset = datasets.Dataset.from_generator(
+                _generate_examples,
+                features=features,
+                gen_kwargs={"shards": shards, "format": format, "options": options, "skip_folder": str(skip_folder)},
+                num_proc=num_proc if num_proc > 1 else None,
+                cache_dir=str(work / "cache") if output is not None else (str(cache_dir) if cache_dir else None),
+                # A fresh fingerprint: always run the generator, so the skip files match this build.
+                fingerprint=uuid.uuid4().hex,
+            )
+        except datasets.exceptions.DatasetGenerationError as error:
+            if "empty" not in str(error).lower() and not isinstance(error.__cause__, (IndexError, ValueError)):
+                raise
+            dataset = None
+        for path in sorted(skip_folder.glob("*.jsonl")):
+            report.skipped.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        kept = 0 if dataset is None else len(dataset)
+        if kept == 0:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in report.skipped_by_reason.items())
+            first = f"; first: {report.skipped[0]['record_id']}: {report.skipped[0]['detail']}" if report.skipped else ""
+            raise DatasetBuildError(
+                f"nothing usable was read from {input} ({format}): all {report.records_read} records were skipped"
+                f" ({reasons}){first}"
+            )
+        if output is not None:
+            if output.exists():
+                shutil.rmtree(output)
+            dataset.save_to_disk(str(output))
+            dataset = datasets.load_from_disk(str(output))
+            report.output = str(output)
+    finally:
+        if output is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.rmtree(skip_folder, ignore_errors=True)
+    report.records_kept = len(dataset)
+    if report.records_kept + len(report.skipped) != report.records_read:
+        raise RuntimeError(
+            f"{report.records_read} records read but {report.records_kept} kept + {len(report.skipped)} skipped"
+        )
+    report.count_labels(dataset)
+    report.seconds_elapsed = time.perf_counter() - started
+    report.records_per_second = report.records_read / report.seconds_elapsed
+    if output is not None:
+        report.save(output)
+    return DatasetBuild(dataset, report)
+
+
+def build_dataset(
+    format: str,
+    input: str | Path | None = None,
+    output: str | Path | None = None,
+    sampling_rate: int = 500,
+    seconds: float = 10.0,
+    num_proc: int | None = None,
+    limit: int | None = None,
+    fill_missing_leads: bool = False,
+    max_gap_seconds: float = 0.1,
+    min_sampling_rate: float = 100.0,
+    labels_csv: str | Path | None = None,
+    seed: int = 0,
+    shard_size: int = 200,
+    cache_dir: str | Path | None = None,
+) -> datasets.Dataset:
+    """Read an ECG collection into a memory-mapped `datasets.Dataset` in the EnECG schema (see `schema.ecg_features`).
+
+    Args:
+        format: one of `FORMATS`: `"mimic-iv-ecg"`, `"ptb-xl"`, `"challenge"`, `"ludb"`, `"jsonl"`, `"simulated"`.
+        input: the collection's folder (the JSONL file for `"jsonl"`; unused for `"simulated"`).
+        output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists); the
+            returned dataset is then memory-mapped from it. Without it the Arrow files stay in the `datasets` cache
+            (or `cache_dir`).
+        sampling_rate: stored rate in Hz; records are resampled to it.
+        seconds: stored duration; longer records keep their first `seconds`, shorter ones are zero-padded.
+        num_proc: worker processes.
+        limit: read only the first `limit` records (for `"simulated"`: the number of records, default 1000).
+        fill_missing_leads: zero-fill missing standard leads (listed in `missing_leads`) instead of skipping.
+        max_gap_seconds: NaN/inf runs up to this long are interpolated; longer ones skip the record.
+        min_sampling_rate: records sampled below this rate are skipped.
+        labels_csv: MIMIC-IV-ECG only: CSV of age, sex and potassium per `subject_id` (and `study_id`).
+        seed: seed of the simulated data.
+        shard_size: records per generator shard (bounds the memory a worker holds).
+        cache_dir: `datasets` cache folder when `output` is not given.
+
+    Returns:
+        The dataset. `build(...)` returns it together with the [`BuildReport`].
+
+    Raises:
+        LayoutError: the input is missing or not laid out as `format` expects.
+        DatasetBuildError: no record could be used.
+    """
+    return build(
+        format, input, output, sampling_rate, seconds, num_proc, limit, fill_missing_leads, max_gap_seconds,
+        min_sampling_rate, labels_csv, seed, shard_size, cache_dir,
+    ).dataset

@@ -1,0 +1,91 @@
+"""LUDB (Lobachevsky University Electrocardiography Database): `data/<n>.hea` + `.dat`, header comments, `ludb.csv`.
+
+Labels: `age` and `sex` from the header comments `<age>: 51`, `<sex>: F` (`ludb.csv` fills gaps); `arrhythmia` from the
+`Rhythm:` line; `diagnoses` are the diagnosis comment lines; `rr_interval` is the mean interval between successive
+QRS peaks (`N`) of the cardiologists' lead-II annotation (`<n>.ii`), in ms. The first and last second of each record
+are not annotated, so this mean covers the annotated beats only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..io_enecg import parse_header_comments, read_record
+from .labels import arrhythmia_from_text, parse_age, parse_sex
+from .source import BuildOptions, LayoutError, SourceRecord, find_file
+
+
+SOURCE = "ludb"
+EXTRA_FEATURES: dict = {}
+
+
+def _data_folder(input_path: Path) -> Path:
+    for folder in (input_path / "data", input_path):
+        if folder.is_dir() and any(folder.glob("*.hea")):
+            return folder
+    raise LayoutError(f"{input_path} is not a LUDB folder: no `data/*.hea` or `*.hea` records")
+
+
+def _record_sort_key(path: Path):
+    return (0, int(path.stem), "") if path.stem.isdigit() else (1, 0, path.stem)
+
+
+def list_records(input_path: Path, options: BuildOptions) -> pd.DataFrame:
+    folder = _data_folder(input_path)
+    headers = sorted(folder.glob("*.hea"), key=_record_sort_key)
+    rows = [{"record_id": path.stem, "subject_id": path.stem, "path": str(path.with_suffix(""))} for path in headers]
+    table = pd.DataFrame(rows, columns=["record_id", "subject_id", "path"])
+    csv_path = find_file(input_path, "ludb.csv")
+    if csv_path is not None:
+        # ludb.csv has multi-line cells ("F\n"); it only fills age/sex a header lacks.
+        extra = pd.read_csv(csv_path, dtype=str)[["ID", "Sex", "Age"]]
+        extra = extra.rename(columns={"ID": "record_id", "Sex": "csv_sex", "Age": "csv_age"})
+        extra["record_id"] = extra["record_id"].str.strip()
+        table = table.merge(extra, on="record_id", how="left")
+    return table
+
+
+def mean_rr_from_annotations(record_path: str | Path, extension: str = "ii") -> float | None:
+    """Mean interval (ms) between successive `N` (QRS peak) annotations of `record_path.<extension>`, or `None`."""
+    import wfdb
+
+    try:
+        annotation = wfdb.rdann(str(record_path), extension)
+    except (FileNotFoundError, ValueError):
+        return None
+    peaks = np.asarray(annotation.sample)[np.asarray(annotation.symbol) == "N"]
+    if len(peaks) < 2 or not annotation.fs:
+        return None
+    return float(np.diff(peaks).mean() / annotation.fs * 1000.0)
+
+
+def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
+    recording = read_record(row["path"])
+    fields = parse_header_comments(recording.comments)
+    rhythm = fields.get("rhythm")
+    diagnoses = []
+    after_marker = False
+    for line in recording.comments:
+        if line.strip().lower().startswith("<diagnoses>"):
+            after_marker = True
+            continue
+        if after_marker and line.strip():
+            diagnoses.append(line.strip().rstrip(".").strip())
+    age = parse_age(fields.get("age"))
+    sex = parse_sex(fields.get("sex"))
+    if age is None:
+        age = parse_age(row.get("csv_age"))
+    if sex is None:
+        sex = parse_sex(row.get("csv_sex"))
+    labels = {
+        "rr_interval": mean_rr_from_annotations(row["path"]),
+        "age": age,
+        "sex": sex,
+        "arrhythmia": arrhythmia_from_text([rhythm]) if rhythm else None,
+        "diagnoses": diagnoses,
+    }
+    return SourceRecord(recording, labels)

@@ -1,0 +1,99 @@
+"""The build report: how many records were read, kept and skipped (with each skipped record and its reason), and
+how many kept records carry each label."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .labels import ARRHYTHMIA_CLASSES, LABEL_COLUMNS
+
+
+REPORT_FILE = "build_report.json"
+
+
+@dataclass
+class BuildReport:
+    """What one `build_dataset` call did.
+
+    Attributes:
+        format, input, output: the build's arguments (`output` is `None` when nothing was saved).
+        sampling_rate, seconds: the stored signal layout.
+        records_read: records listed in the input.
+        records_kept: rows of the dataset.
+        skipped: one `{"record_id", "reason", "detail"}` per record left out.
+        label_coverage: per label column, the number of kept records that have it.
+        arrhythmia_counts: kept records per arrhythmia class.
+        records_with_missing_leads, records_with_flat_leads: kept records flagged in those columns.
+        seconds_elapsed, records_per_second: build speed.
+    """
+
+    format: str
+    input: str | None
+    output: str | None
+    sampling_rate: int
+    seconds: float
+    records_read: int = 0
+    records_kept: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    label_coverage: dict[str, int] = field(default_factory=dict)
+    arrhythmia_counts: dict[str, int] = field(default_factory=dict)
+    records_with_missing_leads: int = 0
+    records_with_flat_leads: int = 0
+    seconds_elapsed: float = 0.0
+    records_per_second: float = 0.0
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(entry["reason"] for entry in self.skipped).most_common())
+
+    def count_labels(self, dataset: datasets.Dataset) -> None:
+        """Fill the label and flag counts from the dataset's Arrow columns (no signal is read)."""
+        table = dataset.data
+        self.label_coverage = {name: len(table) - table.column(name).null_count for name in LABEL_COLUMNS}
+        arrhythmia = Counter(value for value in table.column("arrhythmia").to_pylist() if value is not None)
+        self.arrhythmia_counts = {name: arrhythmia.get(name, 0) for name in ARRHYTHMIA_CLASSES}
+        self.records_with_missing_leads = sum(1 for leads in table.column("missing_leads").to_pylist() if leads)
+        self.records_with_flat_leads = sum(1 for leads in table.column("flat_leads").to_pylist() if leads)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped_by_reason"] = self.skipped_by_reason
+        return data
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / REPORT_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def summary(self, max_examples: int = 3) -> str:
+        """A one-screen text summary: counts, skip reasons with a few record ids, label coverage."""
+        lines = [
+            f"{self.format}: {self.records_read} records read, {self.records_kept} kept, {len(self.skipped)} skipped"
+            f" ({self.seconds_elapsed:.1f} s, {self.records_per_second:.1f} records/s)",
+            f"signals: 12 leads x {self.sampling_rate} Hz x {self.seconds:g} s"
+            + (f" -> {self.output}" if self.output else ""),
+        ]
+        if self.skipped:
+            lines.append("skipped by reason:")
+            for reason, count in self.skipped_by_reason.items():
+                examples = [entry["record_id"] for entry in self.skipped if entry["reason"] == reason][:max_examples]
+                more = ", ..." if count > len(examples) else ""
+                lines.append(f"  {reason:<22} {count:>7}  ({', '.join(examples)}{more})")
+        lines.append("label coverage (kept records with the label):")
+        for name, count in self.label_coverage.items():
+            share = count / self.records_kept if self.records_kept else 0.0
+            lines.append(f"  {name:<16} {count:>7}  {share:6.1%}")
+        if any(self.arrhythmia_counts.values()):
+            counts = ", ".join(f"{name} {count}" for name, count in self.arrhythmia_counts.items() if count)
+            lines.append(f"arrhythmia: {counts}")
+        lines.append(
+            f"flags: {self.records_with_missing_leads} records with zero-filled leads,"
+            f" {self.records_with_flat_leads} with flat leads"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""The `datasets.Features` every source is stored with."""
+
+from __future__ import annotations
+
+import datasets
+
+from ..preprocessing_enecg import STANDARD_LEADS
+
+
+def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Features:
+    """Columns of an EnECG dataset.
+
+    Args:
+        num_samples: samples per lead (sampling rate x seconds).
+        extra: features of the source's extra columns (e.g. PTB-XL's `strat_fold`).
+
+    Returns:
+        `record_id`, `subject_id`, `source`, `signal` ((12, num_samples) float32, mV, `STANDARD_LEADS` order),
+        `sampling_rate`, the labels `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses`, the
+        quality flags `missing_leads` (zero-filled leads), `flat_leads` and `original_seconds`, then `extra`.
+    """
+    strings = datasets.List(datasets.Value("string"))
+    return datasets.Features(
+        {
+            "record_id": datasets.Value("string"),
+            "subject_id": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "signal": datasets.Array2D(shape=(len(STANDARD_LEADS), num_samples), dtype="float32"),
+            "sampling_rate": datasets.Value("int32"),
+            "rr_interval": datasets.Value("float32"),
+            "age": datasets.Value("float32"),
+            "sex": datasets.Value("int8"),
+            "potassium_flag": datasets.Value("int8"),
+            "arrhythmia": datasets.Value("string"),
+            "diagnoses": strings,
+            "missing_leads": strings,
+            "flat_leads": strings,
+            "original_seconds": datasets.Value("float32"),
+            **(extra or {}),
+        }
+    )

@@ -1,0 +1,290 @@
+"""Signal transforms shared by the dataset builders and serving: standard lead order, resampling, fixed length,
+non-finite samples and flat leads.
+
+Every function takes and returns numpy arrays laid out (leads, samples) in millivolts. Bad input raises
+[`ECGInputError`], a `ValueError` whose `reason` is a short machine-readable code (the dataset build report counts
+skipped records by it).
+
+This module is copied flat into Hugging Face model folders as remote code, so it imports only numpy, scipy and the
+standard library.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+from scipy.signal import resample_poly
+
+
+STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+# Spellings seen in the wild, keyed by the canonical form `_lead_key` gives (lower case, no spaces, dashes,
+# underscores or "lead" prefix). MLI/MLII/MLIII are the Mason-Likar (torso-placed limb electrode) versions of the
+# limb leads, which Holter and MIT-BIH records use in their place; D1-D3 / DI-DIII are the European names of I-III;
+# C1-C6 the British names of V1-V6.
+LEAD_ALIASES = {
+    **{lead.lower(): lead for lead in STANDARD_LEADS},
+    "mli": "I",
+    "mlii": "II",
+    "mliii": "III",
+    "d1": "I",
+    "d2": "II",
+    "d3": "III",
+    "di": "I",
+    "dii": "II",
+    "diii": "III",
+    **{f"c{i}": f"V{i}" for i in range(1, 7)},
+}
+
+
+class ECGInputError(ValueError):
+    """A record that cannot be used, with a short `reason` code (e.g. `"missing_leads"`, `"nan_run_too_long"`)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message
+
+
+def _lead_key(name: str) -> str:
+    key = re.sub(r"[\s_\-.]", "", str(name)).lower()
+    return key[4:] if key.startswith("lead") and len(key) > 4 else key
+
+
+def normalize_lead_name(name: str) -> str | None:
+    """The standard name of a lead (`"avr"`, `"AVR"`, `"lead aVR"` -> `"aVR"`), or `None` for a non-standard lead."""
+    return LEAD_ALIASES.get(_lead_key(name))
+
+
+def match_leads(signal: np.ndarray, lead_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder the rows of a record into `STANDARD_LEADS`, whatever the source's spelling and order.
+
+    Leads that are not among the 12 standard ones (e.g. Frank leads vx/vy/vz) are dropped; standard leads the record
+    lacks are zero rows, marked in the returned mask. A lead given twice is an error (which one to keep is unknown).
+
+    Args:
+        signal: (leads, samples) array, one row per entry of `lead_names`.
+        lead_names: names of the rows of `signal`.
+
+    Returns:
+        `(standard, missing)`: (12, samples) float32 array in standard order, and a (12,) bool mask of the leads
+        absent from the record.
+    """
+    signal = np.asarray(signal)
+    if signal.ndim != 2 or signal.shape[0] != len(lead_names):
+        raise ECGInputError(
+            "bad_shape", f"signal of shape {signal.shape} does not match {len(lead_names)} lead names {list(lead_names)}"
+        )
+    standard = np.zeros((len(STANDARD_LEADS), signal.shape[1]), dtype=np.float32)
+    missing = np.ones(len(STANDARD_LEADS), dtype=bool)
+    for row, name in enumerate(lead_names):
+        lead = normalize_lead_name(name)
+        if lead is None:
+            continue
+        index = STANDARD_LEADS.index(lead)
+        if not missing[index]:
+            raise ECGInputError("duplicate_lead", f"lead {lead} appears twice in {list(lead_names)}")
+        standard[index] = signal[row]
+        missing[index] = False
+    return standard, missing
+
+
+def resample(signal: np.ndarray, sampling_rate: float, target_rate: float) -> np.ndarray:
+    """Resample the last axis from `sampling_rate` to `target_rate` Hz with a polyphase filter.
+
+    `resample_poly` needs an integer ratio: non-integer rates (e.g. 257 Hz) are approximated by the closest fraction
+    with denominator <= 1000, well under 0.1 % off. `padtype="line"` keeps edge artefacts small on baseline offsets.
+
+    Args:
+        signal: (..., samples) array.
+        sampling_rate: rate of `signal` in Hz.
+        target_rate: wanted rate in Hz.
+
+    Returns:
+        (..., round(samples * target_rate / sampling_rate)) float32 array.
+    """
+    if not np.isfinite(sampling_rate) or sampling_rate <= 0:
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {sampling_rate!r} Hz is not a positive number")
+    if sampling_rate == target_rate:
+        return np.asarray(signal, dtype=np.float32)
+    ratio = Fraction(float(target_rate) / float(sampling_rate)).limit_denominator(1000)
+    resampled = resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
+    return resampled.astype(np.float32, copy=False)
+
+
+def crop_or_pad(signal: np.ndarray, length: int) -> np.ndarray:
+    """Keep the first `length` samples of the last axis, or pad the end with zeros up to `length`.
+
+    Args:
+        signal: (..., samples) array.
+        length: wanted number of samples.
+
+    Returns:
+        (..., length) array.
+    """
+    samples = signal.shape[-1]
+    if samples >= length:
+        return signal[..., :length]
+    padding = [(0, 0)] * (signal.ndim - 1) + [(0, length - samples)]
+    return np.pad(signal, padding)
+
+
+def _nonfinite_runs(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start indices and lengths of the runs of non-finite values of a 1-D array."""
+    bad = np.concatenate(([False], ~np.isfinite(row), [False]))
+    edges = np.flatnonzero(np.diff(bad.astype(np.int8)))
+    starts, stops = edges[::2], edges[1::2]
+    return starts, stops - starts
+
+
+def fill_nonfinite(signal: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linearly interpolate runs of NaN/inf up to `max_gap` samples long in each lead.
+
+    A lead with no finite sample at all is returned as zeros and reported as empty (the caller treats it as a missing
+    lead); a longer run anywhere else makes the record unusable.
+
+    Args:
+        signal: (leads, samples) array.
+        max_gap: longest run of non-finite samples, in samples, that may be interpolated.
+
+    Returns:
+        `(filled, empty)`: (leads, samples) float32 array with only finite values, and a (leads,) bool mask of the
+        leads that had no finite sample.
+    """
+    filled = np.array(signal, dtype=np.float32)
+    empty = np.zeros(filled.shape[0], dtype=bool)
+    if np.isfinite(filled).all():
+        return filled, empty
+    positions = np.arange(filled.shape[1])
+    for index, row in enumerate(filled):
+        finite = np.isfinite(row)
+        if finite.all():
+            continue
+        if not finite.any():
+            empty[index] = True
+            row[:] = 0.0
+            continue
+        starts, lengths = _nonfinite_runs(row)
+        if lengths.max() > max_gap:
+            raise ECGInputError(
+                "nan_run_too_long",
+                f"lead {index} has {lengths.max()} consecutive non-finite samples at sample {starts[lengths.argmax()]}"
+                f" (at most {max_gap} are interpolated)",
+            )
+        row[~finite] = np.interp(positions[~finite], positions[finite], row[finite])
+    return filled, empty
+
+
+def flat_leads(signal: np.ndarray, threshold_mv: float = 0.05) -> np.ndarray:
+    """Leads whose peak-to-peak amplitude is under `threshold_mv`: disconnected electrodes or zero-filled leads.
+
+    Even the smallest standard lead of a real ECG shows QRS complexes of a few tenths of a millivolt.
+
+    Args:
+        signal: (leads, samples) array in millivolts.
+        threshold_mv: peak-to-peak amplitude under which a lead counts as flat.
+
+    Returns:
+        (leads,) bool mask.
+    """
+    return np.ptp(signal, axis=-1) < threshold_mv
+
+
+@dataclass
+class PreparedSignal:
+    """A record in the model's input layout.
+
+    Attributes:
+        signal: (12, target_rate * seconds) float32 array in millivolts, rows in `STANDARD_LEADS` order.
+        missing_leads: standard leads the record lacked (zero rows).
+        flat_leads: standard leads that are flat after preparation (includes zero-filled missing leads).
+        original_seconds: duration of the source record before cropping or padding.
+    """
+
+    signal: np.ndarray
+    missing_leads: list[str] = field(default_factory=list)
+    flat_leads: list[str] = field(default_factory=list)
+    original_seconds: float = 0.0
+
+
+def prepare_signal(
+    signal: np.ndarray,
+    sampling_rate: float,
+    lead_names: Sequence[str],
+    target_rate: int = 500,
+    seconds: float = 10.0,
+    fill_missing_leads: bool = False,
+    max_gap_seconds: float = 0.1,
+    min_sampling_rate: float = 100.0,
+    flat_threshold_mv: float = 0.05,
+) -> PreparedSignal:
+    """Bring one record into the standard layout: 12 leads in standard order, `target_rate` Hz, `seconds` long.
+
+    Steps: match lead names to `STANDARD_LEADS`; interpolate short runs of NaN/inf (run before resampling, which
+    would smear them); resample; keep the first `seconds` (or zero-pad the end); flag flat leads. Amplitudes are left
+    in millivolts: normalisation belongs to the model.
+
+    Args:
+        signal: (leads, samples) array in millivolts.
+        sampling_rate: rate of `signal` in Hz.
+        lead_names: names of the rows of `signal`, in any common spelling.
+        target_rate: output rate in Hz.
+        seconds: output duration.
+        fill_missing_leads: zero-fill standard leads the record lacks instead of rejecting it.
+        max_gap_seconds: longest run of non-finite samples that is interpolated; longer runs reject the record.
+        min_sampling_rate: records sampled below this rate cannot hold a diagnostic ECG and are rejected.
+        flat_threshold_mv: peak-to-peak amplitude under which a lead is flagged flat.
+
+    Returns:
+        A [`PreparedSignal`] whose `signal` is (12, round(target_rate * seconds)) float32.
+
+    Raises:
+        ECGInputError: with `reason` one of `bad_shape`, `duplicate_lead`, `missing_leads`, `bad_sampling_rate`,
+            `sampling_rate_too_low`, `empty_signal`, `nan_run_too_long`.
+    """
+    signal = np.asarray(signal, dtype=np.float32)
+    if signal.ndim != 2 or signal.shape[1] == 0:
+        raise ECGInputError("empty_signal" if signal.size == 0 else "bad_shape", f"signal of shape {signal.shape}")
+    if not np.isfinite(sampling_rate) or sampling_rate <= 0:
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {sampling_rate!r} Hz is not a positive number")
+    if sampling_rate < min_sampling_rate:
+        raise ECGInputError(
+            "sampling_rate_too_low", f"{sampling_rate} Hz is below the minimum of {min_sampling_rate} Hz"
+        )
+    standard, missing = match_leads(signal, lead_names)
+    max_gap = max(1, int(round(max_gap_seconds * sampling_rate)))
+    standard, empty = fill_nonfinite(standard, max_gap)
+    missing |= empty
+    if missing.all():
+        raise ECGInputError("missing_leads", f"none of the 12 standard leads in {list(lead_names)}")
+    if missing.any() and not fill_missing_leads:
+        absent = [lead for lead, gone in zip(STANDARD_LEADS, missing) if gone]
+        raise ECGInputError("missing_leads", f"record lacks {absent} (lead names {list(lead_names)})")
+    standard = resample(standard, sampling_rate, target_rate)
+    standard = crop_or_pad(standard, int(round(target_rate * seconds)))
+    flat = flat_leads(standard, flat_threshold_mv)
+    return PreparedSignal(
+        signal=np.ascontiguousarray(standard, dtype=np.float32),
+        missing_leads=[lead for lead, gone in zip(STANDARD_LEADS, missing) if gone],
+        flat_leads=[lead for lead, is_flat in zip(STANDARD_LEADS, flat) if is_flat],
+        original_seconds=signal.shape[1] / float(sampling_rate),
+    )
+
+
+__all__ = [
+    "STANDARD_LEADS",
+    "LEAD_ALIASES",
+    "ECGInputError",
+    "PreparedSignal",
+    "normalize_lead_name",
+    "match_leads",
+    "resample",
+    "crop_or_pad",
+    "fill_nonfinite",
+    "flat_leads",
+    "prepare_signal",
+]
