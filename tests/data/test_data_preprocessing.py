@@ -1,0 +1,197 @@
+"""Signal transforms (`preprocessing_enecg`) and record reading (`io_enecg`), including their remote-code import rule."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.signal import resample_poly
+
+from enecg_hf import io_enecg, preprocessing_enecg
+from enecg_hf.io_enecg import fix_header_text, parse_header_comments, read_record
+from enecg_hf.preprocessing_enecg import (
+    STANDARD_LEADS,
+    ECGInputError,
+    crop_or_pad,
+    fill_nonfinite,
+    match_leads,
+    normalize_lead_name,
+    prepare_signal,
+    resample,
+)
+
+from ecg_files import STANDARD, lead_pattern, write_record
+
+
+@pytest.mark.parametrize(
+    "spelling, lead",
+    [("ii", "II"), ("II", "II"), ("avr", "aVR"), ("AVR", "aVR"), ("aVL", "aVL"), ("Lead V1", "V1"), ("v6", "V6"),
+     ("MLII", "II"), ("DIII", "III"), ("C4", "V4"), ("lead_avf", "aVF")],
+)
+def test_lead_names_are_normalised_whatever_the_spelling(spelling, lead):
+    assert normalize_lead_name(spelling) == lead
+
+
+def test_unknown_leads_are_none():
+    assert normalize_lead_name("vx") is None and normalize_lead_name("V7") is None
+
+
+def test_match_leads_reorders_and_marks_missing_leads():
+    names = ["v6", "AVR", "i", "ii", "vx"]
+    signal = np.arange(5)[:, None] * np.ones((5, 3))
+    standard, missing = match_leads(signal, names)
+    assert standard.shape == (12, 3) and standard.dtype == np.float32
+    assert standard[STANDARD_LEADS.index("V6"), 0] == 0 and standard[STANDARD_LEADS.index("aVR"), 0] == 1
+    assert standard[0, 0] == 2 and standard[1, 0] == 3
+    assert [lead for lead, gone in zip(STANDARD_LEADS, missing) if not gone] == ["I", "II", "aVR", "V6"]
+
+
+def test_match_leads_rejects_duplicates_and_shape_mismatch():
+    with pytest.raises(ECGInputError, match="duplicate_lead"):
+        match_leads(np.zeros((2, 4)), ["II", "ii"])
+    with pytest.raises(ValueError, match="bad_shape"):
+        match_leads(np.zeros((3, 4)), ["I", "II"])
+
+
+def test_resample_uses_resample_poly_and_keeps_the_waveform():
+    fs_in, fs_out = 360, 500
+    time = np.arange(3600) / fs_in
+    signal = np.sin(2 * np.pi * 1.0 * time)[None, :]
+    out = resample(signal, fs_in, fs_out)
+    assert out.shape == (1, 5000) and out.dtype == np.float32
+    np.testing.assert_allclose(out, resample_poly(signal, 25, 18, axis=-1, padtype="line"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[0, 100:-100], np.sin(2 * np.pi * np.arange(5000) / fs_out)[100:-100], atol=1e-3)
+    with pytest.raises(ECGInputError, match="bad_sampling_rate"):
+        resample(signal, 0, 500)
+
+
+def test_crop_or_pad():
+    x = np.ones((2, 10))
+    assert crop_or_pad(x, 4).shape == (2, 4)
+    padded = crop_or_pad(x, 12)
+    assert padded.shape == (2, 12) and padded[:, 10:].sum() == 0
+
+
+def test_short_nan_runs_are_interpolated_long_ones_rejected_and_empty_leads_reported():
+    x = np.tile(np.linspace(0, 1, 100), (3, 1))
+    x[0, 10:15] = np.nan
+    x[1, 50] = np.inf
+    x[2, :] = np.nan
+    filled, empty = fill_nonfinite(x, max_gap=5)
+    np.testing.assert_allclose(filled[:2], np.tile(np.linspace(0, 1, 100), (2, 1)), atol=1e-6)
+    assert empty.tolist() == [False, False, True]
+    x[0, 10:16] = np.nan
+    with pytest.raises(ECGInputError) as error:
+        fill_nonfinite(x, max_gap=5)
+    assert error.value.reason == "nan_run_too_long"
+
+
+def test_prepare_signal_standardises_order_rate_and_length():
+    names = ["V6", "V5", "V4", "V3", "V2", "V1", "avf", "avl", "avr", "iii", "ii", "i"]
+    signal = np.stack([lead_pattern(normalize_lead_name(n), 250, 12.0) for n in names])
+    prepared = prepare_signal(signal, 250, names, target_rate=500, seconds=10)
+    assert prepared.signal.shape == (12, 5000) and prepared.signal.dtype == np.float32
+    assert prepared.missing_leads == [] and prepared.flat_leads == [] and prepared.original_seconds == 12.0
+    for row, lead in enumerate(STANDARD):
+        np.testing.assert_allclose(prepared.signal[row, 50:-50], lead_pattern(lead, 500)[50:-50], atol=2e-3)
+
+
+def test_prepare_signal_missing_leads_skip_or_zero_fill_and_flat_flags():
+    names = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
+    signal = np.stack([lead_pattern(n, 500) for n in names])
+    with pytest.raises(ECGInputError) as error:
+        prepare_signal(signal, 500, names)
+    assert error.value.reason == "missing_leads" and "aVR" in str(error.value)
+    prepared = prepare_signal(signal, 500, names, fill_missing_leads=True)
+    assert prepared.missing_leads == ["III", "aVR", "aVL", "aVF"] == prepared.flat_leads
+    assert not prepared.signal[2:6].any()
+
+
+def test_prepare_signal_rejects_low_rates_and_empty_signals():
+    with pytest.raises(ECGInputError, match="sampling_rate_too_low"):
+        prepare_signal(np.zeros((12, 500)), 50, STANDARD)
+    with pytest.raises(ECGInputError, match="empty_signal"):
+        prepare_signal(np.zeros((12, 0)), 500, STANDARD)
+
+
+def test_fix_header_text_drops_the_mat_extension_only():
+    original = "E00001.mat 12 500 5000 05-May-2020 09:49:17\nE00001.mat 16+24 1000/mV 16 0 -68 1250 0 I\n#Age: 78\n"
+    fixed = fix_header_text(original)
+    assert fixed.splitlines()[0] == "E00001 12 500 5000 05-May-2020 09:49:17"
+    assert fixed.splitlines()[1:] == original.splitlines()[1:]
+    assert fix_header_text(fixed) == fixed
+
+
+def test_wfdb_record_round_trip_in_millivolts(tmp_path):
+    base = write_record(tmp_path, "rec", lead_names=("I", "II", "III", "aVR", "aVF", "aVL", *STANDARD[6:]))
+    for path in (base, base.with_suffix(".hea"), base.with_suffix(".dat")):
+        recording = read_record(path)
+        assert recording.signal.shape == (12, 5000) and recording.sampling_rate == 500
+        assert recording.lead_names[4] == "aVF"
+        np.testing.assert_allclose(recording.signal[4], lead_pattern("aVF", 500), atol=1e-3)
+
+
+def test_microvolt_records_are_converted_to_millivolts(tmp_path):
+    import wfdb
+
+    wfdb.wrsamp("uv", fs=500, units=["uV"] * 12, sig_name=list(STANDARD), write_dir=str(tmp_path),
+                p_signal=np.stack([lead_pattern(n, 500) * 1000 for n in STANDARD], axis=1), fmt=["16"] * 12)
+    np.testing.assert_allclose(read_record(tmp_path / "uv").signal[1], lead_pattern("II", 500), atol=1e-3)
+
+
+def test_numpy_and_csv_arrays(tmp_path):
+    signal = np.stack([lead_pattern(n, 250) for n in STANDARD]).astype(np.float32)
+    np.save(tmp_path / "a.npy", signal.T)  # (samples, leads) is transposed
+    recording = read_record(tmp_path / "a.npy", sampling_rate=250)
+    assert recording.signal.shape == (12, 2500) and recording.lead_names == list(STANDARD)
+    names = ["ii", "i", "iii", "avr", "avl", "avf", "v1", "v2", "v3", "v4", "v5", "v6"]
+    columns = [signal[STANDARD.index(normalize_lead_name(n))] for n in names]
+    np.savetxt(tmp_path / "a.csv", np.stack(columns, axis=1), delimiter=",", header=",".join(names), comments="")
+    recording = read_record(tmp_path / "a.csv", sampling_rate=250)
+    assert recording.lead_names == names
+    np.testing.assert_allclose(recording.signal[0], signal[1], atol=1e-6)
+    with pytest.raises(ECGInputError, match="bad_sampling_rate"):
+        read_record(tmp_path / "a.npy")
+
+
+def test_header_comments_are_parsed():
+    fields = parse_header_comments(["<age>: 51", "<sex>: F", "Dx: 1,2", "Rhythm: Sinus rhythm.", "free text"])
+    assert fields == {"age": "51", "sex": "F", "dx": "1,2", "rhythm": "Sinus rhythm."}
+
+
+@pytest.mark.parametrize("module, allowed", [(preprocessing_enecg, {"numpy", "scipy"}), (io_enecg, {"numpy", "scipy", "wfdb"})])
+def test_remote_code_modules_import_only_numpy_scipy_wfdb_and_siblings(module, allowed):
+    tree = ast.parse(Path(module.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level > 0:
+                continue  # relative: a sibling module
+            roots = {node.module.split(".")[0]}
+        else:
+            continue
+        for root in roots:
+            assert root in allowed or root in sys.stdlib_module_names, f"{module.__name__} imports {root}"
+
+
+def test_remote_code_modules_work_copied_flat_into_a_folder(tmp_path):
+    folder = tmp_path / "model_folder_pkg"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for module in (preprocessing_enecg, io_enecg):
+        shutil.copy(module.__file__, folder)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        flat_io = importlib.import_module("model_folder_pkg.io_enecg")
+        base = write_record(tmp_path / "records", "rec")
+        assert flat_io.read_record(base).signal.shape == (12, 5000)
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [name for name in sys.modules if name.startswith("model_folder_pkg")]:
+            del sys.modules[name]

@@ -1,0 +1,119 @@
+"""Builders on the real recordings in ../shared/data: LUDB (all 200 records, RR against the cardiologists'
+annotations) and the PhysioNet Challenge folders (age/sex/Dx, including the untouched Georgia headers)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import wfdb
+
+from enecg_hf.data import ARRHYTHMIA_CLASSES, build
+from enecg_hf.preprocessing_enecg import normalize_lead_name
+
+from ecg_files import STANDARD, shared_folder
+
+
+@pytest.fixture(scope="module")
+def ludb_build():
+    return build("ludb", shared_folder("ludb"))
+
+
+def test_all_ludb_records_load_with_rr_equal_to_the_annotation_means(ludb_build):
+    folder = shared_folder("ludb") / "data"
+    dataset, report = ludb_build.dataset, ludb_build.report
+    assert report.records_read == report.records_kept == len(dataset) == 200 and report.skipped == []
+    labels = dict(zip(dataset["record_id"], dataset["rr_interval"]))
+    for record_id, rr_interval in labels.items():
+        annotation = wfdb.rdann(str(folder / record_id), "ii")
+        peaks = annotation.sample[np.array(annotation.symbol) == "N"]
+        expected = np.diff(peaks).mean() / annotation.fs * 1000
+        assert rr_interval == pytest.approx(expected, rel=1e-6), record_id
+    values = np.array(list(labels.values()))
+    assert 300 < values.min() and values.max() < 2000
+
+
+def test_ludb_labels_match_the_header_comments(ludb_build):
+    folder = shared_folder("ludb") / "data"
+    dataset = ludb_build.dataset.select_columns(["record_id", "age", "sex", "arrhythmia", "diagnoses"])
+    for row in dataset:
+        header = (folder / f"{row['record_id']}.hea").read_text()
+        age = re.search(r"<age>: *(\d+)", header)
+        if age:
+            assert row["age"] == float(age.group(1))
+        assert row["sex"] == {"F": 0, "M": 1}[re.search(r"<sex>: *([FM])", header).group(1)]
+        assert row["arrhythmia"] in ARRHYTHMIA_CLASSES
+        rhythm = re.search(r"Rhythm: *(.*)", header).group(1).lower()
+        expected = {"sinus rhythm.": "sinus_rhythm", "sinus bradycardia.": "sinus_bradycardia",
+                    "sinus tachycardia.": "sinus_tachycardia", "atrial fibrillation.": "atrial_fibrillation"}
+        assert row["arrhythmia"] == expected.get(rhythm, "atrial_flutter" if "flutter" in rhythm else "other")
+        assert any(item.startswith("Rhythm:") for item in row["diagnoses"])
+
+
+def test_ludb_lowercase_leads_are_stored_in_standard_order(ludb_build):
+    folder = shared_folder("ludb") / "data"
+    dataset = ludb_build.dataset.with_format("numpy")
+    for index in (0, 99, 199):
+        row = dataset[index]
+        record = wfdb.rdrecord(str(folder / row["record_id"]))
+        assert record.sig_name[3] == "avr"
+        for column, name in enumerate(record.sig_name):
+            row_index = STANDARD.index(normalize_lead_name(name))
+            np.testing.assert_allclose(row["signal"][row_index], record.p_signal[:, column], atol=1e-5)
+
+
+def _header_labels(text: str) -> tuple[float | None, int | None, list[str]]:
+    age = re.search(r"#Age: *(\d+)", text)
+    sex = re.search(r"#Sex: *(\w+)", text)
+    dx = re.search(r"#Dx: *(.*)", text)
+    return (
+        float(age.group(1)) if age else None,
+        {"female": 0, "male": 1}.get(sex.group(1).lower()) if sex else None,
+        [code.strip() for code in dx.group(1).split(",") if code.strip()] if dx else [],
+    )
+
+
+@pytest.mark.parametrize("folder_name", ["challenge2021_sample50", "challenge2020_awwong1", "challenge2020_sebgood"])
+def test_challenge_folders_load_with_age_sex_and_dx(folder_name):
+    folder = shared_folder(folder_name)
+    result = build("challenge", folder)
+    dataset, report = result.dataset, result.report
+    headers = sorted(folder.glob("*.hea"))
+    originals = sorted((folder / "original_headers_georgia").glob("*.hea"))
+    assert report.records_read == len(headers) + len(originals)
+    # The untouched Georgia headers sit in a subfolder without their .mat files: skipped, counted, never silent.
+    assert report.records_kept == len(dataset) == len(headers)
+    assert report.skipped_by_reason == ({"missing_signal_file": len(originals)} if originals else {})
+    rows = {row["record_id"]: row for row in dataset.remove_columns("signal")}
+    for header in headers:
+        age, sex, codes = _header_labels(header.read_text())
+        row = rows[header.stem]
+        assert (row["age"], row["sex"], row["diagnoses"]) == (age, sex, codes), header.stem
+        assert row["source"] == "challenge" and row["subject_id"] == header.stem
+    assert all(row["original_seconds"] >= 10 for row in rows.values())
+    if folder_name == "challenge2020_sebgood":
+        assert sum(row["age"] is None for row in rows.values()) == 3  # `Age: NaN`
+        assert all(row["arrhythmia"] is None for row in rows.values())  # its Dx lines are empty
+
+
+def test_original_georgia_headers_read_as_distributed(tmp_path):
+    folder = shared_folder("challenge2021_sample50")
+    originals = sorted((folder / "original_headers_georgia").glob("*.hea"))
+    assert originals and all(path.read_text().split()[0].endswith(".mat") for path in originals)
+    for header in originals:
+        shutil.copy(header, tmp_path / header.name)  # untouched
+        shutil.copy(folder / f"{header.stem}.mat", tmp_path / f"{header.stem}.mat")
+    from_originals = build("challenge", tmp_path).dataset.with_format("numpy")
+    from_edited = build("challenge", folder).dataset.with_format("numpy")
+    edited = {record_id: index for index, record_id in enumerate(from_edited["record_id"])}
+    assert len(from_originals) == len(originals)
+    for row in from_originals:
+        age, sex, codes = _header_labels((tmp_path / f"{row['record_id']}.hea").read_text())
+        assert (row["age"], row["sex"], list(row["diagnoses"])) == (age, sex, codes)
+        other = from_edited[edited[row["record_id"]]]
+        np.testing.assert_array_equal(row["signal"], other["signal"])
+    # Sinus bradycardia (426177001) with left atrial enlargement: the rhythm code wins.
+    first = from_originals[0]
+    assert first["record_id"] == "E07500" and first["arrhythmia"] == "sinus_bradycardia"
