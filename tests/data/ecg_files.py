@@ -60,7 +60,7 @@ def write_record(
 
 
 def assert_standard_order(signal: np.ndarray, fs: float) -> None:
-    """Each row of a stored (12, n) signal is the `lead_pattern` of its standard lead."""
+    """Each row of a stored (12, n) signal is the `lead_pattern` of its standard lead (edges aside: resampling)."""
     for row, lead in enumerate(STANDARD):
         expected = lead_pattern(lead, fs, signal.shape[1] / fs)
-        np.testing.assert_allclose(signal[row], expected, atol=0.01, err_msg=f"row {row} is not lead {lead}")
+        np.testing.assert_allclose(signal[row, 10:-10], expected[10:-10], atol=0.01, err_msg=f"row {row} is not {lead}")

@@ -1,0 +1,241 @@
+"""Builders on collections the tests write: MIMIC-IV-ECG and PTB-XL trees, the research JSONL, corrupted records,
+and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from enecg_hf.data import DatasetBuildError, LayoutError, build, build_dataset, column_folds
+from enecg_hf.data.__main__ import main
+
+from ecg_files import STANDARD, assert_standard_order, lead_pattern, write_record
+
+
+# MIMIC-IV-ECG stores aVF before aVL.
+MIMIC_LEADS = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
+PTBXL_LEADS = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+@pytest.fixture
+def mimic_tree(tmp_path):
+    root = tmp_path / "mimic-iv-ecg"
+    studies = [(10000032, 40689238), (10000032, 44458630), (10000117, 45090959)]
+    records = []
+    for subject, study in studies:
+        relative = f"files/p{str(subject)[:4]}/p{subject}/s{study}/{study}"
+        write_record(root / relative.rsplit("/", 1)[0], str(study), lead_names=MIMIC_LEADS)
+        records.append({"subject_id": subject, "study_id": study, "file_name": study, "ecg_time": "2180-07-23 08:44:00",
+                        "path": relative})
+    pd.DataFrame(records).to_csv(root / "record_list.csv", index=False)
+    measurements = pd.DataFrame(
+        {
+            "subject_id": [s for s, _ in studies],
+            "study_id": [s for _, s in studies],
+            "report_0": ["Sinus rhythm", "Atrial fibrillation with rapid ventricular response", "Sinus bradycardia"],
+            "report_1": ["Left axis deviation", None, None],
+            "report_2": ["Borderline ECG", None, None],
+            "rr_interval": [857, 29999, 1200],
+            "qrs_axis": [-40, 29999, 10],
+        }
+    )
+    measurements.to_csv(root / "machine_measurements.csv", index=False)
+    labels = pd.DataFrame({"subject_id": [10000032, 10000032, 10000117], "study_id": [40689238, 44458630, 45090959],
+                           "anchor_age": [52, 52, 91], "gender": ["F", "F", "M"], "flag": ["abnormal", None, "normal"]})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    return root
+
+
+def test_mimic_iv_ecg_tree(mimic_tree, tmp_path):
+    dataset = build_dataset("mimic-iv-ecg", mimic_tree, labels_csv=tmp_path / "labels.csv").with_format("numpy")
+    assert len(dataset) == 3 and set(dataset["source"]) == {"mimic-iv-ecg"}
+    rows = {row["record_id"]: row for row in dataset}
+    first, second, third = rows["40689238"], rows["44458630"], rows["45090959"]
+    assert first["subject_id"] == second["subject_id"] == "10000032"
+    assert first["rr_interval"] == 857 and np.isnan(second["rr_interval"])  # 29999 is the machine's "not measured"
+    assert first["arrhythmia"] == "sinus_rhythm" and second["arrhythmia"] == "atrial_fibrillation"
+    assert third["arrhythmia"] == "sinus_bradycardia"
+    assert list(first["diagnoses"]) == ["Sinus rhythm", "Left axis deviation", "Borderline ECG"]
+    assert (first["age"], first["sex"], first["potassium_flag"]) == (52, 0, 1)
+    assert (third["age"], third["sex"], third["potassium_flag"]) == (91, 1, 0)
+    for row in rows.values():
+        assert_standard_order(row["signal"], 500)
+
+
+def test_mimic_iv_ecg_without_user_labels_has_null_demographics(mimic_tree):
+    table = build_dataset("mimic-iv-ecg", mimic_tree).remove_columns("signal").to_pandas()
+    assert table[["age", "sex", "potassium_flag"]].isna().all().all()
+    assert table["rr_interval"].notna().sum() == 2
+
+
+@pytest.fixture
+def ptbxl_tree(tmp_path):
+    root = tmp_path / "ptb-xl"
+    rows = []
+    for ecg_id, patient, age, sex, scp, fold in [
+        (1, 15709.0, 56, 1, "{'NORM': 100.0, 'LVOLT': 0.0, 'SR': 0.0}", 3),
+        (2, 13243.0, 300, 0, "{'NORM': 80.0, 'SBRAD': 0.0}", 2),
+        (3, 13243.0, 300, 0, "{'AFLT': 100.0, 'LAFB': 100.0}", 2),
+        (4, 17014.0, 37, 1, "{'IMI': 35.0, 'SARRH': 0.0}", 10),
+        (5, 17448.0, None, 1, "{'NDT': 100.0}", 9),
+    ]:
+        hr = f"records500/00000/{ecg_id:05d}_hr"
+        lr = f"records100/00000/{ecg_id:05d}_lr"
+        write_record(root / "records500/00000", f"{ecg_id:05d}_hr", lead_names=PTBXL_LEADS, fs=500)
+        write_record(root / "records100/00000", f"{ecg_id:05d}_lr", lead_names=PTBXL_LEADS, fs=100)
+        rows.append({"ecg_id": ecg_id, "patient_id": patient, "age": age, "sex": sex, "height": None, "weight": 70,
+                     "scp_codes": scp, "strat_fold": fold, "filename_lr": lr, "filename_hr": hr})
+    pd.DataFrame(rows).to_csv(root / "ptbxl_database.csv", index=False)
+    statements = pd.DataFrame(
+        {"description": ["normal ECG", "sinus rhythm", "sinus bradycardia", "atrial flutter", "sinus arrhythmia", "x"],
+         "diagnostic": [1, None, None, None, None, 1], "rhythm": [None, 1, 1, 1, 1, None]},
+        index=["NORM", "SR", "SBRAD", "AFLT", "SARRH", "IMI"],
+    )
+    statements.to_csv(root / "scp_statements.csv")
+    return root
+
+
+def test_ptbxl_tree(ptbxl_tree):
+    dataset = build_dataset("ptb-xl", ptbxl_tree).with_format("numpy")
+    assert len(dataset) == 5 and "strat_fold" in dataset.column_names
+    rows = {row["record_id"]: row for row in dataset}
+    assert rows["1"]["subject_id"] == "15709" and rows["2"]["subject_id"] == rows["3"]["subject_id"] == "13243"
+    assert rows["1"]["sex"] == 0 and rows["2"]["sex"] == 1 and rows["1"]["age"] == 56  # PTB-XL: 0 = male, 1 = female
+    assert rows["2"]["age"] == 90  # 300 means "over 89"
+    assert np.isnan(rows["5"]["age"])
+    assert [rows[str(i)]["arrhythmia"] for i in range(1, 6)] == [
+        "sinus_rhythm", "sinus_bradycardia", "atrial_flutter", "other", None]
+    assert list(rows["1"]["diagnoses"]) == ["NORM", "LVOLT", "SR"]
+    for row in rows.values():
+        assert_standard_order(row["signal"], 500)
+    folds = column_folds(dataset, "strat_fold")
+    assert len(folds) == 4
+    test_sides = [sorted(dataset.select(test)["record_id"]) for _, test in folds]
+    assert test_sides == [["2", "3"], ["1"], ["5"], ["4"]]
+    for train, test in folds:
+        assert not set(train) & set(test) and len(train) + len(test) == 5
+
+
+def test_ptbxl_low_rate_files_for_low_rate_builds(ptbxl_tree):
+    dataset = build_dataset("ptb-xl", ptbxl_tree, sampling_rate=100).with_format("numpy")
+    assert dataset[0]["signal"].shape == (12, 1000) and dataset[0]["sampling_rate"] == 100
+    assert_standard_order(dataset[0]["signal"], 100)
+
+
+def test_jsonl_research_format(tmp_path):
+    signal = np.stack([lead_pattern(lead, 500) for lead in STANDARD]).astype(np.float32)
+    np.save(tmp_path / "a.npy", signal)
+    np.savetxt(tmp_path / "b.csv", signal.T, delimiter=",", header=",".join(STANDARD), comments="")
+    write_record(tmp_path / "wfdb", "c", lead_names=[lead.lower() for lead in STANDARD], fs=250)
+    lines = [
+        {"subject_id": 7, "ecg_path": "a.npy", "rr_interval": 812.5, "age": 63, "gender": "M", "flag": 1,
+         "report_label": "atrial_fibrillation"},
+        {"subject_id": 7, "ecg_path": str(tmp_path / "b.csv"), "rr_interval": None, "age": "NaN", "gender": "F",
+         "flag": "normal", "report_label": 2},
+        {"subject_id": 8, "ecg_path": "wfdb/c", "rr_interval": 1000, "age": 40, "gender": 0, "flag": None,
+         "report_label": "Sinus bradycardia"},
+        {"subject_id": 9, "ecg_path": "missing.npy", "rr_interval": 700},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n{not json\n")
+    result = build("jsonl", path)
+    dataset, report = result.dataset.with_format("numpy"), result.report
+    assert report.records_read == 5 and len(dataset) == 3
+    assert report.skipped_by_reason == {"missing_file": 1, "bad_jsonl_line": 1}
+    first, second, third = dataset
+    assert (first["subject_id"], first["rr_interval"], first["age"], first["sex"], first["potassium_flag"]) == (
+        "7", 812.5, 63, 1, 1)
+    assert first["arrhythmia"] == "atrial_fibrillation" and second["arrhythmia"] == "sinus_tachycardia"
+    assert third["arrhythmia"] == "sinus_bradycardia" and third["sex"] == 0
+    assert np.isnan(second["rr_interval"]) and np.isnan(second["age"]) and second["potassium_flag"] == 0
+    for row in dataset:
+        assert_standard_order(row["signal"], 500)
+
+
+@pytest.fixture
+def corrupted_folder(tmp_path):
+    """A Challenge-style folder with two good records and one of each kind of damage."""
+    root = tmp_path / "corrupted"
+    comments = ["Age: 60", "Sex: Female", "Dx: 426783006"]
+    write_record(root, "good1", comments=comments)
+    write_record(root, "good2", lead_names=[lead.lower() for lead in STANDARD], fs=1000, seconds=12, comments=comments)
+    truncated = write_record(root, "truncated", comments=comments)
+    data = truncated.with_suffix(".dat").read_bytes()
+    truncated.with_suffix(".dat").write_bytes(data[: len(data) // 3])
+    (root / "garbage.hea").write_text("this is not\x00 a header\n%%%\n")
+    write_record(root, "nodat", comments=comments).with_suffix(".dat").unlink()
+    signal = np.stack([lead_pattern(lead, 500) for lead in STANDARD], axis=1)
+    signal[1000:1500, 3] = np.nan  # one second of a lead lost
+    write_record(root, "nanblock", signal=signal, comments=comments)
+    short_gap = np.stack([lead_pattern(lead, 500) for lead in STANDARD], axis=1)
+    short_gap[2000:2010, :] = np.nan  # 20 ms dropout: interpolated
+    write_record(root, "shortgap", signal=short_gap, comments=comments)
+    write_record(root, "eightleads", lead_names=("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"), comments=comments)
+    write_record(root, "wrongrate", fs=50, comments=comments)
+    return root
+
+
+EXPECTED_SKIPS = {
+    "truncated": "truncated_signal",
+    "garbage": "unreadable_header",
+    "nodat": "missing_signal_file",
+    "nanblock": "nan_run_too_long",
+    "eightleads": "missing_leads",
+    "wrongrate": "sampling_rate_too_low",
+}
+
+
+def test_corrupted_records_are_skipped_with_their_reason_and_good_ones_kept(corrupted_folder):
+    result = build("challenge", corrupted_folder)
+    dataset, report = result.dataset.with_format("numpy"), result.report
+    assert sorted(dataset["record_id"]) == ["good1", "good2", "shortgap"]
+    assert {entry["record_id"]: entry["reason"] for entry in report.skipped} == EXPECTED_SKIPS
+    assert report.records_read == 9 and report.records_kept == 3
+    for row in dataset:
+        assert np.isfinite(row["signal"]).all()
+        assert_standard_order(row["signal"], 500)
+        assert (row["age"], row["sex"], row["arrhythmia"]) == (60, 0, "sinus_rhythm")
+    assert dataset[list(dataset["record_id"]).index("good2")]["original_seconds"] == 12
+
+
+def test_missing_leads_can_be_zero_filled_and_flagged(corrupted_folder):
+    dataset = build_dataset("challenge", corrupted_folder, fill_missing_leads=True).with_format("numpy")
+    row = dataset[list(dataset["record_id"]).index("eightleads")]
+    assert list(row["missing_leads"]) == ["III", "aVR", "aVL", "aVF"] == list(row["flat_leads"])
+    assert not row["signal"][2:6].any()
+
+
+def test_nothing_usable_and_unknown_layouts_fail_clearly(tmp_path, corrupted_folder):
+    for name in ("good1", "good2", "shortgap"):
+        for path in corrupted_folder.glob(f"{name}.*"):
+            path.unlink()
+    with pytest.raises(DatasetBuildError, match="nothing usable.*all 6 records were skipped"):
+        build_dataset("challenge", corrupted_folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LayoutError, match="not a PTB-XL folder"):
+        build_dataset("ptb-xl", tmp_path / "empty")
+    with pytest.raises(LayoutError, match="not a MIMIC-IV-ECG folder"):
+        build_dataset("mimic-iv-ecg", tmp_path / "empty")
+    with pytest.raises(LayoutError, match="does not exist"):
+        build_dataset("ludb", tmp_path / "nowhere")
+
+
+def test_command_line_saves_dataset_and_report(corrupted_folder, tmp_path, capsys):
+    import datasets
+
+    output = tmp_path / "out"
+    assert main(["--format", "challenge", "--input", str(corrupted_folder), "--output", str(output), "--num-proc", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "9 records read, 3 kept, 6 skipped" in printed and "truncated_signal" in printed and "age" in printed
+    report = json.loads((output / "build_report.json").read_text())
+    assert report["records_kept"] == 3 and report["skipped_by_reason"]["missing_leads"] == 1
+    assert {entry["record_id"] for entry in report["skipped"]} == set(EXPECTED_SKIPS)
+    assert report["label_coverage"]["age"] == 3 and report["label_coverage"]["rr_interval"] == 0
+    reloaded = datasets.load_from_disk(str(output))
+    assert sorted(reloaded["record_id"]) == ["good1", "good2", "shortgap"]
+    assert reloaded.features["signal"].shape == (12, 5000)
+    assert main(["--format", "ptb-xl", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
