@@ -16,7 +16,7 @@ Labels:
 - `age`, `sex`: per subject (two records per subject); age shifts upward for atrial fibrillation/flutter, and QRS
   amplitude falls slightly with age and is higher for men, so both are weakly learnable.
 - `potassium_flag`: 1 for ~20 % of records; abnormal records carry hyperkalaemic tall, narrow T waves.
-Noise varies per record: white noise (0.005-0.05 mV), baseline wander (0.05-0.5 Hz, up to 0.3 mV) and mains hum
+Noise varies per record and is added to I, II and V1-V6 before the other limb leads are derived: white noise (0.005-0.05 mV), baseline wander (0.05-0.5 Hz, up to 0.3 mV) and mains hum
 (50 or 60 Hz, up to 0.03 mV).
 
 Record `i` of seed `s` depends only on `(s, i)`, so any sharding of the build gives the same dataset.
@@ -135,15 +135,25 @@ def _beat_times(rhythm: str, seconds: float, rng: np.random.Generator) -> tuple[
 
 
 def _add_waves(
-    vector: np.ndarray, time: np.ndarray, centres: np.ndarray, waves: dict, gains: dict, widths: dict
+    vector: np.ndarray, sampling_rate: float, centres: np.ndarray, waves: dict, gains: dict, widths: dict
 ) -> None:
-    """Add the Gaussian waves of beats at `centres` (s) to `vector` (3, samples) in place."""
+    """Add the Gaussian waves of beats at `centres` (s) to `vector` (3, samples) in place.
+
+    Each bump is evaluated only within 5 widths of its peak (beyond that it is < 4e-6 of its height), which makes a
+    record ~10x cheaper than evaluating every wave on the whole time axis.
+    """
     if len(centres) == 0:
         return
+    num_samples = vector.shape[1]
     for name, (offset, width, amplitude) in waves.items():
         width = width * widths.get(name, 1.0)
-        bump = np.exp(-0.5 * ((time[None, :] - (centres + offset)[:, None]) / width) ** 2).sum(axis=0)
-        vector += np.outer(np.asarray(amplitude) * gains.get(name, 1.0), bump)
+        half = int(np.ceil(5 * width * sampling_rate))
+        peaks = (centres + offset) * sampling_rate
+        index = np.round(peaks).astype(int)[:, None] + np.arange(-half, half + 1)[None, :]
+        bump = np.exp(-0.5 * ((index - peaks[:, None]) / (width * sampling_rate)) ** 2)
+        inside = (index >= 0) & (index < num_samples)
+        shape = np.bincount(index[inside], weights=bump[inside], minlength=num_samples)
+        vector += np.outer(np.asarray(amplitude) * gains.get(name, 1.0), shape)
 
 
 def _rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
@@ -194,8 +204,8 @@ def simulate_record(
         waves.pop("P")
 
     vector = np.zeros((3, num_samples))
-    _add_waves(vector, time, beats[~ventricular], waves, gains, widths)
-    _add_waves(vector, time, beats[ventricular], VENTRICULAR_WAVES, {"R": qrs_gain, "S": qrs_gain}, {})
+    _add_waves(vector, sampling_rate, beats[~ventricular], waves, gains, widths)
+    _add_waves(vector, sampling_rate, beats[ventricular], VENTRICULAR_WAVES, {"R": qrs_gain, "S": qrs_gain}, {})
     if rhythm == "atrial_fibrillation":
         # Fibrillatory waves: a few incoherent 4-9 Hz oscillations of the atrial vector.
         for _ in range(3):
@@ -207,17 +217,18 @@ def simulate_record(
         vector += np.outer([0.02, -0.12, 0.05], phase - 0.5)
     vector = _rotation(rng, 15.0) @ vector
 
-    independent = DOWER @ vector  # I, II, V1-V6
+    # Noise goes on the 8 independent leads (I, II, V1-V6); like an ECG machine, derive III, aVR, aVL, aVF after.
+    independent = DOWER @ vector
+    noise_level = rng.uniform(0.005, 0.05)
+    independent += rng.normal(0.0, noise_level, independent.shape)
+    wander_frequency = rng.uniform(0.05, 0.5)
+    wander_phase = rng.uniform(0, 2 * np.pi, (len(independent), 1))
+    independent += rng.uniform(0, 0.3) * np.sin(2 * np.pi * wander_frequency * time + wander_phase)
+    mains = rng.choice([50.0, 60.0])
+    independent += rng.uniform(0, 0.03) * np.sin(2 * np.pi * mains * time + rng.uniform(0, 2 * np.pi))
     lead_i, lead_ii = independent[0], independent[1]
     limb = np.stack([lead_i, lead_ii, lead_ii - lead_i, -(lead_i + lead_ii) / 2, lead_i - lead_ii / 2, lead_ii - lead_i / 2])
     signal = np.concatenate([limb, independent[2:]])
-
-    noise_level = rng.uniform(0.005, 0.05)
-    signal += rng.normal(0.0, noise_level, signal.shape)
-    wander_frequency = rng.uniform(0.05, 0.5)
-    signal += rng.uniform(0, 0.3) * np.sin(2 * np.pi * wander_frequency * time + rng.uniform(0, 2 * np.pi, (12, 1)))
-    mains = rng.choice([50.0, 60.0])
-    signal += rng.uniform(0, 0.03) * np.sin(2 * np.pi * mains * time + rng.uniform(0, 2 * np.pi))
 
     labels = {
         "rr_interval": rr_interval,
