@@ -38,6 +38,7 @@ FORMATS = {
     "jsonl": jsonl,
     "simulated": simulate,
 }
+WRITER_BATCH_SIZE = 32
 LABEL_KEYS = ("rr_interval", "age", "sex", "potassium_flag", "arrhythmia")
 
 
@@ -88,7 +89,7 @@ def _generate_examples(shards: list[dict], format: str, options: BuildOptions, s
     module = FORMATS[format]
     for shard in shards:
         skips = []
-        for row in shard["rows"]:
+        for row in _rows(shard["rows"]):
             record_id = str(row["record_id"])
             try:
                 loaded = module.load_record(row, options)
@@ -109,8 +110,13 @@ def _count_skips(skip_folder: Path) -> int:
 
 
 def _shards(table: pd.DataFrame, shard_size: int) -> list[dict]:
-    rows = table.astype(object).where(table.notna(), None).to_dict("records")
-    return [{"index": i, "rows": rows[start : start + shard_size]} for i, start in enumerate(range(0, len(rows), shard_size))]
+    """Slices of the record table (kept as DataFrames, far smaller than one dict per record)."""
+    return [{"index": i, "rows": table.iloc[start : start + shard_size]} for i, start in enumerate(range(0, len(table), shard_size))]
+
+
+def _rows(table: pd.DataFrame) -> list[dict]:
+    """The records of a shard as dicts, with pandas' NaN/NA as None."""
+    return table.astype(object).where(table.notna(), None).to_dict("records")
 
 
 def build(
@@ -168,9 +174,12 @@ def build(
     del table
 
     output = Path(output) if output is not None else None
-    work = Path(tempfile.mkdtemp(prefix=".enecg-build-", dir=output.parent if output is not None else None))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".enecg-build-", dir=output.parent))
+    else:
+        # The random fingerprint below is never reused, so the datasets cache would only pile up: use a fresh folder.
+        work = Path(tempfile.mkdtemp(prefix="enecg-dataset-", dir=cache_dir))
     skip_folder = work / "skipped"
     skip_folder.mkdir()
     features = ecg_features(options.num_samples, module.EXTRA_FEATURES)
@@ -181,9 +190,11 @@ def build(
                 features=features,
                 gen_kwargs={"shards": shards, "format": format, "options": options, "skip_folder": str(skip_folder)},
                 num_proc=num_proc if num_proc > 1 else None,
-                cache_dir=str(work / "cache") if output is not None else (str(cache_dir) if cache_dir else None),
+                cache_dir=str(work / "cache"),
                 # A fresh fingerprint: always run the generator, so the skip files match this build.
                 fingerprint=uuid.uuid4().hex,
+                # Flush to Arrow every few records: a worker's buffer holds writer_batch_size signals.
+                writer_batch_size=WRITER_BATCH_SIZE,
             )
         except Exception:
             # `datasets` cannot make a dataset of zero examples; any other failure is not ours to hide.
@@ -246,8 +257,8 @@ def build_dataset(
         format: one of `FORMATS`: `"mimic-iv-ecg"`, `"ptb-xl"`, `"challenge"`, `"ludb"`, `"jsonl"`, `"simulated"`.
         input: the collection's folder (the JSONL file for `"jsonl"`; unused for `"simulated"`).
         output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists); the
-            returned dataset is then memory-mapped from it. Without it the Arrow files stay in the `datasets` cache
-            (or `cache_dir`).
+            returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new temporary
+            folder (under `cache_dir` if given), which the caller may delete when done.
         sampling_rate: stored rate in Hz; records are resampled to it.
         seconds: stored duration; longer records keep their first `seconds`, shorter ones are zero-padded.
         num_proc: worker processes.
@@ -258,7 +269,7 @@ def build_dataset(
         labels_csv: MIMIC-IV-ECG only: CSV of age, sex and potassium per `subject_id` (and `study_id`).
         seed: seed of the simulated data.
         shard_size: records per generator shard (bounds the memory a worker holds).
-        cache_dir: `datasets` cache folder when `output` is not given.
+        cache_dir: parent of the temporary folder used when `output` is not given (default: the system's).
 
     Returns:
         The dataset. `build(...)` returns it together with the [`BuildReport`].
