@@ -443,3 +443,11 @@ def test_tiny_hub_config_runs_on_a_10_second_record():
     with torch.no_grad():
         out = model(torch.randn(2, 12, 5000))
     assert out.logits.shape == (2, 1) and out.gate_weights.shape == (2, len(config.experts))
+
+
+def test_lead_order_is_the_same_for_model_and_data():
+    # preprocessing_enecg ships as remote code and cannot import the config: the two tuples must stay equal.
+    from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES
+    from enecg_hf.preprocessing_enecg import STANDARD_LEADS
+
+    assert tuple(STANDARD_LEADS) == tuple(STANDARD_LEAD_NAMES)
