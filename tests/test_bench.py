@@ -1,0 +1,100 @@
+"""The benchmarks' `--quick` modes run end to end and write complete, finite results (to a temporary path: the committed
+results in bench/results/ are never touched by tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data"))
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+EFFICIENCY_MODE_FIELDS = (
+    "trainable_params", "total_params", "train_records", "batch_size", "epochs", "wall_time_5_epochs_s",
+    "throughput_records_per_s", "train_step_throughput_records_per_s", "feature_extraction_s", "peak_rss_mb",
+    "baseline_rss_mb", "peak_rss_above_baseline_mb", "measured_steps", "measured_records", "extrapolated", "how",
+    "eval_mae_ms",
+)
+EFFICIENCY_RATIOS = (
+    "recompute_over_cached_wall_time", "full_over_cached_wall_time", "cached_over_full_peak_rss",
+    "cached_over_full_peak_rss_above_baseline", "ensemble_over_sum_of_experts_latency",
+)
+QUALITY_METRICS = {"regression": ("mae", "mse", "rmse"),
+                   "single_label_classification": ("accuracy", "precision", "recall", "f1")}
+
+
+def non_finite_numbers(value, path="$"):
+    """Paths of every number in a JSON tree that is NaN/infinite, and of every null."""
+    if value is None:
+        return [path]
+    if isinstance(value, bool) or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_numbers(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in non_finite_numbers(v, f"{path}[{i}]")]
+    return [f"{path} (unexpected {type(value).__name__})"]
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    output = tmp_path / f"{Path(script).stem}.json"
+    cmd = [sys.executable, str(REPO / "bench" / script), "--quick", "--output", str(output), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert output.is_file()
+    return json.loads(output.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_efficiency_quick(tmp_path):
+    figure = tmp_path / "efficiency.png"
+    result, stdout = run_quick("efficiency.py", tmp_path, "--figure", str(figure))
+    assert figure.is_file() and figure.stat().st_size > 0
+    assert "ratio (2)/(3) wall time" in stdout and "ratio (1)/(3) wall time" in stdout
+    tiny = result["variants"]["tiny"]
+    for mode in ("full_finetune", "frozen_recompute", "cached_features"):
+        missing = [f for f in EFFICIENCY_MODE_FIELDS if f not in tiny["modes"][mode]]
+        assert not missing, f"{mode} lacks {missing}"
+        assert tiny["modes"][mode]["extrapolated"] is False  # quick runs every epoch in full
+    assert set(tiny["inference"]["per_expert"]) == set(tiny["experts"])
+    for key in ("sum_of_experts", "ensemble", "ensemble_over_sum_of_experts", "repeats"):
+        assert key in tiny["inference"]
+    assert set(EFFICIENCY_RATIOS) <= set(tiny["ratios"])
+    assert len(tiny["targets_met"]) == 3
+    # Frozen experts: LoRA modes train far fewer parameters than full fine-tuning, and the same number as each other.
+    modes = tiny["modes"]
+    assert modes["cached_features"]["trainable_params"] == modes["frozen_recompute"]["trainable_params"]
+    assert modes["cached_features"]["trainable_params"] < modes["full_finetune"]["trainable_params"]
+    assert not non_finite_numbers(result), non_finite_numbers(result)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
+def test_quality_quick(tmp_path):
+    result, _ = run_quick("quality.py", tmp_path)
+    tasks = result["tasks"]
+    assert set(tasks) == {"rr_interval", "age", "sex", "arrhythmia"}
+    experts = result["setup"]["experts"]
+    for task, block in tasks.items():
+        expected_rows = {"baseline:mean_or_majority", "uniform_ensemble", "enecg_lora", "enecg_full"}
+        expected_rows |= {f"expert:{name}" for name in experts}
+        if task == "rr_interval":
+            expected_rows.add("baseline:neurokit_rr")
+        assert expected_rows <= set(block["rows"]), f"{task}: missing rows {expected_rows - set(block['rows'])}"
+        for row, values in block["rows"].items():
+            for metric in QUALITY_METRICS[block["problem_type"]]:
+                assert metric in values["metrics"], f"{task}/{row} lacks {metric}"
+                assert {"mean", "std"} <= set(values["metrics"][metric])
+    # Nulls are allowed only where a field does not apply (label_mean of a classification task).
+    bad = [p for p in non_finite_numbers(result) if not p.endswith(".label_mean")]
+    assert not bad, bad
