@@ -16,7 +16,7 @@ set; full fine-tuning of MOMENT-large over 12 leads does not fit in memory, so i
 1 and 2 leads and extrapolated linearly to 12 (MOMENT encodes each lead as an independent sequence, so its time and
 activation memory are linear in the lead count). The JSON says which numbers are measured and which extrapolated.
 
-    python bench/efficiency.py                 # tiny + paper (~25 min on 2 cores), writes bench/results/
+    python bench/efficiency.py                 # tiny + paper (~40 min on 2 shared cores), writes bench/results/
     python bench/efficiency.py --quick         # tiny only, few records (< 2 min)
     python bench/efficiency.py --variants tiny --output /tmp/eff.json --figure /tmp/eff.png
 """

@@ -17,7 +17,7 @@ head/gate weights restored) and a fresh optimiser, trains on the other folds and
 Hub is unreachable, and paper sizes take ~100 s per record on 2 CPU cores): the foundation experts here are random
 feature maps, not pretrained models. Only the ECG-features expert (neurokit2 measurements) carries real knowledge.
 
-    python bench/quality.py                     # all records, 5 folds (~10 min on 2 cores)
+    python bench/quality.py                     # all records, 5 folds (~15 min on 2 shared cores)
     python bench/quality.py --quick             # a few records, 5 folds, few epochs (< 1 min)
 """
 
