@@ -18,4 +18,6 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) bench/run_all.py
+	$(PYTHON) bench/build_dataset.py
+	$(PYTHON) bench/efficiency.py
+	$(PYTHON) bench/quality.py
