@@ -1,0 +1,103 @@
+"""Model cards for trained EnECG folders: `README.md` rendered from the `model_card.md` template.
+
+The template is the repository's top-level `model_card.md`; the package ships a copy (`enecg_hf/templates/`) so that
+installed users render the same card. A test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .modeling_enecg import EnECGModel
+
+
+PACKAGE_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
+REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+
+METRIC_NAMES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R²", "accuracy": "Accuracy",
+                "precision": "Precision (macro)", "recall": "Recall (macro)", "f1": "F1 (macro)", "auroc": "AUROC"}
+
+
+def template_path() -> Path:
+    """The repository's template in a source checkout, else the packaged copy."""
+    return REPO_TEMPLATE if REPO_TEMPLATE.is_file() else PACKAGE_TEMPLATE
+
+
+def random_weight_experts(model: EnECGModel) -> list[str]:
+    """Experts that have weights but no pretrained source: their weights are random."""
+    return [
+        e.name if e.name == e.type else f"{e.name} ({e.type})"
+        for e in model.config.expert_configs
+        if not e.pretrained and getattr(model.experts[e.name], "has_weights", True)
+    ]
+
+
+def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args: dict[str, Any],
+                      dataset_sources: list[str], random_experts: list[str], model_id: str,
+                      template: str | Path | None = None) -> str:
+    """The README.md of a trained model folder: YAML metadata (license, tags, datasets, metrics, model-index with the
+    cross-validation results) and the sections of the template."""
+    import math
+
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from . import __version__
+
+    config = model.config
+    regression = metrics["problem_type"] == "regression"
+    task_type = "time-series-regression" if regression else "time-series-classification"
+    dataset_name = ", ".join(dataset_sources) or "custom"
+    eval_results = [
+        EvalResult(
+            task_type=task_type, task_name=f"ECG {metrics['label']} {'regression' if regression else 'classification'}",
+            dataset_type=dataset_name.replace(", ", "+"), dataset_name=f"{dataset_name} ({len(metrics['folds'])}-fold subject-wise CV)",
+            metric_type=name, metric_name=f"{METRIC_NAMES.get(name, name)} (CV mean)", metric_value=round(summary["mean"], 6),
+        )
+        for name, summary in metrics["cv"].items()
+        if not math.isnan(summary["mean"])
+    ]
+    card_data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        tags=["ecg", "time-series", "medical", "enecg", "mixture-of-experts", "peft", "lora"],
+        datasets=dataset_sources or None,
+        metrics=list(metrics["cv"]) or list(metrics["final"]["metrics"]),
+        model_name=model_id,
+        eval_results=eval_results or None,
+    )
+    num_labels = config.num_labels
+    output_description = (
+        f"(batch, {num_labels}) {metrics['label']} in {metrics.get('unit') or 'the label unit'}" if regression
+        else f"(batch, {num_labels}) class logits: {', '.join(metrics['classes'])}"
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template or template_path()),
+        model_id=model_id,
+        version=__version__,
+        label=metrics["label"],
+        unit=metrics.get("unit"),
+        classes=metrics.get("classes") if not regression else None,
+        task_description=f"regression, {metrics.get('unit') or 'label units'}" if regression else "classification",
+        experts=config.expert_names,
+        expert_sources={e.name: e.pretrained for e in config.expert_configs if e.pretrained},
+        random_experts=random_experts,
+        adaptation_description=(f"LoRA r={config.lora_r}, alpha={config.lora_alpha}" if config.adaptation == "lora"
+                                else "trained fully"),
+        gate_description=("learned softmax gate reading " + ", ".join(config.gate_leads) if config.gate_type == "learned"
+                          else "uniform average (no learned gate)"),
+        leads=len(config.lead_names), lead_names=config.lead_names, input_length=config.input_length,
+        sampling_rate=config.sampling_rate, seconds=f"{config.input_length / config.sampling_rate:g}",
+        normalization=config.normalization, output_description=output_description,
+        records=metrics["records"], dataset_sources=dataset_sources, folds=len(metrics["folds"]),
+        cv=metrics["cv"], cv_baseline=metrics["cv_baseline"],
+        baseline_description="its mean" if regression else "its majority class",
+        epochs=training_args["epochs"], batch_size=training_args["batch_size"],
+        learning_rate=training_args["learning_rate"], weight_decay=training_args["weight_decay"],
+        seed=training_args["seed"], cache_features=training_args["cache_features"],
+    )
+    return str(card).rstrip("\n") + "\n"
+
+
+__all__ = ["render_model_card", "random_weight_experts", "template_path"]
