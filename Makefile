@@ -11,8 +11,10 @@ install:
 	# momentfm 0.1.4 pins transformers 4.33 but runs on 5.x: install it without its pins.
 	$(PYTHON) -m pip install --no-deps momentfm==0.1.4
 
+# The main job: train the tiny ensemble on simulated ECGs (CV + final fit, Hub-ready folder), then reload and predict.
 demo: install
-	$(PYTHON) -m enecg_hf.quickstart
+	$(PYTHON) train.py
+	$(PYTHON) -m enecg_hf.quickstart --model outputs/enecg-tiny-rr_interval
 
 test: install
 	$(PYTHON) -m pytest -q

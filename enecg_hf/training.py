@@ -56,6 +56,7 @@ METRICS_DIR = PACKAGE_DIR / "metrics"
 REGRESSION_LABELS = {"rr_interval": "ms", "age": "years"}
 CLASS_NAMES = {"sex": ["female", "male"], "potassium_flag": ["normal", "abnormal"]}  # index = stored 0/1 value
 CLASSIFICATION_LABELS = ("sex", "potassium_flag", "arrhythmia")
+DATA_FORMATS = ("mimic-iv-ecg", "ptb-xl", "challenge", "ludb", "jsonl", "simulated")  # enecg_hf.data.FORMATS
 
 # `python train.py` with no arguments: the embedded main job. Small enough for 2 CPU cores in under 3 minutes, long
 # enough to learn RR intervals well beyond a mean predictor (heads train on cached features: epochs are cheap).
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--config", default="tiny", help="EnECG config JSON, or the name of one in hub_configs/ (tiny)")
     data.add_argument("--dataset", help="dataset folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`")
-    data.add_argument("--data_format", help="build the dataset on the fly with enecg_hf.data.build_dataset (e.g. "
-                      "simulated, wfdb, ludb, challenge)")
+    data.add_argument("--data_format", choices=DATA_FORMATS,
+                      help="build the dataset on the fly with enecg_hf.data.build_dataset")
     data.add_argument("--data_path", help="input of --data_format (a folder of records)")
     data.add_argument("--num_records", type=int, help="records to simulate (--data_format simulated)")
     data.add_argument("--limit", type=int, help="use only the first N records (quick runs)")

@@ -375,3 +375,32 @@ def test_local_metric_modules_agree_with_scikit_learn():
 
 def test_packaged_model_card_template_is_the_repository_one():
     assert (REPO / "enecg_hf" / "templates" / "model_card.md").read_text() == (REPO / "model_card.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ quickstart
+@pytest.mark.slow
+def test_quickstart_predicts_with_the_trained_main_job_folder(main_job):
+    from enecg_hf import quickstart
+
+    result = quickstart.main(["--model", str(main_job[0]), "--num_records", "6"])
+    assert result["label"] == "rr_interval" and result["unit"] == "ms" and len(result["records"]) == 6
+    for row in result["records"]:
+        assert sum(row["gate_weights"].values()) == pytest.approx(1.0, abs=0.01)
+        assert set(row["gate_weights"]) == {"moment", "dlinear", "timesnet", "tempo", "ecgfm", "features"}
+    assert result["mean_absolute_error"] < 0.5 * metrics_of(main_job[0])["cv_baseline"]["mae"]["mean"]
+
+
+def test_quickstart_without_a_model_round_trips_the_untrained_tiny_model(tmp_path):
+    from enecg_hf import quickstart
+
+    result = quickstart.main(["--output", str(tmp_path / "quick")])
+    assert result["reload_bit_identical"] is True
+    assert {"config.json", "model.safetensors"} <= set(result["files"])
+    assert 0 < result["trainable_parameters"] < result["total_parameters"]
+
+
+def test_data_formats_of_the_command_line_are_those_of_the_data_module():
+    from enecg_hf.data.builder import FORMATS
+    from enecg_hf.training import DATA_FORMATS
+
+    assert sorted(DATA_FORMATS) == sorted(FORMATS)
