@@ -1,0 +1,70 @@
+"""Processes: CPU mode for multi-process runs, and the fix-up for `accelerate launch --cpu --num_processes N`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def use_cpu() -> bool:
+    """Run on the CPU: asked for (`accelerate launch --cpu` sets ACCELERATE_USE_CPU), or several processes on a machine
+    without CUDA. `Accelerator(cpu=True)` is what makes accelerate pick its MULTI_CPU (gloo) mode for the latter."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return _truthy(os.environ.get("ACCELERATE_USE_CPU")) or (world_size > 1 and not torch.cuda.is_available())
+
+
+def requested_cpu_processes() -> int | None:
+    """The N of `accelerate launch --cpu --num_processes N` when accelerate started only this one process.
+
+    accelerate's plain launcher starts a single process for `--cpu` whatever `--num_processes` says (it expects mpirun
+    for multi-CPU runs; huggingface/accelerate#2741). It still exports MASTER_ADDR/MASTER_PORT when N > 1, so a lone
+    process with those set and no rank variables was asked for N processes: N is read from the launcher's command
+    line, or from the accelerate config file it used."""
+    if not _truthy(os.environ.get("ACCELERATE_USE_CPU")) or "MASTER_ADDR" not in os.environ:
+        return None
+    if any(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        return None
+    try:
+        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        launcher = []
+    for i, arg in enumerate(launcher):
+        if arg == "--num_processes" and i + 1 < len(launcher) and launcher[i + 1].isdigit():
+            return int(launcher[i + 1])
+        if arg.startswith("--num_processes="):
+            return int(arg.split("=", 1)[1])
+    try:
+        from accelerate.commands.config import default_config_file, load_config_from_file
+
+        config_file = next((launcher[i + 1] for i, a in enumerate(launcher[:-1]) if a == "--config_file"), None)
+        if config_file or Path(default_config_file).is_file():
+            return int(load_config_from_file(config_file).num_processes or 1)
+    except Exception:  # no readable config: fall through to the warning below
+        pass
+    logger.warning("accelerate launch --cpu started one process; could not tell how many were asked for")
+    return None
+
+
+def relaunch_on_cpu(num_processes: int, argv: Sequence[str]) -> None:
+    """Start `num_processes` copies of this script with torch's elastic launcher (what `torchrun` runs): gloo on
+    the CPU, rendezvous at the MASTER_ADDR/MASTER_PORT accelerate exported. Exits with the launcher's status."""
+    from torch.distributed.run import main as torchrun
+
+    script = sys.argv[0]
+    print(f"train.py: accelerate launch --cpu runs one process (huggingface/accelerate#2741); starting "
+          f"{num_processes} CPU processes with torch.distributed.run", file=sys.stderr, flush=True)
+    torchrun(["--nproc_per_node", str(num_processes), "--master_addr", os.environ["MASTER_ADDR"],
+              "--master_port", os.environ.get("MASTER_PORT", "29500"), script, *argv])
+    sys.exit(0)

@@ -1,0 +1,86 @@
+"""The Hub-ready output folder, the push to the Hub, and the printed summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..modeling_enecg import EnECGModel
+from .arguments import TrainingArguments
+from .files import write_json_atomic
+from .scoring import format_metrics
+
+
+logger = logging.getLogger(__name__)
+
+
+def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainingArguments, metrics: dict[str, Any],
+                       records) -> None:
+    """The Hub-ready folder: model (merged safetensors + code + adapter/), metrics, arguments, model card, serving."""
+    from ..model_card import random_weight_experts, render_model_card
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir))
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    write_json_atomic(output_dir / "training_args.json", {**args.to_dict(), "enecg_hf_version": _version()})
+    sources = sorted({str(s) for s in records.unique("source")}) if "source" in records.column_names else []
+    card = render_model_card(model, metrics, args.to_dict(), dataset_sources=sources,
+                             random_experts=random_weight_experts(model),
+                             model_id=args.hub_model_id or output_dir.name)
+    tmp = output_dir / ".README.md.tmp"
+    tmp.write_text(card)
+    os.replace(tmp, output_dir / "README.md")
+    try:
+        from ..serving_export import export_serving_files
+    except ImportError as err:
+        if "serving_export" not in str(err):
+            raise
+        logger.info("Serving files not exported: enecg_hf.serving_export is not available in this version")
+    else:
+        export_serving_files(model, str(output_dir))
+        logger.info("Serving files (pipeline, handler.py, requirements) exported to %s", output_dir)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# Work folders inside OUT that must never be uploaded.
+HUB_IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", "cache/*", "cache/**", "logs/*", "logs/**", ".*"]
+
+
+def push_folder(output_dir: Path, args: TrainingArguments) -> str:
+    """Upload the finished folder (without checkpoints, cache and logs). Fails with a clear message, after the local
+    folder is complete, when the Hub cannot be reached."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or output_dir.name
+    try:
+        url = create_repo(repo_id, private=args.hub_private, exist_ok=True)
+        upload_folder(repo_id=url.repo_id, folder_path=str(output_dir), ignore_patterns=HUB_IGNORE_PATTERNS,
+                      commit_message="Upload EnECG model trained with enecg_hf")
+    except Exception as err:  # network, auth, offline mode: all end the same way for the user
+        raise SystemExit(
+            f"push_to_hub failed for {repo_id!r}: {type(err).__name__}: {err}\n"
+            f"The local folder {output_dir.resolve()} is complete; push it later with\n"
+            f"  hf upload {repo_id} {output_dir} --exclude 'checkpoints/*' --exclude 'cache/*' --exclude 'logs/*'"
+        ) from None
+    logger.info("Pushed %s to https://huggingface.co/%s", output_dir, url.repo_id)
+    return url.repo_id
+
+
+def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    lines = [f"EnECG training: {metrics['label']} ({metrics['problem_type']}), {metrics['records']} records, "
+             f"{len(metrics['folds'])}-fold CV, {metrics['train_seconds']} s"]
+    unit = f" {metrics['unit']}" if metrics.get("unit") else ""
+    for name, summary in metrics["cv"].items():
+        baseline = metrics["cv_baseline"].get(name)
+        extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
+        lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{extra}")
+    lines.append("  final (in-sample): " + format_metrics(metrics["final"]["metrics"]) + unit)
+    lines.append(f"  model folder: {output_dir.resolve()}")
+    print("\n".join(lines), flush=True)

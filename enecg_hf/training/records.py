@@ -1,0 +1,109 @@
+"""The records of a run: loaded or built once, checked against the config, split into subject-wise folds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..configuration_enecg import EnECGConfig
+from .arguments import TrainingArguments
+from .files import hash_json
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_training_dataset(args: TrainingArguments, accelerator, cache_dir: Path):
+    """The dataset of the run: loaded from `--dataset`, or built once (main process first) and cached on disk."""
+    import datasets
+
+    if args.dataset:
+        path = Path(args.dataset)
+        if not path.exists():
+            raise SystemExit(f"--dataset {path} does not exist")
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset:
+                raise SystemExit(f"--dataset {path} is a DatasetDict without a 'train' split: {list(dataset)}")
+            dataset = dataset["train"]
+    else:
+        key = hash_json({"format": args.data_format, "path": args.data_path and str(Path(args.data_path).resolve()),
+                          "num_records": args.num_records, "limit": args.limit, "seed": args.seed})
+        folder = cache_dir / f"dataset-{args.data_format}-{key}"
+        with accelerator.main_process_first():
+            if not folder.exists():
+                if not accelerator.is_main_process:
+                    raise RuntimeError(f"{folder} should have been written by the main process")
+                dataset = _build_dataset(args)
+                tmp = folder.with_name(folder.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                dataset.save_to_disk(str(tmp))
+                os.replace(tmp, folder)
+            else:
+                logger.info("Dataset: using the cached build %s", folder)
+            dataset = datasets.load_from_disk(str(folder))  # memory-mapped, with a stable fingerprint
+    if args.limit is not None and args.limit < len(dataset):
+        dataset = dataset.select(range(args.limit))
+    if len(dataset) == 0:
+        raise SystemExit("The dataset has no records")
+    return dataset
+
+
+def _build_dataset(args: TrainingArguments):
+    try:
+        from ..data import build_dataset
+    except ImportError as err:
+        raise SystemExit(f"--data_format needs enecg_hf.data.build_dataset, which failed to import: {err}") from err
+    # For simulated data `limit` is the number of records to make; --num_records is the clearer spelling of it.
+    limit = args.num_records if args.num_records is not None else args.limit
+    logger.info("Building the %r dataset from %s (limit %s)", args.data_format, args.data_path, limit)
+    start = time.perf_counter()
+    try:
+        dataset = build_dataset(args.data_format, args.data_path, limit=limit, seed=args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"--data_format {args.data_format} --data_path {args.data_path}: {err}") from err
+    logger.info("Built %d records in %.1f s", len(dataset), time.perf_counter() - start)
+    return dataset
+
+
+def check_signal_compatibility(dataset, config: EnECGConfig) -> None:
+    """Fail before training when records do not match what the config's model reads."""
+    if "signal" not in dataset.column_names:
+        raise SystemExit(f"The dataset has no 'signal' column (columns: {dataset.column_names})")
+    expected = (len(config.lead_names), config.input_length)
+    shape = getattr(dataset.features["signal"], "shape", None)
+    if shape is None:
+        shape = np.asarray(dataset[0]["signal"]).shape
+    if tuple(shape) != expected:
+        raise SystemExit(
+            f"Records are {tuple(shape)} (leads x samples) but the config expects {expected} "
+            f"({config.input_length} samples at {config.sampling_rate} Hz). Rebuild the dataset at "
+            f"{config.sampling_rate} Hz / {config.input_length / config.sampling_rate:g} s, or use a config for this data."
+        )
+    if "sampling_rate" in dataset.column_names:
+        rates = sorted({int(r) for r in dataset.unique("sampling_rate")})
+        if rates != [config.sampling_rate]:
+            raise SystemExit(
+                f"The dataset's sampling rate is {rates} Hz but the config expects {config.sampling_rate} Hz; rebuild "
+                f"the dataset at {config.sampling_rate} Hz or use a config for this data"
+            )
+
+
+def make_folds(dataset, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from ..data import subject_kfold
+
+    subjects = len(set(dataset["subject_id"])) if "subject_id" in dataset.column_names else len(dataset)
+    if k > subjects:
+        raise SystemExit(f"--folds {k} needs at least {k} subjects; the dataset has {subjects}")
+    folds = [(np.asarray(tr, dtype=np.int64), np.asarray(te, dtype=np.int64)) for tr, te in subject_kfold(dataset, k, seed)]
+    for i, (train_idx, test_idx) in enumerate(folds):
+        if len(train_idx) == 0 or len(test_idx) == 0:
+            raise SystemExit(f"Fold {i + 1} has an empty train or test split ({len(train_idx)}/{len(test_idx)} records)")
+    return folds
+
+

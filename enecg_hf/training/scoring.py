@@ -1,0 +1,57 @@
+"""Scores of a run through our local `evaluate` modules, the trivial baselines, and fold summaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .labels import LabelSpec
+
+
+METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
+
+
+def load_metric(problem_type: str):
+    """Our local `evaluate` module for the task (Hub metrics need the network)."""
+    import evaluate
+
+    name = "regression_metrics" if problem_type == "regression" else "classification_metrics"
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def score(predictions: dict[str, np.ndarray], label: LabelSpec, metric) -> dict[str, float]:
+    logits, references = predictions["logits"], predictions["labels"]
+    if label.is_regression:
+        return metric.compute(predictions=logits[:, 0].astype(np.float64).tolist(),
+                              references=references.astype(np.float64).tolist())
+    probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
+    return metric.compute(predictions=logits.argmax(-1).tolist(), references=references.astype(np.int64).tolist(),
+                          prediction_scores=probabilities.tolist(), labels=list(range(len(label.class_names))))
+
+
+def baseline_predictions(train_labels: np.ndarray, eval_labels: np.ndarray, label: LabelSpec) -> dict[str, np.ndarray]:
+    """The trivial predictor fitted on the training split: its mean (regression) or its majority class."""
+    n = len(eval_labels)
+    if label.is_regression:
+        logits = np.full((n, 1), float(train_labels.mean()), dtype=np.float64)
+    else:
+        counts = np.bincount(train_labels.astype(np.int64), minlength=len(label.class_names)).astype(np.float64)
+        logits = np.tile(np.log((counts + 1e-3) / (counts + 1e-3).sum()), (n, 1))
+    return {"logits": logits, "labels": eval_labels}
+
+
+def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (ddof=1) over folds of every metric."""
+    summary = {}
+    for key in fold_metrics[0]:
+        values = np.asarray([m[key] for m in fold_metrics], dtype=np.float64)
+        summary[key] = {"mean": float(np.mean(values)),
+                        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    return summary
+
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
