@@ -39,10 +39,11 @@ def load_training_dataset(args: TrainingArguments, accelerator, cache_dir: Path)
             if not folder.exists():
                 if not accelerator.is_main_process:
                     raise RuntimeError(f"{folder} should have been written by the main process")
-                dataset = _build_dataset(args)
+                # Built straight into a temporary folder (with its build_report.json), then renamed into place: an
+                # interrupted build is never mistaken for a finished one.
                 tmp = folder.with_name(folder.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                dataset.save_to_disk(str(tmp))
+                _build_dataset(args, tmp)
                 os.replace(tmp, folder)
             else:
                 logger.info("Dataset: using the cached build %s", folder)
@@ -54,7 +55,7 @@ def load_training_dataset(args: TrainingArguments, accelerator, cache_dir: Path)
     return dataset
 
 
-def _build_dataset(args: TrainingArguments):
+def _build_dataset(args: TrainingArguments, output: Path):
     try:
         from ..data import build_dataset
     except ImportError as err:
@@ -64,7 +65,7 @@ def _build_dataset(args: TrainingArguments):
     logger.info("Building the %r dataset from %s (limit %s)", args.data_format, args.data_path, limit)
     start = time.perf_counter()
     try:
-        dataset = build_dataset(args.data_format, args.data_path, limit=limit, seed=args.seed)
+        dataset = build_dataset(args.data_format, args.data_path, output=output, limit=limit, seed=args.seed)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"--data_format {args.data_format} --data_path {args.data_path}: {err}") from err
     logger.info("Built %d records in %.1f s", len(dataset), time.perf_counter() - start)
