@@ -5,9 +5,11 @@ load with `AutoModel.from_pretrained(path)` without `trust_remote_code`.
 """
 
 from transformers import AutoConfig, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_enecg import STANDARD_LEAD_NAMES, EnECGConfig, EnECGExpertConfig
 from .modeling_enecg import EnECGFeatures, EnECGModel, EnECGModelOutput, load_adapter_base
+from .pipeline_enecg import PIPELINE_TASK, EnECGPipeline
 
 
 __version__ = "0.1.0"
@@ -17,6 +19,8 @@ AutoModel.register(EnECGConfig, EnECGModel, exist_ok=True)
 # Saved folders carry `auto_map` and the code files, so they also load with `trust_remote_code=True` anywhere.
 EnECGConfig.register_for_auto_class()
 EnECGModel.register_for_auto_class("AutoModel")
+# `pipeline("ecg-analysis", model=...)` in this process; saved folders name the pipeline in `custom_pipelines`.
+PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=EnECGPipeline, pt_model=AutoModel)
 
 __all__ = [
     "EnECGConfig",
@@ -26,4 +30,6 @@ __all__ = [
     "EnECGFeatures",
     "STANDARD_LEAD_NAMES",
     "load_adapter_base",
+    "EnECGPipeline",
+    "PIPELINE_TASK",
 ]

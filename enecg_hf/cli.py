@@ -1,0 +1,96 @@
+"""The `enecg` console script.
+
+    enecg predict RECORD [RECORD ...] --model DIR_OR_REPO [--sampling-rate HZ] [--lead-names I,II,...] [--top-k K]
+                  [--fill-missing-leads] [--explain OUT.png]
+    enecg export DIR            # add the pipeline, handler.py and requirements.txt to a saved model folder
+
+`predict` prints one JSON line per record, in the order given. A record that cannot be used prints
+`{"source": ..., "error": ..., "reason": ...}` and the others are still predicted; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enecg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser("predict", help="predict on ECG records, one JSON line each")
+    predict.add_argument("records", nargs="+", help="WFDB records (with or without .hea), Challenge .mat/.hea, .npy, .csv")
+    predict.add_argument("--model", required=True, help="model folder or Hub id (loaded with trust_remote_code)")
+    predict.add_argument("--sampling-rate", type=float, help="rate in Hz of .npy/.csv records")
+    predict.add_argument("--lead-names", type=_comma_list, help="comma-separated lead names of .npy/.csv rows")
+    predict.add_argument("--top-k", type=int, help="classes to list for classification models")
+    predict.add_argument("--fill-missing-leads", action="store_true", help="zero-fill missing standard leads")
+    predict.add_argument("--explain", metavar="OUT.png",
+                         help="also write a 12-lead plot with integrated-gradients saliency and the gate weights "
+                         "(one PNG per record: OUT.png, OUT-2.png, ...)")
+    export = commands.add_parser("export", help="make a saved model folder serving-ready")
+    export.add_argument("folder")
+    return parser
+
+
+def _explain_path(base: str, index: int) -> Path:
+    path = Path(base)
+    return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix or '.png'}")
+
+
+def predict(args: argparse.Namespace) -> int:
+    from transformers import pipeline
+
+    ecg = pipeline(model=args.model, trust_remote_code=True)
+    options = {"sampling_rate": args.sampling_rate, "lead_names": args.lead_names, "top_k": args.top_k,
+               "fill_missing_leads": args.fill_missing_leads or None}
+    options = {k: v for k, v in options.items() if v is not None}
+    failures = 0
+    for index, record in enumerate(args.records):
+        try:
+            result = ecg(record, **options)
+            if args.explain:
+                from .explain_enecg import explain_record
+
+                png = _explain_path(args.explain, index)
+                explain_record(ecg.model, record, png, **{k: v for k, v in options.items() if k != "top_k"})
+                result["explanation"] = str(png)
+        except ValueError as error:  # ECGInputError, from this package or from the model folder's copy of it
+            failures += 1
+            result = {"source": record, "error": getattr(error, "detail", str(error)),
+                      "reason": getattr(error, "reason", "bad_input")}
+        print(json.dumps(result), flush=True)
+    return 1 if failures else 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from transformers import AutoModel
+
+    from .serving_export import export_serving_files
+
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        print(f"enecg export: {folder} is not a saved model folder (no config.json)", file=sys.stderr)
+        return 2
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    written = export_serving_files(model, folder)
+    print(json.dumps({"folder": str(folder.resolve()), "written": written}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    return {"predict": predict, "export": export}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

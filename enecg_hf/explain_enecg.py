@@ -1,0 +1,274 @@
+"""Explanations of EnECG predictions: gate weights, and integrated-gradients saliency of the prediction with respect to
+the input signal, for the whole ensemble and for each expert (the paper's Figure 1 shows which wave segments each
+expert attends to). Attributions come from `captum`; plots from matplotlib. Both are optional
+(`pip install enecg_hf[serve]`).
+
+    from enecg_hf.explain_enecg import explain, plot_explanation
+    explanation = explain(model, input_values)              # (batch, 12, samples) in mV, as the model takes it
+    plot_explanation(input_values[0], explanation, index=0, path="explanation.png")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+# Experts whose embedding is not a differentiable function of the input: the ECG-features expert measures the record
+# with neurokit2 in numpy. Their saliency is reported as missing, with this reason, rather than as zeros.
+NOT_DIFFERENTIABLE = {"features": "measured with neurokit2 in numpy: no gradient flows from its embedding to the input"}
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"explanations need {module.split('.')[0]}: pip install 'enecg_hf[serve]'") from error
+
+
+@dataclass
+class EnECGExplanation:
+    """Saliency and gate weights of a batch.
+
+    Attributes:
+        saliency: (batch, leads, samples) integrated-gradients attribution of the ensemble output `target` to each
+            input sample (in output units per mV times mV). Covers the differentiable experts and the gate only: see
+            `notes`.
+        expert_saliency: expert name -> (batch, leads, samples) attribution of that expert head's own output, or `None`
+            for an expert that is not differentiable (reason in `notes`).
+        gate_weights: (batch, experts) softmax gate weights, in `expert_names` order.
+        prediction: (batch,) the explained output (regression value, or the target class's logit).
+        expert_predictions: (batch, experts) each expert head's output for `target`.
+        target: (batch,) explained output index (0 for regression; the predicted class unless given).
+        convergence_delta: (batch,) captum's completeness gap |sum(attributions) - (f(x) - f(baseline))| of the
+            ensemble; large when a non-differentiable expert moves the output.
+        notes: human-readable caveats, keyed by expert name.
+    """
+
+    saliency: np.ndarray
+    expert_saliency: dict[str, np.ndarray | None]
+    gate_weights: np.ndarray
+    prediction: np.ndarray
+    expert_predictions: np.ndarray
+    target: np.ndarray
+    convergence_delta: np.ndarray
+    expert_names: list[str]
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class _ExpertPath(torch.nn.Module):
+    """input_values -> one expert head's output `target`: the expert, its head and label scaling, nothing else."""
+
+    def __init__(self, model, name: str):
+        super().__init__()
+        self.model, self.name = model, name
+        self.index = model.expert_names.index(name)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        from .modeling_enecg import normalize_ecg
+
+        normalized = normalize_ecg(input_values.float(), self.model.config.normalization)
+        embedding = self.model.experts[self.name](normalized)
+        return self.model._to_label_units(self.model.heads[self.name](embedding.float()))
+
+
+def explain(
+    model,
+    input_values: torch.Tensor,
+    target: int | Sequence[int] | None = None,
+    n_steps: int = 32,
+    internal_batch_size: int = 16,
+    experts: bool = True,
+) -> EnECGExplanation:
+    """Integrated gradients (zero baseline, `n_steps` Gauss-Legendre steps) of an EnECG model's prediction.
+
+    Args:
+        model: an `EnECGModel` (put in eval mode here; deterministic).
+        input_values: (batch, leads, samples) float tensor in mV, as `model.forward` takes it.
+        target: output index to explain; default 0 for regression and the predicted class for classification.
+        n_steps, internal_batch_size: captum's IG settings (more steps: smaller convergence delta, more time).
+        experts: also attribute each differentiable expert's own head output.
+    """
+    attr = _require("captum.attr")
+    model.eval()
+    inputs = torch.as_tensor(input_values, dtype=torch.float32)
+    if inputs.dim() == 2:
+        inputs = inputs[None]
+    with torch.no_grad():
+        output = model(input_values=inputs)
+    batch = inputs.shape[0]
+    if target is None:
+        targets = torch.zeros(batch, dtype=torch.long) if model.config.problem_type == "regression" \
+            else output.logits.argmax(-1)
+    else:
+        targets = torch.as_tensor(target, dtype=torch.long).expand(batch).clone()
+    baseline = torch.zeros_like(inputs)
+
+    def ensemble(x: torch.Tensor) -> torch.Tensor:
+        return model(input_values=x).logits
+
+    ig = attr.IntegratedGradients(ensemble)
+    saliency, delta = ig.attribute(inputs, baselines=baseline, target=targets, n_steps=n_steps,
+                                   internal_batch_size=internal_batch_size, return_convergence_delta=True)
+    notes = {}
+    expert_saliency: dict[str, np.ndarray | None] = {}
+    for name in model.expert_names:
+        expert_type = model.config.expert_configs[model.expert_names.index(name)].type
+        if expert_type in NOT_DIFFERENTIABLE:
+            expert_saliency[name] = None
+            notes[name] = NOT_DIFFERENTIABLE[expert_type]
+        elif experts:
+            path_ig = attr.IntegratedGradients(_ExpertPath(model, name))
+            expert_saliency[name] = path_ig.attribute(inputs, baselines=baseline, target=targets, n_steps=n_steps,
+                                                      internal_batch_size=internal_batch_size).detach().numpy()
+    if any(saliency is None for saliency in expert_saliency.values()):
+        notes["ensemble"] = ("the ensemble saliency covers the differentiable experts and the gate; "
+                             f"{sorted(n for n, s in expert_saliency.items() if s is None)} add to the prediction "
+                             "without attribution")
+    rows = torch.arange(batch)
+    return EnECGExplanation(
+        saliency=saliency.detach().numpy(),
+        expert_saliency=expert_saliency,
+        gate_weights=output.gate_weights.numpy(),
+        prediction=output.logits[rows, targets].numpy(),
+        expert_predictions=output.expert_logits[rows, :, targets].numpy(),
+        target=targets.numpy(),
+        convergence_delta=delta.detach().abs().numpy(),
+        expert_names=list(model.expert_names),
+        notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    matplotlib = _require("matplotlib")
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smoothed_magnitude(saliency: np.ndarray, width: int) -> np.ndarray:
+    """|attribution| smoothed over `width` samples and scaled to [0, 1] over all leads (for colouring)."""
+    from scipy.ndimage import uniform_filter1d
+
+    magnitude = uniform_filter1d(np.abs(saliency), size=max(1, width), axis=-1)
+    top = magnitude.max()
+    return magnitude / top if top > 0 else magnitude
+
+
+def plot_ecg(
+    signal: np.ndarray,
+    lead_names: Sequence[str],
+    sampling_rate: float,
+    saliency: np.ndarray | None = None,
+    title: str | None = None,
+    axes: Any = None,
+    path: str | Path | None = None,
+):
+    """A 12-lead ECG (6 x 2 panels, time in s, mV), each trace coloured by the smoothed |saliency| when given.
+
+    Args:
+        signal: (leads, samples) in mV. saliency: same shape, or None for a plain plot.
+        axes: 12 matplotlib axes to draw on (default: a new figure). path: write a PNG there.
+    Returns:
+        The matplotlib Figure.
+    """
+    plt = _pyplot()
+    signal = np.asarray(signal, dtype=np.float32)
+    if axes is None:
+        figure, grid = plt.subplots(6, 2, figsize=(14, 10), sharex=True, constrained_layout=True)
+        axes = grid.T.reshape(-1)  # column-major: I-aVF left, V1-V6 right, as ECG printouts
+    else:
+        figure = axes[0].figure
+    time = np.arange(signal.shape[1]) / float(sampling_rate)
+    colour = _smoothed_magnitude(saliency, int(sampling_rate * 0.04)) if saliency is not None else None
+    for lead, ax in enumerate(axes[: signal.shape[0]]):
+        ax.plot(time, signal[lead], color="black", linewidth=0.7, zorder=2)
+        if colour is not None:
+            # Saliency as a heat band behind the trace: readable however small the attribution of a lead is.
+            low, high = float(signal[lead].min()), float(signal[lead].max())
+            pad = 0.1 * (high - low) + 1e-3
+            ax.imshow(colour[lead][None, :], aspect="auto", cmap="Reds", vmin=0.0, vmax=1.0, alpha=0.85, zorder=1,
+                      extent=(time[0], time[-1], low - pad, high + pad), interpolation="nearest")
+            ax.set_ylim(low - pad, high + pad)
+        ax.set_ylabel(f"{lead_names[lead]}\nmV", rotation=0, ha="right", va="center", fontsize=9)
+        ax.grid(True, color="#f3c6c6", linewidth=0.5)
+    for bottom in (5, 11)[: len(axes) // 6]:
+        axes[bottom].set_xlabel("time (s)")
+    if title:
+        figure.suptitle(title)
+    if path is not None:
+        figure.savefig(path, dpi=90)
+    return figure
+
+
+def plot_gate_weights(weights: dict[str, float], ax: Any = None, path: str | Path | None = None):
+    """Horizontal bars of the gate weight of each expert, with the value printed. Returns the Figure."""
+    plt = _pyplot()
+    if ax is None:
+        figure, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(weights)), constrained_layout=True)
+    else:
+        figure = ax.figure
+    names, values = list(weights), [float(v) for v in weights.values()]
+    bars = ax.barh(names[::-1], values[::-1], color="#3b6ea8")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values[::-1]], padding=3, fontsize=9)
+    ax.set_xlim(0, max(1.0, max(values) * 1.15))
+    ax.set_xlabel("gate weight")
+    ax.set_title("expert gate weights")
+    if path is not None:
+        figure.savefig(path, dpi=90)
+    return figure
+
+
+def plot_explanation(
+    signal: np.ndarray,
+    explanation: EnECGExplanation,
+    index: int = 0,
+    lead_names: Sequence[str] | None = None,
+    sampling_rate: float = 500.0,
+    title: str | None = None,
+    path: str | Path | None = None,
+):
+    """One figure: the 12-lead ECG coloured by the ensemble saliency of record `index`, and its gate weights."""
+    plt = _pyplot()
+    lead_names = list(lead_names) if lead_names is not None else [f"lead {i + 1}" for i in range(len(signal))]
+    figure = plt.figure(figsize=(16, 10), constrained_layout=True)
+    grid = figure.add_gridspec(6, 3, width_ratios=[4, 4, 2])
+    axes = [figure.add_subplot(grid[row, col]) for col in range(2) for row in range(6)]
+    plot_ecg(signal, lead_names, sampling_rate, explanation.saliency[index], axes=axes)
+    plot_gate_weights(dict(zip(explanation.expert_names, explanation.gate_weights[index].tolist())),
+                      ax=figure.add_subplot(grid[:3, 2]))
+    notes = figure.add_subplot(grid[3:, 2])
+    notes.axis("off")
+    text = [f"prediction: {explanation.prediction[index]:.4g}",
+            "red band: |integrated gradients| of the ensemble output (darker = more)"]
+    text += [f"{name}: {note}" for name, note in explanation.notes.items()]
+    notes.text(0, 1, "\n".join(text), va="top", fontsize=8, wrap=True)
+    if title:
+        figure.suptitle(title)
+    if path is not None:
+        figure.savefig(path, dpi=90)
+    return figure
+
+
+def explain_record(model, record: Any, path: str | Path, **prepare_kwargs) -> EnECGExplanation:
+    """Read and prepare `record` like the pipeline does, explain it and write the combined PNG to `path`."""
+    from .pipeline_enecg import prepare_record
+
+    prepared = prepare_record(record, model.config, **prepare_kwargs)
+    explanation = explain(model, torch.from_numpy(prepared.signal)[None])
+    figure = plot_explanation(prepared.signal, explanation, lead_names=model.config.lead_names,
+                              sampling_rate=model.config.sampling_rate, title=prepared.source, path=path)
+    _pyplot().close(figure)
+    return explanation
+
+
+__all__ = ["EnECGExplanation", "explain", "plot_ecg", "plot_gate_weights", "plot_explanation", "explain_record",
+           "NOT_DIFFERENTIABLE"]

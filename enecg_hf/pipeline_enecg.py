@@ -1,0 +1,239 @@
+"""A `transformers` pipeline for EnECG models: ECG records in, predictions with each expert's gate weight out.
+
+    from transformers import pipeline
+    ecg = pipeline(model="outputs/enecg-tiny-rr_interval", trust_remote_code=True)   # no task name needed
+    ecg("ludb/data/1")                                        # a WFDB record (with or without .hea)
+    ecg(signal, sampling_rate=250, lead_names=[...])          # a (leads, samples) array or nested list in mV
+    ecg(["a.hea", "b.mat", "c.npy"], sampling_rate=500)       # a batch
+
+Model folders carry this file (flat, next to the model code) and name it in `config.json` under
+`custom_pipelines`, so the pipeline loads with `trust_remote_code=True` where `enecg_hf` is not installed. Records go
+through the same steps as the training data (`preprocessing_enecg.prepare_signal`: lead matching, interpolation of
+short NaN runs, resampling, crop/pad); the model normalises amplitudes itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+from .io_enecg import read_record
+from .preprocessing_enecg import STANDARD_LEADS, ECGInputError, normalize_lead_name, prepare_signal
+
+
+PIPELINE_TASK = "ecg-analysis"
+MIN_SAMPLING_RATE = 100.0  # Hz; below this a diagnostic ECG cannot be represented (as in the dataset builders)
+MAX_SAMPLING_RATE = 10_000.0  # Hz; ECG devices record at 100-2000 Hz, anything far above is a unit mistake
+LARGE_AMPLITUDE_MV = 20.0  # peak-to-peak; real ECG leads stay under ~10 mV, so this suggests microvolts
+
+
+@dataclass
+class PreparedRecord:
+    """One input in the model's layout.
+
+    Attributes:
+        signal: (leads, input_length) float32 array in mV, rows in `config.lead_names` order.
+        source: the file the record came from, or `"array"`.
+        warnings: things the caller should know (cropped, padded, flat leads, dropped non-standard leads...).
+    """
+
+    signal: np.ndarray
+    source: str = "array"
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_signal_matrix(value: Any) -> bool:
+    """A nested list that is ONE record (leads x samples of numbers), not a batch of inputs."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and isinstance(value[0], (list, tuple))
+        and len(value[0]) > 0
+        and isinstance(value[0][0], (int, float))
+    )
+
+
+def _check_lead_names(lead_names: Sequence[str]) -> list[str]:
+    names = [str(name) for name in lead_names]
+    unknown = [name for name in names if normalize_lead_name(name) is None]
+    if unknown:
+        raise ECGInputError(
+            "unknown_lead", f"unknown lead name(s) {unknown}; expected names of the 12 standard leads "
+            f"{list(STANDARD_LEADS)} in any common spelling"
+        )
+    return names
+
+
+def prepare_record(
+    record: Any,
+    config,
+    sampling_rate: float | None = None,
+    lead_names: Sequence[str] | None = None,
+    fill_missing_leads: bool = False,
+) -> PreparedRecord:
+    """Read and prepare one pipeline input for a model with `config` (an `EnECGConfig`).
+
+    Args:
+        record: a path (WFDB record with or without `.hea`, Challenge `.mat`/`.hea`, `.npy`, `.csv`), a
+            (leads, samples) numpy array or nested list in mV, or a dict `{"signal", "sampling_rate", "lead_names"}`.
+        sampling_rate: rate in Hz of arrays, `.npy` and `.csv` inputs (WFDB headers carry their own).
+        lead_names: names of the rows of arrays, `.npy` and `.csv` inputs (default: the 12 standard leads in order).
+        fill_missing_leads: zero-fill standard leads the record lacks instead of rejecting it.
+
+    Raises:
+        ValueError: ([`ECGInputError`] with a `reason`) for anything that is not a usable ECG: wrong shape, too few or
+            unknown leads, long NaN runs, an absurd sampling rate, a record longer than `config.max_input_seconds`,
+            a file that is not an ECG record.
+    """
+    source = "array"
+    if isinstance(record, dict):
+        unknown_keys = set(record) - {"signal", "sampling_rate", "lead_names"}
+        if "signal" not in record or unknown_keys:
+            raise ECGInputError("bad_input", f"a dict input needs 'signal' (and 'sampling_rate', 'lead_names'); "
+                                f"got keys {sorted(record)}")
+        sampling_rate = record.get("sampling_rate", sampling_rate)
+        lead_names = record.get("lead_names", lead_names)
+        record = record["signal"]
+    if lead_names is not None:
+        lead_names = _check_lead_names(lead_names)
+    if isinstance(record, (str, os.PathLike)):
+        source = str(record)
+        try:
+            recording = read_record(record, sampling_rate=sampling_rate, lead_names=lead_names)
+        except ECGInputError as error:
+            raise ECGInputError(error.reason, f"{source} is not a readable ECG record: {error.detail}") from error
+        signal, rate, names = recording.signal, recording.sampling_rate, recording.lead_names
+    else:
+        try:
+            signal = np.asarray(record, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise ECGInputError("bad_input", f"cannot read the input as a numeric (leads, samples) array: {error}")
+        if sampling_rate is None:
+            raise ECGInputError("bad_sampling_rate", "arrays carry no sampling rate: pass `sampling_rate` (Hz)")
+        rate = sampling_rate
+        names = list(lead_names) if lead_names is not None else list(STANDARD_LEADS)
+        if signal.ndim != 2:
+            raise ECGInputError("bad_shape", f"expected a 2-D (leads, samples) array, got shape {signal.shape}")
+        if signal.shape[0] != len(names) and signal.shape[1] == len(names):
+            signal = signal.T  # (samples, leads), as CSV exports often are
+        if signal.shape[0] != len(names):
+            raise ECGInputError("bad_shape", f"signal of shape {signal.shape} has {signal.shape[0]} rows but "
+                                f"{len(names)} lead names {names}; pass `lead_names` for the rows")
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {rate!r} is not a number") from None
+    if not math.isfinite(rate) or not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {rate} Hz is not plausible for an ECG "
+                            f"(expected {MIN_SAMPLING_RATE:g}-{MAX_SAMPLING_RATE:g} Hz)")
+    finite = np.isfinite(signal)
+    if not finite.any():
+        raise ECGInputError("not_finite", f"the signal {signal.shape} holds no finite values (all NaN/inf)")
+    seconds = signal.shape[1] / rate if rate > 0 else 0.0
+    if seconds > config.max_input_seconds:
+        raise ECGInputError("too_long", f"the record is {seconds:.1f} s long; this model accepts at most "
+                            f"{config.max_input_seconds:g} s (config.max_input_seconds). Cut it into windows first")
+
+    target_seconds = config.input_length / config.sampling_rate
+    prepared = prepare_signal(signal, rate, names, target_rate=config.sampling_rate, seconds=target_seconds,
+                              fill_missing_leads=fill_missing_leads)
+    warnings = []
+    if not finite.all():
+        warnings.append(f"{int((~finite).sum())} NaN/inf samples interpolated")
+    dropped = [name for name in names if normalize_lead_name(name) is None]
+    if dropped:
+        warnings.append(f"non-standard leads ignored: {dropped}")
+    if prepared.missing_leads:
+        warnings.append(f"missing leads zero-filled: {prepared.missing_leads}")
+    flat = [lead for lead in prepared.flat_leads if lead not in prepared.missing_leads]
+    if flat:
+        warnings.append(f"flat leads: {flat}")
+    if prepared.original_seconds > target_seconds + 1e-6:
+        warnings.append(f"record of {prepared.original_seconds:.1f} s: only its first {target_seconds:g} s were used")
+    elif prepared.original_seconds < target_seconds - 1e-6:
+        warnings.append(f"record of {prepared.original_seconds:.1f} s zero-padded to {target_seconds:g} s")
+    peak_to_peak = float(np.ptp(prepared.signal, axis=1).max())
+    if peak_to_peak > LARGE_AMPLITUDE_MV:
+        warnings.append(f"peak-to-peak amplitude {peak_to_peak:.0f} mV: inputs must be in millivolts (microvolts?)")
+    order = [STANDARD_LEADS.index(normalize_lead_name(lead)) for lead in config.lead_names]
+    return PreparedRecord(np.ascontiguousarray(prepared.signal[order]), source, warnings)
+
+
+class EnECGPipeline(Pipeline):
+    """Predictions of an EnECG model for ECG records (see the module docstring for the inputs).
+
+    Each result is a dict: for regression `{"value", "unit", "label"}` (the label's name); for classification
+    `{"label", "score", "scores": [{"label", "score"}, ... top_k]}`; always `"gate_weights"` `{expert: weight}`,
+    `"expert_predictions"` (each expert head's own value, or its top class and score), `"warnings"` and `"source"`.
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __call__(self, inputs, **kwargs):
+        if _is_signal_matrix(inputs):  # a nested list is one record, not a batch of rows
+            inputs = np.asarray(inputs, dtype=np.float32)
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            raise ECGInputError("bad_input", "no records given")
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, sampling_rate=None, lead_names=None, fill_missing_leads=None, top_k=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"EnECGPipeline got unknown arguments {sorted(kwargs)}")
+        preprocess = {}
+        if sampling_rate is not None:
+            preprocess["sampling_rate"] = sampling_rate
+        if lead_names is not None:
+            preprocess["lead_names"] = lead_names
+        if fill_missing_leads is not None:
+            preprocess["fill_missing_leads"] = fill_missing_leads
+        postprocess = {"top_k": top_k} if top_k is not None else {}
+        return preprocess, {}, postprocess
+
+    def preprocess(self, record, sampling_rate=None, lead_names=None, fill_missing_leads=False):
+        prepared = prepare_record(record, self.model.config, sampling_rate, lead_names, fill_missing_leads)
+        return {"input_values": torch.from_numpy(prepared.signal)[None], "warnings": prepared.warnings,
+                "source": prepared.source}
+
+    def _forward(self, model_inputs):
+        output = self.model(input_values=model_inputs["input_values"])
+        return {"logits": output.logits, "expert_logits": output.expert_logits, "gate_weights": output.gate_weights,
+                "warnings": model_inputs["warnings"], "source": model_inputs["source"]}
+
+    def postprocess(self, model_outputs, top_k=None):
+        config = self.model.config
+        names = list(self.model.expert_names)
+        logits = model_outputs["logits"][0].float()
+        expert_logits = model_outputs["expert_logits"][0].float()
+        result: dict[str, Any] = {}
+        if config.problem_type == "regression":
+            result.update(label=config.label_name, value=float(logits[0]), unit=config.label_unit)
+            experts = {name: float(expert_logits[i, 0]) for i, name in enumerate(names)}
+        else:
+            id2label = {int(k): v for k, v in config.id2label.items()}
+            multi = config.problem_type == "multi_label_classification"
+            scores = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=-1)
+            k = len(id2label) if top_k is None else max(1, min(int(top_k), len(id2label)))
+            ranked = torch.argsort(scores, descending=True)[:k].tolist()
+            result.update(label=id2label[ranked[0]], score=float(scores[ranked[0]]),
+                          scores=[{"label": id2label[i], "score": float(scores[i])} for i in ranked])
+            expert_scores = torch.sigmoid(expert_logits) if multi else torch.softmax(expert_logits, dim=-1)
+            experts = {name: {"label": id2label[int(expert_scores[i].argmax())], "score": float(expert_scores[i].max())}
+                       for i, name in enumerate(names)}
+        result["gate_weights"] = {name: float(w) for name, w in zip(names, model_outputs["gate_weights"][0].tolist())}
+        result["expert_predictions"] = experts
+        result["warnings"] = list(model_outputs["warnings"])
+        result["source"] = model_outputs["source"]
+        return result
+
+
+__all__ = ["EnECGPipeline", "PIPELINE_TASK", "PreparedRecord", "prepare_record"]

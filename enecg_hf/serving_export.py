@@ -1,0 +1,77 @@
+"""Make a saved model folder serving-ready: the pipeline (with `custom_pipelines` in `config.json`), an
+Inference-Endpoint `handler.py` and the endpoint's `requirements.txt`.
+
+    from enecg_hf.serving_export import export_serving_files
+    model.save_pretrained("my-enecg")
+    export_serving_files(model, "my-enecg")       # or: enecg export my-enecg
+
+`train.py` and the quickstart call it on every folder they write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .pipeline_enecg import PIPELINE_TASK
+
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+# What an Inference Endpoint installs next to its default image (torch and transformers come with it; listed so that
+# a plain container gets them too).
+ENDPOINT_REQUIREMENTS = """\
+torch>=2.1
+transformers>=5.0,<6
+peft>=0.13
+safetensors>=0.4
+scipy>=1.10
+numpy>=1.24
+wfdb>=4.1
+einops
+# only for models with the `features` expert:
+neurokit2>=0.2.10
+# only for models with the `moment` expert (installed without its transformers 4.33 pin):
+# pip install --no-deps momentfm==0.1.4
+"""
+
+
+def pipeline_entry() -> dict:
+    """The `custom_pipelines` entry of `config.json` (what `Pipeline.save_pretrained` would write)."""
+    return {PIPELINE_TASK: {"impl": "pipeline_enecg.EnECGPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
+
+
+def export_serving_files(model, output_dir: str | os.PathLike) -> list[str]:
+    """Add the serving files to a folder written by `model.save_pretrained(output_dir)`. Returns the files written."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import pipeline_enecg
+
+    folder = Path(output_dir)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: call model.save_pretrained({str(folder)!r}) first")
+    written = []
+    # The pipeline module and the flat modules it imports, so `trust_remote_code` finds them next to the model code.
+    pipeline_file = Path(pipeline_enecg.__file__)
+    for source in [pipeline_file, *map(Path, get_relative_import_files(pipeline_file))]:
+        shutil.copy(source, folder / source.name)
+        written.append(source.name)
+
+    config = json.loads(config_file.read_text())
+    config["custom_pipelines"] = pipeline_entry()
+    tmp = folder / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
+    model.config.custom_pipelines = pipeline_entry()
+    written.append("config.json")
+
+    shutil.copy(TEMPLATES / "handler.py", folder / "handler.py")
+    (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
+    written += ["handler.py", "requirements.txt"]
+    return written
+
+
+__all__ = ["export_serving_files", "pipeline_entry", "ENDPOINT_REQUIREMENTS"]

@@ -1,0 +1,110 @@
+"""Hugging Face Inference Endpoint handler for an EnECG model folder (written by `enecg_hf`; needs no `enecg_hf`).
+
+Request (JSON):
+    {"inputs": {"signal": [[...], ...], "sampling_rate": 500, "lead_names": ["I", "II", ...]},
+     "parameters": {"top_k": 3, "fill_missing_leads": false}}
+    {"inputs": {"npy_base64": "<base64 of a .npy file>", "sampling_rate": 500}}
+    {"inputs": [<record>, <record>, ...]}                      (a batch, at most MAX_RECORDS)
+
+Response: a list with one result per record (the pipeline's dicts: prediction, gate weights, each expert's
+prediction, warnings), or {"error": "...", "reason": "..."} for a request that cannot be answered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import numpy as np
+
+
+MAX_RECORDS = 32  # records per request
+MAX_SAMPLES = 12 * 500 * 120  # values per record: 12 leads x 2 minutes at 500 Hz
+MAX_NPY_BYTES = 8 * MAX_SAMPLES + 1024  # a float64 .npy of MAX_SAMPLES values, plus its header
+ALLOWED_PARAMETERS = {"top_k", "fill_missing_leads"}
+
+
+class RequestError(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class EndpointHandler:
+    def __init__(self, path: str = ""):
+        from transformers import pipeline
+
+        self.pipeline = pipeline(model=path or ".", trust_remote_code=True)
+
+    def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        try:
+            records, parameters = self._parse(data)
+            results = [self.pipeline(record, **parameters) for record in records]
+        except RequestError as error:
+            return {"error": str(error), "reason": error.reason}
+        except ValueError as error:  # the pipeline's input errors (ECGInputError is a ValueError)
+            return {"error": str(error), "reason": getattr(error, "reason", "bad_input")}
+        return results
+
+    def _parse(self, data: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if not isinstance(data, dict) or "inputs" not in data:
+            raise RequestError("bad_request", 'the request must be a JSON object with "inputs"')
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, dict) or set(parameters) - ALLOWED_PARAMETERS:
+            raise RequestError("bad_parameters", f"parameters must be an object with keys among "
+                               f"{sorted(ALLOWED_PARAMETERS)}; got {parameters!r}"[:300])
+        inputs = data["inputs"]
+        batch = inputs if isinstance(inputs, list) else [inputs]
+        if not batch:
+            raise RequestError("bad_request", '"inputs" holds no records')
+        if len(batch) > MAX_RECORDS:
+            raise RequestError("too_many_records", f"{len(batch)} records in one request; the limit is {MAX_RECORDS}")
+        return [self._record(item) for item in batch], parameters
+
+    def _record(self, item: Any) -> dict[str, Any]:
+        if not isinstance(item, dict):
+            raise RequestError("bad_request", 'each input must be an object with "signal" or "npy_base64"')
+        unknown = set(item) - {"signal", "npy_base64", "sampling_rate", "lead_names"}
+        if unknown:
+            raise RequestError("bad_request", f"unknown input keys {sorted(unknown)}")
+        if ("signal" in item) == ("npy_base64" in item):
+            raise RequestError("bad_request", 'give exactly one of "signal" and "npy_base64"')
+        if "sampling_rate" not in item:
+            raise RequestError("bad_sampling_rate", '"sampling_rate" (Hz) is required')
+        if "npy_base64" in item:
+            signal = self._decode_npy(item["npy_base64"])
+        else:
+            signal = np.asarray(item["signal"], dtype=np.float32) if _is_numeric_matrix(item["signal"]) else None
+            if signal is None:
+                raise RequestError("bad_shape", '"signal" must be a (leads, samples) list of lists of numbers')
+        if signal.size > MAX_SAMPLES:
+            raise RequestError("too_large", f"the record has {signal.size} values; the limit is {MAX_SAMPLES}")
+        record = {"signal": signal, "sampling_rate": item["sampling_rate"]}
+        if "lead_names" in item:
+            record["lead_names"] = item["lead_names"]
+        return record
+
+    @staticmethod
+    def _decode_npy(text: Any) -> np.ndarray:
+        if not isinstance(text, str):
+            raise RequestError("bad_npy", '"npy_base64" must be a base64 string')
+        if len(text) > MAX_NPY_BYTES * 4 // 3 + 4:
+            raise RequestError("too_large", f"the .npy payload is larger than {MAX_NPY_BYTES} bytes")
+        try:
+            raw = base64.b64decode(text, validate=True)
+            signal = np.load(io.BytesIO(raw), allow_pickle=False)  # never unpickle request data
+        except (binascii.Error, ValueError, OSError) as error:
+            raise RequestError("bad_npy", f"npy_base64 is not a base64-encoded .npy array: {error}") from None
+        if signal.dtype.kind not in "fiu":
+            raise RequestError("bad_npy", f"the .npy array holds {signal.dtype}, not numbers")
+        return signal.astype(np.float32)
+
+
+def _is_numeric_matrix(value: Any) -> bool:
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        return False
+    return array.ndim == 2
