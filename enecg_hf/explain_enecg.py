@@ -38,7 +38,7 @@ class EnECGExplanation:
 
     Attributes:
         saliency: (batch, leads, samples) integrated-gradients attribution of the ensemble output `target` to each
-            input sample (in output units per mV times mV). Covers the differentiable experts and the gate only: see
+            sample of the normalised record (output units). Covers the differentiable experts and the gate only: see
             `notes`.
         expert_saliency: expert name -> (batch, leads, samples) attribution of that expert head's own output, or `None`
             for an expert that is not differentiable (reason in `notes`).
@@ -46,7 +46,7 @@ class EnECGExplanation:
         prediction: (batch,) the explained output (regression value, or the target class's logit).
         expert_predictions: (batch, experts) each expert head's output for `target`.
         target: (batch,) explained output index (0 for regression; the predicted class unless given).
-        convergence_delta: (batch,) captum's completeness gap |sum(attributions) - (f(x) - f(baseline))| of the
+        convergence_delta: (batch,) captum's completeness gap |sum(attributions) - (f(x) - f(flat record))| of the
             ensemble; large when a non-differentiable expert moves the output.
         notes: human-readable caveats, keyed by expert name.
     """
@@ -62,18 +62,26 @@ class EnECGExplanation:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-class _ExpertPath(torch.nn.Module):
-    """input_values -> one expert head's output `target`: the expert, its head and label scaling, nothing else."""
+class _EnsembleFromNormalized(torch.nn.Module):
+    """z-scored input (batch, leads, samples) -> ensemble logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, normalized: torch.Tensor) -> torch.Tensor:
+        features = self.model.compute_normalized_features(normalized)
+        return self.model(expert_embeddings=features.expert_embeddings, gate_inputs=features.gate_inputs).logits
+
+
+class _ExpertFromNormalized(torch.nn.Module):
+    """z-scored input -> one expert head's own output: the expert, its head and label scaling, nothing else."""
 
     def __init__(self, model, name: str):
         super().__init__()
         self.model, self.name = model, name
-        self.index = model.expert_names.index(name)
 
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-        from .modeling_enecg import normalize_ecg
-
-        normalized = normalize_ecg(input_values.float(), self.model.config.normalization)
+    def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         embedding = self.model.experts[self.name](normalized)
         return self.model._to_label_units(self.model.heads[self.name](embedding.float()))
 
@@ -86,7 +94,15 @@ def explain(
     internal_batch_size: int = 16,
     experts: bool = True,
 ) -> EnECGExplanation:
-    """Integrated gradients (zero baseline, `n_steps` Gauss-Legendre steps) of an EnECG model's prediction.
+    """Integrated gradients (`n_steps` Gauss-Legendre steps) of an EnECG model's prediction.
+
+    Attribution is to the record as the experts see it, after the model's normalisation (`config.normalization`),
+    from a flat (all-zero) normalised record. The model z-scores its input, so it cannot tell a record from a scaled
+    copy: on the raw signal the straight path from zero would change the output only in a vanishing interval near
+    zero, which no quadrature resolves. In the normalised view the path is smooth and the attributions add up to
+    f(x) - f(flat record) (captum's convergence delta measures the gap). Experts that normalise again inside
+    (MOMENT's and TEMPO's RevIN) are scale-invariant too, so their share is poorly resolved: the delta then stays
+    large whatever `n_steps`; read their maps as qualitative.
 
     Args:
         model: an `EnECGModel` (put in eval mode here; deterministic).
@@ -97,6 +113,8 @@ def explain(
     """
     attr = _require("captum.attr")
     model.eval()
+    from .modeling_enecg import normalize_ecg
+
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
     if inputs.dim() == 2:
         inputs = inputs[None]
@@ -108,13 +126,10 @@ def explain(
             else output.logits.argmax(-1)
     else:
         targets = torch.as_tensor(target, dtype=torch.long).expand(batch).clone()
-    baseline = torch.zeros_like(inputs)
-
-    def ensemble(x: torch.Tensor) -> torch.Tensor:
-        return model(input_values=x).logits
-
-    ig = attr.IntegratedGradients(ensemble)
-    saliency, delta = ig.attribute(inputs, baselines=baseline, target=targets, n_steps=n_steps,
+    normalized = normalize_ecg(inputs, model.config.normalization)
+    baseline = torch.zeros_like(normalized)
+    ig = attr.IntegratedGradients(_EnsembleFromNormalized(model))
+    saliency, delta = ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
                                    internal_batch_size=internal_batch_size, return_convergence_delta=True)
     notes = {}
     expert_saliency: dict[str, np.ndarray | None] = {}
@@ -124,8 +139,8 @@ def explain(
             expert_saliency[name] = None
             notes[name] = NOT_DIFFERENTIABLE[expert_type]
         elif experts:
-            path_ig = attr.IntegratedGradients(_ExpertPath(model, name))
-            expert_saliency[name] = path_ig.attribute(inputs, baselines=baseline, target=targets, n_steps=n_steps,
+            path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name))
+            expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
                                                       internal_batch_size=internal_batch_size).detach().numpy()
     if any(saliency is None for saliency in expert_saliency.values()):
         notes["ensemble"] = ("the ensemble saliency covers the differentiable experts and the gate; "

@@ -237,7 +237,12 @@ class EnECGModel(EnECGPreTrainedModel):
             input_values: (batch, leads, samples) at `config.sampling_rate`, leads in `config.lead_names` order.
         """
         self._check_input(input_values)
-        normalized = normalize_ecg(input_values.float(), self.config.normalization)
+        return self.compute_normalized_features(normalize_ecg(input_values.float(), self.config.normalization))
+
+    def compute_normalized_features(self, normalized: torch.Tensor) -> EnECGFeatures:
+        """[`compute_features`] after normalisation: `normalized` is (batch, leads, samples) as the experts see it
+        (saliency maps attribute to this view; a straight path from zero to a z-scored record is well-defined, one
+        to the raw record is not, because z-scoring makes the model blind to the signal's scale)."""
         # No `torch.no_grad()` here: frozen parameters build no graph anyway, and saliency maps need gradients with
         # respect to the input through the experts.
         embeddings = tuple(expert(normalized) for expert in self.experts.values())

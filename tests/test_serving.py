@@ -1,0 +1,407 @@
+"""Serving: the transformers pipeline (in-process and through `trust_remote_code` where enecg_hf is blocked), the
+Inference-Endpoint handler, the `enecg` console script, explanations and their plots, and every bad-input case."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO / ".." / "shared" / "data"
+STANDARD = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+BLOCK_ENECG = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "enecg_hf" or name.startswith("enecg_hf."):
+                raise ImportError("enecg_hf is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not (path.exists() or path.with_name(path.name + ".hea").exists()):  # WFDB records are named without suffix
+        pytest.skip(f"real ECG data not found at {path.resolve()} (see ../shared/data/README.md)")
+    return path
+
+
+def build_model_folder(folder: Path, experts: list[str], **overrides) -> Path:
+    """A tiny EnECG model (random experts, random heads) saved and made serving-ready, as train.py leaves it."""
+    from enecg_hf import EnECGConfig, EnECGModel
+    from enecg_hf.serving_export import export_serving_files
+
+    config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
+    config["experts"] = [e for e in config["experts"] if e["name"] in experts]
+    config.update(overrides)
+    config.pop("model_type", None)
+    torch.manual_seed(0)
+    model = EnECGModel(EnECGConfig(**config)).eval()
+    model.save_pretrained(folder)
+    export_serving_files(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def regression_folder(tmp_path_factory) -> Path:
+    return build_model_folder(tmp_path_factory.mktemp("serving") / "rr", ["dlinear", "timesnet", "features"],
+                              target_mean=800.0, target_std=150.0)
+
+
+@pytest.fixture(scope="module")
+def classification_folder(tmp_path_factory) -> Path:
+    return build_model_folder(
+        tmp_path_factory.mktemp("serving") / "sex", ["dlinear", "timesnet"], label_name="sex", label_unit=None,
+        problem_type="single_label_classification", num_labels=2, id2label={0: "female", 1: "male"},
+        label2id={"female": 0, "male": 1})
+
+
+@pytest.fixture(scope="module")
+def ecg(regression_folder):
+    import enecg_hf  # noqa: F401
+    from transformers import pipeline
+
+    return pipeline(model=str(regression_folder), trust_remote_code=True)
+
+
+def ludb_signal(record: str = "1") -> np.ndarray:
+    import wfdb
+
+    return wfdb.rdrecord(str(shared("ludb", "data", record))).p_signal.T.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export_writes_pipeline_handler_and_custom_pipelines(regression_folder):
+    files = {p.name for p in regression_folder.iterdir()}
+    assert {"pipeline_enecg.py", "io_enecg.py", "preprocessing_enecg.py", "handler.py", "requirements.txt"} <= files
+    config = json.loads((regression_folder / "config.json").read_text())
+    assert config["custom_pipelines"] == {
+        "ecg-analysis": {"impl": "pipeline_enecg.EnECGPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
+    assert "torch" in (regression_folder / "requirements.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_pipeline_without_task_name_on_real_ludb_records(ecg, regression_folder):
+    result = ecg(str(shared("ludb", "data", "1")))
+    assert result["label"] == "rr_interval" and result["unit"] == "ms" and np.isfinite(result["value"])
+    assert set(result["gate_weights"]) == {"dlinear", "timesnet", "features"}
+    assert sum(result["gate_weights"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert set(result["expert_predictions"]) == set(result["gate_weights"])
+    # The prediction is the gate-weighted sum of the experts' own predictions.
+    mixed = sum(result["gate_weights"][n] * result["expert_predictions"][n] for n in result["gate_weights"])
+    assert result["value"] == pytest.approx(mixed, rel=1e-4)
+    assert result["warnings"] == [] and result["source"].endswith("1")
+    # Same record given as its header file, and as the array the model would see.
+    assert ecg(str(shared("ludb", "data", "1.hea")))["value"] == pytest.approx(result["value"], rel=1e-6)
+    assert ecg(ludb_signal("1"), sampling_rate=500)["value"] == pytest.approx(result["value"], rel=1e-5)
+
+
+def test_pipeline_matches_the_model_on_prepared_inputs(ecg, regression_folder):
+    """The pipeline's steps are the training data's: the same numbers as building the dataset and calling the model."""
+    from enecg_hf.data import build_dataset
+    from transformers import AutoModel
+
+    dataset = build_dataset("ludb", str(shared("ludb")), limit=2).with_format("numpy")
+    model = AutoModel.from_pretrained(regression_folder).eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.asarray(dataset["signal"][:2], dtype=np.float32))).logits[:, 0]
+    records = [str(shared("ludb", "data", record_id)) for record_id in dataset["record_id"][:2]]
+    got = [r["value"] for r in ecg(records)]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+
+
+def test_pipeline_reads_every_input_kind(ecg, tmp_path):
+    signal = ludb_signal("2")
+    reference = ecg(signal, sampling_rate=500)["value"]
+    # Resampled (250 Hz), reordered and respelled leads, nested lists, dicts, CSV with a header, .npy (samples, leads).
+    half = signal[:, ::2]
+    order = [5, 0, 11, 3, 1, 2, 4, 6, 7, 8, 9, 10]
+    names = [STANDARD[i].lower() for i in order]
+    assert abs(ecg(half, sampling_rate=250)["value"] - reference) < 0.05 * abs(reference) + 5
+    assert ecg(signal[order], sampling_rate=500, lead_names=names)["value"] == pytest.approx(reference, rel=1e-6)
+    assert ecg(signal.tolist(), sampling_rate=500)["value"] == pytest.approx(reference, rel=1e-6)
+    assert ecg({"signal": signal, "sampling_rate": 500, "lead_names": STANDARD})["value"] == pytest.approx(reference,
+                                                                                                          rel=1e-6)
+    csv = tmp_path / "record.csv"
+    np.savetxt(csv, signal.T, delimiter=",", header=",".join(STANDARD), comments="", fmt="%.6f")
+    assert ecg(str(csv), sampling_rate=500)["value"] == pytest.approx(reference, rel=1e-3)
+    npy = tmp_path / "record.npy"
+    np.save(npy, signal.T)
+    assert ecg(str(npy), sampling_rate=500)["value"] == pytest.approx(reference, rel=1e-6)
+    # Challenge .mat/.hea pair (real file): by header or by .mat path.
+    challenge = shared("challenge2021_sample50", "E07500.hea")
+    by_header, by_mat = ecg(str(challenge)), ecg(str(challenge.with_suffix(".mat")))
+    assert np.isfinite(by_header["value"]) and by_header["value"] == by_mat["value"]
+    # A batch of mixed inputs keeps its order.
+    batch = ecg([str(npy), signal.tolist(), str(challenge)], sampling_rate=500)
+    assert [r["value"] for r in batch] == pytest.approx([reference, reference, by_header["value"]], rel=1e-3)
+
+
+def test_pipeline_warns_about_cropping_padding_and_flat_leads(ecg):
+    signal = ludb_signal("3")
+    long = ecg(np.concatenate([signal, signal], axis=1), sampling_rate=500)["warnings"]
+    assert any("first 10 s" in w for w in long)
+    short = signal[:, :2500].copy()
+    short[7] = 0.0
+    warnings = ecg(short, sampling_rate=500)["warnings"]
+    assert any("zero-padded" in w for w in warnings) and any("flat leads" in w and "V2" in w for w in warnings)
+    nan = signal.copy()
+    nan[0, 100:110] = np.nan
+    assert any("10 NaN/inf samples interpolated" in w for w in ecg(nan, sampling_rate=500)["warnings"])
+    assert any("millivolts" in w for w in ecg(signal * 1000, sampling_rate=500)["warnings"])
+
+
+def test_classification_pipeline_returns_labels_scores_and_top_k(classification_folder):
+    from transformers import pipeline
+
+    ecg = pipeline(model=str(classification_folder), trust_remote_code=True)
+    result = ecg(str(shared("ludb", "data", "4")), top_k=1)
+    assert result["label"] in ("female", "male") and 0.5 <= result["score"] <= 1.0
+    assert len(result["scores"]) == 1 and result["scores"][0]["label"] == result["label"]
+    full = ecg(str(shared("ludb", "data", "4")))
+    assert sorted(s["label"] for s in full["scores"]) == ["female", "male"]
+    assert sum(s["score"] for s in full["scores"]) == pytest.approx(1.0, abs=1e-5)
+    for expert in full["expert_predictions"].values():
+        assert expert["label"] in ("female", "male") and 0.5 <= expert["score"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "inputs, kwargs, reason",
+    [
+        (np.zeros(5000), {"sampling_rate": 500}, "bad_shape"),  # 1-D
+        (np.zeros((3, 5000)), {"sampling_rate": 500}, "bad_shape"),  # 3 rows, 12 names
+        (np.zeros((3, 5000)), {"sampling_rate": 500, "lead_names": ["I", "II", "III"]}, "missing_leads"),
+        (np.zeros((12, 5000)), {"sampling_rate": 500, "lead_names": STANDARD[:11] + ["Vx"]}, "unknown_lead"),
+        (np.full((12, 5000), np.nan), {"sampling_rate": 500}, "not_finite"),
+        ("nan_run", {"sampling_rate": 500}, "nan_run_too_long"),
+        (np.zeros((12, 5000)), {"sampling_rate": 5}, "bad_sampling_rate"),
+        (np.zeros((12, 5000)), {"sampling_rate": 1e6}, "bad_sampling_rate"),
+        (np.zeros((12, 5000)), {"sampling_rate": float("nan")}, "bad_sampling_rate"),
+        (np.zeros((12, 5000)), {}, "bad_sampling_rate"),  # arrays carry no rate
+        (np.zeros((12, 500 * 61)), {"sampling_rate": 500}, "too_long"),  # config.max_input_seconds = 60
+        ("not_an_ecg", {}, None),
+        ([["a", "b"], ["c", "d"]], {"sampling_rate": 500}, "bad_input"),
+        ([], {}, "bad_input"),
+    ],
+)
+def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inputs, kwargs, reason):
+    if isinstance(inputs, str) and inputs == "nan_run":
+        inputs = np.random.default_rng(0).normal(0, 0.1, (12, 5000)).astype(np.float32)
+        inputs[2, 1000:1500] = np.nan  # 1 s of NaN: too long to interpolate
+    elif isinstance(inputs, str) and inputs == "not_an_ecg":
+        (tmp_path / "photo.hea").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+        inputs = str(tmp_path / "photo.hea")
+    with pytest.raises(ValueError) as error:
+        ecg(inputs, **kwargs)
+    if reason is not None:
+        assert getattr(error.value, "reason", None) == reason, str(error.value)
+    assert len(str(error.value)) > 20  # a sentence, not a bare code
+
+
+def test_pipeline_loads_with_trust_remote_code_where_enecg_hf_is_blocked(regression_folder, ecg, tmp_path):
+    expected = ecg(str(shared("ludb", "data", "5")))
+    script = BLOCK_ENECG + textwrap.dedent(
+        f"""
+        import json
+        from transformers import pipeline
+        try:
+            import enecg_hf
+            raise SystemExit("enecg_hf should be blocked")
+        except ImportError:
+            pass
+        ecg = pipeline(model={str(regression_folder)!r}, trust_remote_code=True)
+        assert "enecg_hf" not in type(ecg).__module__, type(ecg).__module__
+        result = ecg({str(shared("ludb", "data", "5"))!r})
+        try:
+            ecg([[1.0, 2.0]], sampling_rate=500)
+        except ValueError as error:
+            result["error_reason"] = error.reason
+        print("RESULT", json.dumps(result))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    remote = json.loads(run.stdout.split("RESULT", 1)[1])
+    assert remote.pop("error_reason") == "bad_shape"
+    assert remote == expected
+
+
+# ------------------------------------------------------------------------------------------------ handler
+@pytest.fixture(scope="module")
+def handler(regression_folder):
+    sys.path.insert(0, str(regression_folder))
+    try:
+        import importlib
+
+        module = importlib.import_module("handler")
+    finally:
+        sys.path.remove(str(regression_folder))
+    return module, module.EndpointHandler(str(regression_folder))
+
+
+def _npy_base64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_handler_round_trip_with_json_and_base64(handler, ecg):
+    module, endpoint = handler
+    signal = ludb_signal("6")
+    expected = ecg(signal, sampling_rate=500)
+    request = {"inputs": {"signal": signal.tolist(), "sampling_rate": 500, "lead_names": STANDARD}}
+    response = json.loads(json.dumps(endpoint(json.loads(json.dumps(request)))))
+    assert isinstance(response, list) and len(response) == 1
+    assert response[0]["value"] == pytest.approx(expected["value"], rel=1e-5)
+    assert response[0]["gate_weights"] == pytest.approx(expected["gate_weights"], rel=1e-5)
+    encoded = endpoint({"inputs": {"npy_base64": _npy_base64(signal), "sampling_rate": 500}})
+    assert encoded[0]["value"] == pytest.approx(expected["value"], rel=1e-5)
+    batch = endpoint({"inputs": [{"npy_base64": _npy_base64(signal[:, ::2]), "sampling_rate": 250},
+                                 {"signal": signal.tolist(), "sampling_rate": 500}], "parameters": {"top_k": 2}})
+    assert len(batch) == 2 and batch[1]["value"] == pytest.approx(expected["value"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        ({"signal": [[1, 2]]}, "bad_request"),  # no "inputs"
+        ({"inputs": {"signal": [[0.0] * 5000] * 12}}, "bad_sampling_rate"),
+        ({"inputs": {"signal": "abc", "sampling_rate": 500}}, "bad_shape"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 3, "sampling_rate": 500}}, "bad_shape"),
+        ({"inputs": {"npy_base64": "@@not base64@@", "sampling_rate": 500}}, "bad_npy"),
+        ({"inputs": {"npy_base64": base64.b64encode(b"not an npy file").decode(), "sampling_rate": 500}}, "bad_npy"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500}, "parameters": {"device": "cuda"}},
+         "bad_parameters"),
+        ({"inputs": [{"signal": [[0.0] * 10] * 12, "sampling_rate": 500}] * 33}, "too_many_records"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500, "extra": 1}}, "bad_request"),
+        ({"inputs": {"signal": [[float("nan")] * 5000] * 12, "sampling_rate": 500}}, "not_finite"),
+    ],
+)
+def test_handler_answers_bad_requests_with_json_errors(handler, request_, reason):
+    response = handler[1](request_)
+    assert isinstance(response, dict) and response["reason"] == reason, response
+    assert isinstance(response["error"], str) and len(response["error"]) > 10
+    json.dumps(response)
+
+
+def test_handler_size_limits(handler):
+    module, endpoint = handler
+    too_long = np.zeros((12, module.MAX_SAMPLES // 12 + 1), dtype=np.float32)
+    assert endpoint({"inputs": {"npy_base64": _npy_base64(too_long), "sampling_rate": 500}})["reason"] == "too_large"
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    response = endpoint({"inputs": {"npy_base64": base64.b64encode(pickled.getvalue()).decode(), "sampling_rate": 500}})
+    assert response["reason"] == "bad_npy"  # object arrays would need unpickling: refused
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_console_script_predicts_one_json_line_per_record(regression_folder, tmp_path):
+    records = [str(shared("ludb", "data", "7")), str(tmp_path / "missing"), str(shared("ludb", "data", "8.hea"))]
+    png = tmp_path / "explain.png"
+    run = subprocess.run(["enecg", "predict", *records, "--model", str(regression_folder), "--explain", str(png)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert run.returncode == 1  # one record failed; the others are still predicted
+    assert [line.get("source") for line in lines] == records
+    assert np.isfinite(lines[0]["value"]) and "gate_weights" in lines[2]
+    assert lines[1]["reason"] == "missing_file" and "not a readable ECG record" in lines[1]["error"]
+    assert lines[0]["explanation"] == str(png) and png.stat().st_size > 10_000
+    assert Path(lines[2]["explanation"]).name == "explain-3.png"
+
+
+def test_module_cli_and_export(classification_folder, tmp_path):
+    npy = tmp_path / "record.npy"
+    np.save(npy, ludb_signal("9"))
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", str(npy), "--model",
+                          str(classification_folder), "--sampling-rate", "500", "--top-k", "1"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["label"] in ("female", "male") and len(result["scores"]) == 1
+
+    bare = tmp_path / "bare"
+    from enecg_hf import EnECGModel
+
+    EnECGModel.from_pretrained(classification_folder).save_pretrained(bare)
+    assert not (bare / "handler.py").exists()
+    run = subprocess.run(["enecg", "export", str(bare)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (bare / "handler.py").is_file() and "custom_pipelines" in json.loads((bare / "config.json").read_text())
+    missing = subprocess.run(["enecg", "export", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not a saved model folder" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------------ explanations
+def test_saliency_has_the_input_shape_is_deterministic_and_skips_the_features_expert(regression_folder):
+    from transformers import AutoModel
+
+    from enecg_hf.explain_enecg import explain
+
+    model = AutoModel.from_pretrained(regression_folder).eval()
+    inputs = torch.from_numpy(np.stack([ludb_signal("10"), ludb_signal("11")]))
+    first, second = explain(model, inputs, n_steps=16), explain(model, inputs, n_steps=16)
+    assert first.saliency.shape == tuple(inputs.shape)
+    np.testing.assert_array_equal(first.saliency, second.saliency)
+    assert first.expert_saliency["features"] is None and "neurokit2" in first.notes["features"]
+    for name in ("dlinear", "timesnet"):
+        assert first.expert_saliency[name].shape == tuple(inputs.shape)
+        np.testing.assert_array_equal(first.expert_saliency[name], second.expert_saliency[name])
+        # The tiny dlinear/timesnet experts read lead II only (attribution is to the normalised record, after the
+        # z-score, so the other leads get exactly nothing from these experts).
+        magnitude = np.abs(first.expert_saliency[name]).sum(axis=(0, 2))
+        assert magnitude[1] > 0 and magnitude.sum() == pytest.approx(magnitude[1])
+    np.testing.assert_allclose(first.gate_weights.sum(-1), 1.0, rtol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(first.prediction, model(inputs).logits[:, 0].numpy(), rtol=1e-6)
+
+
+def test_integrated_gradients_completeness_on_a_differentiable_model(classification_folder):
+    """Without the non-differentiable expert, attributions add up to f(x) - f(flat record), and captum's gap shrinks
+    as the number of steps grows."""
+    from transformers import AutoModel
+
+    from enecg_hf.explain_enecg import explain
+
+    model = AutoModel.from_pretrained(classification_folder).eval()
+    inputs = torch.from_numpy(ludb_signal("12"))[None]
+    coarse = explain(model, inputs, n_steps=16, experts=False)
+    fine = explain(model, inputs, n_steps=512, experts=False)
+    target = int(fine.target[0])
+    with torch.no_grad():
+        flat = model.compute_normalized_features(torch.zeros_like(inputs))
+        gap = (model(inputs).logits[0, target]
+               - model(expert_embeddings=flat.expert_embeddings, gate_inputs=flat.gate_inputs).logits[0, target]).item()
+    assert abs(gap) > 1e-4  # the record moves the output: the check below is not 0 == 0
+    assert fine.saliency.sum() == pytest.approx(gap, rel=0.05, abs=2e-5)
+    assert fine.convergence_delta[0] < coarse.convergence_delta[0] / 4
+
+
+def test_plots_are_written_and_decodable(regression_folder, tmp_path):
+    import matplotlib.image
+    from transformers import AutoModel
+
+    from enecg_hf.explain_enecg import explain_record, plot_ecg, plot_gate_weights
+
+    model = AutoModel.from_pretrained(regression_folder).eval()
+    explanation = explain_record(model, str(shared("ludb", "data", "13")), tmp_path / "explanation.png")
+    plot_ecg(ludb_signal("13"), STANDARD, 500, explanation.saliency[0], path=tmp_path / "ecg.png")
+    plot_gate_weights(dict(zip(explanation.expert_names, explanation.gate_weights[0])), path=tmp_path / "gate.png")
+    for name in ("explanation.png", "ecg.png", "gate.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0.01, name
