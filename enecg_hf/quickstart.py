@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModel
 
 from . import EnECGConfig, EnECGModel
+from .serving_export import export_serving_files
 
 
 REPO_HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = EnECGConfig.from_json_file(args.config)
     model = EnECGModel.from_expert_sources(config).eval()  # logs loudly for experts without pretrained weights
     model.save_pretrained(args.output)
+    export_serving_files(model, args.output)  # pipeline, handler.py, requirements.txt
 
     reloaded = AutoModel.from_pretrained(args.output).eval()
     heart_rate = 72.0

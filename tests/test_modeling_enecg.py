@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import BLOCK_ENECG
 from scipy.signal import resample
 
 import enecg_hf
@@ -239,18 +240,6 @@ def test_lora_model_saves_merged_and_keeps_a_peft_adapter(tester, tmp_path):
     peft_model = PeftModel.from_pretrained(load_adapter_base(tmp_path), adapter).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_values=inputs).logits, expected, rtol=1e-5, atol=1e-6)
-
-
-BLOCK_ENECG = textwrap.dedent(
-    """
-    import sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "enecg_hf" or name.startswith("enecg_hf."):
-                raise ImportError("enecg_hf is blocked in this process")
-    sys.meta_path.insert(0, Block())
-    """
-)
 
 
 @pytest.mark.parametrize("which", ["tester", "tiny_hub_config"])

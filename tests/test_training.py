@@ -19,27 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import BLOCK_ENECG, SHARED_DATA
 
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
-SHARED_DATA = REPO / ".." / "shared" / "data"
 
 # Small runs: two cheap experts, 24 simulated records, 2 folds of 12.
 SMALL_RUN = ["--config", "tiny", "--label", "rr_interval", "--experts", "dlinear,timesnet", "--epochs", "3",
              "--batch_size", "4", "--learning_rate", "1e-2", "--folds", "2"]
-
-BLOCK_ENECG = textwrap.dedent(
-    """
-    import sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "enecg_hf" or name.startswith("enecg_hf."):
-                raise ImportError("enecg_hf is blocked in this process")
-    sys.meta_path.insert(0, Block())
-    """
-)
-
 
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}

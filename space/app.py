@@ -1,0 +1,191 @@
+"""EnECG demo: upload an ECG record (or pick a simulated one), see the 12-lead plot with saliency, the prediction, the
+gate weight of every expert and each expert's own prediction. Runs as a Hugging Face Space (see README.md here).
+
+    python space/app.py                                  # http://127.0.0.1:7860
+    ENECG_MODEL=you/enecg-rr python space/app.py         # default model: a Hub id or a folder
+
+The model is loaded with `transformers.pipeline(model=..., trust_remote_code=True)`; explanations and plots come from
+`enecg_hf.explain_enecg`. All the work happens in plain functions (`load_pipeline`, `gather_record`, `analyse`) that
+the tests call without a browser.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home (and none possible offline)
+
+try:
+    import enecg_hf  # noqa: F401
+except ImportError:  # running from a checkout without installing: use the package next to this folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import enecg_hf  # noqa: F401
+
+import numpy as np
+
+from enecg_hf.data.simulate import simulate_record
+from enecg_hf.explain_enecg import explain, plot_ecg, plot_gate_weights
+
+
+DEFAULT_MODEL = os.environ.get("ENECG_MODEL") or (
+    "outputs/enecg-tiny-rr_interval" if Path("outputs/enecg-tiny-rr_interval/config.json").is_file() else ""
+)
+RECORD_SUFFIXES = (".hea", ".dat", ".mat", ".npy", ".csv")
+EXAMPLE_SEED = 2024
+EXAMPLES = {f"simulated #{i}": i for i in range(4)}
+
+
+@functools.lru_cache(maxsize=4)
+def load_pipeline(model: str):
+    """The model's pipeline (cached per model id / folder)."""
+    from transformers import pipeline
+
+    model = (model or "").strip()
+    if not model:
+        raise ValueError("Enter a model folder or a Hub id (e.g. the folder `python train.py` writes)")
+    try:
+        return pipeline(model=model, trust_remote_code=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"Could not load the model {model!r}: {error}") from None
+
+
+def example_record(name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A bundled simulated 12-lead record (made by `enecg_hf.data.simulate`, nothing stored) and its true labels."""
+    return simulate_record(EXAMPLES[name], seed=EXAMPLE_SEED)
+
+
+def gather_record(files: Sequence[str] | None, workdir: str | Path) -> str:
+    """The record to read from uploaded files: WFDB `.hea` + `.dat`, Challenge `.hea` + `.mat`, or one `.npy`/`.csv`.
+
+    Uploads arrive in separate temporary folders; WFDB needs header and signal side by side under their original
+    names, so they are copied into `workdir` first. Returns the path to give the pipeline."""
+    paths = [Path(f) for f in files or []]
+    if not paths:
+        raise ValueError("Upload a record (.hea with its .dat or .mat, or a .npy/.csv file) or pick an example")
+    unknown = [p.name for p in paths if p.suffix.lower() not in RECORD_SUFFIXES]
+    if unknown:
+        raise ValueError(f"Not an ECG record file: {unknown}. Accepted: {', '.join(RECORD_SUFFIXES)}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        shutil.copy(path, workdir / path.name)
+    headers = [p for p in paths if p.suffix.lower() == ".hea"]
+    arrays = [p for p in paths if p.suffix.lower() in (".npy", ".csv")]
+    if len(headers) > 1 or len(arrays) > 1 or (headers and arrays):
+        raise ValueError("Upload one record at a time (one .hea with its signal file, or one .npy/.csv)")
+    if headers:
+        return str(workdir / headers[0].name)
+    if arrays:
+        return str(workdir / arrays[0].name)
+    raise ValueError("A .dat or .mat signal file needs its .hea header: upload both")
+
+
+def _format_prediction(result: dict[str, Any], truth: Any = None) -> str:
+    if "value" in result:
+        text = f"### {result['label']}: **{result['value']:.1f} {result.get('unit') or ''}**"
+        if truth is not None:
+            text += f"  (true value {truth:.1f})"
+    else:
+        scores = ", ".join(f"{s['label']} {s['score']:.2f}" for s in result["scores"])
+        text = f"### {result['label']} ({result['score']:.2f})\n\nscores: {scores}"
+        if truth is not None:
+            text += f"  (true class {truth})"
+    if result.get("warnings"):
+        text += "\n\n" + "\n".join(f"- ⚠ {w}" for w in result["warnings"])
+    return text
+
+
+def analyse(model: str, files: Sequence[str] | None = None, example: str | None = None,
+            sampling_rate: float | None = None, lead_names: str | None = None,
+            with_saliency: bool = True) -> dict[str, Any]:
+    """Everything the page shows for one record: prediction text, gate-weight rows, expert rows, figures.
+
+    Raises ValueError with a readable message for bad files, unusable records and models that do not load."""
+    ecg = load_pipeline(model)
+    config = ecg.model.config
+    options = {}
+    if sampling_rate:
+        options["sampling_rate"] = float(sampling_rate)
+    if lead_names and lead_names.strip():
+        options["lead_names"] = [name.strip() for name in lead_names.split(",") if name.strip()]
+    truth = None
+    with tempfile.TemporaryDirectory(prefix="enecg-upload-") as workdir:
+        if files:
+            record: Any = gather_record(files, workdir)
+        elif example:
+            signal, labels = example_record(example)
+            record, options = signal, {"sampling_rate": 500}
+            truth = labels.get(config.label_name)
+            if config.problem_type != "regression" and truth is not None and config.label_name in ("sex",
+                                                                                                  "potassium_flag"):
+                truth = {int(k): v for k, v in config.id2label.items()}.get(int(truth), truth)
+        else:
+            raise ValueError("Upload a record or pick a simulated example")
+        result = ecg(record, **options)
+        prepared = ecg.preprocess(record, **options)["input_values"]
+    explanation = explain(ecg.model, prepared, n_steps=16, experts=False) if with_saliency else None
+    signal = prepared[0].numpy()
+    ecg_figure = plot_ecg(signal, config.lead_names, config.sampling_rate,
+                          explanation.saliency[0] if explanation is not None else None,
+                          title=f"{Path(str(result['source'])).name}: 12 leads as the model sees them"
+                          + (" (red: integrated-gradients saliency)" if explanation is not None else ""))
+    gate_figure = plot_gate_weights(result["gate_weights"])
+    gate_rows = [[name, round(weight, 4)] for name, weight in result["gate_weights"].items()]
+    expert_rows = [
+        [name, round(p, 3) if isinstance(p, float) else f"{p['label']} ({p['score']:.2f})"]
+        for name, p in result["expert_predictions"].items()
+    ]
+    return {"prediction": _format_prediction(result, truth), "gate_rows": gate_rows, "expert_rows": expert_rows,
+            "ecg_figure": ecg_figure, "gate_figure": gate_figure, "result": result}
+
+
+def build_demo(default_model: str = DEFAULT_MODEL):
+    import gradio as gr
+    import matplotlib.pyplot as plt
+
+    def run(model, files, example, sampling_rate, lead_names, with_saliency):
+        plt.close("all")
+        try:
+            out = analyse(model, [f if isinstance(f, str) else f.name for f in files or []], example or None,
+                          sampling_rate or None, lead_names, with_saliency)
+        except (ValueError, OSError) as error:
+            return (f"**Error:** {error}", None, None, None, None, "error")
+        return (out["prediction"], out["gate_rows"], out["expert_rows"], out["ecg_figure"], out["gate_figure"], "ok")
+
+    with gr.Blocks(title="EnECG demo") as demo:
+        gr.Markdown("# EnECG: a mixture of frozen ECG experts\nUpload a 12-lead record or pick a simulated one. "
+                    "Research demo, **not a medical device**.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Textbox(value=default_model, label="Model folder or Hub id", elem_id="model")
+                files = gr.File(file_count="multiple", label="Record files (.hea + .dat/.mat, or .npy/.csv)",
+                                elem_id="files")
+                example = gr.Dropdown(choices=[""] + list(EXAMPLES), value="", label="…or a simulated example",
+                                      elem_id="example")
+                sampling_rate = gr.Number(value=None, label="Sampling rate of .npy/.csv in Hz (0: WFDB headers give it)", elem_id="rate")
+                lead_names = gr.Textbox(label="Lead names of .npy/.csv rows (comma-separated; default standard 12)")
+                with_saliency = gr.Checkbox(value=True, label="Saliency (integrated gradients)")
+                button = gr.Button("Predict", variant="primary", elem_id="predict")
+            with gr.Column(scale=2):
+                prediction = gr.Markdown(elem_id="prediction")
+                status = gr.Textbox(visible=False, elem_id="status")
+                with gr.Row():
+                    gate_table = gr.Dataframe(headers=["expert", "gate weight"], label="Gate weights",
+                                              elem_id="gate-weights", interactive=False)
+                    expert_table = gr.Dataframe(headers=["expert", "own prediction"], label="Each expert's prediction",
+                                                elem_id="expert-predictions", interactive=False)
+                gate_plot = gr.Plot(label="Gate weights", elem_id="gate-plot")
+        ecg_plot = gr.Plot(label="12-lead ECG", elem_id="ecg-plot")
+        button.click(run, [model, files, example, sampling_rate, lead_names, with_saliency],
+                     [prediction, gate_table, expert_table, ecg_plot, gate_plot, status])
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -1,0 +1,51 @@
+"""Helpers shared by the serving, app and training tests."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO / ".." / "shared" / "data"
+STANDARD = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+# Prepended to a `python -c` script: every import of enecg_hf fails, as on a machine without the package.
+BLOCK_ENECG = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "enecg_hf" or name.startswith("enecg_hf."):
+                raise ImportError("enecg_hf is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def shared(*parts: str) -> Path:
+    """A file or WFDB record (named without suffix) under ../shared/data, or skip the test."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not (path.exists() or path.with_name(path.name + ".hea").exists()):
+        pytest.skip(f"real ECG data not found at {path.resolve()} (see ../shared/data/README.md)")
+    return path
+
+
+def build_model_folder(folder: Path, experts: list[str], **overrides) -> Path:
+    """A tiny EnECG model (random experts, random heads) saved and made serving-ready, as train.py leaves it."""
+    from enecg_hf import EnECGConfig, EnECGModel
+    from enecg_hf.serving_export import export_serving_files
+
+    config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
+    config["experts"] = [e for e in config["experts"] if e["name"] in experts]
+    config.update(overrides)
+    config.pop("model_type", None)
+    torch.manual_seed(0)
+    model = EnECGModel(EnECGConfig(**config)).eval()
+    model.save_pretrained(folder)
+    export_serving_files(model, folder)
+    return folder

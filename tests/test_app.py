@@ -1,0 +1,181 @@
+"""The Gradio demo (space/app.py): its plain functions, and the page itself in headless Chromium.
+
+The browser test saves a screenshot to test-artifacts/gradio_app.png (and the error case to gradio_app_error.png)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import REPO, build_model_folder, shared
+
+
+ARTIFACTS = REPO / "test-artifacts"
+EXPERTS = ["dlinear", "timesnet", "features"]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    return build_model_folder(tmp_path_factory.mktemp("app") / "rr", EXPERTS, target_mean=800.0, target_std=150.0)
+
+
+@pytest.fixture(scope="module")
+def app():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.spec_from_file_location("enecg_space_app", REPO / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------ functions
+def test_analyse_a_wfdb_upload(app, model_folder):
+    record = shared("ludb", "data", "1")
+    out = app.analyse(str(model_folder), files=[str(record) + ".hea", str(record) + ".dat"], with_saliency=True)
+    assert out["prediction"].startswith("### rr_interval: **") and " ms**" in out["prediction"]
+    assert [row[0] for row in out["gate_rows"]] == EXPERTS
+    assert sum(row[1] for row in out["gate_rows"]) == pytest.approx(1.0, abs=1e-3)
+    assert [row[0] for row in out["expert_rows"]] == EXPERTS
+    assert len(out["ecg_figure"].axes) >= 12 and out["result"]["source"].endswith("1.hea")
+
+
+def test_analyse_a_simulated_example_shows_the_true_value(app, model_folder):
+    out = app.analyse(str(model_folder), example="simulated #2", with_saliency=False)
+    _, labels = app.example_record("simulated #2")
+    assert f"(true value {labels['rr_interval']:.1f})" in out["prediction"]
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (["1.dat"], "needs its .hea header"),
+        (["notes.txt"], "Not an ECG record file"),
+        (["1.hea"], "not a readable ECG record"),  # header without its signal file
+        ([], "Upload a record or pick a simulated example"),
+    ],
+)
+def test_bad_uploads_give_messages(app, model_folder, tmp_path, files, message):
+    record = shared("ludb", "data", "1")
+    paths = []
+    for name in files:
+        target = tmp_path / name
+        if name.startswith("1."):
+            shutil.copy(str(record) + Path(name).suffix, target)
+        else:
+            target.write_text("hello")
+        paths.append(str(target))
+    with pytest.raises(ValueError, match=message):
+        app.analyse(str(model_folder), files=paths)
+
+
+def test_a_model_that_does_not_load_gives_a_message(app, tmp_path):
+    with pytest.raises(ValueError, match="Could not load the model"):
+        app.analyse(str(tmp_path / "no-model-here"), example="simulated #0")
+
+
+# ------------------------------------------------------------------------------------------------ browser
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
+                    "chromium-driver; .ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(model_folder, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app-server") / "server.log"
+    env = {**os.environ, "ENECG_MODEL": str(model_folder), "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(REPO / "space" / "app.py")], env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the app did not answer on {url} within 120 s:\n{log.read_text()[-3000:]}")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _upload_and_predict(driver, url: str, files: list[str]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    wait = WebDriverWait(driver, 60)
+    upload = wait.until(conditions.presence_of_element_located((By.CSS_SELECTOR, "#files input[type=file]")))
+    upload.send_keys("\n".join(str(Path(name).resolve()) for name in files))  # chromedriver wants canonical paths
+    for name in files:  # the upload finished when every file is listed (Gradio shows stem and suffix apart)
+        wait.until(lambda d, p=Path(name): p.stem in d.find_element(By.ID, "files").text
+                   and p.suffix in d.find_element(By.ID, "files").text)
+    driver.find_element(By.CSS_SELECTOR, "#predict").click()
+
+
+def test_browser_upload_shows_prediction_and_gate_weights(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    record = shared("ludb", "data", "1")
+    _upload_and_predict(browser, server, [str(record) + ".hea", str(record) + ".dat"])
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: "rr_interval" in d.find_element(By.ID, "prediction").text)
+    wait.until(lambda d: all(name in d.find_element(By.ID, "gate-weights").text for name in EXPERTS))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ecg-plot img, #ecg-plot canvas, #ecg-plot svg"))
+    prediction = browser.find_element(By.ID, "prediction").text
+    gate_text = browser.find_element(By.ID, "gate-weights").text
+    assert "ms" in prediction and "Error" not in prediction
+    weights = [float(token) for token in gate_text.split() if token.replace(".", "", 1).isdigit()]
+    assert len(weights) >= len(EXPERTS) and sum(weights[-len(EXPERTS):]) == pytest.approx(1.0, abs=2e-3)
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(ARTIFACTS / "gradio_app.png"))
+    assert (ARTIFACTS / "gradio_app.png").stat().st_size > 20_000
+
+
+def test_browser_shows_errors_as_messages(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lonely = tmp_path / "1.dat"
+    shutil.copy(str(shared("ludb", "data", "1")) + ".dat", lonely)
+    _upload_and_predict(browser, server, [str(lonely)])
+    WebDriverWait(browser, 120).until(lambda d: "needs its .hea header" in d.find_element(By.ID, "prediction").text)
+    assert "Error" in browser.find_element(By.ID, "prediction").text
+    browser.save_screenshot(str(ARTIFACTS / "gradio_app_error.png"))
