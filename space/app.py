@@ -168,7 +168,8 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                                 elem_id="files")
                 example = gr.Dropdown(choices=[""] + list(EXAMPLES), value="", label="…or a simulated example",
                                       elem_id="example")
-                sampling_rate = gr.Number(value=None, label="Sampling rate of .npy/.csv in Hz (0: WFDB headers give it)", elem_id="rate")
+                sampling_rate = gr.Number(value=None, elem_id="rate",
+                                          label="Sampling rate of .npy/.csv in Hz (0: WFDB headers give it)")
                 lead_names = gr.Textbox(label="Lead names of .npy/.csv rows (comma-separated; default standard 12)")
                 with_saliency = gr.Checkbox(value=True, label="Saliency (integrated gradients)")
                 button = gr.Button("Predict", variant="primary", elem_id="predict")
