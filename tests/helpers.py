@@ -23,6 +23,11 @@ BLOCK_ENECG = textwrap.dedent(
             if name == "enecg_hf" or name.startswith("enecg_hf."):
                 raise ImportError("enecg_hf is blocked in this process")
     sys.meta_path.insert(0, Block())
+    try:
+        import enecg_hf
+        raise SystemExit("enecg_hf should be blocked")
+    except ImportError:
+        pass
     """
 )
 

