@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO / ".." / "shared" / "data"
+# Real recordings: ../shared/data next to the checkout, or wherever ENECG_DATA_DIR points (as in bench/).
+SHARED_DATA = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data"))
 STANDARD = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 # Prepended to a `python -c` script: every import of enecg_hf fails, as on a machine without the package.

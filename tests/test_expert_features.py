@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from enecg_hf.expert_features import FEATURE_NAMES, EnECGFeaturesExpert
 pytest.importorskip("neurokit2")
 
 LEADS = list(STANDARD_LEAD_NAMES)
-LUDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ludb"
+LUDB = Path(os.environ.get("ENECG_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ludb"
 N = len(FEATURE_NAMES)
 
 
