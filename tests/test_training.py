@@ -236,6 +236,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(work, sim_dataset, refer
         torch.testing.assert_close(other[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
+    train("--dataset", str(sim_dataset), *SMALL_RUN, "--mixed_precision", "bf16", "--output_dir", "bf16", cwd=work)
+    bf16, fp32 = metrics_of(work / "bf16"), metrics_of(reference_run)
+    assert all(np.isfinite(v["mean"]) for v in bf16["cv"].values())
+    # Heads and gate run in bfloat16 (8 mantissa bits): close to the float32 run, not equal to it.
+    assert bf16["final"]["metrics"]["mae"] == pytest.approx(fp32["final"]["metrics"]["mae"], rel=0.05)
+    assert bf16["final"]["metrics"] != fp32["final"]["metrics"]
+
+
 def test_checkpoints_hold_only_trainable_parameters(reference_run):
     from safetensors.torch import load_file
 
@@ -293,6 +302,7 @@ def test_ludb_sex_classification_and_push_without_network(work):
         (["--label", "rr_interval", "--experts", "dlinear,nope"], "unknown expert(s) ['nope']"),
         (["--label", "rr_interval", "--folds", "30"], "--folds 30 needs at least 30 subjects"),
         (["--label", "rr_interval", "--resume_from_checkpoint", "latest"], "no checkpoints under"),
+        (["--label", "rr_interval", "--report_to", "aim"], "--report_to aim: not installed"),
     ],
 )
 def test_bad_arguments_fail_before_training(work, sim_dataset, extra, message):

@@ -139,6 +139,14 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
     namespace = build_parser().parse_args(argv)
     report_to = [r for r in (namespace.report_to or []) if r != "none"]
     args = TrainingArguments(**{**vars(namespace), "report_to": report_to})
+    if args.report_to:
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        missing = [name for name in args.report_to if name != "all" and name not in available]
+        if missing:
+            raise SystemExit(f"--report_to {','.join(missing)}: not installed (installed trackers: "
+                             f"{sorted(available) or 'none'}); e.g. pip install tensorboard")
     if args.dataset and args.data_format:
         raise SystemExit("Pass either --dataset or --data_format/--data_path, not both")
     if not args.dataset and not args.data_format:
