@@ -397,3 +397,17 @@ def test_data_formats_of_the_command_line_are_those_of_the_data_module():
     from enecg_hf.training import DATA_FORMATS
 
     assert sorted(DATA_FORMATS) == sorted(FORMATS)
+
+
+def test_an_expert_that_cannot_be_loaded_stops_the_run_with_its_reason(work, sim_dataset, tmp_path):
+    from enecg_hf.training import main
+
+    config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
+    config["experts"] = [{**e, "pretrained": str(tmp_path / "no-such-checkpoint")} for e in config["experts"]
+                         if e["name"] == "dlinear"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as error:
+        main(["--dataset", str(sim_dataset), "--config", str(tmp_path / "config.json"), "--output_dir",
+              str(tmp_path / "out")])
+    assert "Could not build the model: Expert 'dlinear'" in str(error.value)
+    assert "no-such-checkpoint" in str(error.value)

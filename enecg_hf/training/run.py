@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..modeling_enecg import EnECGModel
 from .arguments import NON_RESULT_ARGS, TrainingArguments, parse_args
 from .checkpoints import CheckpointManager, install_checkpoint_hooks
 from .features import build_feature_cache
@@ -23,7 +22,7 @@ from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, load_training_dataset, make_folds
 from .scoring import baseline_predictions, format_metrics, load_metric, score, summarize
-from .trainer import Stage, Trainer
+from .trainer import Stage, Trainer, build_model_with_experts
 
 
 logger = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ def run(args: TrainingArguments) -> dict[str, Any]:
     cached_experts = None
     if args.cache_features:
         torch.manual_seed(args.seed)
-        feature_model = EnECGModel.from_expert_sources(config)
+        feature_model = build_model_with_experts(config)
         features, cached_experts = build_feature_cache(dataset, feature_model, accelerator, cache_dir,
                                                           args.feature_batch_size)
         del feature_model

@@ -24,6 +24,15 @@ from .labels import LabelSpec
 logger = logging.getLogger(__name__)
 
 
+def build_model_with_experts(config: EnECGConfig) -> EnECGModel:
+    """`EnECGModel.from_expert_sources`, with an expert that cannot be loaded (no local folder, Hub unreachable, a
+    checkpoint that does not match) ending the run with its message instead of a traceback."""
+    try:
+        return EnECGModel.from_expert_sources(config)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"Could not build the model: {error}") from error
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation of the records drawn from a seeded `torch.Generator` per (seed, epoch): the same on every process
     (accelerate shards the batches) and reproducible after a resume. Set `.epoch` before iterating.
@@ -99,7 +108,7 @@ class Trainer:
         if self.models_built:
             modeling_logger.setLevel(logging.ERROR)  # the random-weight warnings were logged for the first model
         try:
-            model = EnECGModel.from_expert_sources(config)
+            model = build_model_with_experts(config)
         finally:
             modeling_logger.setLevel(level)
         self.models_built += 1
