@@ -122,13 +122,14 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
             signal, labels = example_record(example)
             record, options = signal, {"sampling_rate": 500}
             truth = labels.get(config.label_name)
-            if config.problem_type != "regression" and truth is not None and config.label_name in ("sex",
-                                                                                                  "potassium_flag"):
-                truth = {int(k): v for k, v in config.id2label.items()}.get(int(truth), truth)
+            if isinstance(truth, int) and config.problem_type != "regression":  # sex, potassium_flag: class index
+                truth = {int(k): v for k, v in config.id2label.items()}.get(truth, truth)
         else:
             raise ValueError("Upload a record or pick a simulated example")
-        result = ecg(record, **options)
-        prepared = ecg.preprocess(record, **options)["input_values"]
+        # The pipeline's own steps, run one by one so the record is read and prepared once for prediction and plot.
+        model_inputs = ecg.preprocess(record, **options)
+        prepared = model_inputs["input_values"]
+        result = ecg.postprocess(ecg.forward(model_inputs))
     explanation = explain(ecg.model, prepared, n_steps=16, experts=False) if with_saliency else None
     signal = prepared[0].numpy()
     ecg_figure = plot_ecg(signal, config.lead_names, config.sampling_rate,

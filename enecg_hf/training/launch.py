@@ -59,7 +59,8 @@ def requested_cpu_processes() -> int | None:
 
 def relaunch_on_cpu(num_processes: int, argv: Sequence[str]) -> None:
     """Start `num_processes` copies of this script with torch's elastic launcher (what `torchrun` runs): gloo on
-    the CPU, rendezvous at the MASTER_ADDR/MASTER_PORT accelerate exported. Exits with the launcher's status."""
+    the CPU, rendezvous at the MASTER_ADDR/MASTER_PORT accelerate exported. Exits 0 when every process succeeded
+    (torch's launcher raises, and so exits non-zero, when one fails)."""
     from torch.distributed.run import main as torchrun
 
     script = sys.argv[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling_enecg import EnECGModel
+from ..serving_export import export_serving_files
 from .arguments import TrainingArguments
 from .files import write_json_atomic
 from .scoring import format_metrics
@@ -32,15 +33,8 @@ def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainingArgume
     tmp = output_dir / ".README.md.tmp"
     tmp.write_text(card)
     os.replace(tmp, output_dir / "README.md")
-    try:
-        from ..serving_export import export_serving_files
-    except ImportError as err:
-        if "serving_export" not in str(err):
-            raise
-        logger.info("Serving files not exported: enecg_hf.serving_export is not available in this version")
-    else:
-        export_serving_files(model, str(output_dir))
-        logger.info("Serving files (pipeline, handler.py, requirements) exported to %s", output_dir)
+    export_serving_files(model, output_dir)
+    logger.info("Serving files (pipeline, handler.py, requirements) exported to %s", output_dir)
 
 
 def _version() -> str:

@@ -127,13 +127,14 @@ def run(args: TrainingArguments) -> dict[str, Any]:
                 len(folds), config.expert_names)
 
     # ---- checkpoints: a fresh run starts clean; a resumed one must have the same result-determining arguments
-    run_info = {k: v for k, v in args.to_dict().items() if k not in NON_RESULT_ARGS}
+    # As stored in run.json (JSON types), so a resumed run compares like with like.
+    run_info = json.loads(json.dumps({k: v for k, v in args.to_dict().items() if k not in NON_RESULT_ARGS}, default=str))
     resume, first_stage = _resolve_resume(args, checkpoint_root, [s.name for s in stages])
     if accelerator.is_main_process:
         if args.resume_from_checkpoint:
             saved = json.loads((checkpoint_root / "run.json").read_text()) if (checkpoint_root / "run.json").is_file() else None
-            if saved is not None and saved != json.loads(json.dumps(run_info, default=str)):
-                changed = sorted(k for k in run_info if saved.get(k) != json.loads(json.dumps(run_info[k], default=str)))
+            if saved is not None and saved != run_info:
+                changed = sorted(k for k in run_info if saved.get(k) != run_info[k])
                 raise SystemExit(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
         else:
             shutil.rmtree(checkpoint_root, ignore_errors=True)

@@ -52,6 +52,5 @@ def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float
     return summary
 
 
-
 def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 
 from ..configuration_enecg import EnECGConfig
 from ..modeling_enecg import EnECGModel
@@ -65,8 +66,7 @@ class Trainer:
 
     def __init__(self, args: TrainingArguments, accelerator, config: EnECGConfig, label: LabelSpec,
                  dataset, keep: Sequence[int], labels: np.ndarray, features, checkpoints: CheckpointManager,
-                 resume: Path | None,
-                 expert_fingerprint: str | None = None):
+                 resume: Path | None, cached_experts_fingerprint: str | None = None):
         self.args = args
         self.accelerator = accelerator
         self.config = config
@@ -83,7 +83,7 @@ class Trainer:
         source = features if features is not None else dataset.select_columns(["signal"])
         self.table = source.add_column("labels", full_labels.tolist(), feature=datasets.Value(
             "float32" if label.is_regression else "int64"))
-        self.expert_fingerprint = expert_fingerprint  # of the experts the cache was computed with
+        self.cached_experts_fingerprint = cached_experts_fingerprint  # experts the feature cache was computed with
         self.checkpoints = checkpoints
         self.resume = resume
         self.progress = TrainingProgress()
@@ -112,7 +112,8 @@ class Trainer:
         finally:
             modeling_logger.setLevel(level)
         self.models_built += 1
-        if self.expert_fingerprint is not None and expert_fingerprint(model) != self.expert_fingerprint:
+        cached = self.cached_experts_fingerprint
+        if cached is not None and expert_fingerprint(model) != cached:
             raise RuntimeError("The frozen experts of this stage differ from those the feature cache was computed with "
                                "(non-deterministic expert construction?); rerun with --no-cache_features")
         if config.gate_type == "uniform":
@@ -166,9 +167,9 @@ class Trainer:
             self.resume = None
 
         steps_per_epoch = len(train_loader)
-        progress_bar = tqdm_bar(total=args.epochs * steps_per_epoch, desc=stage.name,
-                             initial=self.progress.epoch * steps_per_epoch + self.progress.step_in_epoch,
-                             disable=not accelerator.is_local_main_process)
+        progress_bar = tqdm(total=args.epochs * steps_per_epoch, desc=stage.name,
+                            initial=self.progress.epoch * steps_per_epoch + self.progress.step_in_epoch,
+                            disable=not accelerator.is_local_main_process)
         model.train()
         while self.progress.epoch < args.epochs:
             sampler.epoch = self.progress.epoch
@@ -225,8 +226,3 @@ class Trainer:
         model.train()
         return {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy()}
 
-
-def tqdm_bar(**kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(**kwargs)
