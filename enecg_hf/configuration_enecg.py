@@ -87,6 +87,18 @@ class EnECGConfig(PreTrainedConfig):
             Width of the two hidden layers of each expert head.
         head_dropout (`float`, defaults to 0.0):
             Dropout between head layers.
+        head_standardize (`bool`, defaults to `True`):
+            Each head standardises its expert's embedding with a per-column mean and standard deviation fitted on the
+            training records (stored in the head as `input_mean` / `input_std`) and clips it to +-`head_input_clip`.
+            Folders saved before this option existed load with `False` (their heads never standardised).
+        head_input_clip (`float`, defaults to 6.0):
+            Bound of a standardised embedding value.
+        expert_loss_weight (`float`, defaults to 1.0):
+            `forward`'s loss is the mixture's loss plus this weight times the mean of every head's own loss on its
+            prediction (the paper's step 1: each head is a predictor by itself); 0 supervises only the mixture.
+        class_weights (`list[float]`, *optional*):
+            Weights of the classes in the cross-entropy (training sets them to balance the classes of the training
+            split); `None` weighs every record equally.
         gate_leads (`list[str]`, defaults to `["II"]`):
             Leads the gating network reads.
         gate_input_length (`int`, defaults to 5000):
@@ -120,6 +132,10 @@ class EnECGConfig(PreTrainedConfig):
     target_std: float = 1.0
     head_hidden_size: int = 256
     head_dropout: float = 0.0
+    head_standardize: bool = True
+    head_input_clip: float = 6.0
+    expert_loss_weight: float = 1.0
+    class_weights: list[float] | None = None
     gate_leads: list[str] | None = None
     gate_input_length: int = 5000
     gate_hidden_size: int = 256
@@ -148,6 +164,14 @@ class EnECGConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.experts = [EnECGExpertConfig.from_dict(e, i).to_dict() for i, e in enumerate(self.experts)]
         self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "EnECGConfig":
+        # Folders saved before heads standardised their inputs have no `head_standardize` key and no standardisation
+        # buffers: load them as they were saved.
+        if "head_standardize" not in config_dict:
+            config_dict = {**config_dict, "head_standardize": False}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def expert_configs(self) -> list[EnECGExpertConfig]:
@@ -187,6 +211,16 @@ class EnECGConfig(PreTrainedConfig):
             fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= float(self.head_dropout) < 1.0:
             fail("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+        if not float(self.head_input_clip) > 0.0:
+            fail("head_input_clip", f"must be positive, got {self.head_input_clip}")
+        if not float(self.expert_loss_weight) >= 0.0:
+            fail("expert_loss_weight", f"must be >= 0, got {self.expert_loss_weight}")
+        if self.class_weights is not None:
+            if self.problem_type != "single_label_classification" or len(self.class_weights) != self.num_labels:
+                fail("class_weights", f"needs single-label classification and one weight per label "
+                     f"({self.num_labels}), got {self.class_weights}")
+            if not all(float(w) > 0.0 for w in self.class_weights):
+                fail("class_weights", f"weights must be positive, got {self.class_weights}")
         if len(set(self.lead_names)) != len(self.lead_names):
             fail("lead_names", f"duplicate lead names in {self.lead_names}")
         unknown_gate = [lead for lead in self.gate_leads if lead not in self.lead_names]

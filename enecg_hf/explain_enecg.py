@@ -83,7 +83,7 @@ class _ExpertFromNormalized(torch.nn.Module):
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         embedding = self.model.experts[self.name](normalized)
-        return self.model._to_label_units(self.model.heads[self.name](embedding.float()))
+        return self.model.to_label_units(self.model.heads[self.name](embedding.float()))
 
 
 def explain(

@@ -76,11 +76,27 @@ def normalize_ecg(input_values: torch.Tensor, mode: str, eps: float = 1e-6) -> t
     return (input_values - mean) / (std + eps)
 
 
-class EnECGHead(nn.Module):
-    """Per-expert FFN head: embedding -> hidden -> hidden -> num_labels, with ReLU (the paper's head)."""
+def mix_experts(expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum: (batch, experts, num_labels) and (batch, experts) -> (batch, num_labels)."""
+    return (gate_weights.unsqueeze(-1) * expert_outputs).sum(dim=1)
 
-    def __init__(self, embedding_dim: int, hidden_size: int, num_labels: int, dropout: float):
+
+class EnECGHead(nn.Module):
+    """Per-expert FFN head: (standardise) -> hidden -> hidden -> num_labels, with ReLU (the paper's head).
+
+    Expert embeddings differ in scale by orders of magnitude (column standard deviations of 0.01-0.5 from the tiny
+    experts, 0/1 indicators from the features expert), so a head first standardises its input with a mean and standard
+    deviation fitted on the training records (`input_mean`, `input_std`; see `EnECGModel.fit_head_standardization`)
+    and clips the result to +-`input_clip`, which keeps one odd record from producing an absurd prediction."""
+
+    def __init__(self, embedding_dim: int, hidden_size: int, num_labels: int, dropout: float,
+                 standardize: bool = False, input_clip: float = 6.0):
         super().__init__()
+        self.standardize = standardize
+        self.input_clip = input_clip
+        if standardize:
+            self.register_buffer("input_mean", torch.zeros(embedding_dim))
+            self.register_buffer("input_std", torch.ones(embedding_dim))
         self.dense1 = nn.Linear(embedding_dim, hidden_size)
         self.dense2 = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, num_labels)
@@ -88,18 +104,27 @@ class EnECGHead(nn.Module):
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         """(batch, embedding_dim) -> (batch, num_labels)."""
+        if self.standardize:
+            embedding = ((embedding - self.input_mean) / self.input_std).clamp(-self.input_clip, self.input_clip)
         hidden = self.dropout(F.relu(self.dense1(embedding)))
         hidden = self.dropout(F.relu(self.dense2(hidden)))
         return self.out_proj(hidden)
 
 
 class EnECGGate(nn.Module):
-    """Gating network: an MLP over the gate leads' samples, softmax over experts."""
+    """Gating network: an MLP over the gate leads' samples, softmax over experts.
+
+    `out_proj` starts at zero, so a new gate is the uniform average and its input-dependent part only grows as far as
+    training moves it; `out_proj.bias` holds the input-independent (stacked) log-weights of the experts."""
 
     def __init__(self, input_size: int, hidden_size: int, num_experts: int):
         super().__init__()
         self.dense = nn.Linear(input_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, num_experts)
+        # Here rather than only in `_init_weights`: transformers skips modules without parameters of their own when it
+        # initialises a remote-code model.
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, gate_inputs: torch.Tensor) -> torch.Tensor:
         """(batch, input_size) -> softmax weights (batch, num_experts)."""
@@ -116,12 +141,25 @@ class EnECGPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Only the heads and the gate are ours to initialise. Experts initialise themselves (and are usually
         # overwritten by pretrained weights): the transformers default would re-draw every Linear/Conv/Norm in them.
+        # transformers guards the torch.nn.init functions so that each tensor is initialised once: one call per tensor.
         if isinstance(module, (EnECGHead, EnECGGate)):
+            # The gate's out_proj starts at zero: a new gate is the uniform average (a random gate starts on a random
+            # expert, and a few hundred records rarely undo it).
+            zero = module.out_proj if isinstance(module, EnECGGate) else None
             for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.kaiming_uniform_(layer.weight, a=5**0.5)  # nn.Linear's own default
+                if not isinstance(layer, nn.Linear):
+                    continue
+                if zero is not None and layer in (zero, getattr(zero, "base_layer", None)):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+                    continue
+                nn.init.kaiming_uniform_(layer.weight, a=5**0.5)  # nn.Linear's own default
+                if layer.bias is not None:
                     bound = 1 / layer.in_features**0.5
                     nn.init.uniform_(layer.bias, -bound, bound)
+        if isinstance(module, EnECGHead) and module.standardize:
+            module.input_mean.zero_()
+            module.input_std.fill_(1.0)
 
 
 class EnECGModel(EnECGPreTrainedModel):
@@ -137,7 +175,8 @@ class EnECGModel(EnECGPreTrainedModel):
         self.experts = nn.ModuleDict({e.name: build_expert(e, lead_names) for e in config.expert_configs})
         self.heads = nn.ModuleDict(
             {
-                name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels, config.head_dropout)
+                name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels, config.head_dropout,
+                                standardize=config.head_standardize, input_clip=config.head_input_clip)
                 for name, expert in self.experts.items()
             }
         )
@@ -288,40 +327,68 @@ class EnECGModel(EnECGPreTrainedModel):
                 raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
             features = self.compute_features(input_values)
             expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
-        if len(expert_embeddings) != len(self.heads):
-            raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
-
-        expert_logits = torch.stack(
-            [head(embedding.float()) for head, embedding in zip(self.heads.values(), expert_embeddings)], dim=1
-        )
-        if self.config.gate_type == "uniform":
-            gate_weights = expert_logits.new_full(expert_logits.shape[:2], 1.0 / expert_logits.shape[1])
-        else:
-            gate_weights = self.gate(gate_inputs.float())
-        scaled_logits = (gate_weights.unsqueeze(-1) * expert_logits).sum(dim=1)
+        scaled_expert_logits = self.compute_expert_logits(expert_embeddings)
+        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0])
+        scaled_logits = mix_experts(scaled_expert_logits, gate_weights)
 
         loss = None
         if labels is not None:
-            loss = self._loss(scaled_logits, labels)
-        logits, expert_logits = self._to_label_units(scaled_logits), self._to_label_units(expert_logits)
+            loss = self.loss_function(scaled_logits, labels)
+            if self.config.expert_loss_weight > 0:
+                loss = loss + self.config.expert_loss_weight * self.loss_function(scaled_expert_logits, labels)
+        logits, expert_logits = self.to_label_units(scaled_logits), self.to_label_units(scaled_expert_logits)
         if not return_dict:
             return tuple(v for v in (loss, logits, expert_logits, gate_weights) if v is not None)
         return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
 
-    def _to_label_units(self, values: torch.Tensor) -> torch.Tensor:
+    def compute_expert_logits(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+        """Every head on its expert's embedding: (batch, experts, num_labels), regression on the standardised scale."""
+        if len(expert_embeddings) != len(self.heads):
+            raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
+        return torch.stack([head(e.float()) for head, e in zip(self.heads.values(), expert_embeddings)], dim=1)
+
+    def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Softmax weights of the experts, (batch, experts); `gate_inputs` may be None for the uniform gate."""
+        if self.config.gate_type == "uniform":
+            return torch.full((batch_size, len(self.heads)), 1.0 / len(self.heads), device=self.device)
+        return self.gate(gate_inputs.float())
+
+    def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
         """Regression heads learn a standardised target; report it in the label's unit."""
         if self.config.problem_type != "regression":
             return values
         return values * self.config.target_std + self.config.target_mean
 
-    def _loss(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_function(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of `(batch, num_labels)` outputs, or the mean over experts of `(batch, experts, num_labels)` outputs.
+
+        MSE on the standardised target, cross-entropy (weighted by `config.class_weights`) or BCE."""
+        per_expert = scaled_logits.dim() == 3
+        if per_expert:  # every expert predicts every label: fold the experts into the batch
+            labels = labels.unsqueeze(1).expand(-1, scaled_logits.shape[1], *labels.shape[1:])
+            scaled_logits, labels = scaled_logits.flatten(0, 1), labels.flatten(0, 1)
         problem_type = self.config.problem_type
         if problem_type == "regression":
             target = (labels.float() - self.config.target_mean) / self.config.target_std
-            return F.mse_loss(scaled_logits, target.view_as(scaled_logits))
+            return F.mse_loss(scaled_logits, target.reshape(scaled_logits.shape))
         if problem_type == "single_label_classification":
-            return F.cross_entropy(scaled_logits, labels.long().view(-1))
-        return F.binary_cross_entropy_with_logits(scaled_logits, labels.float().view_as(scaled_logits))
+            weight = None
+            if self.config.class_weights is not None:
+                weight = torch.tensor(self.config.class_weights, dtype=scaled_logits.dtype, device=scaled_logits.device)
+            return F.cross_entropy(scaled_logits, labels.long().reshape(-1), weight=weight)
+        return F.binary_cross_entropy_with_logits(scaled_logits, labels.float().reshape(scaled_logits.shape))
+
+    @torch.no_grad()
+    def fit_head_standardization(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+        """Set every head's input mean and standard deviation from the training records' embeddings
+        (`(records, embedding_dim)` per expert). A constant column keeps a standard deviation of 1."""
+        if not self.config.head_standardize:
+            return
+        for head, embedding in zip(self.heads.values(), expert_embeddings):
+            embedding = embedding.float()
+            std = embedding.std(dim=0) if embedding.shape[0] > 1 else torch.ones_like(head.input_std)
+            head.input_mean.copy_(embedding.mean(dim=0))
+            head.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     # ------------------------------------------------------------------------------------------------ saving
     def lora_layers(self) -> dict[str, nn.Module]:

@@ -97,23 +97,77 @@ def test_output_shapes_and_loss(tester, problem):
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     # The logits are the gate-weighted sum of the experts' outputs.
     torch.testing.assert_close(out.logits, (out.gate_weights.unsqueeze(-1) * out.expert_logits).sum(1))
-    # The loss is the one the problem type names.
+    # The loss is the one the problem type names: on the mixture, plus `expert_loss_weight` (default 1) times the mean
+    # of every head's own loss (the paper's step 1: each head is a predictor by itself).
+    F = torch.nn.functional
     if problem == "single_label":
-        torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+        own = lambda logits: F.cross_entropy(logits, labels)  # noqa: E731
     elif problem == "multi_label":
-        torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels))
+        own = lambda logits: F.binary_cross_entropy_with_logits(logits, labels)  # noqa: E731
     else:
-        torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits, labels))
+        own = lambda logits: F.mse_loss(logits, labels)  # noqa: E731
+    per_expert = torch.stack([own(out.expert_logits[:, e]) for e in range(3)]).mean()
+    torch.testing.assert_close(out.loss, own(out.logits) + per_expert)
+    model.config.expert_loss_weight = 0.0
+    torch.testing.assert_close(model(inputs, labels=labels).loss, own(out.logits))
     # Tuple outputs when asked.
     assert len(model(inputs, labels=labels, return_dict=False)) == 4
 
 
 def test_regression_target_scaling(tester):
     """Heads learn a standardised target; logits come back in the label's unit, and the loss is scale-free."""
-    model = tester.get_model(target_mean=800.0, target_std=100.0).eval()
+    model = tester.get_model(target_mean=800.0, target_std=100.0, expert_loss_weight=0.0).eval()
     out = model(tester.get_inputs(), labels=torch.full((tester.batch_size,), 900.0))
     raw = (out.logits - 800.0) / 100.0
     torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(raw, torch.ones_like(raw)))
+
+
+def test_class_weights_weigh_the_cross_entropy(tester):
+    model = tester.get_model(**PROBLEMS["single_label"], class_weights=[1.0, 3.0, 0.5], expert_loss_weight=0.0).eval()
+    labels = torch.tensor([0, 1])[: tester.batch_size].repeat(tester.batch_size)[: tester.batch_size]
+    out = model(tester.get_inputs(), labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits, labels, weight=torch.tensor([1.0, 3.0, 0.5]))
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="class_weights"):
+        tester.get_config(**PROBLEMS["single_label"], class_weights=[1.0, 2.0])
+
+
+def test_a_new_gate_starts_as_the_uniform_average(tester):
+    """Its output layer starts at zero: every record gets equal weights until training moves it."""
+    model = tester.get_model().eval()
+    out = model(tester.get_inputs())
+    torch.testing.assert_close(out.gate_weights, torch.full_like(out.gate_weights, 1 / 3))
+
+
+def test_heads_standardize_and_clip_their_inputs(tester):
+    model = tester.get_model(head_input_clip=2.0).eval()
+    features = model.compute_features(tester.get_inputs())
+    embeddings = [e * 100 + 7 for e in features.expert_embeddings]  # another scale and offset
+    model.fit_head_standardization(embeddings)
+    head = next(iter(model.heads.values()))
+    torch.testing.assert_close(head.input_mean, embeddings[0].mean(0))
+    # A head sees (x - mean) / std, clipped to +-2: a wild value gives the same output as the clip value.
+    wild, clipped = embeddings[0].clone(), embeddings[0].clone()
+    wild[:, 0] = head.input_mean[0] + 1e6
+    clipped[:, 0] = head.input_mean[0] + 2.0 * head.input_std[0]
+    torch.testing.assert_close(head(wild), head(clipped))
+
+
+def test_folders_saved_before_head_standardization_load_as_saved(tester, tmp_path):
+    """A config.json without `head_standardize` (written by enecg_hf 0.1) loads with it off and no buffers."""
+    model = tester.get_model(head_standardize=False).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["head_standardize"], config["head_input_clip"], config["expert_loss_weight"], config["class_weights"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = EnECGModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.head_standardize is False
+    assert not any("input_mean" in k for k in reloaded.state_dict())
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
+    # A new config standardises by default, and the statistics are saved with the model.
+    assert EnECGConfig().head_standardize is True
 
 
 def test_uniform_gate_is_plain_average(tester):

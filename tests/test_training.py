@@ -2,7 +2,7 @@
 cached against recomputed expert features, kill-and-resume, reloading the output folder, and bad input.
 
 Runs go through the command line in subprocesses, as users start them. The small runs share one simulated dataset and
-one reference run; learning rates are high so that three epochs move the weights far from their initial values (an
+one reference run; learning rates are high so that a few epochs move the weights far from their initial values (an
 equality between two runs then says something).
 """
 
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 
 # Small runs: two cheap experts, 24 simulated records, 2 folds of 12.
-SMALL_RUN = ["--config", "tiny", "--label", "rr_interval", "--experts", "dlinear,timesnet", "--epochs", "3",
-             "--batch_size", "4", "--learning_rate", "1e-2", "--folds", "2"]
+SMALL_RUN = ["--config", "tiny", "--label", "rr_interval", "--experts", "dlinear,timesnet", "--epochs", "4",
+             "--inner_folds", "2", "--gate_epochs", "3", "--batch_size", "4", "--learning_rate", "1e-2", "--folds", "2"]
 
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
@@ -119,7 +119,12 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
     assert card.startswith("---\n") and "model-index:" in card and "- ecg" in card and "RANDOM weights" in card
     assert "license: apache-2.0" in card and "3-fold cross-validation" in card
     training_args = json.loads((folder / "training_args.json").read_text())
-    assert training_args["epochs"] == 30 and training_args["data_format"] == "simulated"
+    # The main job runs with the default training settings.
+    assert training_args["epochs"] == 100 and training_args["strategy"] == "stacked"
+    assert training_args["data_format"] == "simulated"
+    assert metrics["cv_verdict"]["beats_baseline"] is True and not metrics["warnings"]
+    assert set(metrics["final"]["gate_weights"]) == set(config["experts"][i]["name"] for i in range(6))
+    assert all(f["fit"]["expert_epochs"] for f in metrics["folds"])
 
 
 @pytest.mark.slow
@@ -193,47 +198,74 @@ def test_cached_and_recomputed_expert_features_train_the_same_model(work, sim_da
         torch.testing.assert_close(other[key], reference[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_two_cpu_processes_with_accelerate_launch(work, sim_dataset):
+def test_two_cpu_processes_with_accelerate_launch(work, sim_dataset, reference_run):
     """`accelerate launch --num_processes 2 --cpu train.py` runs two gloo processes (accelerate itself would start
-    one: huggingface/accelerate#2741) and takes the one-process optimiser steps: each process gets half of every
-    batch and DDP averages the gradients. With LoRA dropout off (its masks differ per process) the two runs agree to
-    float precision."""
-    config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
-    (work / "tiny_no_dropout.json").write_text(json.dumps({**config, "lora_dropout": 0.0}))
-    args = ["--dataset", str(sim_dataset), *SMALL_RUN, "--config", str(work / "tiny_no_dropout.json")]
-    train(*args, "--output_dir", "one_process", cwd=work)
-    result = train(*args, "--output_dir", "two_processes", cwd=work,
-                   launcher=["accelerate", "launch", "--num_processes", "2", "--cpu"],
+    one: huggingface/accelerate#2741) that share the jobs of every fit and train the one-process model."""
+    result = train("--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", "two_processes", cwd=work,
+                   launcher=[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"],
                    MASTER_PORT=str(29500 + os.getpid() % 1000))
-    one, two = metrics_of(work / "one_process"), metrics_of(work / "two_processes")
+    one, two = metrics_of(reference_run), metrics_of(work / "two_processes")
     assert one["num_processes"] == 1 and two["num_processes"] == 2, result.stderr[-2000:]
-    assert_same_metrics(one, two, rtol=1e-4)
+    assert_same_metrics(one, two, rtol=1e-5)
     # Main-process-only output: one summary, one model folder.
     assert result.stdout.count("EnECG training:") == 1
+    # Both processes ran jobs.
+    assert result.stderr.count("Jobs of this process:") >= 1
+
+
+def _job_files(folder: Path) -> list[Path]:
+    return sorted((folder / "checkpoints").rglob("job-*.safetensors"))
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(work, sim_dataset, reference_run):
-    args = ["--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", "resumed", "--save_steps", "2"]
-    # 2 folds x 9 steps + the final fit's 18: step 13 is mid-epoch in fold 2, after fold 1 finished.
-    killed = train(*args, "--stop_after_steps", "13", cwd=work, expect=75)
-    assert "stopping abruptly" in killed.stderr
+    args = ["--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", "resumed"]
     folder = work / "resumed"
+    # Kill the run (SIGKILL: no clean-up) once fold 1 is finished and fold 2 has started.
+    process = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=work, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((folder / "checkpoints" / "fold-2").rglob("job-*.safetensors")):
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
     assert not (folder / "metrics.json").exists()
     assert (folder / "checkpoints" / "fold-1" / "result.json").is_file()
-    saved = sorted(p.name for p in (folder / "checkpoints" / "fold-2").iterdir())
-    assert saved == ["checkpoint-2", "checkpoint-3"] or saved[-1].startswith("checkpoint-"), saved
-    # A save that was killed half-way leaves only a temporary folder, which resuming ignores.
-    (folder / "checkpoints" / "fold-2" / ".tmp-checkpoint-99").mkdir()
+    finished = _job_files(folder)
+    # A job killed while it was being written leaves only a temporary file, which resuming ignores.
+    (folder / "checkpoints" / "fold-2" / "final" / ".job-1.safetensors.tmp-0").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoints" / "fold-2" / "final" / ".job-1.safetensors.tmp-0").write_bytes(b"half a file")
 
     changed = train(*args, "--learning_rate", "5e-3", "--resume_from_checkpoint", "latest", cwd=work, expect=None)
     assert changed.returncode != 0 and "arguments differ" in changed.stderr + changed.stdout
 
     resumed = train(*args, "--resume_from_checkpoint", "latest", cwd=work)
-    assert "resumed from" in resumed.stderr and "fold-1: finished in an earlier run" in resumed.stderr
+    assert "fold-1: finished in an earlier run" in resumed.stderr
+    reused = int(resumed.stderr.split("Jobs of this process:")[1].split("run,")[1].split("reused")[0])
+    assert reused == len(finished) - len(list((folder / "checkpoints" / "fold-1").rglob("job-*"))), resumed.stderr
     assert_same_metrics(metrics_of(reference_run), metrics_of(folder), rtol=1e-6)
     reference, other = trained_weights(reference_run), trained_weights(folder)
     for key in reference:
         torch.testing.assert_close(other[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_resuming_never_reads_files_it_did_not_write(work, sim_dataset, reference_run, tmp_path):
+    """accelerate's `load_state` unpickles `custom_checkpoint_*.pkl` files; our checkpoints are safetensors and JSON
+    only, and a resumed run refuses anything else instead of reading it."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(reference_run, folder)
+    marker = tmp_path / "pwned"
+    payload = (f"import pickle, os\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+               f"pickle.dump(P(), open({str(folder / 'checkpoints' / 'fold-1' / 'custom_checkpoint_0.pkl')!r}, 'wb'))\n")
+    run_command([sys.executable, "-c", payload], tmp_path)
+    (folder / "metrics.json").unlink()
+    result = train("--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", str(folder), "--resume_from_checkpoint",
+                   "latest", cwd=work, expect=None)
+    assert result.returncode != 0 and "custom_checkpoint_0.pkl" in result.stderr + result.stdout
+    assert "refusing to read them" in result.stderr + result.stdout
+    assert not marker.exists()
 
 
 def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
@@ -245,14 +277,18 @@ def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
     assert bf16["final"]["metrics"] != fp32["final"]["metrics"]
 
 
-def test_checkpoints_hold_only_trainable_parameters(reference_run):
+def test_checkpoints_hold_only_head_and_gate_tensors(reference_run):
     from safetensors.torch import load_file
 
-    checkpoint = sorted((reference_run / "checkpoints" / "final").glob("checkpoint-*"))[-1]
-    state = load_file(str(checkpoint / "model.safetensors"))
-    assert state and not any(".experts." in k or k.startswith("experts.") for k in state)
-    assert all("lora_" in k for k in state), sorted(state)[:5]
-    assert (checkpoint / "optimizer.bin").is_file()
+    files = _job_files(reference_run)
+    # Per stage (2 folds + final): 2 inner-fold head fits, then the final heads and the gate.
+    assert len(files) == 3 * 4, files
+    for file in files:
+        state = load_file(str(file))
+        assert state and not any(k.startswith("experts.") for k in state), sorted(state)[:5]
+    final = {k for f in (reference_run / "checkpoints" / "final" / "final").glob("job-*") for k in load_file(str(f))}
+    assert any("lora_" in k for k in final) and any(k.startswith("gate.") for k in final)
+    assert all(p.suffix in (".safetensors", ".json") for p in (reference_run / "checkpoints").rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------------------------ real data
@@ -264,11 +300,10 @@ def _ludb() -> Path:
 
 
 def test_ludb_rr_interval(work):
-    """A single-expert run (the ECG-features expert and its head) learns RR intervals of real records: on 60 LUDB
-    records it lands far below the mean predictor (about 36 ms against 109 ms MAE when this test was written)."""
+    """With the default training settings, a run with the ECG-features expert and a random-weight expert learns RR
+    intervals of real records: on 60 LUDB records it lands far below the mean predictor."""
     train("--data_format", "ludb", "--data_path", str(_ludb()), "--limit", "60", "--config", "tiny",
-          "--label", "rr_interval", "--experts", "features", "--epochs", "60", "--batch_size", "8",
-          "--learning_rate", "1e-2", "--folds", "2", "--output_dir", "ludb_rr", cwd=work)
+          "--label", "rr_interval", "--experts", "features,dlinear", "--folds", "2", "--output_dir", "ludb_rr", cwd=work)
     metrics = metrics_of(work / "ludb_rr")
     assert metrics["records"] == 60 and metrics["unit"] == "ms"
     assert all(np.isfinite(v["mean"]) for v in metrics["cv"].values())
@@ -278,7 +313,8 @@ def test_ludb_rr_interval(work):
 
 def test_ludb_sex_classification_and_push_without_network(work):
     result = train("--data_format", "ludb", "--data_path", str(_ludb()), "--limit", "40", "--config", "tiny",
-                   "--label", "sex", "--experts", "dlinear,timesnet", "--epochs", "2", "--folds", "2",
+                   "--label", "sex", "--experts", "dlinear,timesnet", "--epochs", "2", "--inner_folds", "2",
+                   "--gate_epochs", "2", "--folds", "2",
                    "--output_dir", "ludb_sex", "--push_to_hub", "--hub_model_id", "someone/enecg-test", cwd=work,
                    expect=None)
     # The local folder is complete, then the push fails with a clear message (no network here).

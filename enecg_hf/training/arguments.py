@@ -11,24 +11,21 @@ from typing import Any, Sequence
 DATA_FORMATS = ("mimic-iv-ecg", "ptb-xl", "challenge", "ludb", "jsonl", "simulated")  # enecg_hf.data.FORMATS
 
 
-# `python train.py` with no arguments: the embedded main job. Small enough for 2 CPU cores in under 3 minutes, long
-# enough to learn RR intervals well beyond a mean predictor (heads train on cached features: epochs are cheap).
+# `python train.py` with no arguments: the embedded main job, with the default training settings. Small enough for 2
+# CPU cores in a few minutes (heads train on cached features: epochs are cheap).
 MAIN_JOB_ARGS = [
     "--config", "tiny",
     "--data_format", "simulated",
     "--num_records", "300",
     "--label", "rr_interval",
-    "--epochs", "30",
-    "--batch_size", "16",
-    "--learning_rate", "3e-3",
     "--folds", "3",
     "--output_dir", "outputs/enecg-tiny-rr_interval",
 ]
 
 # Arguments that do not change the result: a run may resume with different values.
 NON_RESULT_ARGS = {
-    "resume_from_checkpoint", "stop_after_steps", "push_to_hub", "hub_model_id", "hub_private", "report_to",
-    "cache_features", "cache_dir", "save_steps", "save_total_limit", "logging_steps", "output_dir",
+    "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private", "report_to", "cache_features",
+    "cache_dir", "logging_steps", "output_dir",
 }
 
 
@@ -45,13 +42,17 @@ class TrainingArguments:
     limit: int | None = None
     label: str | None = None
     output_dir: str | None = None
-    epochs: int = 5
-    batch_size: int = 16
-    learning_rate: float = 1e-4
+    strategy: str = "stacked"
+    epochs: int = 100
+    batch_size: int = 32
+    learning_rate: float = 3e-3
     weight_decay: float = 0.01
+    inner_folds: int = 5
+    gate_epochs: int = 100
+    gate_learning_rate: float = 3e-3
+    class_weighting: str = "balanced"
     folds: int = 3
     seed: int = 42
-    gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     experts: list[str] | None = None
     gate: str | None = None
@@ -59,18 +60,22 @@ class TrainingArguments:
     cache_features: bool = True
     cache_dir: str | None = None
     feature_batch_size: int = 16
-    save_steps: int = 0
-    save_total_limit: int = 2
     resume_from_checkpoint: str | None = None
     report_to: list[str] = field(default_factory=list)
     logging_steps: int = 10
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = False
-    stop_after_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fit_settings(self):
+        """The `fitting.FitSettings` these arguments name."""
+        from .fitting import FitSettings
+
+        names = {f.name for f in dataclasses.fields(FitSettings)}
+        return FitSettings(**{k: v for k, v in self.to_dict().items() if k in names})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,14 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the config's label_name)")
     data.add_argument("--output_dir", help="folder to write (default outputs/enecg-<config>-<label>)")
 
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=5)
-    train.add_argument("--batch_size", type=int, default=16, help="records per optimiser step, over all processes")
-    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train = parser.add_argument_group("training (see docs/training.md, 'How EnECG learns')")
+    train.add_argument("--strategy", choices=["stacked", "joint"], default="stacked",
+                       help="stacked (default): heads on their own losses with cross-validated early stopping, gate on "
+                       "their out-of-fold predictions; joint: the research code's single stage on the mixture's loss")
+    train.add_argument("--epochs", type=int, default=100,
+                       help="most epochs of a head fit (stacked: early-stopped by the inner folds; joint: all)")
+    train.add_argument("--batch_size", type=int, default=32)
+    train.add_argument("--learning_rate", type=float, default=3e-3)
     train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--inner_folds", type=int, default=5,
+                       help="subject-wise inner folds of the training records that give out-of-fold predictions")
+    train.add_argument("--gate_epochs", type=int, default=100,
+                       help="most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)")
+    train.add_argument("--gate_learning_rate", type=float, default=3e-3)
+    train.add_argument("--class_weighting", choices=["balanced", "none"], default="balanced",
+                       help="classification: weigh classes by inverse frequency (balanced) or records equally")
     train.add_argument("--folds", type=int, default=3, help="subject-wise CV folds (0 or 1: no CV, final fit only)")
     train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
                        help="autocast of heads and gate (experts and cached features stay float32)")
 
@@ -113,10 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the frozen experts once per record and train on cached features (default on)")
     cache.add_argument("--cache_dir", help="feature/dataset cache folder (default OUT/cache)")
     cache.add_argument("--feature_batch_size", type=int, default=16)
-    cache.add_argument("--save_steps", type=int, default=0, help="also checkpoint every N optimiser steps")
-    cache.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept per stage")
-    cache.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder under OUT/checkpoints")
-    cache.add_argument("--stop_after_steps", type=int, help=argparse.SUPPRESS)  # debugging: die like a killed run
+    cache.add_argument("--resume_from_checkpoint", choices=["latest"],
+                       help="'latest': reuse every finished job under OUT/checkpoints of an interrupted run")
 
     hub = parser.add_argument_group("logging and Hub")
     hub.add_argument("--report_to", type=_comma_list, default=[], help="trackers for Accelerator(log_with=...), "
@@ -151,9 +164,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
         raise SystemExit("Pass either --dataset or --data_format/--data_path, not both")
     if not args.dataset and not args.data_format:
         raise SystemExit("No data: pass --dataset DIR, or --data_format FORMAT [--data_path PATH] (e.g. simulated)")
-    for name in ("epochs", "batch_size", "gradient_accumulation_steps", "feature_batch_size"):
+    for name in ("epochs", "batch_size", "feature_batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1")
+    try:
+        args.fit_settings()
+    except ValueError as err:
+        raise SystemExit(f"--{err}") from None
     if args.folds < 0:
         raise SystemExit("--folds must be >= 0")
     if args.num_records is not None and args.data_format != "simulated":

@@ -13,19 +13,30 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..configuration_enecg import EnECGConfig
+from ..modeling_enecg import EnECGModel
 from .arguments import NON_RESULT_ARGS, TrainingArguments, parse_args
-from .checkpoints import CheckpointManager, install_checkpoint_hooks
-from .features import build_feature_cache
+from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
+from .fitting import EnECGFitter, FeatureTable, predict
+from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
 from .labels import LabelSpec, build_config, check_class_coverage, encode_labels, resolve_config_path
 from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, load_training_dataset, make_folds
 from .scoring import baseline_predictions, format_metrics, load_metric, score, summarize
-from .trainer import Stage, Trainer, build_model_with_experts
 
 
 logger = logging.getLogger(__name__)
+
+
+def build_model_with_experts(config: EnECGConfig) -> EnECGModel:
+    """`EnECGModel.from_expert_sources`, with an expert that cannot be loaded (no local folder, Hub unreachable, a
+    checkpoint that does not match) ending the run with its message instead of a traceback."""
+    try:
+        return EnECGModel.from_expert_sources(config)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"Could not build the model: {error}") from error
 
 
 def _setup_logging(accelerator) -> None:
@@ -45,37 +56,46 @@ def _setup_logging(accelerator) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def _resolve_resume(args: TrainingArguments, checkpoint_root: Path, stages: list[str]) -> tuple[Path | None, int]:
-    """(checkpoint folder to load, index of the first stage to run)."""
-    if not args.resume_from_checkpoint:
-        return None, 0
-    if not checkpoint_root.is_dir():
+def _check_resume(args: TrainingArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
+    """A resumed run must be the same run, and its checkpoint folder must hold only what this package writes."""
+    if not (checkpoint_root / "run.json").is_file():
         raise SystemExit(f"--resume_from_checkpoint: no checkpoints under {checkpoint_root}")
-    manager = CheckpointManager(checkpoint_root, None, 0)
-    if args.resume_from_checkpoint == "latest":
-        for index, stage in enumerate(stages):
-            if stage != "final" and manager.result(stage) is not None:
-                continue
-            found = manager.checkpoints(stage)
-            return (found[-1] if found else None), index
-        return None, len(stages)
-    path = Path(args.resume_from_checkpoint).resolve()
-    if not (path.is_dir() and path.parent.parent == checkpoint_root.resolve() and path.parent.name in stages):
-        raise SystemExit(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint of this run; expected a folder "
-            f"{checkpoint_root}/<{'|'.join(stages)}>/checkpoint-<step>, or 'latest'"
-        )
-    index = stages.index(path.parent.name)
-    missing = [s for s in stages[:index] if manager.result(s) is None]
-    if missing:
-        raise SystemExit(f"--resume_from_checkpoint {path}: earlier stages {missing} never finished")
-    return path, index
+    saved = json.loads((checkpoint_root / "run.json").read_text())
+    if saved != run_info:
+        changed = sorted(k for k in {*run_info, *saved} if saved.get(k) != run_info.get(k))
+        raise SystemExit(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
+    unexpected = unexpected_checkpoint_files(checkpoint_root)
+    if unexpected:
+        raise SystemExit(f"--resume_from_checkpoint: {checkpoint_root} holds files this package never writes "
+                         f"(refusing to read them): {[str(p) for p in unexpected[:5]]}")
+
+
+def load_feature_table(features, keep: np.ndarray, labels: np.ndarray, records, expert_names: list[str]) -> FeatureTable:
+    """The labelled records' cached features as in-memory tensors (training reads every row many times)."""
+    columns = [embedding_column(name) for name in expert_names] + ["gate_inputs"]
+    table = features.select(keep, keep_in_memory=True).with_format("torch", columns=columns)[:]
+    groups = None
+    if "subject_id" in records.column_names:
+        groups = np.asarray([f"subject:{s}" if s is not None else f"row:{i}" for i, s in enumerate(records["subject_id"])])
+    return FeatureTable([table[embedding_column(n)].float() for n in expert_names], table["gate_inputs"].float(),
+                        torch.from_numpy(labels), groups)
+
+
+def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: LabelSpec) -> tuple[bool, str]:
+    """Whether cross-validation beat the trivial predictor on the task's headline metrics (MAE; AUROC and macro F1)."""
+    checks = [("mae", -1)] if label.is_regression else [("auroc", 1), ("f1", 1)]
+    verdicts = []
+    for name, sign in checks:
+        if name in cv and name in baseline:
+            better = sign * (cv[name]["mean"] - baseline[name]["mean"]) > 0
+            verdicts.append((better, f"{name} {cv[name]['mean']:.4g} vs baseline {baseline[name]['mean']:.4g}"))
+    return all(v for v, _ in verdicts), "; ".join(text for _, text in verdicts)
 
 
 def run(args: TrainingArguments) -> dict[str, Any]:
     """Run a whole training job (see the module docstring); returns the content of `metrics.json`."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     start_time = time.perf_counter()
     config_path = resolve_config_path(args.config)
@@ -87,29 +107,19 @@ def run(args: TrainingArguments) -> dict[str, Any]:
     if args.output_dir is None:
         args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{label_name}")
     output_dir = Path(args.output_dir)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
+    # Without --cache_features the features live in a work folder that is removed at the end.
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / ("cache" if args.cache_features else ".features")
     checkpoint_root = output_dir / "checkpoints"
 
-    # Split every batch across processes, so N processes take the same optimiser steps as one (same metrics, up to
-    # data-order noise); needs batch_size divisible by the number of processes.
     cpu = use_cpu()
-    num_processes = PartialState(cpu=cpu).num_processes
-    split_batches = num_processes > 1 and args.batch_size % num_processes == 0
+    PartialState(cpu=cpu)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(split_batches=split_batches, even_batches=True),
-        step_scheduler_with_optimizer=False,
     )
     _setup_logging(accelerator)
-    if num_processes > 1 and not split_batches:
-        logger.warning("--batch_size %d is not divisible by %d processes: each process takes %d records per step "
-                       "(an effective batch of %d)", args.batch_size, num_processes, args.batch_size,
-                       args.batch_size * num_processes)
-    install_checkpoint_hooks(accelerator)
     logger.info("Arguments: %s", json.dumps(args.to_dict()))
 
     # ---- data and checks, before any training time is spent
@@ -121,92 +131,99 @@ def run(args: TrainingArguments) -> dict[str, Any]:
     records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
     folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
     warnings_ = [] if label.is_regression else check_class_coverage(labels, label, folds)
-    stages = [Stage(f"fold-{i + 1}", i, tr, te) for i, (tr, te) in enumerate(folds)]
-    stages.append(Stage("final", len(folds), np.arange(len(records)), np.arange(len(records))))
-    logger.info("Label %r (%s), %d records, %d folds, experts %s", label.name, label.problem_type, len(records),
-                len(folds), config.expert_names)
+    stages = [(f"fold-{i + 1}", train, test) for i, (train, test) in enumerate(folds)]
+    logger.info("Label %r (%s), %d records, %d folds, experts %s, strategy %s", label.name, label.problem_type,
+                len(records), len(folds), config.expert_names, args.strategy)
 
-    # ---- checkpoints: a fresh run starts clean; a resumed one must have the same result-determining arguments
+    # ---- checkpoints: a fresh run starts clean; a resumed one must be the same run
     # As stored in run.json (JSON types), so a resumed run compares like with like.
     run_info = json.loads(json.dumps({k: v for k, v in args.to_dict().items() if k not in NON_RESULT_ARGS}, default=str))
-    resume, first_stage = _resolve_resume(args, checkpoint_root, [s.name for s in stages])
     if accelerator.is_main_process:
         if args.resume_from_checkpoint:
-            saved = json.loads((checkpoint_root / "run.json").read_text()) if (checkpoint_root / "run.json").is_file() else None
-            if saved is not None and saved != run_info:
-                changed = sorted(k for k in run_info if saved.get(k) != run_info[k])
-                raise SystemExit(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
+            _check_resume(args, checkpoint_root, run_info)
         else:
             shutil.rmtree(checkpoint_root, ignore_errors=True)
         write_json_atomic(checkpoint_root / "run.json", run_info)
     accelerator.wait_for_everyone()
-    manager = CheckpointManager(checkpoint_root, accelerator, args.save_total_limit)
+    runner = CheckpointedJobRunner(checkpoint_root, accelerator)
 
-    # ---- cached features
-    features = None
-    cached_experts = None
-    if args.cache_features:
-        torch.manual_seed(args.seed)
-        feature_model = build_model_with_experts(config)
-        features, cached_experts = build_feature_cache(dataset, feature_model, accelerator, cache_dir,
-                                                          args.feature_batch_size)
-        del feature_model
+    # ---- the model (frozen experts loaded once) and its features, computed once per record
+    torch.manual_seed(args.seed)
+    model = build_model_with_experts(config)
+    features, _ = build_feature_cache(dataset, model, accelerator, cache_dir, args.feature_batch_size)
+    table = load_feature_table(features, np.asarray(keep), labels, records, config.expert_names)
+    model.to(accelerator.device)
     if args.report_to:
         accelerator.init_trackers("enecg", config={k: str(v) for k, v in args.to_dict().items()})
 
-    # ---- stages: CV folds, then the final fit
-    trainer = Trainer(args, accelerator, config, label, dataset, keep, labels, features, manager, resume,
-                      cached_experts)
+    # ---- CV folds, then the final fit on every record
+    fitter = EnECGFitter(model, args.fit_settings(), runner, autocast=accelerator.autocast)
     metric = load_metric(label.problem_type) if accelerator.is_main_process else None
     fold_results = []
-    final_model = None
-    for stage in stages:
-        if stage.index < first_stage:
-            fold_results.append(manager.result(stage.name))
-            logger.info("%s: finished in an earlier run, result reused", stage.name)
+    for stage, train_idx, test_idx in stages:
+        finished = runner.result(stage)
+        if finished is not None:
+            fold_results.append(finished)
+            logger.info("%s: finished in an earlier run, result reused", stage)
             continue
-        model, predictions = trainer.run_stage(stage)
-        if stage.name == "final":
-            final_model = model
-            final_predictions = predictions
-            continue
+        report = fitter.fit(table, train_idx, name=stage)
         if accelerator.is_main_process:
+            predictions = predict(model, table, test_idx)
             fold_metrics = score(predictions, label, metric)
-            baseline = score(baseline_predictions(labels[stage.train_idx], labels[stage.eval_idx], label), label, metric)
-            result = {"fold": stage.index + 1, "train_records": int(len(stage.train_idx)),
-                      "test_records": int(len(stage.eval_idx)), "metrics": fold_metrics, "baseline": baseline}
-            manager.write_json(manager.stage_dir(stage.name) / "result.json", result)
-            logger.info("%s: %s (baseline %s)", stage.name, format_metrics(fold_metrics), format_metrics(baseline))
-            accelerator.log({f"{stage.name}/{k}": v for k, v in fold_metrics.items()})
+            baseline = score(baseline_predictions(labels[train_idx], labels[test_idx], label), label, metric)
+            result = {"fold": len(fold_results) + 1, "train_records": int(len(train_idx)),
+                      "test_records": int(len(test_idx)), "metrics": fold_metrics, "baseline": baseline,
+                      "fit": report.to_dict(), "test_gate_weights": dict(zip(
+                          config.expert_names, np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
+            runner.write_result(stage, result)
+            logger.info("%s: %s (baseline %s)", stage, format_metrics(fold_metrics), format_metrics(baseline))
+            accelerator.log({f"{stage}/{k}": v for k, v in fold_metrics.items()})
             fold_results.append(result)
         accelerator.wait_for_everyone()
-    if final_model is None:
-        raise RuntimeError("The final stage did not run")
+    final_report = fitter.fit(table, np.arange(len(records)), name="final")
+    logger.info("Jobs of this process: %d run, %d reused from checkpoints", runner.jobs_run, runner.jobs_reused)
 
     # ---- output folder (main process), then the Hub
     metrics = None
     if accelerator.is_main_process:
-        final_metrics = score(final_predictions, label, metric)
+        final_predictions = predict(model, table)
+        cv = summarize([r["metrics"] for r in fold_results]) if fold_results else {}
+        cv_baseline = summarize([r["baseline"] for r in fold_results]) if fold_results else {}
+        verdict = None
+        if fold_results:
+            better, detail = beats_baseline(cv, cv_baseline, label)
+            verdict = {"beats_baseline": better, "detail": detail}
+            if not better:
+                warnings_.append(f"NO BETTER THAN THE TRIVIAL BASELINE in cross-validation ({detail}): this model has "
+                                 f"not learned {label.name!r} from these records; see docs/training.md before using it")
+                logger.warning(warnings_[-1])
         metrics = {
             "label": label.name,
             "problem_type": label.problem_type,
             "unit": label.unit,
             "classes": label.class_names,
             "records": len(records),
+            "strategy": args.strategy,
             "folds": fold_results,
-            "cv": summarize([r["metrics"] for r in fold_results]) if fold_results else {},
-            "cv_baseline": summarize([r["baseline"] for r in fold_results]) if fold_results else {},
-            "final": {"metrics": final_metrics, "note": "the saved model scored on all its training records (in-sample)"},
+            "cv": cv,
+            "cv_baseline": cv_baseline,
+            "cv_verdict": verdict,
+            "final": {"metrics": score(final_predictions, label, metric), "fit": final_report.to_dict(),
+                      "gate_weights": dict(zip(config.expert_names,
+                                               np.round(final_predictions["gate_weights"].mean(0), 4).tolist())),
+                      "note": "the saved model scored on all its training records (in-sample)"},
             "warnings": warnings_,
             "num_processes": accelerator.num_processes,
             "cache_features": args.cache_features,
             "train_seconds": round(time.perf_counter() - start_time, 1),
         }
-        save_output_folder(final_model, output_dir, args, metrics, records)
+        save_output_folder(model.cpu(), output_dir, args, metrics, records)
         logger.info("Saved the model folder %s", output_dir.resolve())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process:
+        if not args.cache_features and not args.cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
         print_summary(metrics, output_dir)
         if args.push_to_hub:
             push_folder(output_dir, args)

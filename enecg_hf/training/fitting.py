@@ -1,0 +1,464 @@
+"""How EnECG learns: fit heads and gate on expert features held in memory (plain PyTorch, usable from a notebook).
+
+The default strategy, `"stacked"`, is the paper's method made to work on a few hundred records:
+
+1. **Heads** (the paper's step 1). Every expert's head is trained on its own loss, so each is a predictor by itself.
+   How long is decided by cross-validated early stopping: the heads are trained on k-1 inner folds of the training
+   records for up to `epochs` epochs, the held-out inner fold is predicted after every epoch, and each expert trains
+   for the epoch count with the lowest loss over those out-of-fold predictions. The final heads are then trained on
+   all training records for that many epochs.
+2. **Gate** (steps 2-3). It is fitted on the heads' *out-of-fold* predictions: in-sample predictions of a head that
+   memorised its training records say nothing about which expert to trust. First its input-independent log-weights
+   (`gate.out_proj.bias`: stacking on the simplex), then its input-dependent part, which starts at zero and is
+   early-stopped on a held-out subject split of those records: it moves away from the stacked weights only as far as
+   unseen records confirm.
+3. The prediction is `sum_i W_i(x) * head_i(x)`, the model's forward.
+
+`"joint"` is the research code's single stage: heads and gate trained together for `epochs` epochs on the model's
+loss (the mixture's loss plus `config.expert_loss_weight` times the heads' own losses).
+
+A fit is a list of independent jobs (inner-fold head fits, then the final heads and the gate) run through a
+`runner`: in process by default; the training run's runner spreads them over processes and keeps their outputs as
+safetensors checkpoints (`training.jobs`). Every job re-initialises the heads and gate from `settings.seed` (whatever
+the model learned before: a fit never starts from another fold's weights) and seeds itself, so a job gives the same
+output wherever and whenever it runs.
+
+    from enecg_hf.training.fitting import FeatureTable, FitSettings, fit_enecg, predict
+    table = FeatureTable.from_model(model, signals, labels, groups)   # runs the frozen experts once
+    report = fit_enecg(model, table, train_rows, FitSettings())
+    out = predict(model, table, test_rows)                             # logits in the label's unit
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..modeling_enecg import EnECGModel, mix_experts
+
+
+logger = logging.getLogger(__name__)
+
+FIT_STRATEGIES = ("stacked", "joint")
+CLASS_WEIGHTINGS = ("balanced", "none")
+
+
+@dataclass
+class FitSettings:
+    """Hyperparameters of one fit (`train.py` exposes each as a flag of the same name).
+
+    Args:
+        strategy: `"stacked"` (default, see the module docstring) or `"joint"` (the research code's single stage).
+        epochs: most epochs of a head fit (`stacked`: early-stopped by the inner folds; `joint`: all of them).
+        learning_rate, weight_decay, batch_size: AdamW and minibatches of the head (and joint) fits.
+        inner_folds: subject-wise inner folds that give the out-of-fold predictions (`stacked`).
+        gate_epochs, gate_learning_rate: most epochs and learning rate of the gate's input-dependent part
+            (early-stopped on a held-out fifth of the out-of-fold predictions; 0 keeps only the stacked weights).
+        class_weighting: `"balanced"` weighs each class of single-label classification by the inverse of its
+            frequency in the training records (so a rare rhythm is not ignored), `"none"` weighs records equally.
+        early_stopping: `False` trains every head for all `epochs` (an ablation; the inner folds still give the
+            gate its out-of-fold predictions).
+        gate_predictions: `"out_of_fold"` (default) or `"in_sample"`: the gate is fitted on the final heads'
+            predictions of their own training records (an ablation: it shows why out-of-fold predictions matter).
+        seed: every job's seed derives from it.
+    """
+
+    strategy: str = "stacked"
+    epochs: int = 100
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    inner_folds: int = 5
+    gate_epochs: int = 100
+    gate_learning_rate: float = 3e-3
+    class_weighting: str = "balanced"
+    early_stopping: bool = True
+    gate_predictions: str = "out_of_fold"
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.strategy not in FIT_STRATEGIES:
+            raise ValueError(f"strategy must be one of {FIT_STRATEGIES}, got {self.strategy!r}")
+        if self.gate_predictions not in ("out_of_fold", "in_sample"):
+            raise ValueError(f"gate_predictions must be 'out_of_fold' or 'in_sample', got {self.gate_predictions!r}")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.strategy == "stacked" and self.inner_folds < 2:
+            raise ValueError(f"inner_folds must be at least 2, got {self.inner_folds}")
+        if self.gate_epochs < 0:
+            raise ValueError(f"gate_epochs must be >= 0, got {self.gate_epochs}")
+        for name in ("learning_rate", "gate_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FeatureTable:
+    """What the frozen part computed for n records, in memory, with their labels.
+
+    Args:
+        expert_embeddings: one `(n, embedding_dim)` tensor per expert, in the model's expert order.
+        gate_inputs: `(n, gate_leads * gate_input_length)`.
+        labels: `(n,)` floats (regression, in the label's unit) or class indices.
+        groups: subject of each record (inner folds keep a subject on one side); `None`: each record its own.
+    """
+
+    expert_embeddings: list[torch.Tensor]
+    gate_inputs: torch.Tensor
+    labels: torch.Tensor
+    groups: np.ndarray | None = None
+
+    def __post_init__(self):
+        n = len(self.labels)
+        sizes = {len(e) for e in self.expert_embeddings} | {len(self.gate_inputs)}
+        if sizes != {n}:
+            raise ValueError(f"Feature table rows differ: {sorted(sizes)} feature rows for {n} labels")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"{len(self.groups)} groups for {n} records")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def group_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.groups[rows] if self.groups is not None else rows.astype(str)
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model: EnECGModel, input_values: torch.Tensor, labels, groups=None,
+                   batch_size: int = 16) -> "FeatureTable":
+        """Run the frozen experts once over `input_values` (records, leads, samples)."""
+        embeddings, gates = [], []
+        model.eval()
+        for start in range(0, len(input_values), batch_size):
+            features = model.compute_features(torch.as_tensor(input_values[start : start + batch_size]))
+            embeddings.append([e.float() for e in features.expert_embeddings])
+            gates.append(features.gate_inputs.float())
+        return cls([torch.cat([b[i] for b in embeddings]) for i in range(len(model.experts))], torch.cat(gates),
+                   torch.as_tensor(labels), None if groups is None else np.asarray(groups))
+
+
+class JobRunner(Protocol):
+    """Runs the independent jobs of a fit and returns their outputs in order (see `training.jobs`)."""
+
+    def map(self, name: str, function: Callable[[Any], dict[str, torch.Tensor]], items: Sequence[Any]
+            ) -> list[dict[str, torch.Tensor]]: ...
+
+
+class InProcessRunner:
+    """Every job in this process, one after another."""
+
+    def map(self, name, function, items):
+        return [function(item) for item in items]
+
+
+@dataclass
+class FitReport:
+    """What a fit decided: epochs per expert, out-of-fold losses, the stacked and the final gate weights."""
+
+    strategy: str
+    expert_epochs: dict[str, int] = field(default_factory=dict)
+    out_of_fold_loss: dict[str, float] = field(default_factory=dict)
+    stacked_weights: dict[str, float] = field(default_factory=dict)
+    gate_epochs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def subject_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k folds of positions 0..n-1 with each group on one side (sklearn's shuffled `GroupKFold`)."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = np.asarray(groups)
+    k = min(k, len(set(groups.tolist())))
+    if k < 2:
+        raise ValueError("the training records come from a single subject: at least 2 are needed for inner folds")
+    splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.arange(len(groups)), groups=groups)]
+
+
+def reset_heads_and_gate(model: EnECGModel, seed: int) -> None:
+    """Draw the heads' and gate's initial weights again from `seed` (LoRA adapters: A random, B zero)."""
+    torch.manual_seed(seed)
+    for module in [*model.heads.values(), model.gate]:
+        model._init_weights(module)
+        for layer in module.modules():
+            if hasattr(layer, "reset_lora_parameters"):  # a peft LoRA layer (its A and B are nn.Linear too)
+                for adapter in layer.lora_A:
+                    layer.reset_lora_parameters(adapter, init_lora_weights=True)
+
+
+def head_and_gate_state(model: EnECGModel) -> dict[str, torch.Tensor]:
+    """Copy of everything but the frozen experts: heads (with standardisation buffers and LoRA) and gate."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("experts.")}
+
+
+def job_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def prepare_targets(model: EnECGModel, labels: torch.Tensor, weighting: str) -> None:
+    """Set what the training records determine in the config: target scaling (regression) and class weights."""
+    config = model.config
+    if config.problem_type == "regression":
+        values = labels.double()
+        std = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
+        config.target_mean, config.target_std = float(values.mean()), std if std > 1e-8 else 1.0
+    elif config.problem_type == "single_label_classification":
+        config.class_weights = None
+        if weighting == "balanced":
+            counts = torch.bincount(labels.long(), minlength=config.num_labels).double()
+            present = counts > 0
+            weights = torch.where(present, counts.sum() / (present.sum() * counts.clamp_min(1)), torch.ones_like(counts))
+            config.class_weights = [round(float(w), 6) for w in weights]
+
+
+class EnECGFitter:
+    """Fits the heads and gate of `model` on a `FeatureTable` (see the module docstring)."""
+
+    def __init__(self, model: EnECGModel, settings: FitSettings, runner: JobRunner | None = None, autocast=None):
+        self.model = model
+        self.settings = settings
+        self.runner = runner or InProcessRunner()
+        self.autocast = autocast  # a context-manager factory (accelerate's mixed precision), or None
+
+    # ---------------------------------------------------------------------------------------------- the fit
+    def fit(self, table: FeatureTable, rows: np.ndarray, name: str = "fit") -> FitReport:
+        """Train on `table` rows `rows`; leaves the model fitted (heads, gate, target scaling, class weights)."""
+        settings, model = self.settings, self.model
+        rows = np.asarray(rows, dtype=np.int64)
+        self._reset()
+        prepare_targets(model, table.labels[rows], settings.class_weighting)
+        report = FitReport(settings.strategy)
+        if settings.strategy == "joint":
+            state = self.runner.map(f"{name}/joint", lambda _: self._joint_job(table, rows, name), [None])[0]
+            self._reset(state)
+            return report
+
+        folds = subject_folds(table.group_of(rows), settings.inner_folds, job_seed(settings.seed, f"{name}/folds"))
+        histories = self.runner.map(
+            f"{name}/inner-heads",
+            lambda fold: self._heads_job(table, rows[fold[1][0]], rows[fold[1][1]], f"{name}/inner-{fold[0]}"),
+            list(enumerate(folds)),
+        )
+        # Out-of-fold predictions of every epoch: (epochs, rows, experts, labels).
+        first = histories[0]["predictions"]
+        out_of_fold = first.new_zeros(first.shape[0], len(rows), *first.shape[2:])
+        for (_, held_out), history in zip(folds, histories):
+            out_of_fold[:, held_out] = history["predictions"]
+        labels = table.labels[rows]
+        curves = torch.stack([
+            torch.stack([model.loss_function(out_of_fold[epoch, :, e], labels) for e in range(out_of_fold.shape[2])])
+            for epoch in range(out_of_fold.shape[0])
+        ])  # (epochs, experts)
+        best = curves.argmin(dim=0)  # epoch index per expert (epoch count = index + 1)
+        if not settings.early_stopping:
+            best = torch.full_like(best, curves.shape[0] - 1)
+        predictions = out_of_fold[best, :, torch.arange(out_of_fold.shape[2])].transpose(0, 1)  # (rows, experts, labels)
+        epochs = [int(b) + 1 for b in best]
+        names = model.expert_names
+        report.expert_epochs = dict(zip(names, epochs))
+        report.out_of_fold_loss = {n: float(curves[b, e]) for e, (n, b) in enumerate(zip(names, best.tolist()))}
+
+        jobs = [("heads", None)]
+        if model.config.gate_type == "learned":
+            jobs.append(("gate", None))
+        if settings.gate_predictions == "in_sample" and len(jobs) > 1:
+            heads = self.runner.map(f"{name}/final-heads",
+                                    lambda _: self._heads_job(table, rows, None, f"{name}/heads", epochs), [None])[0]
+            self._reset(heads)
+            predictions = self._expert_logits(table, rows)
+        outputs = self.runner.map(
+            f"{name}/final",
+            lambda job: (self._heads_job(table, rows, None, f"{name}/heads", epochs) if job[0] == "heads"
+                         else self._gate_job(table, rows, predictions, f"{name}/gate")),
+            jobs,
+        )
+        state = {}
+        for output in outputs:
+            state.update({k: v for k, v in output.items() if not k.startswith("report.")})
+        self._reset(state)
+        if len(outputs) > 1:
+            report.stacked_weights = dict(zip(names, outputs[1]["report.stacked_weights"].tolist()))
+            report.gate_epochs = int(outputs[1]["report.gate_epochs"])
+        logger.info("%s: head epochs %s; out-of-fold losses %s; stacked gate weights %s; gate epochs %d", name,
+                    report.expert_epochs, {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
+                    {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
+        return report
+
+    # ---------------------------------------------------------------------------------------------- jobs
+    def _heads_job(self, table: FeatureTable, train_rows: np.ndarray, eval_rows: np.ndarray | None, name: str,
+                   expert_epochs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Train every head on its own loss. With `eval_rows`: the heads' predictions on them after every epoch,
+        `{"predictions": (epochs, eval rows, experts, labels)}`. With `expert_epochs`: the head weights, each expert's
+        taken after its own number of epochs."""
+        model = self._start_job(name)
+        model.fit_head_standardization([e[train_rows] for e in table.expert_embeddings])
+        parameters = self._trainable("heads.")
+        optimizer = torch.optim.AdamW(parameters, lr=self.settings.learning_rate,
+                                      weight_decay=self.settings.weight_decay, foreach=True)
+        total = max(expert_epochs) if expert_epochs is not None else self.settings.epochs
+        history, kept = [], {}
+        for epoch in range(1, total + 1):
+            model.train()
+            for batch in self._batches(train_rows, name, epoch):
+                with self._autocast():
+                    logits = model.compute_expert_logits([e[batch] for e in table.expert_embeddings])
+                    loss = model.loss_function(logits, table.labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if eval_rows is not None:
+                history.append(self._expert_logits(table, eval_rows))
+            if expert_epochs is not None:
+                for expert, count in zip(model.expert_names, expert_epochs):
+                    if count == epoch:
+                        prefix = f"heads.{expert}."
+                        kept.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)})
+        if eval_rows is not None:
+            return {"predictions": torch.stack(history)}
+        return kept
+
+    def _gate_job(self, table: FeatureTable, rows: np.ndarray, predictions: torch.Tensor, name: str
+                  ) -> dict[str, torch.Tensor]:
+        """Fit the gate on out-of-fold head predictions `(rows, experts, labels)` of the records `rows`."""
+        model = self._start_job(name)
+        labels = table.labels[rows]
+        # 1. Input-independent log-weights (stacking): a convex problem on E numbers, full batch.
+        log_weights = torch.zeros(predictions.shape[1], requires_grad=True)
+        optimizer = torch.optim.Adam([log_weights], lr=0.05)
+        for _ in range(300):
+            loss = model.loss_function(mix_experts(predictions, torch.softmax(log_weights, 0).expand(len(rows), -1)),
+                                       labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        out_proj = model.gate.out_proj
+        with torch.no_grad():
+            getattr(out_proj, "base_layer", out_proj).bias.copy_(log_weights.detach())
+        stacked = torch.softmax(log_weights.detach(), 0)
+
+        # 2. The input-dependent part, from zero, early-stopped on a held-out fifth of the records (by subject).
+        best_epoch = 0
+        if self.settings.gate_epochs > 0 and len(set(table.group_of(rows).tolist())) >= 2:
+            fit_part, check_part = subject_folds(table.group_of(rows), 5, job_seed(self.settings.seed, name))[0]
+
+            def check_loss() -> float:
+                model.eval()
+                with torch.no_grad():
+                    weights = model.gate(table.gate_inputs[rows[check_part]].float())
+                    return float(model.loss_function(mix_experts(predictions[check_part], weights), labels[check_part]))
+
+            parameters = self._trainable("gate.")
+            optimizer = torch.optim.AdamW(parameters, lr=self.settings.gate_learning_rate,
+                                          weight_decay=self.settings.weight_decay, foreach=True)
+            best_loss = check_loss()
+            best_state = {k: v.detach().clone() for k, v in model.gate.state_dict().items()}
+            for epoch in range(1, self.settings.gate_epochs + 1):
+                model.train()
+                for batch in self._batches(fit_part, name, epoch):
+                    with self._autocast():
+                        weights = model.gate(table.gate_inputs[rows[batch]].float())
+                        loss = model.loss_function(mix_experts(predictions[batch], weights), labels[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                current = check_loss()
+                if current < best_loss - 1e-6:
+                    best_loss, best_epoch = current, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.gate.state_dict().items()}
+            model.gate.load_state_dict(best_state)
+        state = {f"gate.{k}": v.detach().clone() for k, v in model.gate.state_dict().items()}
+        state["report.stacked_weights"] = stacked
+        state["report.gate_epochs"] = torch.tensor(best_epoch)
+        return state
+
+    def _joint_job(self, table: FeatureTable, rows: np.ndarray, name: str) -> dict[str, torch.Tensor]:
+        """The research code's stage: heads and gate together on the model's loss for `epochs` epochs."""
+        model = self._start_job(f"{name}/joint")
+        model.fit_head_standardization([e[rows] for e in table.expert_embeddings])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay, foreach=True)
+        for epoch in range(1, self.settings.epochs + 1):
+            model.train()
+            for batch in self._batches(rows, name, epoch):
+                with self._autocast():
+                    loss = model(expert_embeddings=[e[batch] for e in table.expert_embeddings],
+                                 gate_inputs=table.gate_inputs[batch], labels=table.labels[batch]).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return head_and_gate_state(model)
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _reset(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The initial heads and gate, with `state` (job outputs) loaded over them."""
+        reset_heads_and_gate(self.model, job_seed(self.settings.seed, "initial-weights"))
+        if state:
+            unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"Job outputs do not match the model: unexpected {unexpected[:5]}")
+
+    def _start_job(self, name: str) -> EnECGModel:
+        """Every job starts from the initial heads and gate and seeds itself: its output depends on nothing else."""
+        self._reset()
+        torch.manual_seed(job_seed(self.settings.seed, name))  # dropout masks
+        return self.model
+
+    def _trainable(self, prefix: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and n.startswith(prefix)]
+
+    def _batches(self, rows: np.ndarray, name: str, epoch: int):
+        generator = torch.Generator().manual_seed(job_seed(self.settings.seed, f"{name}/epoch-{epoch}"))
+        order = torch.as_tensor(rows)[torch.randperm(len(rows), generator=generator)]
+        for start in range(0, len(order), self.settings.batch_size):
+            yield order[start : start + self.settings.batch_size]
+
+    def _autocast(self):
+        import contextlib
+
+        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _expert_logits(self, table: FeatureTable, rows: np.ndarray) -> torch.Tensor:
+        self.model.eval()
+        return self.model.compute_expert_logits([e[rows] for e in table.expert_embeddings]).float()
+
+
+def fit_enecg(model: EnECGModel, table: FeatureTable, rows: np.ndarray, settings: FitSettings | None = None,
+              runner: JobRunner | None = None, name: str = "fit") -> FitReport:
+    """Fit `model`'s heads and gate on `table` rows `rows` (see the module docstring); returns what was decided."""
+    return EnECGFitter(model, settings or FitSettings(), runner).fit(table, rows, name)
+
+
+@torch.no_grad()
+def predict(model: EnECGModel, table: FeatureTable, rows: np.ndarray | None = None, batch_size: int = 256
+            ) -> dict[str, np.ndarray]:
+    """Predictions of `model` for `table` rows (default all): `logits` (rows, labels) in the label's unit,
+    `expert_logits` (rows, experts, labels), `gate_weights` (rows, experts), and the `labels`."""
+    model.eval()
+    rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
+    parts: dict[str, list[torch.Tensor]] = {"logits": [], "expert_logits": [], "gate_weights": []}
+    for start in range(0, len(rows), batch_size):
+        batch = torch.as_tensor(rows[start : start + batch_size])
+        out = model(expert_embeddings=[e[batch] for e in table.expert_embeddings], gate_inputs=table.gate_inputs[batch])
+        for key in parts:
+            parts[key].append(getattr(out, key).float().cpu())
+    result = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    result["labels"] = table.labels[torch.as_tensor(rows)].numpy()
+    return result
+
+
+__all__ = ["FitSettings", "FeatureTable", "FitReport", "EnECGFitter", "InProcessRunner", "fit_enecg", "predict",
+           "subject_folds", "FIT_STRATEGIES"]

@@ -1,0 +1,202 @@
+"""The training core (`enecg_hf.training.fitting`) in process, on synthetic features where the right answer is known.
+
+Three experts: `signal` (its embedding carries the label, plus noise), `memorizer` and `noise` (random codes: a head
+can memorise its training records with them, but they say nothing about new ones).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from enecg_hf import EnECGConfig, EnECGModel
+from enecg_hf.training.fitting import (
+    EnECGFitter, FeatureTable, FitSettings, InProcessRunner, fit_enecg, job_seed, predict, prepare_targets,
+    reset_heads_and_gate, subject_folds,
+)
+
+
+EXPERTS = [
+    # DLinear tiny experts of different input lengths: their embeddings are replaced by the synthetic features.
+    {"name": "signal", "type": "dlinear", "input_length": 500, "leads": ["II"], "settings": {"preset": "tiny"}},
+    {"name": "memorizer", "type": "dlinear", "input_length": 400, "leads": ["II"], "settings": {"preset": "tiny"}},
+    {"name": "noise", "type": "dlinear", "input_length": 300, "leads": ["II"], "settings": {"preset": "tiny"}},
+]
+FAST = dict(epochs=25, inner_folds=3, gate_epochs=10, learning_rate=1e-2, batch_size=16)
+
+
+def make_model(problem_type: str = "regression", **overrides) -> EnECGModel:
+    kwargs = dict(experts=EXPERTS, head_hidden_size=16, gate_input_length=20, gate_hidden_size=8, lora_r=4,
+                  lora_alpha=16, lora_dropout=0.0, problem_type=problem_type)
+    if problem_type != "regression":
+        kwargs.update(id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    torch.manual_seed(0)
+    return EnECGModel(EnECGConfig(**{**kwargs, **overrides}))
+
+
+def synthetic_table(n: int = 120, classification: bool = False, seed: int = 0) -> FeatureTable:
+    rng = np.random.default_rng(seed)
+    target = rng.normal(800.0, 120.0, n)
+    # 16 columns each: the embedding size of a tiny DLinear expert.
+    informative = np.stack([(target - 800) / 120 + rng.normal(0, 1.0, n) for _ in range(16)], 1) * 0.05 + 3.0
+    memorizer = rng.normal(0, 1, (n, 16))
+    noise = rng.normal(0, 1, (n, 16))
+    labels = torch.tensor((target > 800).astype(np.int64)) if classification else torch.tensor(target, dtype=torch.float32)
+    groups = np.asarray([f"s{i // 2}" for i in range(n)])  # two records per subject
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return FeatureTable([as_tensor(informative), as_tensor(memorizer), as_tensor(noise)],
+                        as_tensor(rng.normal(0, 1, (n, 20))), labels, groups)
+
+
+def split(table: FeatureTable, seed: int = 0):
+    return subject_folds(table.groups, 4, seed)[0]
+
+
+def test_stacked_fit_finds_the_informative_expert_and_beats_the_mean():
+    table = synthetic_table()
+    train, test = split(table)
+    model = make_model()
+    report = fit_enecg(model, table, train, FitSettings(**FAST))
+    out = predict(model, table, test)
+    truth = table.labels[test].numpy()
+    mae = np.abs(out["logits"][:, 0] - truth).mean()
+    mean_mae = np.abs(table.labels[train].numpy().mean() - truth).mean()
+    assert mae < 0.6 * mean_mae, (mae, mean_mae)
+    # The gate trusts the informative expert, learned from out-of-fold predictions.
+    assert report.stacked_weights["signal"] > 0.8, report.stacked_weights
+    assert out["gate_weights"][:, 0].mean() > 0.7
+    assert set(report.expert_epochs) == {"signal", "memorizer", "noise"}
+    assert all(1 <= e <= FAST["epochs"] for e in report.expert_epochs.values())
+    # Predictions are in the label's unit, and the target scaling came from the training records.
+    assert model.config.target_mean == pytest.approx(float(table.labels[train].double().mean()), rel=1e-6)
+
+
+def test_gate_on_in_sample_predictions_trusts_the_memorizer():
+    """Why out-of-fold: fitted in-sample, the gate prefers the head that memorised its training records."""
+    table = synthetic_table()
+    train, _ = split(table)
+    settings = dict(FAST, epochs=60, early_stopping=False, gate_epochs=0)
+    out_of_fold = fit_enecg(make_model(adaptation="full"), table, train, FitSettings(**settings))
+    in_sample = fit_enecg(make_model(adaptation="full"), table, train,
+                          FitSettings(**settings, gate_predictions="in_sample"))
+    # Weight on the two heads that only memorised (about 0.4 in-sample and 0.1 out-of-fold when this was written).
+    assert 1 - in_sample.stacked_weights["signal"] > 1 - out_of_fold.stacked_weights["signal"] + 0.2, (
+        in_sample.stacked_weights, out_of_fold.stacked_weights)
+    assert out_of_fold.stacked_weights["signal"] > 0.8
+
+
+class ReversedRunner:
+    """Runs the jobs of every step in reverse order: a fit must not depend on where or when its jobs run."""
+
+    def __init__(self):
+        self.calls = []
+
+    def map(self, name, function, items):
+        self.calls.append((name, len(items)))
+        return [function(item) for item in reversed(items)][::-1]
+
+
+def head_gate_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("experts.")}
+
+
+@pytest.mark.parametrize("adaptation", ["lora", "full"])
+def test_jobs_are_independent_of_order_and_repeatable(adaptation):
+    table = synthetic_table(80)
+    train, _ = split(table)
+    first = make_model(adaptation=adaptation)
+    fit_enecg(first, table, train, FitSettings(**FAST), runner=InProcessRunner())
+    runner = ReversedRunner()
+    second = make_model(adaptation=adaptation)
+    fit_enecg(second, table, train, FitSettings(**FAST), runner=runner)
+    # Steps of a stacked fit: the inner-fold head fits, then the final heads and the gate.
+    assert runner.calls == [("fit/inner-heads", 3), ("fit/final", 2)]
+    a, b = head_gate_state(first), head_gate_state(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    # A fit starts from the initial weights whatever the model learned before.
+    fit_enecg(second, table, train, FitSettings(**FAST))
+    for key, value in head_gate_state(second).items():
+        torch.testing.assert_close(value, a[key], rtol=0, atol=0, msg=key)
+
+
+def test_lora_heads_train_only_adapters_and_learn():
+    table = synthetic_table()
+    train, test = split(table)
+    model = make_model(adaptation="lora")
+    fit_enecg(model, table, train, FitSettings(**FAST))
+    mae = np.abs(predict(model, table, test)["logits"][:, 0] - table.labels[test].numpy()).mean()
+    assert mae < 0.6 * np.abs(table.labels[train].numpy().mean() - table.labels[test].numpy()).mean()
+    after = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k and k.startswith("heads.")}
+    assert after and any("lora_B" in n and p.abs().sum() > 0 for n, p in model.heads.named_parameters())
+    reset_heads_and_gate(model, job_seed(42, "initial-weights"))  # the initial weights every job starts from
+    for key, value in after.items():  # frozen base weights of the heads stay where they started
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_heads_standardize_their_inputs_from_the_training_records():
+    table = synthetic_table()
+    train, _ = split(table)
+    model = make_model()
+    fit_enecg(model, table, train, FitSettings(**FAST))
+    head = model.heads["signal"]
+    torch.testing.assert_close(head.input_mean, table.expert_embeddings[0][train].mean(0))
+    torch.testing.assert_close(head.input_std, table.expert_embeddings[0][train].std(0))
+
+
+def test_balanced_class_weights_and_classification_fit():
+    table = synthetic_table(classification=True)
+    train, test = split(table)
+    model = make_model("single_label_classification")
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    prepare_targets(model, labels, "balanced")
+    assert model.config.class_weights == pytest.approx([40 / 60, 40 / 20])
+    prepare_targets(model, labels, "none")
+    assert model.config.class_weights is None
+    fit_enecg(model, table, train, FitSettings(**FAST))
+    from sklearn.metrics import roc_auc_score
+
+    logits = predict(model, table, test)["logits"]
+    assert roc_auc_score(table.labels[test].numpy(), logits[:, 1] - logits[:, 0]) > 0.8
+    assert model.config.class_weights is not None and len(model.config.class_weights) == 2
+
+
+def test_joint_strategy_trains_heads_and_gate_together():
+    table = synthetic_table()
+    train, test = split(table)
+    model = make_model(adaptation="full")
+    runner = ReversedRunner()
+    fit_enecg(model, table, train, FitSettings(**dict(FAST, strategy="joint", epochs=30)), runner=runner)
+    assert runner.calls == [("fit/joint", 1)]
+    assert model.gate.out_proj.weight.abs().sum() > 0  # the gate moved off its uniform start
+    mae = np.abs(predict(model, table, test)["logits"][:, 0] - table.labels[test].numpy()).mean()
+    assert mae < np.abs(table.labels[train].numpy().mean() - table.labels[test].numpy()).mean()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(strategy="boosted"), "strategy must be one of"),
+        (dict(inner_folds=1), "inner_folds must be at least 2"),
+        (dict(class_weighting="inverse"), "class_weighting must be one of"),
+        (dict(epochs=0), "epochs must be at least 1"),
+        (dict(gate_learning_rate=0.0), "gate_learning_rate must be positive"),
+    ],
+)
+def test_bad_fit_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FitSettings(**settings)
+
+
+def test_a_single_subject_cannot_be_split_into_inner_folds():
+    table = synthetic_table(20)
+    table.groups = np.asarray(["one"] * 20)
+    with pytest.raises(ValueError, match="single subject"):
+        EnECGFitter(make_model(), FitSettings(**FAST)).fit(table, np.arange(20))
+
+
+def test_feature_table_checks_its_rows():
+    with pytest.raises(ValueError, match="rows differ"):
+        FeatureTable([torch.zeros(5, 2)], torch.zeros(4, 3), torch.zeros(5))
