@@ -200,3 +200,37 @@ def test_a_single_subject_cannot_be_split_into_inner_folds():
 def test_feature_table_checks_its_rows():
     with pytest.raises(ValueError, match="rows differ"):
         FeatureTable([torch.zeros(5, 2)], torch.zeros(4, 3), torch.zeros(5))
+
+
+@pytest.mark.parametrize("adaptation", ["lora", "full"])
+def test_stacked_heads_compute_what_the_head_modules_compute(adaptation):
+    """Fitting trains all heads at once as stacked tensors; they must be the heads, padding and all."""
+    from enecg_hf.training.stacked_heads import StackedHeads
+
+    # Heads of three widths: the tiny DLinear, TimesNet and ECG-features experts.
+    config = make_model(adaptation=adaptation).config.to_dict()
+    config["experts"] = [
+        {"name": "a", "type": "dlinear", "input_length": 500, "leads": ["II"], "settings": {"preset": "tiny"}},
+        {"name": "b", "type": "timesnet", "input_length": 500, "leads": ["II"], "settings": {"preset": "tiny"}},
+        {"name": "c", "type": "features", "input_length": 2500, "leads": ["II"], "settings": {"preset": "tiny"}},
+    ]
+    torch.manual_seed(1)
+    model = EnECGModel(EnECGConfig.from_dict(config))
+    dims = [model.experts[n].embedding_dim for n in model.expert_names]
+    assert len(set(dims)) == 3, dims
+    embeddings = [torch.randn(7, d) * 3 + 1 for d in dims]
+    model.fit_head_standardization([e * 0.5 for e in embeddings])
+    for name, param in model.heads.named_parameters():  # move LoRA B off zero so the adapters count
+        if "lora_B" in name:
+            param.data.normal_()
+    stacked = StackedHeads(model)
+    with torch.no_grad():
+        expected = model.eval().compute_expert_logits(embeddings)
+        actual = stacked.forward(stacked.stack_inputs(embeddings))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # Writing the stacked tensors back gives the same heads.
+    state = {k: v for name in model.expert_names for k, v in stacked.state_of(name).items()}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("heads.")}
+    assert state.keys() == own.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], own[key], rtol=0, atol=0, msg=key)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..modeling_enecg import EnECGModel, mix_experts
+from .stacked_heads import StackedHeads
 
 
 logger = logging.getLogger(__name__)
@@ -305,27 +306,27 @@ class EnECGFitter:
         taken after its own number of epochs."""
         model = self._start_job(name)
         model.fit_head_standardization([e[train_rows] for e in table.expert_embeddings])
-        parameters = self._trainable("heads.")
-        optimizer = torch.optim.AdamW(parameters, lr=self.settings.learning_rate,
+        heads = StackedHeads(model)  # all heads in one batched pass (same arithmetic as the modules, far faster)
+        optimizer = torch.optim.AdamW(heads.parameters, lr=self.settings.learning_rate,
                                       weight_decay=self.settings.weight_decay, foreach=True)
+        eval_inputs = heads.stack_inputs([e[eval_rows] for e in table.expert_embeddings]) if eval_rows is not None else None
         total = max(expert_epochs) if expert_epochs is not None else self.settings.epochs
         history, kept = [], {}
         for epoch in range(1, total + 1):
-            model.train()
             for batch in self._batches(train_rows, name, epoch):
                 with self._autocast():
-                    logits = model.compute_expert_logits([e[batch] for e in table.expert_embeddings])
+                    logits = heads.forward(heads.stack_inputs([e[batch] for e in table.expert_embeddings]), True)
                     loss = model.loss_function(logits, table.labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            if eval_rows is not None:
-                history.append(self._expert_logits(table, eval_rows))
+            if eval_inputs is not None:
+                with torch.no_grad():
+                    history.append(heads.forward(eval_inputs).float())
             if expert_epochs is not None:
                 for expert, count in zip(model.expert_names, expert_epochs):
                     if count == epoch:
-                        prefix = f"heads.{expert}."
-                        kept.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)})
+                        kept.update(heads.state_of(expert))
         if eval_rows is not None:
             return {"predictions": torch.stack(history)}
         return kept
