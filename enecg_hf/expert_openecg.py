@@ -11,7 +11,6 @@ weights-only, rank-normalises the input as `openecg.encode` does, and pools what
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -47,10 +46,9 @@ def _import_openecg():
         from openecg.layered import BEAT_NAMES, RHYTHM_NAMES
         from openecg.stage2.model_variants import FrameClassifierTransformerSampleResConvTokMH1Ch
     except ImportError as err:
-        python_note = " (openecg needs Python >= 3.11)" if sys.version_info < (3, 11) else ""
         raise ImportError(
             f"The openecg expert needs the `openecg` package, which ships the network and its weights: pip install "
-            f"{OPENECG_REQUIREMENT}{python_note}, or pip install 'enecg_hf[pretrained]'. A model folder that uses this "
+            f"{OPENECG_REQUIREMENT}, or pip install 'enecg_hf[pretrained]'. A model folder that uses this "
             f"expert needs it wherever it is loaded, also with trust_remote_code=True. ({type(err).__name__}: {err})"
         ) from err
     return {

@@ -133,6 +133,10 @@ def test_frozen_and_round_trip(tmp_path, save_backbones):
     assert any(p.requires_grad for p in model.parameters())  # LoRA adapters train
     model.save_pretrained(tmp_path)
     assert (tmp_path / "expert_openecg.py").is_file()
+    from enecg_hf.serving_export import export_serving_files
+
+    export_serving_files(model, tmp_path)  # the endpoint installs the wheel that carries the network
+    assert "openecg==0.11.0" in (tmp_path / "requirements.txt").read_text().splitlines()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         saved = [k for k in f.keys() if k.startswith("experts.openecg.")]
     assert bool(saved) is save_backbones
