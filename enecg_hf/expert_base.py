@@ -68,6 +68,10 @@ class EnECGExpert(nn.Module):
     expert_type: ClassVar[str] = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     DEFAULT_PRESET: ClassVar[str] = "tiny"
+    # Licence and training data of the released weights a `pretrained` source loads (model cards print them); None
+    # for experts without released weights.
+    WEIGHTS_LICENSE: ClassVar[str | None] = None
+    WEIGHTS_TRAINING_DATA: ClassVar[str | None] = None
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__()

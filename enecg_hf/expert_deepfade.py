@@ -63,6 +63,8 @@ class EnECGDeepFadeExpert(EnECGExpert):
 
     expert_type = "deepfade"
     DEFAULT_PRESET = "deepfade"
+    WEIGHTS_LICENSE = "Apache-2.0"
+    WEIGHTS_TRAINING_DATA = "a large private multi-source ECG database with noise augmentation (ecgdatakit)"
     PRESETS = {
         # `DeepFADE.DEFAULT_ARGS` of ecgdatakit 2.0.3, encoder part (8.6 M parameters), plus our pooling and batching.
         "deepfade": {

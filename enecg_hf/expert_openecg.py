@@ -92,6 +92,9 @@ class EnECGOpenEcgExpert(EnECGExpert):
 
     expert_type = "openecg"
     DEFAULT_PRESET = "codec-v6"
+    WEIGHTS_LICENSE = "Apache-2.0"
+    WEIGHTS_TRAINING_DATA = ("expert annotations only: LUDB, QTDB, ISP (waves), MIT-BIH DS1 and VitalDB arrhythmia "
+                             "(beats), a Korean hospital rhythm set (openecg codec_v6 model card)")
     PRESETS = {
         # The `model_config` of codec_v1 ... codec_v6.pt in openecg 0.11.0 (1.16 M parameters).
         "codec-v6": {

@@ -241,3 +241,22 @@ def test_tiny_preset_shapes():
     out = expert(torch.randn(2, 12, 5000))
     assert out.shape == (2, 3 * (16 + 4 + 6 + 6)) == (2, expert.embedding_dim) and torch.isfinite(out).all()
     assert expert.feature_names[16:20] == ["I.frame_other", "I.frame_P", "I.frame_QRS", "I.frame_T"]
+
+
+@needs_openecg
+def test_model_card_names_the_licence_and_training_data():
+    from enecg_hf.model_card import random_weight_experts, render_model_card
+
+    dlinear = {"name": "dlinear", "type": "dlinear", "input_length": 500, "leads": ["II"], "settings": {"preset": "tiny"}}
+    config = model_config(experts=[model_config().experts[0], dlinear])
+    model = EnECGModel.from_expert_sources(config)
+    summary = {"mae": {"mean": 10.0, "std": 1.0}}
+    metrics = {"problem_type": "regression", "label": "rr_interval", "unit": "ms", "records": 10, "folds": [{}, {}],
+               "cv": summary, "cv_baseline": summary, "final": {"metrics": {"mae": 9.0}}}
+    training_args = {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "weight_decay": 0.0, "seed": 0,
+                     "cache_features": True}
+    card = render_model_card(model, metrics, training_args, ["ludb"], random_weight_experts(model), "me/model")
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| `")}
+    assert "`package:openecg/models/codec_v6.pt`" in rows["`openecg`"] and "Apache-2.0" in rows["`openecg`"]
+    assert "LUDB" in rows["`openecg`"]
+    assert "RANDOM" in rows["`dlinear`"]
