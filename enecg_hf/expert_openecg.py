@@ -11,6 +11,7 @@ weights-only, rank-normalises the input as `openecg.encode` does, and pools what
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -121,6 +122,10 @@ class EnECGOpenEcgExpert(EnECGExpert):
                 beat_n_classes=s["beat_n_classes"], rhythm_n_classes=s["rhythm_n_classes"], pos_type=s["pos_type"],
                 dropout=s["dropout"], use_lead_emb=False, conv_stem=False,
             )
+        # The heads' shared input is not among the library forward's outputs: a hook keeps it, per thread (a served
+        # model may run several forwards at once).
+        self._head_inputs: dict[int, torch.Tensor] = {}
+        self.codec.head_sample.register_forward_pre_hook(self._keep_head_input)
         max_positions = self.codec.pos_enc.shape[1] if self.codec.pos_enc is not None else None
         length, patch = config.input_length, s["patch_size"]
         if length % patch or (max_positions is not None and length // patch > max_positions):
@@ -154,21 +159,18 @@ class EnECGOpenEcgExpert(EnECGExpert):
         ranks = np.stack([self._rank_normalize(row) for row in rows]).astype(np.float32, copy=False)
         return torch.from_numpy(ranks).to(inputs.device)
 
+    def _keep_head_input(self, _module, args) -> None:
+        self._head_inputs[threading.get_ident()] = args[0]
+
     def codec_outputs(self, inputs: torch.Tensor) -> EnECGOpenEcgOutputs:
         """(batch, leads, T) -> the codec's per-sample features and logits for every lead (see
-        [`EnECGOpenEcgOutputs`]). The library's forward runs unchanged; a hook keeps the heads' shared input."""
+        [`EnECGOpenEcgOutputs`]). The library's forward runs unchanged."""
         batch, leads, length = inputs.shape
         ranks = self.rank_normalize(inputs)
-        captured: list[torch.Tensor] = []
-        handle = self.codec.head_sample.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-        try:
-            # The lead id only feeds a lead embedding, which this codec does not have.
-            frame, beat, rhythm = self.codec(ranks, torch.zeros(len(ranks), dtype=torch.long, device=ranks.device))
-        finally:
-            handle.remove()
-        return EnECGOpenEcgOutputs(
-            *(t.reshape(batch, leads, length, t.shape[-1]) for t in (captured[0], frame, beat, rhythm))
-        )
+        # The lead id only feeds a lead embedding, which this codec does not have.
+        frame, beat, rhythm = self.codec(ranks, torch.zeros(len(ranks), dtype=torch.long, device=ranks.device))
+        hidden = self._head_inputs.pop(threading.get_ident())
+        return EnECGOpenEcgOutputs(*(t.reshape(batch, leads, length, t.shape[-1]) for t in (hidden, frame, beat, rhythm)))
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> (batch, embedding_dim); see the class docstring for the columns."""

@@ -115,6 +115,12 @@ def test_batch_independent_deterministic_and_not_differentiable():
     torch.testing.assert_close(expert(x), together, rtol=0, atol=0)
     for i in range(3):
         torch.testing.assert_close(expert(x[i : i + 1]), together[i : i + 1], rtol=1e-5, atol=1e-6)
+    # Records embedded at the same time from several threads (a served model) do not mix.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        alone = list(pool.map(lambda i: expert(x[i : i + 1]), range(3)))
+    torch.testing.assert_close(torch.cat(alone), together, rtol=1e-5, atol=1e-6)
     # Ranks are piecewise constant: no gradient reaches the input (explanations list this expert as such).
     assert not together.requires_grad
     from enecg_hf.explain_enecg import NOT_DIFFERENTIABLE
