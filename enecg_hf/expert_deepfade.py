@@ -70,12 +70,12 @@ class EnECGDeepFadeExpert(EnECGExpert):
         "deepfade": {
             "layers": 8, "kernels": 3, "growth_rate": 12, "compression": 1.0, "bottleneck": False,
             "dropout_rate": 0.2, "pool_steps": [2, 2, 2, 5], "pool_type": "convolution",
-            "activation": {"name": "elu", "args": {"alpha": 0.1}}, "pooling": "mean_std", "chunk_size": 12,
+            "activation": {"name": "elu", "args": {"alpha": 0.1}}, "pooling": "mean_std", "chunk_size": 4,
         },
         "tiny": {
             "layers": 1, "kernels": 3, "growth_rate": 4, "compression": 1.0, "bottleneck": False,
             "dropout_rate": 0.2, "pool_steps": [2, 2, 2, 5], "pool_type": "convolution",
-            "activation": {"name": "elu", "args": {"alpha": 0.1}}, "pooling": "mean_std", "chunk_size": 12,
+            "activation": {"name": "elu", "args": {"alpha": 0.1}}, "pooling": "mean_std", "chunk_size": 4,
         },
     }
 
