@@ -129,9 +129,10 @@ class EnECGOpenEcgExpert(EnECGExpert):
         max_positions = self.codec.pos_enc.shape[1] if self.codec.pos_enc is not None else None
         length, patch = config.input_length, s["patch_size"]
         if length % patch or (max_positions is not None and length // patch > max_positions):
+            longest = f" and at most {patch * max_positions} samples" if max_positions is not None else ""
             raise ValueError(
-                f"Expert {config.name!r}: openecg input_length must be a multiple of its patch size ({patch}) and at "
-                f"most {patch * max_positions} samples; got {length}. The codec reads 10 s at 500 Hz: use 5000."
+                f"Expert {config.name!r}: openecg input_length must be a multiple of its patch size ({patch}){longest}; "
+                f"got {length}. The codec reads 10 s at 500 Hz: use 5000."
             )
         self.qrs_classes = [c for c in library["qrs_classes"] if c < s["n_classes"]]
         self.class_names = {
