@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -e ".[dev,features,serve]"
+	$(PYTHON) -m pip install -e ".[dev,features,serve,pretrained]"
 	# momentfm 0.1.4 pins transformers 4.33 but runs on 5.x: install it without its pins.
 	$(PYTHON) -m pip install --no-deps momentfm==0.1.4
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedConfig
 
 STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 # Expert types this package implements; each maps to a module `expert_<type>.py`.
-EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features")
+EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 ADAPTATIONS = ("lora", "full")
 NORMALIZATIONS = ("record", "lead", "none")
@@ -25,8 +25,9 @@ class EnECGExpertConfig:
         type: One of `EXPERT_TYPES`.
         input_length: Samples per lead the backbone receives; the record is resampled to it.
         leads: Lead names (from `EnECGConfig.lead_names`) the expert reads, in order.
-        pretrained: Where the backbone weights come from: a Hub repo id, a local folder, or `None` for random
-            weights (allowed, and logged loudly).
+        pretrained: Where the backbone weights come from: a Hub repo id, a local folder, a file shipped in an
+            installed package (`"package:openecg/models/codec_v6.pt"`, for the experts that read one), or `None` for
+            random weights (allowed, and logged loudly).
         settings: Architecture settings of the backbone (see each expert's `PRESETS`); a `preset` key picks
             named defaults that the other keys override.
     """

@@ -7,6 +7,7 @@ Experts are frozen feature extractors: the EnECG heads and gate learn on top of 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 # Files of an expert weight folder, as written by `EnECGExpert.save_pretrained` and `python -m enecg_hf.convert`.
 EXPERT_CONFIG_FILE = "expert_config.json"
 EXPERT_WEIGHTS_FILE = "model.safetensors"
+# `pretrained: "package:openecg/models/codec_v6.pt"` names a file shipped inside an installed Python package (a wheel).
+PACKAGE_SOURCE_PREFIX = "package:"
 
 
 def resample_fourier(x: torch.Tensor, num: int) -> torch.Tensor:
@@ -65,6 +68,10 @@ class EnECGExpert(nn.Module):
     expert_type: ClassVar[str] = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     DEFAULT_PRESET: ClassVar[str] = "tiny"
+    # Licence and training data of the released weights a `pretrained` source loads (model cards print them); None
+    # for experts without released weights.
+    WEIGHTS_LICENSE: ClassVar[str | None] = None
+    WEIGHTS_TRAINING_DATA: ClassVar[str | None] = None
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__()
@@ -158,8 +165,61 @@ class EnECGExpert(nn.Module):
         load_state_dict_strict(self, load_file(str(weights)), f"expert {self.name!r} from {source}")
 
 
+def resolve_package_path(source: str, expert_name: str, requirement: str | None = None) -> Path:
+    """The file or folder that `package:<package>/<path inside it>` names in an installed Python package.
+
+    Found with `importlib.util.find_spec`, which locates the package without importing it. A missing package is an
+    `ImportError` naming the pip command (`requirement`, e.g. `"openecg==0.11.0"`, else the package name).
+    """
+    spec_text = str(source)[len(PACKAGE_SOURCE_PREFIX):]
+    package, _, relative = spec_text.partition("/")
+    parts = Path(relative).parts
+    if not package.isidentifier() or not parts or ".." in parts or Path(relative).is_absolute():
+        raise ValueError(
+            f"Expert {expert_name!r}: pretrained source {source!r} is not of the form "
+            f"'{PACKAGE_SOURCE_PREFIX}<package>/<path inside the package>', e.g. "
+            f"'{PACKAGE_SOURCE_PREFIX}openecg/models/codec_v6.pt'"
+        )
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"Expert {expert_name!r}: pretrained source {source!r} is a file of the Python package {package!r}, which "
+            f"is not installed. Install it with: pip install {requirement or package} (or pip install "
+            "'enecg_hf[pretrained]'). A model folder that uses this expert needs the package wherever it is loaded, "
+            "also with trust_remote_code=True."
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location, relative)
+        if path.exists():
+            return path
+    version = _installed_version(package)
+    raise FileNotFoundError(
+        f"Expert {expert_name!r}: the installed {package} {version} has no {relative} "
+        f"(looked in {', '.join(spec.submodule_search_locations)})"
+        + (f"; this expert expects {requirement}: pip install {requirement}" if requirement else "")
+    )
+
+
+def _installed_version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 def resolve_source(source: str, expert_name: str, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder as is, or a Hub repo id downloaded with `huggingface_hub.snapshot_download`."""
+    """A local folder as is, a folder inside an installed package (`package:...`), or a Hub repo id downloaded with
+    `huggingface_hub.snapshot_download`."""
+    if str(source).startswith(PACKAGE_SOURCE_PREFIX):
+        path = resolve_package_path(source, expert_name)
+        if not path.is_dir():
+            raise ValueError(f"Expert {expert_name!r}: pretrained source {source} is a file; this expert reads a folder")
+        return path
     path = Path(os.path.expanduser(str(source)))
     if path.exists():
         if not path.is_dir():
@@ -174,6 +234,29 @@ def resolve_source(source: str, expert_name: str, allow_patterns: list[str] | No
             f"Expert {expert_name!r}: cannot load pretrained weights from {source!r}: it is not a local folder and "
             f"the Hugging Face Hub could not provide it ({type(err).__name__}: {err}). Download the weights where the "
             "Hub is reachable and point `pretrained` at the local folder, or set `pretrained: null` for random weights."
+        ) from err
+
+
+def resolve_checkpoint(source: str, expert_name: str, requirement: str | None = None,
+                       allow_patterns: list[str] | None = None) -> Path:
+    """Where an expert that also reads its upstream checkpoint file finds its weights: a file or folder inside an
+    installed package (`package:...`), a local file or folder, or a Hub repo (a folder, via `resolve_source`)."""
+    if str(source).startswith(PACKAGE_SOURCE_PREFIX):
+        return resolve_package_path(source, expert_name, requirement)
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        return path
+    return resolve_source(source, expert_name, allow_patterns=allow_patterns)
+
+
+def load_weights_only(path: str | os.PathLike, what: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain containers only, no code in the file runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, or a RuntimeError wrapping it
+        raise ValueError(
+            f"Cannot read {what} from {path} with torch.load(weights_only=True) ({type(err).__name__}: {err}). Only "
+            "tensors and plain containers are accepted, so that no code in the file can run."
         ) from err
 
 
@@ -199,4 +282,7 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
     module.load_state_dict(state_dict, strict=True)
 
 
-__all__ = ["EnECGExpert", "resample_fourier", "resolve_source", "load_state_dict_strict"]
+__all__ = [
+    "EnECGExpert", "resample_fourier", "resolve_source", "resolve_package_path", "resolve_checkpoint",
+    "load_weights_only", "load_state_dict_strict", "PACKAGE_SOURCE_PREFIX",
+]

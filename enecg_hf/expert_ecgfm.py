@@ -49,6 +49,8 @@ class EnECGEcgFmExpert(EnECGExpert):
 
     expert_type = "ecgfm"
     DEFAULT_PRESET = "tiny"
+    WEIGHTS_LICENSE = "MIT"
+    WEIGHTS_TRAINING_DATA = "MIMIC-IV-ECG v1.0 and PhysioNet 2021 v1.0.3 (fine-tune: PhysioNet 2021)"
     PRESETS = {
         # fairseq-signals `ecg_transformer` defaults used by ECG-FM; `proj` is the PhysioNet 2021 fine-tune's 26-way head.
         "ecg-fm": {

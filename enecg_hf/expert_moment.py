@@ -39,6 +39,8 @@ class EnECGMomentExpert(EnECGExpert):
 
     expert_type = "moment"
     DEFAULT_PRESET = "tiny"
+    WEIGHTS_LICENSE = "MIT"
+    WEIGHTS_TRAINING_DATA = "the Time-series Pile (AutonLab: public time series from many domains)"
     PRESETS = {
         "small": {"d_model": 512, "d_ff": 1024, "num_layers": 8, "num_heads": 6, "patch_len": 8, "vocab_size": 32128},
         "base": {"d_model": 768, "d_ff": 2048, "num_layers": 12, "num_heads": 12, "patch_len": 8, "vocab_size": 32128},

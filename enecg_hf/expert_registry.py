@@ -6,10 +6,12 @@ from typing import Sequence
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
+from .expert_deepfade import EnECGDeepFadeExpert
 from .expert_dlinear import EnECGDLinearExpert
 from .expert_ecgfm import EnECGEcgFmExpert
 from .expert_features import EnECGFeaturesExpert
 from .expert_moment import EnECGMomentExpert
+from .expert_openecg import EnECGOpenEcgExpert
 from .expert_tempo import EnECGTempoExpert
 from .expert_timesnet import EnECGTimesNetExpert
 
@@ -18,7 +20,7 @@ EXPERT_CLASSES: dict[str, type[EnECGExpert]] = {
     cls.expert_type: cls
     for cls in (
         EnECGMomentExpert, EnECGDLinearExpert, EnECGTimesNetExpert, EnECGTempoExpert, EnECGEcgFmExpert,
-        EnECGFeaturesExpert,
+        EnECGFeaturesExpert, EnECGOpenEcgExpert, EnECGDeepFadeExpert,
     )
 }
 

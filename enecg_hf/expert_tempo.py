@@ -64,6 +64,8 @@ class EnECGTempoExpert(EnECGExpert):
 
     expert_type = "tempo"
     DEFAULT_PRESET = "tiny"
+    WEIGHTS_LICENSE = "Apache-2.0"
+    WEIGHTS_TRAINING_DATA = "public forecasting benchmarks (ETT and others; see the Melady/TEMPO Hub card), from GPT-2"
     PRESETS = {
         # Hub `Melady/TEMPO` config.json (prompt 1, pool false, use_token 0) and the GPT-2 base architecture.
         "tempo-80m": {

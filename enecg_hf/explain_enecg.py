@@ -19,8 +19,12 @@ import torch
 
 
 # Experts whose embedding is not a differentiable function of the input: the ECG-features expert measures the record
-# with neurokit2 in numpy. Their saliency is reported as missing, with this reason, rather than as zeros.
-NOT_DIFFERENTIABLE = {"features": "measured with neurokit2 in numpy: no gradient flows from its embedding to the input"}
+# with neurokit2 in numpy; the openecg codec reads the ranks of the samples, which are piecewise constant. Their
+# saliency is reported as missing, with this reason, rather than as zeros.
+NOT_DIFFERENTIABLE = {
+    "features": "measured with neurokit2 in numpy: no gradient flows from its embedding to the input",
+    "openecg": "reads rank-normalised samples (piecewise constant): no gradient flows from its embedding to the input",
+}
 
 
 def _require(module: str):

@@ -33,6 +33,23 @@ def random_weight_experts(model: EnECGModel) -> list[str]:
     ]
 
 
+def expert_table(model: EnECGModel) -> list[dict[str, str]]:
+    """One row per expert for the card: where its weights came from, their licence and training data."""
+    rows = []
+    for e in model.config.expert_configs:
+        expert = model.experts[e.name]
+        if not getattr(expert, "has_weights", True):
+            weights, license_, data = "none (measurements)", "–", "–"
+        elif e.pretrained:
+            weights = f"`{e.pretrained}`"
+            license_ = getattr(expert, "WEIGHTS_LICENSE", None) or "see the source"
+            data = getattr(expert, "WEIGHTS_TRAINING_DATA", None) or "see the source"
+        else:
+            weights, license_, data = "RANDOM (no pretrained source)", "–", "–"
+        rows.append({"name": e.name, "type": e.type, "weights": weights, "license": license_, "data": data})
+    return rows
+
+
 def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args: dict[str, Any],
                       dataset_sources: list[str], random_experts: list[str], model_id: str,
                       template: str | Path | None = None) -> str:
@@ -82,6 +99,7 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
         task_description=f"regression, {metrics.get('unit') or 'label units'}" if regression else "classification",
         experts=config.expert_names,
         expert_sources={e.name: e.pretrained for e in config.expert_configs if e.pretrained},
+        expert_table=expert_table(model),
         random_experts=random_experts,
         adaptation_description=(f"LoRA r={config.lora_r}, alpha={config.lora_alpha}" if config.adaptation == "lora"
                                 else "trained fully"),
@@ -100,4 +118,4 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     return str(card).rstrip("\n") + "\n"
 
 
-__all__ = ["render_model_card", "random_weight_experts", "template_path"]
+__all__ = ["render_model_card", "random_weight_experts", "expert_table", "template_path"]

@@ -36,6 +36,17 @@ neurokit2>=0.2.10
 # only for models with the `moment` expert (installed without its transformers 4.33 pin):
 # pip install --no-deps momentfm==0.1.4
 """
+# Packages that carry an expert's network and weights (tens of MB each): listed only for models that use the expert.
+EXPERT_PACKAGE_REQUIREMENTS = {"openecg": "openecg==0.11.0", "deepfade": "ecgdatakit==2.0.3"}
+
+
+def endpoint_requirements(expert_types) -> str:
+    """The endpoint's `requirements.txt` for a model with these expert types."""
+    needed = sorted({EXPERT_PACKAGE_REQUIREMENTS[t] for t in expert_types if t in EXPERT_PACKAGE_REQUIREMENTS})
+    if not needed:
+        return ENDPOINT_REQUIREMENTS
+    return ENDPOINT_REQUIREMENTS + "# the pretrained networks of this model's experts (weights inside the wheels):\n" + \
+        "".join(f"{line}\n" for line in needed)
 
 
 def pipeline_entry() -> dict:
@@ -69,9 +80,9 @@ def export_serving_files(model, output_dir: str | os.PathLike) -> list[str]:
     written.append("config.json")
 
     shutil.copy(TEMPLATES / "handler.py", folder / "handler.py")
-    (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
+    (folder / "requirements.txt").write_text(endpoint_requirements(e.type for e in model.config.expert_configs))
     written += ["handler.py", "requirements.txt"]
     return written
 
 
-__all__ = ["export_serving_files", "pipeline_entry", "ENDPOINT_REQUIREMENTS"]
+__all__ = ["export_serving_files", "pipeline_entry", "endpoint_requirements", "ENDPOINT_REQUIREMENTS"]

@@ -475,6 +475,28 @@ def test_hub_configs_are_valid():
                 EXPERT_CLASSES[expert.type].resolve_settings(expert.settings)
 
 
+def test_offline_pretrained_config_points_at_installed_wheel_files():
+    """hub_configs/offline_pretrained.json: real pretrained experts with no Hub access (weights inside installed wheels),
+    the paper's heads, gate and LoRA."""
+    import importlib.util
+
+    from enecg_hf.expert_base import PACKAGE_SOURCE_PREFIX, resolve_package_path
+
+    config = EnECGConfig.from_json_file(HUB_CONFIGS / "offline_pretrained.json")
+    by_type = {e.type: e for e in config.expert_configs}
+    assert set(by_type) == {"openecg", "deepfade", "features", "dlinear"}
+    assert by_type["deepfade"].leads == list(config.lead_names) and by_type["openecg"].leads == ["II"]
+    assert (config.head_hidden_size, config.gate_hidden_size, config.gate_input_length) == (256, 256, 5000)
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.05)
+    for expert in config.expert_configs:
+        EXPERT_CLASSES[expert.type].resolve_settings(expert.settings)
+        if expert.pretrained:
+            assert expert.pretrained.startswith(PACKAGE_SOURCE_PREFIX)
+            package = expert.pretrained[len(PACKAGE_SOURCE_PREFIX):].split("/")[0]
+            if importlib.util.find_spec(package) is not None:
+                assert resolve_package_path(expert.pretrained, expert.name).is_file()
+
+
 def test_tiny_hub_config_runs_on_a_10_second_record():
     config = EnECGConfig.from_json_file(HUB_CONFIGS / "tiny.json")
     model = EnECGModel(config).eval()
