@@ -134,6 +134,7 @@ def build(
     seed: int = 0,
     shard_size: int = 200,
     cache_dir: str | Path | None = None,
+    max_record_seconds: float = 3600.0,
 ) -> DatasetBuild:
     """Build the dataset of one ECG collection; see [`build_dataset`] for the arguments.
 
@@ -157,6 +158,7 @@ def build(
         limit=limit,
         seed=seed,
         labels_csv=str(labels_csv) if labels_csv else None,
+        max_record_seconds=float(max_record_seconds),
     )
     started = time.perf_counter()
     table = module.list_records(Path(input) if input is not None else None, options)
@@ -250,6 +252,7 @@ def build_dataset(
     seed: int = 0,
     shard_size: int = 200,
     cache_dir: str | Path | None = None,
+    max_record_seconds: float = 3600.0,
 ) -> datasets.Dataset:
     """Read an ECG collection into a memory-mapped `datasets.Dataset` in the EnECG schema (see `schema.ecg_features`).
 
@@ -270,6 +273,8 @@ def build_dataset(
         seed: seed of the simulated data.
         shard_size: records per generator shard (bounds the memory a worker holds).
         cache_dir: parent of the temporary folder used when `output` is not given (default: the system's).
+        max_record_seconds: longer records are skipped (`too_long`), decided from their headers before their samples
+            are read; records of more than `io_enecg.RecordLimits.max_values` values are skipped as `too_large`.
 
     Returns:
         The dataset. `build(...)` returns it together with the [`BuildReport`].
@@ -280,5 +285,5 @@ def build_dataset(
     """
     return build(
         format, input, output, sampling_rate, seconds, num_proc, limit, fill_missing_leads, max_gap_seconds,
-        min_sampling_rate, labels_csv, seed, shard_size, cache_dir,
+        min_sampling_rate, labels_csv, seed, shard_size, cache_dir, max_record_seconds,
     ).dataset

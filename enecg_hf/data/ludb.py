@@ -64,7 +64,7 @@ def mean_rr_from_annotations(record_path: str | Path, extension: str = "ii") -> 
 
 
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
-    recording = read_record(row["path"])
+    recording = read_record(row["path"], limits=options.record_limits)
     fields = parse_header_comments(recording.comments)
     rhythm = fields.get("rhythm")
     diagnoses = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io_enecg import ECGRecording
+from ..io_enecg import ECGRecording, RecordLimits
 
 
 class LayoutError(ValueError):
@@ -37,10 +37,16 @@ class BuildOptions:
     limit: int | None = None
     seed: int = 0
     labels_csv: str | None = None
+    max_record_seconds: float = 3600.0
 
     @property
     def num_samples(self) -> int:
         return int(round(self.sampling_rate * self.seconds))
+
+    @property
+    def record_limits(self) -> RecordLimits:
+        """Size limits checked from each record's header before its samples are read (as in serving)."""
+        return RecordLimits(max_seconds=self.max_record_seconds)
 
 
 @dataclass

@@ -12,7 +12,8 @@ import pytest
 from enecg_hf.data import DatasetBuildError, LayoutError, build, build_dataset, column_folds
 from enecg_hf.data.__main__ import main
 
-from ecg_files import STANDARD, assert_standard_order, lead_pattern, write_record
+from ecg_files import (STANDARD, assert_standard_order, lead_pattern, peak_allocation, write_header,
+                       write_mat_zeros, write_record)
 
 
 # MIMIC-IV-ECG stores aVF before aVL.
@@ -239,3 +240,21 @@ def test_command_line_saves_dataset_and_report(corrupted_folder, tmp_path, capsy
     assert reloaded.features["signal"].shape == (12, 5000)
     assert main(["--format", "ptb-xl", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_hostile_records_are_skipped_from_their_headers_without_reading_them(tmp_path):
+    """A Challenge tree with a 120 kB .mat that inflates to 120 MB and a header claiming 2000 s (sparse .dat): both
+    skipped as too_long, decided before their samples are read. The limit is the builder's `max_record_seconds`."""
+    root = tmp_path / "hostile"
+    write_record(root, "good", comments=["Age: 60", "Sex: Female"], seconds=12)
+    write_mat_zeros(root / "bomb.mat", 12, 5_000_000)
+    write_header(root / "bomb.hea", file_name="bomb.mat")
+    write_header(root / "huge.hea", sig_len=1_000_000)
+    with open(root / "huge.dat", "wb") as handle:
+        handle.truncate(12 * 1_000_000 * 2)
+    peak, result = peak_allocation(build, "challenge", root, max_record_seconds=1000)
+    assert {entry["record_id"]: entry["reason"] for entry in result.report.skipped} == {"bomb": "too_long",
+                                                                                     "huge": "too_long"}
+    assert result.report.records_kept == 1 and peak < 60 * (1 << 20), f"{peak / (1 << 20):.0f} MB"
+    with pytest.raises(DatasetBuildError, match="all 3 records were skipped \\(too_long 3\\)"):
+        build("challenge", root, max_record_seconds=11)  # the good record is 12 s long
