@@ -61,6 +61,44 @@ def test_export_writes_pipeline_handler_and_custom_pipelines(regression_folder):
     assert "torch" in (regression_folder / "requirements.txt").read_text()
 
 
+def test_any_saved_model_folder_is_served_by_the_pipeline_offline(tmp_path):
+    """`EnECGModel.save_pretrained` (which `push_to_hub` calls) writes the pipeline and its registration: the folder
+    works with `pipeline(model=...)` offline where enecg_hf cannot be imported, and so does the folder a model loaded
+    from it through remote code saves again. (`enecg export` only adds the endpoint's handler.py.)"""
+    import json as json_module
+
+    from enecg_hf import EnECGConfig, EnECGModel
+
+    config = json_module.loads((Path(__file__).resolve().parents[1] / "hub_configs" / "tiny.json").read_text())
+    config["experts"] = [e for e in config["experts"] if e["name"] == "dlinear"]
+    config.pop("model_type", None)
+    torch.manual_seed(0)
+    folder = tmp_path / "plain"
+    EnECGModel(EnECGConfig(**config)).eval().save_pretrained(folder)
+    assert {"pipeline_enecg.py", "io_enecg.py", "preprocessing_enecg.py"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "handler.py").exists()
+    assert "ecg-analysis" in json_module.loads((folder / "config.json").read_text())["custom_pipelines"]
+    np.save(tmp_path / "signal.npy", ludb_signal("3"))
+    script = BLOCK_ENECG + textwrap.dedent(
+        f"""
+        import numpy as np
+        from transformers import AutoModel, pipeline
+        signal = np.load({str(tmp_path / "signal.npy")!r})
+        first = pipeline(model={str(folder)!r}, trust_remote_code=True)(signal, sampling_rate=500)
+        AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).save_pretrained({str(tmp_path / "again")!r})
+        second = pipeline(model={str(tmp_path / "again")!r}, trust_remote_code=True)(signal, sampling_rate=500)
+        assert "enecg_hf" not in type(first).__module__
+        print("VALUES", first["value"], second["value"])
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    first, second = map(float, run.stdout.split("VALUES", 1)[1].split())
+    assert np.isfinite(first) and first == second
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 def test_pipeline_without_task_name_on_real_ludb_records(ecg, regression_folder):
     result = ecg(str(shared("ludb", "data", "1")))
