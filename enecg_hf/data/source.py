@@ -54,11 +54,13 @@ class SourceRecord:
     """One record as a format module reads it: the raw recording and its labels (any of which may be `None`).
 
     `labels` holds `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses` and the format's extra
-    columns; missing keys are stored as null.
+    columns; missing keys are stored as null. `notes` says why a label the source should have is missing, as
+    `{"label", "reason", "detail"}` dicts (the build report lists them).
     """
 
     recording: ECGRecording
     labels: dict[str, Any] = field(default_factory=dict)
+    notes: list[dict[str, str]] = field(default_factory=list)
 
 
 def find_file(folder: Path, name: str) -> Path | None:
