@@ -203,7 +203,7 @@ def test_two_cpu_processes_with_accelerate_launch(work, sim_dataset):
     args = ["--dataset", str(sim_dataset), *SMALL_RUN, "--config", str(work / "tiny_no_dropout.json")]
     train(*args, "--output_dir", "one_process", cwd=work)
     result = train(*args, "--output_dir", "two_processes", cwd=work,
-                   launcher=["accelerate", "launch", "--num_processes", "2", "--cpu"],
+                   launcher=[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"],
                    MASTER_PORT=str(29500 + os.getpid() % 1000))
     one, two = metrics_of(work / "one_process"), metrics_of(work / "two_processes")
     assert one["num_processes"] == 1 and two["num_processes"] == 2, result.stderr[-2000:]
@@ -236,6 +236,43 @@ def test_killed_run_resumes_to_the_uninterrupted_result(work, sim_dataset, refer
         torch.testing.assert_close(other[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_never_unpickles_a_file_planted_in_a_checkpoint(work, sim_dataset, reference_run, tmp_path):
+    """accelerate loads registered custom objects from `custom_checkpoint_<i>.pkl` with weights_only=False: the run's
+    progress is JSON instead, and a checkpoint holding a pickle the trainer never writes is refused by name."""
+    import pickle
+    import shutil
+
+    checkpoint = sorted((reference_run / "checkpoints" / "final").glob("checkpoint-*"),
+                        key=lambda path: int(path.name.split("-")[1]))[-1]
+    assert json.loads((checkpoint / "training_progress.json").read_text())["stage"] == "final"
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    run = tmp_path / "planted"
+    shutil.copytree(reference_run, run)
+    marker = tmp_path / "pwned"
+    for name in ("custom_checkpoint_0.pkl", "extra_state.pt"):
+        planted = run / "checkpoints" / "final" / checkpoint.name / name
+        planted.write_bytes(pickle.dumps(_RunsCode(marker)))
+        result = train("--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", str(run), "--resume_from_checkpoint",
+                       "latest", cwd=work, expect=None)
+        assert result.returncode != 0 and not marker.exists(), "the planted pickle ran"
+        assert f"Refusing to resume from {planted.parent}" in result.stderr and f"['{name}']" in result.stderr
+        planted.unlink()
+    resumed = train("--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", str(run), "--resume_from_checkpoint",
+                    "latest", cwd=work)  # the clean checkpoint resumes (the final stage had finished: no new steps)
+    assert "resumed from" in resumed.stderr and not marker.exists()
+    assert_same_metrics(metrics_of(reference_run), metrics_of(run), rtol=1e-6)
+
+
 def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
     train("--dataset", str(sim_dataset), *SMALL_RUN, "--mixed_precision", "bf16", "--output_dir", "bf16", cwd=work)
     bf16, fp32 = metrics_of(work / "bf16"), metrics_of(reference_run)
@@ -253,6 +290,8 @@ def test_checkpoints_hold_only_trainable_parameters(reference_run):
     assert state and not any(".experts." in k or k.startswith("experts.") for k in state)
     assert all("lora_" in k for k in state), sorted(state)[:5]
     assert (checkpoint / "optimizer.bin").is_file()
+    assert json.loads((checkpoint / "training_progress.json").read_text())["stage"] == "final"
+    assert not [p.name for p in checkpoint.iterdir() if p.name.startswith("custom_checkpoint")]
 
 
 # ------------------------------------------------------------------------------------------------ real data

@@ -89,7 +89,7 @@ class Trainer:
         self.progress = TrainingProgress()
         self.steps_run = 0  # optimiser-loop iterations in this process run (for --stop_after_steps)
         self.models_built = 0
-        accelerator.register_for_checkpointing(self.progress)
+        checkpoints.track(self.progress)  # saved as JSON in each checkpoint: resuming never unpickles
 
     # ---------------------------------------------------------------- pieces
     def stage_config(self, train_idx: np.ndarray) -> EnECGConfig:
@@ -159,7 +159,7 @@ class Trainer:
 
         self.progress.reset(stage.name)
         if self.resume is not None and self.resume.parent.name == stage.name:
-            accelerator.load_state(str(self.resume))
+            self.checkpoints.load(self.resume)
             if self.progress.stage != stage.name:
                 raise RuntimeError(f"{self.resume} holds stage {self.progress.stage!r}, not {stage.name!r}")
             logger.info("%s: resumed from %s (epoch %d, step %d of the epoch)", stage.name, self.resume,
