@@ -5,7 +5,9 @@
     enecg export DIR            # add the pipeline, handler.py and requirements.txt to a saved model folder
 
 `predict` prints one JSON line per record, in the order given. A record that cannot be used prints
-`{"source": ..., "error": ..., "reason": ...}` and the others are still predicted; the exit status is then 1.
+`{"source": ..., "error": ..., "reason": ...}` and the others are still predicted; the exit status is then 1 (also
+when explanations cannot be written: the predictions are still printed). A model that cannot be loaded prints one
+line to stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -46,28 +48,58 @@ def _explain_path(base: str, index: int) -> Path:
     return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix or '.png'}")
 
 
-def predict(args: argparse.Namespace) -> int:
+def _load_pipeline(model: str):
+    """The model's pipeline, or `None` after printing one line that says why it cannot be loaded."""
     from transformers import pipeline
 
-    ecg = pipeline(model=args.model, trust_remote_code=True)
+    path = Path(model).expanduser()
+    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+    if path.exists() and not (path / "config.json").is_file():
+        print(f"enecg predict: --model {model}: not a saved model folder (no config.json)", file=sys.stderr)
+        return None
+    if not path.exists() and looks_like_path:
+        print(f"enecg predict: --model {model}: no such folder", file=sys.stderr)
+        return None
+    try:
+        return pipeline(model=model, trust_remote_code=True)
+    except (OSError, ValueError, ImportError, RuntimeError) as error:
+        print(f"enecg predict: --model {model}: cannot load the model: {error}", file=sys.stderr)
+        return None
+
+
+def predict(args: argparse.Namespace) -> int:
+    ecg = _load_pipeline(args.model)
+    if ecg is None:
+        return 2
     options = {"sampling_rate": args.sampling_rate, "lead_names": args.lead_names, "top_k": args.top_k,
                "fill_missing_leads": args.fill_missing_leads or None}
     options = {k: v for k, v in options.items() if v is not None}
     failures = 0
+    explain = args.explain
+    if explain and not Path(explain).expanduser().resolve().parent.is_dir():
+        print(f"enecg predict: --explain {explain}: the folder {Path(explain).parent} does not exist; predicting "
+              "without explanations", file=sys.stderr)
+        explain, failures = None, 1
     for index, record in enumerate(args.records):
         try:
             result = ecg(record, **options)
-            if args.explain:
+            if explain:
                 from .explain_enecg import explain_record
 
-                png = _explain_path(args.explain, index)
-                explain_record(ecg.model, record, png, **{k: v for k, v in options.items() if k != "top_k"})
-                result["explanation"] = str(png)
-        except ValueError as error:  # ECGInputError, from this package or from the model folder's copy of it
+                png = _explain_path(explain, index)
+                try:
+                    explain_record(ecg.model, record, png, **{k: v for k, v in options.items() if k != "top_k"})
+                    result["explanation"] = str(png)
+                except OSError as error:
+                    failures += 1
+                    result["explanation_error"] = f"cannot write {png}: {error}"
+            line = json.dumps(result, allow_nan=False)
+        except (ValueError, OSError) as error:  # ECGInputError (from this package or the model folder's copy), I/O
             failures += 1
-            result = {"source": record, "error": getattr(error, "detail", str(error)),
-                      "reason": getattr(error, "reason", "bad_input")}
-        print(json.dumps(result), flush=True)
+            line = json.dumps({"source": str(record), "error": getattr(error, "detail", str(error)),
+                               "reason": getattr(error, "reason", "bad_input" if isinstance(error, ValueError)
+                                                 else "unreadable_file")})
+        print(line, flush=True)
     return 1 if failures else 0
 
 

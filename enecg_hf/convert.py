@@ -164,8 +164,14 @@ _LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
 def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora_alpha: float = 16.0,
-                  n_head: int | None = None) -> ConversionReport:
-    """Convert the released TEMPO `.pth` state dict (PEFT-wrapped GPT-2, LoRA r=16 alpha=16 on `c_attn`)."""
+                  n_head: int | None = None, stride: int | None = None, seq_len: int | None = None) -> ConversionReport:
+    """Convert the released TEMPO `.pth` state dict (PEFT-wrapped GPT-2, LoRA r=16 alpha=16 on `c_attn`).
+
+    The patch stride is not stored: the weights only give the number of patches, which several strides may produce
+    (seq_len 64, patch 16: strides 13 to 16 all give 5). It is taken from `stride`, else from the preset when the
+    checkpoint has the preset's seq_len and patch size and the stride fits, else from the weights when exactly one
+    stride fits; otherwise the conversion is refused, listing the candidates. `seq_len`, if given, must match the
+    weights (`map_trend` is seq_len x seq_len)."""
     from .expert_tempo import EnECGTempoExpert
 
     report = ConversionReport("tempo", str(source), str(destination), {})
@@ -239,13 +245,11 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
         }
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source} is not a TEMPO state dict: cannot find {err}; keys: {sorted(state)[:20]}...")
-    num_patches = mapped["out_layer_trend.weight"].shape[1] // inferred["d_model"]
-    strides = [s for s in range(1, inferred["patch_size"] + 1)
-               if (inferred["seq_len"] - inferred["patch_size"]) // s + 2 == num_patches]
-    if settings["stride"] not in strides:
-        if not strides:
-            raise CheckpointError(f"{source}: out_layer_trend takes {num_patches} patches, which no stride gives")
-        inferred["stride"] = strides[0]
+    if seq_len is not None and seq_len != inferred["seq_len"]:
+        raise CheckpointError(f"{source}: --seq-len {seq_len}, but map_trend is {inferred['seq_len']} x "
+                              f"{inferred['seq_len']} (the checkpoint's seq_len)")
+    inferred["stride"] = _tempo_stride(source, mapped["out_layer_trend.weight"].shape[1] // inferred["d_model"],
+                                       inferred, settings, preset, stride, report)
     if n_head is not None:
         inferred["n_head"] = n_head
     changed = {k: (settings[k], v) for k, v in inferred.items() if settings.get(k) != v}
@@ -265,9 +269,38 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
     return report
 
 
+def _tempo_stride(source: str, num_patches: int, inferred: dict, preset_settings: dict, preset: str,
+                  stride: int | None, report: ConversionReport) -> int:
+    """The patch stride of a TEMPO checkpoint (see `convert_tempo`)."""
+    seq_len, patch_size = inferred["seq_len"], inferred["patch_size"]
+    fitting = [s for s in range(1, patch_size + 1) if (seq_len - patch_size) // s + 2 == num_patches]
+    if stride is not None:
+        if stride not in fitting:
+            raise CheckpointError(f"{source}: --stride {stride} gives {(seq_len - patch_size) // stride + 2} patches of "
+                                  f"{patch_size} over {seq_len} samples; out_layer_trend takes {num_patches} "
+                                  f"(strides that give it: {fitting or 'none'})")
+        return stride
+    if not fitting:
+        raise CheckpointError(f"{source}: out_layer_trend takes {num_patches} patches, which no stride gives")
+    same_shape = (preset_settings["seq_len"], preset_settings["patch_size"]) == (seq_len, patch_size)
+    if same_shape and preset_settings["stride"] in fitting:
+        if len(fitting) > 1:
+            report.notes.append(f"stride {preset_settings['stride']} from preset {preset!r} (strides {fitting} all fit "
+                                "the weights)")
+        return preset_settings["stride"]
+    if len(fitting) > 1:
+        raise CheckpointError(f"{source}: the stride is not stored and strides {fitting} all give the {num_patches} "
+                              f"patches out_layer_trend takes (seq_len {seq_len}, patch {patch_size}); pass --stride")
+    return fitting[0]
+
+
 # ---------------------------------------------------------------------------------------------------- ECG-FM
-# Pretraining-only parts of a fairseq-signals wav2vec 2.0 checkpoint (not used to embed or classify).
-ECGFM_PRETRAINING_ONLY = ("mask_emb", "quantizer.", "project_q.", "final_proj.", "target_glu.", "project_inp.")
+# Pretraining-only parts of a fairseq-signals wav2vec 2.0 checkpoint (not used to embed or classify: the target
+# quantizer and its projections, which `remove_pretraining_modules` deletes, and the mask embedding).
+ECGFM_PRETRAINING_ONLY = ("mask_emb", "quantizer.", "project_q.", "final_proj.", "target_glu.")
+# Present only with `quantize_input=True`, and used by the upstream forward also to embed (features -> input_quantizer
+# -> project_inp -> transformer): this expert has no input quantizer, so such checkpoints are refused.
+ECGFM_QUANTIZED_INPUT = ("input_quantizer.", "project_inp.")
 ECGFM_RENAMES = [  # fairseq-signals (after the `encoder.` prefix of fine-tuned models) -> ours
     (r"^feature_extractor\.conv_layers\.(\d+)\.0\.weight$", r"wav2vec2.feature_extractor.conv_layers.\1.conv.weight"),
     (r"^feature_extractor\.conv_layers\.0\.2\.(weight|bias)$", r"wav2vec2.feature_extractor.conv_layers.0.layer_norm.\1"),
@@ -306,6 +339,21 @@ def _parse_conv_layers(spec: Any) -> list[list[int]] | None:
     return layers
 
 
+def _ecgfm_model_config(checkpoint: dict, report: ConversionReport) -> dict[str, Any]:
+    """The model settings of a fairseq checkpoint: `cfg["model"]` (hydra-era), or the flat `args` namespace of older
+    checkpoints that carry `cfg: None` (read without unpickling code: `argparse.Namespace` is on the allow-list)."""
+    cfg = checkpoint.get("cfg")
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
+    if model_cfg is None and checkpoint.get("args") is not None:
+        model_cfg = checkpoint["args"]
+        report.notes.append("model settings read from the checkpoint's `args` namespace (no `cfg`)")
+    if model_cfg is None:
+        return {}
+    if isinstance(model_cfg, dict):
+        return model_cfg
+    return dict(vars(model_cfg)) if hasattr(model_cfg, "__dict__") else {}
+
+
 def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> ConversionReport:
     """Convert a fairseq-signals ECG-FM checkpoint (`.pt` dict with `model` and `cfg`)."""
     from .expert_ecgfm import EnECGEcgFmExpert
@@ -317,16 +365,20 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
     for entry in sorted(set(checkpoint) - {"model"}):
         report.dropped[f"<{entry}>"] = "checkpoint entry that is not model weights (config, optimizer, training state)"
     state = _state_dict_of(checkpoint["model"], f"{source}['model']")
-    cfg = checkpoint.get("cfg") or {}
-    model_cfg = (cfg.get("model") if isinstance(cfg, dict) else None) or {}
-    if not isinstance(model_cfg, dict):
-        model_cfg = vars(model_cfg) if hasattr(model_cfg, "__dict__") else {}
+    model_cfg = _ecgfm_model_config(checkpoint, report)
     if model_cfg.get("layer_norm_first"):
         raise CheckpointError(f"{source}: layer_norm_first=True (pre-LN) is not the ECG-FM architecture this expert has")
     if model_cfg.get("extractor_mode", "default") != "default":
         raise CheckpointError(f"{source}: extractor_mode {model_cfg['extractor_mode']!r} is not supported (need 'default')")
 
     prefix = "encoder." if any(k.startswith("encoder.feature_extractor.") for k in state) else ""
+    quantized = sorted(k for k in state if k[len(prefix):].startswith(ECGFM_QUANTIZED_INPUT)
+                       or k.startswith(ECGFM_QUANTIZED_INPUT))
+    if model_cfg.get("quantize_input") or quantized:
+        raise CheckpointError(
+            f"{source} was trained with quantize_input=True: upstream wav2vec 2.0 feeds the transformer quantized "
+            "features (input_quantizer, then project_inp) also when it embeds, and this expert has no input quantizer, "
+            f"so a conversion would not compute what the checkpoint does. Keys: {', '.join(quantized[:6]) or 'none'}")
     mapped: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     unknown: list[str] = []
@@ -360,7 +412,16 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
             strides = [c[2] for c in base["conv_layers"]]
             report.notes.append(f"conv strides not in cfg; taken from the preset: {strides}")
         pos_v = mapped["wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
-        hidden = mapped["wav2vec2.feature_projection.projection.weight"].shape[0]
+        hidden = mapped["wav2vec2.encoder.layer_norm.weight"].shape[0]
+        width = conv_weights[-1].shape[0]
+        if "wav2vec2.feature_projection.projection.weight" not in mapped and width == hidden:
+            # Upstream builds post_extract_proj only when the conv width differs from encoder_embed_dim.
+            mapped["wav2vec2.feature_projection.projection.weight"] = torch.eye(hidden, dtype=pos_v.dtype)
+            mapped["wav2vec2.feature_projection.projection.bias"] = torch.zeros(hidden, dtype=pos_v.dtype)
+            for key in ("wav2vec2.feature_projection.projection.weight", "wav2vec2.feature_projection.projection.bias"):
+                origin[key] = "<identity>"
+            report.notes.append(f"no post_extract_proj: the conv width equals the hidden width ({hidden}), upstream "
+                                "passes the features on unprojected (identity projection)")
         inferred = {
             "in_channels": conv_weights[0].shape[1],
             "conv_layers": [[w.shape[0], w.shape[2], s] for w, s in zip(conv_weights, strides)],
@@ -389,7 +450,7 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
         [f"lead{i}" for i in range(settings["in_channels"])],
     )
     _raise_on_mismatch(f"ECG-FM checkpoint {source}", unknown, expert.state_dict(), mapped, origin)
-    report.converted = sorted(origin.values())
+    report.converted = sorted(k for k in origin.values() if k != "<identity>")
     _finish(expert, mapped, report, destination)
     return report
 
@@ -464,13 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", help="expert preset the checkpoint is checked against (default: by type/size)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="tempo: LoRA alpha of the checkpoint (16)")
     parser.add_argument("--n-head", type=int, help="tempo: GPT-2 attention heads, not stored in the weights (12)")
+    parser.add_argument("--stride", type=int, help="tempo: patch stride, not stored in the weights (needed when "
+                        "several strides fit them)")
+    parser.add_argument("--seq-len", type=int, help="tempo: input length, checked against the weights")
     args = parser.parse_args(argv)
     kwargs: dict[str, Any] = {}
     if args.preset:
         kwargs["preset"] = args.preset
     if args.expert_type == "tempo":
-        kwargs["lora_alpha"] = args.lora_alpha
-        kwargs["n_head"] = args.n_head
+        kwargs.update(lora_alpha=args.lora_alpha, n_head=args.n_head, stride=args.stride, seq_len=args.seq_len)
+    elif args.stride is not None or args.seq_len is not None:
+        parser.error("--stride and --seq-len are TEMPO options")
     try:
         report = CONVERTERS[args.expert_type](args.source, args.destination, **kwargs)
     except (CheckpointError, FileNotFoundError) as err:

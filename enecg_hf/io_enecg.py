@@ -5,21 +5,82 @@ including the original Georgia headers), and plain `.npy` / `.csv` arrays.
 the lead names as the source spells them and the header comments. Lead order, rate and length are left as they
 are; [`prepare_signal`] in `preprocessing_enecg` standardises them.
 
+Size is decided before any sample is read ([`RecordLimits`]): from the WFDB header (signal length and rate), the
+declared shape of the `.mat` matrix (whose zlib-compressed data must also decompress to no more than that shape
+holds), the `.npy` header, or the line count of a `.csv` (no line may exceed `MAX_CSV_LINE_BYTES`). A record over
+the limits is refused (`too_long`, `too_large`) without reading it, so a small hostile file cannot make a reader
+allocate gigabytes.
+
 This module is copied flat into Hugging Face model folders as remote code, so it imports only numpy, scipy, wfdb,
-the standard library and its sibling modules (relatively).
+the standard library and its sibling modules (relatively); scipy and wfdb inside a `try`, so that loading a model
+folder's code does not require them.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from .preprocessing_enecg import STANDARD_LEADS, ECGInputError
+from .preprocessing_enecg import STANDARD_LEADS, ECGInputError, check_sampling_rate
+
+
+MAX_HEADER_BYTES = 1 << 20  # WFDB headers are a few kB (signal lines and comments)
+MAX_CSV_LINE_BYTES = 1 << 16  # one sample of every lead (or the header row of lead names)
+MAT_HEADER_SLACK_BYTES = 1 << 16  # MATLAB element tags, names and padding around the declared matrix
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """How large a record may be. Checked from headers and array shapes before any sample is read.
+
+    Attributes:
+        max_seconds: longest record accepted (`too_long`).
+        max_values: most values (leads x samples) accepted (`too_large`). Reading holds about two copies of them
+            (the stored integers or floats, and float32 millivolts): 2**24 values are 64 MiB as float32.
+        max_sampling_rate: highest rate accepted in Hz (`bad_sampling_rate`).
+    """
+
+    max_seconds: float = 60.0
+    max_values: int = 1 << 24
+    max_sampling_rate: float = 10_000.0
+
+    def check(self, leads: int, samples: int, sampling_rate: float, source: str) -> None:
+        """Refuse a record of `leads` x `samples` at `sampling_rate` that exceeds the limits."""
+        seconds = samples / sampling_rate
+        if seconds > self.max_seconds:
+            raise ECGInputError("too_long", f"{source} holds {samples} samples per lead at {sampling_rate:g} Hz "
+                                f"({seconds:.1f} s); at most {self.max_seconds:g} s are accepted. Cut it into windows "
+                                "first")
+        if leads * samples > self.max_values:
+            raise ECGInputError("too_large", f"{source} holds {leads} x {samples} values; at most {self.max_values} "
+                                "are accepted")
+
+
+def _import_wfdb():
+    """The `wfdb` package, imported in a `try` (see the module docstring)."""
+    try:
+        import wfdb
+    except ImportError as error:
+        raise ECGInputError("missing_dependency", "reading WFDB records needs the wfdb package: pip install wfdb") from error
+    return wfdb
+
+
+def _import_scipy_io():
+    """`scipy.io`, imported in a `try` (see the module docstring)."""
+    try:
+        import scipy.io
+    except ImportError as error:
+        raise ECGInputError("missing_dependency", "reading .mat files needs scipy: pip install scipy") from error
+    return scipy.io
 
 
 @dataclass
@@ -63,15 +124,57 @@ def fix_header_text(text: str) -> str:
     return "".join(lines)
 
 
+def _number(text: str) -> float:
+    """The leading number of a header field such as `500`, `360/1(0)` or `1000.0(0)/mV`; NaN if there is none."""
+    try:
+        return float(re.split(r"[/(]", text, maxsplit=1)[0])
+    except ValueError:
+        return math.nan
+
+
+def check_header_text(text: str, header_path: Path | str) -> None:
+    """Refuse header values that `wfdb` would silently replace by its defaults.
+
+    `wfdb` reads an unparsable sampling frequency (`-1`, `nan`) as 250 Hz and an ADC gain of 0 as 200 units/mV. A
+    record with such a header would be read at a made-up rate or scale: refused as `unreadable_header`. (A header that
+    leaves those fields out is valid WFDB and keeps the defaults.) Multi-segment records are refused too.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise ECGInputError("unreadable_header", f"{header_path} has no record line")
+    record = lines[0].split()
+    if len(record) < 2 or not record[1].isdigit():
+        raise ECGInputError("unreadable_header", f"{header_path}: record line {lines[0][:80]!r} gives no signal count")
+    if "/" in record[0]:
+        raise ECGInputError("unreadable_header", f"{header_path} is a multi-segment record, which is not supported")
+    if len(record) >= 3:
+        rate = _number(record[2])
+        if not math.isfinite(rate) or rate <= 0:
+            raise ECGInputError("unreadable_header", f"{header_path}: sampling frequency {record[2]!r} is not a "
+                                "positive number")
+    for index, line in enumerate(lines[1 : 1 + int(record[1])]):
+        fields = line.split()
+        if len(fields) >= 3:
+            gain = _number(fields[2])
+            if not math.isfinite(gain) or gain == 0:
+                name = " ".join(fields[8:]) or f"signal {index + 1}"
+                raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {fields[2]!r} of {name} is not a "
+                                    "non-zero number (the scale of the signal is unknown)")
+
+
 def _read_header(base: Path):
     """`wfdb.Record` with the header fields of `base.hea`, fixing Challenge record lines in a temporary copy."""
-    import wfdb
-
+    wfdb = _import_wfdb()
     header_path = base.with_name(base.name + ".hea")
     if not header_path.is_file():
         raise ECGInputError("missing_file", f"no header file {header_path}")
+    size = header_path.stat().st_size
+    if size > MAX_HEADER_BYTES:
+        raise ECGInputError("unreadable_header", f"{header_path} is {size} bytes; a WFDB header is a few kB (at most "
+                            f"{MAX_HEADER_BYTES} accepted)")
     text = header_path.read_text(encoding="ascii", errors="ignore")
     fixed = fix_header_text(text)
+    check_header_text(fixed, header_path)
     try:
         if fixed == text:
             return wfdb.rdheader(str(base))
@@ -85,12 +188,15 @@ def _read_header(base: Path):
 
 
 def _digital_to_physical(digital: np.ndarray, header) -> np.ndarray:
-    """(leads, samples) physical values from ADC counts with the header's per-lead gain and baseline."""
+    """(leads, samples) float32 physical values from ADC counts with the header's per-lead gain and baseline."""
     gain = np.asarray(header.adc_gain, dtype=np.float64)[:, None]
     baseline = np.asarray(header.baseline, dtype=np.float64)[:, None]
-    if np.any(gain == 0):
-        raise ECGInputError("unreadable_header", f"record {header.record_name} has a zero ADC gain")
-    return ((digital - baseline) / gain).astype(np.float32)
+    if np.any(gain == 0) or not np.isfinite(gain).all():
+        raise ECGInputError("unreadable_header", f"record {header.record_name} has an ADC gain of zero or no number")
+    physical = digital.astype(np.float32)  # one float32 copy, scaled in place (ADC counts are exact in float32)
+    physical -= baseline.astype(np.float32)
+    physical /= gain.astype(np.float32)
+    return physical
 
 
 def _to_millivolts(signal: np.ndarray, units: Sequence[str] | None) -> np.ndarray:
@@ -102,33 +208,147 @@ def _to_millivolts(signal: np.ndarray, units: Sequence[str] | None) -> np.ndarra
     return signal * factors[:, None] if np.any(factors != 1.0) else signal
 
 
-def _read_mat_signal(base: Path, header) -> np.ndarray:
-    """(leads, samples) digital values of a Challenge `.mat` signal file (MATLAB v4 file with a `val` matrix)."""
-    from scipy.io import loadmat
+# MATLAB classes scipy reports (`whosmat`) with the bytes per value of their data.
+_MAT_ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8,
+                 "single": 4, "double": 8}
+_MAT_COMPRESSED = 15  # miCOMPRESSED: a zlib stream holding one variable
 
+
+def _check_mat_decompressed_size(mat_path: Path, limit: int) -> None:
+    """Refuse a MATLAB v5 file whose compressed variables inflate to more than `limit` bytes.
+
+    The declared shape of a variable says nothing about how much its zlib stream inflates to: scipy allocates what
+    the data element inside claims. The streams are inflated here 1 MiB at a time and only counted, never kept.
+    """
+    chunk = 1 << 20
+    total = 0
+    with open(mat_path, "rb") as handle:
+        header = handle.read(128)
+        endian = "<" if header[126:128] == b"IM" else ">"
+        while True:
+            tag = handle.read(8)
+            if len(tag) < 8:
+                return
+            data_type, size = struct.unpack(endian + "II", tag)
+            if data_type >> 16:  # small data element: its (at most 4) bytes are inside the tag
+                continue
+            if data_type != _MAT_COMPRESSED:
+                total += size
+                handle.seek(size + (-size % 8), os.SEEK_CUR)
+            else:
+                inflater = zlib.decompressobj()
+                remaining = size
+                while remaining > 0:
+                    data = handle.read(min(chunk, remaining))
+                    if not data:
+                        break
+                    remaining -= len(data)
+                    while data:
+                        try:
+                            total += len(inflater.decompress(data, chunk))
+                        except zlib.error as error:
+                            raise ECGInputError("unreadable_signal", f"{mat_path}: corrupt compressed data ({error})")
+                        if total > limit:
+                            raise ECGInputError("too_large", f"{mat_path} inflates to more than {limit} bytes, more "
+                                                "than its declared matrix holds (a decompression bomb?)")
+                        data = inflater.unconsumed_tail
+            if total > limit:
+                raise ECGInputError("too_large", f"{mat_path} holds more than {limit} bytes of data, more than its "
+                                    "declared matrix")
+
+
+class _SmallReads:
+    """A binary file whose `read` returns at most 4 kB. scipy inflates each block it reads from a compressed variable
+    at once: a 128 kB block of zeros is 130 MB. Reading headers through this wrapper keeps that to a few MB."""
+
+    def __init__(self, handle: BinaryIO, size: int = 4096):
+        self.handle, self.size = handle, size
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self.handle.read(self.size if size is None or size < 0 else min(size, self.size))
+
+    def seek(self, *args) -> int:
+        return self.handle.seek(*args)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+
+def _read_mat_signal(base: Path, header, limits: RecordLimits) -> np.ndarray:
+    """(leads, samples) digital values of a Challenge `.mat` signal file (a MATLAB v4 or v5 file with a `val`
+    matrix), after checking the matrix's declared shape against the header and the limits."""
+    scipy_io = _import_scipy_io()
     mat_path = base.parent / header.file_name[0]
     if not mat_path.is_file():
         raise ECGInputError("missing_signal_file", f"no signal file {mat_path}")
     try:
-        values = loadmat(str(mat_path))["val"]
+        version = scipy_io.matlab.matfile_version(str(mat_path))[0]
+        if version == 2:
+            raise ECGInputError("unreadable_signal", f"{mat_path} is a MATLAB 7.3 (HDF5) file; Challenge records are "
+                                "MATLAB v4/v5 files")
+        with open(mat_path, "rb") as handle:
+            declared = {name: (shape, kind) for name, shape, kind in scipy_io.whosmat(_SmallReads(handle))}
+    except ECGInputError:
+        raise
+    except Exception as error:
+        raise ECGInputError("unreadable_signal", f"{mat_path} is not a readable MATLAB file: {error}") from error
+    if "val" not in declared:
+        raise ECGInputError("unreadable_signal", f"{mat_path} has no `val` matrix (it holds {sorted(declared)[:5]})")
+    shape, kind = declared["val"]
+    if len(shape) != 2 or kind not in _MAT_ITEMSIZE:
+        raise ECGInputError("unreadable_signal", f"{mat_path}: `val` is a {kind} array of shape {shape}, not a "
+                            "(leads, samples) matrix of numbers")
+    rows, columns = shape
+    if rows != header.n_sig:
+        raise ECGInputError("unreadable_signal", f"{mat_path} holds {rows} rows, the header lists {header.n_sig} leads")
+    if header.sig_len and columns < header.sig_len:
+        raise ECGInputError("truncated_signal", f"{mat_path} holds {columns} samples, the header says {header.sig_len}")
+    limits.check(rows, max(columns, header.sig_len or 0), float(header.fs), str(mat_path))
+    if version == 1:
+        _check_mat_decompressed_size(mat_path, rows * columns * _MAT_ITEMSIZE[kind] + MAT_HEADER_SLACK_BYTES)
+    try:
+        values = scipy_io.loadmat(str(mat_path), variable_names=["val"])["val"]
     except Exception as error:
         raise ECGInputError("unreadable_signal", f"{mat_path}: {error}") from error
-    values = np.asarray(values, dtype=np.float64)
-    if values.shape[0] != header.n_sig:
-        raise ECGInputError(
-            "unreadable_signal", f"{mat_path} holds {values.shape[0]} rows, the header lists {header.n_sig} leads"
-        )
-    if header.sig_len and values.shape[1] < header.sig_len:
-        raise ECGInputError(
-            "truncated_signal", f"{mat_path} holds {values.shape[1]} samples, the header says {header.sig_len}"
-        )
+    if values.shape != (rows, columns):
+        raise ECGInputError("unreadable_signal", f"{mat_path}: `val` has shape {values.shape}, declared {shape}")
     return values
 
 
-def _read_wfdb(base: Path) -> ECGRecording:
-    """A WFDB record with `.dat` (any WFDB format) or Challenge `.mat` signal files."""
-    import wfdb
+# Bytes per sample of the WFDB storage formats (https://wfdb.io/spec/signal-files.html).
+_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3}
 
+
+def _dat_layout(header, base: Path) -> tuple[int, int | None]:
+    """(samples per signal, bytes the `.dat` files need) from the header, before reading any sample.
+
+    A header without a signal length leaves it to the file size (as `wfdb` does). The byte count is `None` for formats
+    of unknown size per sample (FLAC formats 508-532), which then need a signal length in the header.
+    """
+    frames = [(header.samps_per_frame[i] if header.samps_per_frame else 1) or 1 for i in range(header.n_sig)]
+    per_sample = [_BYTES_PER_SAMPLE.get(str(header.fmt[i])) if header.fmt else None for i in range(header.n_sig)]
+    offsets = [(header.byte_offset[i] if header.byte_offset else 0) or 0 for i in range(header.n_sig)]
+    files = list(dict.fromkeys(header.file_name))
+    frame_bytes = {name: 0.0 for name in files}
+    for index, name in enumerate(header.file_name):
+        frame_bytes[name] += (per_sample[index] or 0) * frames[index]
+    known = all(size is not None for size in per_sample)
+    samples = header.sig_len
+    if not samples:
+        if not known:
+            raise ECGInputError("unreadable_header", f"{base}.hea gives no signal length for a compressed signal format")
+        samples = max(
+            int(max(0, (base.parent / name).stat().st_size - offsets[header.file_name.index(name)]) // frame_bytes[name])
+            for name in files
+        )
+    if not known:
+        return samples, None
+    needed = sum(int(offsets[header.file_name.index(name)] + frame_bytes[name] * samples) for name in files)
+    return samples, needed
+
+
+def _read_wfdb(base: Path, limits: RecordLimits) -> ECGRecording:
+    """A WFDB record with `.dat` (any WFDB format) or Challenge `.mat` signal files."""
     header = _read_header(base)
     if not header.n_sig or not header.file_name:
         raise ECGInputError("unreadable_header", f"{base}.hea lists no signals")
@@ -136,77 +356,132 @@ def _read_wfdb(base: Path) -> ECGRecording:
     for signal_file in signal_files:
         if not signal_file.is_file():
             raise ECGInputError("missing_signal_file", f"no signal file {signal_file}")
-    if header.fs is None or header.fs <= 0:
-        raise ECGInputError("bad_sampling_rate", f"{base}.hea gives sampling rate {header.fs!r}")
+    rate = check_sampling_rate(header.fs, limits.max_sampling_rate)
     if all(name.lower().endswith(".mat") for name in header.file_name):
-        signal = _digital_to_physical(_read_mat_signal(base, header), header)
+        signal = _digital_to_physical(_read_mat_signal(base, header, limits), header)
     else:
-        expected = _expected_bytes(header)
+        samples, needed = _dat_layout(header, base)
+        values_per_sample = sum((header.samps_per_frame[i] if header.samps_per_frame else 1) or 1
+                                for i in range(header.n_sig))
+        limits.check(values_per_sample, samples, rate, f"{base}.hea")
         actual = sum(path.stat().st_size for path in signal_files)
-        if expected is not None and actual < expected:
-            raise ECGInputError(
-                "truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {expected}"
-            )
+        if needed is not None and actual < needed:
+            raise ECGInputError("truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {needed}")
         try:
-            record = wfdb.rdrecord(str(base), physical=True, return_res=32)
+            record = _import_wfdb().rdrecord(str(base), sampto=samples, physical=True, return_res=32)
         except Exception as error:
             raise ECGInputError("unreadable_signal", f"{base}: {error}") from error
         signal = np.asarray(record.p_signal, dtype=np.float32).T
         header = record
     signal = _to_millivolts(signal, header.units)
-    return ECGRecording(signal, float(header.fs), list(header.sig_name), list(header.comments or []))
+    return ECGRecording(signal, rate, list(header.sig_name), list(header.comments or []))
 
 
-# Bytes per sample of the WFDB storage formats (https://wfdb.io/spec/signal-files.html).
-_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3}
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _expected_bytes(header) -> int | None:
-    """Total size the header implies for its `.dat` files, or `None` when unknown (e.g. FLAC formats 508-532)."""
-    if not header.sig_len or header.fmt is None:
-        return None
-    total = 0.0
-    per_file: dict[str, float] = {}
-    for index, name in enumerate(header.file_name):
-        bytes_per_sample = _BYTES_PER_SAMPLE.get(str(header.fmt[index]))
-        if bytes_per_sample is None:
-            return None
-        frames = (header.samps_per_frame[index] if header.samps_per_frame else 1) or 1
-        offset = (header.byte_offset[index] if header.byte_offset else 0) or 0
-        per_file[name] = per_file.get(name, float(offset)) + bytes_per_sample * frames * header.sig_len
-    for size in per_file.values():
-        total += int(size)
-    return int(total)
+def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: str = ".npy data") -> np.ndarray:
+    """A numeric array from an open `.npy` file (or `io.BytesIO`), its header checked before the data is read.
+
+    Never unpickles: object arrays are refused, like zip archives (`numpy.savez` output), other files and arrays of
+    more than `limits.max_values` values.
+
+    Returns:
+        The array as stored (any numeric dtype, any shape).
+    """
+    start = handle.read(len(_NPY_MAGIC))
+    if start[:4] == _ZIP_MAGIC:
+        raise ECGInputError("unreadable_signal", f"{source} is a zip archive (an .npz written by numpy.savez?), not a "
+                            ".npy array: save one array with numpy.save")
+    if start != _NPY_MAGIC:
+        raise ECGInputError("unreadable_signal", f"{source} is not a .npy file (it does not start with numpy's "
+                            f"magic bytes but with {start[:6]!r})")
+    handle.seek(0)
+    try:
+        version = np.lib.format.read_magic(handle)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if reader is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = reader(handle)
+    except ValueError as error:
+        raise ECGInputError("unreadable_signal", f"{source}: unreadable .npy header ({error})") from error
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ECGInputError("unreadable_signal", f"{source} holds {dtype} values, not numbers"
+                            + (" (object arrays would need unpickling)" if dtype.hasobject else ""))
+    values = math.prod(shape)
+    if values > limits.max_values:
+        raise ECGInputError("too_large", f"{source} holds an array of shape {shape}, {values} values; at most "
+                            f"{limits.max_values} are accepted")
+    data_start = handle.tell()
+    available = handle.seek(0, os.SEEK_END) - data_start
+    if available < values * dtype.itemsize:
+        raise ECGInputError("truncated_signal", f"{source} holds {available} bytes of data; shape {shape} of {dtype} "
+                            f"needs {values * dtype.itemsize}")
+    handle.seek(0)
+    try:
+        return np.lib.format.read_array(handle, allow_pickle=False)
+    except ValueError as error:
+        raise ECGInputError("unreadable_signal", f"{source}: {error}") from error
 
 
-def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[str] | None) -> ECGRecording:
+def _csv_lines(path: Path) -> int:
+    """Number of lines of a text file, refusing any line longer than `MAX_CSV_LINE_BYTES` (read 1 MiB at a time)."""
+    lines = current = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            start = 0
+            while (end := chunk.find(b"\n", start)) != -1:
+                current += end - start
+                if current > MAX_CSV_LINE_BYTES:
+                    break
+                lines, current, start = lines + 1, 0, end + 1
+            else:
+                current += len(chunk) - start
+            if current > MAX_CSV_LINE_BYTES:
+                raise ECGInputError("bad_shape", f"line {lines + 1} of {path} is longer than {MAX_CSV_LINE_BYTES} "
+                                    "bytes: a CSV record has one line per sample and one column per lead")
+    return lines + (current > 0)
+
+
+def _read_csv(path: Path, rate: float, limits: RecordLimits) -> tuple[np.ndarray, list[str] | None]:
+    """((samples, columns) float32 values, column names of the header row or `None`)."""
+    lines = _csv_lines(path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline().strip().split(",")
+    has_header = any(cell and not _is_number(cell) for cell in first)
+    limits.check(len(first), max(0, lines - has_header), rate, str(path))
+    try:
+        signal = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float32, ndmin=2)
+    except Exception as error:
+        raise ECGInputError("unreadable_signal", f"{path} is not a CSV of numbers: {error}") from error
+    return signal, ([cell.strip() for cell in first] if has_header else None)
+
+
+def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[str] | None,
+                limits: RecordLimits) -> ECGRecording:
     """A `.npy` or `.csv` array in millivolts; (samples, leads) arrays are transposed to (leads, samples)."""
     if sampling_rate is None:
         raise ECGInputError("bad_sampling_rate", f"{path}: arrays carry no sampling rate, pass `sampling_rate`")
+    rate = check_sampling_rate(sampling_rate, limits.max_sampling_rate)
+    names = list(lead_names) if lead_names is not None else None
     if path.suffix.lower() == ".npy":
-        try:
-            signal = np.load(path, allow_pickle=False)
-        except Exception as error:
-            raise ECGInputError("unreadable_signal", f"{path}: {error}") from error
-        names = list(lead_names) if lead_names is not None else None
+        with open(path, "rb") as handle:
+            signal = read_npy(handle, limits, str(path))
+        if signal.ndim == 2:  # the longer axis is time, whichever way round the array is stored
+            limits.check(min(signal.shape), max(signal.shape), rate, str(path))
     else:
-        with open(path, encoding="utf-8") as handle:
-            first = handle.readline().strip().split(",")
-        has_header = any(cell and not _is_number(cell) for cell in first)
-        try:
-            signal = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float32, ndmin=2)
-        except Exception as error:
-            raise ECGInputError("unreadable_signal", f"{path}: {error}") from error
+        signal, header_names = _read_csv(path, rate, limits)
         signal = signal.T  # CSV rows are time steps, columns are leads
-        names = list(lead_names) if lead_names is not None else ([cell.strip() for cell in first] if has_header else None)
-    signal = np.asarray(signal, dtype=np.float32)
+        names = names if names is not None else header_names
     if signal.ndim != 2:
         raise ECGInputError("bad_shape", f"{path}: expected a 2-D array, got shape {signal.shape}")
+    signal = signal.astype(np.float32, copy=False)
     if names is None:
         names = list(STANDARD_LEADS)
     if signal.shape[0] != len(names) and signal.shape[1] == len(names):
         signal = signal.T
-    return ECGRecording(np.ascontiguousarray(signal), float(sampling_rate), names, [])
+    return ECGRecording(np.ascontiguousarray(signal), rate, names, [])
 
 
 def _is_number(text: str) -> bool:
@@ -221,6 +496,7 @@ def read_record(
     path: str | os.PathLike,
     sampling_rate: float | None = None,
     lead_names: Sequence[str] | None = None,
+    limits: RecordLimits | None = None,
 ) -> ECGRecording:
     """Read one ECG record.
 
@@ -230,21 +506,23 @@ def read_record(
             lead names; `.npy` files hold (leads, samples) or (samples, leads).
         sampling_rate: rate in Hz of `.npy` / `.csv` arrays (ignored for WFDB records, whose header gives it).
         lead_names: lead names of `.npy` / `.csv` arrays; defaults to the CSV header or `STANDARD_LEADS`.
+        limits: size limits checked before samples are read (default: `RecordLimits()`, 60 s).
 
     Returns:
         An [`ECGRecording`] with a (leads, samples) float32 signal in millivolts.
 
     Raises:
         ECGInputError: with `reason` one of `missing_file`, `missing_signal_file`, `unreadable_header`,
-            `unreadable_signal`, `truncated_signal`, `bad_sampling_rate`, `bad_shape`.
+            `unreadable_signal`, `truncated_signal`, `bad_sampling_rate`, `bad_shape`, `too_long`, `too_large`.
     """
+    limits = limits or RecordLimits()
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".npy", ".csv"):
         if not path.is_file():
             raise ECGInputError("missing_file", f"no file {path}")
-        return _read_array(path, sampling_rate, lead_names)
-    return _read_wfdb(_record_base(path))
+        return _read_array(path, sampling_rate, lead_names, limits)
+    return _read_wfdb(_record_base(path), limits)
 
 
 def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
@@ -260,4 +538,5 @@ def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
     return fields
 
 
-__all__ = ["ECGRecording", "read_record", "fix_header_text", "parse_header_comments"]
+__all__ = ["ECGRecording", "RecordLimits", "read_record", "read_npy", "fix_header_text", "check_header_text",
+           "parse_header_comments"]

@@ -408,11 +408,17 @@ class EnECGModel(EnECGPreTrainedModel):
         return state
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict=None, **kwargs):
-        """Save a Hub-ready folder: `config.json` (with `auto_map`), `model.safetensors` and the code files.
+        """Save a Hub-ready folder: `config.json` (with `auto_map` and `custom_pipelines`), `model.safetensors` and the
+        code files, including the pipeline's, so that `pipeline(model=folder, trust_remote_code=True)` serves it.
 
         A LoRA model is saved merged (ready to predict) and its PEFT adapter is kept in `adapter/`, with the head
         weights it was trained on, so that `peft.PeftModel` can load it (see `load_adapter_base`). Backbones of
         experts with a pretrained source are left out when `config.save_backbones` is False."""
+        # A relative import of this module: the code saving copies pipeline_enecg.py (and the two modules it imports)
+        # next to this file, wherever the model was loaded from. (`push_to_hub` saves through here too.)
+        from .pipeline_enecg import pipeline_entry
+
+        self.config.custom_pipelines = pipeline_entry()
         if state_dict is None:
             state_dict = self.merged_state_dict() if self.lora_layers() else self.state_dict()
             left_out = tuple(f"experts.{name}." for name in self._left_out_expert_names())

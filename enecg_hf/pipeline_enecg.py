@@ -5,16 +5,18 @@
     ecg("ludb/data/1")                                        # a WFDB record (with or without .hea)
     ecg(signal, sampling_rate=250, lead_names=[...])          # a (leads, samples) array or nested list in mV
     ecg(["a.hea", "b.mat", "c.npy"], sampling_rate=500)       # a batch
+    ecg(open("d.npy", "rb").read(), sampling_rate=500)        # the bytes of a .npy file
 
 Model folders carry this file (flat, next to the model code) and name it in `config.json` under
 `custom_pipelines`, so the pipeline loads with `trust_remote_code=True` where `enecg_hf` is not installed. Records go
 through the same steps as the training data (`preprocessing_enecg.prepare_signal`: lead matching, interpolation of
-short NaN runs, resampling, crop/pad); the model normalises amplitudes itself.
+short NaN runs, resampling, crop/pad); the model normalises amplitudes itself. Files are checked against
+`io_enecg.RecordLimits` (`config.max_input_seconds`, 10 kHz) from their headers before any sample is read.
 """
 
 from __future__ import annotations
 
-import math
+import io
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -23,14 +25,24 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .io_enecg import read_record
-from .preprocessing_enecg import STANDARD_LEADS, ECGInputError, normalize_lead_name, prepare_signal
+from .io_enecg import RecordLimits, read_npy, read_record
+from .preprocessing_enecg import STANDARD_LEADS, ECGInputError, check_sampling_rate, normalize_lead_name, prepare_signal
 
 
 PIPELINE_TASK = "ecg-analysis"
 MIN_SAMPLING_RATE = 100.0  # Hz; below this a diagnostic ECG cannot be represented (as in the dataset builders)
 MAX_SAMPLING_RATE = 10_000.0  # Hz; ECG devices record at 100-2000 Hz, anything far above is a unit mistake
 LARGE_AMPLITUDE_MV = 20.0  # peak-to-peak; real ECG leads stay under ~10 mV, so this suggests microvolts
+
+
+def pipeline_entry() -> dict:
+    """The `custom_pipelines` entry of `config.json` that makes `pipeline(model=folder)` find this pipeline."""
+    return {PIPELINE_TASK: {"impl": "pipeline_enecg.EnECGPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
+
+
+def record_limits(config) -> RecordLimits:
+    """The size limits of inputs to a model with `config`: `config.max_input_seconds`, up to `MAX_SAMPLING_RATE`."""
+    return RecordLimits(max_seconds=float(config.max_input_seconds), max_sampling_rate=MAX_SAMPLING_RATE)
 
 
 @dataclass
@@ -59,8 +71,12 @@ def _is_signal_matrix(value: Any) -> bool:
     )
 
 
-def _check_lead_names(lead_names: Sequence[str]) -> list[str]:
-    names = [str(name) for name in lead_names]
+def _check_lead_names(lead_names: Any) -> list[str]:
+    if isinstance(lead_names, np.ndarray):
+        lead_names = lead_names.tolist()
+    if not isinstance(lead_names, (list, tuple)) or not all(isinstance(name, str) for name in lead_names):
+        raise ECGInputError("bad_lead_names", f"lead_names must be a list of strings, got {str(lead_names)[:100]}")
+    names = list(lead_names)
     unknown = [name for name in names if normalize_lead_name(name) is None]
     if unknown:
         raise ECGInputError(
@@ -80,17 +96,22 @@ def prepare_record(
     """Read and prepare one pipeline input for a model with `config` (an `EnECGConfig`).
 
     Args:
-        record: a path (WFDB record with or without `.hea`, Challenge `.mat`/`.hea`, `.npy`, `.csv`), a
-            (leads, samples) numpy array or nested list in mV, or a dict `{"signal", "sampling_rate", "lead_names"}`.
+        record: a path (WFDB record with or without `.hea`, Challenge `.mat`/`.hea`, `.npy`, `.csv`), the bytes of a
+            `.npy` file, a (leads, samples) numpy array or nested list in mV, or a dict `{"signal", "sampling_rate",
+            "lead_names"}`.
         sampling_rate: rate in Hz of arrays, `.npy` and `.csv` inputs (WFDB headers carry their own).
         lead_names: names of the rows of arrays, `.npy` and `.csv` inputs (default: the 12 standard leads in order).
         fill_missing_leads: zero-fill standard leads the record lacks instead of rejecting it.
 
     Raises:
         ValueError: ([`ECGInputError`] with a `reason`) for anything that is not a usable ECG: wrong shape, too few or
-            unknown leads, long NaN runs, an absurd sampling rate, a record longer than `config.max_input_seconds`,
-            a file that is not an ECG record.
+            unknown leads, long NaN runs, an absurd sampling rate or amplitude, a record longer than
+            `config.max_input_seconds` (for files: found from the header, before reading samples), a file that is not
+            an ECG record.
     """
+    if not isinstance(fill_missing_leads, (bool, np.bool_)):
+        raise ECGInputError("bad_parameters", f"fill_missing_leads must be true or false, got {fill_missing_leads!r}")
+    limits = record_limits(config)
     source = "array"
     if isinstance(record, dict):
         unknown_keys = set(record) - {"signal", "sampling_rate", "lead_names"}
@@ -102,17 +123,22 @@ def prepare_record(
         record = record["signal"]
     if lead_names is not None:
         lead_names = _check_lead_names(lead_names)
+    if sampling_rate is not None:
+        sampling_rate = check_sampling_rate(sampling_rate, MAX_SAMPLING_RATE)
     if isinstance(record, (str, os.PathLike)):
         source = str(record)
         try:
-            recording = read_record(record, sampling_rate=sampling_rate, lead_names=lead_names)
+            recording = read_record(record, sampling_rate=sampling_rate, lead_names=lead_names, limits=limits)
         except ECGInputError as error:
             raise ECGInputError(error.reason, f"{source} is not a readable ECG record: {error.detail}") from error
         signal, rate, names = recording.signal, recording.sampling_rate, recording.lead_names
     else:
+        if isinstance(record, (bytes, bytearray, memoryview)):
+            source = ".npy bytes"
+            record = read_npy(io.BytesIO(record), limits, source)
         try:
             signal = np.asarray(record, dtype=np.float32)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             raise ECGInputError("bad_input", f"cannot read the input as a numeric (leads, samples) array: {error}")
         if sampling_rate is None:
             raise ECGInputError("bad_sampling_rate", "arrays carry no sampling rate: pass `sampling_rate` (Hz)")
@@ -125,20 +151,16 @@ def prepare_record(
         if signal.shape[0] != len(names):
             raise ECGInputError("bad_shape", f"signal of shape {signal.shape} has {signal.shape[0]} rows but "
                                 f"{len(names)} lead names {names}; pass `lead_names` for the rows")
-    try:
-        rate = float(rate)
-    except (TypeError, ValueError):
-        raise ECGInputError("bad_sampling_rate", f"sampling rate {rate!r} is not a number") from None
-    if not math.isfinite(rate) or not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
-        raise ECGInputError("bad_sampling_rate", f"sampling rate {rate} Hz is not plausible for an ECG "
+    rate = check_sampling_rate(rate, MAX_SAMPLING_RATE)
+    if rate < MIN_SAMPLING_RATE:
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {rate:g} Hz is not plausible for an ECG "
                             f"(expected {MIN_SAMPLING_RATE:g}-{MAX_SAMPLING_RATE:g} Hz)")
+    if signal.size == 0:
+        raise ECGInputError("empty_signal", f"the signal of shape {signal.shape} holds no samples")
     finite = np.isfinite(signal)
     if not finite.any():
         raise ECGInputError("not_finite", f"the signal {signal.shape} holds no finite values (all NaN/inf)")
-    seconds = signal.shape[1] / rate if rate > 0 else 0.0
-    if seconds > config.max_input_seconds:
-        raise ECGInputError("too_long", f"the record is {seconds:.1f} s long; this model accepts at most "
-                            f"{config.max_input_seconds:g} s (config.max_input_seconds). Cut it into windows first")
+    limits.check(signal.shape[0], signal.shape[1], rate, "the record")
 
     target_seconds = config.input_length / config.sampling_rate
     prepared = prepare_signal(signal, rate, names, target_rate=config.sampling_rate, seconds=target_seconds,
@@ -190,12 +212,18 @@ class EnECGPipeline(Pipeline):
             raise TypeError(f"EnECGPipeline got unknown arguments {sorted(kwargs)}")
         preprocess = {}
         if sampling_rate is not None:
-            preprocess["sampling_rate"] = sampling_rate
+            preprocess["sampling_rate"] = check_sampling_rate(sampling_rate, MAX_SAMPLING_RATE)
         if lead_names is not None:
-            preprocess["lead_names"] = lead_names
+            preprocess["lead_names"] = _check_lead_names(lead_names)
         if fill_missing_leads is not None:
-            preprocess["fill_missing_leads"] = fill_missing_leads
-        postprocess = {"top_k": top_k} if top_k is not None else {}
+            if not isinstance(fill_missing_leads, (bool, np.bool_)):
+                raise ECGInputError("bad_parameters", f"fill_missing_leads must be true or false, got "
+                                    f"{fill_missing_leads!r}")
+            preprocess["fill_missing_leads"] = bool(fill_missing_leads)
+        if top_k is not None and (isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, (int, np.integer))
+                                  or top_k < 1):
+            raise ECGInputError("bad_parameters", f"top_k must be a positive integer, got {top_k!r}")
+        postprocess = {"top_k": int(top_k)} if top_k is not None else {}
         return preprocess, {}, postprocess
 
     def preprocess(self, record, sampling_rate=None, lead_names=None, fill_missing_leads=False):
@@ -213,6 +241,10 @@ class EnECGPipeline(Pipeline):
         names = list(self.model.expert_names)
         logits = model_outputs["logits"][0].float()
         expert_logits = model_outputs["expert_logits"][0].float()
+        outputs = (logits, expert_logits, model_outputs["gate_weights"][0].float())
+        if not all(torch.isfinite(tensor).all() for tensor in outputs):
+            raise ECGInputError("non_finite_output", f"the model's output for {model_outputs['source']} is NaN or "
+                                "infinite; the input is outside what the model can compute with")
         result: dict[str, Any] = {}
         if config.problem_type == "regression":
             result.update(label=config.label_name, value=float(logits[0]), unit=config.label_unit)
@@ -235,4 +267,4 @@ class EnECGPipeline(Pipeline):
         return result
 
 
-__all__ = ["EnECGPipeline", "PIPELINE_TASK", "PreparedRecord", "prepare_record"]
+__all__ = ["EnECGPipeline", "PIPELINE_TASK", "PreparedRecord", "pipeline_entry", "prepare_record", "record_limits"]

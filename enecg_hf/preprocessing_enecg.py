@@ -6,18 +6,19 @@ Every function takes and returns numpy arrays laid out (leads, samples) in milli
 skipped records by it).
 
 This module is copied flat into Hugging Face model folders as remote code, so it imports only numpy, scipy and the
-standard library.
+standard library (scipy inside a `try`, so that loading a model folder's code does not require it).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
-from scipy.signal import resample_poly
 
 
 STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -41,6 +42,12 @@ LEAD_ALIASES = {
 }
 
 
+# Peak |amplitude| beyond which a "millivolt" signal cannot be an ECG in any unit (a kilovolt; microvolts mistaken for
+# millivolts stay under 1e4). Larger values also overflow float32 statistics (NaN predictions).
+MAX_AMPLITUDE_MV = 1e6
+MIN_SECONDS = 1.0  # shorter than one heartbeat: nothing to analyse, and resampling a few samples is ill-defined
+
+
 class ECGInputError(ValueError):
     """A record that cannot be used, with a short `reason` code (e.g. `"missing_leads"`, `"nan_run_too_long"`)."""
 
@@ -48,6 +55,39 @@ class ECGInputError(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.detail = message
+
+
+def check_sampling_rate(value: Any, maximum: float | None = None) -> float:
+    """A sampling rate as a float, or `ECGInputError("bad_sampling_rate")`: it must be a real number (not a string or
+    a bool), finite, positive and at most `maximum` Hz.
+
+    Args:
+        value: the rate as given (`int`, `float` or a numpy number).
+        maximum: highest accepted rate in Hz, if any.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {value!r} is not a number (Hz)")
+    try:
+        rate = float(value)
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        rate = math.inf
+    if not math.isfinite(rate) or rate <= 0:
+        shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}... ({len(str(value))} characters)"
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {shown} Hz is not a positive finite number")
+    if maximum is not None and rate > maximum:
+        raise ECGInputError("bad_sampling_rate", f"sampling rate {rate:g} Hz is above {maximum:g} Hz, more than any ECG "
+                            "device records at (a unit mistake?)")
+    return rate
+
+
+def _resample_poly():
+    """`scipy.signal.resample_poly`, imported in a `try`: `transformers` then does not require scipy just to load a
+    model folder's code (it skips imports inside `try` blocks)."""
+    try:
+        from scipy.signal import resample_poly
+    except ImportError as error:
+        raise ECGInputError("missing_dependency", "resampling needs scipy: pip install scipy") from error
+    return resample_poly
 
 
 def _lead_key(name: str) -> str:
@@ -107,12 +147,11 @@ def resample(signal: np.ndarray, sampling_rate: float, target_rate: float) -> np
     Returns:
         (..., round(samples * target_rate / sampling_rate)) float32 array.
     """
-    if not np.isfinite(sampling_rate) or sampling_rate <= 0:
-        raise ECGInputError("bad_sampling_rate", f"sampling rate {sampling_rate!r} Hz is not a positive number")
+    sampling_rate = check_sampling_rate(sampling_rate)
     if sampling_rate == target_rate:
         return np.asarray(signal, dtype=np.float32)
     ratio = Fraction(float(target_rate) / float(sampling_rate)).limit_denominator(1000)
-    resampled = resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
+    resampled = _resample_poly()(signal, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
     return resampled.astype(np.float32, copy=False)
 
 
@@ -221,6 +260,8 @@ def prepare_signal(
     max_gap_seconds: float = 0.1,
     min_sampling_rate: float = 100.0,
     flat_threshold_mv: float = 0.05,
+    min_seconds: float = MIN_SECONDS,
+    max_amplitude_mv: float = MAX_AMPLITUDE_MV,
 ) -> PreparedSignal:
     """Bring one record into the standard layout: 12 leads in standard order, `target_rate` Hz, `seconds` long.
 
@@ -238,23 +279,28 @@ def prepare_signal(
         max_gap_seconds: longest run of non-finite samples that is interpolated; longer runs reject the record.
         min_sampling_rate: records sampled below this rate cannot hold a diagnostic ECG and are rejected.
         flat_threshold_mv: peak-to-peak amplitude under which a lead is flagged flat.
+        min_seconds: shorter records are rejected (`too_short`).
+        max_amplitude_mv: records with a larger absolute value are rejected (`implausible_amplitude`).
 
     Returns:
         A [`PreparedSignal`] whose `signal` is (12, round(target_rate * seconds)) float32.
 
     Raises:
         ECGInputError: with `reason` one of `bad_shape`, `duplicate_lead`, `missing_leads`, `bad_sampling_rate`,
-            `sampling_rate_too_low`, `empty_signal`, `nan_run_too_long`.
+            `sampling_rate_too_low`, `empty_signal`, `too_short`, `nan_run_too_long`, `implausible_amplitude`.
     """
     signal = np.asarray(signal, dtype=np.float32)
     if signal.ndim != 2 or signal.shape[1] == 0:
         raise ECGInputError("empty_signal" if signal.size == 0 else "bad_shape", f"signal of shape {signal.shape}")
-    if not np.isfinite(sampling_rate) or sampling_rate <= 0:
-        raise ECGInputError("bad_sampling_rate", f"sampling rate {sampling_rate!r} Hz is not a positive number")
+    sampling_rate = check_sampling_rate(sampling_rate)
     if sampling_rate < min_sampling_rate:
         raise ECGInputError(
             "sampling_rate_too_low", f"{sampling_rate} Hz is below the minimum of {min_sampling_rate} Hz"
         )
+    duration = signal.shape[1] / sampling_rate
+    if duration < min_seconds:
+        raise ECGInputError("too_short", f"the record has {signal.shape[1]} sample(s), {duration:.3g} s at "
+                            f"{sampling_rate:g} Hz; at least {min_seconds:g} s is needed")
     standard, missing = match_leads(signal, lead_names)
     max_gap = max(1, int(round(max_gap_seconds * sampling_rate)))
     standard, empty = fill_nonfinite(standard, max_gap)
@@ -264,6 +310,10 @@ def prepare_signal(
     if missing.any() and not fill_missing_leads:
         absent = [lead for lead, gone in zip(STANDARD_LEADS, missing) if gone]
         raise ECGInputError("missing_leads", f"record lacks {absent} (lead names {list(lead_names)})")
+    peak = float(np.abs(standard).max())
+    if peak > max_amplitude_mv:
+        raise ECGInputError("implausible_amplitude", f"a sample of {peak:.3g} mV: no ECG reaches {max_amplitude_mv:g} mV "
+                            "in any unit (inputs must be in millivolts)")
     standard = resample(standard, sampling_rate, target_rate)
     standard = crop_or_pad(standard, int(round(target_rate * seconds)))
     flat = flat_leads(standard, flat_threshold_mv)
@@ -279,7 +329,9 @@ __all__ = [
     "STANDARD_LEADS",
     "LEAD_ALIASES",
     "ECGInputError",
+    "MAX_AMPLITUDE_MV",
     "PreparedSignal",
+    "check_sampling_rate",
     "normalize_lead_name",
     "match_leads",
     "resample",

@@ -1,8 +1,9 @@
-"""Make a saved model folder serving-ready: the pipeline (with `custom_pipelines` in `config.json`), an
-Inference-Endpoint `handler.py` and the endpoint's `requirements.txt`.
+"""Make a saved model folder endpoint-ready: an Inference-Endpoint `handler.py` and the endpoint's `requirements.txt`
+(and, for folders saved before `EnECGModel.save_pretrained` did it, the pipeline with `custom_pipelines` in
+`config.json`).
 
     from enecg_hf.serving_export import export_serving_files
-    model.save_pretrained("my-enecg")
+    model.save_pretrained("my-enecg")             # already serves `pipeline(model="my-enecg", trust_remote_code=True)`
     export_serving_files(model, "my-enecg")       # or: enecg export my-enecg
 
 `train.py` and the quickstart call it on every folder they write.
@@ -15,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .pipeline_enecg import PIPELINE_TASK
+from .pipeline_enecg import pipeline_entry
 
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -47,11 +48,6 @@ def endpoint_requirements(expert_types) -> str:
         return ENDPOINT_REQUIREMENTS
     return ENDPOINT_REQUIREMENTS + "# the pretrained networks of this model's experts (weights inside the wheels):\n" + \
         "".join(f"{line}\n" for line in needed)
-
-
-def pipeline_entry() -> dict:
-    """The `custom_pipelines` entry of `config.json` (what `Pipeline.save_pretrained` would write)."""
-    return {PIPELINE_TASK: {"impl": "pipeline_enecg.EnECGPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
 
 
 def export_serving_files(model, output_dir: str | os.PathLike) -> list[str]:

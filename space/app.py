@@ -2,15 +2,18 @@
 gate weight of every expert and each expert's own prediction. Runs as a Hugging Face Space (see README.md here).
 
     python space/app.py                                  # http://127.0.0.1:7860
-    ENECG_MODEL=you/enecg-rr python space/app.py         # default model: a Hub id or a folder
+    python space/app.py --model you/enecg-rr             # the model to serve: a Hub id or a folder
+    ENECG_MODEL=you/enecg-rr python space/app.py         # the same, for a Space (set it as a variable)
 
-The model is loaded with `transformers.pipeline(model=..., trust_remote_code=True)`; explanations and plots come from
-`enecg_hf.explain_enecg`. All the work happens in plain functions (`load_pipeline`, `gather_record`, `analyse`) that
-the tests call without a browser.
+The app serves the one model it was started with: loading a model runs its code (`trust_remote_code=True`), so the
+choice belongs to whoever starts the app, never to a visitor (the page shows the model but cannot change it).
+Explanations and plots come from `enecg_hf.explain_enecg`. All the work happens in plain functions
+(`load_pipeline`, `gather_record`, `analyse`) that the tests call without a browser.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import shutil
@@ -48,7 +51,8 @@ def load_pipeline(model: str):
 
     model = (model or "").strip()
     if not model:
-        raise ValueError("Enter a model folder or a Hub id (e.g. the folder `python train.py` writes)")
+        raise ValueError("The app was started without a model: start it with `--model FOLDER_OR_HUB_ID` (or "
+                         "ENECG_MODEL), e.g. the folder `python train.py` writes")
     try:
         return pipeline(model=model, trust_remote_code=True)
     except (OSError, ValueError, RuntimeError) as error:
@@ -146,11 +150,12 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
             "ecg_figure": ecg_figure, "gate_figure": gate_figure, "result": result}
 
 
-def build_demo(default_model: str = DEFAULT_MODEL):
+def build_demo(model: str = DEFAULT_MODEL):
+    """The page for `model` (a folder or Hub id chosen by whoever starts the app; visitors cannot change it)."""
     import gradio as gr
     import matplotlib.pyplot as plt
 
-    def run(model, files, example, sampling_rate, lead_names, with_saliency):
+    def run(files, example, sampling_rate, lead_names, with_saliency):
         plt.close("all")
         try:
             out = analyse(model, [f if isinstance(f, str) else f.name for f in files or []], example or None,
@@ -164,7 +169,7 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                     "Research demo, **not a medical device**.")
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Textbox(value=default_model, label="Model folder or Hub id", elem_id="model")
+                gr.Markdown(f"Model: `{model or '(none: start the app with --model)'}`", elem_id="model")
                 files = gr.File(file_count="multiple", label="Record files (.hea + .dat/.mat, or .npy/.csv)",
                                 elem_id="files")
                 example = gr.Dropdown(choices=[""] + list(EXAMPLES), value="", label="…or a simulated example",
@@ -184,10 +189,18 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                                                 elem_id="expert-predictions", interactive=False)
                 gate_plot = gr.Plot(label="Gate weights", elem_id="gate-plot")
         ecg_plot = gr.Plot(label="12-lead ECG", elem_id="ecg-plot")
-        button.click(run, [model, files, example, sampling_rate, lead_names, with_saliency],
+        button.click(run, [files, example, sampling_rate, lead_names, with_saliency],
                      [prediction, gate_table, expert_table, ecg_plot, gate_plot, status])
     return demo
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="EnECG demo: serve one model folder or Hub id.")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="the model to serve (default: $ENECG_MODEL, else outputs/enecg-tiny-rr_interval)")
+    args = parser.parse_args(argv)
+    build_demo(args.model).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+
+
 if __name__ == "__main__":
-    build_demo().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    main()

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+
+# The data tests' file writers (`ecg_files`: WFDB records, hostile .mat/.hea files) are shared with these tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, build_model_folder, shared
 
+from ecg_files import peak_allocation, write_header, write_mat_zeros
+
 
 ARTIFACTS = REPO / "test-artifacts"
 EXPERTS = ["dlinear", "timesnet", "features"]
@@ -76,9 +78,51 @@ def test_bad_uploads_give_messages(app, model_folder, tmp_path, files, message):
         app.analyse(str(model_folder), files=paths)
 
 
+def test_an_uploaded_mat_bomb_is_refused_from_its_header(app, model_folder, tmp_path):
+    """A 120 kB Challenge .mat that inflates to 120 MB behind a valid header: a message, a few MB allocated."""
+    write_mat_zeros(tmp_path / "bomb.mat", 12, 5_000_000)
+    write_header(tmp_path / "bomb.hea", file_name="bomb.mat")
+    app.load_pipeline(str(model_folder))  # loaded (and cached) before measuring
+    peak, error = peak_allocation(app.analyse, str(model_folder), files=[str(tmp_path / "bomb.hea"),
+                                                                       str(tmp_path / "bomb.mat")])
+    assert isinstance(error, ValueError) and "too_long" in str(error) and "at most 60 s" in str(error), error
+    assert peak < 20 * (1 << 20), f"{peak / (1 << 20):.0f} MB allocated to refuse it"
+
+
 def test_a_model_that_does_not_load_gives_a_message(app, tmp_path):
     with pytest.raises(ValueError, match="Could not load the model"):
         app.analyse(str(tmp_path / "no-model-here"), example="simulated #0")
+
+
+def test_visitors_cannot_make_the_app_load_a_model(app, model_folder, tmp_path):
+    """Loading a model runs its code: a folder with a modified pipeline_enecg.py must never be loaded because a
+    visitor typed its path. Every event of the page is called with that path in every text input."""
+    import gradio as gr
+
+    evil = tmp_path / "evil"
+    shutil.copytree(model_folder, evil)
+    marker = tmp_path / "pwned"
+    code = (evil / "pipeline_enecg.py").read_text()
+    (evil / "pipeline_enecg.py").write_text(code.replace(
+        "from __future__ import annotations\n", f"from __future__ import annotations\nopen({str(marker)!r}, 'w').close()\n", 1))
+    demo = app.build_demo(str(model_folder))
+    for function in demo.fns.values():
+        values = [str(evil) if isinstance(c, gr.Textbox) else "simulated #0" if isinstance(c, gr.Dropdown) else None
+                  for c in function.inputs]
+        function.fn(*values)
+    assert not marker.exists(), "the app ran code from a folder a visitor named"
+    assert not any(isinstance(c, gr.Textbox) and "model" in str(c.label).lower() for c in demo.blocks.values())
+    # The model the app was started with is served.
+    prediction = demo.fns[0].fn(None, "simulated #0", None, "", False)[0]
+    assert prediction.startswith("### rr_interval:"), prediction
+
+
+def test_the_model_to_serve_is_a_command_line_option(app, monkeypatch):
+    served = []
+    monkeypatch.setattr(app, "build_demo", lambda model: served.append(model) or type("Demo", (), {
+        "launch": lambda self, **kwargs: None})())
+    app.main(["--model", "some/model"])
+    assert served == ["some/model"]
 
 
 # ------------------------------------------------------------------------------------------------ browser

@@ -37,12 +37,12 @@ TEMPO_SETTINGS = dict(EnECGTempoExpert.PRESETS["tiny"], gpt_layers=2)
 LORA_R, LORA_ALPHA = 4, 8
 
 
-def upstream_tempo_checkpoint(seed: int = 0):
+def upstream_tempo_checkpoint(seed: int = 0, settings: dict = TEMPO_SETTINGS):
     """State dict in the layout of the released TEMPO-80M `.pth`: one PEFT-wrapped GPT-2 (`gpt2_trend`) with LoRA on
     c_attn, the projections, and the modules upstream builds but never uses. Returns (state, live peft model)."""
     from peft import LoraConfig, get_peft_model
 
-    s = TEMPO_SETTINGS
+    s = settings
     torch.manual_seed(seed)
     gpt2 = GPT2Model(GPT2Config(vocab_size=s["vocab_size"], n_positions=s["n_positions"], n_embd=s["d_model"],
                                 n_layer=s["gpt_layers"], n_head=s["n_head"]))
@@ -74,10 +74,10 @@ def upstream_tempo_checkpoint(seed: int = 0):
     return state, peft_model.eval()
 
 
-def reference_tempo(state, peft_model, x):
+def reference_tempo(state, peft_model, x, settings: dict = TEMPO_SETTINGS):
     """TEMPO's forward written from the upstream code path: RevIN, moving average by concatenating repeated ends,
     ReplicationPad1d patching, prompts from `wte`, ONE GPT-2 pass with the LoRA adapter live (not merged)."""
-    s = TEMPO_SETTINGS
+    s = settings
     B, L = x.shape
     x = x.unsqueeze(-1)
     mean = x.mean(1, keepdim=True)
@@ -149,6 +149,34 @@ def test_tempo_preset_mismatch_is_reported_on_load(tmp_path):
         expert.load_pretrained(str(tmp_path / "out"))
 
 
+def test_tempo_stride_is_never_guessed_among_several_that_fit(tmp_path, capsys):
+    """seq_len 64, patch 16, stride 16: strides 13-16 all give the 5 patches out_layer_* takes. The converter once
+    took the smallest (13: embeddings 82 % off); it now needs --stride, and checks it and --seq-len."""
+    from enecg_hf.convert import main
+
+    settings = dict(TEMPO_SETTINGS, stride=16)
+    state, peft_model = upstream_tempo_checkpoint(settings=settings)
+    torch.save(state, tmp_path / "t.pth")
+    source, out = str(tmp_path / "t.pth"), str(tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"strides \[13, 14, 15, 16\] all give the 5 patches.*pass --stride"):
+        convert_tempo(source, out, preset="tiny", lora_alpha=LORA_ALPHA)
+    with pytest.raises(CheckpointError, match="--stride 8 gives 8 patches"):
+        convert_tempo(source, out, preset="tiny", lora_alpha=LORA_ALPHA, stride=8)
+    with pytest.raises(CheckpointError, match="--seq-len 336, but map_trend is 64 x 64"):
+        convert_tempo(source, out, preset="tiny", lora_alpha=LORA_ALPHA, stride=16, seq_len=336)
+    arguments = ["tempo", source, out, "--preset", "tiny", "--lora-alpha", str(LORA_ALPHA)]
+    assert main(arguments) == 1 and "pass --stride" in capsys.readouterr().err
+    assert main([*arguments, "--stride", "16", "--seq-len", "64"]) == 0
+
+    config = EnECGExpertConfig("tempo", "tempo", 64, ["II"], settings={"preset": "tiny", "gpt_layers": 2, "stride": 16})
+    expert = EnECGTempoExpert(config, LEADS).eval()
+    expert.load_pretrained(out)
+    x = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        embedding = reference_tempo(state, peft_model, x.reshape(2, 64), settings)[1]
+        torch.testing.assert_close(expert.embed(x), embedding, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("change", ["missing", "extra", "lonely_lora"])
 def test_tempo_converter_names_bad_keys(tmp_path, change):
     state, _ = upstream_tempo_checkpoint()
@@ -171,23 +199,25 @@ def test_tempo_converter_names_bad_keys(tmp_path, change):
 ECGFM = {"conv": [(16, 2, 2)] * 4, "dim": 32, "layers": 2, "heads": 2, "ffn": 64, "pos": 16, "groups": 4, "labels": 26}
 
 
-def upstream_ecgfm_checkpoint(pos_style: str, seed: int = 0, prefix: str = "encoder.") -> dict:
-    """A fairseq-signals `ecg_transformer_classifier` checkpoint dict with random weights."""
+def upstream_ecgfm_checkpoint(pos_style: str, seed: int = 0, prefix: str = "encoder.", e: dict = ECGFM) -> dict:
+    """A fairseq-signals `ecg_transformer_classifier` checkpoint dict with random weights. Like upstream, it has a
+    `post_extract_proj` only when the last conv width differs from the hidden width."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.2):
         return torch.randn(*shape, generator=g) * scale
 
-    e, d = ECGFM, ECGFM["dim"]
+    d, first, width = e["dim"], e["conv"][0][0], e["conv"][-1][0]
     model = {}
     in_d = 12
     for i, (out, k, _) in enumerate(e["conv"]):
         model[f"{prefix}feature_extractor.conv_layers.{i}.0.weight"] = rand(out, in_d, k, scale=0.5)
         in_d = out
-    model[f"{prefix}feature_extractor.conv_layers.0.2.weight"] = 1 + rand(16)
-    model[f"{prefix}feature_extractor.conv_layers.0.2.bias"] = rand(16)
-    model[f"{prefix}layer_norm.weight"], model[f"{prefix}layer_norm.bias"] = 1 + rand(16), rand(16)
-    model[f"{prefix}post_extract_proj.weight"], model[f"{prefix}post_extract_proj.bias"] = rand(d, 16), rand(d)
+    model[f"{prefix}feature_extractor.conv_layers.0.2.weight"] = 1 + rand(first)
+    model[f"{prefix}feature_extractor.conv_layers.0.2.bias"] = rand(first)
+    model[f"{prefix}layer_norm.weight"], model[f"{prefix}layer_norm.bias"] = 1 + rand(width), rand(width)
+    if width != d:
+        model[f"{prefix}post_extract_proj.weight"], model[f"{prefix}post_extract_proj.bias"] = rand(d, width), rand(d)
     g_, v_ = 1 + rand(1, 1, e["pos"]).abs(), rand(d, d // e["groups"], e["pos"])
     pos = f"{prefix}conv_pos.pos_conv.0."
     if pos_style == "weight_g":
@@ -208,7 +238,8 @@ def upstream_ecgfm_checkpoint(pos_style: str, seed: int = 0, prefix: str = "enco
         model["proj.weight"], model["proj.bias"] = rand(e["labels"], d), rand(e["labels"])
     else:  # a pretraining checkpoint: wav2vec 2.0 heads that embedding does not use
         model["mask_emb"], model["final_proj.weight"], model["final_proj.bias"] = rand(d), rand(8, d), rand(8)
-    cfg = {"model": {"_name": "ecg_transformer_classifier", "conv_feature_layers": "[(16, 2, 2)] * 4", "in_d": 12,
+    layers = " + ".join(f"[{tuple(layer)}]" for layer in e["conv"])
+    cfg = {"model": {"_name": "ecg_transformer_classifier", "conv_feature_layers": layers, "in_d": 12,
                      "encoder_embed_dim": d, "encoder_layers": e["layers"], "encoder_attention_heads": e["heads"],
                      "encoder_ffn_embed_dim": e["ffn"], "conv_pos": e["pos"], "conv_pos_groups": e["groups"],
                      "layer_norm_first": False, "extractor_mode": "default", "num_labels": e["labels"]},
@@ -223,9 +254,9 @@ def upstream_ecgfm_checkpoint(pos_style: str, seed: int = 0, prefix: str = "enco
     }
 
 
-def reference_ecgfm(model: dict, x: torch.Tensor, prefix: str = "encoder.") -> tuple[torch.Tensor, torch.Tensor]:
+def reference_ecgfm(model: dict, x: torch.Tensor, prefix: str = "encoder.", e: dict = ECGFM) -> tuple[torch.Tensor, torch.Tensor]:
     """fairseq-signals' ECG transformer written with plain torch ops on the upstream tensors (no transformers)."""
-    e, p = ECGFM, prefix
+    p = prefix
     x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True, unbiased=False) + 1e-6)
     for i, (_, _, stride) in enumerate(e["conv"]):
         x = F.conv1d(x, model[f"{p}feature_extractor.conv_layers.{i}.0.weight"], stride=stride)
@@ -233,8 +264,9 @@ def reference_ecgfm(model: dict, x: torch.Tensor, prefix: str = "encoder.") -> t
             x = F.group_norm(x, x.shape[1], model[f"{p}feature_extractor.conv_layers.0.2.weight"],
                              model[f"{p}feature_extractor.conv_layers.0.2.bias"])
         x = F.gelu(x)
-    x = F.layer_norm(x.transpose(1, 2), (16,), model[f"{p}layer_norm.weight"], model[f"{p}layer_norm.bias"])
-    x = F.linear(x, model[f"{p}post_extract_proj.weight"], model[f"{p}post_extract_proj.bias"])
+    x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), model[f"{p}layer_norm.weight"], model[f"{p}layer_norm.bias"])
+    if f"{p}post_extract_proj.weight" in model:  # upstream: None when the conv width is the hidden width
+        x = F.linear(x, model[f"{p}post_extract_proj.weight"], model[f"{p}post_extract_proj.bias"])
     pos = f"{p}conv_pos.pos_conv.0."
     g_ = model.get(pos + "weight_g", model.get(pos + "parametrizations.weight.original0"))
     v_ = model.get(pos + "weight_v", model.get(pos + "parametrizations.weight.original1"))
@@ -309,6 +341,70 @@ def test_ecgfm_converter_names_bad_keys(tmp_path, change):
     torch.save(checkpoint, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match=expected.replace(".", r"\.")):
         convert_ecgfm(str(tmp_path / "bad.pt"), str(tmp_path / "out"), preset="tiny")
+
+
+def _converted_expert(folder: Path, settings: dict) -> EnECGEcgFmExpert:
+    config = EnECGExpertConfig("ecgfm", "ecgfm", 800, LEADS, settings={"preset": "tiny", **settings})
+    expert = EnECGEcgFmExpert(config, LEADS).eval()
+    expert.load_pretrained(str(folder))
+    return expert
+
+
+def test_ecgfm_checkpoint_with_its_config_in_an_args_namespace(tmp_path):
+    """Older fairseq checkpoints carry `cfg: None` and their settings as an argparse.Namespace in `args`, read with a
+    weights-only load. Here it says 4 attention heads where the preset has 2 (the heads are not in the weights)."""
+    import argparse
+
+    settings = {**ECGFM, "heads": 4}
+    checkpoint = upstream_ecgfm_checkpoint("weight_g", e=settings)
+    checkpoint["args"] = argparse.Namespace(**checkpoint.pop("cfg")["model"], optimizer="adam", lr=[1e-4])
+    checkpoint["cfg"] = None
+    torch.save(checkpoint, tmp_path / "legacy.pt")
+    report = convert_ecgfm(str(tmp_path / "legacy.pt"), str(tmp_path / "out"), preset="tiny")
+    assert report.settings["num_heads"] == 4 and any("`args` namespace" in note for note in report.notes)
+    expert = _converted_expert(tmp_path / "out", {"num_heads": 4})
+    x = torch.randn(2, 12, 800, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(expert.embed(x), reference_ecgfm(checkpoint["model"], x, e=settings)[0],
+                                   atol=1e-4, rtol=1e-4)
+    # What the namespace says is checked like a cfg: a pre-LN encoder is refused.
+    checkpoint["args"].layer_norm_first = True
+    torch.save(checkpoint, tmp_path / "pre_ln.pt")
+    with pytest.raises(CheckpointError, match="layer_norm_first=True"):
+        convert_ecgfm(str(tmp_path / "pre_ln.pt"), str(tmp_path / "out2"), preset="tiny")
+
+
+def test_ecgfm_encoder_without_post_extract_proj(tmp_path):
+    """Conv width 32 = hidden width 32: upstream has no post_extract_proj and feeds the features on unprojected."""
+    settings = {**ECGFM, "conv": [(32, 2, 2)] * 4}
+    checkpoint = upstream_ecgfm_checkpoint("parametrizations", e=settings)
+    assert not any("post_extract_proj" in key for key in checkpoint["model"])
+    torch.save(checkpoint, tmp_path / "no_proj.pt")
+    report = convert_ecgfm(str(tmp_path / "no_proj.pt"), str(tmp_path / "out"), preset="tiny")
+    assert len(report.converted) == len(checkpoint["model"]) and any("identity" in note for note in report.notes)
+    expert = _converted_expert(tmp_path / "out", {"conv_layers": [[32, 2, 2]] * 4})
+    x = torch.randn(2, 12, 800, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        pooled, logits = reference_ecgfm(checkpoint["model"], x, e=settings)
+        torch.testing.assert_close(expert.embed(x), pooled, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(expert.classify(x), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ecgfm_checkpoint_with_quantized_inputs_is_refused_with_the_reason(tmp_path):
+    """With quantize_input=True upstream embeds through input_quantizer and project_inp (they are not pretraining-only
+    modules: `remove_pretraining_modules` keeps them). This expert has no input quantizer: refused, saying why."""
+    checkpoint = upstream_ecgfm_checkpoint("parametrizations", prefix="")
+    generator = torch.Generator().manual_seed(8)
+    checkpoint["model"].update({
+        "input_quantizer.vars": torch.randn(1, 2 * 8, 16, generator=generator),
+        "input_quantizer.weight_proj.weight": torch.randn(2 * 8, 16, generator=generator),
+        "input_quantizer.weight_proj.bias": torch.randn(2 * 8, generator=generator),
+        "project_inp.weight": torch.randn(32, 32, generator=generator), "project_inp.bias": torch.zeros(32)})
+    checkpoint["cfg"]["model"]["quantize_input"] = True
+    torch.save(checkpoint, tmp_path / "quantized.pt")
+    with pytest.raises(CheckpointError, match=r"quantize_input=True.*input_quantizer.*input_quantizer\.vars"):
+        convert_ecgfm(str(tmp_path / "quantized.pt"), str(tmp_path / "out"), preset="tiny")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ unsafe pickles

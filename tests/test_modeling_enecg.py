@@ -511,3 +511,14 @@ def test_lead_order_is_the_same_for_model_and_data():
     from enecg_hf.preprocessing_enecg import STANDARD_LEADS
 
     assert tuple(STANDARD_LEADS) == tuple(STANDARD_LEAD_NAMES)
+
+
+def test_the_package_is_marked_typed():
+    """setup.cfg ships `py.typed` (PEP 561) in package_data: the file must exist."""
+    import configparser
+
+    package = Path(__file__).resolve().parents[1] / "enecg_hf"
+    setup = configparser.ConfigParser()
+    setup.read(package.parent / "setup.cfg")
+    assert "py.typed" in setup["options.package_data"]["enecg_hf"]
+    assert (package / "py.typed").is_file()

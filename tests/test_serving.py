@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,8 @@ import torch
 
 
 from helpers import BLOCK_ENECG, STANDARD, build_model_folder, shared
+
+from ecg_files import peak_allocation, write_header, write_mat_zeros, write_record
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,44 @@ def test_export_writes_pipeline_handler_and_custom_pipelines(regression_folder):
     assert config["custom_pipelines"] == {
         "ecg-analysis": {"impl": "pipeline_enecg.EnECGPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
     assert "torch" in (regression_folder / "requirements.txt").read_text()
+
+
+def test_any_saved_model_folder_is_served_by_the_pipeline_offline(tmp_path):
+    """`EnECGModel.save_pretrained` (which `push_to_hub` calls) writes the pipeline and its registration: the folder
+    works with `pipeline(model=...)` offline where enecg_hf cannot be imported, and so does the folder a model loaded
+    from it through remote code saves again. (`enecg export` only adds the endpoint's handler.py.)"""
+    import json as json_module
+
+    from enecg_hf import EnECGConfig, EnECGModel
+
+    config = json_module.loads((Path(__file__).resolve().parents[1] / "hub_configs" / "tiny.json").read_text())
+    config["experts"] = [e for e in config["experts"] if e["name"] == "dlinear"]
+    config.pop("model_type", None)
+    torch.manual_seed(0)
+    folder = tmp_path / "plain"
+    EnECGModel(EnECGConfig(**config)).eval().save_pretrained(folder)
+    assert {"pipeline_enecg.py", "io_enecg.py", "preprocessing_enecg.py"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "handler.py").exists()
+    assert "ecg-analysis" in json_module.loads((folder / "config.json").read_text())["custom_pipelines"]
+    np.save(tmp_path / "signal.npy", ludb_signal("3"))
+    script = BLOCK_ENECG + textwrap.dedent(
+        f"""
+        import numpy as np
+        from transformers import AutoModel, pipeline
+        signal = np.load({str(tmp_path / "signal.npy")!r})
+        first = pipeline(model={str(folder)!r}, trust_remote_code=True)(signal, sampling_rate=500)
+        AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).save_pretrained({str(tmp_path / "again")!r})
+        second = pipeline(model={str(tmp_path / "again")!r}, trust_remote_code=True)(signal, sampling_rate=500)
+        assert "enecg_hf" not in type(first).__module__
+        print("VALUES", first["value"], second["value"])
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    first, second = map(float, run.stdout.split("VALUES", 1)[1].split())
+    assert np.isfinite(first) and first == second
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -160,6 +201,18 @@ def test_classification_pipeline_returns_labels_scores_and_top_k(classification_
         ("not_an_ecg", {}, None),
         ([["a", "b"], ["c", "d"]], {"sampling_rate": 500}, "bad_input"),
         ([], {}, "bad_input"),
+        (np.zeros((12, 5000)), {"sampling_rate": 10**400}, "bad_sampling_rate"),
+        (np.zeros((12, 5000)), {"sampling_rate": "500"}, "bad_sampling_rate"),
+        (np.zeros((12, 5000)), {"sampling_rate": 500, "lead_names": 5}, "bad_lead_names"),
+        (np.zeros((12, 5000)), {"sampling_rate": 500, "lead_names": "I,II"}, "bad_lead_names"),
+        (np.zeros((1, 5000)), {"sampling_rate": 500, "lead_names": ["II"], "fill_missing_leads": "no"},
+         "bad_parameters"),
+        (np.zeros((12, 5000)), {"sampling_rate": 500, "top_k": "3"}, "bad_parameters"),
+        (np.zeros((12, 1)), {"sampling_rate": 250}, "too_short"),
+        ("scaled_3e38", {"sampling_rate": 500}, "implausible_amplitude"),
+        ("npz_as_npy", {"sampling_rate": 500}, "unreadable_signal"),
+        ("header_rate_-1", {}, "unreadable_header"),
+        ("header_gain_0", {}, "unreadable_header"),
     ],
 )
 def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inputs, kwargs, reason):
@@ -169,11 +222,66 @@ def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inpu
     elif isinstance(inputs, str) and inputs == "not_an_ecg":
         (tmp_path / "photo.hea").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
         inputs = str(tmp_path / "photo.hea")
+    elif isinstance(inputs, str) and inputs == "scaled_3e38":
+        inputs = ludb_signal("2")
+        inputs = inputs / np.abs(inputs).max() * np.float32(3e38)  # finite, but its statistics overflow float32
+    elif isinstance(inputs, str) and inputs == "npz_as_npy":
+        np.savez(tmp_path / "record.npz", signal=ludb_signal("2"))
+        inputs = str((tmp_path / "record.npz").rename(tmp_path / "record.npy"))
+    elif isinstance(inputs, str) and inputs.startswith("header_"):
+        base = write_record(tmp_path, "rec")  # then its header is rewritten with a value wfdb would replace
+        write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "0"}))
+        inputs = str(base)
     with pytest.raises(ValueError) as error:
         ecg(inputs, **kwargs)
     if reason is not None:
         assert getattr(error.value, "reason", None) == reason, str(error.value)
     assert len(str(error.value)) > 20  # a sentence, not a bare code
+    assert "NaN" not in str(error.value) or reason == "not_finite"  # says what is wrong, e.g. not "contains NaN"
+
+
+@pytest.mark.parametrize("hostile", ["mat_bomb", "huge_header", "one_line_csv"])
+def test_pipeline_refuses_hostile_files_before_reading_their_samples(ecg, tmp_path, hostile):
+    """A 120 kB .mat inflating to 120 MB, a header claiming 12 x 1e6 samples (sparse 24 MB .dat) and a 1.6 MB
+    one-line CSV: refused from their headers (line lengths for the CSV), allocating a few MB."""
+    if hostile == "mat_bomb":
+        write_mat_zeros(tmp_path / "bomb.mat", 12, 5_000_000)
+        record, reason = write_header(tmp_path / "bomb.hea", file_name="bomb.mat"), "too_long"
+    elif hostile == "huge_header":
+        record, reason = write_header(tmp_path / "huge.hea", sig_len=1_000_000), "too_long"
+        with open(tmp_path / "huge.dat", "wb") as handle:
+            handle.truncate(12 * 1_000_000 * 2)
+    else:
+        record, reason = tmp_path / "one_line.csv", "bad_shape"
+        record.write_text(",".join(["0.1"] * 400_000) + "\n")
+    peak, error = peak_allocation(ecg, str(record), sampling_rate=500)
+    assert getattr(error, "reason", None) == reason, error
+    assert peak < 20 * (1 << 20), f"{peak / (1 << 20):.0f} MB allocated to refuse {hostile}"
+
+
+def test_a_model_that_computes_nan_gives_an_error_not_a_nan_value(regression_folder, tmp_path):
+    """A non-finite output (here from a broken gate weight) is refused; the console script prints valid JSON."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(regression_folder)
+    with torch.no_grad():
+        model.gate.out_proj.base_layer.bias.fill_(float("nan"))
+    broken = tmp_path / "broken"
+    shutil.copytree(regression_folder, broken)
+    model.save_pretrained(broken)
+    from transformers import pipeline
+
+    with pytest.raises(ValueError) as error:
+        pipeline(model=str(broken), trust_remote_code=True)(ludb_signal("2"), sampling_rate=500)
+    assert error.value.reason == "non_finite_output"
+    npy = tmp_path / "record.npy"
+    np.save(npy, ludb_signal("2"))
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", str(npy), "--model", str(broken),
+                          "--sampling-rate", "500"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1
+    assert json.loads(run.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in {run.stdout}"))[
+        "reason"] == "non_finite_output"
 
 
 def test_pipeline_loads_with_trust_remote_code_where_enecg_hf_is_blocked(regression_folder, ecg, tmp_path):
@@ -250,13 +358,37 @@ def test_handler_round_trip_with_json_and_base64(handler, ecg):
         ({"inputs": [{"signal": [[0.0] * 10] * 12, "sampling_rate": 500}] * 33}, "too_many_records"),
         ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500, "extra": 1}}, "bad_request"),
         ({"inputs": {"signal": [[float("nan")] * 5000] * 12, "sampling_rate": 500}}, "not_finite"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 10**400}}, "bad_sampling_rate"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": "500"}}, "bad_sampling_rate"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": True}}, "bad_sampling_rate"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500, "lead_names": 5}}, "bad_lead_names"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500, "lead_names": list(range(12))}},
+         "bad_lead_names"),
+        ({"inputs": {"signal": [[0.1] * 5000], "sampling_rate": 500, "lead_names": ["II"]},
+          "parameters": {"fill_missing_leads": "no"}}, "bad_parameters"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500}, "parameters": {"top_k": "x"}},
+         "bad_parameters"),
+        ({"inputs": {"signal": [[0.0] * 5000] * 12, "sampling_rate": 500}, "parameters": {"top_k": True}},
+         "bad_parameters"),
+        ({"inputs": {"signal": [["0.1"] * 5000] * 12, "sampling_rate": 500}}, "bad_shape"),
+        ({"inputs": {"signal": [[True] * 5000] * 12, "sampling_rate": 500}}, "bad_shape"),
+        ({"inputs": {"npy_base64": "npz", "sampling_rate": 500}}, "bad_npy"),
+        ({"inputs": {"signal": "scaled_3e38", "sampling_rate": 500}}, "implausible_amplitude"),
     ],
 )
 def test_handler_answers_bad_requests_with_json_errors(handler, request_, reason):
+    item = request_.get("inputs")
+    if isinstance(item, dict) and item.get("npy_base64") == "npz":  # an np.savez archive in place of a .npy file
+        archive = io.BytesIO()
+        np.savez(archive, signal=np.zeros((12, 5000)))
+        item["npy_base64"] = base64.b64encode(archive.getvalue()).decode()
+    if isinstance(item, dict) and item.get("signal") == "scaled_3e38":
+        signal = ludb_signal("3")
+        item["signal"] = (signal / np.abs(signal).max() * np.float32(3e38)).tolist()
     response = handler[1](request_)
     assert isinstance(response, dict) and response["reason"] == reason, response
     assert isinstance(response["error"], str) and len(response["error"]) > 10
-    json.dumps(response)
+    json.dumps(response, allow_nan=False)
 
 
 def test_handler_size_limits(handler):
@@ -273,7 +405,8 @@ def test_handler_size_limits(handler):
 def test_console_script_predicts_one_json_line_per_record(regression_folder, tmp_path):
     records = [str(shared("ludb", "data", "7")), str(tmp_path / "missing"), str(shared("ludb", "data", "8.hea"))]
     png = tmp_path / "explain.png"
-    run = subprocess.run(["enecg", "predict", *records, "--model", str(regression_folder), "--explain", str(png)],
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", *records, "--model", str(regression_folder),
+                          "--explain", str(png)],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert run.returncode == 1  # one record failed; the others are still predicted
@@ -282,6 +415,27 @@ def test_console_script_predicts_one_json_line_per_record(regression_folder, tmp
     assert lines[1]["reason"] == "missing_file" and "not a readable ECG record" in lines[1]["error"]
     assert lines[0]["explanation"] == str(png) and png.stat().st_size > 10_000
     assert Path(lines[2]["explanation"]).name == "explain-3.png"
+
+
+def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_model(regression_folder, tmp_path):
+    npy = tmp_path / "record.npy"
+    np.save(npy, ludb_signal("7"))
+    records = [str(npy), str(shared("ludb", "data", "8.hea"))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", *records, "--model", str(regression_folder),
+                          "--sampling-rate", "500", "--explain", "/nonexistent/x.png"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["source"] for line in lines] == records and all(np.isfinite(line["value"]) for line in lines)
+    assert "--explain /nonexistent/x.png: the folder /nonexistent does not exist" in run.stderr
+    assert "Traceback" not in run.stderr
+
+    for model, message in [("/no/such/dir", "no such folder"), (str(tmp_path), "not a saved model folder")]:
+        run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", str(npy), "--model", model,
+                              "--sampling-rate", "500"], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 2 and run.stdout == ""
+        assert f"--model {model}: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_module_cli_and_export(classification_folder, tmp_path):
@@ -299,10 +453,12 @@ def test_module_cli_and_export(classification_folder, tmp_path):
 
     EnECGModel.from_pretrained(classification_folder).save_pretrained(bare)
     assert not (bare / "handler.py").exists()
-    run = subprocess.run(["enecg", "export", str(bare)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "export", str(bare)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     assert (bare / "handler.py").is_file() and "custom_pipelines" in json.loads((bare / "config.json").read_text())
-    missing = subprocess.run(["enecg", "export", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "export", str(tmp_path / "nowhere")],
+                             capture_output=True, text=True)
     assert missing.returncode == 2 and "not a saved model folder" in missing.stderr
 
 

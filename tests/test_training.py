@@ -368,6 +368,34 @@ def test_label_without_values_and_wrong_sampling_rate(work, tmp_path):
     assert "(12, 2500)" in str(error.value) and "500 Hz" in str(error.value)
 
 
+def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name(work, sim_dataset, tmp_path):
+    """rr_interval None at rows 7-8 and NaN at row 9 (their folds once indexed the wrong rows: IndexError), a NaN
+    sample at row 3 and an amplitude of 3e38 mV at row 4 (feature caching once ended with a bare traceback)."""
+    import datasets
+
+    source = datasets.load_from_disk(str(sim_dataset))
+
+    def damage(row, index):
+        if index in (7, 8, 9):
+            row["rr_interval"] = None if index < 9 else float("nan")
+        if index in (3, 4):
+            signal = np.asarray(row["signal"], dtype=np.float32)
+            signal[0, 100] = np.nan if index == 3 else 3e38
+            row["signal"] = signal.tolist()
+        return row
+
+    damaged = source.map(damage, with_indices=True, features=source.features)
+    damaged.save_to_disk(str(tmp_path / "damaged"))
+    unusable = [source[3]["record_id"], source[4]["record_id"]]
+    result = train("--dataset", str(tmp_path / "damaged"), *SMALL_RUN, "--epochs", "1", "--output_dir",
+                   str(tmp_path / "out"), cwd=work)
+    assert "missing for 3 of 24 records: they are left out" in result.stderr
+    assert f"left out: {unusable}" in result.stderr, result.stderr[-3000:]
+    metrics = metrics_of(tmp_path / "out")
+    assert metrics["records"] == 19 and sum(f["test_records"] for f in metrics["folds"]) == 19
+    assert all(np.isfinite(v["mean"]) for v in metrics["cv"].values())
+
+
 def test_classes_seen_only_in_test_folds_are_reported():
     from enecg_hf.training import LabelSpec, check_class_coverage
 

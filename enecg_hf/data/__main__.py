@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fill-missing-leads", action="store_true", help="zero-fill missing leads instead of skipping")
     parser.add_argument("--labels-csv", help="mimic-iv-ecg: CSV with age/sex/potassium per subject_id[/study_id]")
     parser.add_argument("--seed", type=int, default=0, help="simulated: random seed (default 0)")
+    parser.add_argument("--max-record-seconds", type=float, default=3600.0,
+                        help="skip longer records, decided from their headers before reading them (default 3600)")
     return parser.parse_args(argv)
 
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             fill_missing_leads=args.fill_missing_leads,
             labels_csv=args.labels_csv,
             seed=args.seed,
+            max_record_seconds=args.max_record_seconds,
         )
     except (LayoutError, DatasetBuildError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,11 +2,14 @@
 
 The source's record list is cut into shards; `Dataset.from_generator` runs them (in `num_proc` processes) and writes
 examples straight to Arrow files, so memory holds one shard's records at a time however large the collection.
-Each worker writes the records it skips, with the reason, to a side file that the report collects.
+Each worker writes the records it skips, with the reason, to a side file that the report collects, and a hash of
+each stored signal: a record id listed twice, or a signal stored twice under two ids (the same recording, which
+would sit on both sides of a split), is kept once and the others are reported as skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -84,11 +87,17 @@ def _example(source: str, record_id: str, subject_id: Any, loaded, options: Buil
     return example
 
 
-def _generate_examples(shards: list[dict], format: str, options: BuildOptions, skip_folder: str) -> Iterator[dict]:
-    """Yield the examples of `shards`; write the skipped records of each shard to `skip_folder/<shard>.jsonl`."""
+def _signal_hash(signal) -> str:
+    return hashlib.blake2b(signal.tobytes(), digest_size=16).hexdigest()
+
+
+def _generate_examples(shards: list[dict], format: str, options: BuildOptions, skip_folder: str,
+                       side_folder: str) -> Iterator[dict]:
+    """Yield the examples of `shards`; write the skipped records of each shard to `skip_folder/<shard>.jsonl`, and the
+    hash of each stored signal and the label notes to `side_folder/<shard>.json`."""
     module = FORMATS[format]
     for shard in shards:
-        skips = []
+        skips, hashes, notes = [], {}, []
         for row in _rows(shard["rows"]):
             record_id = str(row["record_id"])
             try:
@@ -100,9 +109,54 @@ def _generate_examples(shards: list[dict], format: str, options: BuildOptions, s
             except Exception as error:  # a reader bug or an exotic file must not end an 800k-record build
                 skips.append({"record_id": record_id, "reason": "read_error", "detail": f"{type(error).__name__}: {error}"})
                 continue
+            hashes[record_id] = _signal_hash(example["signal"])
+            notes.extend({"record_id": record_id, **note} for note in loaded.notes)
             yield example
         with open(Path(skip_folder) / f"{shard['index']:06d}.jsonl", "w") as handle:
             handle.writelines(json.dumps(skip) + "\n" for skip in skips)
+        (Path(side_folder) / f"{shard['index']:06d}.json").write_text(json.dumps({"hashes": hashes, "notes": notes}))
+
+
+def _drop_duplicate_ids(table: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """The record table with each record id once (the first listing kept), and a skip entry per repeat."""
+    ids = table["record_id"].astype(str)
+    repeated = ids.duplicated(keep="first")
+    if not repeated.any():
+        return table, []
+    paths = table["path"].astype(str) if "path" in table.columns else pd.Series([""] * len(table), index=table.index)
+    first_path = dict(zip(ids[~repeated], paths[~repeated]))
+    skips = []
+    for record_id, path in zip(ids[repeated], paths[repeated]):
+        where = (f"{path} has the same id as {first_path[record_id]}, which is kept" if path != first_path[record_id]
+                 else "listed more than once by the source (e.g. a repeated row in its table); one is kept")
+        skips.append({"record_id": record_id, "reason": "duplicate_record_id", "detail": where})
+    return table[~repeated.to_numpy()], skips
+
+
+def _drop_identical_signals(dataset: datasets.Dataset, hashes: dict[str, str]) -> tuple[datasets.Dataset, list[dict]]:
+    """The dataset with each stored signal once (the first record kept), and a skip entry per later copy: the same
+    recording under two ids would otherwise land on both sides of a subject-wise split."""
+    ids = dataset.with_format("arrow")["record_id"].to_pylist()
+    first: dict[str, int] = {}
+    copies: list[tuple[int, int]] = []
+    for row, record_id in enumerate(ids):
+        signal_hash = hashes[record_id]
+        if signal_hash in first:
+            copies.append((row, first[signal_hash]))
+        else:
+            first[signal_hash] = row
+    if not copies:
+        return dataset, []
+    labels = dataset.select_columns([*LABEL_KEYS, "diagnoses"]).with_format("arrow")
+    skips = []
+    for row, kept in copies:
+        mine, theirs = labels[row].to_pylist()[0], labels[kept].to_pylist()[0]
+        differ = sorted(key for key in mine if mine[key] != theirs[key])
+        skips.append({"record_id": ids[row], "reason": "duplicate_signal",
+                      "detail": f"the same stored signal as {ids[kept]}, which is kept"
+                      + (f" (labels that differ: {differ})" if differ else " (same labels)")})
+    dropped = {row for row, _ in copies}
+    return dataset.select([row for row in range(len(ids)) if row not in dropped]), skips
 
 
 def _count_skips(skip_folder: Path) -> int:
@@ -134,6 +188,7 @@ def build(
     seed: int = 0,
     shard_size: int = 200,
     cache_dir: str | Path | None = None,
+    max_record_seconds: float = 3600.0,
 ) -> DatasetBuild:
     """Build the dataset of one ECG collection; see [`build_dataset`] for the arguments.
 
@@ -157,6 +212,7 @@ def build(
         limit=limit,
         seed=seed,
         labels_csv=str(labels_csv) if labels_csv else None,
+        max_record_seconds=float(max_record_seconds),
     )
     started = time.perf_counter()
     table = module.list_records(Path(input) if input is not None else None, options)
@@ -166,6 +222,9 @@ def build(
     report.records_read = len(table)
     if report.records_read == 0:
         raise DatasetBuildError(f"no records found in {input} ({format})")
+    table, duplicates = _drop_duplicate_ids(table)
+    report.skipped.extend(duplicates)
+    to_read = len(table)
 
     num_proc = max(1, min(num_proc or 1, math.ceil(len(table) / shard_size)))
     # Enough shards to balance the workers, each small enough that a worker holds little at once.
@@ -180,15 +239,17 @@ def build(
     else:
         # The random fingerprint below is never reused, so the datasets cache would only pile up: use a fresh folder.
         work = Path(tempfile.mkdtemp(prefix="enecg-dataset-", dir=cache_dir))
-    skip_folder = work / "skipped"
+    skip_folder, side_folder = work / "skipped", work / "side"
     skip_folder.mkdir()
+    side_folder.mkdir()
     features = ecg_features(options.num_samples, module.EXTRA_FEATURES)
     try:
         try:
             dataset = datasets.Dataset.from_generator(
                 _generate_examples,
                 features=features,
-                gen_kwargs={"shards": shards, "format": format, "options": options, "skip_folder": str(skip_folder)},
+                gen_kwargs={"shards": shards, "format": format, "options": options, "skip_folder": str(skip_folder),
+                            "side_folder": str(side_folder)},
                 num_proc=num_proc if num_proc > 1 else None,
                 cache_dir=str(work / "cache"),
                 # A fresh fingerprint: always run the generator, so the skip files match this build.
@@ -198,11 +259,19 @@ def build(
             )
         except Exception:
             # `datasets` cannot make a dataset of zero examples; any other failure is not ours to hide.
-            if _count_skips(skip_folder) != report.records_read:
+            if _count_skips(skip_folder) != to_read:
                 raise
             dataset = None
         for path in sorted(skip_folder.glob("*.jsonl")):
             report.skipped.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        hashes = {}
+        for path in sorted(side_folder.glob("*.json")):
+            side = json.loads(path.read_text())
+            hashes.update(side["hashes"])
+            report.label_notes.extend(side["notes"])
+        if dataset is not None:
+            dataset, copies = _drop_identical_signals(dataset, hashes)
+            report.skipped.extend(copies)
         kept = 0 if dataset is None else len(dataset)
         if kept == 0:
             reasons = ", ".join(f"{reason} {count}" for reason, count in report.skipped_by_reason.items())
@@ -222,6 +291,7 @@ def build(
             shutil.rmtree(work, ignore_errors=True)
         else:
             shutil.rmtree(skip_folder, ignore_errors=True)
+            shutil.rmtree(side_folder, ignore_errors=True)
     report.records_kept = len(dataset)
     if report.records_kept + len(report.skipped) != report.records_read:
         raise RuntimeError(
@@ -250,6 +320,7 @@ def build_dataset(
     seed: int = 0,
     shard_size: int = 200,
     cache_dir: str | Path | None = None,
+    max_record_seconds: float = 3600.0,
 ) -> datasets.Dataset:
     """Read an ECG collection into a memory-mapped `datasets.Dataset` in the EnECG schema (see `schema.ecg_features`).
 
@@ -270,6 +341,8 @@ def build_dataset(
         seed: seed of the simulated data.
         shard_size: records per generator shard (bounds the memory a worker holds).
         cache_dir: parent of the temporary folder used when `output` is not given (default: the system's).
+        max_record_seconds: longer records are skipped (`too_long`), decided from their headers before their samples
+            are read; records of more than `io_enecg.RecordLimits.max_values` values are skipped as `too_large`.
 
     Returns:
         The dataset. `build(...)` returns it together with the [`BuildReport`].
@@ -280,5 +353,5 @@ def build_dataset(
     """
     return build(
         format, input, output, sampling_rate, seconds, num_proc, limit, fill_missing_leads, max_gap_seconds,
-        min_sampling_rate, labels_csv, seed, shard_size, cache_dir,
+        min_sampling_rate, labels_csv, seed, shard_size, cache_dir, max_record_seconds,
     ).dataset

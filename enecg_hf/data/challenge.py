@@ -33,7 +33,7 @@ def list_records(input_path: Path, options: BuildOptions) -> pd.DataFrame:
 
 
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
-    recording = read_record(row["path"])
+    recording = read_record(row["path"], limits=options.record_limits)
     fields = parse_header_comments(recording.comments)
     codes = [code.strip() for code in fields.get("dx", "").split(",") if code.strip()]
     labels = {

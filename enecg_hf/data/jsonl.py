@@ -78,7 +78,8 @@ def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
     path = Path(item["ecg_path"])
     if not path.is_absolute():
         path = Path(row["base"]) / path
-    recording = read_record(path, item.get("sampling_rate", options.sampling_rate), item.get("lead_names"))
+    recording = read_record(path, item.get("sampling_rate", options.sampling_rate), item.get("lead_names"),
+                            limits=options.record_limits)
     labels = {
         "rr_interval": parse_float(item.get("rr_interval")),
         "age": parse_age(item.get("age")),

@@ -3,7 +3,8 @@
 Labels: `age` and `sex` from the header comments `<age>: 51`, `<sex>: F` (`ludb.csv` fills gaps); `arrhythmia` from the
 `Rhythm:` line; `diagnoses` are the diagnosis comment lines; `rr_interval` is the mean interval between successive
 QRS peaks (`N`) of the cardiologists' lead-II annotation (`<n>.ii`), in ms. The first and last second of each record
-are not annotated, so this mean covers the annotated beats only.
+are not annotated, so this mean covers the annotated beats only. A missing or corrupted annotation leaves
+`rr_interval` empty and the record in, with the reason in the build report's `label_notes`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..io_enecg import parse_header_comments, read_record
+from ..preprocessing_enecg import ECGInputError
 from .labels import arrhythmia_from_text, parse_age, parse_sex
 from .source import BuildOptions, LayoutError, SourceRecord, find_file
 
@@ -49,22 +51,45 @@ def list_records(input_path: Path, options: BuildOptions) -> pd.DataFrame:
     return table
 
 
-def mean_rr_from_annotations(record_path: str | Path, extension: str = "ii") -> float | None:
-    """Mean interval (ms) between successive `N` (QRS peak) annotations of `record_path.<extension>`, or `None`."""
+RR_RANGE_MS = (200.0, 3000.0)  # 300 to 20 beats per minute
+
+
+def mean_rr_from_annotations(record_path: str | Path, extension: str = "ii", num_samples: int | None = None) -> float:
+    """Mean interval (ms) between successive `N` (QRS peak) annotations of `record_path.<extension>`.
+
+    Args:
+        num_samples: length of the record: annotations beyond it mean a corrupted file.
+
+    Raises:
+        ECGInputError: `missing_annotation` (no such file), `unreadable_annotation` (wfdb cannot decode it, or it
+            decodes to positions outside the record), `too_few_beats` (fewer than two QRS peaks) or `implausible_rr`
+            (a mean outside 200-3000 ms).
+    """
     import wfdb
 
+    path = Path(f"{record_path}.{extension}")
+    if not path.is_file():
+        raise ECGInputError("missing_annotation", f"no annotation file {path}")
     try:
         annotation = wfdb.rdann(str(record_path), extension)
-    except (FileNotFoundError, ValueError):
-        return None
-    peaks = np.asarray(annotation.sample)[np.asarray(annotation.symbol) == "N"]
+    except Exception as error:  # corrupted files raise IndexError, ValueError, struct errors...
+        raise ECGInputError("unreadable_annotation", f"{path}: {type(error).__name__}: {error}") from error
+    samples = np.asarray(annotation.sample)
+    if num_samples is not None and len(samples) and (samples.min() < 0 or samples.max() >= num_samples):
+        raise ECGInputError("unreadable_annotation", f"{path} marks samples {samples.min()}..{samples.max()}, outside "
+                            f"the {num_samples}-sample record (a corrupted file?)")
+    peaks = samples[np.asarray(annotation.symbol) == "N"]
     if len(peaks) < 2 or not annotation.fs:
-        return None
-    return float(np.diff(peaks).mean() / annotation.fs * 1000.0)
+        raise ECGInputError("too_few_beats", f"{path} marks {len(peaks)} QRS peak(s); the mean RR needs two")
+    rr_interval = float(np.diff(peaks).mean() / annotation.fs * 1000.0)
+    if not RR_RANGE_MS[0] <= rr_interval <= RR_RANGE_MS[1]:
+        raise ECGInputError("implausible_rr", f"{path} gives a mean RR of {rr_interval:.0f} ms, outside "
+                            f"{RR_RANGE_MS[0]:g}-{RR_RANGE_MS[1]:g} ms")
+    return rr_interval
 
 
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
-    recording = read_record(row["path"])
+    recording = read_record(row["path"], limits=options.record_limits)
     fields = parse_header_comments(recording.comments)
     rhythm = fields.get("rhythm")
     diagnoses = []
@@ -81,11 +106,17 @@ def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
         age = parse_age(row.get("csv_age"))
     if sex is None:
         sex = parse_sex(row.get("csv_sex"))
+    notes = []
+    try:
+        rr_interval = mean_rr_from_annotations(row["path"], num_samples=recording.signal.shape[1])
+    except ECGInputError as error:  # the signal is still good: keep it, without this label, and say why
+        rr_interval = None
+        notes.append({"label": "rr_interval", "reason": error.reason, "detail": error.detail})
     labels = {
-        "rr_interval": mean_rr_from_annotations(row["path"]),
+        "rr_interval": rr_interval,
         "age": age,
         "sex": sex,
         "arrhythmia": arrhythmia_from_text([rhythm]) if rhythm else None,
         "diagnoses": diagnoses,
     }
-    return SourceRecord(recording, labels)
+    return SourceRecord(recording, labels, notes)

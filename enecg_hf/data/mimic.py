@@ -62,7 +62,7 @@ def list_records(input_path: Path, options: BuildOptions) -> pd.DataFrame:
 
 
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
-    recording = read_record(row["path"])
+    recording = read_record(row["path"], limits=options.record_limits)
     reports = [str(row[column]).strip() for column in REPORT_COLUMNS if not is_missing(row.get(column))]
     rr_interval = parse_float(row.get("rr_interval"))
     if rr_interval is not None and not RR_VALID_RANGE_MS[0] < rr_interval < RR_VALID_RANGE_MS[1]:

@@ -65,7 +65,7 @@ def list_records(input_path: Path, options: BuildOptions) -> pd.DataFrame:
 
 
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
-    recording = read_record(row["path"])
+    recording = read_record(row["path"], limits=options.record_limits)
     try:
         scp_codes = ast.literal_eval(row["scp_codes"]) if isinstance(row["scp_codes"], str) else {}
     except (ValueError, SyntaxError):

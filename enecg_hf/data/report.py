@@ -26,7 +26,10 @@ class BuildReport:
         sampling_rate, seconds: the stored signal layout.
         records_read: records listed in the input.
         records_kept: rows of the dataset.
-        skipped: one `{"record_id", "reason", "detail"}` per record left out.
+        skipped: one `{"record_id", "reason", "detail"}` per record left out, including repeats of a record id
+            (`duplicate_record_id`) and later copies of a stored signal (`duplicate_signal`).
+        label_notes: one `{"record_id", "label", "reason", "detail"}` per kept record whose label could not be read
+            from its source (e.g. a corrupted LUDB annotation: the record is kept without `rr_interval`).
         label_coverage: per label column, the number of kept records that have it.
         arrhythmia_counts: kept records per arrhythmia class.
         records_with_missing_leads, records_with_flat_leads: kept records flagged in those columns.
@@ -41,6 +44,7 @@ class BuildReport:
     records_read: int = 0
     records_kept: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    label_notes: list[dict[str, str]] = field(default_factory=list)
     label_coverage: dict[str, int] = field(default_factory=dict)
     arrhythmia_counts: dict[str, int] = field(default_factory=dict)
     records_with_missing_leads: int = 0
@@ -54,12 +58,13 @@ class BuildReport:
 
     def count_labels(self, dataset: datasets.Dataset) -> None:
         """Fill the label and flag counts from the dataset's Arrow columns (no signal is read)."""
-        table = dataset.data
-        self.label_coverage = {name: len(table) - table.column(name).null_count for name in LABEL_COLUMNS}
-        arrhythmia = Counter(value for value in table.column("arrhythmia").to_pylist() if value is not None)
+        table = dataset.select_columns([*LABEL_COLUMNS, "missing_leads", "flat_leads"]).with_format("arrow")
+        # Through the dataset, not `dataset.data`: that is the table under any `select` (e.g. dropped duplicates).
+        self.label_coverage = {name: len(dataset) - table[name].null_count for name in LABEL_COLUMNS}
+        arrhythmia = Counter(value for value in table["arrhythmia"].to_pylist() if value is not None)
         self.arrhythmia_counts = {name: arrhythmia.get(name, 0) for name in ARRHYTHMIA_CLASSES}
-        self.records_with_missing_leads = sum(1 for leads in table.column("missing_leads").to_pylist() if leads)
-        self.records_with_flat_leads = sum(1 for leads in table.column("flat_leads").to_pylist() if leads)
+        self.records_with_missing_leads = sum(1 for leads in table["missing_leads"].to_pylist() if leads)
+        self.records_with_flat_leads = sum(1 for leads in table["flat_leads"].to_pylist() if leads)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -85,6 +90,10 @@ class BuildReport:
                 examples = [entry["record_id"] for entry in self.skipped if entry["reason"] == reason][:max_examples]
                 more = ", ..." if count > len(examples) else ""
                 lines.append(f"  {reason:<22} {count:>7}  ({', '.join(examples)}{more})")
+        if self.label_notes:
+            lines.append(f"labels not read from the source ({len(self.label_notes)} kept records, see label_notes):")
+            reasons = Counter(f"{note['label']}: {note['reason']}" for note in self.label_notes)
+            lines.extend(f"  {reason:<38} {count:>7}" for reason, count in reasons.most_common())
         lines.append("label coverage (kept records with the label):")
         for name, count in self.label_coverage.items():
             share = count / self.records_kept if self.records_kept else 0.0

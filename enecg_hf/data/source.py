@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io_enecg import ECGRecording
+from ..io_enecg import ECGRecording, RecordLimits
 
 
 class LayoutError(ValueError):
@@ -37,10 +37,16 @@ class BuildOptions:
     limit: int | None = None
     seed: int = 0
     labels_csv: str | None = None
+    max_record_seconds: float = 3600.0
 
     @property
     def num_samples(self) -> int:
         return int(round(self.sampling_rate * self.seconds))
+
+    @property
+    def record_limits(self) -> RecordLimits:
+        """Size limits checked from each record's header before its samples are read (as in serving)."""
+        return RecordLimits(max_seconds=self.max_record_seconds)
 
 
 @dataclass
@@ -48,11 +54,13 @@ class SourceRecord:
     """One record as a format module reads it: the raw recording and its labels (any of which may be `None`).
 
     `labels` holds `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses` and the format's extra
-    columns; missing keys are stored as null.
+    columns; missing keys are stored as null. `notes` says why a label the source should have is missing, as
+    `{"label", "reason", "detail"}` dicts (the build report lists them).
     """
 
     recording: ECGRecording
     labels: dict[str, Any] = field(default_factory=dict)
+    notes: list[dict[str, str]] = field(default_factory=list)
 
 
 def find_file(folder: Path, name: str) -> Path | None:

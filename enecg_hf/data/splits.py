@@ -7,10 +7,15 @@ import datasets
 from sklearn.model_selection import GroupKFold
 
 
+def _column(dataset: datasets.Dataset, name: str) -> list:
+    """One column's values in the dataset's row order. (`dataset.data` is the table under any `select`, `shuffle` or
+    `filter`: its row i is not the dataset's row i, so it must not be read directly.)"""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def _subjects(dataset: datasets.Dataset) -> np.ndarray:
     """Subject id of every row; a row without one is its own subject (its record id)."""
-    subjects = dataset.data.column("subject_id").to_pylist()
-    records = dataset.data.column("record_id").to_pylist()
+    subjects, records = _column(dataset, "subject_id"), _column(dataset, "record_id")
     return np.array([f"subject:{s}" if s is not None else f"record:{r}" for s, r in zip(subjects, records)])
 
 
@@ -45,7 +50,7 @@ def column_folds(dataset: datasets.Dataset, column: str = "strat_fold") -> list[
         One `(train_indices, test_indices)` pair per distinct value of `column`, in ascending order of the value;
         the test side is the rows with that value. Rows where `column` is null are in no test side.
     """
-    values = np.array([np.nan if value is None else value for value in dataset.data.column(column).to_pylist()], float)
+    values = np.array([np.nan if value is None else value for value in _column(dataset, column)], float)
     folds = sorted(set(values[~np.isnan(values)].tolist()))
     rows = np.arange(len(values))
     return [(rows[(values != fold) & ~np.isnan(values)], rows[values == fold]) for fold in folds]

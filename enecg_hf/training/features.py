@@ -67,7 +67,11 @@ def build_feature_cache(dataset, model: EnECGModel, accelerator, cache_dir: Path
     })
 
     def featurize(batch):
-        embeddings, gate_inputs = compute_features(model, torch.as_tensor(np.asarray(batch["signal"], dtype=np.float32)))
+        signal = np.asarray(batch["signal"], dtype=np.float32)
+        # Records with NaN/inf are left out of training (records.drop_unusable_signals): their features are never
+        # read, so they are computed on zeros rather than ending the map.
+        signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
+        embeddings, gate_inputs = compute_features(model, torch.as_tensor(signal))
         out = {embedding_column(name): e.numpy() for name, e in zip(names, embeddings)}
         out["gate_inputs"] = gate_inputs.numpy()
         return out

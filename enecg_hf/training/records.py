@@ -95,6 +95,36 @@ def check_signal_compatibility(dataset, config: EnECGConfig) -> None:
             )
 
 
+def drop_unusable_signals(dataset, keep, labels: np.ndarray, batch_size: int = 64) -> tuple[list[int], np.ndarray]:
+    """Leave out (and name in a warning) the labelled records whose stored signal holds NaN/inf or an amplitude over
+    `MAX_AMPLITUDE_MV`: the model cannot compute with them (a NaN would end feature caching or make the loss NaN).
+
+    Args:
+        dataset: the run's dataset (`record_id` and `signal` columns).
+        keep: dataset rows of the labelled records; `labels` are their labels.
+
+    Returns:
+        `(keep, labels)` without the unusable records.
+    """
+    from ..preprocessing_enecg import MAX_AMPLITUDE_MV
+
+    keep = np.asarray(keep, dtype=np.int64)
+    signals = dataset.select(keep, keep_in_memory=True).select_columns(["signal"]).with_format("numpy")
+    usable = np.ones(len(keep), dtype=bool)
+    for start in range(0, len(keep), batch_size):
+        batch = np.asarray(signals[start : start + batch_size]["signal"], dtype=np.float32)
+        usable[start : start + batch_size] = (np.isfinite(batch).all(axis=(1, 2))
+                                              & (np.abs(np.nan_to_num(batch)).max(axis=(1, 2)) <= MAX_AMPLITUDE_MV))
+    if usable.all():
+        return keep.tolist(), labels
+    record_ids = dataset.select(keep[~usable]).with_format("arrow")["record_id"].to_pylist()
+    logger.warning("%d records have a signal with NaN/inf values or an amplitude over %g mV; they are left out: %s%s",
+                   len(record_ids), MAX_AMPLITUDE_MV, record_ids[:20], " ..." if len(record_ids) > 20 else "")
+    if not usable.any():
+        raise SystemExit("No record has a usable signal (all hold NaN/inf or absurd amplitudes)")
+    return keep[usable].tolist(), labels[usable]
+
+
 def make_folds(dataset, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     from ..data import subject_kfold
 

@@ -23,7 +23,7 @@ from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
 from .labels import LabelSpec, build_config, check_class_coverage, encode_labels, resolve_config_path
 from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
-from .records import check_signal_compatibility, load_training_dataset, make_folds
+from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
 from .scoring import baseline_predictions, format_metrics, load_metric, score, summarize
 
 
@@ -128,6 +128,7 @@ def run(args: TrainingArguments) -> dict[str, Any]:
     config = build_config(args, label, config_dict)
     check_signal_compatibility(dataset, config)
     keep, labels = encode_labels(dataset, label)
+    keep, labels = drop_unusable_signals(dataset, keep, labels)
     records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
     folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
     warnings_ = [] if label.is_regression else check_class_coverage(labels, label, folds)

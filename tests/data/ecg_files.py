@@ -37,7 +37,12 @@ def write_record(
     comments=None,
     signal: np.ndarray | None = None,
 ) -> Path:
-    """Write a WFDB record whose leads carry `lead_pattern` (matched through any spelling); returns its base path."""
+    """Write a WFDB record whose leads carry `lead_pattern` (matched through any spelling); returns its base path.
+
+    The first lead also gets a 2 uV blip at a sample that depends on `name`: records of different names never store
+    identical signals (the builder keeps one copy of identical signals)."""
+    import zlib
+
     import wfdb
 
     from enecg_hf.preprocessing_enecg import normalize_lead_name
@@ -45,6 +50,8 @@ def write_record(
     folder.mkdir(parents=True, exist_ok=True)
     if signal is None:
         signal = np.stack([lead_pattern(normalize_lead_name(lead), fs, seconds) for lead in lead_names], axis=1)
+        samples = signal.shape[0]
+        signal[samples // 4 + zlib.crc32(name.encode()) % (samples // 2), 0] += 0.002
     wfdb.wrsamp(
         name,
         fs=fs,
@@ -65,3 +72,55 @@ def assert_standard_order(signal: np.ndarray, fs: float) -> None:
     for row, lead in enumerate(STANDARD):
         expected = lead_pattern(lead, fs, signal.shape[1] / fs)
         np.testing.assert_allclose(signal[row, 10:-10], expected[10:-10], atol=0.01, err_msg=f"row {row} is not {lead}")
+
+
+# ------------------------------------------------------------------------------------------------ hostile files
+def write_mat_zeros(path: Path, rows: int, columns: int, declared: tuple[int, int] | None = None) -> Path:
+    """A MATLAB v5 file with one zlib-compressed int16 `val` matrix of zeros, written in chunks (the zeros are never
+    held in memory): `rows` x `columns` of data, inside a matrix that declares the shape `declared` (default: the
+    true one). A million zeros compress to about 1 kB."""
+    import struct
+    import zlib
+
+    declared_rows, declared_columns = declared or (rows, columns)
+    data_bytes = rows * columns * 2
+    padding = -data_bytes % 8
+    body = struct.pack("<II", 6, 8) + struct.pack("<II", 10, 0)  # array flags: mxINT16_CLASS
+    body += struct.pack("<II", 5, 8) + struct.pack("<ii", declared_rows, declared_columns)  # dimensions
+    body += struct.pack("<I", (3 << 16) | 1) + b"val\x00"  # the name, as a small data element
+    matrix = struct.pack("<II", 14, len(body) + 8 + data_bytes + padding) + body + struct.pack("<II", 3, data_bytes)
+    compressor = zlib.compressobj(6)
+    parts = [compressor.compress(matrix)]
+    chunk = bytes(1 << 20)
+    for start in range(0, data_bytes, len(chunk)):
+        parts.append(compressor.compress(chunk[: min(len(chunk), data_bytes - start)]))
+    parts += [compressor.compress(bytes(padding)), compressor.flush()]
+    payload = b"".join(parts)
+    header = b"MATLAB 5.0 MAT-file, written by the EnECG tests".ljust(116, b" ") + bytes(8) + b"\x00\x01IM"
+    path.write_bytes(header + struct.pack("<II", 15, len(payload)) + payload)
+    return path
+
+
+def write_header(path: Path, n_sig: int = 12, fs: str = "500", sig_len: int = 5000, file_name: str | None = None,
+                 fmt: str = "16", gain: str = "1000") -> Path:
+    """A WFDB header for `n_sig` standard leads stored in `file_name` (default: `<stem>.dat`)."""
+    file_name = file_name or f"{path.stem}.dat"
+    lines = [f"{path.stem} {n_sig} {fs} {sig_len}"]
+    lines += [f"{file_name} {fmt} {gain}/mV 16 0 0 0 0 {STANDARD[i % 12]}" for i in range(n_sig)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def peak_allocation(function, *args, **kwargs) -> tuple[int, object]:
+    """(peak bytes allocated through Python and numpy while `function` ran, its result or the exception it raised)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = function(*args, **kwargs)
+    except Exception as error:  # returned for the caller to check
+        result = error
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, result

@@ -12,7 +12,8 @@ import pytest
 from enecg_hf.data import DatasetBuildError, LayoutError, build, build_dataset, column_folds
 from enecg_hf.data.__main__ import main
 
-from ecg_files import STANDARD, assert_standard_order, lead_pattern, write_record
+from ecg_files import (STANDARD, assert_standard_order, lead_pattern, peak_allocation, write_header,
+                       write_mat_zeros, write_record)
 
 
 # MIMIC-IV-ECG stores aVF before aVL.
@@ -128,7 +129,9 @@ def test_ptbxl_low_rate_files_for_low_rate_builds(ptbxl_tree):
 def test_jsonl_research_format(tmp_path):
     signal = np.stack([lead_pattern(lead, 500) for lead in STANDARD]).astype(np.float32)
     np.save(tmp_path / "a.npy", signal)
-    np.savetxt(tmp_path / "b.csv", signal.T, delimiter=",", header=",".join(STANDARD), comments="")
+    other = signal.copy()
+    other[0, 1234] += 0.002  # another recording: identical signals would be stored once
+    np.savetxt(tmp_path / "b.csv", other.T, delimiter=",", header=",".join(STANDARD), comments="")
     write_record(tmp_path / "wfdb", "c", lead_names=[lead.lower() for lead in STANDARD], fs=250)
     lines = [
         {"subject_id": 7, "ecg_path": "a.npy", "rr_interval": 812.5, "age": 63, "gender": "M", "flag": 1,
@@ -239,3 +242,46 @@ def test_command_line_saves_dataset_and_report(corrupted_folder, tmp_path, capsy
     assert reloaded.features["signal"].shape == (12, 5000)
     assert main(["--format", "ptb-xl", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_hostile_records_are_skipped_from_their_headers_without_reading_them(tmp_path):
+    """A Challenge tree with a 120 kB .mat that inflates to 120 MB and a header claiming 2000 s (sparse .dat): both
+    skipped as too_long, decided before their samples are read. The limit is the builder's `max_record_seconds`."""
+    root = tmp_path / "hostile"
+    write_record(root, "good", comments=["Age: 60", "Sex: Female"], seconds=12)
+    write_mat_zeros(root / "bomb.mat", 12, 5_000_000)
+    write_header(root / "bomb.hea", file_name="bomb.mat")
+    write_header(root / "huge.hea", sig_len=1_000_000)
+    with open(root / "huge.dat", "wb") as handle:
+        handle.truncate(12 * 1_000_000 * 2)
+    peak, result = peak_allocation(build, "challenge", root, max_record_seconds=1000)
+    assert {entry["record_id"]: entry["reason"] for entry in result.report.skipped} == {"bomb": "too_long",
+                                                                                     "huge": "too_long"}
+    assert result.report.records_kept == 1 and peak < 60 * (1 << 20), f"{peak / (1 << 20):.0f} MB"
+    with pytest.raises(DatasetBuildError, match="all 3 records were skipped \\(too_long 3\\)"):
+        build("challenge", root, max_record_seconds=11)  # the good record is 12 s long
+
+
+def test_duplicate_ids_and_identical_signals_are_kept_once_and_reported(tmp_path):
+    """`dup1/DUP001` and `dup2/DUP001` share a record id; A1 and A2 are the same recording under two ids (as
+    Challenge E07509/E07510), which would leak across subject-wise folds. One of each is kept; the report says why."""
+    root = tmp_path / "dups"
+    comments = ["Age: 60", "Sex: Female", "Dx: 426783006"]
+    write_record(root / "dup1", "DUP001", comments=comments)
+    write_record(root / "dup2", "DUP001", comments=comments, fs=250)
+    signal = np.stack([lead_pattern(lead, 500) * 1.5 for lead in STANDARD], axis=1)
+    write_record(root, "A1", signal=signal, comments=comments)
+    write_record(root, "A2", signal=signal, comments=["Age: 61", "Sex: Female", "Dx: 426783006"])
+    result = build("challenge", root, output=tmp_path / "out")
+    assert sorted(result.dataset["record_id"]) == ["A1", "DUP001"]
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert (report["records_read"], report["records_kept"]) == (4, 2)
+    skipped = {entry["record_id"]: entry for entry in report["skipped"]}
+    assert skipped["DUP001"]["reason"] == "duplicate_record_id"
+    assert "dup2/DUP001" in skipped["DUP001"]["detail"] and "dup1/DUP001" in skipped["DUP001"]["detail"]
+    assert skipped["A2"] == {"record_id": "A2", "reason": "duplicate_signal",
+                             "detail": "the same stored signal as A1, which is kept (labels that differ: ['age'])"}
+    assert report["label_coverage"]["age"] == 2 and report["skipped_by_reason"] == {"duplicate_record_id": 1,
+                                                                                   "duplicate_signal": 1}
+    kept = result.dataset.with_format("numpy")
+    assert kept[list(kept["record_id"]).index("DUP001")]["signal"].shape == (12, 5000)

@@ -25,7 +25,7 @@ from enecg_hf.preprocessing_enecg import (
     resample,
 )
 
-from ecg_files import STANDARD, lead_pattern, write_record
+from ecg_files import STANDARD, lead_pattern, peak_allocation, write_header, write_mat_zeros, write_record
 
 
 @pytest.mark.parametrize(
@@ -195,3 +195,136 @@ def test_remote_code_modules_work_copied_flat_into_a_folder(tmp_path):
         sys.path.remove(str(tmp_path))
         for name in [name for name in sys.modules if name.startswith("model_folder_pkg")]:
             del sys.modules[name]
+
+
+# ------------------------------------------------------------------------------------------------ hostile files
+MB = 1 << 20
+
+
+def _refusal(path, **kwargs) -> tuple[int, ECGInputError]:
+    peak, result = peak_allocation(read_record, path, **kwargs)
+    assert isinstance(result, ECGInputError), f"{path} was read: {result!r}"
+    return peak, result
+
+
+def test_a_mat_bomb_is_refused_from_its_declared_shape_before_inflating(tmp_path):
+    """12 x 5e6 zeros: a 120 kB file that inflates to 120 MB, behind a valid 10 s header."""
+    write_mat_zeros(tmp_path / "bomb.mat", 12, 5_000_000)
+    write_header(tmp_path / "bomb.hea", file_name="bomb.mat")
+    assert (tmp_path / "bomb.mat").stat().st_size < 200_000
+    peak, error = _refusal(tmp_path / "bomb.hea")
+    assert error.reason == "too_long" and "5000000 samples" in str(error), error
+    assert peak < 20 * MB, f"{peak / MB:.0f} MB allocated to refuse it"
+
+
+def test_a_mat_whose_data_inflates_beyond_its_declared_shape_is_refused(tmp_path):
+    """The matrix declares 12 x 5000, its data element holds 12 x 2.5e6 zeros (60 MB)."""
+    write_mat_zeros(tmp_path / "liar.mat", 12, 2_500_000, declared=(12, 5000))
+    write_header(tmp_path / "liar.hea", file_name="liar.mat")
+    peak, error = _refusal(tmp_path / "liar.hea")
+    assert error.reason == "too_large" and "inflates to more than" in str(error), error
+    assert peak < 20 * MB, f"{peak / MB:.0f} MB allocated to refuse it"
+    # A compressed record of the declared size reads (the same writer, honest shape).
+    write_mat_zeros(tmp_path / "honest.mat", 12, 5000)
+    write_header(tmp_path / "honest.hea", file_name="honest.mat")
+    assert read_record(tmp_path / "honest.hea").signal.shape == (12, 5000)
+
+
+def test_a_wfdb_header_claiming_a_huge_record_is_refused_before_reading(tmp_path):
+    """12 x 1e6 samples (2000 s) with a matching sparse .dat of 24 MB that takes no disk space."""
+    write_header(tmp_path / "huge.hea", sig_len=1_000_000)
+    with open(tmp_path / "huge.dat", "wb") as handle:
+        handle.truncate(12 * 1_000_000 * 2)
+    peak, error = _refusal(tmp_path / "huge.hea")
+    assert error.reason == "too_long" and "2000.0 s" in str(error), error
+    assert peak < 5 * MB, f"{peak / MB:.0f} MB allocated to refuse it"
+
+
+def test_record_limits_are_configurable_and_count_values(tmp_path):
+    from enecg_hf.io_enecg import RecordLimits
+
+    base = write_record(tmp_path, "rec")  # 12 x 5000 at 500 Hz
+    with pytest.raises(ECGInputError, match="too_long"):
+        read_record(base, limits=RecordLimits(max_seconds=9.0))
+    with pytest.raises(ECGInputError, match="too_large"):
+        read_record(base, limits=RecordLimits(max_values=12 * 4999))
+    with pytest.raises(ECGInputError, match="bad_sampling_rate"):
+        read_record(base, limits=RecordLimits(max_sampling_rate=400))
+    assert read_record(base, limits=RecordLimits(max_seconds=10.0)).signal.shape == (12, 5000)
+
+
+def test_a_one_line_csv_is_refused_without_parsing_it(tmp_path):
+    path = tmp_path / "one_line.csv"
+    path.write_text(",".join(["0.1"] * 400_000) + "\n")  # 1.6 MB, 400k values on one line
+    peak, error = _refusal(path, sampling_rate=500)
+    assert error.reason == "bad_shape" and "line 1" in str(error) and "longer than" in str(error), error
+    assert peak < 5 * MB, f"{peak / MB:.0f} MB allocated to refuse it"
+    # A long line further down, and too many lines for the limit, are found by counting lines.
+    rows = "\n".join([",".join(["0.1"] * 12)] * 100)
+    (tmp_path / "late.csv").write_text(rows + "\n" + ",".join(["0.1"] * 400_000) + "\n")
+    assert _refusal(tmp_path / "late.csv", sampling_rate=500)[1].reason == "bad_shape"
+    (tmp_path / "long.csv").write_text("\n".join([",".join(["0.1"] * 12)] * 40_000) + "\n")  # 80 s at 500 Hz
+    error = _refusal(tmp_path / "long.csv", sampling_rate=500)[1]
+    assert error.reason == "too_long" and "40000 samples" in str(error)
+
+
+def test_npy_headers_are_checked_before_the_data_is_read(tmp_path):
+    # A header declaring 12 x 1e8 float32 (4.8 GB) followed by no data.
+    header = io_enecg.np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), dtype=np.float32))
+    header["shape"] = (12, 100_000_000)
+    with open(tmp_path / "huge.npy", "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+    peak, error = _refusal(tmp_path / "huge.npy", sampling_rate=500)
+    assert error.reason == "too_large" and "(12, 100000000)" in str(error), error
+    assert peak < 5 * MB
+    # Declared 12 x 5000 but cut short.
+    np.save(tmp_path / "short.npy", np.zeros((12, 5000), dtype=np.float32))
+    data = (tmp_path / "short.npy").read_bytes()
+    (tmp_path / "short.npy").write_bytes(data[: len(data) // 2])
+    assert _refusal(tmp_path / "short.npy", sampling_rate=500)[1].reason == "truncated_signal"
+
+
+def test_files_that_are_not_npy_arrays_say_what_they_are(tmp_path):
+    np.savez(tmp_path / "archive.npz", signal=np.zeros((12, 5000)))
+    (tmp_path / "archive.npz").rename(tmp_path / "disguised.npy")
+    error = _refusal(tmp_path / "disguised.npy", sampling_rate=500)[1]
+    assert error.reason == "unreadable_signal" and "zip archive" in str(error), error
+    (tmp_path / "text.npy").write_text("1,2,3\n")
+    error = _refusal(tmp_path / "text.npy", sampling_rate=500)[1]
+    assert error.reason == "unreadable_signal" and "not a .npy file" in str(error), error
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    error = _refusal(tmp_path / "objects.npy", sampling_rate=500)[1]
+    assert error.reason == "unreadable_signal" and "object" in str(error), error
+
+
+@pytest.mark.parametrize(
+    "fs, gain, message",
+    [("-1", "1000", "sampling frequency '-1'"), ("nan", "1000", "sampling frequency 'nan'"),
+     ("500", "0", "ADC gain '0/mV'"), ("500", "nan", "ADC gain 'nan/mV'")],
+)
+def test_header_values_wfdb_would_replace_by_defaults_are_refused(tmp_path, fs, gain, message):
+    """wfdb reads these as 250 Hz and 200 units/mV: a record read at a made-up rate or scale."""
+    base = write_record(tmp_path, "rec")
+    write_header(tmp_path / "rec.hea", fs=fs, gain=gain)
+    error = _refusal(base)[1]
+    assert error.reason == "unreadable_header" and message in str(error), error
+    write_header(tmp_path / "rec.hea", fs="500", gain="1000")
+    assert read_record(base).sampling_rate == 500
+
+
+def test_short_records_and_absurd_amplitudes_are_refused_with_their_reason():
+    signal = np.stack([lead_pattern(n, 250) for n in STANDARD]).astype(np.float32)
+    with pytest.raises(ECGInputError, match="too_short: the record has 1 sample"):
+        prepare_signal(signal[:, :1], 250, STANDARD)
+    with pytest.raises(ECGInputError, match="implausible_amplitude: a sample of 3e\\+38 mV"):
+        prepare_signal(signal / np.abs(signal).max() * 3e38, 250, STANDARD)  # finite in float32, overflows statistics
+    assert prepare_signal(signal * 1000, 250, STANDARD).signal.shape == (12, 5000)  # microvolts: still read
+
+
+@pytest.mark.parametrize("rate", [10**400, "500", True, None, float("inf"), -5],
+                         ids=["10**400", "string", "bool", "none", "inf", "negative"])
+def test_sampling_rates_must_be_positive_finite_numbers(rate):
+    from enecg_hf.preprocessing_enecg import check_sampling_rate
+
+    with pytest.raises(ECGInputError, match="bad_sampling_rate"):
+        check_sampling_rate(rate)

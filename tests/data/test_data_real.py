@@ -7,6 +7,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import wfdb
 
@@ -83,11 +84,21 @@ def test_challenge_folders_load_with_age_sex_and_dx(folder_name):
     headers = sorted(folder.glob("*.hea"))
     originals = sorted((folder / "original_headers_georgia").glob("*.hea"))
     assert report.records_read == len(headers) + len(originals)
-    # The untouched Georgia headers sit in a subfolder without their .mat files: skipped, counted, never silent.
-    assert report.records_kept == len(dataset) == len(headers)
-    assert report.skipped_by_reason == ({"missing_signal_file": len(originals)} if originals else {})
+    # The untouched Georgia headers sit in a subfolder under the same record ids: kept once, the repeats reported.
+    # E07509 and E07510 are the same recording (a duplicate in the source data): kept once, the copy reported.
+    copies = {"E07510": "E07509"} if folder_name == "challenge2021_sample50" else {}
+    assert report.records_kept == len(dataset) == len(headers) - len(copies)
+    assert report.skipped_by_reason == {**({"duplicate_record_id": len(originals)} if originals else {}),
+                                        **({"duplicate_signal": len(copies)} if copies else {})}
+    for entry in report.skipped:
+        if entry["reason"] == "duplicate_record_id":
+            assert "original_headers_georgia" in entry["detail"] and "which is kept" in entry["detail"]
+        else:
+            assert entry["detail"] == f"the same stored signal as {copies[entry['record_id']]}, which is kept (same labels)"
     rows = {row["record_id"]: row for row in dataset.remove_columns("signal")}
     for header in headers:
+        if header.stem in copies:
+            continue
         age, sex, codes = _header_labels(header.read_text())
         row = rows[header.stem]
         assert (row["age"], row["sex"], row["diagnoses"]) == (age, sex, codes), header.stem
@@ -108,7 +119,7 @@ def test_original_georgia_headers_read_as_distributed(tmp_path):
     from_originals = build("challenge", tmp_path).dataset.with_format("numpy")
     from_edited = build("challenge", folder).dataset.with_format("numpy")
     edited = {record_id: index for index, record_id in enumerate(from_edited["record_id"])}
-    assert len(from_originals) == len(originals)
+    assert len(from_originals) == len(originals) - 1 and "E07510" not in set(from_originals["record_id"])  # = E07509
     for row in from_originals:
         age, sex, codes = _header_labels((tmp_path / f"{row['record_id']}.hea").read_text())
         assert (row["age"], row["sex"], list(row["diagnoses"])) == (age, sex, codes)
@@ -117,3 +128,29 @@ def test_original_georgia_headers_read_as_distributed(tmp_path):
     # Sinus bradycardia (426177001) with left atrial enlargement: the rhythm code wins.
     first = from_originals[0]
     assert first["record_id"] == "E07500" and first["arrhythmia"] == "sinus_bradycardia"
+
+
+def test_ludb_keeps_a_record_whose_annotation_is_corrupted_and_a_repeated_table_row_once(tmp_path):
+    """A corrupted `.ii` leaves rr_interval empty with a reason (the signal is fine); a row repeated in ludb.csv does
+    not make a record appear twice."""
+    source = shared_folder("ludb")
+    (tmp_path / "data").mkdir()
+    for record in ("1", "2", "3"):
+        for path in (source / "data").glob(f"{record}.*"):
+            shutil.copy(path, tmp_path / "data" / path.name)
+    table = pd.read_csv(source / "ludb.csv", dtype=str)  # cells span lines ("F\\n"): edited with pandas
+    rows = table[table["ID"].str.strip().isin(["1", "2", "3"])]
+    pd.concat([rows.iloc[:2], rows.iloc[1:2], rows.iloc[2:]]).to_csv(tmp_path / "ludb.csv", index=False)
+    for record in ("1", "3"):  # random bytes: wfdb raises on record 1's, decodes record 3's into nonsense
+        annotation = tmp_path / "data" / f"{record}.ii"
+        annotation.write_bytes(np.random.default_rng(0).bytes(annotation.stat().st_size))
+    result = build("ludb", tmp_path)
+    dataset, report = result.dataset, result.report
+    assert sorted(dataset["record_id"]) == ["1", "2", "3"] and report.records_read == 4
+    assert [(e["record_id"], e["reason"]) for e in report.skipped] == [("2", "duplicate_record_id")]
+    rr = dict(zip(dataset["record_id"], dataset["rr_interval"]))
+    assert rr["1"] is None and rr["3"] is None and 300 < rr["2"] < 2000
+    assert [(n["record_id"], n["label"], n["reason"]) for n in report.label_notes] == [
+        ("1", "rr_interval", "unreadable_annotation"), ("3", "rr_interval", "unreadable_annotation")]
+    assert "IndexError" in report.label_notes[0]["detail"] and "outside" in report.label_notes[1]["detail"]
+    assert "unreadable_annotation" in report.summary()

@@ -100,3 +100,26 @@ def test_subject_kfold_rejects_too_many_folds():
     dataset = build_dataset("simulated", limit=4)
     with pytest.raises(ValueError, match="2 subjects"):
         subject_kfold(dataset, k=3)
+
+
+def test_subject_folds_follow_the_rows_of_shuffled_and_selected_datasets():
+    """Folds index the rows of the dataset they are given, whatever `select` / `shuffle` / `filter` did to it: no
+    subject on both sides, and every index within range (a regression: they were computed on the table underneath)."""
+    import datasets
+
+    from enecg_hf.data import column_folds
+
+    subjects = [f"s{i // 3}" for i in range(90)]  # 30 subjects, 3 records each
+    base = datasets.Dataset.from_dict({"record_id": [f"r{i}" for i in range(90)], "subject_id": subjects,
+                                       "strat_fold": [1 + (i // 3) % 3 for i in range(90)]})
+    views = {"shuffled": base.shuffle(seed=0), "selected": base.select(range(10, 70)),
+             "selected_shuffled": base.shuffle(seed=1).select(range(45)),
+             "filtered": base.filter(lambda row: row["record_id"] not in ("r7", "r8", "r9"))}
+    for name, view in views.items():
+        rows = np.array(view["subject_id"])
+        for train, test in subject_kfold(view, k=2, seed=0):
+            assert max(train.max(), test.max()) < len(view), name
+            assert not set(rows[train]) & set(rows[test]), f"{name}: subjects on both sides"
+        folds = np.array(view["strat_fold"])
+        for (train, test), fold in zip(column_folds(view, "strat_fold"), sorted(set(folds))):
+            assert set(folds[test]) == {fold} and fold not in set(folds[train]), name
