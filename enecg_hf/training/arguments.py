@@ -48,6 +48,7 @@ class TrainingArguments:
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     inner_folds: int = 5
+    patience: int = 20
     gate_epochs: int = 100
     gate_learning_rate: float = 3e-3
     class_weighting: str = "balanced"
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight_decay", type=float, default=0.01)
     train.add_argument("--inner_folds", type=int, default=5,
                        help="subject-wise inner folds of the training records that give out-of-fold predictions")
+    train.add_argument("--patience", type=int, default=20,
+                       help="end an inner-fold fit once no held-out loss improved for this many epochs (0: never)")
     train.add_argument("--gate_epochs", type=int, default=100,
                        help="most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)")
     train.add_argument("--gate_learning_rate", type=float, default=3e-3)

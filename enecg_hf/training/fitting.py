@@ -65,6 +65,9 @@ class FitSettings:
             frequency in the training records (so a rare rhythm is not ignored), `"none"` weighs records equally.
         early_stopping: `False` trains every head for all `epochs` (an ablation; the inner folds still give the
             gate its out-of-fold predictions).
+        patience: an inner-fold head fit (or a cross-validation fit of the gate) ends once no held-out loss improved
+            for this many epochs; 0 trains every fit for all its epochs. Only saves time: the chosen epoch counts
+            are the same unless a curve improves again after `patience` flat epochs.
         gate_predictions: `"out_of_fold"` (default) or `"in_sample"`: the gate is fitted on the final heads'
             predictions of their own training records (an ablation: it shows why out-of-fold predictions matter).
         seed: every job's seed derives from it.
@@ -80,6 +83,7 @@ class FitSettings:
     gate_learning_rate: float = 3e-3
     class_weighting: str = "balanced"
     early_stopping: bool = True
+    patience: int = 20
     gate_predictions: str = "out_of_fold"
     seed: int = 42
 
@@ -95,6 +99,8 @@ class FitSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.strategy == "stacked" and self.inner_folds < 2:
             raise ValueError(f"inner_folds must be at least 2, got {self.inner_folds}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.gate_epochs < 0:
             raise ValueError(f"gate_epochs must be >= 0, got {self.gate_epochs}")
         for name in ("learning_rate", "gate_learning_rate"):
@@ -226,6 +232,25 @@ def prepare_targets(model: EnECGModel, labels: torch.Tensor, weighting: str) -> 
             config.class_weights = [round(float(w), 6) for w in weights]
 
 
+class Patience:
+    """Stop a training loop once no held-out loss (one per expert, or one) improved for `patience` epochs (0: never).
+
+    The loop then reports its last state for the remaining epochs, so out-of-fold curves keep their length; the
+    epochs chosen from them are those before the stop in practice, as patience only ends a loop past its best."""
+
+    def __init__(self, patience: int, initial: torch.Tensor | None = None):
+        self.patience = patience
+        self.best = None if initial is None else torch.as_tensor(initial).clone()
+        self.last_improvement = 0
+
+    def should_stop(self, epoch: int, losses: torch.Tensor) -> bool:
+        losses = torch.as_tensor(losses).detach()
+        if self.best is None or bool((losses < self.best).any()):
+            self.last_improvement = epoch
+        self.best = losses.clone() if self.best is None else torch.minimum(self.best, losses)
+        return self.patience > 0 and epoch - self.last_improvement >= self.patience
+
+
 class EnECGFitter:
     """Fits the heads and gate of `model` on a `FeatureTable` (see the module docstring)."""
 
@@ -324,6 +349,7 @@ class EnECGFitter:
         eval_inputs = heads.stack_inputs([e[eval_rows] for e in table.expert_embeddings]) if eval_rows is not None else None
         total = max(expert_epochs) if expert_epochs is not None else self.settings.epochs
         history, kept = [], {}
+        patience = Patience(self.settings.patience)
         for epoch in range(1, total + 1):
             for batch in self._batches(train_rows, name, epoch):
                 with self._autocast():
@@ -335,11 +361,17 @@ class EnECGFitter:
             if eval_inputs is not None:
                 with torch.no_grad():
                     history.append(heads.forward(eval_inputs).float())
+                    eval_labels = table.labels[eval_rows]
+                    losses = torch.stack([model.loss_function(history[-1][:, e], eval_labels)
+                                          for e in range(history[-1].shape[1])])
+                if patience.should_stop(epoch, losses):
+                    break
             if expert_epochs is not None:
                 for expert, count in zip(model.expert_names, expert_epochs):
                     if count == epoch:
                         kept.update(heads.state_of(expert))
         if eval_rows is not None:
+            history += [history[-1]] * (self.settings.epochs - len(history))  # stopped early: the heads stay as they are
             return {"predictions": torch.stack(history)}
         return kept
 
@@ -392,7 +424,7 @@ class EnECGFitter:
         model = self.model
 
         def check_loss() -> torch.Tensor:
-            model.eval()
+            model.gate.eval()
             with torch.no_grad():
                 weights = model.gate(table.gate_inputs[rows[check_part]].float())
                 return model.loss_function(mix_experts(predictions[check_part], weights), labels[check_part]).float()
@@ -400,8 +432,9 @@ class EnECGFitter:
         optimizer = torch.optim.AdamW(self._trainable("gate."), lr=self.settings.gate_learning_rate,
                                       weight_decay=self.settings.weight_decay, foreach=True)
         curve = [check_loss()] if check_part is not None else []
+        patience = Patience(self.settings.patience, curve[0] if curve else None)
         for epoch in range(1, epochs + 1):
-            model.train()
+            model.gate.train()  # the gate alone: model.train() walks every expert's modules (a 20 ms tree walk)
             for batch in self._batches(fit_part, name, epoch):
                 with self._autocast():
                     weights = model.gate(table.gate_inputs[rows[batch]].float())
@@ -411,6 +444,10 @@ class EnECGFitter:
                 optimizer.step()
             if check_part is not None:
                 curve.append(check_loss())
+                if patience.should_stop(epoch, curve[-1]):
+                    break
+        if check_part is not None:
+            curve += [curve[-1]] * (epochs + 1 - len(curve))  # stopped early: the gate stays as it is
         return torch.stack(curve) if curve else None
 
     def _joint_job(self, table: FeatureTable, rows: np.ndarray, name: str) -> dict[str, torch.Tensor]:
@@ -420,7 +457,8 @@ class EnECGFitter:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay, foreach=True)
         for epoch in range(1, self.settings.epochs + 1):
-            model.train()
+            model.heads.train()
+            model.gate.train()
             for batch in self._batches(rows, name, epoch):
                 with self._autocast():
                     loss = model(expert_embeddings=[e[batch] for e in table.expert_embeddings],
@@ -461,7 +499,7 @@ class EnECGFitter:
 
     @torch.no_grad()
     def _expert_logits(self, table: FeatureTable, rows: np.ndarray) -> torch.Tensor:
-        self.model.eval()
+        self.model.heads.eval()
         return self.model.compute_expert_logits([e[rows] for e in table.expert_embeddings]).float()
 
 
