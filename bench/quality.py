@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                         help="add the experts of --pretrained-config with real weights (default: on, off with --quick)")
     parser.add_argument("--pretrained-config", default="hub_configs/offline_pretrained.json")
+    parser.add_argument("--features-only", action="store_true", help="compute (and cache) the expert features, then stop")
     parser.add_argument("--feature-cache", default=str(Path.home() / ".cache" / "enecg_hf" / "quality"),
                         help="folder for computed expert features ('' for none)")
     args = parser.parse_args(argv)
@@ -431,6 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
     feature_seconds = time.perf_counter() - t0
     expert_names = [e["name"] for e in raw["experts"]]
     print(f"[quality] expert features of {len(meta)} records in {feature_seconds:.0f} s", flush=True)
+    if args.features_only:
+        return {"features": sorted(features)}
     metrics: dict[str, Any] = {}
 
     def metric_for(problem_type: str):

@@ -234,3 +234,12 @@ def test_stacked_heads_compute_what_the_head_modules_compute(adaptation):
     assert state.keys() == own.keys()
     for key in state:
         torch.testing.assert_close(state[key], own[key], rtol=0, atol=0, msg=key)
+
+
+def test_one_standard_error_rule_prefers_the_stacked_weights_unless_clearly_beaten():
+    from enecg_hf.training.fitting import one_standard_error_epoch
+
+    noisy = torch.tensor([[1.00, 0.99, 0.98], [1.10, 1.12, 1.08], [0.90, 0.88, 0.91]])  # 0.02 better, within noise
+    assert one_standard_error_epoch(noisy) == 0
+    clear = torch.tensor([[1.00, 0.80, 0.70], [1.10, 0.90, 0.81], [0.90, 0.70, 0.60]])  # every fold improves a lot
+    assert one_standard_error_epoch(clear) == 2

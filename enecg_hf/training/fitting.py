@@ -10,8 +10,8 @@ The default strategy, `"stacked"`, is the paper's method made to work on a few h
 2. **Gate** (steps 2-3). It is fitted on the heads' *out-of-fold* predictions: in-sample predictions of a head that
    memorised its training records say nothing about which expert to trust. First its input-independent log-weights
    (`gate.out_proj.bias`: stacking on the simplex), then its input-dependent part, which starts at zero and trains
-   for a number of epochs cross-validated over those records (0 included): it moves away from the stacked weights
-   only as far as held-out records confirm.
+   for a number of epochs cross-validated over those records with the one-standard-error rule (0 included): it moves
+   away from the stacked weights only as far as held-out records clearly confirm.
 3. The prediction is `sum_i W_i(x) * head_i(x)`, the model's forward.
 
 `"joint"` is the research code's single stage: heads and gate trained together for `epochs` epochs on the model's
@@ -232,6 +232,15 @@ def prepare_targets(model: EnECGModel, labels: torch.Tensor, weighting: str) -> 
             config.class_weights = [round(float(w), 6) for w in weights]
 
 
+def one_standard_error_epoch(curves: torch.Tensor) -> int:
+    """The fewest epochs whose mean held-out loss is within one standard error of the lowest (Breiman's rule), from
+    per-fold loss curves `(folds, epochs + 1)` whose column 0 is the untrained start."""
+    mean = curves.mean(dim=0)
+    best = int(mean.argmin())
+    standard_error = float(curves[:, best].std(unbiased=True)) / len(curves) ** 0.5 if len(curves) > 1 else 0.0
+    return int(torch.nonzero(mean <= mean[best] + standard_error)[0])
+
+
 class Patience:
     """Stop a training loop once no held-out loss (one per expert, or one) improved for `patience` epochs (0: never).
 
@@ -395,7 +404,9 @@ class EnECGFitter:
         stacked = torch.softmax(log_weights.detach(), 0)
 
         # 2. The input-dependent part, from zero. Its number of epochs is cross-validated over these records (by
-        # subject), as the heads' are: 0 - the stacked weights alone - unless held-out records say otherwise.
+        # subject), with the one-standard-error rule: the fewest epochs whose held-out loss is within one standard
+        # error of the best. 0 - the stacked weights alone - unless held-out records clearly say otherwise: on a few
+        # hundred records a gate reading raw leads mostly learns noise (docs/benchmarks.md, ablations).
         best_epoch = 0
         groups = table.group_of(rows)
         if self.settings.gate_epochs > 0 and len(set(groups.tolist())) >= 2:
@@ -405,9 +416,8 @@ class EnECGFitter:
                     subject_folds(groups, self.settings.inner_folds, job_seed(self.settings.seed, name))):
                 model.gate.load_state_dict(gate_start)
                 curves.append(self._train_gate(table, rows, predictions, labels, fit_part, self.settings.gate_epochs,
-                                               f"{name}/cv-{fold}", check_part) * len(check_part))
-            curve = torch.stack(curves).sum(0) / len(rows)  # (gate_epochs + 1,) held-out loss, epoch 0 = stacked
-            best_epoch = int(curve.argmin())
+                                               f"{name}/cv-{fold}", check_part))
+            best_epoch = one_standard_error_epoch(torch.stack(curves))
             model.gate.load_state_dict(gate_start)
             if best_epoch:
                 self._train_gate(table, rows, predictions, labels, np.arange(len(rows)), best_epoch, f"{name}/all")
