@@ -293,7 +293,7 @@ def run_task(task, signals_meta, features, raw, args, metric_for, pretrained_raw
         table = FeatureTable([features[n][rows_idx] for n in expert_names], features["gate_inputs"][rows_idx],
                              torch.from_numpy(y), groups)
         for row, definition in definitions.items():
-            if args.rows and row not in args.rows:
+            if (args.rows and row not in args.rows) or (row != "enecg" and seed >= args.seed + args.ablation_seeds):
                 continue
             torch.manual_seed(seed)
             model = EnECGModel(task_config(raw, spec, **definition["config"]))
@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", default="", help="comma-separated rows to run (default all)")
     parser.add_argument("--folds", type=int, default=None, help="default 5 (2 with --quick)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
+    parser.add_argument("--ablation-seeds", type=int, default=None,
+                        help="seeds of the ablation rows (default: --seeds); the main rows always use --seeds")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="merge the tasks of runs made with different --tasks into --output (and the docs)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
@@ -396,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.folds = args.folds or (2 if args.quick else 5)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.pretrained = (not args.quick) if args.pretrained is None else args.pretrained
+    args.ablation_seeds = args.ablation_seeds or args.seeds
+    if args.combine:
+        return combine(args)
     args.rows = {r for r in args.rows.split(",") if r} | ({"enecg", "uniform_ensemble"} if args.rows else set())
 
     import numpy as np
@@ -449,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
             "config": args.config, "experts": expert_names, "folds": args.folds, "seeds": args.seeds,
             "pretrained_config": args.pretrained_config if args.pretrained else None,
             "pretrained_experts": [e["name"] for e in pretrained_raw["experts"]] if pretrained_raw else [],
-            "seed": args.seed, "training": "enecg_hf.training.fitting (train.py's core); FitSettings defaults unless "
+            "seed": args.seed, "ablation_seeds": args.ablation_seeds, "training": "enecg_hf.training.fitting (train.py's core); FitSettings defaults unless "
             "the row says otherwise", "metrics": "enecg_hf/metrics (evaluate)",
             "cv": "subject-level k-fold (no subject in two folds), repeated with each seed; a fresh fit per fold and row",
             "random_weights": "every expert has random weights: the Hub is unreachable; tiny sizes",
@@ -469,6 +476,22 @@ def main(argv: list[str] | None = None) -> dict:
     output.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     print_table(results)
     print(f"[quality] wrote {output} in {results['run']['elapsed_s']:.0f} s")
+    if args.update_docs:
+        update_docs(results)
+    return results
+
+
+def combine(args) -> dict:
+    """One result from runs over different tasks (e.g. two processes, one per core)."""
+    parts = [json.loads(Path(path).read_text()) for path in args.combine]
+    results = parts[0]
+    for part in parts[1:]:
+        results["tasks"].update(part["tasks"])
+        results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
+        results["run"]["processes"] = results["run"].get("processes", 1) + 1
+    results["tasks"] = {task: results["tasks"][task] for task in TASKS if task in results["tasks"]}
+    Path(args.output).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    print_table(results)
     if args.update_docs:
         update_docs(results)
     return results
@@ -494,17 +517,25 @@ def docs_table(results: dict) -> str:
              "folds and seeds.\n"]
     for task, block in results["tasks"].items():
         metrics = HEADLINE[block["problem_type"]]
+        key = metrics[0]
+        clean = any("metrics_excluding_ludb" in r for r in block["rows"].values())
         extra = f"; classes {block['class_counts']}" if block["class_counts"] else f"; label mean {block['label_mean']:.1f}"
         lines.append(f"**{task}** ({block['records']} records, {block['subjects']} subjects{extra})\n")
-        lines.append("| row | " + " | ".join(metrics) + " | trainable params |")
-        lines.append("|---|" + "---:|" * len(metrics) + "---:|")
+        lines.append("| row | " + " | ".join(metrics) + (f" | {key} without LUDB |" if clean else " |")
+                     + " trainable params |")
+        lines.append("|---|" + "---:|" * (len(metrics) + clean) + "---:|")
         for row, r in block["rows"].items():
             cells = [f"{r['metrics'][m]['mean']:.3g} ± {r['metrics'][m]['std']:.2g}" if m in r["metrics"] else "n/a"
                      for m in metrics]
+            if clean:
+                c = r.get("metrics_excluding_ludb", {}).get(key)
+                cells.append(f"{c['mean']:.3g} ± {c['std']:.2g}" if c else "")
             params = f"{r['trainable_params']:,}" if r["trainable_params"] else ""
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {params} |")
+            seeds = len(r["per_fold"]) // s["folds"]
+            label = r["label"] + (f" ({seeds} seed{'s' if seeds > 1 else ''})" if seeds != s["seeds"] else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {params} |")
         for source, values in PUBLISHED.get(task, {}).items():
-            cells = [f"*{values[m]}*" if m in values else "" for m in metrics]
+            cells = [f"*{values[m]}*" if m in values else "" for m in metrics] + ([""] if clean else [])
             lines.append(f"| *published: {source}* | " + " | ".join(cells) + " | |")
         v = block.get("verdict")
         if v:

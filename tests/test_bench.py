@@ -81,12 +81,13 @@ def test_efficiency_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
 def test_quality_quick(tmp_path):
-    result, _ = run_quick("quality.py", tmp_path)
+    result, _ = run_quick("quality.py", tmp_path, "--feature-cache", "")
     tasks = result["tasks"]
     assert set(tasks) == {"rr_interval", "age", "sex", "arrhythmia"}
     experts = result["setup"]["experts"]
     for task, block in tasks.items():
-        expected_rows = {"baseline:mean_or_majority", "uniform_ensemble", "enecg_lora", "enecg_full"}
+        expected_rows = {"baseline:mean_or_majority", "uniform_ensemble", "enecg", "paper", "ablation:full_heads",
+                         "ablation:gate_in_sample", "ablation:stacked_gate_only", "ablation:joint"}
         expected_rows |= {f"expert:{name}" for name in experts}
         if task == "rr_interval":
             expected_rows.add("baseline:neurokit_rr")
@@ -95,6 +96,12 @@ def test_quality_quick(tmp_path):
             for metric in QUALITY_METRICS[block["problem_type"]]:
                 assert metric in values["metrics"], f"{task}/{row} lacks {metric}"
                 assert {"mean", "std"} <= set(values["metrics"][metric])
-    # Nulls are allowed only where a field does not apply (label_mean of a classification task).
-    bad = [p for p in non_finite_numbers(result) if not p.endswith(".label_mean")]
+        # The verdict compares the default EnECG with its own experts, their uniform average and the baseline.
+        verdict = block["verdict"]
+        assert verdict["best_expert"] in {f"expert:{name}" for name in experts}
+        assert {"as_good_as_best_expert", "as_good_as_uniform", "beats_baseline"} <= set(verdict)
+        if task != "rr_interval":  # several sources: the same folds also scored without LUDB's records
+            assert "metrics_excluding_ludb" in block["rows"]["enecg"]
+    # Nulls are allowed only where a field does not apply (label_mean of a classification task, no pretrained config).
+    bad = [p for p in non_finite_numbers(result) if not p.endswith((".label_mean", ".pretrained_config"))]
     assert not bad, bad
