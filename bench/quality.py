@@ -118,11 +118,15 @@ def load_records(data_dir: Path, limits: dict[str, int] | None) -> tuple[Any, li
             print(f"[quality] {folder} not found: skipped", flush=True)
             continue
         dataset = build_dataset(fmt, str(folder), limit=limits.get(source) if limits else None)
+        rhythm_feature = dataset.features.get("arrhythmia")
+        rhythm_name = getattr(rhythm_feature, "int2str", None)  # a ClassLabel column holds class indices
         for row in dataset:
             signal = np.asarray(row["signal"], dtype=np.float32)
             if signal.shape != (12, 5000) or not np.isfinite(signal).all():
                 continue
             rhythm = row.get("arrhythmia")
+            if rhythm is not None and rhythm_name is not None:
+                rhythm = rhythm_name(int(rhythm))
             signals.append(signal)
             meta.append({"source": source, "subject_id": f"{source}/{row['subject_id'] or row['record_id']}",
                          "rr_interval": row.get("rr_interval") if source == "ludb" else None, "age": row.get("age"),
