@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.ablation_seeds = args.ablation_seeds or args.seeds
     if args.combine:
         return combine(args)
-    args.rows = {r for r in args.rows.split(",") if r} | ({"enecg", "uniform_ensemble"} if args.rows else set())
+    args.rows = {r for r in args.rows.split(",") if r}
+    if args.rows - {"enecg_offline_pretrained"}:  # the other rows are judged against enecg and the uniform average
+        args.rows |= {"enecg", "uniform_ensemble"}
 
     import numpy as np
     import torch
@@ -486,11 +488,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def combine(args) -> dict:
-    """One result from runs over different tasks (e.g. two processes, one per core)."""
+    """One result from runs over different tasks or rows (e.g. two processes, one per core)."""
     parts = [json.loads(Path(path).read_text()) for path in args.combine]
     results = parts[0]
     for part in parts[1:]:
-        results["tasks"].update(part["tasks"])
+        for task, block in part["tasks"].items():
+            if task not in results["tasks"]:
+                results["tasks"][task] = block
+                continue
+            mine = results["tasks"][task]  # the same task, other rows (e.g. --rows enecg_offline_pretrained)
+            mine["rows"].update({row: r for row, r in block["rows"].items() if row not in mine["rows"]})
+            mine["verdict"] = mine.get("verdict") or block.get("verdict")
+        for key in ("pretrained_config", "pretrained_experts"):
+            results["setup"][key] = results["setup"].get(key) or part["setup"].get(key)
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
         results["run"]["processes"] = results["run"].get("processes", 1) + 1
     results["tasks"] = {task: results["tasks"][task] for task in TASKS if task in results["tasks"]}
