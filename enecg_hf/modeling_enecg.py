@@ -10,6 +10,7 @@ Data flow for a batch of records `input_values` (batch, leads, samples):
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from .expert_registry import build_expert
 logger = logging.getLogger(__name__)
 
 ADAPTER_FOLDER = "adapter"
-ADAPTER_BASE_WEIGHTS = "head_base_weights.safetensors"
+# Folders saved before adapters were kept un-merged held the pre-adaptation head and gate weights here.
+LEGACY_ADAPTER_BASE_WEIGHTS = "head_base_weights.safetensors"
 
 
 @dataclass
@@ -262,6 +264,12 @@ class EnECGModel(EnECGPreTrainedModel):
         if left_out:
             model.load_expert_weights(left_out)
         model.freeze_experts()  # transformers 5 turns requires_grad back on while loading
+        if (Path(str(pretrained_model_name_or_path)) / ADAPTER_FOLDER / LEGACY_ADAPTER_BASE_WEIGHTS).is_file():
+            logger.warning(
+                "%s was saved with its LoRA adapter merged into the heads (an earlier enecg_hf): it predicts as saved, "
+                "but loading its adapter/ onto it would apply the adapter twice. Load the adapter onto "
+                "enecg_hf.load_adapter_base(folder), or save the model again.", pretrained_model_name_or_path
+            )
         return model
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -397,10 +405,8 @@ class EnECGModel(EnECGPreTrainedModel):
         return {name: module for name, module in self.named_modules() if isinstance(module, LoraLayer)}
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict with every LoRA delta folded into its base layer and the adapter reset to zero.
-
-        Loading it into a fresh `lora` model (whose adapters start at zero) reproduces this model's predictions,
-        and training can go on from there with new adapters."""
+        """State dict with every LoRA delta folded into its base layer and the adapter reset to zero (for export to
+        code that knows nothing of LoRA; `save_pretrained` keeps the adapter un-merged)."""
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         for name, layer in self.lora_layers().items():
             state[f"{name}.base_layer.weight"] += layer.get_delta_weight("default").detach()
@@ -410,54 +416,60 @@ class EnECGModel(EnECGPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict=None, **kwargs):
         """Save a Hub-ready folder: `config.json` (with `auto_map`), `model.safetensors` and the code files.
 
-        A LoRA model is saved merged (ready to predict) and its PEFT adapter is kept in `adapter/`, with the head
-        weights it was trained on, so that `peft.PeftModel` can load it (see `load_adapter_base`). Backbones of
-        experts with a pretrained source are left out when `config.save_backbones` is False."""
+        A LoRA model is saved un-merged: `model.safetensors` holds the heads and gate as they were before adaptation
+        (`base_layer` weights, with the heads' standardisation buffers) and the trained LoRA weights, and `adapter/`
+        holds the same adapter in PEFT's format. Loading the folder predicts as this model does, and loading the
+        adapter onto it by any PEFT route (`PeftModel.from_pretrained`, `model.load_adapter`, `AutoPeftModel`) sets
+        the LoRA weights it already has: nothing is applied twice. Backbones of experts with a pretrained source are
+        left out when `config.save_backbones` is False."""
         if state_dict is None:
-            state_dict = self.merged_state_dict() if self.lora_layers() else self.state_dict()
+            state_dict = self.state_dict()
             left_out = tuple(f"experts.{name}." for name in self._left_out_expert_names())
             state_dict = {k: v for k, v in state_dict.items() if not (left_out and k.startswith(left_out))}
-        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        # The adapter first: with `push_to_hub=True` the parent uploads the folder as it stands when it returns.
         if self.lora_layers() and kwargs.get("is_main_process", True):
-            self.save_adapter(Path(save_directory) / ADAPTER_FOLDER)
-        return result
+            self.save_adapter(Path(save_directory) / ADAPTER_FOLDER,
+                              base_model_name_or_path=str(Path(save_directory).resolve()))
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
-    def save_adapter(self, folder: str | os.PathLike) -> Path:
-        """Write the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) and the head/gate weights it
-        applies to (`head_base_weights.safetensors`)."""
+    def save_adapter(self, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+        """Write the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) as `PeftModel.save_pretrained`
+        would. `base_model_name_or_path` (the model folder or its Hub id) and an `auto_mapping` to `AutoModel` let
+        `peft.AutoPeftModel.from_pretrained(folder)` find the base model."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        lora_config = self.peft_config["default"]
+        lora_config = copy.copy(self.peft_config["default"])
+        lora_config.base_model_name_or_path = base_model_name_or_path
+        lora_config.auto_mapping = {"base_model_class": "AutoModel", "parent_library": "transformers"}
         lora_config.save_pretrained(str(folder))
         # Key names as `PeftModel.save_pretrained` writes them, so `PeftModel.from_pretrained` finds every weight.
         adapter_state = {
             f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self).items()
         }
         save_file(adapter_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        base = {
-            k.replace(".base_layer.", "."): v.detach().contiguous().cpu()
-            for k, v in self.state_dict().items()
-            if k.startswith(("heads.", "gate.")) and "lora_" not in k
-        }
-        save_file(base, str(folder / ADAPTER_BASE_WEIGHTS), metadata={"format": "pt"})
+        (folder / LEGACY_ADAPTER_BASE_WEIGHTS).unlink(missing_ok=True)  # left by an earlier save into this folder
         return folder
 
 
 def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
-    """The model a saved PEFT adapter applies to: backbones from `model_directory`, heads and gate as they were before
-    adaptation, no LoRA layers. Use it as `PeftModel.from_pretrained(load_adapter_base(d), f"{d}/adapter")`."""
+    """The model a saved PEFT adapter applies to, without LoRA layers: backbones, heads (with their standardisation
+    buffers) and gate as they were before adaptation. `PeftModel.from_pretrained(load_adapter_base(d), f"{d}/adapter")`
+    predicts as `d` does; so do `PeftModel.from_pretrained(AutoModel.from_pretrained(d), f"{d}/adapter")`,
+    `AutoModel.from_pretrained(d).load_adapter(f"{d}/adapter")` and `AutoPeftModel.from_pretrained(f"{d}/adapter")`."""
     from safetensors.torch import load_file
 
     folder = Path(model_directory)
     config = EnECGConfig.from_pretrained(folder)
     config.adaptation = "full"
     model = EnECGModel(config)
-    saved = load_file(str(folder / "model.safetensors"))
-    state = {k: v for k, v in saved.items() if k.startswith("experts.")}
-    state.update(load_file(str(folder / ADAPTER_FOLDER / ADAPTER_BASE_WEIGHTS)))
+    state = {k.replace(".base_layer.", "."): v for k, v in load_file(str(folder / "model.safetensors")).items()
+             if "lora_" not in k}
+    legacy = folder / ADAPTER_FOLDER / LEGACY_ADAPTER_BASE_WEIGHTS
+    if legacy.is_file():  # folders saved merged (before 0.1.0 kept adapters un-merged): the pre-adaptation weights
+        state.update(load_file(str(legacy)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     left_out = tuple(f"experts.{name}." for name in model._left_out_expert_names())
     missing = [k for k in missing if not (left_out and k.startswith(left_out))]

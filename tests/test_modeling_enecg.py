@@ -273,27 +273,63 @@ def test_round_trip_is_bit_identical_and_refrozen(tester, tmp_path):
     assert all(p.requires_grad for n, p in reloaded.named_parameters() if n.startswith(("heads.", "gate.")))
 
 
-def test_lora_model_saves_merged_and_keeps_a_peft_adapter(tester, tmp_path):
-    from peft import PeftModel
-
-    model = tester.get_model(adaptation="lora").eval()
+@pytest.fixture(scope="module")
+def saved_lora_model(tester, tmp_path_factory):
+    """A trained LoRA model with fitted head standardisation, saved; its predictions on held-out inputs."""
+    model = tester.get_model(adaptation="lora", target_mean=800.0, target_std=100.0).eval()
+    with torch.no_grad():
+        model.fit_head_standardization(model.compute_features(tester.get_inputs(seed=11)).expert_embeddings)
+    assert all(float(head.input_std.sub(1).abs().max()) > 0 for head in model.heads.values())
     train_a_little(model, tester.get_inputs())
     assert any(layer.get_delta_weight("default").abs().sum() > 0 for layer in model.lora_layers().values())
-    model.save_pretrained(tmp_path)
+    folder = tmp_path_factory.mktemp("lora") / "model"
+    model.save_pretrained(folder)
     inputs = tester.get_inputs(seed=7)
     with torch.no_grad():
         expected = model(inputs).logits
+    return folder, inputs, expected
 
-    merged = EnECGModel.from_pretrained(tmp_path).eval()
-    assert all(torch.count_nonzero(layer.lora_B["default"].weight) == 0 for layer in merged.lora_layers().values())
-    with torch.no_grad():
-        torch.testing.assert_close(merged(inputs).logits, expected, rtol=1e-5, atol=1e-6)
 
-    adapter = tmp_path / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
-    peft_model = PeftModel.from_pretrained(load_adapter_base(tmp_path), adapter).eval()
+def test_lora_model_saves_unmerged_with_a_peft_adapter(saved_lora_model):
+    folder, inputs, expected = saved_lora_model
+    reloaded = EnECGModel.from_pretrained(folder).eval()
+    # The adapter is kept un-merged: the saved LoRA weights are the trained ones, the base layers the initial ones.
+    assert all(torch.count_nonzero(layer.lora_B["default"].weight) > 0 for layer in reloaded.lora_layers().values())
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_values=inputs).logits, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(reloaded(inputs).logits, expected)
+    adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folder.resolve())
+    assert adapter["auto_mapping"] == {"base_model_class": "AutoModel", "parent_library": "transformers"}
+    assert {p.name for p in (folder / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def _peft_route(route: str, folder: Path):
+    from peft import AutoPeftModel, PeftModel
+    from transformers import AutoModel
+
+    adapter = str(folder / "adapter")
+    if route == "PeftModel(load_adapter_base)":
+        return PeftModel.from_pretrained(load_adapter_base(folder), adapter)
+    if route == "PeftModel(AutoModel)":
+        return PeftModel.from_pretrained(AutoModel.from_pretrained(folder), adapter)
+    if route == "AutoModel.load_adapter":
+        model = AutoModel.from_pretrained(folder)
+        model.load_adapter(adapter)
+        return model
+    return AutoPeftModel.from_pretrained(adapter)
+
+
+@pytest.mark.parametrize(
+    "route", ["PeftModel(load_adapter_base)", "PeftModel(AutoModel)", "AutoModel.load_adapter", "AutoPeftModel"]
+)
+def test_every_peft_route_predicts_as_the_saved_model(saved_lora_model, route):
+    """Loading the adapter by any PEFT route gives the saved model's predictions (never the adapter applied twice)."""
+    folder, inputs, expected = saved_lora_model
+    model = _peft_route(route, folder).eval()
+    with torch.no_grad():
+        difference = float((model(input_values=inputs).logits - expected).abs().max())
+    print(f"{route}: max abs difference {difference:.3g} (predictions {float(expected.abs().max()):.4g})")
+    assert difference <= 1e-4 * float(expected.abs().max())
 
 
 @pytest.mark.parametrize("which", ["tester", "tiny_hub_config"])

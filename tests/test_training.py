@@ -447,3 +447,28 @@ def test_an_expert_that_cannot_be_loaded_stops_the_run_with_its_reason(work, sim
               str(tmp_path / "out")])
     assert "Could not build the model: Expert 'dlinear'" in str(error.value)
     assert "no-such-checkpoint" in str(error.value)
+
+
+def test_push_uploads_an_adapter_config_naming_the_hub_repo(tmp_path, monkeypatch):
+    """The uploaded adapter names the Hub repo as its base model; the local folder keeps naming itself."""
+    import huggingface_hub
+
+    from enecg_hf.training import TrainScriptArguments
+    from enecg_hf.training.output import push_folder
+
+    folder = tmp_path / "out"
+    (folder / "adapter").mkdir(parents=True)
+    local = {"base_model_name_or_path": str(folder), "peft_type": "LORA"}
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(local))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, **kw: calls.append(("create", repo_id)) or huggingface_hub.RepoUrl(
+                            f"https://huggingface.co/someone/{repo_id.split('/')[-1]}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("folder", kw)))
+    monkeypatch.setattr(huggingface_hub, "upload_file", lambda **kw: calls.append(("file", kw)))
+    assert push_folder(folder, TrainScriptArguments(hub_model_id="enecg-rr")) == "someone/enecg-rr"
+    assert "adapter/adapter_config.json" in calls[1][1]["ignore_patterns"]
+    uploaded = json.loads(calls[2][1]["path_or_fileobj"])
+    assert calls[2][1]["path_in_repo"] == "adapter/adapter_config.json" and calls[2][1]["repo_id"] == "someone/enecg-rr"
+    assert uploaded == {**local, "base_model_name_or_path": "someone/enecg-rr"}
+    assert json.loads((folder / "adapter" / "adapter_config.json").read_text()) == local

@@ -28,7 +28,7 @@ processes), `scoring` (metrics and baselines), `output` (folder, model card, Hub
 whole run).
 """
 
-from .arguments import DATA_FORMATS, MAIN_JOB_ARGS, TrainingArguments, build_parser, parse_args
+from .arguments import DATA_FORMATS, MAIN_JOB_ARGS, TrainScriptArguments, build_parser, parse_args
 from .features import build_feature_cache, compute_features, expert_fingerprint
 from .fitting import EnECGFitter, FeatureTable, FitReport, FitSettings, fit_enecg, predict
 from .jobs import CheckpointedJobRunner
@@ -38,7 +38,7 @@ from .scoring import baseline_predictions, load_metric, score, summarize
 
 
 __all__ = [
-    "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainingArguments", "build_parser", "parse_args", "build_feature_cache",
+    "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainScriptArguments", "build_parser", "parse_args", "build_feature_cache",
     "compute_features", "expert_fingerprint", "EnECGFitter", "FeatureTable", "FitReport", "FitSettings", "fit_enecg",
     "predict", "CheckpointedJobRunner", "LabelSpec", "check_class_coverage", "main", "run", "baseline_predictions",
     "load_metric", "score", "summarize",

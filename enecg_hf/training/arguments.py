@@ -1,4 +1,7 @@
-"""The command line of `train.py`: `TrainingArguments`, the parser and the embedded main job."""
+"""The command line of `train.py`: `TrainScriptArguments`, the parser and the embedded main job.
+
+Not `transformers.TrainingArguments` (which configures `transformers.Trainer`): these are the options of our own
+training run; docs/training.md shows how to train with `transformers.Trainer` instead."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ NON_RESULT_ARGS = {
 
 
 @dataclass
-class TrainingArguments:
+class TrainScriptArguments:
     """Every option of `train.py` (run `python train.py --help` for the descriptions)."""
 
     config: str = "tiny"
@@ -145,13 +148,13 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
+def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = list(MAIN_JOB_ARGS)
     namespace = build_parser().parse_args(argv)
     report_to = [r for r in (namespace.report_to or []) if r != "none"]
-    args = TrainingArguments(**{**vars(namespace), "report_to": report_to})
+    args = TrainScriptArguments(**{**vars(namespace), "report_to": report_to})
     if args.report_to:
         from accelerate.tracking import get_available_trackers
 
@@ -177,3 +180,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
         raise SystemExit("--num_records is for --data_format simulated; use --limit to read fewer real records")
     return args
 
+
+# The earlier name, which clashed with `transformers.TrainingArguments`; `training.run` still imports it.
+TrainingArguments = TrainScriptArguments

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..configuration_enecg import EnECGConfig
-from .arguments import TrainingArguments
+from .arguments import TrainScriptArguments
 
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
 
 
-def build_config(args: TrainingArguments, label: LabelSpec, config_dict: dict[str, Any]) -> EnECGConfig:
+def build_config(args: TrainScriptArguments, label: LabelSpec, config_dict: dict[str, Any]) -> EnECGConfig:
     """The config of every model of the run: the file's, with the label and the command-line overrides."""
     data = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id", "num_labels", "problem_type")}
     data.update(label_name=label.name, problem_type=label.problem_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from ..modeling_enecg import EnECGModel
 from ..serving_export import export_serving_files
-from .arguments import TrainingArguments
+from .arguments import TrainScriptArguments
 from .files import write_json_atomic
 from .scoring import format_metrics
 
@@ -17,9 +18,9 @@ from .scoring import format_metrics
 logger = logging.getLogger(__name__)
 
 
-def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainingArguments, metrics: dict[str, Any],
+def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainScriptArguments, metrics: dict[str, Any],
                        records) -> None:
-    """The Hub-ready folder: model (merged safetensors + code + adapter/), metrics, arguments, model card, serving."""
+    """The Hub-ready folder: model (safetensors with the un-merged adapter, code, adapter/), metrics, arguments, model card, serving."""
     from ..model_card import random_weight_experts, render_model_card
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -47,16 +48,23 @@ def _version() -> str:
 HUB_IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", "cache/*", "cache/**", "logs/*", "logs/**", ".*"]
 
 
-def push_folder(output_dir: Path, args: TrainingArguments) -> str:
+def push_folder(output_dir: Path, args: TrainScriptArguments) -> str:
     """Upload the finished folder (without checkpoints, cache and logs). Fails with a clear message, after the local
     folder is complete, when the Hub cannot be reached."""
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import create_repo, upload_file, upload_folder
 
     repo_id = args.hub_model_id or output_dir.name
+    adapter_config = output_dir / "adapter" / "adapter_config.json"
     try:
         url = create_repo(repo_id, private=args.hub_private, exist_ok=True)
-        upload_folder(repo_id=url.repo_id, folder_path=str(output_dir), ignore_patterns=HUB_IGNORE_PATTERNS,
-                      commit_message="Upload EnECG model trained with enecg_hf")
+        upload_folder(repo_id=url.repo_id, folder_path=str(output_dir), commit_message="Upload EnECG model trained with "
+                      "enecg_hf", ignore_patterns=HUB_IGNORE_PATTERNS + ["adapter/adapter_config.json"])
+        if adapter_config.is_file():
+            # The uploaded adapter names the Hub repo as its base model; the local copy keeps naming the local folder.
+            hub_adapter_config = {**json.loads(adapter_config.read_text()), "base_model_name_or_path": url.repo_id}
+            upload_file(path_or_fileobj=(json.dumps(hub_adapter_config, indent=2, sort_keys=True) + "\n").encode(),
+                        path_in_repo="adapter/adapter_config.json", repo_id=url.repo_id,
+                        commit_message="Adapter config naming this repository as its base model")
     except Exception as err:  # network, auth, offline mode: all end the same way for the user
         raise SystemExit(
             f"push_to_hub failed for {repo_id!r}: {type(err).__name__}: {err}\n"
