@@ -472,3 +472,26 @@ def test_push_uploads_an_adapter_config_naming_the_hub_repo(tmp_path, monkeypatc
     assert calls[2][1]["path_in_repo"] == "adapter/adapter_config.json" and calls[2][1]["repo_id"] == "someone/enecg-rr"
     assert uploaded == {**local, "base_model_name_or_path": "someone/enecg-rr"}
     assert json.loads((folder / "adapter" / "adapter_config.json").read_text()) == local
+
+
+def test_class_label_columns_encode_by_class_name():
+    """Built datasets store classes as `datasets.ClassLabel` indices; a config that orders the classes differently
+    still gets each record's class by name. Datasets built before (plain ints and strings) encode as they did."""
+    import datasets
+
+    from enecg_hf.training import LabelSpec
+
+    names = ["sinus_rhythm", "atrial_fibrillation", "other"]
+    built = datasets.Dataset.from_dict({"arrhythmia": ["other", None, "sinus_rhythm"], "sex": [1, 0, None]},
+                                       features=datasets.Features({"arrhythmia": datasets.ClassLabel(names=names),
+                                                                   "sex": datasets.ClassLabel(names=["female", "male"])}))
+    config = {"label_name": "arrhythmia", "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
+    spec = LabelSpec.infer("arrhythmia", built, config)
+    assert [spec.encode(v) for v in built["arrhythmia"]] == [0, None, 1]
+    assert [LabelSpec.infer("sex", built, {}).encode(v) for v in built["sex"]] == [1, 0, None]
+    custom = LabelSpec.infer("arrhythmia", built, {})
+    assert custom.class_names[:2] == ["sinus_rhythm", "sinus_bradycardia"]  # the task's classes: ARRHYTHMIA_CLASSES
+    assert [custom.encode(v) for v in built["arrhythmia"]] == [5, None, 0]
+    old = datasets.Dataset.from_dict({"arrhythmia": ["other", "sinus_rhythm"], "sex": [1, 0]})
+    assert [LabelSpec.infer("arrhythmia", old, config).encode(v) for v in old["arrhythmia"]] == [0, 1]
+    assert [LabelSpec.infer("sex", old, {}).encode(v) for v in old["sex"]] == [1, 0]

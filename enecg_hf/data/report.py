@@ -56,7 +56,9 @@ class BuildReport:
         """Fill the label and flag counts from the dataset's Arrow columns (no signal is read)."""
         table = dataset.data
         self.label_coverage = {name: len(table) - table.column(name).null_count for name in LABEL_COLUMNS}
-        arrhythmia = Counter(value for value in table.column("arrhythmia").to_pylist() if value is not None)
+        feature = dataset.features["arrhythmia"]
+        names = feature.int2str if isinstance(feature, datasets.ClassLabel) else str  # a ClassLabel, or strings
+        arrhythmia = Counter(names(value) for value in table.column("arrhythmia").to_pylist() if value is not None)
         self.arrhythmia_counts = {name: arrhythmia.get(name, 0) for name in ARRHYTHMIA_CLASSES}
         self.records_with_missing_leads = sum(1 for leads in table.column("missing_leads").to_pylist() if leads)
         self.records_with_flat_leads = sum(1 for leads in table.column("flat_leads").to_pylist() if leads)
