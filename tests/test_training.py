@@ -495,3 +495,17 @@ def test_class_label_columns_encode_by_class_name():
     old = datasets.Dataset.from_dict({"arrhythmia": ["other", "sinus_rhythm"], "sex": [1, 0]})
     assert [LabelSpec.infer("arrhythmia", old, config).encode(v) for v in old["arrhythmia"]] == [0, 1]
     assert [LabelSpec.infer("sex", old, {}).encode(v) for v in old["sex"]] == [1, 0]
+
+
+def test_summary_puts_each_metric_in_its_unit(capsys, tmp_path):
+    from enecg_hf.training.output import print_summary
+
+    summary = {"mean": 1.0, "std": 0.5}
+    metrics = {"label": "rr_interval", "problem_type": "regression", "records": 30, "folds": [{}, {}],
+               "train_seconds": 1.0, "unit": "ms", "cv": {"mae": summary, "mse": summary, "r2": summary},
+               "cv_baseline": {"mae": summary}, "final": {"metrics": {"mae": 18.68, "mse": 735.5, "rmse": 27.12,
+                                                                     "r2": 0.9874}}}
+    print_summary(metrics, tmp_path)
+    printed = capsys.readouterr().out
+    assert "final (in-sample): mae=18.68 ms, mse=735.5 ms², rmse=27.12 ms, r2=0.9874\n" in printed
+    assert "CV       mae: 1 ± 0.5 ms   (baseline 1 ± 0.5)" in printed and "CV        r2: 1 ± 0.5\n" in printed

@@ -12,7 +12,6 @@ from ..modeling_enecg import EnECGModel
 from ..serving_export import export_serving_files
 from .arguments import TrainScriptArguments
 from .files import write_json_atomic
-from .scoring import format_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -75,14 +74,23 @@ def push_folder(output_dir: Path, args: TrainScriptArguments) -> str:
     return url.repo_id
 
 
+def metric_unit(name: str, unit: str | None) -> str:
+    """The unit of a metric of a label measured in `unit`: MAE and RMSE in it, MSE in its square, R² and the
+    classification metrics in none."""
+    if not unit:
+        return ""
+    return {"mae": f" {unit}", "rmse": f" {unit}", "mse": f" {unit}²"}.get(name, "")
+
+
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     lines = [f"EnECG training: {metrics['label']} ({metrics['problem_type']}), {metrics['records']} records, "
              f"{len(metrics['folds'])}-fold CV, {metrics['train_seconds']} s"]
-    unit = f" {metrics['unit']}" if metrics.get("unit") else ""
+    unit = metrics.get("unit")
     for name, summary in metrics["cv"].items():
         baseline = metrics["cv_baseline"].get(name)
         extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
-        lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{extra}")
-    lines.append("  final (in-sample): " + format_metrics(metrics["final"]["metrics"]) + unit)
+        lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
+    lines.append("  final (in-sample): " + ", ".join(
+        f"{name}={value:.4g}{metric_unit(name, unit)}" for name, value in metrics["final"]["metrics"].items()))
     lines.append(f"  model folder: {output_dir.resolve()}")
     print("\n".join(lines), flush=True)
