@@ -47,12 +47,18 @@ class EnECGModelOutput(ModelOutput):
             (regression values in the label's unit; classification logits).
         expert_logits (`torch.FloatTensor` of shape `(batch, num_experts, num_labels)`): each expert head's own output.
         gate_weights (`torch.FloatTensor` of shape `(batch, num_experts)`): softmax weights of the gate (rows sum to 1).
+        hidden_states (`tuple` of `torch.FloatTensor` of shape `(batch, embedding_dim_e)`, *optional*): returned with
+            `output_hidden_states=True`: every expert's embedding (what its head reads), in expert order.
+
+    Outputs are float32 whatever the model's dtype (heads and gate may run in bfloat16; label units need the
+    precision: bfloat16 resolves 800 ms to 4 ms).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     expert_logits: torch.FloatTensor | None = None
     gate_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -138,6 +144,9 @@ class EnECGPreTrainedModel(PreTrainedModel):
     base_model_prefix = "enecg"
     main_input_name = "input_values"
     supports_gradient_checkpointing = False
+    # `forward` computes a per-batch mean loss and takes no `num_items_in_batch`: `transformers.Trainer` then scales
+    # the loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -184,6 +193,9 @@ class EnECGModel(EnECGPreTrainedModel):
         )
         self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
         self.gate = EnECGGate(len(config.gate_leads) * config.gate_input_length, config.gate_hidden_size, len(self.experts))
+        # Experts that need float32 stay float32 under `from_pretrained(..., dtype=torch.bfloat16 / float16)`; the
+        # other experts, the heads and the gate take the requested dtype.
+        self._keep_in_fp32_modules_strict = {rf"^experts\.{name}\." for name in self._fp32_expert_names()}
         self.post_init()
         if config.adaptation == "lora":
             self._inject_lora()
@@ -224,6 +236,9 @@ class EnECGModel(EnECGPreTrainedModel):
         self.experts.eval()  # frozen experts never see dropout or batch-norm updates
         return self
 
+    def _fp32_expert_names(self) -> list[str]:
+        return [name for name, expert in self.experts.items() if expert.KEEP_IN_FP32]
+
     def _left_out_expert_names(self) -> list[str]:
         if self.config.save_backbones:
             return []
@@ -260,6 +275,8 @@ class EnECGModel(EnECGPreTrainedModel):
             # from freshly allocated ones. Own copies make a loaded model compute bit-identically to the saved one.
             for tensor in [*model.parameters(), *model.buffers()]:
                 tensor.data = tensor.data.clone()
+        for name in model._fp32_expert_names():  # before re-attaching backbones: their weights load in their dtype
+            model.experts[name].float()
         left_out = model._left_out_expert_names()
         if left_out:
             model.load_expert_weights(left_out)
@@ -313,6 +330,8 @@ class EnECGModel(EnECGPreTrainedModel):
         labels: torch.Tensor | None = None,
         expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
         gate_inputs: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> EnECGModelOutput | tuple:
@@ -324,48 +343,79 @@ class EnECGModel(EnECGPreTrainedModel):
                 class indices for single-label, `(batch, num_labels)` 0/1 for multi-label classification.
             expert_embeddings, gate_inputs (*optional*): precomputed [`EnECGFeatures`] instead of `input_values`
                 (training on cached features skips the frozen experts).
+            output_hidden_states (`bool`, *optional*): also return every expert's embedding as `hidden_states`.
+            output_attentions: not supported (EnECG mixes pooled embeddings; it has no attention maps to return).
 
         Returns:
             [`EnECGModelOutput`] with `logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`,
             `gate_weights` `(batch, experts)` and `loss` when labels are given.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        if output_attentions:
+            raise ValueError("EnECGModel has no attention maps: output_attentions=True is not supported "
+                             "(output_hidden_states=True returns the expert embeddings)")
+        unexpected = sorted(k for k, v in kwargs.items() if v is not None)
+        if unexpected:
+            raise TypeError(f"EnECGModel.forward got unexpected arguments {unexpected}")
         if expert_embeddings is None or gate_inputs is None:
             if input_values is None:
                 raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
             features = self.compute_features(input_values)
             expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
-        scaled_expert_logits = self.compute_expert_logits(expert_embeddings)
-        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0])
+        scaled_expert_logits = self.compute_expert_logits(expert_embeddings).float()
+        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0]).float()
         scaled_logits = mix_experts(scaled_expert_logits, gate_weights)
 
         loss = None
         if labels is not None:
+            if self.training:
+                self._warn_if_target_scaling_is_unset()
             loss = self.loss_function(scaled_logits, labels)
             if self.config.expert_loss_weight > 0:
                 loss = loss + self.config.expert_loss_weight * self.loss_function(scaled_expert_logits, labels)
         logits, expert_logits = self.to_label_units(scaled_logits), self.to_label_units(scaled_expert_logits)
+        hidden_states = tuple(expert_embeddings) if output_hidden_states else None
         if not return_dict:
-            return tuple(v for v in (loss, logits, expert_logits, gate_weights) if v is not None)
-        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
+            return tuple(v for v in (loss, logits, expert_logits, gate_weights, hidden_states) if v is not None)
+        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights,
+                                hidden_states=hidden_states)
+
+    def _warn_if_target_scaling_is_unset(self) -> None:
+        """A regression model trained with the default `target_mean=0, target_std=1` learns labels in their own unit
+        (hundreds of ms): the loss is huge and training goes nowhere, without an error. Say so, once."""
+        config = self.config
+        if config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0):
+            return
+        if not getattr(self, "_warned_target_scaling", False):
+            self._warned_target_scaling = True
+            logger.warning(
+                "Training a regression EnECG model whose target scaling is unset (config.target_mean=0, "
+                "config.target_std=1): the heads must then output %s in its own unit, and training will not get far. "
+                "Set it from the training labels first: enecg_hf.training.fit_label_statistics(model, labels), or "
+                "train with transformers.Trainer and enecg_hf.training.EnECGTrainerCallback (train.py does it itself).",
+                config.label_name or "the label",
+            )
 
     def compute_expert_logits(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
         """Every head on its expert's embedding: (batch, experts, num_labels), regression on the standardised scale."""
         if len(expert_embeddings) != len(self.heads):
             raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
-        return torch.stack([head(e.float()) for head, e in zip(self.heads.values(), expert_embeddings)], dim=1)
+        return torch.stack([head(e.to(head.dense1.weight.dtype)) for head, e in zip(self.heads.values(), expert_embeddings)],
+                           dim=1)
 
     def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Softmax weights of the experts, (batch, experts); `gate_inputs` may be None for the uniform gate."""
         if self.config.gate_type == "uniform":
             return torch.full((batch_size, len(self.heads)), 1.0 / len(self.heads), device=self.device)
-        return self.gate(gate_inputs.float())
+        return self.gate(gate_inputs.to(self.gate.dense.weight.dtype))
 
     def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
         """Regression heads learn a standardised target; report it in the label's unit."""
         if self.config.problem_type != "regression":
             return values
-        return values * self.config.target_std + self.config.target_mean
+        return values.float() * self.config.target_std + self.config.target_mean
 
     def loss_function(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of `(batch, num_labels)` outputs, or the mean over experts of `(batch, experts, num_labels)` outputs.

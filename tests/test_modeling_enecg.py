@@ -114,6 +114,67 @@ def test_output_shapes_and_loss(tester, problem):
     assert len(model(inputs, labels=labels, return_dict=False)) == 4
 
 
+def test_hidden_states_are_the_expert_embeddings(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        out = model(inputs, output_hidden_states=True)
+        features = model.compute_features(inputs)
+    assert len(out.hidden_states) == len(model.experts)
+    for hidden, embedding in zip(out.hidden_states, features.expert_embeddings, strict=True):
+        assert torch.equal(hidden, embedding)
+    assert model(inputs).hidden_states is None
+    assert len(model(inputs, output_hidden_states=True, return_dict=False)) == 4  # logits, experts, gate, hidden
+    with pytest.raises(ValueError, match="no attention maps"):
+        model(inputs, output_attentions=True)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['pixel_values'\]"):
+        model(inputs, pixel_values=inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_from_pretrained_honours_the_dtype(tester, tmp_path, dtype):
+    """Heads, gate and the experts that can run in half precision take the dtype; TimesNet (FFTs) stays float32 with
+    its weights exactly as saved; inputs of any float dtype are cast; outputs are float32."""
+    from transformers import AutoModel
+
+    model = tester.get_model(target_mean=800.0, target_std=100.0).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert loaded.experts["moment"].compute_dtype == dtype and loaded.heads["dlinear"].dense1.weight.dtype == dtype
+    assert loaded.gate.dense.weight.dtype == dtype
+    assert loaded.experts["timesnet"].compute_dtype == torch.float32
+    for key, value in model.experts["timesnet"].state_dict().items():
+        assert torch.equal(loaded.experts["timesnet"].state_dict()[key], value), key
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        expected = model(inputs).logits
+        for batch in (inputs, inputs.to(dtype), inputs.double()):
+            out = loaded(batch, output_hidden_states=True)
+            assert out.logits.dtype == torch.float32 and out.gate_weights.dtype == torch.float32
+            assert out.hidden_states[0].dtype == dtype and out.hidden_states[2].dtype == torch.float32
+            torch.testing.assert_close(out.logits, expected, rtol=0, atol=1.0)  # 800 +- 1 in the label's unit
+    with pytest.raises(ValueError, match=r"'timesnet' \(timesnet\) runs in float32 only"):
+        model.to(dtype)(inputs.to(dtype))
+
+
+def test_training_with_unset_target_scaling_warns_once(tester, caplog):
+    from enecg_hf.training import fit_label_statistics
+
+    model = tester.get_model().train()
+    labels = torch.tensor([700.0, 800.0, 950.0])
+    with caplog.at_level("WARNING", logger="enecg_hf.modeling_enecg"):
+        model(tester.get_inputs(), labels=labels)
+        model(tester.get_inputs(), labels=labels)
+    assert caplog.text.count("target scaling is unset") == 1
+    caplog.clear()
+    fit_label_statistics(model, labels)
+    assert model.config.target_mean == pytest.approx(816.667, abs=1e-3)
+    model._warned_target_scaling = False
+    with caplog.at_level("WARNING", logger="enecg_hf.modeling_enecg"), torch.no_grad():
+        loss = model(tester.get_inputs(), labels=labels).loss
+    assert "target scaling" not in caplog.text and loss.item() < 20  # standardised: O(1), not O(800^2)
+
+
 def test_regression_target_scaling(tester):
     """Heads learn a standardised target; logits come back in the label's unit, and the loss is scale-free."""
     model = tester.get_model(target_mean=800.0, target_std=100.0, expert_loss_weight=0.0).eval()
