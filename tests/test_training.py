@@ -509,3 +509,40 @@ def test_summary_puts_each_metric_in_its_unit(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "final (in-sample): mae=18.68 ms, mse=735.5 ms², rmse=27.12 ms, r2=0.9874\n" in printed
     assert "CV       mae: 1 ± 0.5 ms   (baseline 1 ± 0.5)" in printed and "CV        r2: 1 ± 0.5\n" in printed
+
+
+def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
+    """`HfArgumentParser` over the argument dataclasses: each option once with its default, every flag spelling
+    train.py accepted before (argparse's `--no-cache_features`, comma lists), the help texts, argparse's errors."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from enecg_hf.training import TrainScriptArguments, build_parser, parse_args
+
+    parser = build_parser()
+    assert isinstance(parser, HfArgumentParser)
+    assert parse_args(["--dataset", "d"]) == TrainScriptArguments(dataset="d")  # the dataclasses' defaults
+    assert list(TrainScriptArguments().to_dict())[:3] == ["config", "dataset", "data_format"]
+    args = parse_args(["--dataset", "d", "--experts", "dlinear,timesnet", "--report_to", "none", "--no-cache_features",
+                       "--push_to_hub", "--hub_private", "--gate", "uniform", "--epochs", "4", "--learning_rate", "0.1",
+                       "--strategy", "joint", "--resume_from_checkpoint", "latest", "--mixed_precision", "bf16"])
+    assert (args.experts, args.report_to, args.cache_features, args.push_to_hub, args.hub_private) == (
+        ["dlinear", "timesnet"], [], False, True, True)
+    assert (args.gate, args.epochs, args.learning_rate, args.strategy, args.mixed_precision) == (
+        "uniform", 4, 0.1, "joint", "bf16")
+    assert parse_args(["--dataset", "d", "--experts", "a", "b", "--cache_features"]).experts == ["a", "b"]
+    assert parse_args(["--dataset", "d", "--no_cache_features"]).cache_features is False
+    assert parse_args([]).num_records == 300  # no arguments: the main job
+
+    help_text = "".join(parser.format_help().split())  # argparse wraps lines, also at hyphens
+    for field in dataclasses.fields(TrainScriptArguments):
+        assert f"--{field.name}" in help_text, field.name
+        if field.metadata.get("help"):
+            assert "".join(field.metadata["help"].split()) in help_text, field.name
+    for argv, message in ((["--dataset", "d", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+                          (["--dataset", "d", "--strategy", "greedy"], "invalid choice: 'greedy'"),
+                          (["--dataset", "d", "--epochs", "many"], "invalid int value: 'many'")):
+        with pytest.raises(SystemExit) as error:
+            parse_args(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err
