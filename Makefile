@@ -3,11 +3,11 @@ PYTHON ?= python
 # CI and fresh machines get the CPU wheel of torch; a user who already has torch keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-min bench space
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -e ".[dev,features,serve,pretrained]"
+	$(PYTHON) -m pip install -e ".[dev,features,pretrained,moment,explain,demo]"
 	# momentfm 0.1.4 pins transformers 4.33 but runs on 5.x: install it without its pins.
 	$(PYTHON) -m pip install --no-deps momentfm==0.1.4
 
@@ -19,7 +19,27 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# The lower bounds of setup.cfg, installed together (.ci/min-versions.txt) in a venv over the `make install`
+# environment, then the tests of the model, PEFT routes, fitting, Trainer, data and docs (about 10 minutes).
+MIN_VENV ?= build/venv-min
+test-min: install
+	$(PYTHON) -m venv --system-site-packages "$(MIN_VENV)"
+	"$(MIN_VENV)/bin/python" -m pip install --quiet -r .ci/min-versions.txt
+	PYTHONPATH="$(CURDIR)" "$(MIN_VENV)/bin/python" -m pytest -q -p no:cacheprovider tests/test_modeling_enecg.py \
+		tests/test_fitting.py tests/test_trainer.py tests/test_docs.py tests/data \
+		tests/test_training.py::test_saved_model_reproduces_its_saved_metrics
+
 bench: install
 	$(PYTHON) bench/build_dataset.py
 	$(PYTHON) bench/efficiency.py
 	$(PYTHON) bench/quality.py
+
+# A Hugging Face Space folder ready to upload (space/README.md): the app, its card and requirements, plus the enecg_hf
+# package and momentfm (without its transformers 4.33 pin), installed into the folder: neither can come from the
+# Space's requirements.txt (enecg_hf is not on PyPI; momentfm's pins conflict with transformers 5).
+SPACE_DIR ?= build/space
+space:
+	rm -rf "$(SPACE_DIR)" && mkdir -p "$(SPACE_DIR)"
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation --target "$(SPACE_DIR)" . momentfm==0.1.4
+	rm -rf "$(SPACE_DIR)/bin"
+	cp space/app.py space/README.md space/requirements.txt "$(SPACE_DIR)/"

@@ -19,7 +19,8 @@ AutoModel.register(EnECGConfig, EnECGModel, exist_ok=True)
 # Saved folders carry `auto_map` and the code files, so they also load with `trust_remote_code=True` anywhere.
 EnECGConfig.register_for_auto_class()
 EnECGModel.register_for_auto_class("AutoModel")
-# `pipeline("ecg-analysis", model=...)` in this process; saved folders name the pipeline in `custom_pipelines`.
+# `pipeline("ecg-analysis", model=model)` for models whose config names no custom pipeline; saved folders name their
+# own copy in `custom_pipelines`, which transformers runs only with trust_remote_code (or pass pipeline_class=).
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=EnECGPipeline, pt_model=AutoModel)
 
 __all__ = [

@@ -72,6 +72,10 @@ class EnECGExpert(nn.Module):
     # for experts without released weights.
     WEIGHTS_LICENSE: ClassVar[str | None] = None
     WEIGHTS_TRAINING_DATA: ClassVar[str | None] = None
+    # Experts whose computation needs float32 (FFTs, which torch has no bfloat16/float16 CPU kernels for, or a
+    # library's network fed by its own float32 preprocessing): they stay float32 when the model is loaded with
+    # `from_pretrained(..., dtype=torch.bfloat16)` (`EnECGModel._keep_in_fp32_modules_strict`).
+    KEEP_IN_FP32: ClassVar[bool] = False
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__()
@@ -114,9 +118,23 @@ class EnECGExpert(nn.Module):
         """(batch, expert_leads, input_length) -> (batch, embedding_dim). Implemented by each expert."""
         raise NotImplementedError
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the backbone runs in: that of its floating-point weights (float32 without weights)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-        """(batch, all_leads, samples) -> pooled embedding (batch, embedding_dim)."""
-        return self.embed(self.prepare_inputs(input_values))
+        """(batch, all_leads, samples) -> pooled embedding (batch, embedding_dim), in `compute_dtype`.
+
+        Lead selection and resampling run in float32 (an FFT); the backbone then gets its input in its own dtype."""
+        dtype = self.compute_dtype
+        if self.KEEP_IN_FP32 and dtype != torch.float32:
+            raise ValueError(
+                f"Expert {self.name!r} ({self.expert_type}) runs in float32 only, but its weights are {dtype}. Load the "
+                "model with from_pretrained(..., dtype=...), which keeps such experts in float32, or cast only the heads "
+                "and gate (model.heads.to(dtype), model.gate.to(dtype))."
+            )
+        return self.embed(self.prepare_inputs(input_values.float()).to(dtype))
 
     # ------------------------------------------------------------------------------------------------ weights
     @property

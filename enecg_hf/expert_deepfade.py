@@ -62,6 +62,7 @@ class EnECGDeepFadeExpert(EnECGExpert):
     """
 
     expert_type = "deepfade"
+    KEEP_IN_FP32 = True  # the library's network reads float32 z-scores
     DEFAULT_PRESET = "deepfade"
     WEIGHTS_LICENSE = "Apache-2.0"
     WEIGHTS_TRAINING_DATA = "a large private multi-source ECG database with noise augmentation (ecgdatakit)"

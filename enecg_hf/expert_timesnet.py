@@ -89,6 +89,7 @@ class EnECGTimesNetExpert(EnECGExpert):
     """
 
     expert_type = "timesnet"
+    KEEP_IN_FP32 = True  # FFT period detection
     DEFAULT_PRESET = "tiny"
     PRESETS = {
         "paper": {"d_model": 16, "d_ff": 32, "e_layers": 3, "top_k": 3, "num_kernels": 6, "dropout": 0.1},

@@ -1,7 +1,7 @@
 """Explanations of EnECG predictions: gate weights, and integrated-gradients saliency of the prediction with respect to
 the input signal, for the whole ensemble and for each expert (the paper's Figure 1 shows which wave segments each
 expert attends to). Attributions come from `captum`; plots from matplotlib. Both are optional
-(`pip install enecg_hf[serve]`).
+(`pip install 'enecg_hf[explain]'`).
 
     from enecg_hf.explain_enecg import explain, plot_explanation
     explanation = explain(model, input_values)              # (batch, 12, samples) in mV, as the model takes it
@@ -33,7 +33,7 @@ def _require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"explanations need {module.split('.')[0]}: pip install 'enecg_hf[serve]'") from error
+        raise ImportError(f"explanations need {module.split('.')[0]}: pip install 'enecg_hf[explain]'") from error
 
 
 @dataclass

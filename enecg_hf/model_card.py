@@ -15,6 +15,19 @@ from .modeling_enecg import EnECGModel
 PACKAGE_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
 
+# The Hub has no task for classifying or regressing time series; its time-series task (forecasting) sits under the
+# "tabular" modality, next to these two, the nearest tasks it knows (huggingface.js `PIPELINE_DATA`).
+HUB_TASKS = {"regression": "tabular-regression", "classification": "tabular-classification"}
+# Hub dataset ids of our data sources: none of them is on the Hub under an official id (the `datasets` metadata lists
+# Hub ids only); the card links the sources' own pages instead.
+HUB_DATASET_IDS: dict[str, str] = {}
+SOURCE_PAGES = {
+    "ludb": "https://physionet.org/content/ludb/1.0.1/",
+    "ptb-xl": "https://physionet.org/content/ptb-xl/1.0.3/",
+    "challenge": "https://physionet.org/content/challenge-2021/1.0.3/",
+    "mimic-iv-ecg": "https://physionet.org/content/mimic-iv-ecg/1.0/",
+}
+
 METRIC_NAMES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R²", "accuracy": "Accuracy",
                 "precision": "Precision (macro)", "recall": "Recall (macro)", "f1": "F1 (macro)", "auroc": "AUROC"}
 
@@ -53,8 +66,9 @@ def expert_table(model: EnECGModel) -> list[dict[str, str]]:
 def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args: dict[str, Any],
                       dataset_sources: list[str], random_experts: list[str], model_id: str,
                       template: str | Path | None = None) -> str:
-    """The README.md of a trained model folder: YAML metadata (license, tags, datasets, metrics, model-index with the
-    cross-validation results) and the sections of the template."""
+    """The README.md of a trained model folder: YAML metadata (license, `pipeline_tag`, tags, Hub datasets, metrics,
+    model-index with the cross-validation results under a task the Hub knows) and the sections of the template
+    (first a pipeline snippet on a real PhysioNet record, the evaluation, the citation)."""
     import math
 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -63,12 +77,16 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
 
     config = model.config
     regression = metrics["problem_type"] == "regression"
-    task_type = "time-series-regression" if regression else "time-series-classification"
+    task_type = HUB_TASKS["regression" if regression else "classification"]
     dataset_name = ", ".join(dataset_sources) or "custom"
+    hub_datasets = [HUB_DATASET_IDS[s] for s in dataset_sources if s in HUB_DATASET_IDS]
     eval_results = [
         EvalResult(
             task_type=task_type, task_name=f"ECG {metrics['label']} {'regression' if regression else 'classification'}",
-            dataset_type=dataset_name.replace(", ", "+"), dataset_name=f"{dataset_name} ({len(metrics['folds'])}-fold subject-wise CV)",
+            # `type` names a Hub dataset where there is one; otherwise the source (the Hub then links nothing).
+            dataset_type="+".join(hub_datasets) if len(hub_datasets) == len(dataset_sources) and hub_datasets
+            else dataset_name.replace(", ", "+"),
+            dataset_name=f"{dataset_name} ({len(metrics['folds'])}-fold subject-wise CV)",
             metric_type=name, metric_name=f"{METRIC_NAMES.get(name, name)} (CV mean)", metric_value=round(summary["mean"], 6),
         )
         for name, summary in metrics["cv"].items()
@@ -77,8 +95,10 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
-        tags=["ecg", "time-series", "medical", "enecg", "mixture-of-experts", "peft", "lora"],
-        datasets=dataset_sources or None,
+        pipeline_tag=task_type,
+        tags=["ecg", "time-series", f"time-series-{'regression' if regression else 'classification'}", "medical",
+              "enecg", "mixture-of-experts", "peft", "lora"],
+        datasets=hub_datasets or None,
         metrics=list(metrics["cv"]) or list(metrics["final"]["metrics"]),
         model_name=model_id,
         eval_results=eval_results or None,
@@ -87,6 +107,11 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     output_description = (
         f"(batch, {num_labels}) {metrics['label']} in {metrics.get('unit') or 'the label unit'}" if regression
         else f"(batch, {num_labels}) class logits: {', '.join(metrics['classes'])}"
+    )
+    unit = metrics.get("unit") or ""
+    pipeline_output_description = (
+        f'{{"label": "{metrics["label"]}", "value": ..., "unit": "{unit}"}}' if regression
+        else f"the predicted {metrics['label']} class and each class's score"
     )
     card = ModelCard.from_template(
         card_data,
@@ -108,7 +133,8 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
         leads=len(config.lead_names), lead_names=config.lead_names, input_length=config.input_length,
         sampling_rate=config.sampling_rate, seconds=f"{config.input_length / config.sampling_rate:g}",
         normalization=config.normalization, output_description=output_description,
-        records=metrics["records"], dataset_sources=dataset_sources, folds=len(metrics["folds"]),
+        pipeline_output_description=pipeline_output_description,
+        records=metrics["records"], dataset_sources=dataset_sources, dataset_links=SOURCE_PAGES, folds=len(metrics["folds"]),
         cv=metrics["cv"], cv_baseline=metrics["cv_baseline"],
         baseline_description="its mean" if regression else "its majority class",
         epochs=training_args["epochs"], batch_size=training_args["batch_size"],

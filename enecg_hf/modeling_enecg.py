@@ -10,6 +10,7 @@ Data flow for a batch of records `input_values` (batch, leads, samples):
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from .expert_registry import build_expert
 logger = logging.getLogger(__name__)
 
 ADAPTER_FOLDER = "adapter"
-ADAPTER_BASE_WEIGHTS = "head_base_weights.safetensors"
+# Folders saved before adapters were kept un-merged held the pre-adaptation head and gate weights here.
+LEGACY_ADAPTER_BASE_WEIGHTS = "head_base_weights.safetensors"
 
 
 @dataclass
@@ -45,12 +47,18 @@ class EnECGModelOutput(ModelOutput):
             (regression values in the label's unit; classification logits).
         expert_logits (`torch.FloatTensor` of shape `(batch, num_experts, num_labels)`): each expert head's own output.
         gate_weights (`torch.FloatTensor` of shape `(batch, num_experts)`): softmax weights of the gate (rows sum to 1).
+        hidden_states (`tuple` of `torch.FloatTensor` of shape `(batch, embedding_dim_e)`, *optional*): returned with
+            `output_hidden_states=True`: every expert's embedding (what its head reads), in expert order.
+
+    Outputs are float32 whatever the model's dtype (heads and gate may run in bfloat16; label units need the
+    precision: bfloat16 resolves 800 ms to 4 ms).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     expert_logits: torch.FloatTensor | None = None
     gate_weights: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -136,6 +144,9 @@ class EnECGPreTrainedModel(PreTrainedModel):
     base_model_prefix = "enecg"
     main_input_name = "input_values"
     supports_gradient_checkpointing = False
+    # `forward` computes a per-batch mean loss and takes no `num_items_in_batch`: `transformers.Trainer` then scales
+    # the loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -182,6 +193,9 @@ class EnECGModel(EnECGPreTrainedModel):
         )
         self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
         self.gate = EnECGGate(len(config.gate_leads) * config.gate_input_length, config.gate_hidden_size, len(self.experts))
+        # Experts that need float32 stay float32 under `from_pretrained(..., dtype=torch.bfloat16 / float16)`; the
+        # other experts, the heads and the gate take the requested dtype.
+        self._keep_in_fp32_modules_strict = {rf"^experts\.{name}\." for name in self._fp32_expert_names()}
         self.post_init()
         if config.adaptation == "lora":
             self._inject_lora()
@@ -222,6 +236,9 @@ class EnECGModel(EnECGPreTrainedModel):
         self.experts.eval()  # frozen experts never see dropout or batch-norm updates
         return self
 
+    def _fp32_expert_names(self) -> list[str]:
+        return [name for name, expert in self.experts.items() if expert.KEEP_IN_FP32]
+
     def _left_out_expert_names(self) -> list[str]:
         if self.config.save_backbones:
             return []
@@ -258,10 +275,18 @@ class EnECGModel(EnECGPreTrainedModel):
             # from freshly allocated ones. Own copies make a loaded model compute bit-identically to the saved one.
             for tensor in [*model.parameters(), *model.buffers()]:
                 tensor.data = tensor.data.clone()
+        for name in model._fp32_expert_names():  # before re-attaching backbones: their weights load in their dtype
+            model.experts[name].float()
         left_out = model._left_out_expert_names()
         if left_out:
             model.load_expert_weights(left_out)
         model.freeze_experts()  # transformers 5 turns requires_grad back on while loading
+        if (Path(str(pretrained_model_name_or_path)) / ADAPTER_FOLDER / LEGACY_ADAPTER_BASE_WEIGHTS).is_file():
+            logger.warning(
+                "%s was saved with its LoRA adapter merged into the heads (an earlier enecg_hf): it predicts as saved, "
+                "but loading its adapter/ onto it would apply the adapter twice. Load the adapter onto "
+                "enecg_hf.load_adapter_base(folder), or save the model again.", pretrained_model_name_or_path
+            )
         return model
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -305,6 +330,8 @@ class EnECGModel(EnECGPreTrainedModel):
         labels: torch.Tensor | None = None,
         expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
         gate_inputs: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> EnECGModelOutput | tuple:
@@ -316,48 +343,79 @@ class EnECGModel(EnECGPreTrainedModel):
                 class indices for single-label, `(batch, num_labels)` 0/1 for multi-label classification.
             expert_embeddings, gate_inputs (*optional*): precomputed [`EnECGFeatures`] instead of `input_values`
                 (training on cached features skips the frozen experts).
+            output_hidden_states (`bool`, *optional*): also return every expert's embedding as `hidden_states`.
+            output_attentions: not supported (EnECG mixes pooled embeddings; it has no attention maps to return).
 
         Returns:
             [`EnECGModelOutput`] with `logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`,
             `gate_weights` `(batch, experts)` and `loss` when labels are given.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        if output_attentions:
+            raise ValueError("EnECGModel has no attention maps: output_attentions=True is not supported "
+                             "(output_hidden_states=True returns the expert embeddings)")
+        unexpected = sorted(k for k, v in kwargs.items() if v is not None)
+        if unexpected:
+            raise TypeError(f"EnECGModel.forward got unexpected arguments {unexpected}")
         if expert_embeddings is None or gate_inputs is None:
             if input_values is None:
                 raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
             features = self.compute_features(input_values)
             expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
-        scaled_expert_logits = self.compute_expert_logits(expert_embeddings)
-        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0])
+        scaled_expert_logits = self.compute_expert_logits(expert_embeddings).float()
+        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0]).float()
         scaled_logits = mix_experts(scaled_expert_logits, gate_weights)
 
         loss = None
         if labels is not None:
+            if self.training:
+                self._warn_if_target_scaling_is_unset()
             loss = self.loss_function(scaled_logits, labels)
             if self.config.expert_loss_weight > 0:
                 loss = loss + self.config.expert_loss_weight * self.loss_function(scaled_expert_logits, labels)
         logits, expert_logits = self.to_label_units(scaled_logits), self.to_label_units(scaled_expert_logits)
+        hidden_states = tuple(expert_embeddings) if output_hidden_states else None
         if not return_dict:
-            return tuple(v for v in (loss, logits, expert_logits, gate_weights) if v is not None)
-        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
+            return tuple(v for v in (loss, logits, expert_logits, gate_weights, hidden_states) if v is not None)
+        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights,
+                                hidden_states=hidden_states)
+
+    def _warn_if_target_scaling_is_unset(self) -> None:
+        """A regression model trained with the default `target_mean=0, target_std=1` learns labels in their own unit
+        (hundreds of ms): the loss is huge and training goes nowhere, without an error. Say so, once."""
+        config = self.config
+        if config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0):
+            return
+        if not getattr(self, "_warned_target_scaling", False):
+            self._warned_target_scaling = True
+            logger.warning(
+                "Training a regression EnECG model whose target scaling is unset (config.target_mean=0, "
+                "config.target_std=1): the heads must then output %s in its own unit, and training will not get far. "
+                "Set it from the training labels first: enecg_hf.training.fit_label_statistics(model, labels), or "
+                "train with transformers.Trainer and enecg_hf.training.EnECGTrainerCallback (train.py does it itself).",
+                config.label_name or "the label",
+            )
 
     def compute_expert_logits(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
         """Every head on its expert's embedding: (batch, experts, num_labels), regression on the standardised scale."""
         if len(expert_embeddings) != len(self.heads):
             raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
-        return torch.stack([head(e.float()) for head, e in zip(self.heads.values(), expert_embeddings)], dim=1)
+        return torch.stack([head(e.to(head.dense1.weight.dtype)) for head, e in zip(self.heads.values(), expert_embeddings)],
+                           dim=1)
 
     def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Softmax weights of the experts, (batch, experts); `gate_inputs` may be None for the uniform gate."""
         if self.config.gate_type == "uniform":
             return torch.full((batch_size, len(self.heads)), 1.0 / len(self.heads), device=self.device)
-        return self.gate(gate_inputs.float())
+        return self.gate(gate_inputs.to(self.gate.dense.weight.dtype))
 
     def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
         """Regression heads learn a standardised target; report it in the label's unit."""
         if self.config.problem_type != "regression":
             return values
-        return values * self.config.target_std + self.config.target_mean
+        return values.float() * self.config.target_std + self.config.target_mean
 
     def loss_function(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of `(batch, num_labels)` outputs, or the mean over experts of `(batch, experts, num_labels)` outputs.
@@ -397,10 +455,8 @@ class EnECGModel(EnECGPreTrainedModel):
         return {name: module for name, module in self.named_modules() if isinstance(module, LoraLayer)}
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict with every LoRA delta folded into its base layer and the adapter reset to zero.
-
-        Loading it into a fresh `lora` model (whose adapters start at zero) reproduces this model's predictions,
-        and training can go on from there with new adapters."""
+        """State dict with every LoRA delta folded into its base layer and the adapter reset to zero (for export to
+        code that knows nothing of LoRA; `save_pretrained` keeps the adapter un-merged)."""
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         for name, layer in self.lora_layers().items():
             state[f"{name}.base_layer.weight"] += layer.get_delta_weight("default").detach()
@@ -411,59 +467,65 @@ class EnECGModel(EnECGPreTrainedModel):
         """Save a Hub-ready folder: `config.json` (with `auto_map` and `custom_pipelines`), `model.safetensors` and the
         code files, including the pipeline's, so that `pipeline(model=folder, trust_remote_code=True)` serves it.
 
-        A LoRA model is saved merged (ready to predict) and its PEFT adapter is kept in `adapter/`, with the head
-        weights it was trained on, so that `peft.PeftModel` can load it (see `load_adapter_base`). Backbones of
-        experts with a pretrained source are left out when `config.save_backbones` is False."""
+        A LoRA model is saved un-merged: `model.safetensors` holds the heads and gate as they were before adaptation
+        (`base_layer` weights, with the heads' standardisation buffers) and the trained LoRA weights, and `adapter/`
+        holds the same adapter in PEFT's format. Loading the folder predicts as this model does, and loading the
+        adapter onto it by any PEFT route (`PeftModel.from_pretrained`, `model.load_adapter`, `AutoPeftModel`) sets
+        the LoRA weights it already has: nothing is applied twice. Backbones of experts with a pretrained source are
+        left out when `config.save_backbones` is False."""
         # A relative import of this module: the code saving copies pipeline_enecg.py (and the two modules it imports)
         # next to this file, wherever the model was loaded from. (`push_to_hub` saves through here too.)
         from .pipeline_enecg import pipeline_entry
 
         self.config.custom_pipelines = pipeline_entry()
         if state_dict is None:
-            state_dict = self.merged_state_dict() if self.lora_layers() else self.state_dict()
+            state_dict = self.state_dict()
             left_out = tuple(f"experts.{name}." for name in self._left_out_expert_names())
             state_dict = {k: v for k, v in state_dict.items() if not (left_out and k.startswith(left_out))}
-        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        # The adapter first: with `push_to_hub=True` the parent uploads the folder as it stands when it returns.
         if self.lora_layers() and kwargs.get("is_main_process", True):
-            self.save_adapter(Path(save_directory) / ADAPTER_FOLDER)
-        return result
+            self.save_adapter(Path(save_directory) / ADAPTER_FOLDER,
+                              base_model_name_or_path=str(Path(save_directory).resolve()))
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
-    def save_adapter(self, folder: str | os.PathLike) -> Path:
-        """Write the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) and the head/gate weights it
-        applies to (`head_base_weights.safetensors`)."""
+    def save_adapter(self, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+        """Write the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) as `PeftModel.save_pretrained`
+        would. `base_model_name_or_path` (the model folder or its Hub id) and an `auto_mapping` to `AutoModel` let
+        `peft.AutoPeftModel.from_pretrained(folder)` find the base model."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        lora_config = self.peft_config["default"]
+        lora_config = copy.copy(self.peft_config["default"])
+        lora_config.base_model_name_or_path = base_model_name_or_path
+        lora_config.auto_mapping = {"base_model_class": "AutoModel", "parent_library": "transformers"}
         lora_config.save_pretrained(str(folder))
         # Key names as `PeftModel.save_pretrained` writes them, so `PeftModel.from_pretrained` finds every weight.
         adapter_state = {
             f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self).items()
         }
         save_file(adapter_state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        base = {
-            k.replace(".base_layer.", "."): v.detach().contiguous().cpu()
-            for k, v in self.state_dict().items()
-            if k.startswith(("heads.", "gate.")) and "lora_" not in k
-        }
-        save_file(base, str(folder / ADAPTER_BASE_WEIGHTS), metadata={"format": "pt"})
+        (folder / LEGACY_ADAPTER_BASE_WEIGHTS).unlink(missing_ok=True)  # left by an earlier save into this folder
         return folder
 
 
 def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
-    """The model a saved PEFT adapter applies to: backbones from `model_directory`, heads and gate as they were before
-    adaptation, no LoRA layers. Use it as `PeftModel.from_pretrained(load_adapter_base(d), f"{d}/adapter")`."""
+    """The model a saved PEFT adapter applies to, without LoRA layers: backbones, heads (with their standardisation
+    buffers) and gate as they were before adaptation. `PeftModel.from_pretrained(load_adapter_base(d), f"{d}/adapter")`
+    predicts as `d` does; so do `PeftModel.from_pretrained(AutoModel.from_pretrained(d), f"{d}/adapter")`,
+    `AutoModel.from_pretrained(d).load_adapter(f"{d}/adapter")` and `AutoPeftModel.from_pretrained(f"{d}/adapter")`."""
     from safetensors.torch import load_file
 
     folder = Path(model_directory)
     config = EnECGConfig.from_pretrained(folder)
     config.adaptation = "full"
     model = EnECGModel(config)
-    saved = load_file(str(folder / "model.safetensors"))
-    state = {k: v for k, v in saved.items() if k.startswith("experts.")}
-    state.update(load_file(str(folder / ADAPTER_FOLDER / ADAPTER_BASE_WEIGHTS)))
+    state = {k.replace(".base_layer.", "."): v for k, v in load_file(str(folder / "model.safetensors")).items()
+             if "lora_" not in k}
+    legacy = folder / ADAPTER_FOLDER / LEGACY_ADAPTER_BASE_WEIGHTS
+    if legacy.is_file():  # folders saved merged (before 0.1.0 kept adapters un-merged): the pre-adaptation weights
+        state.update(load_file(str(legacy)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     left_out = tuple(f"experts.{name}." for name in model._left_out_expert_names())
     missing = [k for k in missing if not (left_out and k.startswith(left_out))]

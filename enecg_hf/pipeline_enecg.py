@@ -4,7 +4,8 @@
     ecg = pipeline(model="outputs/enecg-tiny-rr_interval", trust_remote_code=True)   # no task name needed
     ecg("ludb/data/1")                                        # a WFDB record (with or without .hea)
     ecg(signal, sampling_rate=250, lead_names=[...])          # a (leads, samples) array or nested list in mV
-    ecg(["a.hea", "b.mat", "c.npy"], sampling_rate=500)       # a batch
+    ecg(["a.hea", "b.mat", "c.npy"], sampling_rate=500)       # several records, results in order
+    ecg(records, batch_size=8)                                # ... through the model 8 at a time
     ecg(open("d.npy", "rb").read(), sampling_rate=500)        # the bytes of a .npy file
 
 Model folders carry this file (flat, next to the model code) and name it in `config.json` under
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -231,6 +233,26 @@ class EnECGPipeline(Pipeline):
         return {"input_values": torch.from_numpy(prepared.signal)[None], "warnings": prepared.warnings,
                 "source": prepared.source}
 
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        """Batches of prepared records (`batch_size > 1`): every record is (1, leads, input_length), so a batch is
+        their concatenation; transformers' own collation pads with a tokenizer or feature extractor, which an ECG
+        pipeline does not have. `PipelineIterator` hands each record its own slice of the outputs (its row of every
+        tensor, its item of the `warnings` and `source` lists)."""
+        if batch_size == 1:
+            return super().get_iterator(inputs, num_workers, batch_size, preprocess_params, forward_params,
+                                        postprocess_params)
+        from torch.utils.data import DataLoader
+        from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
+
+        if isinstance(inputs, Sized):
+            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        else:
+            dataset = PipelineIterator(inputs, self.preprocess, preprocess_params)
+            num_workers = 1
+        loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=collate_records)
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
+
     def _forward(self, model_inputs):
         output = self.model(input_values=model_inputs["input_values"])
         return {"logits": output.logits, "expert_logits": output.expert_logits, "gate_weights": output.gate_weights,
@@ -267,4 +289,11 @@ class EnECGPipeline(Pipeline):
         return result
 
 
-__all__ = ["EnECGPipeline", "PIPELINE_TASK", "PreparedRecord", "pipeline_entry", "prepare_record", "record_limits"]
+def collate_records(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model input from several prepared records: their signals stacked, their warnings and sources as lists."""
+    return {"input_values": torch.cat([item["input_values"] for item in items]),
+            "warnings": [item["warnings"] for item in items], "source": [item["source"] for item in items]}
+
+
+__all__ = ["EnECGPipeline", "PIPELINE_TASK", "PreparedRecord", "collate_records", "pipeline_entry", "prepare_record",
+           "record_limits"]

@@ -24,13 +24,13 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 # What an Inference Endpoint installs next to its default image (torch and transformers come with it; listed so that
 # a plain container gets them too).
 ENDPOINT_REQUIREMENTS = """\
-torch>=2.1
-transformers>=5.0,<6
-peft>=0.13
-safetensors>=0.4
-scipy>=1.10
-numpy>=1.24
-wfdb>=4.1
+torch>=2.5
+transformers>=5.18,<6
+peft>=0.20
+safetensors>=0.8
+scipy>=1.11.4
+numpy>=1.26.4
+wfdb>=4.1.2
 einops
 # only for models with the `features` expert:
 neurokit2>=0.2.10

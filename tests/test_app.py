@@ -223,3 +223,76 @@ def test_browser_shows_errors_as_messages(browser, server, tmp_path):
     WebDriverWait(browser, 120).until(lambda d: "needs its .hea header" in d.find_element(By.ID, "prediction").text)
     assert "Error" in browser.find_element(By.ID, "prediction").text
     browser.save_screenshot(str(ARTIFACTS / "gradio_app_error.png"))
+
+
+# ------------------------------------------------------------------------------------------------ the Space folder
+def _requirement_lines(text: str) -> set[str]:
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")}
+
+
+def test_space_requirements_are_the_package_requirements():
+    """The Space installs what the package and the app need (setup.cfg's install_requires and the features,
+    pretrained, moment and demo extras), and not momentfm, whose pins `make space` sidesteps."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    needed = _requirement_lines(setup["options"]["install_requires"])
+    for extra in ("features", "pretrained", "moment", "demo"):
+        needed |= _requirement_lines(setup["options.extras_require"][extra])
+    listed = _requirement_lines((REPO / "space" / "requirements.txt").read_text())
+    assert listed == needed, (listed - needed, needed - listed)
+    assert not any(line.startswith("momentfm") for line in listed)
+
+
+def test_make_space_builds_a_folder_that_runs_on_its_own(tmp_path):
+    """`make space` gives a folder with the app, its card and requirements, the enecg_hf package and momentfm; the app
+    runs from it (both packages imported from the folder) on a model with a MOMENT expert."""
+    from helpers import build_model_folder
+
+    target = tmp_path / "space"
+    result = subprocess.run(["make", "space", f"SPACE_DIR={target}", f"PYTHON={sys.executable}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {"app.py", "README.md", "requirements.txt", "enecg_hf", "momentfm"} <= {p.name for p in target.iterdir()}
+    assert (target / "README.md").read_text().startswith("---\ntitle: EnECG demo")
+    model = build_model_folder(tmp_path / "model", ["moment", "dlinear"], target_mean=800.0, target_std=150.0)
+    script = (
+        "import sys, app, enecg_hf, momentfm\n"
+        f"assert enecg_hf.__file__.startswith({str(target)!r}), enecg_hf.__file__\n"
+        f"assert momentfm.__file__.startswith({str(target)!r}), momentfm.__file__\n"
+        f"out = app.analyse({str(model)!r}, example='simulated #1', with_saliency=False)\n"
+        "print('SPACE_OK', out['prediction'])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=target, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "SPACE_OK ### rr_interval" in run.stdout, run.stdout + run.stderr
+
+
+def test_declared_lower_bounds_are_the_tested_ones():
+    """setup.cfg's lower bounds are the versions `make test-min` installs (.ci/min-versions.txt; torch's is the floor
+    of transformers, see setup.cfg), and the endpoint's requirements.txt declares the same bounds."""
+    import configparser
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from enecg_hf.serving_export import ENDPOINT_REQUIREMENTS
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    declared = {Requirement(line).name: Requirement(line).specifier for line in
+                _requirement_lines(setup["options"]["install_requires"])}
+    pinned = {Requirement(line).name: Requirement(line).specifier for line in
+              _requirement_lines((REPO / ".ci" / "min-versions.txt").read_text()) if not line.startswith("--")}
+    assert set(pinned) - {"pyarrow"} == set(declared) - {"torch"}
+    pinned.pop("pyarrow")  # a dependency of datasets, pinned so that the oldest numpy can be tested
+    for name, pin in pinned.items():
+        (tested,) = [Version(spec.version) for spec in pin if spec.operator == "=="]
+        assert [Version(spec.version) for spec in declared[name] if spec.operator == ">="] == [tested], name
+    endpoint = {Requirement(line).name: Requirement(line).specifier for line in _requirement_lines(ENDPOINT_REQUIREMENTS)}
+    for name, specifier in endpoint.items():
+        if name in declared:
+            assert specifier == declared[name], (name, specifier, declared[name])

@@ -114,6 +114,67 @@ def test_output_shapes_and_loss(tester, problem):
     assert len(model(inputs, labels=labels, return_dict=False)) == 4
 
 
+def test_hidden_states_are_the_expert_embeddings(tester):
+    model = tester.get_model().eval()
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        out = model(inputs, output_hidden_states=True)
+        features = model.compute_features(inputs)
+    assert len(out.hidden_states) == len(model.experts)
+    for hidden, embedding in zip(out.hidden_states, features.expert_embeddings, strict=True):
+        assert torch.equal(hidden, embedding)
+    assert model(inputs).hidden_states is None
+    assert len(model(inputs, output_hidden_states=True, return_dict=False)) == 4  # logits, experts, gate, hidden
+    with pytest.raises(ValueError, match="no attention maps"):
+        model(inputs, output_attentions=True)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['pixel_values'\]"):
+        model(inputs, pixel_values=inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_from_pretrained_honours_the_dtype(tester, tmp_path, dtype):
+    """Heads, gate and the experts that can run in half precision take the dtype; TimesNet (FFTs) stays float32 with
+    its weights exactly as saved; inputs of any float dtype are cast; outputs are float32."""
+    from transformers import AutoModel
+
+    model = tester.get_model(target_mean=800.0, target_std=100.0).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert loaded.experts["moment"].compute_dtype == dtype and loaded.heads["dlinear"].dense1.weight.dtype == dtype
+    assert loaded.gate.dense.weight.dtype == dtype
+    assert loaded.experts["timesnet"].compute_dtype == torch.float32
+    for key, value in model.experts["timesnet"].state_dict().items():
+        assert torch.equal(loaded.experts["timesnet"].state_dict()[key], value), key
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        expected = model(inputs).logits
+        for batch in (inputs, inputs.to(dtype), inputs.double()):
+            out = loaded(batch, output_hidden_states=True)
+            assert out.logits.dtype == torch.float32 and out.gate_weights.dtype == torch.float32
+            assert out.hidden_states[0].dtype == dtype and out.hidden_states[2].dtype == torch.float32
+            torch.testing.assert_close(out.logits, expected, rtol=0, atol=1.0)  # 800 +- 1 in the label's unit
+    with pytest.raises(ValueError, match=r"'timesnet' \(timesnet\) runs in float32 only"):
+        model.to(dtype)(inputs.to(dtype))
+
+
+def test_training_with_unset_target_scaling_warns_once(tester, caplog):
+    from enecg_hf.training import fit_label_statistics
+
+    model = tester.get_model().train()
+    labels = torch.tensor([700.0, 800.0, 950.0])
+    with caplog.at_level("WARNING", logger="enecg_hf.modeling_enecg"):
+        model(tester.get_inputs(), labels=labels)
+        model(tester.get_inputs(), labels=labels)
+    assert caplog.text.count("target scaling is unset") == 1
+    caplog.clear()
+    fit_label_statistics(model, labels)
+    assert model.config.target_mean == pytest.approx(816.667, abs=1e-3)
+    model._warned_target_scaling = False
+    with caplog.at_level("WARNING", logger="enecg_hf.modeling_enecg"), torch.no_grad():
+        loss = model(tester.get_inputs(), labels=labels).loss
+    assert "target scaling" not in caplog.text and loss.item() < 20  # standardised: O(1), not O(800^2)
+
+
 def test_regression_target_scaling(tester):
     """Heads learn a standardised target; logits come back in the label's unit, and the loss is scale-free."""
     model = tester.get_model(target_mean=800.0, target_std=100.0, expert_loss_weight=0.0).eval()
@@ -273,27 +334,63 @@ def test_round_trip_is_bit_identical_and_refrozen(tester, tmp_path):
     assert all(p.requires_grad for n, p in reloaded.named_parameters() if n.startswith(("heads.", "gate.")))
 
 
-def test_lora_model_saves_merged_and_keeps_a_peft_adapter(tester, tmp_path):
-    from peft import PeftModel
-
-    model = tester.get_model(adaptation="lora").eval()
+@pytest.fixture(scope="module")
+def saved_lora_model(tester, tmp_path_factory):
+    """A trained LoRA model with fitted head standardisation, saved; its predictions on held-out inputs."""
+    model = tester.get_model(adaptation="lora", target_mean=800.0, target_std=100.0).eval()
+    with torch.no_grad():
+        model.fit_head_standardization(model.compute_features(tester.get_inputs(seed=11)).expert_embeddings)
+    assert all(float(head.input_std.sub(1).abs().max()) > 0 for head in model.heads.values())
     train_a_little(model, tester.get_inputs())
     assert any(layer.get_delta_weight("default").abs().sum() > 0 for layer in model.lora_layers().values())
-    model.save_pretrained(tmp_path)
+    folder = tmp_path_factory.mktemp("lora") / "model"
+    model.save_pretrained(folder)
     inputs = tester.get_inputs(seed=7)
     with torch.no_grad():
         expected = model(inputs).logits
+    return folder, inputs, expected
 
-    merged = EnECGModel.from_pretrained(tmp_path).eval()
-    assert all(torch.count_nonzero(layer.lora_B["default"].weight) == 0 for layer in merged.lora_layers().values())
-    with torch.no_grad():
-        torch.testing.assert_close(merged(inputs).logits, expected, rtol=1e-5, atol=1e-6)
 
-    adapter = tmp_path / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
-    peft_model = PeftModel.from_pretrained(load_adapter_base(tmp_path), adapter).eval()
+def test_lora_model_saves_unmerged_with_a_peft_adapter(saved_lora_model):
+    folder, inputs, expected = saved_lora_model
+    reloaded = EnECGModel.from_pretrained(folder).eval()
+    # The adapter is kept un-merged: the saved LoRA weights are the trained ones, the base layers the initial ones.
+    assert all(torch.count_nonzero(layer.lora_B["default"].weight) > 0 for layer in reloaded.lora_layers().values())
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_values=inputs).logits, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(reloaded(inputs).logits, expected)
+    adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folder.resolve())
+    assert adapter["auto_mapping"] == {"base_model_class": "AutoModel", "parent_library": "transformers"}
+    assert {p.name for p in (folder / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def _peft_route(route: str, folder: Path):
+    from peft import AutoPeftModel, PeftModel
+    from transformers import AutoModel
+
+    adapter = str(folder / "adapter")
+    if route == "PeftModel(load_adapter_base)":
+        return PeftModel.from_pretrained(load_adapter_base(folder), adapter)
+    if route == "PeftModel(AutoModel)":
+        return PeftModel.from_pretrained(AutoModel.from_pretrained(folder), adapter)
+    if route == "AutoModel.load_adapter":
+        model = AutoModel.from_pretrained(folder)
+        model.load_adapter(adapter)
+        return model
+    return AutoPeftModel.from_pretrained(adapter)
+
+
+@pytest.mark.parametrize(
+    "route", ["PeftModel(load_adapter_base)", "PeftModel(AutoModel)", "AutoModel.load_adapter", "AutoPeftModel"]
+)
+def test_every_peft_route_predicts_as_the_saved_model(saved_lora_model, route):
+    """Loading the adapter by any PEFT route gives the saved model's predictions (never the adapter applied twice)."""
+    folder, inputs, expected = saved_lora_model
+    model = _peft_route(route, folder).eval()
+    with torch.no_grad():
+        difference = float((model(input_values=inputs).logits - expected).abs().max())
+    print(f"{route}: max abs difference {difference:.3g} (predictions {float(expected.abs().max()):.4g})")
+    assert difference <= 1e-4 * float(expected.abs().max())
 
 
 @pytest.mark.parametrize("which", ["tester", "tiny_hub_config"])

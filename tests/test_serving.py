@@ -156,6 +156,45 @@ def test_pipeline_reads_every_input_kind(ecg, tmp_path):
     assert [r["value"] for r in batch] == pytest.approx([reference, reference, by_header["value"]], rel=1e-3)
 
 
+def test_pipeline_batches_records(ecg, tmp_path):
+    """`batch_size` runs records through the model together (transformers' own collation needs a tokenizer or feature
+    extractor); each record keeps its own prediction, warnings and source, in order, the last batch partial."""
+    signal = ludb_signal("4")
+    npy = tmp_path / "record.npy"
+    np.save(npy, signal)
+    records = [signal, signal[:, :2500], str(npy), str(shared("ludb", "data", "6")), signal * 1000]
+    one_by_one = ecg(records, sampling_rate=500)
+    for batch_size in (2, 4):
+        batched = ecg(records, sampling_rate=500, batch_size=batch_size)
+        assert [r["source"] for r in batched] == [r["source"] for r in one_by_one]
+        assert [r["warnings"] for r in batched] == [r["warnings"] for r in one_by_one]
+        for got, expected in zip(batched, one_by_one, strict=True):
+            assert got["value"] == pytest.approx(expected["value"], rel=1e-5)
+            assert got["gate_weights"] == pytest.approx(expected["gate_weights"], rel=1e-5)
+    assert any("zero-padded" in w for w in one_by_one[1]["warnings"]) and not one_by_one[0]["warnings"]
+
+
+def test_registered_task_runs_the_installed_pipeline_class(regression_folder):
+    """With enecg_hf imported, the installed pipeline class serves a saved folder without remote code when named;
+    a bare `pipeline("ecg-analysis", model=folder)` asks for trust_remote_code because the folder's config.json names
+    its own copy of the pipeline (transformers' rule for `custom_pipelines`), as docs/serving.md says."""
+    from transformers import AutoModel, pipeline
+
+    from enecg_hf import EnECGModel, EnECGPipeline
+
+    installed = pipeline("ecg-analysis", model=str(regression_folder), pipeline_class=EnECGPipeline)
+    assert type(installed) is EnECGPipeline and type(installed.model) is EnECGModel
+    direct = EnECGPipeline(model=AutoModel.from_pretrained(regression_folder))
+    record = str(shared("ludb", "data", "7"))
+    assert installed(record)["value"] == direct(record)["value"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline("ecg-analysis", model=str(regression_folder))
+    # A model built in this process (no custom_pipelines in its config) gets the registered task.
+    model = EnECGModel.from_pretrained(regression_folder)
+    model.config.custom_pipelines = None
+    assert type(pipeline("ecg-analysis", model=model)) is EnECGPipeline
+
+
 def test_pipeline_warns_about_cropping_padding_and_flat_leads(ecg):
     signal = ludb_signal("3")
     long = ecg(np.concatenate([signal, signal], axis=1), sampling_rate=500)["warnings"]
@@ -293,6 +332,8 @@ def test_pipeline_loads_with_trust_remote_code_where_enecg_hf_is_blocked(regress
         ecg = pipeline(model={str(regression_folder)!r}, trust_remote_code=True)
         assert "enecg_hf" not in type(ecg).__module__, type(ecg).__module__
         result = ecg({str(shared("ludb", "data", "5"))!r})
+        batched = ecg([{str(shared("ludb", "data", "5"))!r}] * 3, batch_size=2)
+        assert all(abs(r["value"] - result["value"]) <= 1e-5 * abs(result["value"]) for r in batched), batched
         try:
             ecg([[1.0, 2.0]], sampling_rate=500)
         except ValueError as error:

@@ -476,3 +476,102 @@ def test_an_expert_that_cannot_be_loaded_stops_the_run_with_its_reason(work, sim
               str(tmp_path / "out")])
     assert "Could not build the model: Expert 'dlinear'" in str(error.value)
     assert "no-such-checkpoint" in str(error.value)
+
+
+def test_push_uploads_an_adapter_config_naming_the_hub_repo(tmp_path, monkeypatch):
+    """The uploaded adapter names the Hub repo as its base model; the local folder keeps naming itself."""
+    import huggingface_hub
+
+    from enecg_hf.training import TrainScriptArguments
+    from enecg_hf.training.output import push_folder
+
+    folder = tmp_path / "out"
+    (folder / "adapter").mkdir(parents=True)
+    local = {"base_model_name_or_path": str(folder), "peft_type": "LORA"}
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(local))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, **kw: calls.append(("create", repo_id)) or huggingface_hub.RepoUrl(
+                            f"https://huggingface.co/someone/{repo_id.split('/')[-1]}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("folder", kw)))
+    monkeypatch.setattr(huggingface_hub, "upload_file", lambda **kw: calls.append(("file", kw)))
+    assert push_folder(folder, TrainScriptArguments(hub_model_id="enecg-rr")) == "someone/enecg-rr"
+    assert "adapter/adapter_config.json" in calls[1][1]["ignore_patterns"]
+    uploaded = json.loads(calls[2][1]["path_or_fileobj"])
+    assert calls[2][1]["path_in_repo"] == "adapter/adapter_config.json" and calls[2][1]["repo_id"] == "someone/enecg-rr"
+    assert uploaded == {**local, "base_model_name_or_path": "someone/enecg-rr"}
+    assert json.loads((folder / "adapter" / "adapter_config.json").read_text()) == local
+
+
+def test_class_label_columns_encode_by_class_name():
+    """Built datasets store classes as `datasets.ClassLabel` indices; a config that orders the classes differently
+    still gets each record's class by name. Datasets built before (plain ints and strings) encode as they did."""
+    import datasets
+
+    from enecg_hf.training import LabelSpec
+
+    names = ["sinus_rhythm", "atrial_fibrillation", "other"]
+    built = datasets.Dataset.from_dict({"arrhythmia": ["other", None, "sinus_rhythm"], "sex": [1, 0, None]},
+                                       features=datasets.Features({"arrhythmia": datasets.ClassLabel(names=names),
+                                                                   "sex": datasets.ClassLabel(names=["female", "male"])}))
+    config = {"label_name": "arrhythmia", "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
+    spec = LabelSpec.infer("arrhythmia", built, config)
+    assert [spec.encode(v) for v in built["arrhythmia"]] == [0, None, 1]
+    assert [LabelSpec.infer("sex", built, {}).encode(v) for v in built["sex"]] == [1, 0, None]
+    custom = LabelSpec.infer("arrhythmia", built, {})
+    assert custom.class_names[:2] == ["sinus_rhythm", "sinus_bradycardia"]  # the task's classes: ARRHYTHMIA_CLASSES
+    assert [custom.encode(v) for v in built["arrhythmia"]] == [5, None, 0]
+    old = datasets.Dataset.from_dict({"arrhythmia": ["other", "sinus_rhythm"], "sex": [1, 0]})
+    assert [LabelSpec.infer("arrhythmia", old, config).encode(v) for v in old["arrhythmia"]] == [0, 1]
+    assert [LabelSpec.infer("sex", old, {}).encode(v) for v in old["sex"]] == [1, 0]
+
+
+def test_summary_puts_each_metric_in_its_unit(capsys, tmp_path):
+    from enecg_hf.training.output import print_summary
+
+    summary = {"mean": 1.0, "std": 0.5}
+    metrics = {"label": "rr_interval", "problem_type": "regression", "records": 30, "folds": [{}, {}],
+               "train_seconds": 1.0, "unit": "ms", "cv": {"mae": summary, "mse": summary, "r2": summary},
+               "cv_baseline": {"mae": summary}, "final": {"metrics": {"mae": 18.68, "mse": 735.5, "rmse": 27.12,
+                                                                     "r2": 0.9874}}}
+    print_summary(metrics, tmp_path)
+    printed = capsys.readouterr().out
+    assert "final (in-sample): mae=18.68 ms, mse=735.5 ms², rmse=27.12 ms, r2=0.9874\n" in printed
+    assert "CV       mae: 1 ± 0.5 ms   (baseline 1 ± 0.5)" in printed and "CV        r2: 1 ± 0.5\n" in printed
+
+
+def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
+    """`HfArgumentParser` over the argument dataclasses: each option once with its default, every flag spelling
+    train.py accepted before (argparse's `--no-cache_features`, comma lists), the help texts, argparse's errors."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from enecg_hf.training import TrainScriptArguments, build_parser, parse_args
+
+    parser = build_parser()
+    assert isinstance(parser, HfArgumentParser)
+    assert parse_args(["--dataset", "d"]) == TrainScriptArguments(dataset="d")  # the dataclasses' defaults
+    assert list(TrainScriptArguments().to_dict())[:3] == ["config", "dataset", "data_format"]
+    args = parse_args(["--dataset", "d", "--experts", "dlinear,timesnet", "--report_to", "none", "--no-cache_features",
+                       "--push_to_hub", "--hub_private", "--gate", "uniform", "--epochs", "4", "--learning_rate", "0.1",
+                       "--strategy", "joint", "--resume_from_checkpoint", "latest", "--mixed_precision", "bf16"])
+    assert (args.experts, args.report_to, args.cache_features, args.push_to_hub, args.hub_private) == (
+        ["dlinear", "timesnet"], [], False, True, True)
+    assert (args.gate, args.epochs, args.learning_rate, args.strategy, args.mixed_precision) == (
+        "uniform", 4, 0.1, "joint", "bf16")
+    assert parse_args(["--dataset", "d", "--experts", "a", "b", "--cache_features"]).experts == ["a", "b"]
+    assert parse_args(["--dataset", "d", "--no_cache_features"]).cache_features is False
+    assert parse_args([]).num_records == 300  # no arguments: the main job
+
+    help_text = "".join(parser.format_help().split())  # argparse wraps lines, also at hyphens
+    for field in dataclasses.fields(TrainScriptArguments):
+        assert f"--{field.name}" in help_text, field.name
+        if field.metadata.get("help"):
+            assert "".join(field.metadata["help"].split()) in help_text, field.name
+    for argv, message in ((["--dataset", "d", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+                          (["--dataset", "d", "--strategy", "greedy"], "invalid choice: 'greedy'"),
+                          (["--dataset", "d", "--epochs", "many"], "invalid int value: 'many'")):
+        with pytest.raises(SystemExit) as error:
+            parse_args(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(result.report.summary())
     print(f"report: {args.output}/build_report.json")
+    print(f"load it with datasets.load_from_disk({args.output!r}) (a save_to_disk folder; load_dataset refuses it)")
     return 0
 
 

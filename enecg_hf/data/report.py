@@ -61,7 +61,9 @@ class BuildReport:
         table = dataset.select_columns([*LABEL_COLUMNS, "missing_leads", "flat_leads"]).with_format("arrow")
         # Through the dataset, not `dataset.data`: that is the table under any `select` (e.g. dropped duplicates).
         self.label_coverage = {name: len(dataset) - table[name].null_count for name in LABEL_COLUMNS}
-        arrhythmia = Counter(value for value in table["arrhythmia"].to_pylist() if value is not None)
+        feature = dataset.features["arrhythmia"]
+        names = feature.int2str if isinstance(feature, datasets.ClassLabel) else str  # a ClassLabel, or strings
+        arrhythmia = Counter(names(value) for value in table["arrhythmia"].to_pylist() if value is not None)
         self.arrhythmia_counts = {name: arrhythmia.get(name, 0) for name in ARRHYTHMIA_CLASSES}
         self.records_with_missing_leads = sum(1 for leads in table["missing_leads"].to_pylist() if leads)
         self.records_with_flat_leads = sum(1 for leads in table["flat_leads"].to_pylist() if leads)

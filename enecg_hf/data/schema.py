@@ -5,6 +5,7 @@ from __future__ import annotations
 import datasets
 
 from ..preprocessing_enecg import STANDARD_LEADS
+from .labels import ARRHYTHMIA_CLASSES, POTASSIUM_LABELS, SEX_LABELS
 
 
 def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Features:
@@ -18,6 +19,8 @@ def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Featur
         `record_id`, `subject_id`, `source`, `signal` ((12, num_samples) float32, mV, `STANDARD_LEADS` order),
         `sampling_rate`, the labels `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses`, the
         quality flags `missing_leads` (zero-filled leads), `flat_leads` and `original_seconds`, then `extra`.
+        The class labels are `datasets.ClassLabel`s (rows hold class indices; `features["arrhythmia"].int2str(i)`
+        names them), so `train_test_split(stratify_by_column=...)` and the Hub's dataset viewer know the classes.
     """
     strings = datasets.List(datasets.Value("string"))
     return datasets.Features(
@@ -29,9 +32,9 @@ def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Featur
             "sampling_rate": datasets.Value("int32"),
             "rr_interval": datasets.Value("float32"),
             "age": datasets.Value("float32"),
-            "sex": datasets.Value("int8"),
-            "potassium_flag": datasets.Value("int8"),
-            "arrhythmia": datasets.Value("string"),
+            "sex": datasets.ClassLabel(names=list(SEX_LABELS)),
+            "potassium_flag": datasets.ClassLabel(names=list(POTASSIUM_LABELS)),
+            "arrhythmia": datasets.ClassLabel(names=list(ARRHYTHMIA_CLASSES)),
             "diagnoses": strings,
             "missing_leads": strings,
             "flat_leads": strings,

@@ -25,21 +25,23 @@ latest` reuses the finished jobs of a killed run and reaches the same result as 
 Modules: `arguments` (command line), `labels` (task and config), `records` (data checks and folds), `features`
 (feature cache), `fitting` (how heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and
 processes), `scoring` (metrics and baselines), `output` (folder, model card, Hub), `launch` (processes), `run` (a
-whole run).
+whole run), `trainer` (training with `transformers.Trainer` instead: dataset columns and a callback).
 """
 
-from .arguments import DATA_FORMATS, MAIN_JOB_ARGS, TrainingArguments, build_parser, parse_args
+from .arguments import DATA_FORMATS, MAIN_JOB_ARGS, TrainScriptArguments, build_parser, parse_args
 from .features import build_feature_cache, compute_features, expert_fingerprint
 from .fitting import EnECGFitter, FeatureTable, FitReport, FitSettings, fit_enecg, predict
 from .jobs import CheckpointedJobRunner
 from .labels import LabelSpec, check_class_coverage
 from .run import main, run
 from .scoring import baseline_predictions, load_metric, score, summarize
+from .trainer import EnECGTrainerCallback, fit_label_statistics, model_inputs, regression_metrics
 
 
 __all__ = [
-    "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainingArguments", "build_parser", "parse_args", "build_feature_cache",
+    "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainScriptArguments", "build_parser", "parse_args", "build_feature_cache",
     "compute_features", "expert_fingerprint", "EnECGFitter", "FeatureTable", "FitReport", "FitSettings", "fit_enecg",
     "predict", "CheckpointedJobRunner", "LabelSpec", "check_class_coverage", "main", "run", "baseline_predictions",
-    "load_metric", "score", "summarize",
+    "load_metric", "score", "summarize", "EnECGTrainerCallback", "fit_label_statistics", "model_inputs",
+    "regression_metrics",
 ]

@@ -1,4 +1,7 @@
-"""The command line of `train.py`: `TrainingArguments`, the parser and the embedded main job."""
+"""The command line of `train.py`: `TrainScriptArguments`, the parser and the embedded main job.
+
+Not `transformers.TrainingArguments` (which configures `transformers.Trainer`): these are the options of our own
+training run; docs/training.md shows how to train with `transformers.Trainer` instead."""
 
 from __future__ import annotations
 
@@ -30,43 +33,107 @@ NON_RESULT_ARGS = {
 
 
 
-@dataclass
-class TrainingArguments:
-    """Every option of `train.py` (run `python train.py --help` for the descriptions)."""
+def _option(help: str | None = None, **metadata: Any) -> dict[str, Any]:
+    """`field(metadata=...)` of an option: its help text and argparse settings, read by `HfArgumentParser`."""
+    return {"help": help, **metadata} if help else metadata
 
-    config: str = "tiny"
-    dataset: str | None = None
-    data_format: str | None = None
-    data_path: str | None = None
-    num_records: int | None = None
-    limit: int | None = None
-    label: str | None = None
-    output_dir: str | None = None
-    strategy: str = "stacked"
-    epochs: int = 100
+
+# One dataclass per group of `python train.py --help`; `TrainScriptArguments` holds them all. The defaults live here
+# only: `HfArgumentParser` builds the command line from these fields.
+@dataclass
+class DataArguments:
+    _argument_group_name = "data"
+
+    config: str = field(default="tiny", metadata=_option(
+        "EnECG config JSON, or the name of one in hub_configs/ (tiny)"))
+    dataset: str | None = field(default=None, metadata=_option(
+        "dataset folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`"))
+    data_format: str | None = field(default=None, metadata=_option(
+        "build the dataset on the fly with enecg_hf.data.build_dataset", choices=DATA_FORMATS))
+    data_path: str | None = field(default=None, metadata=_option("input of --data_format (a folder of records)"))
+    num_records: int | None = field(default=None, metadata=_option("records to simulate (--data_format simulated)"))
+    limit: int | None = field(default=None, metadata=_option("use only the first N records (quick runs)"))
+    label: str | None = field(default=None, metadata=_option(
+        "column to predict: rr_interval, age, sex, potassium_flag, arrhythmia (default: the config's label_name)"))
+    output_dir: str | None = field(default=None, metadata=_option(
+        "folder to write (default outputs/enecg-<config>-<label>)"))
+
+
+@dataclass
+class FitArguments:
+    _argument_group_name = "training (see docs/training.md, 'How EnECG learns')"
+
+    strategy: str = field(default="stacked", metadata=_option(
+        "stacked (default): heads on their own losses with cross-validated early stopping, gate on their out-of-fold "
+        "predictions; joint: the research code's single stage on the mixture's loss", choices=["stacked", "joint"]))
+    epochs: int = field(default=100, metadata=_option(
+        "most epochs of a head fit (stacked: early-stopped by the inner folds; joint: all)"))
     batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
-    inner_folds: int = 5
-    patience: int = 20
-    gate_epochs: int = 100
+    inner_folds: int = field(default=5, metadata=_option(
+        "subject-wise inner folds of the training records that give out-of-fold predictions"))
+    patience: int = field(default=20, metadata=_option(
+        "end an inner-fold fit once no held-out loss improved for this many epochs (0: never)"))
+    gate_epochs: int = field(default=100, metadata=_option(
+        "most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)"))
     gate_learning_rate: float = 3e-3
-    class_weighting: str = "balanced"
-    folds: int = 3
+    class_weighting: str = field(default="balanced", metadata=_option(
+        "classification: weigh classes by inverse frequency (balanced) or records equally", choices=["balanced", "none"]))
+    folds: int = field(default=3, metadata=_option("subject-wise CV folds (0 or 1: no CV, final fit only)"))
     seed: int = 42
-    mixed_precision: str = "no"
-    experts: list[str] | None = None
-    gate: str | None = None
-    adaptation: str | None = None
-    cache_features: bool = True
-    cache_dir: str | None = None
+    mixed_precision: str = field(default="no", metadata=_option(
+        "autocast of heads and gate (experts and cached features stay float32)", choices=["no", "fp16", "bf16"]))
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    experts: list[str] | None = field(default=None, metadata=_option(
+        "comma-separated subset of the config's experts (single-expert baselines: --experts moment)",
+        metavar="EXPERTS"))
+    gate: str | None = field(default=None, metadata=_option(
+        "uniform = plain average of the experts", choices=["learned", "uniform"]))
+    adaptation: str | None = field(default=None, metadata=_option(choices=["lora", "full"]))
+
+
+@dataclass
+class CacheArguments:
+    _argument_group_name = "feature cache and checkpoints"
+
+    cache_features: bool = field(default=True, metadata=_option(
+        "run the frozen experts once per record and train on cached features (default on; --no-cache_features: run "
+        "them on every batch)"))
+    cache_dir: str | None = field(default=None, metadata=_option("feature/dataset cache folder (default OUT/cache)"))
     feature_batch_size: int = 16
-    resume_from_checkpoint: str | None = None
-    report_to: list[str] = field(default_factory=list)
+    resume_from_checkpoint: str | None = field(default=None, metadata=_option(
+        "'latest': reuse every finished job under OUT/checkpoints of an interrupted run", choices=["latest"]))
+
+
+@dataclass
+class HubArguments:
+    _argument_group_name = "logging and Hub"
+
+    report_to: list[str] = field(default_factory=list, metadata=_option(
+        "trackers for Accelerator(log_with=...), e.g. tensorboard, wandb (must be installed); default none",
+        metavar="REPORT_TO"))
     logging_steps: int = 10
     push_to_hub: bool = False
-    hub_model_id: str | None = None
+    hub_model_id: str | None = field(default=None, metadata=_option(
+        "repo id to push to (default: the output folder's name)"))
     hub_private: bool = False
+
+
+ARGUMENT_GROUPS = (DataArguments, FitArguments, ModelArguments, CacheArguments, HubArguments)
+# Options whose values may list several items separated by commas (or spaces).
+LIST_OPTIONS = ("experts", "report_to")
+
+
+@dataclass
+class TrainScriptArguments(HubArguments, CacheArguments, ModelArguments, FitArguments, DataArguments):
+    """Every option of `train.py` (run `python train.py --help` for the descriptions); the fields of the groups
+    above, in their order."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,68 +146,20 @@ class TrainingArguments:
         return FitSettings(**{k: v for k, v in self.to_dict().items() if k in names})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """`python train.py`'s parser: `transformers.HfArgumentParser` over the argument groups."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        ARGUMENT_GROUPS,
         prog="train.py",
         description="Train EnECG: subject-wise k-fold CV, a final fit on all data, a Hub-ready output folder. "
         "With no arguments it runs the main job: " + " ".join(MAIN_JOB_ARGS),
+        formatter_class=argparse.HelpFormatter,  # the help texts as written (no "(default: ...)" appended)
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--config", default="tiny", help="EnECG config JSON, or the name of one in hub_configs/ (tiny)")
-    data.add_argument("--dataset", help="dataset folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`")
-    data.add_argument("--data_format", choices=DATA_FORMATS,
-                      help="build the dataset on the fly with enecg_hf.data.build_dataset")
-    data.add_argument("--data_path", help="input of --data_format (a folder of records)")
-    data.add_argument("--num_records", type=int, help="records to simulate (--data_format simulated)")
-    data.add_argument("--limit", type=int, help="use only the first N records (quick runs)")
-    data.add_argument("--label", help="column to predict: rr_interval, age, sex, potassium_flag, arrhythmia "
-                      "(default: the config's label_name)")
-    data.add_argument("--output_dir", help="folder to write (default outputs/enecg-<config>-<label>)")
-
-    train = parser.add_argument_group("training (see docs/training.md, 'How EnECG learns')")
-    train.add_argument("--strategy", choices=["stacked", "joint"], default="stacked",
-                       help="stacked (default): heads on their own losses with cross-validated early stopping, gate on "
-                       "their out-of-fold predictions; joint: the research code's single stage on the mixture's loss")
-    train.add_argument("--epochs", type=int, default=100,
-                       help="most epochs of a head fit (stacked: early-stopped by the inner folds; joint: all)")
-    train.add_argument("--batch_size", type=int, default=32)
-    train.add_argument("--learning_rate", type=float, default=3e-3)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--inner_folds", type=int, default=5,
-                       help="subject-wise inner folds of the training records that give out-of-fold predictions")
-    train.add_argument("--patience", type=int, default=20,
-                       help="end an inner-fold fit once no held-out loss improved for this many epochs (0: never)")
-    train.add_argument("--gate_epochs", type=int, default=100,
-                       help="most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)")
-    train.add_argument("--gate_learning_rate", type=float, default=3e-3)
-    train.add_argument("--class_weighting", choices=["balanced", "none"], default="balanced",
-                       help="classification: weigh classes by inverse frequency (balanced) or records equally")
-    train.add_argument("--folds", type=int, default=3, help="subject-wise CV folds (0 or 1: no CV, final fit only)")
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
-                       help="autocast of heads and gate (experts and cached features stay float32)")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--experts", type=_comma_list, help="comma-separated subset of the config's experts "
-                       "(single-expert baselines: --experts moment)")
-    model.add_argument("--gate", choices=["learned", "uniform"], help="uniform = plain average of the experts")
-    model.add_argument("--adaptation", choices=["lora", "full"])
-
-    cache = parser.add_argument_group("feature cache and checkpoints")
-    cache.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
-                       help="run the frozen experts once per record and train on cached features (default on)")
-    cache.add_argument("--cache_dir", help="feature/dataset cache folder (default OUT/cache)")
-    cache.add_argument("--feature_batch_size", type=int, default=16)
-    cache.add_argument("--resume_from_checkpoint", choices=["latest"],
-                       help="'latest': reuse every finished job under OUT/checkpoints of an interrupted run")
-
-    hub = parser.add_argument_group("logging and Hub")
-    hub.add_argument("--report_to", type=_comma_list, default=[], help="trackers for Accelerator(log_with=...), "
-                     "e.g. tensorboard, wandb (must be installed); default none")
-    hub.add_argument("--logging_steps", type=int, default=10)
-    hub.add_argument("--push_to_hub", action="store_true")
-    hub.add_argument("--hub_model_id", help="repo id to push to (default: the output folder's name)")
-    hub.add_argument("--hub_private", action="store_true")
+    # The spelling of argparse's BooleanOptionalAction, which train.py accepted before (HfArgumentParser adds
+    # --no_cache_features and --no-cache-features).
+    parser.add_argument("--no-cache_features", dest="cache_features", action="store_false", help=argparse.SUPPRESS)
     return parser
 
 
@@ -148,13 +167,21 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
+def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = list(MAIN_JOB_ARGS)
-    namespace = build_parser().parse_args(argv)
-    report_to = [r for r in (namespace.report_to or []) if r != "none"]
-    args = TrainingArguments(**{**vars(namespace), "report_to": report_to})
+    parser = build_parser()
+    *groups, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                          look_for_args_file=False)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # argparse's own message and exit status
+    values = {k: v for group in groups for k, v in dataclasses.asdict(group).items()}
+    for name in LIST_OPTIONS:  # "--experts a,b" and "--experts a b" alike
+        if values[name] is not None:
+            values[name] = [item for value in values[name] for item in _comma_list(value)]
+    values["report_to"] = [r for r in values["report_to"] if r != "none"]
+    args = TrainScriptArguments(**values)
     if args.report_to:
         from accelerate.tracking import get_available_trackers
 
@@ -180,3 +207,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
         raise SystemExit("--num_records is for --data_format simulated; use --limit to read fewer real records")
     return args
 
+
+# The earlier name, which clashed with `transformers.TrainingArguments`; `training.run` still imports it.
+TrainingArguments = TrainScriptArguments

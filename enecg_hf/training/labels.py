@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..configuration_enecg import EnECGConfig
-from .arguments import TrainingArguments
+from .arguments import TrainScriptArguments
 
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class LabelSpec:
     problem_type: str
     class_names: list[str] | None = None
     unit: str | None = None
+    # The names of a `datasets.ClassLabel` column's indices (the built datasets' class labels), else None.
+    column_classes: list[str] | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -55,17 +57,25 @@ class LabelSpec:
             )
         if name in REGRESSION_LABELS:
             return cls(name, "regression", unit=REGRESSION_LABELS[name])
+        import datasets
+
         config_classes = None
         if config_dict.get("label_name") == name and config_dict.get("id2label"):
             id2label = config_dict["id2label"]
             config_classes = [id2label[k] for k in sorted(id2label, key=int)]
+        feature = dataset.features[name]
+        column_classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
         if name in CLASS_NAMES:
-            return cls(name, "single_label_classification", config_classes or list(CLASS_NAMES[name]))
+            return cls(name, "single_label_classification", config_classes or list(CLASS_NAMES[name]),
+                       column_classes=column_classes)
         if name == "arrhythmia":
             from ..data import ARRHYTHMIA_CLASSES
 
-            return cls(name, "single_label_classification", config_classes or list(ARRHYTHMIA_CLASSES))
-        feature = dataset.features[name]
+            return cls(name, "single_label_classification", config_classes or list(ARRHYTHMIA_CLASSES),
+                       column_classes=column_classes)
+        if column_classes is not None:
+            return cls(name, "single_label_classification", config_classes or column_classes,
+                       column_classes=column_classes)
         dtype = getattr(feature, "dtype", None)
         if dtype in ("float16", "float32", "float64"):
             return cls(name, "regression", unit=config_dict.get("label_unit") if config_dict.get("label_name") == name else None)
@@ -80,7 +90,11 @@ class LabelSpec:
             return None
         if self.is_regression:
             return float(value)
-        if self.name in CLASS_NAMES and isinstance(value, (int, np.integer, bool)):
+        if self.column_classes is not None and isinstance(value, (int, np.integer)):
+            if not 0 <= int(value) < len(self.column_classes):
+                raise SystemExit(f"Label {self.name!r}: value {value} is not a class index of {self.column_classes}")
+            value = self.column_classes[int(value)]  # by name: the config's classes may be ordered differently
+        elif self.name in CLASS_NAMES and isinstance(value, (int, np.integer, bool)):
             if not 0 <= int(value) < len(self.class_names):
                 raise SystemExit(f"Label {self.name!r}: value {value} is not a class index of {self.class_names}")
             return int(value)
@@ -94,7 +108,7 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
 
 
-def build_config(args: TrainingArguments, label: LabelSpec, config_dict: dict[str, Any]) -> EnECGConfig:
+def build_config(args: TrainScriptArguments, label: LabelSpec, config_dict: dict[str, Any]) -> EnECGConfig:
     """The config of every model of the run: the file's, with the label and the command-line overrides."""
     data = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id", "num_labels", "problem_type")}
     data.update(label_name=label.name, problem_type=label.problem_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,17 +10,16 @@ from typing import Any
 
 from ..modeling_enecg import EnECGModel
 from ..serving_export import export_serving_files
-from .arguments import TrainingArguments
+from .arguments import TrainScriptArguments
 from .files import write_json_atomic
-from .scoring import format_metrics
 
 
 logger = logging.getLogger(__name__)
 
 
-def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainingArguments, metrics: dict[str, Any],
+def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainScriptArguments, metrics: dict[str, Any],
                        records) -> None:
-    """The Hub-ready folder: model (merged safetensors + code + adapter/), metrics, arguments, model card, serving."""
+    """The Hub-ready folder: model (safetensors with the un-merged adapter, code, adapter/), metrics, arguments, model card, serving."""
     from ..model_card import random_weight_experts, render_model_card
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -47,16 +47,23 @@ def _version() -> str:
 HUB_IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", "cache/*", "cache/**", "logs/*", "logs/**", ".*"]
 
 
-def push_folder(output_dir: Path, args: TrainingArguments) -> str:
+def push_folder(output_dir: Path, args: TrainScriptArguments) -> str:
     """Upload the finished folder (without checkpoints, cache and logs). Fails with a clear message, after the local
     folder is complete, when the Hub cannot be reached."""
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import create_repo, upload_file, upload_folder
 
     repo_id = args.hub_model_id or output_dir.name
+    adapter_config = output_dir / "adapter" / "adapter_config.json"
     try:
         url = create_repo(repo_id, private=args.hub_private, exist_ok=True)
-        upload_folder(repo_id=url.repo_id, folder_path=str(output_dir), ignore_patterns=HUB_IGNORE_PATTERNS,
-                      commit_message="Upload EnECG model trained with enecg_hf")
+        upload_folder(repo_id=url.repo_id, folder_path=str(output_dir), commit_message="Upload EnECG model trained with "
+                      "enecg_hf", ignore_patterns=HUB_IGNORE_PATTERNS + ["adapter/adapter_config.json"])
+        if adapter_config.is_file():
+            # The uploaded adapter names the Hub repo as its base model; the local copy keeps naming the local folder.
+            hub_adapter_config = {**json.loads(adapter_config.read_text()), "base_model_name_or_path": url.repo_id}
+            upload_file(path_or_fileobj=(json.dumps(hub_adapter_config, indent=2, sort_keys=True) + "\n").encode(),
+                        path_in_repo="adapter/adapter_config.json", repo_id=url.repo_id,
+                        commit_message="Adapter config naming this repository as its base model")
     except Exception as err:  # network, auth, offline mode: all end the same way for the user
         raise SystemExit(
             f"push_to_hub failed for {repo_id!r}: {type(err).__name__}: {err}\n"
@@ -67,14 +74,23 @@ def push_folder(output_dir: Path, args: TrainingArguments) -> str:
     return url.repo_id
 
 
+def metric_unit(name: str, unit: str | None) -> str:
+    """The unit of a metric of a label measured in `unit`: MAE and RMSE in it, MSE in its square, R² and the
+    classification metrics in none."""
+    if not unit:
+        return ""
+    return {"mae": f" {unit}", "rmse": f" {unit}", "mse": f" {unit}²"}.get(name, "")
+
+
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     lines = [f"EnECG training: {metrics['label']} ({metrics['problem_type']}), {metrics['records']} records, "
              f"{len(metrics['folds'])}-fold CV, {metrics['train_seconds']} s"]
-    unit = f" {metrics['unit']}" if metrics.get("unit") else ""
+    unit = metrics.get("unit")
     for name, summary in metrics["cv"].items():
         baseline = metrics["cv_baseline"].get(name)
         extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
-        lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{extra}")
-    lines.append("  final (in-sample): " + format_metrics(metrics["final"]["metrics"]) + unit)
+        lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
+    lines.append("  final (in-sample): " + ", ".join(
+        f"{name}={value:.4g}{metric_unit(name, unit)}" for name, value in metrics["final"]["metrics"].items()))
     lines.append(f"  model folder: {output_dir.resolve()}")
     print("\n".join(lines), flush=True)

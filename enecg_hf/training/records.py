@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from ..configuration_enecg import EnECGConfig
-from .arguments import TrainingArguments
+from .arguments import TrainScriptArguments
 from .files import hash_json
 
 
 logger = logging.getLogger(__name__)
 
 
-def load_training_dataset(args: TrainingArguments, accelerator, cache_dir: Path):
+def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Path):
     """The dataset of the run: loaded from `--dataset`, or built once (main process first) and cached on disk."""
     import datasets
 
@@ -55,7 +55,7 @@ def load_training_dataset(args: TrainingArguments, accelerator, cache_dir: Path)
     return dataset
 
 
-def _build_dataset(args: TrainingArguments, output: Path):
+def _build_dataset(args: TrainScriptArguments, output: Path):
     try:
         from ..data import build_dataset
     except ImportError as err:

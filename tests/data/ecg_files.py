@@ -13,6 +13,13 @@ SHARED_DATA = Path(os.environ.get("ENECG_DATA_DIR", Path(__file__).resolve().par
 STANDARD = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 
+def rhythm(dataset, value) -> str | None:
+    """The arrhythmia class a row holds (a `ClassLabel` index, null when the record names no rhythm)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return dataset.features["arrhythmia"].int2str(int(value))
+
+
 def shared_folder(name: str) -> Path:
     """A folder of the real recordings in ../shared/data, or skip the test."""
     folder = SHARED_DATA / name

@@ -7,7 +7,15 @@ import time
 import numpy as np
 import pytest
 
-from enecg_hf.data import ARRHYTHMIA_CLASSES, LABEL_COLUMNS, build, build_dataset, subject_kfold
+from enecg_hf.data import (
+    ARRHYTHMIA_CLASSES,
+    LABEL_COLUMNS,
+    POTASSIUM_LABELS,
+    SEX_LABELS,
+    build,
+    build_dataset,
+    subject_kfold,
+)
 from enecg_hf.data.simulate import simulate_record
 
 
@@ -24,12 +32,27 @@ def test_a_few_hundred_simulated_records_build_fast_with_every_label(simulated):
     assert len(dataset) == 300 and report.skipped == [] and seconds < 30
     assert dataset.features["signal"].shape == (12, 5000)
     assert report.label_coverage == {name: 300 for name in LABEL_COLUMNS}
-    assert set(dataset["arrhythmia"]) == set(ARRHYTHMIA_CLASSES)
+    assert set(dataset.features["arrhythmia"].int2str(dataset["arrhythmia"])) == set(ARRHYTHMIA_CLASSES)
     table = dataset.remove_columns("signal").to_pandas()
     assert set(table["sex"]) == {0, 1} and set(table["potassium_flag"]) == {0, 1}
     assert table["age"].between(18, 95).all() and table["rr_interval"].between(300, 1600).all()
     # Two records per subject, with the same age band and sex.
     assert table.groupby("subject_id")["sex"].nunique().max() == 1 and table["subject_id"].nunique() == 150
+
+
+def test_class_labels_are_class_label_columns_that_stratify(simulated):
+    import datasets
+
+    dataset, report = simulated[0].dataset, simulated[0].report
+    for name, classes in (("sex", SEX_LABELS), ("potassium_flag", POTASSIUM_LABELS), ("arrhythmia", ARRHYTHMIA_CLASSES)):
+        assert dataset.features[name] == datasets.ClassLabel(names=list(classes)), name
+    names = dataset.features["arrhythmia"].int2str(dataset["arrhythmia"])
+    assert report.arrhythmia_counts == {c: names.count(c) for c in ARRHYTHMIA_CLASSES}
+    split = dataset.select_columns(["arrhythmia"]).train_test_split(test_size=0.25, stratify_by_column="arrhythmia",
+                                                                   seed=0)
+    for c in range(len(ARRHYTHMIA_CLASSES)):
+        share = split["test"]["arrhythmia"].count(c) / (names.count(ARRHYTHMIA_CLASSES[c]) or 1)
+        assert abs(share - 0.25) < 0.1, (ARRHYTHMIA_CLASSES[c], share)
 
 
 def test_simulated_rr_labels_agree_with_neurokit2_r_peaks():

@@ -1,0 +1,107 @@
+"""Code in the documentation runs as written, and says what it prints."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from helpers import REPO
+
+
+def python_blocks(markdown: str, section: str) -> list[str]:
+    """The ```python blocks of a markdown section (from its heading to the next heading of the same level)."""
+    start = markdown.index(section)
+    level = section.split(" ")[0]
+    end = markdown.find(f"\n{level} ", start + len(section))
+    return re.findall(r"```python\n(.*?)```", markdown[start : end if end > 0 else None], re.S)
+
+
+def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch):
+    snippet = python_blocks((REPO / "README.md").read_text(), "## Using the model")[0]
+    (tmp_path / "hub_configs").symlink_to(REPO / "hub_configs")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    out, x = namespace["out"], namespace["x"]
+    # The shapes its comments state, for the 8 experts of tiny.json.
+    for comment, value in (("(4, 1)", out.logits), ("(4, 8, 1)", out.expert_logits), ("(4, 8)", out.gate_weights)):
+        assert f"# {comment}" in snippet and tuple(value.shape) == eval(comment)  # noqa: S307
+    torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(4))
+    assert out.loss.item() < 10  # the standardised target: O(1), not O(800^2)
+    assert (tmp_path / "my-enecg" / "config.json").is_file()
+
+
+# Task ids of the Hub (huggingface.js `PIPELINE_DATA`) that an EnECG card may name.
+HUB_TASK_IDS = {"tabular-regression", "tabular-classification"}
+
+
+def render_card(folder, problem_type: str = "regression", sources=("simulated", "ludb")) -> str:
+    from transformers import AutoModel
+
+    from enecg_hf.model_card import random_weight_experts, render_model_card
+
+    model = AutoModel.from_pretrained(folder)
+    summary = {"mae": {"mean": 10.0, "std": 1.0}} if problem_type == "regression" else {
+        "accuracy": {"mean": 0.7, "std": 0.1}}
+    metrics = {"problem_type": problem_type, "label": model.config.label_name, "unit": model.config.label_unit,
+               "classes": None if problem_type == "regression" else list(model.config.id2label.values()),
+               "records": 10, "folds": [{}, {}], "cv": summary, "cv_baseline": summary,
+               "final": {"metrics": {k: v["mean"] for k, v in summary.items()}}}
+    training_args = {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "weight_decay": 0.0, "seed": 0,
+                     "cache_features": True}
+    return render_model_card(model, metrics, training_args, list(sources), random_weight_experts(model), str(folder))
+
+
+def test_model_card_metadata_is_what_the_hub_reads(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from helpers import build_model_folder
+
+    folder = build_model_folder(tmp_path / "rr", ["dlinear"], target_mean=800.0, target_std=150.0)
+    card = ModelCard(render_card(folder))
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "tabular-regression" and data["library_name"] == "transformers"
+    assert "datasets" not in data  # simulated and LUDB have no Hub dataset ids
+    (result,) = data["model-index"][0]["results"]
+    assert result["task"]["type"] in HUB_TASK_IDS and result["dataset"]["name"].startswith("simulated, ludb")
+    assert "@article{xu2025enecg" in card.text and "arXiv:2511.22935" in card.text
+    assert "[ludb](https://physionet.org/content/ludb/1.0.1/)" in card.text
+
+    classifier = build_model_folder(tmp_path / "sex", ["dlinear"], label_name="sex", label_unit=None,
+                                    problem_type="single_label_classification", num_labels=2,
+                                    id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1})
+    data = ModelCard(render_card(classifier, "single_label_classification")).data.to_dict()
+    assert data["pipeline_tag"] == "tabular-classification"
+    assert data["model-index"][0]["results"][0]["task"]["type"] in HUB_TASK_IDS
+
+
+def test_model_card_usage_snippets_run_as_written(tmp_path, monkeypatch):
+    """The card's snippets, in order, on the model folder: the first reads LUDB record 1 from PhysioNet, which the
+    test serves from the local copy (no network here)."""
+    import wfdb
+
+    from helpers import build_model_folder, shared
+
+    folder = build_model_folder(tmp_path / "rr", ["dlinear", "features"], target_mean=800.0, target_std=150.0)
+    card = render_card(folder)
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2 and card.index(snippets[0]) < card.index("## Intended use")  # the first thing shown
+    assert 'pn_dir="ludb/1.0.1/data"' in snippets[0] and "trust_remote_code=True" in snippets[0]
+    local = shared("ludb", "data", "1").parent
+    read = wfdb.rdrecord
+
+    def rdrecord(name, pn_dir=None, **kwargs):
+        assert pn_dir == "ludb/1.0.1/data"
+        return read(str(local / name), **kwargs)
+
+    monkeypatch.setattr(wfdb, "rdrecord", rdrecord)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    namespace: dict = {}
+    for snippet in snippets:
+        exec(compile(snippet, "model card", "exec"), namespace)  # noqa: S102 - our own template
+    output = namespace["output"]
+    assert output.logits.shape == (1, 1) and output.gate_weights.shape == (1, 2)
+    direct = namespace["ecg"](namespace["record"].p_signal.T, sampling_rate=500,
+                              lead_names=namespace["record"].sig_name)
+    assert direct["value"] == pytest.approx(float(output.logits[0, 0]), rel=1e-5)
