@@ -12,8 +12,8 @@ from typing import Any
 from .modeling_enecg import EnECGModel
 
 
-PACKAGE_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
-REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+# The repository's model_card.md, through a link in a checkout, shipped in wheels as package data.
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 
 # The Hub has no task for classifying or regressing time series; its time-series task (forecasting) sits under the
 # "tabular" modality, next to these two, the nearest tasks it knows (huggingface.js `PIPELINE_DATA`).
@@ -33,8 +33,8 @@ METRIC_NAMES = {"mae": "MAE", "mse": "MSE", "rmse": "RMSE", "r2": "R²", "accura
 
 
 def template_path() -> Path:
-    """The repository's template in a source checkout, else the packaged copy."""
-    return REPO_TEMPLATE if REPO_TEMPLATE.is_file() else PACKAGE_TEMPLATE
+    """The model card template (`model_card.md`)."""
+    return TEMPLATE
 
 
 def random_weight_experts(model: EnECGModel) -> list[str]:

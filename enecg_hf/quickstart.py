@@ -23,7 +23,7 @@ from . import EnECGConfig, EnECGModel
 from .serving_export import export_serving_files
 
 
-REPO_HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
+HUB_CONFIGS_DIR = Path(__file__).resolve().parent / "hub_configs"  # packaged (a link in a checkout)
 
 
 def simulated_ecg(heart_rate: float, seed: int, sampling_rate: int = 500, seconds: int = 10) -> np.ndarray:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a trained model folder (or Hub id) to load and predict with")
     parser.add_argument("--num_records", type=int, default=5, help="simulated records to predict (with --model)")
-    parser.add_argument("--config", default=str(REPO_HUB_CONFIGS / "tiny.json"))
+    parser.add_argument("--config", default=str(HUB_CONFIGS_DIR / "tiny.json"))
     parser.add_argument("--output", default="outputs/quickstart")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

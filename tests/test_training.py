@@ -430,8 +430,30 @@ def test_local_metric_modules_agree_with_scikit_learn():
     assert classification["auroc"] == pytest.approx(roc_auc_score(labels, scores, multi_class="ovr", average="macro"))
 
 
-def test_packaged_model_card_template_is_the_repository_one():
-    assert (REPO / "enecg_hf" / "templates" / "model_card.md").read_text() == (REPO / "model_card.md").read_text()
+def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
+    """A non-editable install finds `--config tiny` and the model card template: both are package data of the wheel
+    (links to the repository's hub_configs/ and model_card.md in a checkout)."""
+    import zipfile
+
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "wheel"), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("enecg_hf-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    site = tmp_path / "site" / "enecg_hf"
+    for config in (REPO / "hub_configs").glob("*.json"):
+        assert (site / "hub_configs" / config.name).read_bytes() == config.read_bytes(), config.name
+    assert (site / "templates" / "model_card.md").read_text() == (REPO / "model_card.md").read_text()
+    script = ("from enecg_hf.training.labels import resolve_config_path\n"
+              "from enecg_hf.model_card import template_path\n"
+              "print(resolve_config_path('tiny')); print(template_path())\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    config_path, template = run.stdout.split()
+    assert config_path == str(site / "hub_configs" / "tiny.json") and template == str(site / "templates" / "model_card.md")
 
 
 # ------------------------------------------------------------------------------------------------ quickstart

@@ -16,7 +16,8 @@ from .arguments import TrainScriptArguments
 
 logger = logging.getLogger(__name__)
 
-REPO_DIR = Path(__file__).resolve().parents[2]
+# The repository's hub_configs/, reached through the package's `hub_configs` link and shipped in wheels as package data.
+HUB_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "hub_configs"
 
 # Labels the data module produces, with their task. Other numeric/string columns work too (inferred, see
 # `LabelSpec.infer`).
@@ -26,11 +27,11 @@ CLASSIFICATION_LABELS = ("sex", "potassium_flag", "arrhythmia")
 
 
 def resolve_config_path(config: str) -> Path:
-    """A config path, or the name of a file in the repository's `hub_configs/`."""
-    for candidate in (Path(config), REPO_DIR / "hub_configs" / config, REPO_DIR / "hub_configs" / f"{config}.json"):
+    """A config path, or the name of a file in `hub_configs/` (found in a checkout and in an installed wheel)."""
+    for candidate in (Path(config), HUB_CONFIGS_DIR / config, HUB_CONFIGS_DIR / f"{config}.json"):
         if candidate.is_file():
             return candidate
-    raise SystemExit(f"Config {config!r} not found (a JSON path, or a name in {REPO_DIR / 'hub_configs'})")
+    raise SystemExit(f"Config {config!r} not found (a JSON path, or a name in {HUB_CONFIGS_DIR})")
 
 
 @dataclass
