@@ -497,7 +497,7 @@ def convert_moment(source: str, destination: str, preset: str | None = None) -> 
             ["II"],
         )
         try:
-            expert._load_momentfm_folder(folder, str(source))
+            expert.load_momentfm_folder(folder, str(source))
         except ValueError as err:
             raise CheckpointError(str(err)) from err
     for key in upstream_keys:

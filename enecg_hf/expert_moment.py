@@ -92,9 +92,9 @@ class EnECGMomentExpert(EnECGExpert):
         folder = resolve_source(source, self.name, allow_patterns=["config.json", "model.safetensors", EXPERT_CONFIG_FILE])
         if (folder / EXPERT_CONFIG_FILE).is_file():
             return super().load_pretrained(str(folder))
-        self._load_momentfm_folder(folder, source)
+        self.load_momentfm_folder(folder, source)
 
-    def _load_momentfm_folder(self, folder: Path, source: str) -> None:
+    def load_momentfm_folder(self, folder: Path, source: str) -> None:
         """Load a folder in `momentfm`'s own layout (what `MOMENTPipeline.save_pretrained` and the Hub repos hold)."""
         from safetensors.torch import load_file
 
