@@ -3,7 +3,7 @@ PYTHON ?= python
 # CI and fresh machines get the CPU wheel of torch; a user who already has torch keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-min bench space
+.PHONY: install demo test test-fast test-min bench space
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -18,6 +18,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The suite without the end-to-end runs marked `slow` (whole trainings, CLIs in subprocesses, the browser): for
+# iterating; `make test` (CI) runs everything.
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # The lower bounds of setup.cfg, installed together (.ci/min-versions.txt) in a venv over the `make install`
 # environment, then the tests of the model, PEFT routes, fitting, Trainer, data and docs (about 10 minutes).

@@ -94,6 +94,7 @@ def test_a_model_that_does_not_load_gives_a_message(app, tmp_path):
         app.analyse(str(tmp_path / "no-model-here"), example="simulated #0")
 
 
+@pytest.mark.slow
 def test_visitors_cannot_make_the_app_load_a_model(app, model_folder, tmp_path):
     """Loading a model runs its code: a folder with a modified pipeline_enecg.py must never be loaded because a
     visitor typed its path. Every event of the page is called with that path in every text input."""
@@ -245,6 +246,7 @@ def test_space_requirements_are_the_package_requirements():
     assert not any(line.startswith("momentfm") for line in listed)
 
 
+@pytest.mark.slow
 def test_make_space_builds_a_folder_that_runs_on_its_own(tmp_path):
     """`make space` gives a folder with the app, its card and requirements, the enecg_hf package and momentfm; the app
     runs from it (both packages imported from the folder) on a model with a MOMENT expert."""

@@ -467,6 +467,7 @@ def test_moment_converter_old_config_round_trip(tmp_path, weights_format):
         torch.testing.assert_close(loaded.embed(x), original.embed(x))
 
 
+@pytest.mark.slow
 def test_convert_command_line(tmp_path, capsys):
     from enecg_hf.convert import main
 

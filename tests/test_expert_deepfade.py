@@ -79,6 +79,7 @@ def test_loaded_tensors_are_the_wheel_file(expert):
     assert expert.embedding_dim == 8 * 2 == len(expert.feature_names)  # lead II: 8 channel means, 8 stds
 
 
+@pytest.mark.slow
 @needs_ecgdatakit
 def test_latent_equals_ecgdatakit_denoiser_on_a_ludb_record(expert):
     """ecgdatakit's public `denoise_deepfade` on the raw lead II of LUDB record 1: its middle 10 s window is the record

@@ -155,6 +155,7 @@ def test_frozen_and_round_trip(tmp_path, save_backbones):
     assert all(torch.equal(v, wheel[k]) for k, v in reloaded.experts["openecg"].codec.state_dict().items())
 
 
+@pytest.mark.slow
 @needs_openecg
 def test_remote_code_folder_needs_openecg_and_says_so(tmp_path):
     """A light folder (the backbone is re-read from the wheel) loaded with trust_remote_code where enecg_hf cannot be

@@ -393,6 +393,7 @@ def test_every_peft_route_predicts_as_the_saved_model(saved_lora_model, route):
     assert difference <= 1e-4 * float(expected.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tester", "tiny_hub_config"])
 def test_trust_remote_code_loads_without_the_package(tester, tmp_path, which):
     if which == "tester":

@@ -61,6 +61,7 @@ def test_export_writes_pipeline_handler_and_custom_pipelines(regression_folder):
     assert "torch" in (regression_folder / "requirements.txt").read_text()
 
 
+@pytest.mark.slow
 def test_any_saved_model_folder_is_served_by_the_pipeline_offline(tmp_path):
     """`EnECGModel.save_pretrained` (which `push_to_hub` calls) writes the pipeline and its registration: the folder
     works with `pipeline(model=...)` offline where enecg_hf cannot be imported, and so does the folder a model loaded
@@ -298,6 +299,7 @@ def test_pipeline_refuses_hostile_files_before_reading_their_samples(ecg, tmp_pa
     assert peak < 20 * (1 << 20), f"{peak / (1 << 20):.0f} MB allocated to refuse {hostile}"
 
 
+@pytest.mark.slow
 def test_a_model_that_computes_nan_gives_an_error_not_a_nan_value(regression_folder, tmp_path):
     """A non-finite output (here from a broken gate weight) is refused; the console script prints valid JSON."""
     from transformers import AutoModel
@@ -323,6 +325,7 @@ def test_a_model_that_computes_nan_gives_an_error_not_a_nan_value(regression_fol
         "reason"] == "non_finite_output"
 
 
+@pytest.mark.slow
 def test_pipeline_loads_with_trust_remote_code_where_enecg_hf_is_blocked(regression_folder, ecg, tmp_path):
     expected = ecg(str(shared("ludb", "data", "5")))
     script = BLOCK_ENECG + textwrap.dedent(
@@ -443,6 +446,7 @@ def test_handler_size_limits(handler):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_console_script_predicts_one_json_line_per_record(regression_folder, tmp_path):
     records = [str(shared("ludb", "data", "7")), str(tmp_path / "missing"), str(shared("ludb", "data", "8.hea"))]
     png = tmp_path / "explain.png"
@@ -458,6 +462,7 @@ def test_console_script_predicts_one_json_line_per_record(regression_folder, tmp
     assert Path(lines[2]["explanation"]).name == "explain-3.png"
 
 
+@pytest.mark.slow
 def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_model(regression_folder, tmp_path):
     npy = tmp_path / "record.npy"
     np.save(npy, ludb_signal("7"))
@@ -479,6 +484,7 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
         assert f"--model {model}: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_module_cli_and_export(classification_folder, tmp_path):
     npy = tmp_path / "record.npy"
     np.save(npy, ludb_signal("9"))
@@ -504,6 +510,7 @@ def test_module_cli_and_export(classification_folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ explanations
+@pytest.mark.slow
 def test_saliency_has_the_input_shape_is_deterministic_and_skips_the_features_expert(regression_folder):
     from transformers import AutoModel
 
@@ -548,6 +555,7 @@ def test_integrated_gradients_completeness_on_a_differentiable_model(classificat
     assert fine.convergence_delta[0] < coarse.convergence_delta[0] / 4
 
 
+@pytest.mark.slow
 def test_plots_are_written_and_decodable(regression_folder, tmp_path):
     import matplotlib.image
     from transformers import AutoModel

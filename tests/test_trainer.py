@@ -31,6 +31,7 @@ def tiny_model(experts: list[str], **overrides):
     return EnECGModel(EnECGConfig(**config))
 
 
+@pytest.mark.slow
 def test_trainer_learns_rr_intervals_from_a_built_dataset(simulated, tmp_path):
     """The documented recipe: model_inputs + EnECGTrainerCallback + a plain Trainer (default collator, default
     remove_unused_columns) trains a tiny model with the ECG-features expert far below the mean predictor."""

@@ -299,6 +299,7 @@ def _ludb() -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ludb_rr_interval(work):
     """With the default training settings, a run with the ECG-features expert and a random-weight expert learns RR
     intervals of real records: on 60 LUDB records it lands far below the mean predictor."""
@@ -311,6 +312,7 @@ def test_ludb_rr_interval(work):
     assert "ludb" in (work / "ludb_rr" / "README.md").read_text().split("---")[1]
 
 
+@pytest.mark.slow
 def test_ludb_sex_classification_and_push_without_network(work):
     result = train("--data_format", "ludb", "--data_path", str(_ludb()), "--limit", "40", "--config", "tiny",
                    "--label", "sex", "--experts", "dlinear,timesnet", "--epochs", "2", "--inner_folds", "2",
@@ -349,6 +351,7 @@ def test_bad_arguments_fail_before_training(work, sim_dataset, extra, message):
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 def test_label_without_values_and_wrong_sampling_rate(work, tmp_path):
     import datasets
 
@@ -368,6 +371,7 @@ def test_label_without_values_and_wrong_sampling_rate(work, tmp_path):
     assert "(12, 2500)" in str(error.value) and "500 Hz" in str(error.value)
 
 
+@pytest.mark.slow
 def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name(work, sim_dataset, tmp_path):
     """rr_interval None at rows 7-8 and NaN at row 9 (their folds once indexed the wrong rows: IndexError), a NaN
     sample at row 3 and an amplitude of 3e38 mV at row 4 (feature caching once ended with a bare traceback)."""
@@ -430,6 +434,7 @@ def test_local_metric_modules_agree_with_scikit_learn():
     assert classification["auroc"] == pytest.approx(roc_auc_score(labels, scores, multi_class="ovr", average="macro"))
 
 
+@pytest.mark.slow
 def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
     """A non-editable install finds `--config tiny` and the model card template: both are package data of the wheel
     (links to the repository's hub_configs/ and model_card.md in a checkout)."""
