@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -125,6 +126,11 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
     assert metrics["cv_verdict"]["beats_baseline"] is True and not metrics["warnings"]
     assert set(metrics["final"]["gate_weights"]) == {e["name"] for e in config["experts"]}
     assert all(f["fit"]["expert_epochs"] for f in metrics["folds"])
+    # The figures the README states for the main job are the ones it prints (to the README's precision).
+    stated = re.search(r"RR MAE ([\d.]+) ± ([\d.]+) ms against ([\d.]+) ± ([\d.]+) ms", (REPO / "README.md").read_text())
+    cv, baseline = metrics["cv"]["mae"], metrics["cv_baseline"]["mae"]
+    assert stated and [float(v) for v in stated.groups()] == pytest.approx(
+        [cv["mean"], cv["std"], baseline["mean"], baseline["std"]], abs=0.5), (stated and stated.groups(), cv, baseline)
 
 
 @pytest.mark.slow
