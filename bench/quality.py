@@ -528,7 +528,11 @@ def docs_table(results: dict) -> str:
              f"unless the row says otherwise); metrics from {s['metrics']}; data: "
              f"{results['data']['records']} records (" + ", ".join(
                  f"{k} {v}" for k, v in results["data"]["records_per_source"].items()) + "). Mean ± std over "
-             "folds and seeds.\n"]
+             "folds and seeds."
+             + (f" Rows named `pretrained/…` and the offline_pretrained EnECG use the experts of "
+                f"`{s['pretrained_config']}`: openecg and DeepFADE with their real weights from the installed wheels, "
+                f"the ECG-features expert, DLinear with random weights." if s.get("pretrained_experts") else "")
+             + "\n"]
     for task, block in results["tasks"].items():
         metrics = HEADLINE[block["problem_type"]]
         key = metrics[0]
