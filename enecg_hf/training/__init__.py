@@ -22,13 +22,15 @@ Each job of a fit (an inner-fold head fit, the final heads, the gate) is kept as
 `OUT/checkpoints` and spread over the processes of an `accelerate launch` run (`jobs`); `--resume_from_checkpoint
 latest` reuses the finished jobs of a killed run and reaches the same result as an uninterrupted one.
 
-Modules: `arguments` (command line), `labels` (task and config), `records` (data checks and folds), `features`
-(feature cache), `fitting` (how heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and
-processes), `scoring` (metrics and baselines), `output` (folder, model card, Hub), `launch` (processes), `run` (a
-whole run), `trainer` (training with `transformers.Trainer` instead: dataset columns and a callback).
+Modules: `arguments` (command line), `errors` (`TrainingSetupError`: the library raises it, `main()` makes it an exit
+message), `labels` (task and config), `records` (data checks and folds), `features` (feature cache), `fitting` (how
+heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and processes), `scoring` (metrics and
+baselines), `output` (folder, model card, Hub), `launch` (processes), `run` (a whole run), `trainer` (training with
+`transformers.Trainer` instead: dataset columns and a callback).
 """
 
 from .arguments import DATA_FORMATS, MAIN_JOB_ARGS, TrainScriptArguments, build_parser, parse_args
+from .errors import TrainingSetupError
 from .features import build_feature_cache, compute_features, expert_fingerprint
 from .fitting import EnECGFitter, FeatureTable, FitReport, FitSettings, fit_enecg, predict
 from .jobs import CheckpointedJobRunner
@@ -39,8 +41,8 @@ from .trainer import EnECGTrainerCallback, fit_label_statistics, model_inputs, r
 
 
 __all__ = [
-    "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainScriptArguments", "build_parser", "parse_args", "build_feature_cache",
-    "compute_features", "expert_fingerprint", "EnECGFitter", "FeatureTable", "FitReport", "FitSettings", "fit_enecg",
+    "TrainingSetupError", "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainScriptArguments", "build_parser", "parse_args",
+    "build_feature_cache", "compute_features", "expert_fingerprint", "EnECGFitter", "FeatureTable", "FitReport", "FitSettings", "fit_enecg",
     "predict", "CheckpointedJobRunner", "LabelSpec", "check_class_coverage", "main", "run", "baseline_predictions",
     "load_metric", "score", "summarize", "EnECGTrainerCallback", "fit_label_statistics", "model_inputs",
     "regression_metrics",

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..configuration_enecg import EnECGConfig
 from .arguments import TrainScriptArguments
+from .errors import TrainingSetupError
 
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def resolve_config_path(config: str) -> Path:
     for candidate in (Path(config), HUB_CONFIGS_DIR / config, HUB_CONFIGS_DIR / f"{config}.json"):
         if candidate.is_file():
             return candidate
-    raise SystemExit(f"Config {config!r} not found (a JSON path, or a name in {HUB_CONFIGS_DIR})")
+    raise TrainingSetupError(f"Config {config!r} not found (a JSON path, or a name in {HUB_CONFIGS_DIR})")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class LabelSpec:
     @classmethod
     def infer(cls, name: str, dataset, config_dict: dict[str, Any]) -> "LabelSpec":
         if name not in dataset.column_names:
-            raise SystemExit(
+            raise TrainingSetupError(
                 f"Unknown label column {name!r}: the dataset has {dataset.column_names}. Known labels: "
                 f"{sorted([*REGRESSION_LABELS, *CLASSIFICATION_LABELS])}"
             )
@@ -81,7 +82,7 @@ class LabelSpec:
         if dtype in ("float16", "float32", "float64"):
             return cls(name, "regression", unit=config_dict.get("label_unit") if config_dict.get("label_name") == name else None)
         if dtype is None:
-            raise SystemExit(f"Label column {name!r} is not a scalar column ({feature}); pick a scalar column")
+            raise TrainingSetupError(f"Label column {name!r} is not a scalar column ({feature}); pick a scalar column")
         values = sorted({str(v) for v in dataset[name] if not _is_missing(v)})
         return cls(name, "single_label_classification", config_classes or values)
 
@@ -93,15 +94,15 @@ class LabelSpec:
             return float(value)
         if self.column_classes is not None and isinstance(value, (int, np.integer)):
             if not 0 <= int(value) < len(self.column_classes):
-                raise SystemExit(f"Label {self.name!r}: value {value} is not a class index of {self.column_classes}")
+                raise TrainingSetupError(f"Label {self.name!r}: value {value} is not a class index of {self.column_classes}")
             value = self.column_classes[int(value)]  # by name: the config's classes may be ordered differently
         elif self.name in CLASS_NAMES and isinstance(value, (int, np.integer, bool)):
             if not 0 <= int(value) < len(self.class_names):
-                raise SystemExit(f"Label {self.name!r}: value {value} is not a class index of {self.class_names}")
+                raise TrainingSetupError(f"Label {self.name!r}: value {value} is not a class index of {self.class_names}")
             return int(value)
         text = str(value)
         if text not in self.class_names:
-            raise SystemExit(f"Label {self.name!r}: value {text!r} is not one of the classes {self.class_names}")
+            raise TrainingSetupError(f"Label {self.name!r}: value {text!r} is not one of the classes {self.class_names}")
         return self.class_names.index(text)
 
 
@@ -122,7 +123,7 @@ def build_config(args: TrainScriptArguments, label: LabelSpec, config_dict: dict
         known = [e["name"] for e in data["experts"]]
         unknown = [name for name in args.experts if name not in known]
         if unknown:
-            raise SystemExit(f"--experts: unknown expert(s) {unknown}; the config has {known}")
+            raise TrainingSetupError(f"--experts: unknown expert(s) {unknown}; the config has {known}")
         data["experts"] = [e for e in data["experts"] if e["name"] in args.experts]
     if args.gate:
         data["gate_type"] = args.gate
@@ -131,7 +132,7 @@ def build_config(args: TrainScriptArguments, label: LabelSpec, config_dict: dict
     try:
         return EnECGConfig(**data)
     except ValueError as err:
-        raise SystemExit(f"Invalid config: {err}") from err
+        raise TrainingSetupError(f"Invalid config: {err}") from err
 
 
 def encode_labels(dataset, label: LabelSpec) -> tuple[list[int], np.ndarray]:
@@ -139,7 +140,7 @@ def encode_labels(dataset, label: LabelSpec) -> tuple[list[int], np.ndarray]:
     encoded = [label.encode(v) for v in dataset[label.name]]
     keep = [i for i, v in enumerate(encoded) if v is not None]
     if not keep:
-        raise SystemExit(f"Label {label.name!r} has no values in this dataset ({len(dataset)} records, all missing)")
+        raise TrainingSetupError(f"Label {label.name!r} has no values in this dataset ({len(dataset)} records, all missing)")
     dropped = len(encoded) - len(keep)
     if dropped:
         logger.warning("Label %r is missing for %d of %d records: they are left out", label.name, dropped, len(encoded))
@@ -153,7 +154,7 @@ def check_class_coverage(labels: np.ndarray, label: LabelSpec, folds) -> list[st
     messages = []
     present = sorted(set(labels.tolist()))
     if len(present) < 2:
-        raise SystemExit(
+        raise TrainingSetupError(
             f"Label {label.name!r} has a single class in this dataset ({label.class_names[present[0]]!r}): "
             "nothing to classify"
         )

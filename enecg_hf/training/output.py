@@ -11,8 +11,8 @@ from typing import Any
 from ..modeling_enecg import EnECGModel
 from ..serving_export import export_serving_files
 from .arguments import TrainScriptArguments
+from .errors import TrainingSetupError
 from .files import write_json_atomic
-
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def push_folder(output_dir: Path, args: TrainScriptArguments) -> str:
                         path_in_repo="adapter/adapter_config.json", repo_id=url.repo_id,
                         commit_message="Adapter config naming this repository as its base model")
     except Exception as err:  # network, auth, offline mode: all end the same way for the user
-        raise SystemExit(
+        raise TrainingSetupError(
             f"push_to_hub failed for {repo_id!r}: {type(err).__name__}: {err}\n"
             f"The local folder {output_dir.resolve()} is complete; push it later with\n"
             f"  hf upload {repo_id} {output_dir} --exclude 'checkpoints/*' --exclude 'cache/*' --exclude 'logs/*'"

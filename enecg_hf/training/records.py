@@ -12,8 +12,8 @@ import numpy as np
 
 from ..configuration_enecg import EnECGConfig
 from .arguments import TrainScriptArguments
+from .errors import TrainingSetupError
 from .files import hash_json
-
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,11 @@ def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Pa
     if args.dataset:
         path = Path(args.dataset)
         if not path.exists():
-            raise SystemExit(f"--dataset {path} does not exist")
+            raise TrainingSetupError(f"--dataset {path} does not exist")
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if "train" not in dataset:
-                raise SystemExit(f"--dataset {path} is a DatasetDict without a 'train' split: {list(dataset)}")
+                raise TrainingSetupError(f"--dataset {path} is a DatasetDict without a 'train' split: {list(dataset)}")
             dataset = dataset["train"]
     else:
         key = hash_json({"format": args.data_format, "path": args.data_path and str(Path(args.data_path).resolve()),
@@ -51,7 +51,7 @@ def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Pa
     if args.limit is not None and args.limit < len(dataset):
         dataset = dataset.select(range(args.limit))
     if len(dataset) == 0:
-        raise SystemExit("The dataset has no records")
+        raise TrainingSetupError("The dataset has no records")
     return dataset
 
 
@@ -59,7 +59,7 @@ def _build_dataset(args: TrainScriptArguments, output: Path):
     try:
         from ..data import build_dataset
     except ImportError as err:
-        raise SystemExit(f"--data_format needs enecg_hf.data.build_dataset, which failed to import: {err}") from err
+        raise TrainingSetupError(f"--data_format needs enecg_hf.data.build_dataset, which failed to import: {err}") from err
     # For simulated data `limit` is the number of records to make; --num_records is the clearer spelling of it.
     limit = args.num_records if args.num_records is not None else args.limit
     logger.info("Building the %r dataset from %s (limit %s)", args.data_format, args.data_path, limit)
@@ -67,7 +67,7 @@ def _build_dataset(args: TrainScriptArguments, output: Path):
     try:
         dataset = build_dataset(args.data_format, args.data_path, output=output, limit=limit, seed=args.seed)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"--data_format {args.data_format} --data_path {args.data_path}: {err}") from err
+        raise TrainingSetupError(f"--data_format {args.data_format} --data_path {args.data_path}: {err}") from err
     logger.info("Built %d records in %.1f s", len(dataset), time.perf_counter() - start)
     return dataset
 
@@ -75,13 +75,13 @@ def _build_dataset(args: TrainScriptArguments, output: Path):
 def check_signal_compatibility(dataset, config: EnECGConfig) -> None:
     """Fail before training when records do not match what the config's model reads."""
     if "signal" not in dataset.column_names:
-        raise SystemExit(f"The dataset has no 'signal' column (columns: {dataset.column_names})")
+        raise TrainingSetupError(f"The dataset has no 'signal' column (columns: {dataset.column_names})")
     expected = (len(config.lead_names), config.input_length)
     shape = getattr(dataset.features["signal"], "shape", None)
     if shape is None:
         shape = np.asarray(dataset[0]["signal"]).shape
     if tuple(shape) != expected:
-        raise SystemExit(
+        raise TrainingSetupError(
             f"Records are {tuple(shape)} (leads x samples) but the config expects {expected} "
             f"({config.input_length} samples at {config.sampling_rate} Hz). Rebuild the dataset at "
             f"{config.sampling_rate} Hz / {config.input_length / config.sampling_rate:g} s, or use a config for this data."
@@ -89,7 +89,7 @@ def check_signal_compatibility(dataset, config: EnECGConfig) -> None:
     if "sampling_rate" in dataset.column_names:
         rates = sorted({int(r) for r in dataset.unique("sampling_rate")})
         if rates != [config.sampling_rate]:
-            raise SystemExit(
+            raise TrainingSetupError(
                 f"The dataset's sampling rate is {rates} Hz but the config expects {config.sampling_rate} Hz; rebuild "
                 f"the dataset at {config.sampling_rate} Hz or use a config for this data"
             )
@@ -121,7 +121,7 @@ def drop_unusable_signals(dataset, keep, labels: np.ndarray, batch_size: int = 6
     logger.warning("%d records have a signal with NaN/inf values or an amplitude over %g mV; they are left out: %s%s",
                    len(record_ids), MAX_AMPLITUDE_MV, record_ids[:20], " ..." if len(record_ids) > 20 else "")
     if not usable.any():
-        raise SystemExit("No record has a usable signal (all hold NaN/inf or absurd amplitudes)")
+        raise TrainingSetupError("No record has a usable signal (all hold NaN/inf or absurd amplitudes)")
     return keep[usable].tolist(), labels[usable]
 
 
@@ -130,11 +130,11 @@ def make_folds(dataset, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]
 
     subjects = len(set(dataset["subject_id"])) if "subject_id" in dataset.column_names else len(dataset)
     if k > subjects:
-        raise SystemExit(f"--folds {k} needs at least {k} subjects; the dataset has {subjects}")
+        raise TrainingSetupError(f"--folds {k} needs at least {k} subjects; the dataset has {subjects}")
     folds = [(np.asarray(tr, dtype=np.int64), np.asarray(te, dtype=np.int64)) for tr, te in subject_kfold(dataset, k, seed)]
     for i, (train_idx, test_idx) in enumerate(folds):
         if len(train_idx) == 0 or len(test_idx) == 0:
-            raise SystemExit(f"Fold {i + 1} has an empty train or test split ({len(train_idx)}/{len(test_idx)} records)")
+            raise TrainingSetupError(f"Fold {i + 1} has an empty train or test split ({len(train_idx)}/{len(test_idx)} records)")
     return folds
 
 

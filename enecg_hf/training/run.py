@@ -16,6 +16,7 @@ import torch
 from ..configuration_enecg import EnECGConfig
 from ..modeling_enecg import EnECGModel
 from .arguments import NON_RESULT_ARGS, TrainingArguments, parse_args
+from .errors import TrainingSetupError
 from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
@@ -26,7 +27,6 @@ from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
 from .scoring import baseline_predictions, format_metrics, load_metric, score, summarize
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -36,7 +36,7 @@ def build_model_with_experts(config: EnECGConfig) -> EnECGModel:
     try:
         return EnECGModel.from_expert_sources(config)
     except (OSError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"Could not build the model: {error}") from error
+        raise TrainingSetupError(f"Could not build the model: {error}") from error
 
 
 def _setup_logging(accelerator) -> None:
@@ -59,14 +59,14 @@ def _setup_logging(accelerator) -> None:
 def _check_resume(args: TrainingArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
     """A resumed run must be the same run, and its checkpoint folder must hold only what this package writes."""
     if not (checkpoint_root / "run.json").is_file():
-        raise SystemExit(f"--resume_from_checkpoint: no checkpoints under {checkpoint_root}")
+        raise TrainingSetupError(f"--resume_from_checkpoint: no checkpoints under {checkpoint_root}")
     saved = json.loads((checkpoint_root / "run.json").read_text())
     if saved != run_info:
         changed = sorted(k for k in {*run_info, *saved} if saved.get(k) != run_info.get(k))
-        raise SystemExit(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
+        raise TrainingSetupError(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
     unexpected = unexpected_checkpoint_files(checkpoint_root)
     if unexpected:
-        raise SystemExit(f"--resume_from_checkpoint: {checkpoint_root} holds files this package never writes "
+        raise TrainingSetupError(f"--resume_from_checkpoint: {checkpoint_root} holds files this package never writes "
                          f"(refusing to read them): {[str(p) for p in unexpected[:5]]}")
 
 
@@ -102,7 +102,7 @@ def run(args: TrainingArguments) -> dict[str, Any]:
     config_dict = json.loads(config_path.read_text())
     label_name = args.label or config_dict.get("label_name")
     if not label_name:
-        raise SystemExit("--label is required (the config names no label_name)")
+        raise TrainingSetupError("--label is required (the config names no label_name)")
     args.label = label_name
     if args.output_dir is None:
         args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{label_name}")
@@ -237,5 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     processes = requested_cpu_processes()
     if processes and processes > 1:
         relaunch_on_cpu(processes, argv)
-    return run(args)
+    try:
+        return run(args)
+    except TrainingSetupError as error:  # a message for the command line, not a traceback
+        raise SystemExit(str(error)) from None
 
