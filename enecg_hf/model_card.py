@@ -140,6 +140,8 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
         epochs=training_args["epochs"], batch_size=training_args["batch_size"],
         learning_rate=training_args["learning_rate"], weight_decay=training_args["weight_decay"],
         seed=training_args["seed"], cache_features=training_args["cache_features"],
+        strategy=training_args.get("strategy", "joint"), inner_folds=training_args.get("inner_folds"),
+        final_fit=metrics.get("final", {}).get("fit") or {}, gate_weights=metrics.get("final", {}).get("gate_weights") or {},
     )
     return str(card).rstrip("\n") + "\n"
 

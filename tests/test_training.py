@@ -119,6 +119,8 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "model-index:" in card and "- ecg" in card and "RANDOM weights" in card
     assert "license: apache-2.0" in card and "3-fold cross-validation" in card
+    # The card says how the heads and the gate were fitted, with the epochs each expert got.
+    assert "inner cross-validation chose (at most 100): moment " in card and "Mean gate weights" in card
     training_args = json.loads((folder / "training_args.json").read_text())
     # The main job runs with the default training settings.
     assert training_args["epochs"] == 100 and training_args["strategy"] == "stacked"
