@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from docs_sections import replace_section
+
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DOCS = REPO / "docs" / "benchmarks.md"
 DEFAULT_DATA = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data"))
 VARIANT_CONFIGS = {"tiny": "hub_configs/tiny.json", "paper": "hub_configs/paper_rr_interval.json"}
 MODES = ("full_finetune", "frozen_recompute", "cached_features")
@@ -50,7 +51,6 @@ MODE_LABELS = {
     "cached_features": "(3) cached expert features (ours)",
 }
 EPOCHS = 5
-DOCS_START, DOCS_END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -141,7 +141,6 @@ def peak_rss_mb() -> float:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    import numpy as np
     import psutil
     import torch
 
@@ -480,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=None, help="keep each worker's raw JSON here (default: a temp folder)")
     parser.add_argument("--reuse", action="store_true", help="reuse worker results already in --workdir")
     parser.add_argument("--replot", action="store_true", help="only redraw the figure (and docs) from --output")
-    parser.add_argument("--update-docs", action="store_true", help=f"rewrite the efficiency table in {DOCS.name}")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the efficiency table in docs/benchmarks.md")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     parser.add_argument("--train-records", type=int, default=None)
     parser.add_argument("--eval-records", type=int, default=None)
@@ -735,12 +734,7 @@ def docs_table(results: dict) -> str:
 
 
 def update_docs(results: dict) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else f"# Benchmarks\n\n{DOCS_START}\n{DOCS_END}\n"
-    if DOCS_START not in text:
-        text += f"\n{DOCS_START}\n{DOCS_END}\n"
-    head, rest = text.split(DOCS_START, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    DOCS.write_text(f"{head}{DOCS_START}\n{docs_table(results)}\n{DOCS_END}{tail}")
+    replace_section("efficiency", docs_table(results))
 
 
 if __name__ == "__main__":

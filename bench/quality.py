@@ -45,10 +45,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from docs_sections import replace_section
+
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DOCS = REPO / "docs" / "benchmarks.md"
 DEFAULT_DATA = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data"))
 SOURCES = {"ludb": "ludb", "challenge2021_sample50": "challenge", "challenge2020_awwong1": "challenge",
            "challenge2020_sebgood": "challenge", "ptbxl_sample500": "ptb-xl"}
@@ -99,7 +100,6 @@ ROW_LABELS = {
     "enecg_offline_pretrained": "**EnECG over offline_pretrained.json** (openecg, DeepFADE: real weights; features, DLinear)",
     **{name: label for name, (label, _, _) in ABLATIONS.items()},
 }
-DOCS_START, DOCS_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few records per source, 2 folds, few epochs")
     parser.add_argument("--output", default=str(RESULTS / "quality.json"))
-    parser.add_argument("--update-docs", action="store_true", help=f"rewrite the quality table in {DOCS.name}")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the quality table in docs/benchmarks.md")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     parser.add_argument("--config", default="hub_configs/tiny.json", help="expert sizes (random weights)")
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -411,7 +411,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rows - {"enecg_offline_pretrained"}:  # the other rows are judged against enecg and the uniform average
         args.rows |= {"enecg", "uniform_ensemble"}
 
-    import numpy as np
     import torch
 
     from enecg_hf.training import load_metric
@@ -571,12 +570,7 @@ def docs_table(results: dict) -> str:
 
 
 def update_docs(results: dict) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else f"# Benchmarks\n\n{DOCS_START}\n{DOCS_END}\n"
-    if DOCS_START not in text:
-        text += f"\n{DOCS_START}\n{DOCS_END}\n"
-    head, rest = text.split(DOCS_START, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    DOCS.write_text(f"{head}{DOCS_START}\n{docs_table(results)}\n{DOCS_END}{tail}")
+    replace_section("quality", docs_table(results))
 
 
 if __name__ == "__main__":
