@@ -15,6 +15,7 @@ for users who bring their own `Trainer` set-up. The recipe, with figures, is in 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -25,6 +26,7 @@ from transformers import TrainerCallback
 
 from ..modeling_enecg import EnECGModel
 from .fitting import CLASS_WEIGHTINGS, prepare_targets
+from .scoring import load_metric
 
 
 logger = logging.getLogger(__name__)
@@ -203,13 +205,19 @@ def _describe_statistics(config) -> str:
 
 
 def regression_metrics(eval_prediction) -> dict[str, float]:
-    """`compute_metrics` for `Trainer` on a regression model: MAE and RMSE of the mixture's prediction (the first
-    of the model's outputs after the loss: `logits`, in the label's unit)."""
+    """`compute_metrics` for `Trainer` on a regression model: the scores `train.py` reports (MAE, MSE, RMSE, R², from
+    our local `evaluate` module) of the mixture's prediction (the first of the model's outputs after the loss:
+    `logits`, in the label's unit)."""
     predictions = eval_prediction.predictions
     logits = predictions[0] if isinstance(predictions, (tuple, list)) else predictions
-    errors = np.asarray(logits, dtype=np.float64).reshape(-1) - np.asarray(eval_prediction.label_ids,
-                                                                            dtype=np.float64).reshape(-1)
-    return {"mae": float(np.abs(errors).mean()), "rmse": float(np.sqrt((errors**2).mean()))}
+    return _regression_metric().compute(
+        predictions=np.asarray(logits, dtype=np.float64).reshape(-1).tolist(),
+        references=np.asarray(eval_prediction.label_ids, dtype=np.float64).reshape(-1).tolist())
+
+
+@functools.cache
+def _regression_metric():
+    return load_metric("regression")
 
 
 __all__ = ["EnECGTrainerCallback", "model_inputs", "fit_label_statistics", "regression_metrics",
