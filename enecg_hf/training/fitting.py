@@ -356,6 +356,7 @@ class EnECGFitter:
         optimizer = torch.optim.AdamW(heads.parameters, lr=self.settings.learning_rate,
                                       weight_decay=self.settings.weight_decay, foreach=True)
         eval_inputs = heads.stack_inputs([e[eval_rows] for e in table.expert_embeddings]) if eval_rows is not None else None
+        eval_labels = table.labels[eval_rows] if eval_rows is not None else None
         total = max(expert_epochs) if expert_epochs is not None else self.settings.epochs
         history, kept = [], {}
         patience = Patience(self.settings.patience)
@@ -370,7 +371,6 @@ class EnECGFitter:
             if eval_inputs is not None:
                 with torch.no_grad():
                     history.append(heads.forward(eval_inputs).float())
-                    eval_labels = table.labels[eval_rows]
                     losses = torch.stack([model.loss_function(history[-1][:, e], eval_labels)
                                           for e in range(history[-1].shape[1])])
                 if patience.should_stop(epoch, losses):
