@@ -454,15 +454,6 @@ class EnECGModel(EnECGPreTrainedModel):
 
         return {name: module for name, module in self.named_modules() if isinstance(module, LoraLayer)}
 
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict with every LoRA delta folded into its base layer and the adapter reset to zero (for export to
-        code that knows nothing of LoRA; `save_pretrained` keeps the adapter un-merged)."""
-        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        for name, layer in self.lora_layers().items():
-            state[f"{name}.base_layer.weight"] += layer.get_delta_weight("default").detach()
-            state[f"{name}.lora_B.default.weight"].zero_()
-        return state
-
     def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict=None, **kwargs):
         """Save a Hub-ready folder: `config.json` (with `auto_map` and `custom_pipelines`), `model.safetensors` and the
         code files, including the pipeline's, so that `pipeline(model=folder, trust_remote_code=True)` serves it.
