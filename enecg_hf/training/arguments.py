@@ -206,7 +206,3 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
     if args.num_records is not None and args.data_format != "simulated":
         raise SystemExit("--num_records is for --data_format simulated; use --limit to read fewer real records")
     return args
-
-
-# The earlier name, which clashed with `transformers.TrainingArguments`; `training.run` still imports it.
-TrainingArguments = TrainScriptArguments

@@ -15,7 +15,7 @@ import torch
 
 from ..configuration_enecg import EnECGConfig
 from ..modeling_enecg import EnECGModel
-from .arguments import NON_RESULT_ARGS, TrainingArguments, parse_args
+from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
 from .errors import TrainingSetupError
 from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
@@ -56,7 +56,7 @@ def _setup_logging(accelerator) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def _check_resume(args: TrainingArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
+def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
     """A resumed run must be the same run, and its checkpoint folder must hold only what this package writes."""
     if not (checkpoint_root / "run.json").is_file():
         raise TrainingSetupError(f"--resume_from_checkpoint: no checkpoints under {checkpoint_root}")
@@ -92,7 +92,7 @@ def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: LabelSpe
     return all(v for v, _ in verdicts), "; ".join(text for _, text in verdicts)
 
 
-def run(args: TrainingArguments) -> dict[str, Any]:
+def run(args: TrainScriptArguments) -> dict[str, Any]:
     """Run a whole training job (see the module docstring); returns the content of `metrics.json`."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
