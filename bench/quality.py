@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ablation-seeds", type=int, default=None,
                         help="seeds of the ablation rows (default: --seeds); the main rows always use --seeds")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
-                        help="merge the tasks of runs made with different --tasks into --output (and the docs)")
+                        help="merge runs made with different --tasks or --rows into --output (and the docs)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
