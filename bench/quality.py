@@ -59,12 +59,8 @@ ARRHYTHMIA_GROUPS = ("sinus", "af_flutter", "other")
 # enecg_hf.data.ARRHYTHMIA_CLASSES -> the three groups (few records per rhythm: finer classes cannot be scored).
 GROUP_OF_CLASS = {"sinus_rhythm": "sinus", "sinus_bradycardia": "sinus", "sinus_tachycardia": "sinus",
                   "atrial_fibrillation": "af_flutter", "atrial_flutter": "af_flutter", "other": "other"}
-TASKS = {
-    "rr_interval": {"sources": ("ludb",)},
-    "age": {"sources": tuple(SOURCES)},
-    "sex": {"sources": tuple(SOURCES)},
-    "arrhythmia": {"sources": tuple(SOURCES), "classes": ARRHYTHMIA_GROUPS},
-}
+# The benchmarked tasks of enecg_hf.data.TASKS and the sources that label them (RR: LUDB's cardiologist annotations).
+TASK_SOURCES = {"rr_interval": ("ludb",), "age": tuple(SOURCES), "sex": tuple(SOURCES), "arrhythmia": tuple(SOURCES)}
 HEADLINE = {"regression": ("mae", "rmse"), "single_label_classification": ("auroc", "f1", "accuracy")}
 # Published figures (../shared/REFERENCE.md): MIMIC-IV-ECG subset for ECG-MoE / ECG-FM; other cohorts for the anchors.
 PUBLISHED = {
@@ -141,19 +137,20 @@ def load_records(data_dir: Path, limits: dict[str, int] | None) -> tuple[Any, li
 
 
 def task_labels(task: str, meta: list[dict]):
-    """(rows with a label, LabelSpec, encoded labels) of one task."""
+    """(rows with a label, TaskSpec, encoded labels) of one task."""
     import numpy as np
 
-    from enecg_hf.training.labels import CLASS_NAMES, REGRESSION_LABELS, LabelSpec
+    from dataclasses import replace
 
-    if task in REGRESSION_LABELS:
-        spec = LabelSpec(task, "regression", unit=REGRESSION_LABELS[task])
-    else:
-        spec = LabelSpec(task, "single_label_classification", list(TASKS[task].get("classes") or CLASS_NAMES[task]))
+    from enecg_hf.data import TASKS
+
+    spec = TASKS[task]
+    if task == "arrhythmia":
+        spec = replace(spec, class_names=ARRHYTHMIA_GROUPS)
     rows, values = [], []
     for i, record in enumerate(meta):
         value = record[task]
-        if record["source"] in TASKS[task]["sources"] and value is not None and value == value:
+        if record["source"] in TASK_SOURCES[task] and value is not None and value == value:
             rows.append(i)
             values.append(spec.encode(value))
     return np.asarray(rows), spec, np.asarray(values, dtype=np.float32 if spec.is_regression else np.int64)
@@ -172,11 +169,7 @@ def task_config(raw: dict, spec, experts: list[str] | None = None, **overrides):
     from enecg_hf import EnECGConfig
 
     config = {k: v for k, v in raw.items() if k not in ("id2label", "label2id", "num_labels", "label_unit")}
-    config.update(label_name=spec.name, problem_type=spec.problem_type)
-    if spec.is_regression:
-        config.update(num_labels=1, label_unit=spec.unit)
-    else:
-        config.update(id2label=dict(enumerate(spec.class_names)), label2id={c: i for i, c in enumerate(spec.class_names)})
+    config.update(spec.config_fields())
     if experts is not None:
         config["experts"] = [e for e in raw["experts"] if e["name"] in experts]
     config.update(overrides)
@@ -190,7 +183,7 @@ def expert_features(raw: dict, signals, cache_dir: Path | None, seed: int) -> di
 
     from enecg_hf import EnECGModel
     from enecg_hf.training import FeatureTable
-    from enecg_hf.training.labels import LabelSpec
+    from enecg_hf.data import TASKS
 
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode())
     digest.update(signals.tobytes())
@@ -199,7 +192,7 @@ def expert_features(raw: dict, signals, cache_dir: Path | None, seed: int) -> di
         print(f"[quality] expert features from {file}", flush=True)
         return load_file(str(file))
     torch.manual_seed(seed)
-    model = EnECGModel.from_expert_sources(task_config(raw, LabelSpec("rr_interval", "regression", unit="ms")))
+    model = EnECGModel.from_expert_sources(task_config(raw, TASKS["rr_interval"]))
     table = FeatureTable.from_model(model, torch.from_numpy(signals), torch.zeros(len(signals)), batch_size=8)
     features = dict(zip(model.expert_names, table.expert_embeddings))
     features["gate_inputs"] = table.gate_inputs
@@ -275,7 +268,7 @@ def run_task(task, signals_meta, features, raw, args, metric_for, pretrained_raw
     per_fold_clean: dict[str, list[dict]] = {}  # the same folds, scored on their non-LUDB test records
     fit_reports: dict[str, list[dict]] = {}
     not_ludb = np.asarray([meta[i]["source"] != "ludb" for i in rows_idx])
-    score_clean = len(TASKS[task]["sources"]) > 1
+    score_clean = len(TASK_SOURCES[task]) > 1
 
     def record(row: str, logits, test, seed: int, fold: int) -> None:
         logits = np.asarray(logits, dtype=np.float64).reshape(len(test), -1)
@@ -354,7 +347,7 @@ def run_task(task, signals_meta, features, raw, args, metric_for, pretrained_raw
         rows[row] = entry
     counts = {} if spec.is_regression else {c: int((y == i).sum()) for i, c in enumerate(spec.class_names)}
     return {"problem_type": spec.problem_type, "records": int(len(rows_idx)), "subjects": int(len(set(groups))),
-            "sources": list(TASKS[task]["sources"]), "class_counts": counts,
+            "sources": list(TASK_SOURCES[task]), "class_counts": counts,
             "label_mean": float(y.mean()) if spec.is_regression else None, "rows": rows,
             "verdict": verdict(rows, spec, expert_names)}
 
@@ -384,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--update-docs", action="store_true", help="rewrite the quality table in docs/benchmarks.md")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     parser.add_argument("--config", default="hub_configs/tiny.json", help="expert sizes (random weights)")
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(TASK_SOURCES))
     parser.add_argument("--rows", default="", help="comma-separated rows to run (default all)")
     parser.add_argument("--folds", type=int, default=None, help="default 5 (2 with --quick)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
@@ -502,7 +495,7 @@ def combine(args) -> dict:
             results["setup"][key] = results["setup"].get(key) or part["setup"].get(key)
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
         results["run"]["processes"] = results["run"].get("processes", 1) + 1
-    results["tasks"] = {task: results["tasks"][task] for task in TASKS if task in results["tasks"]}
+    results["tasks"] = {task: results["tasks"][task] for task in TASK_SOURCES if task in results["tasks"]}
     Path(args.output).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     print_table(results)
     if args.update_docs:

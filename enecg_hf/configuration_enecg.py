@@ -7,8 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-
-STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from .preprocessing_enecg import STANDARD_LEAD_NAMES
 # Expert types this package implements; each maps to a module `expert_<type>.py`.
 EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")

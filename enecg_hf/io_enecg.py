@@ -30,7 +30,7 @@ from typing import BinaryIO, Sequence
 
 import numpy as np
 
-from .preprocessing_enecg import STANDARD_LEADS, ECGInputError, check_sampling_rate
+from .preprocessing_enecg import STANDARD_LEAD_NAMES, ECGInputError, check_sampling_rate
 
 
 MAX_HEADER_BYTES = 1 << 20  # WFDB headers are a few kB (signal lines and comments)
@@ -478,7 +478,7 @@ def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[st
         raise ECGInputError("bad_shape", f"{path}: expected a 2-D array, got shape {signal.shape}")
     signal = signal.astype(np.float32, copy=False)
     if names is None:
-        names = list(STANDARD_LEADS)
+        names = list(STANDARD_LEAD_NAMES)
     if signal.shape[0] != len(names) and signal.shape[1] == len(names):
         signal = signal.T
     return ECGRecording(np.ascontiguousarray(signal), rate, names, [])
@@ -505,7 +505,7 @@ def read_record(
             `.npy` / `.csv` array in millivolts. CSV files have one column per lead, optionally with a header row of
             lead names; `.npy` files hold (leads, samples) or (samples, leads).
         sampling_rate: rate in Hz of `.npy` / `.csv` arrays (ignored for WFDB records, whose header gives it).
-        lead_names: lead names of `.npy` / `.csv` arrays; defaults to the CSV header or `STANDARD_LEADS`.
+        lead_names: lead names of `.npy` / `.csv` arrays; defaults to the CSV header or `STANDARD_LEAD_NAMES`.
         limits: size limits checked before samples are read (default: `RecordLimits()`, 60 s).
 
     Returns:

@@ -28,7 +28,7 @@ import torch
 from transformers import Pipeline
 
 from .io_enecg import RecordLimits, read_npy, read_record
-from .preprocessing_enecg import STANDARD_LEADS, ECGInputError, check_sampling_rate, normalize_lead_name, prepare_signal
+from .preprocessing_enecg import STANDARD_LEAD_NAMES, ECGInputError, check_sampling_rate, normalize_lead_name, prepare_signal
 
 
 PIPELINE_TASK = "ecg-analysis"
@@ -83,7 +83,7 @@ def _check_lead_names(lead_names: Any) -> list[str]:
     if unknown:
         raise ECGInputError(
             "unknown_lead", f"unknown lead name(s) {unknown}; expected names of the 12 standard leads "
-            f"{list(STANDARD_LEADS)} in any common spelling"
+            f"{list(STANDARD_LEAD_NAMES)} in any common spelling"
         )
     return names
 
@@ -145,7 +145,7 @@ def prepare_record(
         if sampling_rate is None:
             raise ECGInputError("bad_sampling_rate", "arrays carry no sampling rate: pass `sampling_rate` (Hz)")
         rate = sampling_rate
-        names = list(lead_names) if lead_names is not None else list(STANDARD_LEADS)
+        names = list(lead_names) if lead_names is not None else list(STANDARD_LEAD_NAMES)
         if signal.ndim != 2:
             raise ECGInputError("bad_shape", f"expected a 2-D (leads, samples) array, got shape {signal.shape}")
         if signal.shape[0] != len(names) and signal.shape[1] == len(names):
@@ -185,7 +185,7 @@ def prepare_record(
     peak_to_peak = float(np.ptp(prepared.signal, axis=1).max())
     if peak_to_peak > LARGE_AMPLITUDE_MV:
         warnings.append(f"peak-to-peak amplitude {peak_to_peak:.0f} mV: inputs must be in millivolts (microvolts?)")
-    order = [STANDARD_LEADS.index(normalize_lead_name(lead)) for lead in config.lead_names]
+    order = [STANDARD_LEAD_NAMES.index(normalize_lead_name(lead)) for lead in config.lead_names]
     return PreparedRecord(np.ascontiguousarray(prepared.signal[order]), source, warnings)
 
 

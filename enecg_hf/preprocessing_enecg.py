@@ -21,14 +21,14 @@ from typing import Any, Sequence
 import numpy as np
 
 
-STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 # Spellings seen in the wild, keyed by the canonical form `_lead_key` gives (lower case, no spaces, dashes,
 # underscores or "lead" prefix). MLI/MLII/MLIII are the Mason-Likar (torso-placed limb electrode) versions of the
 # limb leads, which Holter and MIT-BIH records use in their place; D1-D3 / DI-DIII are the European names of I-III;
 # C1-C6 the British names of V1-V6.
 LEAD_ALIASES = {
-    **{lead.lower(): lead for lead in STANDARD_LEADS},
+    **{lead.lower(): lead for lead in STANDARD_LEAD_NAMES},
     "mli": "I",
     "mlii": "II",
     "mliii": "III",
@@ -101,7 +101,7 @@ def normalize_lead_name(name: str) -> str | None:
 
 
 def match_leads(signal: np.ndarray, lead_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder the rows of a record into `STANDARD_LEADS`, whatever the source's spelling and order.
+    """Reorder the rows of a record into `STANDARD_LEAD_NAMES`, whatever the source's spelling and order.
 
     Leads that are not among the 12 standard ones (e.g. Frank leads vx/vy/vz) are dropped; standard leads the record
     lacks are zero rows, marked in the returned mask. A lead given twice is an error (which one to keep is unknown).
@@ -119,13 +119,13 @@ def match_leads(signal: np.ndarray, lead_names: Sequence[str]) -> tuple[np.ndarr
         raise ECGInputError(
             "bad_shape", f"signal of shape {signal.shape} does not match {len(lead_names)} lead names {list(lead_names)}"
         )
-    standard = np.zeros((len(STANDARD_LEADS), signal.shape[1]), dtype=np.float32)
-    missing = np.ones(len(STANDARD_LEADS), dtype=bool)
+    standard = np.zeros((len(STANDARD_LEAD_NAMES), signal.shape[1]), dtype=np.float32)
+    missing = np.ones(len(STANDARD_LEAD_NAMES), dtype=bool)
     for row, name in enumerate(lead_names):
         lead = normalize_lead_name(name)
         if lead is None:
             continue
-        index = STANDARD_LEADS.index(lead)
+        index = STANDARD_LEAD_NAMES.index(lead)
         if not missing[index]:
             raise ECGInputError("duplicate_lead", f"lead {lead} appears twice in {list(lead_names)}")
         standard[index] = signal[row]
@@ -238,7 +238,7 @@ class PreparedSignal:
     """A record in the model's input layout.
 
     Attributes:
-        signal: (12, target_rate * seconds) float32 array in millivolts, rows in `STANDARD_LEADS` order.
+        signal: (12, target_rate * seconds) float32 array in millivolts, rows in `STANDARD_LEAD_NAMES` order.
         missing_leads: standard leads the record lacked (zero rows).
         flat_leads: standard leads that are flat after preparation (includes zero-filled missing leads).
         original_seconds: duration of the source record before cropping or padding.
@@ -265,7 +265,7 @@ def prepare_signal(
 ) -> PreparedSignal:
     """Bring one record into the standard layout: 12 leads in standard order, `target_rate` Hz, `seconds` long.
 
-    Steps: match lead names to `STANDARD_LEADS`; interpolate short runs of NaN/inf (run before resampling, which
+    Steps: match lead names to `STANDARD_LEAD_NAMES`; interpolate short runs of NaN/inf (run before resampling, which
     would smear them); resample; keep the first `seconds` (or zero-pad the end); flag flat leads. Amplitudes are left
     in millivolts: normalisation belongs to the model.
 
@@ -308,7 +308,7 @@ def prepare_signal(
     if missing.all():
         raise ECGInputError("missing_leads", f"none of the 12 standard leads in {list(lead_names)}")
     if missing.any() and not fill_missing_leads:
-        absent = [lead for lead, gone in zip(STANDARD_LEADS, missing) if gone]
+        absent = [lead for lead, gone in zip(STANDARD_LEAD_NAMES, missing) if gone]
         raise ECGInputError("missing_leads", f"record lacks {absent} (lead names {list(lead_names)})")
     peak = float(np.abs(standard).max())
     if peak > max_amplitude_mv:
@@ -319,14 +319,14 @@ def prepare_signal(
     flat = flat_leads(standard, flat_threshold_mv)
     return PreparedSignal(
         signal=np.ascontiguousarray(standard, dtype=np.float32),
-        missing_leads=[lead for lead, gone in zip(STANDARD_LEADS, missing) if gone],
-        flat_leads=[lead for lead, is_flat in zip(STANDARD_LEADS, flat) if is_flat],
+        missing_leads=[lead for lead, gone in zip(STANDARD_LEAD_NAMES, missing) if gone],
+        flat_leads=[lead for lead, is_flat in zip(STANDARD_LEAD_NAMES, flat) if is_flat],
         original_seconds=signal.shape[1] / float(sampling_rate),
     )
 
 
 __all__ = [
-    "STANDARD_LEADS",
+    "STANDARD_LEAD_NAMES",
     "LEAD_ALIASES",
     "ECGInputError",
     "MAX_AMPLITUDE_MV",

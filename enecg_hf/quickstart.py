@@ -21,9 +21,7 @@ from transformers import AutoModel
 
 from . import EnECGConfig, EnECGModel
 from .serving_export import export_serving_files
-
-
-HUB_CONFIGS_DIR = Path(__file__).resolve().parent / "hub_configs"  # packaged (a link in a checkout)
+from .training.configs import HUB_CONFIGS_DIR
 
 
 def simulated_ecg(heart_rate: float, seed: int, sampling_rate: int = 500, seconds: int = 10) -> np.ndarray:

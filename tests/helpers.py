@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
+
 
 # The data tests' file writers (`ecg_files`: WFDB records, hostile .mat/.hea files) are shared with these tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 REPO = Path(__file__).resolve().parents[1]
 # Real recordings: ../shared/data next to the checkout, or wherever ENECG_DATA_DIR points (as in bench/).
 SHARED_DATA = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data"))
-STANDARD = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+STANDARD = list(STANDARD_LEAD_NAMES)
 
 # Prepended to a `python -c` script: every import of enecg_hf fails, as on a machine without the package.
 BLOCK_ENECG = textwrap.dedent(

@@ -603,12 +603,16 @@ def test_tiny_hub_config_runs_on_a_10_second_record():
     assert out.logits.shape == (2, 1) and out.gate_weights.shape == (2, len(config.experts))
 
 
-def test_lead_order_is_the_same_for_model_and_data():
-    # preprocessing_enecg ships as remote code and cannot import the config: the two tuples must stay equal.
-    from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES
-    from enecg_hf.preprocessing_enecg import STANDARD_LEADS
+def test_lead_names_are_defined_once():
+    """One lead-name constant: the config reads preprocessing's, and no other module spells the 12 leads out."""
+    import enecg_hf
+    from enecg_hf import configuration_enecg, preprocessing_enecg
 
-    assert tuple(STANDARD_LEADS) == tuple(STANDARD_LEAD_NAMES)
+    assert configuration_enecg.STANDARD_LEAD_NAMES is preprocessing_enecg.STANDARD_LEAD_NAMES
+    spelled_out = '"I", "II", "III", "aVR"'
+    package = Path(enecg_hf.__file__).parent
+    defining = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if spelled_out in p.read_text())
+    assert defining == ["preprocessing_enecg.py"]
 
 
 def test_the_package_is_marked_typed():

@@ -179,13 +179,14 @@ def test_saved_model_reproduces_its_saved_metrics(reference_run, sim_dataset):
     import enecg_hf  # noqa: F401
     from transformers import AutoModel
 
-    from enecg_hf.training import LabelSpec, load_metric, score
+    from enecg_hf.data import TaskSpec
+    from enecg_hf.training import load_metric, score
 
     model = AutoModel.from_pretrained(reference_run).eval()
     dataset = datasets.load_from_disk(str(sim_dataset)).with_format("numpy")
     with torch.no_grad():
         logits = model(torch.from_numpy(np.asarray(dataset["signal"], dtype=np.float32))).logits.numpy()
-    label = LabelSpec("rr_interval", "regression", unit="ms")
+    label = TaskSpec("rr_interval", "regression", unit="ms")
     recomputed = score({"logits": logits, "labels": np.asarray(dataset["rr_interval"])}, label,
                        load_metric("regression"))
     saved = metrics_of(reference_run)["final"]["metrics"]
@@ -409,9 +410,10 @@ def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name
 
 
 def test_classes_seen_only_in_test_folds_are_reported():
-    from enecg_hf.training import LabelSpec, check_class_coverage
+    from enecg_hf.data import TaskSpec
+    from enecg_hf.training import check_class_coverage
 
-    label = LabelSpec("arrhythmia", "single_label_classification", ["sinus", "afib", "flutter"])
+    label = TaskSpec("arrhythmia", "single_label_classification", class_names=("sinus", "afib", "flutter"))
     labels = np.array([0, 0, 1, 1, 0, 2])
     folds = [(np.array([0, 1, 2]), np.array([3, 4, 5])), (np.array([3, 4, 5]), np.array([0, 1, 2]))]
     messages = check_class_coverage(labels, label, folds)
@@ -460,7 +462,7 @@ def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
     for config in (REPO / "hub_configs").glob("*.json"):
         assert (site / "hub_configs" / config.name).read_bytes() == config.read_bytes(), config.name
     assert (site / "templates" / "model_card.md").read_text() == (REPO / "model_card.md").read_text()
-    script = ("from enecg_hf.training.labels import resolve_config_path\n"
+    script = ("from enecg_hf.training.configs import resolve_config_path\n"
               "from enecg_hf.model_card import template_path\n"
               "print(resolve_config_path('tiny')); print(template_path())\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
@@ -545,22 +547,22 @@ def test_class_label_columns_encode_by_class_name():
     still gets each record's class by name. Datasets built before (plain ints and strings) encode as they did."""
     import datasets
 
-    from enecg_hf.training import LabelSpec
+    from enecg_hf.data import TaskSpec
 
     names = ["sinus_rhythm", "atrial_fibrillation", "other"]
     built = datasets.Dataset.from_dict({"arrhythmia": ["other", None, "sinus_rhythm"], "sex": [1, 0, None]},
                                        features=datasets.Features({"arrhythmia": datasets.ClassLabel(names=names),
                                                                    "sex": datasets.ClassLabel(names=["female", "male"])}))
     config = {"label_name": "arrhythmia", "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
-    spec = LabelSpec.infer("arrhythmia", built, config)
+    spec = TaskSpec.infer("arrhythmia", built, config)
     assert [spec.encode(v) for v in built["arrhythmia"]] == [0, None, 1]
-    assert [LabelSpec.infer("sex", built, {}).encode(v) for v in built["sex"]] == [1, 0, None]
-    custom = LabelSpec.infer("arrhythmia", built, {})
-    assert custom.class_names[:2] == ["sinus_rhythm", "sinus_bradycardia"]  # the task's classes: ARRHYTHMIA_CLASSES
+    assert [TaskSpec.infer("sex", built, {}).encode(v) for v in built["sex"]] == [1, 0, None]
+    custom = TaskSpec.infer("arrhythmia", built, {})
+    assert custom.class_names[:2] == ("sinus_rhythm", "sinus_bradycardia")  # the task's classes: ARRHYTHMIA_CLASSES
     assert [custom.encode(v) for v in built["arrhythmia"]] == [5, None, 0]
     old = datasets.Dataset.from_dict({"arrhythmia": ["other", "sinus_rhythm"], "sex": [1, 0]})
-    assert [LabelSpec.infer("arrhythmia", old, config).encode(v) for v in old["arrhythmia"]] == [0, 1]
-    assert [LabelSpec.infer("sex", old, {}).encode(v) for v in old["sex"]] == [1, 0]
+    assert [TaskSpec.infer("arrhythmia", old, config).encode(v) for v in old["arrhythmia"]] == [0, 1]
+    assert [TaskSpec.infer("sex", old, {}).encode(v) for v in old["sex"]] == [1, 0]
 
 
 def test_summary_puts_each_metric_in_its_unit(capsys, tmp_path):

@@ -21,9 +21,13 @@ from .report import BuildReport
 from .schema import ecg_features
 from .source import LayoutError
 from .splits import column_folds, subject_kfold
+from .tasks import TASKS, TaskError, TaskSpec
 
 
 __all__ = [
+    "TASKS",
+    "TaskSpec",
+    "TaskError",
     "ARRHYTHMIA_CLASSES",
     "SEX_LABELS",
     "POTASSIUM_LABELS",

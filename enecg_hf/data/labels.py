@@ -19,18 +19,12 @@ import math
 import re
 from typing import Any, Iterable
 
+from .tasks import ARRHYTHMIA_CLASSES, TASKS, is_missing
 
-ARRHYTHMIA_CLASSES = (
-    "sinus_rhythm",
-    "sinus_bradycardia",
-    "sinus_tachycardia",
-    "atrial_fibrillation",
-    "atrial_flutter",
-    "other",
-)
-SEX_LABELS = ("female", "male")
-POTASSIUM_LABELS = ("normal", "abnormal")
-LABEL_COLUMNS = ("rr_interval", "age", "sex", "potassium_flag", "arrhythmia")
+# The encodings of the task table (`tasks.TASKS`), under the names the loaders use.
+SEX_LABELS = TASKS["sex"].class_names
+POTASSIUM_LABELS = TASKS["potassium_flag"].class_names
+LABEL_COLUMNS = tuple(TASKS)
 
 RHYTHM_PRIORITY = (
     "atrial_fibrillation",
@@ -138,15 +132,6 @@ def arrhythmia_from_text(statements: Iterable[str]) -> str | None:
             continue
         classes.append(next((label for pattern, label in _TEXT_PATTERNS if pattern.search(statement)), None))
     return _first_by_priority(classes)
-
-
-def is_missing(value: Any) -> bool:
-    """True for None, NaN, empty strings and the usual spellings of "unknown"."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null", "unknown", "n/a", "na")
 
 
 def parse_age(value: Any) -> float | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datasets
 
-from ..preprocessing_enecg import STANDARD_LEADS
+from ..preprocessing_enecg import STANDARD_LEAD_NAMES
 from .labels import ARRHYTHMIA_CLASSES, POTASSIUM_LABELS, SEX_LABELS
 
 
@@ -16,7 +16,7 @@ def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Featur
         extra: features of the source's extra columns (e.g. PTB-XL's `strat_fold`).
 
     Returns:
-        `record_id`, `subject_id`, `source`, `signal` ((12, num_samples) float32, mV, `STANDARD_LEADS` order),
+        `record_id`, `subject_id`, `source`, `signal` ((12, num_samples) float32, mV, `STANDARD_LEAD_NAMES` order),
         `sampling_rate`, the labels `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses`, the
         quality flags `missing_leads` (zero-filled leads), `flat_leads` and `original_seconds`, then `extra`.
         The class labels are `datasets.ClassLabel`s (rows hold class indices; `features["arrhythmia"].int2str(i)`
@@ -28,7 +28,7 @@ def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Featur
             "record_id": datasets.Value("string"),
             "subject_id": datasets.Value("string"),
             "source": datasets.Value("string"),
-            "signal": datasets.Array2D(shape=(len(STANDARD_LEADS), num_samples), dtype="float32"),
+            "signal": datasets.Array2D(shape=(len(STANDARD_LEAD_NAMES), num_samples), dtype="float32"),
             "sampling_rate": datasets.Value("int32"),
             "rr_interval": datasets.Value("float32"),
             "age": datasets.Value("float32"),

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..io_enecg import ECGRecording
-from ..preprocessing_enecg import STANDARD_LEADS
+from ..preprocessing_enecg import STANDARD_LEAD_NAMES
 from .source import BuildOptions, SourceRecord
 
 
@@ -243,4 +243,4 @@ def simulate_record(
 
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
     signal, labels = simulate_record(int(row["index"]), options.seed, options.sampling_rate, options.seconds)
-    return SourceRecord(ECGRecording(signal, float(options.sampling_rate), list(STANDARD_LEADS)), labels)
+    return SourceRecord(ECGRecording(signal, float(options.sampling_rate), list(STANDARD_LEAD_NAMES)), labels)

@@ -21,7 +21,9 @@ from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
-from .labels import LabelSpec, build_config, check_class_coverage, encode_labels, resolve_config_path
+from ..data.tasks import TaskError, TaskSpec
+from .configs import build_config, resolve_config_path
+from .labels import check_class_coverage, encode_labels
 from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
@@ -81,7 +83,7 @@ def load_feature_table(features, keep: np.ndarray, labels: np.ndarray, records, 
                         torch.from_numpy(labels), groups)
 
 
-def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: LabelSpec) -> tuple[bool, str]:
+def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec) -> tuple[bool, str]:
     """Whether cross-validation beat the trivial predictor on the task's headline metrics (MAE; AUROC and macro F1)."""
     checks = [("mae", -1)] if label.is_regression else [("auroc", 1), ("f1", 1)]
     verdicts = []
@@ -124,7 +126,10 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
 
     # ---- data and checks, before any training time is spent
     dataset = load_training_dataset(args, accelerator, cache_dir)
-    label = LabelSpec.infer(label_name, dataset, config_dict)
+    try:
+        label = TaskSpec.infer(label_name, dataset, config_dict)
+    except TaskError as error:
+        raise TrainingSetupError(str(error)) from error
     config = build_config(args, label, config_dict)
     check_signal_compatibility(dataset, config)
     keep, labels = encode_labels(dataset, label)
@@ -202,7 +207,7 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
             "label": label.name,
             "problem_type": label.problem_type,
             "unit": label.unit,
-            "classes": label.class_names,
+            "classes": list(label.class_names) if label.class_names else None,
             "records": len(records),
             "strategy": args.strategy,
             "folds": fold_results,

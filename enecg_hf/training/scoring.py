@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .labels import LabelSpec
+from ..data.tasks import TaskSpec
 
 
 METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
@@ -21,7 +21,7 @@ def load_metric(problem_type: str):
     return evaluate.load(str(METRICS_DIR / name))
 
 
-def score(predictions: dict[str, np.ndarray], label: LabelSpec, metric) -> dict[str, float]:
+def score(predictions: dict[str, np.ndarray], label: TaskSpec, metric) -> dict[str, float]:
     logits, references = predictions["logits"], predictions["labels"]
     if label.is_regression:
         return metric.compute(predictions=logits[:, 0].astype(np.float64).tolist(),
@@ -31,7 +31,7 @@ def score(predictions: dict[str, np.ndarray], label: LabelSpec, metric) -> dict[
                           prediction_scores=probabilities.tolist(), labels=list(range(len(label.class_names))))
 
 
-def baseline_predictions(train_labels: np.ndarray, eval_labels: np.ndarray, label: LabelSpec) -> dict[str, np.ndarray]:
+def baseline_predictions(train_labels: np.ndarray, eval_labels: np.ndarray, label: TaskSpec) -> dict[str, np.ndarray]:
     """The trivial predictor fitted on the training split: its mean (regression) or its majority class."""
     n = len(eval_labels)
     if label.is_regression:

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
+
 
 SHARED_DATA = Path(os.environ.get("ENECG_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-STANDARD = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+STANDARD = STANDARD_LEAD_NAMES
 
 
 def rhythm(dataset, value) -> str | None:

@@ -15,7 +15,7 @@ from scipy.signal import resample_poly
 from enecg_hf import io_enecg, preprocessing_enecg
 from enecg_hf.io_enecg import fix_header_text, parse_header_comments, read_record
 from enecg_hf.preprocessing_enecg import (
-    STANDARD_LEADS,
+    STANDARD_LEAD_NAMES,
     ECGInputError,
     crop_or_pad,
     fill_nonfinite,
@@ -46,9 +46,9 @@ def test_match_leads_reorders_and_marks_missing_leads():
     signal = np.arange(5)[:, None] * np.ones((5, 3))
     standard, missing = match_leads(signal, names)
     assert standard.shape == (12, 3) and standard.dtype == np.float32
-    assert standard[STANDARD_LEADS.index("V6"), 0] == 0 and standard[STANDARD_LEADS.index("aVR"), 0] == 1
+    assert standard[STANDARD_LEAD_NAMES.index("V6"), 0] == 0 and standard[STANDARD_LEAD_NAMES.index("aVR"), 0] == 1
     assert standard[0, 0] == 2 and standard[1, 0] == 3
-    assert [lead for lead, gone in zip(STANDARD_LEADS, missing) if not gone] == ["I", "II", "aVR", "V6"]
+    assert [lead for lead, gone in zip(STANDARD_LEAD_NAMES, missing) if not gone] == ["I", "II", "aVR", "V6"]
 
 
 def test_match_leads_rejects_duplicates_and_shape_mismatch():
