@@ -7,8 +7,8 @@ load with `AutoModel.from_pretrained(path)` without `trust_remote_code`.
 from transformers import AutoConfig, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_enecg import STANDARD_LEAD_NAMES, EnECGConfig, EnECGExpertConfig
-from .modeling_enecg import EnECGFeatures, EnECGModel, EnECGModelOutput, load_adapter_base
+from .configuration_enecg import STANDARD_LEAD_NAMES, EnECGConfig, EnECGExpertConfig, EnECGTaskConfig
+from .modeling_enecg import EnECGFeatures, EnECGModel, EnECGModelOutput, EnECGTaskEnsemble, load_adapter_base
 from .pipeline_enecg import PIPELINE_TASK, EnECGPipeline
 
 
@@ -26,7 +26,9 @@ PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=EnECGPipeline,
 __all__ = [
     "EnECGConfig",
     "EnECGExpertConfig",
+    "EnECGTaskConfig",
     "EnECGModel",
+    "EnECGTaskEnsemble",
     "EnECGModelOutput",
     "EnECGFeatures",
     "STANDARD_LEAD_NAMES",

@@ -56,6 +56,63 @@ class EnECGExpertConfig:
         return asdict(self)
 
 
+# Fields of one entry of `EnECGConfig.tasks`; the first three are required.
+TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights", "loss_weight")
+
+
+class EnECGTaskConfig:
+    """One task of a multi-task config: a live view of its entry in `EnECGConfig.tasks` (a plain dict, so the config
+    saves as JSON), which reads like a single-task `EnECGConfig` (`problem_type`, `num_labels`, `id2label`,
+    `label_name`, `label_unit`, `target_mean`, `target_std`, `class_weights`) and falls back to the model config for
+    what all tasks share (`gate_type`, `expert_loss_weight`, `adaptation`...). Setting a task field writes the entry.
+
+    Entry fields: `name` (a dataset column, e.g. one of `enecg_hf.data.TASKS`), `problem_type`, `unit` (regression),
+    `class_names` (classification), `target_mean` / `target_std` (regression target scaling, set by training),
+    `class_weights` (cross-entropy weights, set by training), `loss_weight` (weight of this task's loss in the sum,
+    default 1.0: every task's loss on its standardised scale, weighted equally).
+    """
+
+    def __init__(self, entry: dict[str, Any], config: "EnECGConfig"):
+        object.__setattr__(self, "_entry", entry)
+        object.__setattr__(self, "_config", config)
+
+    @property
+    def label_name(self) -> str:
+        return self._entry["name"]
+
+    @property
+    def label_unit(self) -> str | None:
+        return self._entry.get("unit")
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self._entry["problem_type"] == "regression" else len(self._entry["class_names"])
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        names = self._entry.get("class_names") or [f"LABEL_{i}" for i in range(self.num_labels)]
+        return dict(enumerate(names))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # (copy and pickle probe for dunders before `_config` exists)
+            raise AttributeError(name)
+        if name in TASK_FIELDS:
+            return self._entry.get(name, TASK_DEFAULTS.get(name))
+        return getattr(self._config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in TASK_FIELDS:
+            raise AttributeError(f"{name!r} is shared by every task: set it on the model config")
+        self._entry[name] = value
+
+    def __repr__(self) -> str:
+        return f"EnECGTaskConfig({self._entry})"
+
+
+TASK_DEFAULTS = {"unit": None, "class_names": None, "target_mean": 0.0, "target_std": 1.0, "class_weights": None,
+                 "loss_weight": 1.0}
+
+
 class EnECGConfig(PreTrainedConfig):
     r"""
     Configuration of an [`EnECGModel`]: frozen expert backbones, one FFN head per expert and a gating network.
@@ -117,6 +174,12 @@ class EnECGConfig(PreTrainedConfig):
             a `pretrained` source are left out and re-attached from it on load.
         max_input_seconds (`float`, defaults to 60.0):
             Longest record the serving code accepts before cropping.
+        tasks (`list[dict]`, *optional*):
+            A multi-task model: one dict per task (see [`EnECGTaskConfig`] for the fields). Every task gets its own
+            head per expert and its own gate over the shared frozen experts, which run once per record for all tasks.
+            The single-task fields (`label_name`, `problem_type`, `id2label`, `label_unit`, `target_mean`,
+            `target_std`, `class_weights`) are then unused: each task holds its own. `None` (the default) is a
+            single-task model described by those fields.
     """
 
     model_type = "enecg"
@@ -146,6 +209,7 @@ class EnECGConfig(PreTrainedConfig):
     lora_dropout: float = 0.05
     save_backbones: bool = True
     max_input_seconds: float = 60.0
+    tasks: list[dict[str, Any]] | None = None
 
     def __post_init__(self, **kwargs):
         if self.experts is None:
@@ -156,7 +220,9 @@ class EnECGConfig(PreTrainedConfig):
             self.lead_names = list(STANDARD_LEAD_NAMES)
         if self.gate_leads is None:
             self.gate_leads = ["II"]
-        if kwargs.get("problem_type") is None and getattr(self, "problem_type", None) is None:
+        if self.tasks:  # each task has its own problem type
+            self.tasks = [{**TASK_DEFAULTS, **dict(task)} if isinstance(task, dict) else task for task in self.tasks]
+        elif kwargs.get("problem_type") is None and getattr(self, "problem_type", None) is None:
             kwargs["problem_type"] = "regression"
         if kwargs.get("problem_type", getattr(self, "problem_type", None)) == "regression" and "num_labels" not in kwargs:
             if kwargs.get("id2label") is None and getattr(self, "id2label", None) is None:
@@ -181,6 +247,19 @@ class EnECGConfig(PreTrainedConfig):
     def expert_names(self) -> list[str]:
         return [e["name"] for e in self.experts]
 
+    @property
+    def is_multitask(self) -> bool:
+        return self.tasks is not None
+
+    @property
+    def task_configs(self) -> list["EnECGTaskConfig"] | list["EnECGConfig"]:
+        """One config view per task; a single-task config is its own task."""
+        return [EnECGTaskConfig(task, self) for task in self.tasks] if self.is_multitask else [self]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.label_name for task in self.task_configs]
+
     def _validate(self) -> None:
         """Fail at construction, naming the field, rather than deep inside a forward pass."""
 
@@ -189,11 +268,13 @@ class EnECGConfig(PreTrainedConfig):
 
         if not self.experts:
             fail("experts", "at least one expert is required")
-        if self.problem_type not in PROBLEM_TYPES:
+        if self.tasks is not None:
+            self._validate_tasks(fail)
+        elif self.problem_type not in PROBLEM_TYPES:
             fail("problem_type", f"must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
-        if self.problem_type == "regression" and self.num_labels < 1:
+        if self.tasks is None and self.problem_type == "regression" and self.num_labels < 1:
             fail("num_labels", "regression needs at least one output")
-        if self.problem_type != "regression" and self.num_labels < 2:
+        if self.tasks is None and self.problem_type != "regression" and self.num_labels < 2:
             fail("num_labels", f"{self.problem_type} needs at least 2 labels, got {self.num_labels}")
         if self.adaptation not in ADAPTATIONS:
             fail("adaptation", f"must be one of {ADAPTATIONS}, got {self.adaptation!r}")
@@ -246,5 +327,36 @@ class EnECGConfig(PreTrainedConfig):
                 fail("experts", f"{where}.settings.record_seconds must be {record_seconds:g} "
                      f"(input_length / sampling_rate) to measure intervals in seconds")
 
+    def _validate_tasks(self, fail) -> None:
+        if not isinstance(self.tasks, list) or not self.tasks:
+            fail("tasks", f"must be a non-empty list of task dicts, got {self.tasks!r}")
+        for i, task in enumerate(self.tasks):
+            if not isinstance(task, dict):
+                fail("tasks", f"tasks[{i}] must be a dict, got {type(task).__name__}")
+            unknown = set(task) - set(TASK_FIELDS)
+            if unknown:
+                fail("tasks", f"tasks[{i}] has unknown keys {sorted(unknown)}; known: {list(TASK_FIELDS)}")
+            where = f"tasks[{i}] ({task.get('name')!r})"
+            if not isinstance(task.get("name"), str) or not task["name"] or "." in task["name"]:
+                fail("tasks", f"tasks[{i}].name is required, without dots (it names the task's modules), got "
+                     f"{task.get('name')!r}")
+            if task.get("problem_type") not in PROBLEM_TYPES:
+                fail("tasks", f"{where}.problem_type must be one of {PROBLEM_TYPES}, got {task.get('problem_type')!r}")
+            classes = task.get("class_names")
+            if task["problem_type"] != "regression" and (not isinstance(classes, list) or len(classes) < 2):
+                fail("tasks", f"{where}.class_names must list at least 2 classes, got {classes!r}")
+            if not float(task["target_std"]) > 0.0:
+                fail("tasks", f"{where}.target_std must be positive, got {task['target_std']}")
+            if not float(task["loss_weight"]) >= 0.0:
+                fail("tasks", f"{where}.loss_weight must be >= 0, got {task['loss_weight']}")
+            weights = task["class_weights"]
+            if weights is not None and (task["problem_type"] != "single_label_classification"
+                                        or len(weights) != len(classes) or not all(float(w) > 0 for w in weights)):
+                fail("tasks", f"{where}.class_weights needs single-label classification and one positive weight "
+                     f"per class, got {weights}")
+        names = [task["name"] for task in self.tasks]
+        if len(set(names)) != len(names):
+            fail("tasks", f"task names must be unique, got {names}")
 
-__all__ = ["EnECGConfig", "EnECGExpertConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES"]
+
+__all__ = ["EnECGConfig", "EnECGExpertConfig", "EnECGTaskConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES"]

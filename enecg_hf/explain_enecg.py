@@ -69,25 +69,27 @@ class EnECGExplanation:
 class _EnsembleFromNormalized(torch.nn.Module):
     """z-scored input (batch, leads, samples) -> ensemble logits."""
 
-    def __init__(self, model):
+    def __init__(self, model, task: str | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.task = model, task
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         features = self.model.compute_normalized_features(normalized)
-        return self.model(expert_embeddings=features.expert_embeddings, gate_inputs=features.gate_inputs).logits
+        logits = self.model(expert_embeddings=features.expert_embeddings, gate_inputs=features.gate_inputs).logits
+        return logits[self.task] if self.task is not None else logits
 
 
 class _ExpertFromNormalized(torch.nn.Module):
     """z-scored input -> one expert head's own output: the expert, its head and label scaling, nothing else."""
 
-    def __init__(self, model, name: str):
+    def __init__(self, model, name: str, task: str | None = None):
         super().__init__()
         self.model, self.name = model, name
+        self.ensemble = model.tasks[task] if task is not None else model  # the task's heads and label scaling
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         embedding = self.model.experts[self.name](normalized)
-        return self.model.to_label_units(self.model.heads[self.name](embedding.float()))
+        return self.ensemble.to_label_units(self.ensemble.heads[self.name](embedding.float()))
 
 
 def explain(
@@ -97,6 +99,7 @@ def explain(
     n_steps: int = 32,
     internal_batch_size: int = 16,
     experts: bool = True,
+    task: str | None = None,
 ) -> EnECGExplanation:
     """Integrated gradients (`n_steps` Gauss-Legendre steps) of an EnECG model's prediction.
 
@@ -114,6 +117,7 @@ def explain(
         target: output index to explain; default 0 for regression and the predicted class for classification.
         n_steps, internal_batch_size: captum's IG settings (more steps: smaller convergence delta, more time).
         experts: also attribute each differentiable expert's own head output.
+        task: the task to explain, for a multi-task model (default: its first task).
     """
     attr = _require("captum.attr")
     model.eval()
@@ -122,17 +126,27 @@ def explain(
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
     if inputs.dim() == 2:
         inputs = inputs[None]
+    if model.config.is_multitask:
+        task = task or model.config.task_names[0]
+        if task not in model.config.task_names:
+            raise ValueError(f"task {task!r} is not one of the model's tasks {model.config.task_names}")
+    elif task is not None and task != model.config.label_name:
+        raise ValueError(f"task {task!r}: this single-task model predicts {model.config.label_name!r}")
+    else:
+        task = None
     with torch.no_grad():
         output = model(input_values=inputs)
+    if task is not None:  # one task's view of a multi-task output
+        output = type(output)(**{key: getattr(output, key)[task] for key in ("logits", "expert_logits", "gate_weights")})
+    problem_type = (model.tasks[task].task_config if task is not None else model.config).problem_type
     batch = inputs.shape[0]
     if target is None:
-        targets = torch.zeros(batch, dtype=torch.long) if model.config.problem_type == "regression" \
-            else output.logits.argmax(-1)
+        targets = torch.zeros(batch, dtype=torch.long) if problem_type == "regression" else output.logits.argmax(-1)
     else:
         targets = torch.as_tensor(target, dtype=torch.long).expand(batch).clone()
     normalized = normalize_ecg(inputs, model.config.normalization)
     baseline = torch.zeros_like(normalized)
-    ig = attr.IntegratedGradients(_EnsembleFromNormalized(model))
+    ig = attr.IntegratedGradients(_EnsembleFromNormalized(model, task))
     saliency, delta = ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
                                    internal_batch_size=internal_batch_size, return_convergence_delta=True)
     notes = {}
@@ -143,7 +157,7 @@ def explain(
             expert_saliency[name] = None
             notes[name] = NOT_DIFFERENTIABLE[expert_type]
         elif experts:
-            path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name))
+            path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name, task))
             expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
                                                       internal_batch_size=internal_batch_size).detach().numpy()
     if any(saliency is None for saliency in expert_saliency.values()):

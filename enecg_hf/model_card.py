@@ -76,52 +76,57 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     from . import __version__
 
     config = model.config
-    regression = metrics["problem_type"] == "regression"
+    # A multi-task run's metrics hold one single-task block per task; the card has a section per task.
+    tasks = [task_section(m) for m in (metrics["tasks"].values() if "tasks" in metrics else [metrics])]
+    multitask = "tasks" in metrics
+    regression = tasks[0]["regression"]
     task_type = HUB_TASKS["regression" if regression else "classification"]
     dataset_name = ", ".join(dataset_sources) or "custom"
     hub_datasets = [HUB_DATASET_IDS[s] for s in dataset_sources if s in HUB_DATASET_IDS]
     eval_results = [
         EvalResult(
-            task_type=task_type, task_name=f"ECG {metrics['label']} {'regression' if regression else 'classification'}",
+            task_type=HUB_TASKS["regression" if task["regression"] else "classification"],
+            task_name=f"ECG {task['label']} {'regression' if task['regression'] else 'classification'}",
             # `type` names a Hub dataset where there is one; otherwise the source (the Hub then links nothing).
             dataset_type="+".join(hub_datasets) if len(hub_datasets) == len(dataset_sources) and hub_datasets
             else dataset_name.replace(", ", "+"),
-            dataset_name=f"{dataset_name} ({len(metrics['folds'])}-fold subject-wise CV)",
+            dataset_name=f"{dataset_name} ({task['folds']}-fold subject-wise CV)",
             metric_type=name, metric_name=f"{METRIC_NAMES.get(name, name)} (CV mean)", metric_value=round(summary["mean"], 6),
         )
-        for name, summary in metrics["cv"].items()
+        for task in tasks
+        for name, summary in task["cv"].items()
         if not math.isnan(summary["mean"])
     ]
+    kinds = sorted({"regression" if task["regression"] else "classification" for task in tasks})
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
         pipeline_tag=task_type,
-        tags=["ecg", "time-series", f"time-series-{'regression' if regression else 'classification'}", "medical",
-              "enecg", "mixture-of-experts", "peft", "lora"],
+        tags=["ecg", "time-series", *[f"time-series-{kind}" for kind in kinds], "medical",
+              "enecg", "mixture-of-experts", "peft", "lora", *(["multi-task"] if multitask else [])],
         datasets=hub_datasets or None,
-        metrics=list(metrics["cv"]) or list(metrics["final"]["metrics"]),
+        metrics=list(dict.fromkeys(name for task in tasks for name in (task["cv"] or task["final_metrics"]))),
         model_name=model_id,
         eval_results=eval_results or None,
     )
-    num_labels = config.num_labels
-    output_description = (
-        f"(batch, {num_labels}) {metrics['label']} in {metrics.get('unit') or 'the label unit'}" if regression
-        else f"(batch, {num_labels}) class logits: {', '.join(metrics['classes'])}"
-    )
-    unit = metrics.get("unit") or ""
-    pipeline_output_description = (
-        f'{{"label": "{metrics["label"]}", "value": ..., "unit": "{unit}"}}' if regression
-        else f"the predicted {metrics['label']} class and each class's score"
-    )
+    if multitask:
+        label = ", ".join(task["label"] for task in tasks)
+        output_description = "dict by task: " + "; ".join(f"{t['label']} {t['output_description']}" for t in tasks)
+        pipeline_output_description = ('{"tasks": {' + ", ".join(f'"{t["label"]}": {{...}}' for t in tasks)
+                                       + '}}, each task\'s prediction with its unit or class scores')
+        task_description = f"{len(tasks)} tasks from one pass of the experts"
+    else:
+        label, output_description = tasks[0]["label"], tasks[0]["output_description"]
+        pipeline_output_description, task_description = tasks[0]["pipeline_output"], tasks[0]["task_description"]
     card = ModelCard.from_template(
         card_data,
         template_path=str(template or template_path()),
         model_id=model_id,
         version=__version__,
-        label=metrics["label"],
-        unit=metrics.get("unit"),
-        classes=metrics.get("classes") if not regression else None,
-        task_description=f"regression, {metrics.get('unit') or 'label units'}" if regression else "classification",
+        label=label,
+        multitask=multitask,
+        tasks=tasks,
+        task_description=task_description,
         experts=config.expert_names,
         expert_sources={e.name: e.pretrained for e in config.expert_configs if e.pretrained},
         expert_table=expert_table(model),
@@ -129,21 +134,39 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
         adaptation_description=(f"LoRA r={config.lora_r}, alpha={config.lora_alpha}" if config.adaptation == "lora"
                                 else "trained fully"),
         gate_description=("learned softmax gate reading " + ", ".join(config.gate_leads) if config.gate_type == "learned"
-                          else "uniform average (no learned gate)"),
+                          else "uniform average (no learned gate)") + (" per task" if multitask else ""),
         leads=len(config.lead_names), lead_names=config.lead_names, input_length=config.input_length,
         sampling_rate=config.sampling_rate, seconds=f"{config.input_length / config.sampling_rate:g}",
         normalization=config.normalization, output_description=output_description,
         pipeline_output_description=pipeline_output_description,
-        records=metrics["records"], dataset_sources=dataset_sources, dataset_links=SOURCE_PAGES, folds=len(metrics["folds"]),
-        cv=metrics["cv"], cv_baseline=metrics["cv_baseline"],
-        baseline_description="its mean" if regression else "its majority class",
+        records=metrics["records"], dataset_sources=dataset_sources, dataset_links=SOURCE_PAGES,
         epochs=training_args["epochs"], batch_size=training_args["batch_size"],
         learning_rate=training_args["learning_rate"], weight_decay=training_args["weight_decay"],
         seed=training_args["seed"], cache_features=training_args["cache_features"],
         strategy=training_args.get("strategy", "joint"), inner_folds=training_args.get("inner_folds"),
-        final_fit=metrics.get("final", {}).get("fit") or {}, gate_weights=metrics.get("final", {}).get("gate_weights") or {},
     )
     return str(card).rstrip("\n") + "\n"
 
 
-__all__ = ["render_model_card", "random_weight_experts", "expert_table", "template_path"]
+def task_section(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the card says about one task, from its block of `metrics.json`."""
+    regression = metrics["problem_type"] == "regression"
+    unit = metrics.get("unit") or ""
+    classes = metrics.get("classes") or []
+    return {
+        "label": metrics["label"], "regression": regression, "unit": metrics.get("unit"),
+        "classes": classes if not regression else None, "records": metrics["records"],
+        "task_description": f"regression, {unit or 'label units'}" if regression else "classification",
+        "output_description": (f"(batch, 1) {metrics['label']} in {unit or 'the label unit'}" if regression
+                               else f"(batch, {len(classes)}) class logits: {', '.join(classes)}"),
+        "pipeline_output": (f'{{"label": "{metrics["label"]}", "value": ..., "unit": "{unit}"}}' if regression
+                            else f"the predicted {metrics['label']} class and each class's score"),
+        "folds": len(metrics["folds"]), "cv": metrics["cv"], "cv_baseline": metrics["cv_baseline"],
+        "baseline_description": "its mean" if regression else "its majority class",
+        "final_fit": metrics.get("final", {}).get("fit") or {},
+        "final_metrics": metrics.get("final", {}).get("metrics") or {},
+        "gate_weights": metrics.get("final", {}).get("gate_weights") or {},
+    }
+
+
+__all__ = ["render_model_card", "task_section", "random_weight_experts", "expert_table", "template_path"]

@@ -6,6 +6,9 @@ Data flow for a batch of records `input_values` (batch, leads, samples):
                ├─> ...                                          ├─> gate-weighted sum ─> logits
                ├─> expert_E (frozen) ─> embedding_E ─> head_E ─┘
                └─> gate leads ─> gate MLP ─> softmax weights (batch, E)
+
+A multi-task model (`config.tasks`) runs the experts once and gives every task its own heads and gate
+([`EnECGTaskEnsemble`], under `model.tasks[name]`); a single-task model holds them as `model.heads` and `model.gate`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_enecg import EnECGConfig
+from .configuration_enecg import EnECGConfig, EnECGTaskConfig
 from .expert_base import resample_fourier
 from .expert_registry import build_expert
 
@@ -49,6 +52,11 @@ class EnECGModelOutput(ModelOutput):
         gate_weights (`torch.FloatTensor` of shape `(batch, num_experts)`): softmax weights of the gate (rows sum to 1).
         hidden_states (`tuple` of `torch.FloatTensor` of shape `(batch, embedding_dim_e)`, *optional*): returned with
             `output_hidden_states=True`: every expert's embedding (what its head reads), in expert order.
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*): a multi-task model's loss of each task that had
+            labels in the batch (`loss` is their sum weighted by each task's `loss_weight`).
+
+    A multi-task model (`config.tasks`) returns `logits`, `expert_logits` and `gate_weights` as dicts keyed by task
+    name, each value shaped as above with that task's `num_labels`.
 
     Outputs are float32 whatever the model's dtype (heads and gate may run in bfloat16; label units need the
     precision: bfloat16 resolves 800 ms to 4 ms).
@@ -59,6 +67,7 @@ class EnECGModelOutput(ModelOutput):
     expert_logits: torch.FloatTensor | None = None
     gate_weights: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    task_losses: dict[str, torch.FloatTensor] | None = None
 
 
 @dataclass
@@ -82,6 +91,15 @@ def normalize_ecg(input_values: torch.Tensor, mode: str, eps: float = 1e-6) -> t
     mean = input_values.mean(dim=dims, keepdim=True)
     std = input_values.std(dim=dims, keepdim=True, unbiased=False)
     return (input_values - mean) / (std + eps)
+
+
+def labels_present(labels: torch.Tensor) -> torch.Tensor:
+    """(batch,) True where a record has its label: finite, and not -100 (the ignore index of a class label)."""
+    flat = labels.reshape(labels.shape[0], -1)
+    present = flat != -100
+    if flat.is_floating_point():
+        present &= torch.isfinite(flat)
+    return present.all(dim=1)
 
 
 def mix_experts(expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
@@ -139,6 +157,143 @@ class EnECGGate(nn.Module):
         return F.softmax(self.out_proj(F.relu(self.dense(gate_inputs))), dim=-1)
 
 
+class EnECGTaskMixin:
+    """What one task computes from the experts' embeddings: every head's output, the gate's weights, their mixture,
+    the loss and the label units. Shared by a single-task [`EnECGModel`] (its own `heads`, `gate` and config) and each
+    [`EnECGTaskEnsemble`] of a multi-task one (whose `task_config` is its entry of `config.tasks`)."""
+
+    heads: nn.ModuleDict
+    gate: EnECGGate
+
+    @property
+    def task_config(self) -> EnECGConfig | EnECGTaskConfig:
+        raise NotImplementedError
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def predict_task(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                     gate_inputs: torch.Tensor | None, labels: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss or None, logits, expert_logits, gate_weights) of this task, in the label's unit (see
+        [`EnECGModelOutput`]); records whose label is missing (NaN, or -100 for a class index) are left out of the
+        loss."""
+        scaled_expert_logits = self.compute_expert_logits(expert_embeddings).float()
+        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0]).float()
+        scaled_logits = mix_experts(scaled_expert_logits, gate_weights)
+        loss = None
+        if labels is not None:
+            if self.training:
+                self._warn_if_target_scaling_is_unset()
+            loss = self.loss_function(scaled_logits, labels)
+            if self.task_config.expert_loss_weight > 0:
+                loss = loss + self.task_config.expert_loss_weight * self.loss_function(scaled_expert_logits, labels)
+        return loss, self.to_label_units(scaled_logits), self.to_label_units(scaled_expert_logits), gate_weights
+
+    def _warn_if_target_scaling_is_unset(self) -> None:
+        """A regression model trained with the default `target_mean=0, target_std=1` learns labels in their own unit
+        (hundreds of ms): the loss is huge and training goes nowhere, without an error. Say so, once."""
+        config = self.task_config
+        if config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0):
+            return
+        if not getattr(self, "_warned_target_scaling", False):
+            self._warned_target_scaling = True
+            logger.warning(
+                "Training a regression EnECG model whose target scaling is unset (config.target_mean=0, "
+                "config.target_std=1): the heads must then output %s in its own unit, and training will not get far. "
+                "Set it from the training labels first: enecg_hf.training.fit_label_statistics(model, labels), or "
+                "train with transformers.Trainer and enecg_hf.training.EnECGTrainerCallback (train.py does it itself).",
+                config.label_name or "the label",
+            )
+
+    def compute_expert_logits(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+        """Every head on its expert's embedding: (batch, experts, num_labels), regression on the standardised scale."""
+        if len(expert_embeddings) != len(self.heads):
+            raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
+        return torch.stack([head(e.to(head.dense1.weight.dtype)) for head, e in zip(self.heads.values(), expert_embeddings)],
+                           dim=1)
+
+    def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Softmax weights of the experts, (batch, experts); `gate_inputs` may be None for the uniform gate."""
+        if self.task_config.gate_type == "uniform":
+            device = next(self.heads.parameters()).device
+            return torch.full((batch_size, len(self.heads)), 1.0 / len(self.heads), device=device)
+        return self.gate(gate_inputs.to(self.gate.dense.weight.dtype))
+
+    def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
+        """Regression heads learn a standardised target; report it in the label's unit."""
+        if self.task_config.problem_type != "regression":
+            return values
+        return values.float() * self.task_config.target_std + self.task_config.target_mean
+
+    def loss_function(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of `(batch, num_labels)` outputs, or the mean over experts of `(batch, experts, num_labels)` outputs.
+
+        MSE on the standardised target, cross-entropy (weighted by `config.class_weights`) or BCE. Records whose label
+        is missing (NaN, or -100 as a class index) are left out; a batch without any label gives a zero loss."""
+        present = labels_present(labels)
+        if not bool(present.all()):  # a missing label is left out of the loss, never imputed
+            if not bool(present.any()):
+                return scaled_logits.sum() * 0.0
+            scaled_logits, labels = scaled_logits[present], labels[present]
+        per_expert = scaled_logits.dim() == 3
+        if per_expert:  # every expert predicts every label: fold the experts into the batch
+            labels = labels.unsqueeze(1).expand(-1, scaled_logits.shape[1], *labels.shape[1:])
+            scaled_logits, labels = scaled_logits.flatten(0, 1), labels.flatten(0, 1)
+        problem_type = self.task_config.problem_type
+        if problem_type == "regression":
+            target = (labels.float() - self.task_config.target_mean) / self.task_config.target_std
+            return F.mse_loss(scaled_logits, target.reshape(scaled_logits.shape))
+        if problem_type == "single_label_classification":
+            weight = None
+            if self.task_config.class_weights is not None:
+                weight = torch.tensor(self.task_config.class_weights, dtype=scaled_logits.dtype, device=scaled_logits.device)
+            return F.cross_entropy(scaled_logits, labels.long().reshape(-1), weight=weight)
+        return F.binary_cross_entropy_with_logits(scaled_logits, labels.float().reshape(scaled_logits.shape))
+
+    @torch.no_grad()
+    def fit_head_standardization(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+        """Set every head's input mean and standard deviation from the training records' embeddings
+        (`(records, embedding_dim)` per expert). A constant column keeps a standard deviation of 1."""
+        if not self.task_config.head_standardize:
+            return
+        for head, embedding in zip(self.heads.values(), expert_embeddings):
+            embedding = embedding.float()
+            std = embedding.std(dim=0) if embedding.shape[0] > 1 else torch.ones_like(head.input_std)
+            head.input_mean.copy_(embedding.mean(dim=0))
+            head.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+
+
+class EnECGTaskEnsemble(EnECGTaskMixin, nn.Module):
+    """One task of a multi-task [`EnECGModel`]: a head per expert and a gate, over the shared experts' embeddings.
+
+    `forward(expert_embeddings, gate_inputs, labels=None)` returns an [`EnECGModelOutput`] of this task alone
+    (`logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`, `gate_weights` `(batch, experts)`),
+    so the training core fits it as it fits a single-task model."""
+
+    def __init__(self, task_config: EnECGTaskConfig, embedding_dims: dict[str, int], gate_input_size: int):
+        super().__init__()
+        self._task_config = task_config
+        self.heads = nn.ModuleDict(
+            {
+                name: EnECGHead(dim, task_config.head_hidden_size, task_config.num_labels, task_config.head_dropout,
+                                standardize=task_config.head_standardize, input_clip=task_config.head_input_clip)
+                for name, dim in embedding_dims.items()
+            }
+        )
+        self.gate = EnECGGate(gate_input_size, task_config.gate_hidden_size, len(embedding_dims))
+
+    @property
+    def task_config(self) -> EnECGTaskConfig:
+        return self._task_config
+
+    def forward(self, expert_embeddings, gate_inputs=None, labels=None) -> EnECGModelOutput:
+        loss, logits, expert_logits, gate_weights = self.predict_task(expert_embeddings, gate_inputs, labels)
+        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
+
+
 class EnECGPreTrainedModel(PreTrainedModel):
     config_class = EnECGConfig
     base_model_prefix = "enecg"
@@ -152,29 +307,38 @@ class EnECGPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Only the heads and the gate are ours to initialise. Experts initialise themselves (and are usually
         # overwritten by pretrained weights): the transformers default would re-draw every Linear/Conv/Norm in them.
-        # transformers guards the torch.nn.init functions so that each tensor is initialised once: one call per tensor.
-        if isinstance(module, (EnECGHead, EnECGGate)):
-            # The gate's out_proj starts at zero: a new gate is the uniform average (a random gate starts on a random
-            # expert, and a few hundred records rarely undo it).
-            zero = module.out_proj if isinstance(module, EnECGGate) else None
-            for layer in module.modules():
-                if not isinstance(layer, nn.Linear):
-                    continue
-                if zero is not None and layer in (zero, getattr(zero, "base_layer", None)):
-                    nn.init.zeros_(layer.weight)
-                    nn.init.zeros_(layer.bias)
-                    continue
-                nn.init.kaiming_uniform_(layer.weight, a=5**0.5)  # nn.Linear's own default
-                if layer.bias is not None:
-                    bound = 1 / layer.in_features**0.5
-                    nn.init.uniform_(layer.bias, -bound, bound)
-        if isinstance(module, EnECGHead) and module.standardize:
-            module.input_mean.zero_()
-            module.input_std.fill_(1.0)
+        init_head_or_gate(module)
 
 
-class EnECGModel(EnECGPreTrainedModel):
+@torch.no_grad()
+def init_head_or_gate(module: nn.Module) -> None:
+    """Initialise an [`EnECGHead`] or [`EnECGGate`] (any other module is left alone): `nn.Linear`'s own default, and
+    zeros for the gate's `out_proj`. One call per tensor: transformers guards the torch.nn.init functions so that each
+    tensor is initialised once."""
+    if isinstance(module, (EnECGHead, EnECGGate)):
+        # The gate's out_proj starts at zero: a new gate is the uniform average (a random gate starts on a random
+        # expert, and a few hundred records rarely undo it).
+        zero = module.out_proj if isinstance(module, EnECGGate) else None
+        for layer in module.modules():
+            if not isinstance(layer, nn.Linear):
+                continue
+            if zero is not None and layer in (zero, getattr(zero, "base_layer", None)):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+                continue
+            nn.init.kaiming_uniform_(layer.weight, a=5**0.5)  # nn.Linear's own default
+            if layer.bias is not None:
+                bound = 1 / layer.in_features**0.5
+                nn.init.uniform_(layer.bias, -bound, bound)
+    if isinstance(module, EnECGHead) and module.standardize:
+        module.input_mean.zero_()
+        module.input_std.fill_(1.0)
+
+
+class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
     """The EnECG ensemble: frozen experts, one FFN head per expert (adapted with LoRA or trained fully) and a gate.
+    A multi-task config (`config.tasks`) gives every task its own heads and gate ([`EnECGTaskEnsemble`] in
+    `model.tasks`) over one pass of the experts.
 
     Create one with random expert weights with `EnECGModel(config)`, with each expert's pretrained weights with
     `EnECGModel.from_expert_sources(config)`, or load a saved one with `from_pretrained`.
@@ -184,15 +348,22 @@ class EnECGModel(EnECGPreTrainedModel):
         super().__init__(config)
         lead_names = list(config.lead_names)
         self.experts = nn.ModuleDict({e.name: build_expert(e, lead_names) for e in config.expert_configs})
-        self.heads = nn.ModuleDict(
-            {
-                name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels, config.head_dropout,
-                                standardize=config.head_standardize, input_clip=config.head_input_clip)
-                for name, expert in self.experts.items()
-            }
-        )
         self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
-        self.gate = EnECGGate(len(config.gate_leads) * config.gate_input_length, config.gate_hidden_size, len(self.experts))
+        gate_input_size = len(config.gate_leads) * config.gate_input_length
+        if config.is_multitask:
+            dims = {name: expert.embedding_dim for name, expert in self.experts.items()}
+            self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size)
+                                        for task in config.task_configs})
+        else:  # the layout of every single-task folder ever saved: `heads.<expert>.*` and `gate.*`
+            self.heads = nn.ModuleDict(
+                {
+                    name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels,
+                                    config.head_dropout, standardize=config.head_standardize,
+                                    input_clip=config.head_input_clip)
+                    for name, expert in self.experts.items()
+                }
+            )
+            self.gate = EnECGGate(gate_input_size, config.gate_hidden_size, len(self.experts))
         # Experts that need float32 stay float32 under `from_pretrained(..., dtype=torch.bfloat16 / float16)`; the
         # other experts, the heads and the gate take the requested dtype.
         self._keep_in_fp32_modules_strict = {rf"^experts\.{name}\." for name in self._fp32_expert_names()}
@@ -214,7 +385,7 @@ class EnECGModel(EnECGPreTrainedModel):
             lora_alpha=self.config.lora_alpha,
             lora_dropout=self.config.lora_dropout,
             bias="none",
-            target_modules=r"^(heads\.[^.]+\.(dense1|dense2|out_proj)|gate\.(dense|out_proj))$",
+            target_modules=r"^((tasks\.[^.]+\.)?heads\.[^.]+\.(dense1|dense2|out_proj)|(tasks\.[^.]+\.)?gate\.(dense|out_proj))$",
         )
         inject_adapter_in_model(lora_config, self)
 
@@ -294,6 +465,27 @@ class EnECGModel(EnECGPreTrainedModel):
     def expert_names(self) -> list[str]:
         return list(self.experts.keys())
 
+    @property
+    def task_config(self) -> EnECGConfig:
+        if self.config.is_multitask:
+            raise AttributeError(f"A multi-task model has one config per task: use model.tasks[name].task_config "
+                                 f"(tasks: {self.config.task_names})")
+        return self.config
+
+    def task_ensembles(self) -> dict[str, "EnECGTaskMixin"]:
+        """Heads and gate of every task, by task name: `model.tasks` of a multi-task model, the model itself (under
+        its `label_name`) for a single task. The training core fits each of them on the shared expert features."""
+        if self.config.is_multitask:
+            return dict(self.tasks.items())
+        return {self.config.label_name or "label": self}
+
+    @torch.no_grad()
+    def fit_head_standardization(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
+        """Set every head's input mean and standard deviation (of every task) from the training records' embeddings
+        (`(records, embedding_dim)` per expert). A constant column keeps a standard deviation of 1."""
+        for ensemble in self.task_ensembles().values():
+            EnECGTaskMixin.fit_head_standardization(ensemble, expert_embeddings)
+
     def compute_features(self, input_values: torch.Tensor) -> EnECGFeatures:
         """Run the frozen part: normalisation, experts and the gate's input selection.
 
@@ -340,7 +532,9 @@ class EnECGModel(EnECGPreTrainedModel):
             input_values (`torch.FloatTensor` of shape `(batch, leads, samples)`): raw ECG in millivolts at
                 `config.sampling_rate`, leads ordered as `config.lead_names`. The model normalises it.
             labels (`torch.Tensor`, *optional*): `(batch,)` or `(batch, num_labels)` floats for regression, `(batch,)`
-                class indices for single-label, `(batch, num_labels)` 0/1 for multi-label classification.
+                class indices for single-label, `(batch, num_labels)` 0/1 for multi-label classification. A record
+                without a label is NaN (floats) or -100 (class indices) and is left out of the loss. A multi-task
+                model takes a dict `{task name: tensor}` (tasks without labels may be left out).
             expert_embeddings, gate_inputs (*optional*): precomputed [`EnECGFeatures`] instead of `input_values`
                 (training on cached features skips the frozen experts).
             output_hidden_states (`bool`, *optional*): also return every expert's embedding as `hidden_states`.
@@ -348,7 +542,8 @@ class EnECGModel(EnECGPreTrainedModel):
 
         Returns:
             [`EnECGModelOutput`] with `logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`,
-            `gate_weights` `(batch, experts)` and `loss` when labels are given.
+            `gate_weights` `(batch, experts)` and `loss` when labels are given; for a multi-task model the first three
+            are dicts by task name, and `loss` is the sum of each task's loss times its `loss_weight`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
@@ -364,89 +559,29 @@ class EnECGModel(EnECGPreTrainedModel):
                 raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
             features = self.compute_features(input_values)
             expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
-        scaled_expert_logits = self.compute_expert_logits(expert_embeddings).float()
-        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0]).float()
-        scaled_logits = mix_experts(scaled_expert_logits, gate_weights)
-
-        loss = None
-        if labels is not None:
-            if self.training:
-                self._warn_if_target_scaling_is_unset()
-            loss = self.loss_function(scaled_logits, labels)
-            if self.config.expert_loss_weight > 0:
-                loss = loss + self.config.expert_loss_weight * self.loss_function(scaled_expert_logits, labels)
-        logits, expert_logits = self.to_label_units(scaled_logits), self.to_label_units(scaled_expert_logits)
         hidden_states = tuple(expert_embeddings) if output_hidden_states else None
+        task_losses = None
+        if self.config.is_multitask:
+            if labels is not None and not isinstance(labels, dict):
+                raise ValueError(f"A multi-task model takes labels as a dict {{task: tensor}} (tasks: "
+                                 f"{self.config.task_names}); a missing label is NaN or -100")
+            unknown = sorted(set(labels or {}) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"labels for unknown tasks {unknown}; the model's tasks are {self.config.task_names}")
+            results = {name: ensemble.predict_task(expert_embeddings, gate_inputs, (labels or {}).get(name))
+                       for name, ensemble in self.tasks.items()}
+            logits, expert_logits, gate_weights = ({name: result[i] for name, result in results.items()}
+                                                   for i in (1, 2, 3))
+            task_losses = {name: result[0] for name, result in results.items() if result[0] is not None}
+            loss = (sum(self.tasks[name].task_config.loss_weight * value for name, value in task_losses.items())
+                    if task_losses else None)
+        else:
+            loss, logits, expert_logits, gate_weights = self.predict_task(expert_embeddings, gate_inputs, labels)
         if not return_dict:
-            return tuple(v for v in (loss, logits, expert_logits, gate_weights, hidden_states) if v is not None)
+            return tuple(v for v in (loss, logits, expert_logits, gate_weights, hidden_states, task_losses)
+                         if v is not None)
         return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights,
-                                hidden_states=hidden_states)
-
-    def _warn_if_target_scaling_is_unset(self) -> None:
-        """A regression model trained with the default `target_mean=0, target_std=1` learns labels in their own unit
-        (hundreds of ms): the loss is huge and training goes nowhere, without an error. Say so, once."""
-        config = self.config
-        if config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0):
-            return
-        if not getattr(self, "_warned_target_scaling", False):
-            self._warned_target_scaling = True
-            logger.warning(
-                "Training a regression EnECG model whose target scaling is unset (config.target_mean=0, "
-                "config.target_std=1): the heads must then output %s in its own unit, and training will not get far. "
-                "Set it from the training labels first: enecg_hf.training.fit_label_statistics(model, labels), or "
-                "train with transformers.Trainer and enecg_hf.training.EnECGTrainerCallback (train.py does it itself).",
-                config.label_name or "the label",
-            )
-
-    def compute_expert_logits(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-        """Every head on its expert's embedding: (batch, experts, num_labels), regression on the standardised scale."""
-        if len(expert_embeddings) != len(self.heads):
-            raise ValueError(f"Expected {len(self.heads)} expert embeddings, got {len(expert_embeddings)}")
-        return torch.stack([head(e.to(head.dense1.weight.dtype)) for head, e in zip(self.heads.values(), expert_embeddings)],
-                           dim=1)
-
-    def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Softmax weights of the experts, (batch, experts); `gate_inputs` may be None for the uniform gate."""
-        if self.config.gate_type == "uniform":
-            return torch.full((batch_size, len(self.heads)), 1.0 / len(self.heads), device=self.device)
-        return self.gate(gate_inputs.to(self.gate.dense.weight.dtype))
-
-    def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
-        """Regression heads learn a standardised target; report it in the label's unit."""
-        if self.config.problem_type != "regression":
-            return values
-        return values.float() * self.config.target_std + self.config.target_mean
-
-    def loss_function(self, scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of `(batch, num_labels)` outputs, or the mean over experts of `(batch, experts, num_labels)` outputs.
-
-        MSE on the standardised target, cross-entropy (weighted by `config.class_weights`) or BCE."""
-        per_expert = scaled_logits.dim() == 3
-        if per_expert:  # every expert predicts every label: fold the experts into the batch
-            labels = labels.unsqueeze(1).expand(-1, scaled_logits.shape[1], *labels.shape[1:])
-            scaled_logits, labels = scaled_logits.flatten(0, 1), labels.flatten(0, 1)
-        problem_type = self.config.problem_type
-        if problem_type == "regression":
-            target = (labels.float() - self.config.target_mean) / self.config.target_std
-            return F.mse_loss(scaled_logits, target.reshape(scaled_logits.shape))
-        if problem_type == "single_label_classification":
-            weight = None
-            if self.config.class_weights is not None:
-                weight = torch.tensor(self.config.class_weights, dtype=scaled_logits.dtype, device=scaled_logits.device)
-            return F.cross_entropy(scaled_logits, labels.long().reshape(-1), weight=weight)
-        return F.binary_cross_entropy_with_logits(scaled_logits, labels.float().reshape(scaled_logits.shape))
-
-    @torch.no_grad()
-    def fit_head_standardization(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
-        """Set every head's input mean and standard deviation from the training records' embeddings
-        (`(records, embedding_dim)` per expert). A constant column keeps a standard deviation of 1."""
-        if not self.config.head_standardize:
-            return
-        for head, embedding in zip(self.heads.values(), expert_embeddings):
-            embedding = embedding.float()
-            std = embedding.std(dim=0) if embedding.shape[0] > 1 else torch.ones_like(head.input_std)
-            head.input_mean.copy_(embedding.mean(dim=0))
-            head.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+                                hidden_states=hidden_states, task_losses=task_losses)
 
     # ------------------------------------------------------------------------------------------------ saving
     def lora_layers(self) -> dict[str, nn.Module]:
@@ -528,4 +663,5 @@ def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
     return model.eval()
 
 
-__all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "load_adapter_base"]
+__all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "EnECGTaskEnsemble",
+           "load_adapter_base"]

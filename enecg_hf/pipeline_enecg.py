@@ -195,6 +195,8 @@ class EnECGPipeline(Pipeline):
     Each result is a dict: for regression `{"value", "unit", "label"}` (the label's name); for classification
     `{"label", "score", "scores": [{"label", "score"}, ... top_k]}`; always `"gate_weights"` `{expert: weight}`,
     `"expert_predictions"` (each expert head's own value, or its top class and score), `"warnings"` and `"source"`.
+    A multi-task model's result holds one such prediction per task under `"tasks"` (`{task: {"label", "value",
+    "unit", "gate_weights", "expert_predictions", ...}}`), beside the record's `"warnings"` and `"source"`.
     """
 
     _load_processor = False
@@ -255,25 +257,47 @@ class EnECGPipeline(Pipeline):
 
     def _forward(self, model_inputs):
         output = self.model(input_values=model_inputs["input_values"])
-        return {"logits": output.logits, "expert_logits": output.expert_logits, "gate_weights": output.gate_weights,
-                "warnings": model_inputs["warnings"], "source": model_inputs["source"]}
+        outputs = {"warnings": model_inputs["warnings"], "source": model_inputs["source"]}
+        if not self.model.config.is_multitask:
+            return {"logits": output.logits, "expert_logits": output.expert_logits, "gate_weights": output.gate_weights,
+                    **outputs}
+        # Flat keys of tensors: transformers' batching hands each record its row of every tensor value, not of dicts.
+        for key in ("logits", "expert_logits", "gate_weights"):
+            outputs.update({f"{key}/{task}": value for task, value in getattr(output, key).items()})
+        return outputs
 
     def postprocess(self, model_outputs, top_k=None):
         config = self.model.config
-        names = list(self.model.expert_names)
-        logits = model_outputs["logits"][0].float()
-        expert_logits = model_outputs["expert_logits"][0].float()
-        outputs = (logits, expert_logits, model_outputs["gate_weights"][0].float())
-        if not all(torch.isfinite(tensor).all() for tensor in outputs):
-            raise ECGInputError("non_finite_output", f"the model's output for {model_outputs['source']} is NaN or "
-                                "infinite; the input is outside what the model can compute with")
         result: dict[str, Any] = {}
-        if config.problem_type == "regression":
-            result.update(label=config.label_name, value=float(logits[0]), unit=config.label_unit)
+        if config.is_multitask:
+            result["tasks"] = {
+                task.label_name: self._task_result(task, *(model_outputs[f"{key}/{task.label_name}"] for key in
+                                                           ("logits", "expert_logits", "gate_weights")),
+                                                   model_outputs["source"], top_k)
+                for task in config.task_configs
+            }
+        else:
+            result.update(self._task_result(config, model_outputs["logits"], model_outputs["expert_logits"],
+                                            model_outputs["gate_weights"], model_outputs["source"], top_k))
+        result["warnings"] = list(model_outputs["warnings"])
+        result["source"] = model_outputs["source"]
+        return result
+
+    def _task_result(self, task, logits, expert_logits, gate_weights, source, top_k=None) -> dict[str, Any]:
+        """One task's prediction of one record: the value or classes, each expert's gate weight and own prediction.
+        `task` is the model config (single task) or one of `config.task_configs`."""
+        names = list(self.model.expert_names)
+        logits, expert_logits, gate_weights = logits[0].float(), expert_logits[0].float(), gate_weights[0].float()
+        if not all(torch.isfinite(tensor).all() for tensor in (logits, expert_logits, gate_weights)):
+            raise ECGInputError("non_finite_output", f"the model's output for {source} is NaN or infinite; the input "
+                                "is outside what the model can compute with")
+        result: dict[str, Any] = {}
+        if task.problem_type == "regression":
+            result.update(label=task.label_name, value=float(logits[0]), unit=task.label_unit)
             experts = {name: float(expert_logits[i, 0]) for i, name in enumerate(names)}
         else:
-            id2label = {int(k): v for k, v in config.id2label.items()}
-            multi = config.problem_type == "multi_label_classification"
+            id2label = {int(k): v for k, v in task.id2label.items()}
+            multi = task.problem_type == "multi_label_classification"
             scores = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=-1)
             k = len(id2label) if top_k is None else max(1, min(int(top_k), len(id2label)))
             ranked = torch.argsort(scores, descending=True)[:k].tolist()
@@ -282,10 +306,8 @@ class EnECGPipeline(Pipeline):
             expert_scores = torch.sigmoid(expert_logits) if multi else torch.softmax(expert_logits, dim=-1)
             experts = {name: {"label": id2label[int(expert_scores[i].argmax())], "score": float(expert_scores[i].max())}
                        for i, name in enumerate(names)}
-        result["gate_weights"] = {name: float(w) for name, w in zip(names, model_outputs["gate_weights"][0].tolist())}
+        result["gate_weights"] = {name: float(w) for name, w in zip(names, gate_weights.tolist())}
         result["expert_predictions"] = experts
-        result["warnings"] = list(model_outputs["warnings"])
-        result["source"] = model_outputs["source"]
         return result
 
 

@@ -90,18 +90,17 @@ def gather_record(files: Sequence[str] | None, workdir: str | Path) -> str:
     raise ValueError("A .dat or .mat signal file needs its .hea header: upload both")
 
 
-def _format_prediction(result: dict[str, Any], truth: Any = None) -> str:
+def _format_prediction(result: dict[str, Any], truth: Any = None, task: str | None = None) -> str:
+    """One task's prediction as Markdown; `task` names a classification task of a multi-task model."""
     if "value" in result:
         text = f"### {result['label']}: **{result['value']:.1f} {result.get('unit') or ''}**"
         if truth is not None:
             text += f"  (true value {truth:.1f})"
     else:
         scores = ", ".join(f"{s['label']} {s['score']:.2f}" for s in result["scores"])
-        text = f"### {result['label']} ({result['score']:.2f})\n\nscores: {scores}"
+        text = f"### {task + ': ' if task else ''}{result['label']} ({result['score']:.2f})\n\nscores: {scores}"
         if truth is not None:
             text += f"  (true class {truth})"
-    if result.get("warnings"):
-        text += "\n\n" + "\n".join(f"- ⚠ {w}" for w in result["warnings"])
     return text
 
 
@@ -125,29 +124,57 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
         elif example:
             signal, labels = example_record(example)
             record, options = signal, {"sampling_rate": 500}
-            truth = labels.get(config.label_name)
-            if isinstance(truth, int) and config.problem_type != "regression":  # sex, potassium_flag: class index
-                truth = {int(k): v for k, v in config.id2label.items()}.get(truth, truth)
+            truth = {}
+            for task in config.task_configs:
+                value = labels.get(task.label_name)
+                if isinstance(value, int) and task.problem_type != "regression":  # sex, potassium_flag: class index
+                    value = {int(k): v for k, v in task.id2label.items()}.get(value, value)
+                truth[task.label_name] = value
         else:
             raise ValueError("Upload a record or pick a simulated example")
         # The pipeline's own steps, run one by one so the record is read and prepared once for prediction and plot.
         model_inputs = ecg.preprocess(record, **options)
         prepared = model_inputs["input_values"]
         result = ecg.postprocess(ecg.forward(model_inputs))
+    # One prediction per task, side by side (a single-task model is one task).
+    tasks = result["tasks"] if "tasks" in result else {config.label_name: result}
     explanation = explain(ecg.model, prepared, n_steps=16, experts=False) if with_saliency else None
     signal = prepared[0].numpy()
     ecg_figure = plot_ecg(signal, config.lead_names, config.sampling_rate,
                           explanation.saliency[0] if explanation is not None else None,
                           title=f"{Path(str(result['source'])).name}: 12 leads as the model sees them"
-                          + (" (red: integrated-gradients saliency)" if explanation is not None else ""))
-    gate_figure = plot_gate_weights(result["gate_weights"])
-    gate_rows = [[name, round(weight, 4)] for name, weight in result["gate_weights"].items()]
+                          + (" (red: integrated-gradients saliency"
+                             + (f" of {next(iter(tasks))}" if len(tasks) > 1 else "") + ")"
+                             if explanation is not None else ""))
+    names = list(ecg.model.expert_names)
+    gate_rows = [[name, *(round(task["gate_weights"][name], 4) for task in tasks.values())] for name in names]
     expert_rows = [
-        [name, round(p, 3) if isinstance(p, float) else f"{p['label']} ({p['score']:.2f})"]
-        for name, p in result["expert_predictions"].items()
+        [name, *(round(p, 3) if isinstance(p, float) else f"{p['label']} ({p['score']:.2f})"
+                 for p in (task["expert_predictions"][name] for task in tasks.values()))]
+        for name in names
     ]
-    return {"prediction": _format_prediction(result, truth), "gate_rows": gate_rows, "expert_rows": expert_rows,
-            "ecg_figure": ecg_figure, "gate_figure": gate_figure, "result": result}
+    text = "\n\n".join(_format_prediction(task, (truth or {}).get(name), name if len(tasks) > 1 else None)
+                         for name, task in tasks.items())
+    if result.get("warnings"):
+        text += "\n\n" + "\n".join(f"- ⚠ {w}" for w in result["warnings"])
+    return {"prediction": text, "gate_rows": gate_rows, "expert_rows": expert_rows,
+            "headers": list(tasks) if len(tasks) > 1 else None, "ecg_figure": ecg_figure,
+            "gate_figure": _gate_figure(tasks), "result": result}
+
+
+def _gate_figure(tasks: dict[str, dict[str, Any]]):
+    """The gate weights of every task, one panel per task side by side."""
+    import matplotlib.pyplot as plt
+
+    if len(tasks) == 1:
+        return plot_gate_weights(next(iter(tasks.values()))["gate_weights"])
+    experts = len(next(iter(tasks.values()))["gate_weights"])
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.5 + 0.45 * experts),
+                                constrained_layout=True, sharey=True)
+    for ax, (name, task) in zip(axes, tasks.items()):
+        plot_gate_weights(task["gate_weights"], ax=ax)
+        ax.set_title(name)
+    return figure
 
 
 def build_demo(model: str = DEFAULT_MODEL):
@@ -162,7 +189,11 @@ def build_demo(model: str = DEFAULT_MODEL):
                           sampling_rate or None, lead_names, with_saliency)
         except (ValueError, OSError) as error:
             return (f"**Error:** {error}", None, None, None, None, "error")
-        return (out["prediction"], out["gate_rows"], out["expert_rows"], out["ecg_figure"], out["gate_figure"], "ok")
+        gate, experts = out["gate_rows"], out["expert_rows"]
+        if out["headers"]:  # a multi-task model: one column per task
+            gate = {"headers": ["expert", *out["headers"]], "data": gate}
+            experts = {"headers": ["expert", *out["headers"]], "data": experts}
+        return (out["prediction"], gate, experts, out["ecg_figure"], out["gate_figure"], "ok")
 
     with gr.Blocks(title="EnECG demo") as demo:
         gr.Markdown("# EnECG: a mixture of frozen ECG experts\nUpload a 12-lead record or pick a simulated one. "

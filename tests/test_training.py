@@ -590,7 +590,8 @@ def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
 
     parser = build_parser()
     assert isinstance(parser, HfArgumentParser)
-    assert parse_args(["--dataset", "d"]) == TrainScriptArguments(dataset="d")  # the dataclasses' defaults
+    assert parse_args(["--dataset", "d"]) == TrainScriptArguments(dataset=["d"])  # the dataclasses' defaults
+    assert parse_args(["--dataset", "a,b", "--labels", "age", "sex"]).dataset == ["a", "b"]
     assert list(TrainScriptArguments().to_dict())[:3] == ["config", "dataset", "data_format"]
     args = parse_args(["--dataset", "d", "--experts", "dlinear,timesnet", "--report_to", "none", "--no-cache_features",
                        "--push_to_hub", "--hub_private", "--gate", "uniform", "--epochs", "4", "--learning_rate", "0.1",

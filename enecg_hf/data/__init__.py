@@ -21,13 +21,14 @@ from .report import BuildReport
 from .schema import ecg_features
 from .source import LayoutError
 from .splits import column_folds, subject_kfold
-from .tasks import TASKS, TaskError, TaskSpec
+from .tasks import TASKS, TaskError, TaskSpec, is_missing
 
 
 __all__ = [
     "TASKS",
     "TaskSpec",
     "TaskError",
+    "is_missing",
     "ARRHYTHMIA_CLASSES",
     "SEX_LABELS",
     "POTASSIUM_LABELS",

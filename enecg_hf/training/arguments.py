@@ -46,8 +46,9 @@ class DataArguments:
 
     config: str = field(default="tiny", metadata=_option(
         "EnECG config JSON, or the name of one in hub_configs/ (tiny)"))
-    dataset: str | None = field(default=None, metadata=_option(
-        "dataset folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`"))
+    dataset: list[str] | None = field(default=None, metadata=_option(
+        "dataset folder(s) written by `Dataset.save_to_disk` / `python -m enecg_hf.data`; several (comma- or "
+        "space-separated, e.g. one per source) are trained on together", metavar="DATASET"))
     data_format: str | None = field(default=None, metadata=_option(
         "build the dataset on the fly with enecg_hf.data.build_dataset", choices=DATA_FORMATS))
     data_path: str | None = field(default=None, metadata=_option("input of --data_format (a folder of records)"))
@@ -55,8 +56,11 @@ class DataArguments:
     limit: int | None = field(default=None, metadata=_option("use only the first N records (quick runs)"))
     label: str | None = field(default=None, metadata=_option(
         "column to predict: rr_interval, age, sex, potassium_flag, arrhythmia (default: the config's label_name)"))
+    labels: list[str] | None = field(default=None, metadata=_option(
+        "several columns, one multi-task model (experts run once for all): e.g. rr_interval,age,sex,arrhythmia, or "
+        "all (every task column the dataset has values for); records may have any subset of labels", metavar="LABELS"))
     output_dir: str | None = field(default=None, metadata=_option(
-        "folder to write (default outputs/enecg-<config>-<label>)"))
+        "folder to write (default outputs/enecg-<config>-<label>, or -multitask)"))
 
 
 @dataclass
@@ -127,7 +131,7 @@ class HubArguments:
 
 ARGUMENT_GROUPS = (DataArguments, FitArguments, ModelArguments, CacheArguments, HubArguments)
 # Options whose values may list several items separated by commas (or spaces).
-LIST_OPTIONS = ("experts", "report_to")
+LIST_OPTIONS = ("experts", "report_to", "labels", "dataset")
 
 
 @dataclass
@@ -190,6 +194,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
         if missing:
             raise SystemExit(f"--report_to {','.join(missing)}: not installed (installed trackers: "
                              f"{sorted(available) or 'none'}); e.g. pip install tensorboard")
+    if args.label and args.labels:
+        raise SystemExit("Pass either --label (one task) or --labels (a multi-task model), not both")
+    if args.labels and "all" in args.labels and len(args.labels) > 1:
+        raise SystemExit("--labels all stands alone (it means every task column the dataset has)")
     if args.dataset and args.data_format:
         raise SystemExit("Pass either --dataset or --data_format/--data_path, not both")
     if not args.dataset and not args.data_format:

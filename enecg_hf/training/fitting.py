@@ -39,13 +39,16 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from ..modeling_enecg import EnECGModel, mix_experts
+from ..modeling_enecg import EnECGModel, EnECGTaskMixin, init_head_or_gate, mix_experts
 from .stacked_heads import StackedHeads
 
 
 logger = logging.getLogger(__name__)
 
 FIT_STRATEGIES = ("stacked", "joint")
+# What a fit trains: a single-task `EnECGModel`, or one task of a multi-task model (`model.tasks[name]`). Both have
+# `heads`, `gate`, `task_config` and the task's forward on expert features.
+TaskModel = EnECGTaskMixin
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 
@@ -196,18 +199,18 @@ def subject_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
     return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.arange(len(groups)), groups=groups)]
 
 
-def reset_heads_and_gate(model: EnECGModel, seed: int) -> None:
+def reset_heads_and_gate(model: TaskModel, seed: int) -> None:
     """Draw the heads' and gate's initial weights again from `seed` (LoRA adapters: A random, B zero)."""
     torch.manual_seed(seed)
     for module in [*model.heads.values(), model.gate]:
-        model._init_weights(module)
+        init_head_or_gate(module)
         for layer in module.modules():
             if hasattr(layer, "reset_lora_parameters"):  # a peft LoRA layer (its A and B are nn.Linear too)
                 for adapter in layer.lora_A:
                     layer.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
-def head_and_gate_state(model: EnECGModel) -> dict[str, torch.Tensor]:
+def head_and_gate_state(model: TaskModel) -> dict[str, torch.Tensor]:
     """Copy of everything but the frozen experts: heads (with standardisation buffers and LoRA) and gate."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("experts.")}
 
@@ -216,9 +219,9 @@ def job_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
-def prepare_targets(model: EnECGModel, labels: torch.Tensor, weighting: str) -> None:
-    """Set what the training records determine in the config: target scaling (regression) and class weights."""
-    config = model.config
+def prepare_targets(model: TaskModel, labels: torch.Tensor, weighting: str) -> None:
+    """Set what the training records determine in the task's config: target scaling (regression) and class weights."""
+    config = model.task_config
     if config.problem_type == "regression":
         values = labels.double()
         std = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
@@ -261,9 +264,10 @@ class Patience:
 
 
 class EnECGFitter:
-    """Fits the heads and gate of `model` on a `FeatureTable` (see the module docstring)."""
+    """Fits the heads and gate of `model` on a `FeatureTable` (see the module docstring): a single-task `EnECGModel`,
+    or one task of a multi-task model (`model.tasks[name]`, whose heads and gate read the same shared features)."""
 
-    def __init__(self, model: EnECGModel, settings: FitSettings, runner: JobRunner | None = None, autocast=None):
+    def __init__(self, model: TaskModel, settings: FitSettings, runner: JobRunner | None = None, autocast=None):
         self.model = model
         self.settings = settings
         self.runner = runner or InProcessRunner()
@@ -319,7 +323,7 @@ class EnECGFitter:
         report.out_of_fold_loss = {n: float(curves[b, e]) for e, (n, b) in enumerate(zip(names, best.tolist()))}
 
         jobs = [("heads", None)]
-        if model.config.gate_type == "learned":
+        if model.task_config.gate_type == "learned":
             jobs.append(("gate", None))
         if settings.gate_predictions == "in_sample" and len(jobs) > 1:
             heads = self.runner.map(f"{name}/final-heads",
@@ -487,7 +491,7 @@ class EnECGFitter:
             if unexpected:
                 raise RuntimeError(f"Job outputs do not match the model: unexpected {unexpected[:5]}")
 
-    def _start_job(self, name: str) -> EnECGModel:
+    def _start_job(self, name: str) -> TaskModel:
         """Every job starts from the initial heads and gate and seeds itself: its output depends on nothing else."""
         self._reset()
         torch.manual_seed(job_seed(self.settings.seed, name))  # dropout masks
@@ -513,14 +517,14 @@ class EnECGFitter:
         return self.model.compute_expert_logits([e[rows] for e in table.expert_embeddings]).float()
 
 
-def fit_enecg(model: EnECGModel, table: FeatureTable, rows: np.ndarray, settings: FitSettings | None = None,
+def fit_enecg(model: TaskModel, table: FeatureTable, rows: np.ndarray, settings: FitSettings | None = None,
               runner: JobRunner | None = None, name: str = "fit") -> FitReport:
     """Fit `model`'s heads and gate on `table` rows `rows` (see the module docstring); returns what was decided."""
     return EnECGFitter(model, settings or FitSettings(), runner).fit(table, rows, name)
 
 
 @torch.no_grad()
-def predict(model: EnECGModel, table: FeatureTable, rows: np.ndarray | None = None, batch_size: int = 256
+def predict(model: TaskModel, table: FeatureTable, rows: np.ndarray | None = None, batch_size: int = 256
             ) -> dict[str, np.ndarray]:
     """Predictions of `model` for `table` rows (default all): `logits` (rows, labels) in the label's unit,
     `expert_logits` (rows, experts, labels), `gate_weights` (rows, experts), and the `labels`."""

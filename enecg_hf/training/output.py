@@ -83,14 +83,20 @@ def metric_unit(name: str, unit: str | None) -> str:
 
 
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
-    lines = [f"EnECG training: {metrics['label']} ({metrics['problem_type']}), {metrics['records']} records, "
-             f"{len(metrics['folds'])}-fold CV, {metrics['train_seconds']} s"]
-    unit = metrics.get("unit")
-    for name, summary in metrics["cv"].items():
-        baseline = metrics["cv_baseline"].get(name)
-        extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
-        lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
-    lines.append("  final (in-sample): " + ", ".join(
-        f"{name}={value:.4g}{metric_unit(name, unit)}" for name, value in metrics["final"]["metrics"].items()))
+    """What a run printed last: each task's CV metrics beside the baseline's, and the in-sample final scores."""
+    blocks = list(metrics["tasks"].values()) if "tasks" in metrics else [metrics]
+    tasks = ", ".join(f"{m['label']} ({m['problem_type']})" for m in blocks)
+    lines = [f"EnECG training: {tasks}, "
+             f"{metrics['records']} records, {len(blocks[0]['folds'])}-fold CV, {metrics['train_seconds']} s"]
+    for block in blocks:
+        unit = block.get("unit")
+        if len(blocks) > 1:
+            lines.append(f" {block['label']} ({block['records']} records):")
+        for name, summary in block["cv"].items():
+            baseline = block["cv_baseline"].get(name)
+            extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
+            lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
+        lines.append("  final (in-sample): " + ", ".join(
+            f"{name}={value:.4g}{metric_unit(name, unit)}" for name, value in block["final"]["metrics"].items()))
     lines.append(f"  model folder: {output_dir.resolve()}")
     print("\n".join(lines), flush=True)

@@ -23,14 +23,8 @@ def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Pa
     import datasets
 
     if args.dataset:
-        path = Path(args.dataset)
-        if not path.exists():
-            raise TrainingSetupError(f"--dataset {path} does not exist")
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise TrainingSetupError(f"--dataset {path} is a DatasetDict without a 'train' split: {list(dataset)}")
-            dataset = dataset["train"]
+        parts = [_load_dataset_folder(Path(folder)) for folder in args.dataset]
+        dataset = parts[0] if len(parts) == 1 else _concatenate_sources(parts, args.dataset)
     else:
         key = hash_json({"format": args.data_format, "path": args.data_path and str(Path(args.data_path).resolve()),
                           "num_records": args.num_records, "limit": args.limit, "seed": args.seed})
@@ -53,6 +47,39 @@ def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Pa
     if len(dataset) == 0:
         raise TrainingSetupError("The dataset has no records")
     return dataset
+
+
+def _load_dataset_folder(path: Path):
+    import datasets
+
+    if not path.exists():
+        raise TrainingSetupError(f"--dataset {path} does not exist")
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise TrainingSetupError(f"--dataset {path} is a DatasetDict without a 'train' split: {list(dataset)}")
+        dataset = dataset["train"]
+    return dataset
+
+
+def _concatenate_sources(parts: list, folders: list[str]):
+    """Several built datasets as one: the columns they share (a source's extra columns, e.g. PTB-XL's `strat_fold`,
+    are dropped). Their signals must have the same shape. Equal subject ids of different sources fall in the same
+    fold (never split across train and test: a conservative grouping)."""
+    import datasets
+
+    common = [name for name in parts[0].column_names if all(name in part.column_names for part in parts)]
+    dropped = sorted({name for part in parts for name in part.column_names} - set(common))
+    if dropped:
+        logger.info("--dataset: columns not in every dataset are left out: %s", dropped)
+    parts = [part.select_columns(common) for part in parts]
+    shapes = {folder: part.features["signal"].shape for folder, part in zip(folders, parts) if "signal" in common}
+    if len(set(shapes.values())) > 1:
+        raise TrainingSetupError(f"--dataset: the signals differ in shape (leads, samples): {shapes}")
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as error:
+        raise TrainingSetupError(f"--dataset: the datasets cannot be combined: {error}") from error
 
 
 def _build_dataset(args: TrainScriptArguments, output: Path):

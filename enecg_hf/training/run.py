@@ -7,6 +7,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,15 +15,15 @@ import numpy as np
 import torch
 
 from ..configuration_enecg import EnECGConfig
+from ..data.tasks import TaskError, TaskSpec
 from ..modeling_enecg import EnECGModel
 from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
+from .configs import build_config, resolve_config_path
 from .errors import TrainingSetupError
 from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
-from ..data.tasks import TaskError, TaskSpec
-from .configs import build_config, resolve_config_path
 from .labels import check_class_coverage, encode_labels
 from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
@@ -94,6 +95,113 @@ def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec
     return all(v for v, _ in verdicts), "; ".join(text for _, text in verdicts)
 
 
+@dataclass
+class TaskData:
+    """One task of a run: its spec, what it trains (the model, or `model.tasks[name]`), its labelled records."""
+
+    spec: TaskSpec
+    keep: np.ndarray  # dataset rows with this task's label (and a usable signal)
+    labels: np.ndarray
+    records: Any  # those rows as a dataset
+    folds: list
+    warnings: list[str]
+    target: Any = None
+    table: FeatureTable | None = None
+
+
+def prepare_task(dataset, spec: TaskSpec, args: TrainScriptArguments) -> TaskData:
+    """The task's labelled records and folds, checked before any training time is spent."""
+    keep, labels = encode_labels(dataset, spec)
+    keep, labels = drop_unusable_signals(dataset, keep, labels)
+    records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
+    folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
+    warnings_ = [] if spec.is_regression else check_class_coverage(labels, spec, folds)
+    return TaskData(spec, np.asarray(keep), labels, records, folds, warnings_)
+
+
+def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJobRunner, accelerator,
+             expert_names: list[str], log_prefix: str = "") -> dict[str, Any] | None:
+    """Cross-validation folds, then the final fit on every record, of one task; its metrics (main process)."""
+    spec, table, labels = task.spec, task.table, task.labels
+    fitter = EnECGFitter(task.target, args.fit_settings(), runner, autocast=accelerator.autocast)
+    metric = load_metric(spec.problem_type) if accelerator.is_main_process else None
+    stages = [(f"fold-{i + 1}", train, test) for i, (train, test) in enumerate(task.folds)]
+    fold_results = []
+    for stage, train_idx, test_idx in stages:
+        finished = runner.result(stage)
+        if finished is not None:
+            fold_results.append(finished)
+            logger.info("%s%s: finished in an earlier run, result reused", log_prefix, stage)
+            continue
+        report = fitter.fit(table, train_idx, name=stage)
+        if accelerator.is_main_process:
+            predictions = predict(task.target, table, test_idx)
+            fold_metrics = score(predictions, spec, metric)
+            baseline = score(baseline_predictions(labels[train_idx], labels[test_idx], spec), spec, metric)
+            result = {"fold": len(fold_results) + 1, "train_records": int(len(train_idx)),
+                      "test_records": int(len(test_idx)), "metrics": fold_metrics, "baseline": baseline,
+                      "fit": report.to_dict(), "test_gate_weights": dict(zip(
+                          expert_names, np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
+            runner.write_result(stage, result)
+            logger.info("%s%s: %s (baseline %s)", log_prefix, stage, format_metrics(fold_metrics),
+                        format_metrics(baseline))
+            accelerator.log({f"{log_prefix}{stage}/{k}": v for k, v in fold_metrics.items()})
+            fold_results.append(result)
+        accelerator.wait_for_everyone()
+    final_report = fitter.fit(table, np.arange(len(task.records)), name="final")
+    if not accelerator.is_main_process:
+        return None
+    final_predictions = predict(task.target, table)
+    cv = summarize([r["metrics"] for r in fold_results]) if fold_results else {}
+    cv_baseline = summarize([r["baseline"] for r in fold_results]) if fold_results else {}
+    verdict = None
+    if fold_results:
+        better, detail = beats_baseline(cv, cv_baseline, spec)
+        verdict = {"beats_baseline": better, "detail": detail}
+        if not better:
+            task.warnings.append(f"NO BETTER THAN THE TRIVIAL BASELINE in cross-validation ({detail}): this model has "
+                                 f"not learned {spec.name!r} from these records; see docs/training.md before using it")
+            logger.warning(task.warnings[-1])
+    return {
+        "label": spec.name,
+        "problem_type": spec.problem_type,
+        "unit": spec.unit,
+        "classes": list(spec.class_names) if spec.class_names else None,
+        "records": len(task.records),
+        "strategy": args.strategy,
+        "folds": fold_results,
+        "cv": cv,
+        "cv_baseline": cv_baseline,
+        "cv_verdict": verdict,
+        "final": {"metrics": score(final_predictions, spec, metric), "fit": final_report.to_dict(),
+                  "gate_weights": dict(zip(expert_names,
+                                           np.round(final_predictions["gate_weights"].mean(0), 4).tolist())),
+                  "note": "the saved model scored on all its training records (in-sample)"},
+        "warnings": task.warnings,
+    }
+
+
+def task_names(args: TrainScriptArguments, config_dict: dict[str, Any], dataset) -> list[str]:
+    """The label columns of a multi-task run: `--labels`, or with `--labels all` or none, every task of the config
+    (default: of `enecg_hf.data.TASKS`) that the dataset has values for; the others are left out, with a warning."""
+    from ..data import TASKS, is_missing
+
+    if args.labels and args.labels != ["all"]:
+        if len(set(args.labels)) != len(args.labels):
+            raise TrainingSetupError(f"--labels names a task twice: {args.labels}")
+        return list(args.labels)
+    wanted = [task["name"] for task in config_dict.get("tasks") or []] if not args.labels else []
+    wanted = wanted or list(TASKS)
+    names = [name for name in wanted if name in dataset.column_names
+             and any(not is_missing(value) for value in dataset[name])]
+    if not names:
+        raise TrainingSetupError(f"The dataset has no values for any of the tasks {wanted}")
+    if len(names) < len(wanted):
+        logger.warning("Tasks without any label in this dataset are left out of the model: %s",
+                       sorted(set(wanted) - set(names)))
+    return names
+
+
 def run(args: TrainScriptArguments) -> dict[str, Any]:
     """Run a whole training job (see the module docstring); returns the content of `metrics.json`."""
     from accelerate import Accelerator, PartialState
@@ -102,12 +210,14 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     start_time = time.perf_counter()
     config_path = resolve_config_path(args.config)
     config_dict = json.loads(config_path.read_text())
-    label_name = args.label or config_dict.get("label_name")
-    if not label_name:
-        raise TrainingSetupError("--label is required (the config names no label_name)")
-    args.label = label_name
+    multitask = bool(args.labels) or bool(config_dict.get("tasks") and not args.label)
+    if not multitask:
+        args.label = args.label or config_dict.get("label_name")
+        if not args.label:
+            raise TrainingSetupError("--label is required (the config names no label_name)")
     if args.output_dir is None:
-        args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{label_name}")
+        run_name = "multitask" if multitask else args.label
+        args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{run_name}")
     output_dir = Path(args.output_dir)
     # Without --cache_features the features live in a work folder that is removed at the end.
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / ("cache" if args.cache_features else ".features")
@@ -126,20 +236,17 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
 
     # ---- data and checks, before any training time is spent
     dataset = load_training_dataset(args, accelerator, cache_dir)
+    names = task_names(args, config_dict, dataset) if multitask else [args.label]
     try:
-        label = TaskSpec.infer(label_name, dataset, config_dict)
+        specs = [TaskSpec.infer(name, dataset, config_dict) for name in names]
     except TaskError as error:
         raise TrainingSetupError(str(error)) from error
-    config = build_config(args, label, config_dict)
+    config = build_config(args, specs if multitask else specs[0], config_dict)
     check_signal_compatibility(dataset, config)
-    keep, labels = encode_labels(dataset, label)
-    keep, labels = drop_unusable_signals(dataset, keep, labels)
-    records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
-    folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
-    warnings_ = [] if label.is_regression else check_class_coverage(labels, label, folds)
-    stages = [(f"fold-{i + 1}", train, test) for i, (train, test) in enumerate(folds)]
-    logger.info("Label %r (%s), %d records, %d folds, experts %s, strategy %s", label.name, label.problem_type,
-                len(records), len(folds), config.expert_names, args.strategy)
+    tasks = [prepare_task(dataset, spec, args) for spec in specs]
+    for task in tasks:
+        logger.info("Label %r (%s), %d records, %d folds, experts %s, strategy %s", task.spec.name,
+                    task.spec.problem_type, len(task.records), len(task.folds), config.expert_names, args.strategy)
 
     # ---- checkpoints: a fresh run starts clean; a resumed one must be the same run
     # As stored in run.json (JSON types), so a resumed run compares like with like.
@@ -151,78 +258,45 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
             shutil.rmtree(checkpoint_root, ignore_errors=True)
         write_json_atomic(checkpoint_root / "run.json", run_info)
     accelerator.wait_for_everyone()
-    runner = CheckpointedJobRunner(checkpoint_root, accelerator)
 
-    # ---- the model (frozen experts loaded once) and its features, computed once per record
+    # ---- the model (frozen experts loaded once) and its features, computed once per record for every task
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
     features, _ = build_feature_cache(dataset, model, accelerator, cache_dir, args.feature_batch_size)
-    table = load_feature_table(features, np.asarray(keep), labels, records, config.expert_names)
+    ensembles = model.task_ensembles()
+    for task in tasks:
+        task.target = ensembles[task.spec.name] if multitask else model
+        task.table = load_feature_table(features, task.keep, task.labels, task.records, config.expert_names)
     model.to(accelerator.device)
     if args.report_to:
         accelerator.init_trackers("enecg", config={k: str(v) for k, v in args.to_dict().items()})
 
-    # ---- CV folds, then the final fit on every record
-    fitter = EnECGFitter(model, args.fit_settings(), runner, autocast=accelerator.autocast)
-    metric = load_metric(label.problem_type) if accelerator.is_main_process else None
-    fold_results = []
-    for stage, train_idx, test_idx in stages:
-        finished = runner.result(stage)
-        if finished is not None:
-            fold_results.append(finished)
-            logger.info("%s: finished in an earlier run, result reused", stage)
-            continue
-        report = fitter.fit(table, train_idx, name=stage)
-        if accelerator.is_main_process:
-            predictions = predict(model, table, test_idx)
-            fold_metrics = score(predictions, label, metric)
-            baseline = score(baseline_predictions(labels[train_idx], labels[test_idx], label), label, metric)
-            result = {"fold": len(fold_results) + 1, "train_records": int(len(train_idx)),
-                      "test_records": int(len(test_idx)), "metrics": fold_metrics, "baseline": baseline,
-                      "fit": report.to_dict(), "test_gate_weights": dict(zip(
-                          config.expert_names, np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
-            runner.write_result(stage, result)
-            logger.info("%s: %s (baseline %s)", stage, format_metrics(fold_metrics), format_metrics(baseline))
-            accelerator.log({f"{stage}/{k}": v for k, v in fold_metrics.items()})
-            fold_results.append(result)
-        accelerator.wait_for_everyone()
-    final_report = fitter.fit(table, np.arange(len(records)), name="final")
-    logger.info("Jobs of this process: %d run, %d reused from checkpoints", runner.jobs_run, runner.jobs_reused)
+    # ---- per task: CV folds, then the final fit on every record. A multi-task run keeps each task's jobs in its own
+    # checkpoint folder, under the names (and so the seeds) of a single-task run: each task's heads and gate learn
+    # exactly what a single-task run on the same records would.
+    task_metrics = {}
+    runners = []
+    for task in tasks:
+        runner = CheckpointedJobRunner(checkpoint_root / task.spec.name if multitask else checkpoint_root, accelerator)
+        runners.append(runner)
+        task_metrics[task.spec.name] = fit_task(task, args, runner, accelerator, config.expert_names,
+                                                log_prefix=f"{task.spec.name}/" if multitask else "")
+    logger.info("Jobs of this process: %d run, %d reused from checkpoints", sum(r.jobs_run for r in runners),
+                sum(r.jobs_reused for r in runners))
 
     # ---- output folder (main process), then the Hub
     metrics = None
     if accelerator.is_main_process:
-        final_predictions = predict(model, table)
-        cv = summarize([r["metrics"] for r in fold_results]) if fold_results else {}
-        cv_baseline = summarize([r["baseline"] for r in fold_results]) if fold_results else {}
-        verdict = None
-        if fold_results:
-            better, detail = beats_baseline(cv, cv_baseline, label)
-            verdict = {"beats_baseline": better, "detail": detail}
-            if not better:
-                warnings_.append(f"NO BETTER THAN THE TRIVIAL BASELINE in cross-validation ({detail}): this model has "
-                                 f"not learned {label.name!r} from these records; see docs/training.md before using it")
-                logger.warning(warnings_[-1])
-        metrics = {
-            "label": label.name,
-            "problem_type": label.problem_type,
-            "unit": label.unit,
-            "classes": list(label.class_names) if label.class_names else None,
-            "records": len(records),
-            "strategy": args.strategy,
-            "folds": fold_results,
-            "cv": cv,
-            "cv_baseline": cv_baseline,
-            "cv_verdict": verdict,
-            "final": {"metrics": score(final_predictions, label, metric), "fit": final_report.to_dict(),
-                      "gate_weights": dict(zip(config.expert_names,
-                                               np.round(final_predictions["gate_weights"].mean(0), 4).tolist())),
-                      "note": "the saved model scored on all its training records (in-sample)"},
-            "warnings": warnings_,
-            "num_processes": accelerator.num_processes,
-            "cache_features": args.cache_features,
-            "train_seconds": round(time.perf_counter() - start_time, 1),
-        }
+        run_fields = {"num_processes": accelerator.num_processes, "cache_features": args.cache_features,
+                      "train_seconds": round(time.perf_counter() - start_time, 1)}
+        if multitask:
+            metrics = {"labels": names, "records": len(dataset), "strategy": args.strategy, "tasks": task_metrics,
+                       "warnings": [f"{name}: {w}" for name, m in task_metrics.items() for w in m["warnings"]],
+                       **run_fields}
+        else:
+            metrics = {**task_metrics[names[0]], **run_fields}
+        used = sorted({int(i) for task in tasks for i in task.keep})
+        records = dataset if len(used) == len(dataset) else dataset.select(used)
         save_output_folder(model.cpu(), output_dir, args, metrics, records)
         logger.info("Saved the model folder %s", output_dir.resolve())
     accelerator.wait_for_everyone()

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from ..modeling_enecg import EnECGModel
+from ..modeling_enecg import EnECGTaskMixin
 
 
 LAYERS = ("dense1", "dense2", "out_proj")
@@ -28,12 +28,12 @@ LAYERS = ("dense1", "dense2", "out_proj")
 class StackedHeads:
     """The heads of `model` as tensors with a leading experts axis (see the module docstring)."""
 
-    def __init__(self, model: EnECGModel):
+    def __init__(self, model: EnECGTaskMixin):
         self.model = model
         self.names = list(model.heads.keys())
         heads = [model.heads[name] for name in self.names]
         self.width = max(h.dense1.in_features for h in heads)
-        self.lora = model.config.adaptation == "lora"
+        self.lora = model.task_config.adaptation == "lora"
         first = heads[0]
         self.standardize = first.standardize
         self.clip = first.input_clip

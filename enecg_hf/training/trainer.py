@@ -188,6 +188,10 @@ def _enecg_model(model) -> EnECGModel:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(base, EnECGModel) and type(base).__name__ != "EnECGModel":
         raise TypeError(f"EnECGTrainerCallback trains EnECG models, got {type(base).__name__}")
+    if base.config.is_multitask:
+        raise ValueError("EnECGTrainerCallback trains single-task models. Train a multi-task model with "
+                         "`train.py --labels ...`, or fit each task on expert features with "
+                         "enecg_hf.training.fit_enecg(model.tasks[name], table, rows)")
     return base
 
 

@@ -34,10 +34,13 @@ def test_encode_and_decode_round_trip():
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.name)
 def test_every_hub_config_agrees_with_the_table(path):
     config = json.loads(path.read_text())
-    tasks = config.get("tasks") or [{"name": config["label_name"]}]
-    for task in tasks:
-        assert task["name"] in TASKS, f"{path.name}: unknown task {task['name']!r}"
-    if "tasks" in config:  # a multi-task config names its tasks; their encodings come from the table
-        return
-    spec, known = TaskSpec.from_config(config), TASKS[config["label_name"]]
-    assert (spec.problem_type, spec.unit, spec.class_names) == (known.problem_type, known.unit, known.class_names)
+    if "tasks" in config:  # a multi-task config: one entry per task
+        assert [task["name"] for task in config["tasks"]] == list(TASKS), path.name
+        described = [(t["problem_type"], t.get("unit"), tuple(t["class_names"]) if t.get("class_names") else None)
+                     for t in config["tasks"]]
+    else:
+        spec = TaskSpec.from_config(config)
+        assert spec.name in TASKS, f"{path.name}: unknown task {spec.name!r}"
+        described = [(spec.problem_type, spec.unit, spec.class_names)]
+    names = [t["name"] for t in config["tasks"]] if "tasks" in config else [config["label_name"]]
+    assert described == [(TASKS[n].problem_type, TASKS[n].unit, TASKS[n].class_names) for n in names]
