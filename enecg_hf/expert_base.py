@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .configuration_enecg import EnECGExpertConfig
+from .signal_enecg import resample_fourier
 
 
 logger = logging.getLogger(__name__)
@@ -27,34 +28,6 @@ EXPERT_CONFIG_FILE = "expert_config.json"
 EXPERT_WEIGHTS_FILE = "model.safetensors"
 # `pretrained: "package:openecg/models/codec_v6.pt"` names a file shipped inside an installed Python package (a wheel).
 PACKAGE_SOURCE_PREFIX = "package:"
-
-
-def resample_fourier(x: torch.Tensor, num: int) -> torch.Tensor:
-    """Resample the last axis of `x` to `num` samples with the Fourier method of `scipy.signal.resample`.
-
-    Written in torch rather than calling scipy because it runs inside the model's forward pass: it must batch on the
-    model's device and stay differentiable for saliency maps. A test checks it against `scipy.signal.resample`.
-
-    Args:
-        x: (..., samples) real tensor.
-        num: output length.
-
-    Returns:
-        (..., num) tensor.
-    """
-    n = x.shape[-1]
-    if n == num:
-        return x
-    spectrum = torch.fft.rfft(x, dim=-1)
-    kept = min(n, num)
-    nyquist = kept // 2 + 1
-    resampled = spectrum.new_zeros(*spectrum.shape[:-1], num // 2 + 1)
-    resampled[..., :nyquist] = spectrum[..., :nyquist]
-    if kept % 2 == 0:
-        # The Nyquist bin of an even-length signal is shared by +/- frequencies: split or join it as scipy does.
-        factor = 2.0 if num < n else 0.5
-        resampled[..., kept // 2] = resampled[..., kept // 2] * factor
-    return torch.fft.irfft(resampled, n=num, dim=-1) * (num / n)
 
 
 class EnECGExpert(nn.Module):
@@ -301,6 +274,6 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 __all__ = [
-    "EnECGExpert", "resample_fourier", "resolve_source", "resolve_package_path", "resolve_checkpoint",
+    "EnECGExpert", "resolve_source", "resolve_package_path", "resolve_checkpoint",
     "load_weights_only", "load_state_dict_strict", "PACKAGE_SOURCE_PREFIX",
 ]

@@ -18,6 +18,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncode
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
+from .signal_enecg import zscore
 
 
 class EnECGEcgFmFeatureEncoder(Wav2Vec2FeatureEncoder):
@@ -113,9 +114,7 @@ class EnECGEcgFmExpert(EnECGExpert):
 
     def standardize(self, inputs: torch.Tensor) -> torch.Tensor:
         """Per-lead, per-record z-score; a flat lead becomes zeros."""
-        mean = inputs.mean(dim=-1, keepdim=True)
-        std = inputs.std(dim=-1, keepdim=True, unbiased=False)
-        return (inputs - mean) / (std + self.settings["standardize_eps"])
+        return zscore(inputs, (-1,), self.settings["standardize_eps"])
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> last hidden states (batch, frames, hidden_size)."""

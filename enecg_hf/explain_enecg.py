@@ -117,7 +117,7 @@ def explain(
     """
     attr = _require("captum.attr")
     model.eval()
-    from .modeling_enecg import normalize_ecg
+    from .signal_enecg import normalize_ecg
 
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
     if inputs.dim() == 2:

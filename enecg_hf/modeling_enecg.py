@@ -24,8 +24,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_enecg import EnECGConfig
-from .expert_base import resample_fourier
 from .expert_registry import build_expert
+from .signal_enecg import normalize_ecg, resample_fourier
 
 
 logger = logging.getLogger(__name__)
@@ -72,16 +72,6 @@ class EnECGFeatures(ModelOutput):
 
     expert_embeddings: tuple[torch.FloatTensor, ...] | None = None
     gate_inputs: torch.FloatTensor | None = None
-
-
-def normalize_ecg(input_values: torch.Tensor, mode: str, eps: float = 1e-6) -> torch.Tensor:
-    """Z-score (batch, leads, samples) over the whole record (`"record"`, the research code) or per lead (`"lead"`)."""
-    if mode == "none":
-        return input_values
-    dims = (1, 2) if mode == "record" else (2,)
-    mean = input_values.mean(dim=dims, keepdim=True)
-    std = input_values.std(dim=dims, keepdim=True, unbiased=False)
-    return (input_values - mean) / (std + eps)
 
 
 def mix_experts(expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from scipy.signal import resample
 
 import enecg_hf
 from enecg_hf import EnECGConfig, EnECGModel, load_adapter_base
-from enecg_hf.expert_base import resample_fourier
+from enecg_hf.signal_enecg import resample_fourier
 from enecg_hf.expert_registry import EXPERT_CLASSES
 
 
