@@ -26,6 +26,7 @@ import torch
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
+from .expert_registry import EXPERT_TYPES, expert_class
 
 
 class CheckpointError(ValueError):
@@ -510,16 +511,19 @@ def convert_moment(source: str, destination: str, preset: str | None = None) -> 
     return report
 
 
-CONVERTERS: dict[str, Callable[..., ConversionReport]] = {
-    "tempo": convert_tempo, "ecgfm": convert_ecgfm, "moment": convert_moment,
-}
+def converters() -> dict[str, Callable[..., ConversionReport]]:
+    """Expert type -> the function above that converts its upstream checkpoint, as the expert class names it
+    (`EnECGExpert.CONVERTER`)."""
+    names = {expert_type: expert_class(expert_type).CONVERTER for expert_type in EXPERT_TYPES}
+    return {expert_type: globals()[name] for expert_type, name in names.items() if name}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m enecg_hf.convert", description="Convert an upstream expert checkpoint into an EnECG expert folder."
     )
-    parser.add_argument("expert_type", choices=sorted(CONVERTERS))
+    available = converters()
+    parser.add_argument("expert_type", choices=sorted(available))
     parser.add_argument("source", help="tempo: the .pth state dict; ecgfm: the fairseq .pt; moment: the momentfm folder")
     parser.add_argument("destination", help=f"output folder ({EXPERT_WEIGHTS_FILE} + {EXPERT_CONFIG_FILE})")
     parser.add_argument("--preset", help="expert preset the checkpoint is checked against (default: by type/size)")
@@ -537,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stride is not None or args.seq_len is not None:
         parser.error("--stride and --seq-len are TEMPO options")
     try:
-        report = CONVERTERS[args.expert_type](args.source, args.destination, **kwargs)
+        report = available[args.expert_type](args.source, args.destination, **kwargs)
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -549,5 +553,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["convert_tempo", "convert_ecgfm", "convert_moment", "load_torch_checkpoint", "CheckpointError",
-           "ConversionReport", "main"]
+__all__ = ["convert_tempo", "convert_ecgfm", "convert_moment", "converters", "load_torch_checkpoint",
+           "CheckpointError", "ConversionReport", "main"]

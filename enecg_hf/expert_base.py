@@ -12,13 +12,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from .configuration_enecg import EnECGExpertConfig
 from .signal_enecg import resample_fourier
+
+
+if TYPE_CHECKING:
+    from .configuration_enecg import EnECGConfig
 
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,14 @@ class EnECGExpert(nn.Module):
     # library's network fed by its own float32 preprocessing): they stay float32 when the model is loaded with
     # `from_pretrained(..., dtype=torch.bfloat16)` (`EnECGModel._keep_in_fp32_modules_strict`).
     KEEP_IN_FP32: ClassVar[bool] = False
+    # Whether gradients flow from the embedding back to the input (saliency maps need them). An expert that computes
+    # in numpy or on ranks sets False and says why in `NOT_DIFFERENTIABLE_REASON`, which explanations report.
+    DIFFERENTIABLE: ClassVar[bool] = True
+    NOT_DIFFERENTIABLE_REASON: ClassVar[str] = ""
+    # The function of `enecg_hf.convert` that turns the released upstream checkpoint into the folder `load_pretrained`
+    # reads (`python -m enecg_hf.convert <expert_type> SOURCE DEST`); None for experts that read their upstream format
+    # themselves or have no released weights.
+    CONVERTER: ClassVar[str | None] = None
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__()
@@ -65,6 +77,15 @@ class EnECGExpert(nn.Module):
     @property
     def num_leads(self) -> int:
         return len(self.lead_indices)
+
+    @classmethod
+    def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
+        """Check the expert's entry of a model `config` before anything is built; a `ValueError` names the field.
+
+        `build_expert` calls it when the model is built. `EnECGConfig` checks only what every expert shares (type,
+        input length, leads): calling this from the config would import every expert's libraries with the config. The
+        base resolves the settings (known preset and keys); experts add checks that need the model's config."""
+        cls.resolve_settings(expert_config.settings)
 
     @classmethod
     def resolve_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
@@ -136,10 +157,9 @@ class EnECGExpert(nn.Module):
         folder = resolve_source(source, self.name, allow_patterns=[EXPERT_WEIGHTS_FILE, EXPERT_CONFIG_FILE])
         weights = folder / EXPERT_WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(
-                f"Expert {self.name!r}: no {EXPERT_WEIGHTS_FILE} in {folder}. Convert upstream checkpoints with "
-                f"`python -m enecg_hf.convert {self.expert_type} SOURCE DEST` first."
-            )
+            hint = (f" Convert the upstream checkpoint with `python -m enecg_hf.convert {self.expert_type} SOURCE DEST` "
+                    "first." if self.CONVERTER else f" Write one with `{type(self).__name__}.save_pretrained`.")
+            raise FileNotFoundError(f"Expert {self.name!r}: no {EXPERT_WEIGHTS_FILE} in {folder}.{hint}")
         config_file = folder / EXPERT_CONFIG_FILE
         if config_file.is_file():
             saved = json.loads(config_file.read_text())

@@ -49,6 +49,7 @@ class EnECGEcgFmExpert(EnECGExpert):
     """
 
     expert_type = "ecgfm"
+    CONVERTER = "convert_ecgfm"
     DEFAULT_PRESET = "tiny"
     WEIGHTS_LICENSE = "MIT"
     WEIGHTS_TRAINING_DATA = "MIMIC-IV-ECG v1.0 and PhysioNet 2021 v1.0.3 (fine-tune: PhysioNet 2021)"

@@ -64,6 +64,7 @@ class EnECGTempoExpert(EnECGExpert):
     """
 
     expert_type = "tempo"
+    CONVERTER = "convert_tempo"
     DEFAULT_PRESET = "tiny"
     WEIGHTS_LICENSE = "Apache-2.0"
     WEIGHTS_TRAINING_DATA = "public forecasting benchmarks (ETT and others; see the Melady/TEMPO Hub card), from GPT-2"

@@ -18,15 +18,6 @@ import numpy as np
 import torch
 
 
-# Experts whose embedding is not a differentiable function of the input: the ECG-features expert measures the record
-# with neurokit2 in numpy; the openecg codec reads the ranks of the samples, which are piecewise constant. Their
-# saliency is reported as missing, with this reason, rather than as zeros.
-NOT_DIFFERENTIABLE = {
-    "features": "measured with neurokit2 in numpy: no gradient flows from its embedding to the input",
-    "openecg": "reads rank-normalised samples (piecewise constant): no gradient flows from its embedding to the input",
-}
-
-
 def _require(module: str):
     import importlib
 
@@ -137,11 +128,12 @@ def explain(
                                    internal_batch_size=internal_batch_size, return_convergence_delta=True)
     notes = {}
     expert_saliency: dict[str, np.ndarray | None] = {}
-    for name in model.expert_names:
-        expert_type = model.config.expert_configs[model.expert_names.index(name)].type
-        if expert_type in NOT_DIFFERENTIABLE:
+    for name, expert in model.experts.items():
+        # An expert whose embedding is not a differentiable function of the input (`EnECGExpert.DIFFERENTIABLE`) has
+        # its saliency reported as missing, with the expert's reason, rather than as zeros.
+        if not expert.DIFFERENTIABLE:
             expert_saliency[name] = None
-            notes[name] = NOT_DIFFERENTIABLE[expert_type]
+            notes[name] = expert.NOT_DIFFERENTIABLE_REASON
         elif experts:
             path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name))
             expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
@@ -289,5 +281,4 @@ def explain_record(model, record: Any, path: str | Path, **prepare_kwargs) -> En
     return explanation
 
 
-__all__ = ["EnECGExplanation", "explain", "plot_ecg", "plot_gate_weights", "plot_explanation", "explain_record",
-           "NOT_DIFFERENTIABLE"]
+__all__ = ["EnECGExplanation", "explain", "plot_ecg", "plot_gate_weights", "plot_explanation", "explain_record"]

@@ -173,7 +173,7 @@ class EnECGModel(EnECGPreTrainedModel):
     def __init__(self, config: EnECGConfig):
         super().__init__(config)
         lead_names = list(config.lead_names)
-        self.experts = nn.ModuleDict({e.name: build_expert(e, lead_names) for e in config.expert_configs})
+        self.experts = nn.ModuleDict({e.name: build_expert(e, config) for e in config.expert_configs})
         self.heads = nn.ModuleDict(
             {
                 name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels, config.head_dropout,
