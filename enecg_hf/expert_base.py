@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Files of an expert weight folder, as written by `EnECGExpert.save_pretrained` and `python -m enecg_hf.convert`.
+# Files of an expert weight folder, as written by `EnECGExpert.save_pretrained` and `python -m enecg_hf.tools.convert`.
 EXPERT_CONFIG_FILE = "expert_config.json"
 EXPERT_WEIGHTS_FILE = "model.safetensors"
 # `pretrained: "package:openecg/models/codec_v6.pt"` names a file shipped inside an installed Python package (a wheel).
@@ -57,9 +57,9 @@ class EnECGExpert(nn.Module):
     # in numpy or on ranks sets False and says why in `NOT_DIFFERENTIABLE_REASON`, which explanations report.
     DIFFERENTIABLE: ClassVar[bool] = True
     NOT_DIFFERENTIABLE_REASON: ClassVar[str] = ""
-    # The function of `enecg_hf.convert` that turns the released upstream checkpoint into the folder `load_pretrained`
-    # reads (`python -m enecg_hf.convert <expert_type> SOURCE DEST`); None for experts that read their upstream format
-    # themselves or have no released weights.
+    # The function of `enecg_hf.tools.convert` that turns the released upstream checkpoint into the folder
+    # `load_pretrained` reads (`python -m enecg_hf.tools.convert <expert_type> SOURCE DEST`); None for experts that
+    # read their upstream format themselves or have no released weights.
     CONVERTER: ClassVar[str | None] = None
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
@@ -157,8 +157,8 @@ class EnECGExpert(nn.Module):
         folder = resolve_source(source, self.name, allow_patterns=[EXPERT_WEIGHTS_FILE, EXPERT_CONFIG_FILE])
         weights = folder / EXPERT_WEIGHTS_FILE
         if not weights.is_file():
-            hint = (f" Convert the upstream checkpoint with `python -m enecg_hf.convert {self.expert_type} SOURCE DEST` "
-                    "first." if self.CONVERTER else f" Write one with `{type(self).__name__}.save_pretrained`.")
+            hint = (f" Convert the upstream checkpoint with `python -m enecg_hf.tools.convert {self.expert_type} SOURCE "
+                    "DEST` first." if self.CONVERTER else f" Write one with `{type(self).__name__}.save_pretrained`.")
             raise FileNotFoundError(f"Expert {self.name!r}: no {EXPERT_WEIGHTS_FILE} in {folder}.{hint}")
         config_file = folder / EXPERT_CONFIG_FILE
         if config_file.is_file():

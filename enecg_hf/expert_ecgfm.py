@@ -4,7 +4,7 @@
 The fairseq-signals `ecg_transformer` is the wav2vec 2.0 encoder with a 12-channel first convolution: a convolutional
 feature extractor (16x downsampling), LayerNorm + Linear projection, a convolutional positional encoding, and a post-LN
 transformer. `transformers.Wav2Vec2Model` hosts it exactly once its feature encoder takes the leads as channels, which
-is all this module changes. Weights: `python -m enecg_hf.convert ecgfm checkpoint.pt DEST`.
+is all this module changes. Weights: `python -m enecg_hf.tools.convert ecgfm checkpoint.pt DEST`.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class EnECGTempoExpert(EnECGExpert):
     patches, the three components and the leads, (batch, d_model). `forecast` gives TEMPO's own output, the next
     `pred_len` steps of each lead, (batch, leads, pred_len).
 
-    Weights: convert the released `TEMPO-80M_v1.pth` with `python -m enecg_hf.convert tempo SOURCE DEST`.
+    Weights: convert the released `TEMPO-80M_v1.pth` with `python -m enecg_hf.tools.convert tempo SOURCE DEST`.
     """
 
     expert_type = "tempo"

@@ -81,7 +81,7 @@ def test_the_table_covers_every_registered_type():
 
 
 def test_converter_names_are_functions_of_convert():
-    from enecg_hf import convert
+    from enecg_hf.tools import convert
 
     named = {t: expert_class(t).CONVERTER for t in EXPERT_TYPES if expert_class(t).CONVERTER}
     assert named == {"tempo": "convert_tempo", "ecgfm": "convert_ecgfm", "moment": "convert_moment"}

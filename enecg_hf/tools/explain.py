@@ -108,7 +108,7 @@ def explain(
     """
     attr = _require("captum.attr")
     model.eval()
-    from .signal_enecg import normalize_ecg
+    from ..signal_enecg import normalize_ecg
 
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
     if inputs.dim() == 2:
@@ -271,7 +271,7 @@ def plot_explanation(
 
 def explain_record(model, record: Any, path: str | Path, **prepare_kwargs) -> EnECGExplanation:
     """Read and prepare `record` like the pipeline does, explain it and write the combined PNG to `path`."""
-    from .pipeline_enecg import prepare_record
+    from ..pipeline_enecg import prepare_record
 
     prepared = prepare_record(record, model.config, **prepare_kwargs)
     explanation = explain(model, torch.from_numpy(prepared.signal)[None])

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from .configuration_enecg import EnECGExpertConfig
-from .expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
-from .expert_registry import EXPERT_TYPES, expert_class
+from ..configuration_enecg import EnECGExpertConfig
+from ..expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
+from ..expert_registry import EXPERT_TYPES, expert_class
 
 
 class CheckpointError(ValueError):
@@ -173,7 +173,7 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
     checkpoint has the preset's seq_len and patch size and the stride fits, else from the weights when exactly one
     stride fits; otherwise the conversion is refused, listing the candidates. `seq_len`, if given, must match the
     weights (`map_trend` is seq_len x seq_len)."""
-    from .expert_tempo import EnECGTempoExpert
+    from ..expert_tempo import EnECGTempoExpert
 
     report = ConversionReport("tempo", str(source), str(destination), {})
     state = _state_dict_of(load_torch_checkpoint(source), source)
@@ -357,7 +357,7 @@ def _ecgfm_model_config(checkpoint: dict, report: ConversionReport) -> dict[str,
 
 def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> ConversionReport:
     """Convert a fairseq-signals ECG-FM checkpoint (`.pt` dict with `model` and `cfg`)."""
-    from .expert_ecgfm import EnECGEcgFmExpert
+    from ..expert_ecgfm import EnECGEcgFmExpert
 
     report = ConversionReport("ecgfm", str(source), str(destination), {})
     checkpoint = load_torch_checkpoint(source)
@@ -462,7 +462,7 @@ def convert_moment(source: str, destination: str, preset: str | None = None) -> 
     MOMENT-1-large configs without `t5_config`, into our folder format."""
     from safetensors.torch import save_file
 
-    from .expert_moment import EnECGMomentExpert
+    from ..expert_moment import EnECGMomentExpert
 
     folder = Path(source)
     report = ConversionReport("moment", str(source), str(destination), {})
