@@ -1,8 +1,8 @@
 """Convert upstream expert checkpoints into the folder an EnECG expert loads as its `pretrained` source.
 
-    python -m enecg_hf.convert tempo  TEMPO-80M_v1.pth            converted/tempo-80m
-    python -m enecg_hf.convert ecgfm  mimic_iv_ecg_finetuned.pt   converted/ecg-fm
-    python -m enecg_hf.convert moment path/to/MOMENT-1-large      converted/moment-large
+    python -m enecg_hf.tools.convert tempo  TEMPO-80M_v1.pth            converted/tempo-80m
+    python -m enecg_hf.tools.convert ecgfm  mimic_iv_ecg_finetuned.pt   converted/ecg-fm
+    python -m enecg_hf.tools.convert moment path/to/MOMENT-1-large      converted/moment-large
 
 The output folder holds `model.safetensors` + `expert_config.json` (`EnECGExpert.save_pretrained`). Every upstream key
 is accounted for: converted, merged (LoRA), or dropped for a stated reason (optimizer state, pretraining-only heads,
@@ -520,7 +520,8 @@ def converters() -> dict[str, Callable[..., ConversionReport]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m enecg_hf.convert", description="Convert an upstream expert checkpoint into an EnECG expert folder."
+        prog="python -m enecg_hf.tools.convert",
+        description="Convert an upstream expert checkpoint into an EnECG expert folder.",
     )
     available = converters()
     parser.add_argument("expert_type", choices=sorted(available))

@@ -3,7 +3,7 @@ the input signal, for the whole ensemble and for each expert (the paper's Figure
 expert attends to). Attributions come from `captum`; plots from matplotlib. Both are optional
 (`pip install 'enecg_hf[explain]'`).
 
-    from enecg_hf.explain_enecg import explain, plot_explanation
+    from enecg_hf.tools.explain import explain, plot_explanation
     explanation = explain(model, input_values)              # (batch, 12, samples) in mV, as the model takes it
     plot_explanation(input_values[0], explanation, index=0, path="explanation.png")
 """

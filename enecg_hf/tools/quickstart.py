@@ -1,7 +1,7 @@
 """Smoke-run of the model life cycle, offline.
 
-    python -m enecg_hf.quickstart --model outputs/enecg-tiny-rr_interval   # a folder written by `python train.py`
-    python -m enecg_hf.quickstart [--config hub_configs/tiny.json] [--output outputs/quickstart]
+    python -m enecg_hf.tools.quickstart --model outputs/enecg-tiny-rr_interval   # a folder written by `python train.py`
+    python -m enecg_hf.tools.quickstart [--config hub_configs/tiny.json] [--output outputs/quickstart]
 
 With `--model`: load a trained folder with `AutoModel.from_pretrained` and predict the RR interval of simulated
 12-lead ECGs it never saw (their true RR is known), with each expert's gate weight. Without it: build the tiny
