@@ -14,7 +14,7 @@ install:
 # The main job: train the tiny ensemble on simulated ECGs (CV + final fit, Hub-ready folder), then reload and predict.
 demo: install
 	$(PYTHON) train.py
-	$(PYTHON) -m enecg_hf.quickstart --model outputs/enecg-tiny-rr_interval
+	$(PYTHON) -m enecg_hf.tools.quickstart --model outputs/enecg-tiny-rr_interval
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -93,7 +93,7 @@ def load_records(data_dir: Path, count: int, seed: int) -> tuple[Any, Any, str]:
             if len(xs) == count:
                 break
         return np.stack(xs), np.asarray(ys, dtype=np.float32), "ludb (wfdb reader in bench/efficiency.py)"
-    from enecg_hf.quickstart import simulated_ecg
+    from enecg_hf.tools.quickstart import simulated_ecg
 
     rng = np.random.default_rng(seed)
     rates = rng.uniform(45, 120, size=count)

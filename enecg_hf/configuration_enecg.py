@@ -7,9 +7,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .expert_registry import EXPERT_TYPES
 from .preprocessing_enecg import STANDARD_LEAD_NAMES
-# Expert types this package implements; each maps to a module `expert_<type>.py`.
-EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 ADAPTATIONS = ("lora", "full")
 NORMALIZATIONS = ("record", "lead", "none")
@@ -321,11 +320,7 @@ class EnECGConfig(PreTrainedConfig):
                 fail("experts", f"{where}.leads has unknown or no leads {unknown or expert.leads}")
             if not isinstance(expert.settings, dict):
                 fail("experts", f"{where}.settings must be a dict")
-            record_seconds = self.input_length / self.sampling_rate
-            if expert.type == "features" and abs(expert.settings.get("record_seconds", 10.0) - record_seconds) > 1e-6:
-                # The features expert measures intervals in seconds, so it must know how long the record is.
-                fail("experts", f"{where}.settings.record_seconds must be {record_seconds:g} "
-                     f"(input_length / sampling_rate) to measure intervals in seconds")
+            # Checks of one expert type's own settings are its class's `validate_config`, run when the model is built.
 
     def _validate_tasks(self, fail) -> None:
         if not isinstance(self.tasks, list) or not self.tasks:

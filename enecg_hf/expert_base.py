@@ -12,49 +12,26 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from .configuration_enecg import EnECGExpertConfig
+from .signal_enecg import resample_fourier
+
+
+if TYPE_CHECKING:
+    from .configuration_enecg import EnECGConfig
 
 
 logger = logging.getLogger(__name__)
 
-# Files of an expert weight folder, as written by `EnECGExpert.save_pretrained` and `python -m enecg_hf.convert`.
+# Files of an expert weight folder, as written by `EnECGExpert.save_pretrained` and `python -m enecg_hf.tools.convert`.
 EXPERT_CONFIG_FILE = "expert_config.json"
 EXPERT_WEIGHTS_FILE = "model.safetensors"
 # `pretrained: "package:openecg/models/codec_v6.pt"` names a file shipped inside an installed Python package (a wheel).
 PACKAGE_SOURCE_PREFIX = "package:"
-
-
-def resample_fourier(x: torch.Tensor, num: int) -> torch.Tensor:
-    """Resample the last axis of `x` to `num` samples with the Fourier method of `scipy.signal.resample`.
-
-    Written in torch rather than calling scipy because it runs inside the model's forward pass: it must batch on the
-    model's device and stay differentiable for saliency maps. A test checks it against `scipy.signal.resample`.
-
-    Args:
-        x: (..., samples) real tensor.
-        num: output length.
-
-    Returns:
-        (..., num) tensor.
-    """
-    n = x.shape[-1]
-    if n == num:
-        return x
-    spectrum = torch.fft.rfft(x, dim=-1)
-    kept = min(n, num)
-    nyquist = kept // 2 + 1
-    resampled = spectrum.new_zeros(*spectrum.shape[:-1], num // 2 + 1)
-    resampled[..., :nyquist] = spectrum[..., :nyquist]
-    if kept % 2 == 0:
-        # The Nyquist bin of an even-length signal is shared by +/- frequencies: split or join it as scipy does.
-        factor = 2.0 if num < n else 0.5
-        resampled[..., kept // 2] = resampled[..., kept // 2] * factor
-    return torch.fft.irfft(resampled, n=num, dim=-1) * (num / n)
 
 
 class EnECGExpert(nn.Module):
@@ -76,6 +53,14 @@ class EnECGExpert(nn.Module):
     # library's network fed by its own float32 preprocessing): they stay float32 when the model is loaded with
     # `from_pretrained(..., dtype=torch.bfloat16)` (`EnECGModel._keep_in_fp32_modules_strict`).
     KEEP_IN_FP32: ClassVar[bool] = False
+    # Whether gradients flow from the embedding back to the input (saliency maps need them). An expert that computes
+    # in numpy or on ranks sets False and says why in `NOT_DIFFERENTIABLE_REASON`, which explanations report.
+    DIFFERENTIABLE: ClassVar[bool] = True
+    NOT_DIFFERENTIABLE_REASON: ClassVar[str] = ""
+    # The function of `enecg_hf.tools.convert` that turns the released upstream checkpoint into the folder
+    # `load_pretrained` reads (`python -m enecg_hf.tools.convert <expert_type> SOURCE DEST`); None for experts that
+    # read their upstream format themselves or have no released weights.
+    CONVERTER: ClassVar[str | None] = None
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__()
@@ -92,6 +77,15 @@ class EnECGExpert(nn.Module):
     @property
     def num_leads(self) -> int:
         return len(self.lead_indices)
+
+    @classmethod
+    def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
+        """Check the expert's entry of a model `config` before anything is built; a `ValueError` names the field.
+
+        `build_expert` calls it when the model is built. `EnECGConfig` checks only what every expert shares (type,
+        input length, leads): calling this from the config would import every expert's libraries with the config. The
+        base resolves the settings (known preset and keys); experts add checks that need the model's config."""
+        cls.resolve_settings(expert_config.settings)
 
     @classmethod
     def resolve_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
@@ -163,10 +157,9 @@ class EnECGExpert(nn.Module):
         folder = resolve_source(source, self.name, allow_patterns=[EXPERT_WEIGHTS_FILE, EXPERT_CONFIG_FILE])
         weights = folder / EXPERT_WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(
-                f"Expert {self.name!r}: no {EXPERT_WEIGHTS_FILE} in {folder}. Convert upstream checkpoints with "
-                f"`python -m enecg_hf.convert {self.expert_type} SOURCE DEST` first."
-            )
+            hint = (f" Convert the upstream checkpoint with `python -m enecg_hf.tools.convert {self.expert_type} SOURCE "
+                    "DEST` first." if self.CONVERTER else f" Write one with `{type(self).__name__}.save_pretrained`.")
+            raise FileNotFoundError(f"Expert {self.name!r}: no {EXPERT_WEIGHTS_FILE} in {folder}.{hint}")
         config_file = folder / EXPERT_CONFIG_FILE
         if config_file.is_file():
             saved = json.loads(config_file.read_text())
@@ -301,6 +294,6 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 __all__ = [
-    "EnECGExpert", "resample_fourier", "resolve_source", "resolve_package_path", "resolve_checkpoint",
+    "EnECGExpert", "resolve_source", "resolve_package_path", "resolve_checkpoint",
     "load_weights_only", "load_state_dict_strict", "PACKAGE_SOURCE_PREFIX",
 ]

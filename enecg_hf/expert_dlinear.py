@@ -6,24 +6,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
-
-
-class EnECGDLinearMovingAverage(nn.Module):
-    """Trend by a centred moving average with replicate padding (as DLinear), so any kernel fits any length."""
-
-    def __init__(self, kernel_size: int):
-        super().__init__()
-        self.kernel_size = kernel_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, channels, length) -> trend of the same shape."""
-        left = (self.kernel_size - 1) // 2
-        padded = F.pad(x, (left, self.kernel_size - 1 - left), mode="replicate")
-        return F.avg_pool1d(padded, kernel_size=self.kernel_size, stride=1)
+from .signal_enecg import moving_average
 
 
 class EnECGDLinearExpert(EnECGExpert):
@@ -45,13 +31,12 @@ class EnECGDLinearExpert(EnECGExpert):
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
         pred_len = self.settings["pred_len"]
-        self.decomposition = EnECGDLinearMovingAverage(self.settings["moving_avg"])
         self.linear_seasonal = nn.Linear(config.input_length, pred_len)
         self.linear_trend = nn.Linear(config.input_length, pred_len)
         self.embedding_dim = self.num_leads * pred_len
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> (batch, leads * pred_len)."""
-        trend = self.decomposition(inputs)
+        trend = moving_average(inputs, self.settings["moving_avg"])
         output = self.linear_seasonal(inputs - trend) + self.linear_trend(trend)
         return output.flatten(start_dim=1)

@@ -4,7 +4,7 @@
 The fairseq-signals `ecg_transformer` is the wav2vec 2.0 encoder with a 12-channel first convolution: a convolutional
 feature extractor (16x downsampling), LayerNorm + Linear projection, a convolutional positional encoding, and a post-LN
 transformer. `transformers.Wav2Vec2Model` hosts it exactly once its feature encoder takes the leads as channels, which
-is all this module changes. Weights: `python -m enecg_hf.convert ecgfm checkpoint.pt DEST`.
+is all this module changes. Weights: `python -m enecg_hf.tools.convert ecgfm checkpoint.pt DEST`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncode
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
+from .signal_enecg import zscore
 
 
 class EnECGEcgFmFeatureEncoder(Wav2Vec2FeatureEncoder):
@@ -48,6 +49,7 @@ class EnECGEcgFmExpert(EnECGExpert):
     """
 
     expert_type = "ecgfm"
+    CONVERTER = "convert_ecgfm"
     DEFAULT_PRESET = "tiny"
     WEIGHTS_LICENSE = "MIT"
     WEIGHTS_TRAINING_DATA = "MIMIC-IV-ECG v1.0 and PhysioNet 2021 v1.0.3 (fine-tune: PhysioNet 2021)"
@@ -113,9 +115,7 @@ class EnECGEcgFmExpert(EnECGExpert):
 
     def standardize(self, inputs: torch.Tensor) -> torch.Tensor:
         """Per-lead, per-record z-score; a flat lead becomes zeros."""
-        mean = inputs.mean(dim=-1, keepdim=True)
-        std = inputs.std(dim=-1, keepdim=True, unbiased=False)
-        return (inputs - mean) / (std + self.settings["standardize_eps"])
+        return zscore(inputs, (-1,), self.settings["standardize_eps"])
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> last hidden states (batch, frames, hidden_size)."""

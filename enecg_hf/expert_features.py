@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
+
+
+if TYPE_CHECKING:
+    from .configuration_enecg import EnECGConfig
 
 
 # Per lead, in this order: values in seconds (heart rate in beats per minute / 100), so all are of order 0.1-2.
@@ -63,11 +67,24 @@ class EnECGFeaturesExpert(EnECGExpert):
     """
 
     expert_type = "features"
+    DIFFERENTIABLE = False
+    NOT_DIFFERENTIABLE_REASON = "measured with neurokit2 in numpy: no gradient flows from its embedding to the input"
     DEFAULT_PRESET = "default"
     PRESETS = {
         "default": {"record_seconds": 10.0, "delineation": "dwt"},
         "tiny": {"record_seconds": 10.0, "delineation": "dwt"},
     }
+
+    @classmethod
+    def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
+        """The expert measures intervals in seconds, so `record_seconds` must be the record's length in the model."""
+        settings = cls.resolve_settings(expert_config.settings)
+        record_seconds = config.input_length / config.sampling_rate
+        if abs(float(settings["record_seconds"]) - record_seconds) > 1e-6:
+            raise ValueError(
+                f"EnECGConfig.experts: expert {expert_config.name!r} (features): settings.record_seconds must be "
+                f"{record_seconds:g} (input_length / sampling_rate) to measure intervals in seconds"
+            )
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)

@@ -38,6 +38,7 @@ class EnECGMomentExpert(EnECGExpert):
     """
 
     expert_type = "moment"
+    CONVERTER = "convert_moment"
     DEFAULT_PRESET = "tiny"
     WEIGHTS_LICENSE = "MIT"
     WEIGHTS_TRAINING_DATA = "the Time-series Pile (AutonLab: public time series from many domains)"

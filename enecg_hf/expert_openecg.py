@@ -93,6 +93,9 @@ class EnECGOpenEcgExpert(EnECGExpert):
 
     expert_type = "openecg"
     KEEP_IN_FP32 = True  # the library's network reads float32 ranks
+    DIFFERENTIABLE = False
+    NOT_DIFFERENTIABLE_REASON = ("reads rank-normalised samples (piecewise constant): no gradient flows from its "
+                                 "embedding to the input")
     DEFAULT_PRESET = "codec-v6"
     WEIGHTS_LICENSE = "Apache-2.0"
     WEIGHTS_TRAINING_DATA = ("expert annotations only: LUDB, QTDB, ISP (waves), MIT-BIH DS1 and VitalDB arrhythmia "

@@ -1,32 +1,54 @@
-"""Which class implements each expert type. Add a new expert by importing its class here."""
+"""Which class implements each expert type. Add a new expert by adding its type to `EXPERT_TYPES` and its import to
+`expert_class`.
+
+Cheap to import (no expert module is loaded until its type is asked for), so `configuration_enecg` takes
+`EXPERT_TYPES` from here: a config that names MOMENT does not import `momentfm` until a model is built.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from .configuration_enecg import EnECGExpertConfig
-from .expert_base import EnECGExpert
-from .expert_deepfade import EnECGDeepFadeExpert
-from .expert_dlinear import EnECGDLinearExpert
-from .expert_ecgfm import EnECGEcgFmExpert
-from .expert_features import EnECGFeaturesExpert
-from .expert_moment import EnECGMomentExpert
-from .expert_openecg import EnECGOpenEcgExpert
-from .expert_tempo import EnECGTempoExpert
-from .expert_timesnet import EnECGTimesNetExpert
+from typing import TYPE_CHECKING
 
 
-EXPERT_CLASSES: dict[str, type[EnECGExpert]] = {
-    cls.expert_type: cls
-    for cls in (
-        EnECGMomentExpert, EnECGDLinearExpert, EnECGTimesNetExpert, EnECGTempoExpert, EnECGEcgFmExpert,
-        EnECGFeaturesExpert, EnECGOpenEcgExpert, EnECGDeepFadeExpert,
-    )
-}
+if TYPE_CHECKING:
+    from .configuration_enecg import EnECGConfig, EnECGExpertConfig
+    from .expert_base import EnECGExpert
 
 
-def build_expert(config: EnECGExpertConfig, lead_names: Sequence[str]) -> EnECGExpert:
-    """Instantiate the expert described by `config` with random (or preset-initialised) weights."""
-    if config.type not in EXPERT_CLASSES:
-        raise ValueError(f"Expert {config.name!r}: type {config.type!r} is not available; known: {sorted(EXPERT_CLASSES)}")
-    return EXPERT_CLASSES[config.type](config, lead_names)
+EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade")
+
+
+def expert_class(expert_type: str) -> type[EnECGExpert]:
+    """The class implementing `expert_type`; its module (`expert_<type>.py`) is imported on first use."""
+    # One spelled-out relative import per type, not an importlib call with a computed name: transformers finds the
+    # files a saved model needs by reading these statements, and copies them next to its config.json.
+    if expert_type == "moment":
+        from .expert_moment import EnECGMomentExpert as implementation
+    elif expert_type == "dlinear":
+        from .expert_dlinear import EnECGDLinearExpert as implementation
+    elif expert_type == "timesnet":
+        from .expert_timesnet import EnECGTimesNetExpert as implementation
+    elif expert_type == "tempo":
+        from .expert_tempo import EnECGTempoExpert as implementation
+    elif expert_type == "ecgfm":
+        from .expert_ecgfm import EnECGEcgFmExpert as implementation
+    elif expert_type == "features":
+        from .expert_features import EnECGFeaturesExpert as implementation
+    elif expert_type == "openecg":
+        from .expert_openecg import EnECGOpenEcgExpert as implementation
+    elif expert_type == "deepfade":
+        from .expert_deepfade import EnECGDeepFadeExpert as implementation
+    else:
+        raise ValueError(f"Expert type {expert_type!r} is not available; known: {sorted(EXPERT_TYPES)}")
+    return implementation
+
+
+def build_expert(expert_config: EnECGExpertConfig, config: EnECGConfig) -> EnECGExpert:
+    """Check `expert_config` against the model's `config` (the expert's own `validate_config`) and instantiate the
+    expert with random (or preset-initialised) weights."""
+    implementation = expert_class(expert_config.type)
+    implementation.validate_config(expert_config, config)
+    return implementation(expert_config, list(config.lead_names))
+
+
+__all__ = ["EXPERT_TYPES", "expert_class", "build_expert"]

@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2Model
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
+from .signal_enecg import moving_average
 
 
 COMPONENTS = ("trend", "season", "noise")
@@ -59,10 +60,11 @@ class EnECGTempoExpert(EnECGExpert):
     patches, the three components and the leads, (batch, d_model). `forecast` gives TEMPO's own output, the next
     `pred_len` steps of each lead, (batch, leads, pred_len).
 
-    Weights: convert the released `TEMPO-80M_v1.pth` with `python -m enecg_hf.convert tempo SOURCE DEST`.
+    Weights: convert the released `TEMPO-80M_v1.pth` with `python -m enecg_hf.tools.convert tempo SOURCE DEST`.
     """
 
     expert_type = "tempo"
+    CONVERTER = "convert_tempo"
     DEFAULT_PRESET = "tiny"
     WEIGHTS_LICENSE = "Apache-2.0"
     WEIGHTS_TRAINING_DATA = "public forecasting benchmarks (ETT and others; see the Melady/TEMPO Hub card), from GPT-2"
@@ -119,12 +121,6 @@ class EnECGTempoExpert(EnECGExpert):
     def _stack(self, component: str) -> GPT2Model:
         return self.gpt2_trend if self.settings["shared_backbone"] else getattr(self, f"gpt2_{component}")
 
-    def _moving_average(self, x: torch.Tensor) -> torch.Tensor:
-        """(series, length) -> centred moving average with the ends repeated, same length."""
-        half = (self.settings["moving_avg"] - 1) // 2
-        padded = F.pad(x.unsqueeze(1), (half, half), mode="replicate")
-        return F.avg_pool1d(padded, kernel_size=self.settings["moving_avg"], stride=1).squeeze(1)
-
     def _patch(self, x: torch.Tensor) -> torch.Tensor:
         """(series, length) -> (series, num_patches, patch_size), the end padded by repeating the last value."""
         padded = F.pad(x.unsqueeze(1), (0, self.settings["stride"]), mode="replicate").squeeze(1)
@@ -151,7 +147,7 @@ class EnECGTempoExpert(EnECGExpert):
         x = inputs.reshape(batch * leads, length, 1)
         x, mean, std = self.rev_in.normalize(x)
         x = x.squeeze(-1)
-        trend = self.map_trend(self._moving_average(x))
+        trend = self.map_trend(moving_average(x.unsqueeze(1), self.settings["moving_avg"]).squeeze(1))
         season = self.map_season(x - trend)
         parts = {"trend": trend, "season": season, "noise": x - trend - season}
         series = x.shape[0]

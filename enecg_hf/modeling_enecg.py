@@ -27,8 +27,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_enecg import EnECGConfig, EnECGTaskConfig
-from .expert_base import resample_fourier
 from .expert_registry import build_expert
+from .signal_enecg import normalize_ecg, resample_fourier
 
 
 logger = logging.getLogger(__name__)
@@ -81,16 +81,6 @@ class EnECGFeatures(ModelOutput):
 
     expert_embeddings: tuple[torch.FloatTensor, ...] | None = None
     gate_inputs: torch.FloatTensor | None = None
-
-
-def normalize_ecg(input_values: torch.Tensor, mode: str, eps: float = 1e-6) -> torch.Tensor:
-    """Z-score (batch, leads, samples) over the whole record (`"record"`, the research code) or per lead (`"lead"`)."""
-    if mode == "none":
-        return input_values
-    dims = (1, 2) if mode == "record" else (2,)
-    mean = input_values.mean(dim=dims, keepdim=True)
-    std = input_values.std(dim=dims, keepdim=True, unbiased=False)
-    return (input_values - mean) / (std + eps)
 
 
 def labels_present(labels: torch.Tensor) -> torch.Tensor:
@@ -347,7 +337,7 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
     def __init__(self, config: EnECGConfig):
         super().__init__(config)
         lead_names = list(config.lead_names)
-        self.experts = nn.ModuleDict({e.name: build_expert(e, lead_names) for e in config.expert_configs})
+        self.experts = nn.ModuleDict({e.name: build_expert(e, config) for e in config.expert_configs})
         self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
         gate_input_size = len(config.gate_leads) * config.gate_input_length
         if config.is_multitask:

@@ -7,7 +7,7 @@ gate weight of every expert and each expert's own prediction. Runs as a Hugging 
 
 The app serves the one model it was started with: loading a model runs its code (`trust_remote_code=True`), so the
 choice belongs to whoever starts the app, never to a visitor (the page shows the model but cannot change it).
-Explanations and plots come from `enecg_hf.explain_enecg`. All the work happens in plain functions
+Explanations and plots come from `enecg_hf.tools.explain`. All the work happens in plain functions
 (`load_pipeline`, `gather_record`, `analyse`) that the tests call without a browser.
 """
 
@@ -33,7 +33,7 @@ except ImportError:  # running from a checkout without installing: use the packa
 import numpy as np
 
 from enecg_hf.data.simulate import simulate_record
-from enecg_hf.explain_enecg import explain, plot_ecg, plot_gate_weights
+from enecg_hf.tools.explain import explain, plot_ecg, plot_gate_weights
 
 
 DEFAULT_MODEL = os.environ.get("ENECG_MODEL") or (

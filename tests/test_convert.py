@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from transformers import GPT2Config, GPT2Model
 
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
-from enecg_hf.convert import CheckpointError, convert_ecgfm, convert_moment, convert_tempo, load_torch_checkpoint
+from enecg_hf.tools.convert import CheckpointError, convert_ecgfm, convert_moment, convert_tempo, load_torch_checkpoint
 from enecg_hf.expert_ecgfm import EnECGEcgFmExpert
 from enecg_hf.expert_tempo import PROMPT_TOKEN_IDS, EnECGTempoExpert
 
@@ -152,7 +152,7 @@ def test_tempo_preset_mismatch_is_reported_on_load(tmp_path):
 def test_tempo_stride_is_never_guessed_among_several_that_fit(tmp_path, capsys):
     """seq_len 64, patch 16, stride 16: strides 13-16 all give the 5 patches out_layer_* takes. The converter once
     took the smallest (13: embeddings 82 % off); it now needs --stride, and checks it and --seq-len."""
-    from enecg_hf.convert import main
+    from enecg_hf.tools.convert import main
 
     settings = dict(TEMPO_SETTINGS, stride=16)
     state, peft_model = upstream_tempo_checkpoint(settings=settings)
@@ -469,11 +469,11 @@ def test_moment_converter_old_config_round_trip(tmp_path, weights_format):
 
 @pytest.mark.slow
 def test_convert_command_line(tmp_path, capsys):
-    from enecg_hf.convert import main
+    from enecg_hf.tools.convert import main
 
     state, _ = upstream_tempo_checkpoint()
     torch.save(state, tmp_path / "t.pth")
-    command = [sys.executable, "-m", "enecg_hf.convert", "tempo", str(tmp_path / "t.pth"), str(tmp_path / "out"),
+    command = [sys.executable, "-m", "enecg_hf.tools.convert", "tempo", str(tmp_path / "t.pth"), str(tmp_path / "out"),
                "--preset", "tiny", "--lora-alpha", str(LORA_ALPHA)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr

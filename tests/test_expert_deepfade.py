@@ -15,7 +15,7 @@ from helpers import shared
 
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
-from enecg_hf.modeling_enecg import normalize_ecg
+from enecg_hf.signal_enecg import normalize_ecg
 
 
 LEADS = list(STANDARD_LEAD_NAMES)

@@ -18,8 +18,8 @@ from scipy.signal import resample
 
 import enecg_hf
 from enecg_hf import EnECGConfig, EnECGModel, load_adapter_base
-from enecg_hf.expert_base import resample_fourier
-from enecg_hf.expert_registry import EXPERT_CLASSES
+from enecg_hf.signal_enecg import resample_fourier
+from enecg_hf.expert_registry import EXPERT_TYPES, expert_class
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,13 +508,19 @@ def test_random_weights_are_logged(tester, caplog):
         ({"experts": [{"name": "a", "type": "dlinear"}]}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10}] * 2}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "colour": 1}]}, "experts"),
-        # A 5 s record (500 samples at 100 Hz) with the features expert's default 10 s.
-        ({"input_length": 500, "experts": [{"name": "f", "type": "features", "input_length": 500}]}, "experts"),
     ],
 )
 def test_bad_config_names_the_field(tester, overrides, field):
     with pytest.raises(ValueError, match=rf"EnECGConfig\.{field}|experts\[0\]"):
         tester.get_config(**overrides)
+
+
+def test_expert_checks_of_their_own_settings_run_when_the_model_is_built(tester):
+    """A 5 s record (500 samples at 100 Hz) with the features expert's default 10 s: the config (which checks only what
+    every expert shares) accepts it; building the model runs the expert's `validate_config`, naming the field."""
+    config = tester.get_config(input_length=500, experts=[{"name": "f", "type": "features", "input_length": 500}])
+    with pytest.raises(ValueError, match=r"EnECGConfig\.experts: expert 'f' \(features\): settings\.record_seconds"):
+        EnECGModel(config)
 
 
 def test_bad_expert_settings_fail_at_construction(tester):
@@ -551,7 +557,7 @@ def test_fourier_resampling_matches_scipy(n, num):
 
 def test_hub_configs_are_valid():
     tiny = EnECGConfig.from_json_file(HUB_CONFIGS / "tiny.json")
-    assert set(EXPERT_CLASSES) <= {e["type"] for e in tiny.experts}, "tiny.json must cover every expert type"
+    assert set(EXPERT_TYPES) <= {e["type"] for e in tiny.experts}, "tiny.json must cover every expert type"
     expected_tasks = {
         "paper_rr_interval": ("regression", "rr_interval", 1),
         "paper_age": ("regression", "age", 1),
@@ -569,8 +575,8 @@ def test_hub_configs_are_valid():
         assert config.gate_leads == ["II"] and config.gate_input_length == 5000
         assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.05)
         for expert in config.expert_configs:
-            if expert.type in EXPERT_CLASSES:  # presets resolve without building the (large) backbone
-                EXPERT_CLASSES[expert.type].resolve_settings(expert.settings)
+            # Presets resolve without building the (large) backbone.
+            expert_class(expert.type).resolve_settings(expert.settings)
 
 
 def test_offline_pretrained_config_points_at_installed_wheel_files():
@@ -587,7 +593,7 @@ def test_offline_pretrained_config_points_at_installed_wheel_files():
     assert (config.head_hidden_size, config.gate_hidden_size, config.gate_input_length) == (256, 256, 5000)
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.05)
     for expert in config.expert_configs:
-        EXPERT_CLASSES[expert.type].resolve_settings(expert.settings)
+        expert_class(expert.type).resolve_settings(expert.settings)
         if expert.pretrained:
             assert expert.pretrained.startswith(PACKAGE_SOURCE_PREFIX)
             package = expert.pretrained[len(PACKAGE_SOURCE_PREFIX):].split("/")[0]

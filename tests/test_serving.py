@@ -317,7 +317,7 @@ def test_a_model_that_computes_nan_gives_an_error_not_a_nan_value(regression_fol
     assert error.value.reason == "non_finite_output"
     npy = tmp_path / "record.npy"
     np.save(npy, ludb_signal("2"))
-    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", str(npy), "--model", str(broken),
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "predict", str(npy), "--model", str(broken),
                           "--sampling-rate", "500"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 1
@@ -450,8 +450,8 @@ def test_handler_size_limits(handler):
 def test_console_script_predicts_one_json_line_per_record(regression_folder, tmp_path):
     records = [str(shared("ludb", "data", "7")), str(tmp_path / "missing"), str(shared("ludb", "data", "8.hea"))]
     png = tmp_path / "explain.png"
-    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", *records, "--model", str(regression_folder),
-                          "--explain", str(png)],
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "predict", *records, "--model",
+                          str(regression_folder), "--explain", str(png)],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert run.returncode == 1  # one record failed; the others are still predicted
@@ -468,8 +468,8 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
     np.save(npy, ludb_signal("7"))
     records = [str(npy), str(shared("ludb", "data", "8.hea"))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", *records, "--model", str(regression_folder),
-                          "--sampling-rate", "500", "--explain", "/nonexistent/x.png"],
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "predict", *records, "--model",
+                          str(regression_folder), "--sampling-rate", "500", "--explain", "/nonexistent/x.png"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 1, run.stderr
     lines = [json.loads(line) for line in run.stdout.splitlines()]
@@ -478,7 +478,7 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
     assert "Traceback" not in run.stderr
 
     for model, message in [("/no/such/dir", "no such folder"), (str(tmp_path), "not a saved model folder")]:
-        run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", str(npy), "--model", model,
+        run = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "predict", str(npy), "--model", model,
                               "--sampling-rate", "500"], capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 2 and run.stdout == ""
         assert f"--model {model}: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
@@ -488,7 +488,7 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
 def test_module_cli_and_export(classification_folder, tmp_path):
     npy = tmp_path / "record.npy"
     np.save(npy, ludb_signal("9"))
-    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "predict", str(npy), "--model",
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "predict", str(npy), "--model",
                           str(classification_folder), "--sampling-rate", "500", "--top-k", "1"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
@@ -500,11 +500,11 @@ def test_module_cli_and_export(classification_folder, tmp_path):
 
     EnECGModel.from_pretrained(classification_folder).save_pretrained(bare)
     assert not (bare / "handler.py").exists()
-    run = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "export", str(bare)], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "export", str(bare)], capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert (bare / "handler.py").is_file() and "custom_pipelines" in json.loads((bare / "config.json").read_text())
-    missing = subprocess.run([sys.executable, "-m", "enecg_hf.cli", "export", str(tmp_path / "nowhere")],
+    missing = subprocess.run([sys.executable, "-m", "enecg_hf.tools.cli", "export", str(tmp_path / "nowhere")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "not a saved model folder" in missing.stderr
 
@@ -514,7 +514,7 @@ def test_module_cli_and_export(classification_folder, tmp_path):
 def test_saliency_has_the_input_shape_is_deterministic_and_skips_the_features_expert(regression_folder):
     from transformers import AutoModel
 
-    from enecg_hf.explain_enecg import explain
+    from enecg_hf.tools.explain import explain
 
     model = AutoModel.from_pretrained(regression_folder).eval()
     inputs = torch.from_numpy(np.stack([ludb_signal("10"), ludb_signal("11")]))
@@ -539,7 +539,7 @@ def test_integrated_gradients_completeness_on_a_differentiable_model(classificat
     as the number of steps grows."""
     from transformers import AutoModel
 
-    from enecg_hf.explain_enecg import explain
+    from enecg_hf.tools.explain import explain
 
     model = AutoModel.from_pretrained(classification_folder).eval()
     inputs = torch.from_numpy(ludb_signal("12"))[None]
@@ -560,7 +560,7 @@ def test_plots_are_written_and_decodable(regression_folder, tmp_path):
     import matplotlib.image
     from transformers import AutoModel
 
-    from enecg_hf.explain_enecg import explain_record, plot_ecg, plot_gate_weights
+    from enecg_hf.tools.explain import explain_record, plot_ecg, plot_gate_weights
 
     model = AutoModel.from_pretrained(regression_folder).eval()
     explanation = explain_record(model, str(shared("ludb", "data", "13")), tmp_path / "explanation.png")

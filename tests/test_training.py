@@ -463,7 +463,7 @@ def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
         assert (site / "hub_configs" / config.name).read_bytes() == config.read_bytes(), config.name
     assert (site / "templates" / "model_card.md").read_text() == (REPO / "model_card.md").read_text()
     script = ("from enecg_hf.training.configs import resolve_config_path\n"
-              "from enecg_hf.model_card import template_path\n"
+              "from enecg_hf.tools.model_card import template_path\n"
               "print(resolve_config_path('tiny')); print(template_path())\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -476,7 +476,7 @@ def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
 # ------------------------------------------------------------------------------------------------ quickstart
 @pytest.mark.slow
 def test_quickstart_predicts_with_the_trained_main_job_folder(main_job):
-    from enecg_hf import quickstart
+    from enecg_hf.tools import quickstart
 
     result = quickstart.main(["--model", str(main_job[0]), "--num_records", "6"])
     assert result["label"] == "rr_interval" and result["unit"] == "ms" and len(result["records"]) == 6
@@ -488,7 +488,7 @@ def test_quickstart_predicts_with_the_trained_main_job_folder(main_job):
 
 
 def test_quickstart_without_a_model_round_trips_the_untrained_tiny_model(tmp_path):
-    from enecg_hf import quickstart
+    from enecg_hf.tools import quickstart
 
     result = quickstart.main(["--output", str(tmp_path / "quick")])
     assert result["reload_bit_identical"] is True

@@ -2,7 +2,7 @@
 (and, for folders saved before `EnECGModel.save_pretrained` did it, the pipeline with `custom_pipelines` in
 `config.json`).
 
-    from enecg_hf.serving_export import export_serving_files
+    from enecg_hf.tools.serving_export import export_serving_files
     model.save_pretrained("my-enecg")             # already serves `pipeline(model="my-enecg", trust_remote_code=True)`
     export_serving_files(model, "my-enecg")       # or: enecg export my-enecg
 
@@ -16,10 +16,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .pipeline_enecg import pipeline_entry
+from ..pipeline_enecg import pipeline_entry
 
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 # What an Inference Endpoint installs next to its default image (torch and transformers come with it; listed so that
 # a plain container gets them too).
@@ -54,7 +54,7 @@ def export_serving_files(model, output_dir: str | os.PathLike) -> list[str]:
     """Add the serving files to a folder written by `model.save_pretrained(output_dir)`. Returns the files written."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
-    from . import pipeline_enecg
+    from .. import pipeline_enecg
 
     folder = Path(output_dir)
     config_file = folder / "config.json"

@@ -1,8 +1,8 @@
 """Convert upstream expert checkpoints into the folder an EnECG expert loads as its `pretrained` source.
 
-    python -m enecg_hf.convert tempo  TEMPO-80M_v1.pth            converted/tempo-80m
-    python -m enecg_hf.convert ecgfm  mimic_iv_ecg_finetuned.pt   converted/ecg-fm
-    python -m enecg_hf.convert moment path/to/MOMENT-1-large      converted/moment-large
+    python -m enecg_hf.tools.convert tempo  TEMPO-80M_v1.pth            converted/tempo-80m
+    python -m enecg_hf.tools.convert ecgfm  mimic_iv_ecg_finetuned.pt   converted/ecg-fm
+    python -m enecg_hf.tools.convert moment path/to/MOMENT-1-large      converted/moment-large
 
 The output folder holds `model.safetensors` + `expert_config.json` (`EnECGExpert.save_pretrained`). Every upstream key
 is accounted for: converted, merged (LoRA), or dropped for a stated reason (optimizer state, pretraining-only heads,
@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from .configuration_enecg import EnECGExpertConfig
-from .expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
+from ..configuration_enecg import EnECGExpertConfig
+from ..expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
+from ..expert_registry import EXPERT_TYPES, expert_class
 
 
 class CheckpointError(ValueError):
@@ -172,7 +173,7 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
     checkpoint has the preset's seq_len and patch size and the stride fits, else from the weights when exactly one
     stride fits; otherwise the conversion is refused, listing the candidates. `seq_len`, if given, must match the
     weights (`map_trend` is seq_len x seq_len)."""
-    from .expert_tempo import EnECGTempoExpert
+    from ..expert_tempo import EnECGTempoExpert
 
     report = ConversionReport("tempo", str(source), str(destination), {})
     state = _state_dict_of(load_torch_checkpoint(source), source)
@@ -356,7 +357,7 @@ def _ecgfm_model_config(checkpoint: dict, report: ConversionReport) -> dict[str,
 
 def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> ConversionReport:
     """Convert a fairseq-signals ECG-FM checkpoint (`.pt` dict with `model` and `cfg`)."""
-    from .expert_ecgfm import EnECGEcgFmExpert
+    from ..expert_ecgfm import EnECGEcgFmExpert
 
     report = ConversionReport("ecgfm", str(source), str(destination), {})
     checkpoint = load_torch_checkpoint(source)
@@ -461,7 +462,7 @@ def convert_moment(source: str, destination: str, preset: str | None = None) -> 
     MOMENT-1-large configs without `t5_config`, into our folder format."""
     from safetensors.torch import save_file
 
-    from .expert_moment import EnECGMomentExpert
+    from ..expert_moment import EnECGMomentExpert
 
     folder = Path(source)
     report = ConversionReport("moment", str(source), str(destination), {})
@@ -510,16 +511,20 @@ def convert_moment(source: str, destination: str, preset: str | None = None) -> 
     return report
 
 
-CONVERTERS: dict[str, Callable[..., ConversionReport]] = {
-    "tempo": convert_tempo, "ecgfm": convert_ecgfm, "moment": convert_moment,
-}
+def converters() -> dict[str, Callable[..., ConversionReport]]:
+    """Expert type -> the function above that converts its upstream checkpoint, as the expert class names it
+    (`EnECGExpert.CONVERTER`)."""
+    names = {expert_type: expert_class(expert_type).CONVERTER for expert_type in EXPERT_TYPES}
+    return {expert_type: globals()[name] for expert_type, name in names.items() if name}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m enecg_hf.convert", description="Convert an upstream expert checkpoint into an EnECG expert folder."
+        prog="python -m enecg_hf.tools.convert",
+        description="Convert an upstream expert checkpoint into an EnECG expert folder.",
     )
-    parser.add_argument("expert_type", choices=sorted(CONVERTERS))
+    available = converters()
+    parser.add_argument("expert_type", choices=sorted(available))
     parser.add_argument("source", help="tempo: the .pth state dict; ecgfm: the fairseq .pt; moment: the momentfm folder")
     parser.add_argument("destination", help=f"output folder ({EXPERT_WEIGHTS_FILE} + {EXPERT_CONFIG_FILE})")
     parser.add_argument("--preset", help="expert preset the checkpoint is checked against (default: by type/size)")
@@ -537,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stride is not None or args.seq_len is not None:
         parser.error("--stride and --seq-len are TEMPO options")
     try:
-        report = CONVERTERS[args.expert_type](args.source, args.destination, **kwargs)
+        report = available[args.expert_type](args.source, args.destination, **kwargs)
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -549,5 +554,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["convert_tempo", "convert_ecgfm", "convert_moment", "load_torch_checkpoint", "CheckpointError",
-           "ConversionReport", "main"]
+__all__ = ["convert_tempo", "convert_ecgfm", "convert_moment", "converters", "load_torch_checkpoint",
+           "CheckpointError", "ConversionReport", "main"]

@@ -84,7 +84,7 @@ def predict(args: argparse.Namespace) -> int:
         try:
             result = ecg(record, **options)
             if explain:
-                from .explain_enecg import explain_record
+                from .explain import explain_record
 
                 png = _explain_path(explain, index)
                 try:

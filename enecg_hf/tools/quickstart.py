@@ -1,7 +1,7 @@
 """Smoke-run of the model life cycle, offline.
 
-    python -m enecg_hf.quickstart --model outputs/enecg-tiny-rr_interval   # a folder written by `python train.py`
-    python -m enecg_hf.quickstart [--config hub_configs/tiny.json] [--output outputs/quickstart]
+    python -m enecg_hf.tools.quickstart --model outputs/enecg-tiny-rr_interval   # a folder written by `python train.py`
+    python -m enecg_hf.tools.quickstart [--config hub_configs/tiny.json] [--output outputs/quickstart]
 
 With `--model`: load a trained folder with `AutoModel.from_pretrained` and predict the RR interval of simulated
 12-lead ECGs it never saw (their true RR is known), with each expert's gate weight. Without it: build the tiny
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from . import EnECGConfig, EnECGModel
+from .. import EnECGConfig, EnECGModel
 from .serving_export import export_serving_files
-from .training.configs import HUB_CONFIGS_DIR
+from ..training.configs import HUB_CONFIGS_DIR
 
 
 def simulated_ecg(heart_rate: float, seed: int, sampling_rate: int = 500, seconds: int = 10) -> np.ndarray:
@@ -36,7 +36,7 @@ def simulated_ecg(heart_rate: float, seed: int, sampling_rate: int = 500, second
 
 def predict_with_trained_model(folder: str, num_records: int, seed: int) -> dict:
     """Predictions of a trained folder on `num_records` simulated records (`enecg_hf.data.simulate`, seed `seed`)."""
-    from .data.simulate import simulate_record
+    from ..data.simulate import simulate_record
 
     model = AutoModel.from_pretrained(folder).eval()
     label = model.config.label_name

@@ -3,7 +3,7 @@ the input signal, for the whole ensemble and for each expert (the paper's Figure
 expert attends to). Attributions come from `captum`; plots from matplotlib. Both are optional
 (`pip install 'enecg_hf[explain]'`).
 
-    from enecg_hf.explain_enecg import explain, plot_explanation
+    from enecg_hf.tools.explain import explain, plot_explanation
     explanation = explain(model, input_values)              # (batch, 12, samples) in mV, as the model takes it
     plot_explanation(input_values[0], explanation, index=0, path="explanation.png")
 """
@@ -16,15 +16,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
-
-# Experts whose embedding is not a differentiable function of the input: the ECG-features expert measures the record
-# with neurokit2 in numpy; the openecg codec reads the ranks of the samples, which are piecewise constant. Their
-# saliency is reported as missing, with this reason, rather than as zeros.
-NOT_DIFFERENTIABLE = {
-    "features": "measured with neurokit2 in numpy: no gradient flows from its embedding to the input",
-    "openecg": "reads rank-normalised samples (piecewise constant): no gradient flows from its embedding to the input",
-}
 
 
 def _require(module: str):
@@ -121,7 +112,7 @@ def explain(
     """
     attr = _require("captum.attr")
     model.eval()
-    from .modeling_enecg import normalize_ecg
+    from ..signal_enecg import normalize_ecg
 
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
     if inputs.dim() == 2:
@@ -151,11 +142,12 @@ def explain(
                                    internal_batch_size=internal_batch_size, return_convergence_delta=True)
     notes = {}
     expert_saliency: dict[str, np.ndarray | None] = {}
-    for name in model.expert_names:
-        expert_type = model.config.expert_configs[model.expert_names.index(name)].type
-        if expert_type in NOT_DIFFERENTIABLE:
+    for name, expert in model.experts.items():
+        # An expert whose embedding is not a differentiable function of the input (`EnECGExpert.DIFFERENTIABLE`) has
+        # its saliency reported as missing, with the expert's reason, rather than as zeros.
+        if not expert.DIFFERENTIABLE:
             expert_saliency[name] = None
-            notes[name] = NOT_DIFFERENTIABLE[expert_type]
+            notes[name] = expert.NOT_DIFFERENTIABLE_REASON
         elif experts:
             path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name, task))
             expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
@@ -293,7 +285,7 @@ def plot_explanation(
 
 def explain_record(model, record: Any, path: str | Path, **prepare_kwargs) -> EnECGExplanation:
     """Read and prepare `record` like the pipeline does, explain it and write the combined PNG to `path`."""
-    from .pipeline_enecg import prepare_record
+    from ..pipeline_enecg import prepare_record
 
     prepared = prepare_record(record, model.config, **prepare_kwargs)
     explanation = explain(model, torch.from_numpy(prepared.signal)[None])
@@ -303,5 +295,4 @@ def explain_record(model, record: Any, path: str | Path, **prepare_kwargs) -> En
     return explanation
 
 
-__all__ = ["EnECGExplanation", "explain", "plot_ecg", "plot_gate_weights", "plot_explanation", "explain_record",
-           "NOT_DIFFERENTIABLE"]
+__all__ = ["EnECGExplanation", "explain", "plot_ecg", "plot_gate_weights", "plot_explanation", "explain_record"]

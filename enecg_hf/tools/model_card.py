@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .modeling_enecg import EnECGModel
+from ..modeling_enecg import EnECGModel
 
 
 # The repository's model_card.md, through a link in a checkout, shipped in wheels as package data.
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
+TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "model_card.md"
 
 # The Hub has no task for classifying or regressing time series; its time-series task (forecasting) sits under the
 # "tabular" modality, next to these two, the nearest tasks it knows (huggingface.js `PIPELINE_DATA`).
@@ -73,7 +73,7 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from . import __version__
+    from .. import __version__
 
     config = model.config
     # A multi-task run's metrics hold one single-task block per task; the card has a section per task.
