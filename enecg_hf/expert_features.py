@@ -7,6 +7,7 @@ expert next to the foundation models (RR interval is directly measurable from R 
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from typing import Any, Sequence
@@ -37,6 +38,34 @@ def _import_neurokit():
             "(or pip install neurokit2)"
         ) from err
     return neurokit2
+
+
+# neurokit2's wave delineation methods (`nk.ecg_delineate(method=...)`, with its aliases) and the private function
+# behind each, which the expert calls directly (see `_delineate`).
+DELINEATION_METHODS = {
+    "dwt": "_dwt_ecg_delineator", "discrete wavelet transform": "_dwt_ecg_delineator",
+    "prominence": "_prominence_ecg_delineator", "peak-prominence": "_prominence_ecg_delineator",
+    "emrich": "_prominence_ecg_delineator", "emrich2024": "_prominence_ecg_delineator",
+    "peak": "_ecg_delineator_peak", "peaks": "_ecg_delineator_peak", "derivative": "_ecg_delineator_peak",
+    "gradient": "_ecg_delineator_peak", "cwt": "_ecg_delineator_cwt", "continuous wavelet transform": "_ecg_delineator_cwt",
+}
+
+
+def _delineator(method: str):
+    """neurokit2's own delineator function for `method`, or None if this neurokit2 has no such private function."""
+    try:
+        module = importlib.import_module("neurokit2.ecg.ecg_delineate")
+    except ImportError:
+        return None
+    return getattr(module, DELINEATION_METHODS[method.lower()], None)
+
+
+def _check_indices(indices: Any, length: int) -> None:
+    """Raise where neurokit2's `signal_formatpeaks` (the pandas output of `ecg_peaks` / `ecg_delineate`, which the
+    expert skips) would raise: an index at or past the end of the signal, or a negative one."""
+    for index in indices:
+        if not 0 <= index < length:
+            raise IndexError(f"index {index} outside a signal of {length} samples")
 
 
 def _median_duration(waves: dict[str, Any], start: str, end: str, sampling_rate: float) -> float:
@@ -74,6 +103,13 @@ class EnECGFeaturesExpert(EnECGExpert):
         self._nk = _import_neurokit()
         if not float(self.settings["record_seconds"]) > 0:
             raise ValueError(f"Expert {config.name!r}: record_seconds must be positive")
+        method = self.settings["delineation"]
+        if not isinstance(method, str) or method.lower() not in DELINEATION_METHODS:
+            raise ValueError(
+                f"Expert {config.name!r}: delineation must be one of neurokit2's methods "
+                f"{sorted(set(DELINEATION_METHODS))}, got {method!r}"
+            )
+        self._delineator = _delineator(method)
         self.sampling_rate = config.input_length / float(self.settings["record_seconds"])
         self.embedding_dim = self.num_leads * 2 * len(FEATURE_NAMES)
 
@@ -94,8 +130,10 @@ class EnECGFeaturesExpert(EnECGExpert):
             warnings.simplefilter("ignore")
             try:
                 cleaned = nk.ecg_clean(signal, sampling_rate=fs)
-                _, info = nk.ecg_peaks(cleaned, sampling_rate=fs)
-                peaks = np.asarray(info["ECG_R_Peaks"], dtype=float)
+                # `nk.ecg_peaks` without its pandas output: its own detector call, and its output's index check.
+                found = nk.ecg_findpeaks(cleaned, sampling_rate=fs, method="neurokit")["ECG_R_Peaks"]
+                _check_indices(found, cleaned.size)
+                peaks = np.asarray(found, dtype=float)
             except Exception:  # neurokit raises on degenerate signals in many ways; all mean "not measured"
                 return values
             if peaks.size >= 2:
@@ -106,9 +144,7 @@ class EnECGFeaturesExpert(EnECGExpert):
                     values["rr_std"] = float(rr.std())
             if peaks.size >= 3:
                 try:
-                    _, waves = nk.ecg_delineate(
-                        cleaned, peaks.astype(int), sampling_rate=fs, method=self.settings["delineation"]
-                    )
+                    waves = self._delineate(cleaned, peaks.astype(int))
                 except Exception:
                     waves = {}
                 values["pr"] = _median_duration(waves, "ECG_P_Onsets", "ECG_R_Onsets", fs)
@@ -120,6 +156,25 @@ class EnECGFeaturesExpert(EnECGExpert):
             if not low <= values[name] <= high:  # also False for NaN
                 values[name] = math.nan
         return values
+
+    def _delineate(self, cleaned: np.ndarray, rpeaks: np.ndarray) -> dict[str, list]:
+        """What `nk.ecg_delineate(cleaned, rpeaks, sampling_rate, method)` returns as its `waves`, exactly, without the
+        per-sample pandas DataFrame it also builds (its `signals`: half of the expert's time with `prominence`).
+
+        Runs neurokit2's delineator for the method, then `ecg_delineate`'s own post-processing: the last mark of a wave
+        at or past the signal's end becomes NaN, an index that `signal_formatpeaks` would reject raises as it would,
+        and marks at sample 0 or below are dropped. Falls back to `nk.ecg_delineate` if the private function is gone.
+        """
+        fs, method = self.sampling_rate, self.settings["delineation"].lower()
+        if self._delineator is None:
+            return self._nk.ecg_delineate(cleaned, rpeaks, sampling_rate=fs, method=method)[1]
+        waves = self._delineator(cleaned, rpeaks, sampling_rate=fs)
+        for value in waves.values():
+            if value[-1] >= len(cleaned):
+                value[-1] = np.nan
+        for value in waves.values():
+            _check_indices([int(x) for x in value if ~np.isnan(x) and x > 0], len(cleaned))
+        return {name: [x for x in value if x > 0 or np.isnan(x)] for name, value in waves.items()}
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> (batch, leads * 14): values then missing flags per lead. Not differentiable:

@@ -1,5 +1,6 @@
-"""ECG-features expert: shapes and flags, robustness to degenerate signals, and agreement of the mean RR feature with
-the cardiologists' R-peak annotations of LUDB (lead II)."""
+"""ECG-features expert: shapes and flags, robustness to degenerate signals, its pandas-free delineation against
+neurokit2's own `ecg_delineate`, and agreement of the mean RR feature with the cardiologists' R-peak annotations of
+LUDB (lead II)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,42 @@ def test_mean_rr_agrees_with_ludb_annotations():
     errors = np.array(errors)
     assert np.median(errors) < 5.0, errors.round(1)
     assert np.mean(errors <= 10.0) >= 0.75, errors.round(1)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal dicts of lists, NaN equal to NaN."""
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k]) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a[k], b[k]))
+        for k in a
+    )
+
+
+@pytest.mark.parametrize("method", ["dwt", "prominence", "peak", "cwt"])
+def test_delineation_without_pandas_equals_neurokit(method):
+    """The expert skips `nk.ecg_peaks` / `nk.ecg_delineate` (their per-sample pandas output) but must return exactly
+    their waves; and `measure` must equal the path through `nk.ecg_delineate` (the fallback for other neurokit2s)."""
+    import neurokit2 as nk
+
+    signals = [synthetic_ecg(seed=seed, heart_rate=rate) for seed, rate in ((0, 55), (1, 95))]
+    if (LUDB / "RECORDS").is_file():
+        wfdb = pytest.importorskip("wfdb")
+        signals += [wfdb.rdrecord(str(LUDB / "data" / str(r))).p_signal[:, 1] for r in (1, 8, 35, 120)]
+    signals.append(np.random.default_rng(0).standard_normal(5000))  # noise: many or odd peaks
+    for input_length in (5000, 2500):
+        fast = make_expert(input_length, delineation=method)
+        slow = make_expert(input_length, delineation=method)
+        slow._delineator = None  # -> nk.ecg_delineate
+        for signal in signals:
+            signal = signal[:: 5000 // input_length]
+            cleaned = nk.ecg_clean(signal, sampling_rate=fast.sampling_rate)
+            _, info = nk.ecg_peaks(cleaned, sampling_rate=fast.sampling_rate)
+            rpeaks = np.asarray(info["ECG_R_Peaks"], dtype=int)
+            try:
+                expected = nk.ecg_delineate(cleaned, rpeaks, sampling_rate=fast.sampling_rate, method=method)[1]
+            except Exception:  # the fast path must fail too (the expert then flags PR, QRS and QT)
+                with pytest.raises(Exception):
+                    fast._delineate(cleaned, rpeaks)
+            else:
+                assert _same(fast._delineate(cleaned, rpeaks), expected)
+            a, b = fast.measure(signal), slow.measure(signal)
+            assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in FEATURE_NAMES), (a, b)
