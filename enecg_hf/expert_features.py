@@ -84,7 +84,8 @@ class EnECGFeaturesExpert(EnECGExpert):
 
     Input (batch, leads, input_length) covering `record_seconds` seconds (the sampling rate is
     `input_length / record_seconds`; 10 s records at 500 Hz need `input_length` 5000, or 2500 at 250 Hz). For each lead
-    (default lead II): `nk.ecg_clean`, `nk.ecg_peaks` for R peaks, `nk.ecg_delineate` for P/QRS/T onsets and offsets.
+    (default lead II): `nk.ecg_clean`, R peaks as `nk.ecg_peaks` finds them, P/QRS/T onsets and offsets as
+    `nk.ecg_delineate(method=settings["delineation"])` finds them (both without their pandas output).
     Output per lead: the 7 values of `FEATURE_NAMES` (mean and standard deviation of RR in s, heart rate in bpm / 100,
     median PR, QRS, QT in s, QTc by Bazett in s), then 7 flags, 1.0 where the value could not be measured (its value is
     then 0.0). Flat, noisy, non-finite or short (< 2 s) signals give flagged values, never an exception.
@@ -93,6 +94,8 @@ class EnECGFeaturesExpert(EnECGExpert):
 
     expert_type = "features"
     DEFAULT_PRESET = "default"
+    # Every preset keeps `dwt`: saved folders store `{"preset": ...}`, not these values, so a change here would change
+    # what they compute. `"delineation": "prominence"` is more accurate on LUDB intervals (docs/experts.md).
     PRESETS = {
         "default": {"record_seconds": 10.0, "delineation": "dwt"},
         "tiny": {"record_seconds": 10.0, "delineation": "dwt"},
