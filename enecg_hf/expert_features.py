@@ -7,6 +7,7 @@ expert next to the foundation models (RR interval is directly measurable from R 
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
@@ -43,6 +44,34 @@ def _import_neurokit():
     return neurokit2
 
 
+# neurokit2's wave delineation methods (`nk.ecg_delineate(method=...)`, with its aliases) and the private function
+# behind each, which the expert calls directly (see `_delineate`).
+DELINEATION_METHODS = {
+    "dwt": "_dwt_ecg_delineator", "discrete wavelet transform": "_dwt_ecg_delineator",
+    "prominence": "_prominence_ecg_delineator", "peak-prominence": "_prominence_ecg_delineator",
+    "emrich": "_prominence_ecg_delineator", "emrich2024": "_prominence_ecg_delineator",
+    "peak": "_ecg_delineator_peak", "peaks": "_ecg_delineator_peak", "derivative": "_ecg_delineator_peak",
+    "gradient": "_ecg_delineator_peak", "cwt": "_ecg_delineator_cwt", "continuous wavelet transform": "_ecg_delineator_cwt",
+}
+
+
+def _delineator(method: str):
+    """neurokit2's own delineator function for `method`, or None if this neurokit2 has no such private function."""
+    try:
+        module = importlib.import_module("neurokit2.ecg.ecg_delineate")
+    except ImportError:
+        return None
+    return getattr(module, DELINEATION_METHODS[method.lower()], None)
+
+
+def _check_indices(indices: Any, length: int) -> None:
+    """Raise where neurokit2's `signal_formatpeaks` (the pandas output of `ecg_peaks` / `ecg_delineate`, which the
+    expert skips) would raise: an index at or past the end of the signal, or a negative one."""
+    for index in indices:
+        if not 0 <= index < length:
+            raise IndexError(f"index {index} outside a signal of {length} samples")
+
+
 def _median_duration(waves: dict[str, Any], start: str, end: str, sampling_rate: float) -> float:
     """Median over beats of (end - start) in seconds, ignoring beats where either mark is missing; NaN if none."""
     a = np.asarray(waves.get(start, []), dtype=float)
@@ -59,7 +88,8 @@ class EnECGFeaturesExpert(EnECGExpert):
 
     Input (batch, leads, input_length) covering `record_seconds` seconds (the sampling rate is
     `input_length / record_seconds`; 10 s records at 500 Hz need `input_length` 5000, or 2500 at 250 Hz). For each lead
-    (default lead II): `nk.ecg_clean`, `nk.ecg_peaks` for R peaks, `nk.ecg_delineate` for P/QRS/T onsets and offsets.
+    (default lead II): `nk.ecg_clean`, R peaks as `nk.ecg_peaks` finds them, P/QRS/T onsets and offsets as
+    `nk.ecg_delineate(method=settings["delineation"])` finds them (both without their pandas output).
     Output per lead: the 7 values of `FEATURE_NAMES` (mean and standard deviation of RR in s, heart rate in bpm / 100,
     median PR, QRS, QT in s, QTc by Bazett in s), then 7 flags, 1.0 where the value could not be measured (its value is
     then 0.0). Flat, noisy, non-finite or short (< 2 s) signals give flagged values, never an exception.
@@ -70,6 +100,8 @@ class EnECGFeaturesExpert(EnECGExpert):
     DIFFERENTIABLE = False
     NOT_DIFFERENTIABLE_REASON = "measured with neurokit2 in numpy: no gradient flows from its embedding to the input"
     DEFAULT_PRESET = "default"
+    # Every preset keeps `dwt`: saved folders store `{"preset": ...}`, not these values, so a change here would change
+    # what they compute. `"delineation": "prominence"` is more accurate on LUDB intervals (docs/experts.md).
     PRESETS = {
         "default": {"record_seconds": 10.0, "delineation": "dwt"},
         "tiny": {"record_seconds": 10.0, "delineation": "dwt"},
@@ -91,6 +123,13 @@ class EnECGFeaturesExpert(EnECGExpert):
         self._nk = _import_neurokit()
         if not float(self.settings["record_seconds"]) > 0:
             raise ValueError(f"Expert {config.name!r}: record_seconds must be positive")
+        method = self.settings["delineation"]
+        if not isinstance(method, str) or method.lower() not in DELINEATION_METHODS:
+            raise ValueError(
+                f"Expert {config.name!r}: delineation must be one of neurokit2's methods "
+                f"{sorted(set(DELINEATION_METHODS))}, got {method!r}"
+            )
+        self._delineator = _delineator(method)
         self.sampling_rate = config.input_length / float(self.settings["record_seconds"])
         self.embedding_dim = self.num_leads * 2 * len(FEATURE_NAMES)
 
@@ -111,8 +150,10 @@ class EnECGFeaturesExpert(EnECGExpert):
             warnings.simplefilter("ignore")
             try:
                 cleaned = nk.ecg_clean(signal, sampling_rate=fs)
-                _, info = nk.ecg_peaks(cleaned, sampling_rate=fs)
-                peaks = np.asarray(info["ECG_R_Peaks"], dtype=float)
+                # `nk.ecg_peaks` without its pandas output: its own detector call, and its output's index check.
+                found = nk.ecg_findpeaks(cleaned, sampling_rate=fs, method="neurokit")["ECG_R_Peaks"]
+                _check_indices(found, cleaned.size)
+                peaks = np.asarray(found, dtype=float)
             except Exception:  # neurokit raises on degenerate signals in many ways; all mean "not measured"
                 return values
             if peaks.size >= 2:
@@ -123,9 +164,7 @@ class EnECGFeaturesExpert(EnECGExpert):
                     values["rr_std"] = float(rr.std())
             if peaks.size >= 3:
                 try:
-                    _, waves = nk.ecg_delineate(
-                        cleaned, peaks.astype(int), sampling_rate=fs, method=self.settings["delineation"]
-                    )
+                    waves = self._delineate(cleaned, peaks.astype(int))
                 except Exception:
                     waves = {}
                 values["pr"] = _median_duration(waves, "ECG_P_Onsets", "ECG_R_Onsets", fs)
@@ -137,6 +176,25 @@ class EnECGFeaturesExpert(EnECGExpert):
             if not low <= values[name] <= high:  # also False for NaN
                 values[name] = math.nan
         return values
+
+    def _delineate(self, cleaned: np.ndarray, rpeaks: np.ndarray) -> dict[str, list]:
+        """What `nk.ecg_delineate(cleaned, rpeaks, sampling_rate, method)` returns as its `waves`, exactly, without the
+        per-sample pandas DataFrame it also builds (its `signals`: half of the expert's time with `prominence`).
+
+        Runs neurokit2's delineator for the method, then `ecg_delineate`'s own post-processing: the last mark of a wave
+        at or past the signal's end becomes NaN, an index that `signal_formatpeaks` would reject raises as it would,
+        and marks at sample 0 or below are dropped. Falls back to `nk.ecg_delineate` if the private function is gone.
+        """
+        fs, method = self.sampling_rate, self.settings["delineation"].lower()
+        if self._delineator is None:
+            return self._nk.ecg_delineate(cleaned, rpeaks, sampling_rate=fs, method=method)[1]
+        waves = self._delineator(cleaned, rpeaks, sampling_rate=fs)
+        for value in waves.values():
+            if value[-1] >= len(cleaned):
+                value[-1] = np.nan
+        for value in waves.values():
+            _check_indices([int(x) for x in value if ~np.isnan(x) and x > 0], len(cleaned))
+        return {name: [x for x in value if x > 0 or np.isnan(x)] for name, value in waves.items()}
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> (batch, leads * 14): values then missing flags per lead. Not differentiable:

@@ -1,9 +1,11 @@
-"""ECG-features expert: shapes and flags, robustness to degenerate signals, and agreement of the mean RR feature with
-the cardiologists' R-peak annotations of LUDB (lead II)."""
+"""ECG-features expert: shapes and flags, robustness to degenerate signals, the delineation method of old and new
+configs and saved folders, its pandas-free delineation against neurokit2's own `ecg_delineate`, and agreement of the
+mean RR feature with the cardiologists' R-peak annotations of LUDB (lead II)."""
 
 from __future__ import annotations
 
 import builtins
+import json
 import math
 import os
 from pathlib import Path
@@ -14,11 +16,13 @@ import torch
 
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import FEATURE_NAMES, EnECGFeaturesExpert
+from enecg_hf.modeling_enecg import EnECGModel
 
 
 pytest.importorskip("neurokit2")
 
 LEADS = list(STANDARD_LEAD_NAMES)
+REPO = Path(__file__).resolve().parents[1]
 LUDB = Path(os.environ.get("ENECG_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ludb"
 N = len(FEATURE_NAMES)
 
@@ -105,3 +109,82 @@ def test_mean_rr_agrees_with_ludb_annotations():
     errors = np.array(errors)
     assert np.median(errors) < 5.0, errors.round(1)
     assert np.mean(errors <= 10.0) >= 0.75, errors.round(1)
+
+
+def test_old_and_new_configs_use_dwt_and_prominence_is_opt_in():
+    """Folders store the expert's settings as written (`{"preset": "tiny"}`, not the resolved values), so the presets
+    and the preset-less default must keep `dwt` for saved models to compute what they did; the shipped configs use
+    dwt too (prominence is more accurate on LUDB intervals but made LUDB RR-interval CV worse: docs/experts.md).
+    `prominence` is an explicit setting."""
+    for settings in ({}, {"preset": "default"}, {"preset": "tiny"}, {"preset": "tiny", "record_seconds": 10.0}):
+        assert make_expert(**settings).settings["delineation"] == "dwt", settings
+    for name in ("tiny", "offline_pretrained"):
+        config = json.loads((REPO / "hub_configs" / f"{name}.json").read_text())
+        (features,) = [e for e in config["experts"] if e["type"] == "features"]
+        expert = EnECGFeaturesExpert(EnECGExpertConfig.from_dict(features), LEADS)
+        assert expert.settings["delineation"] == "dwt", name
+    assert make_expert(preset="tiny", delineation="prominence").settings["delineation"] == "prominence"
+    with pytest.raises(ValueError, match="delineation must be one of"):
+        make_expert(delineation="dwtt")
+
+
+def test_saved_folders_keep_their_delineation(tmp_path):
+    """config.json keeps the expert's settings as written: a folder saying only `{"preset": "tiny"}` reloads with dwt
+    and gives dwt's embedding; one saying `"delineation": "prominence"` reloads with prominence. The two differ."""
+    from enecg_hf import EnECGConfig
+
+    x = torch.zeros(1, 12, 5000)
+    x[0, 1] = torch.tensor(synthetic_ecg(heart_rate=62, seed=3), dtype=torch.float32)
+    embeddings = {}
+    for method, settings in (("dwt", {"preset": "tiny"}), ("prominence", {"preset": "tiny", "delineation": "prominence"})):
+        config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
+        config["experts"] = [dict(e, settings=settings) for e in config["experts"] if e["type"] == "features"]
+        config.pop("model_type", None)
+        EnECGModel(EnECGConfig(**config)).save_pretrained(tmp_path / method)
+        assert json.loads((tmp_path / method / "config.json").read_text())["experts"][0]["settings"] == settings
+        expert = EnECGModel.from_pretrained(tmp_path / method).experts["features"]
+        assert expert.settings["delineation"] == method
+        with torch.no_grad():
+            embeddings[method] = expert(x)
+        fresh = make_expert(config["experts"][0]["input_length"], delineation=method)
+        torch.testing.assert_close(embeddings[method], fresh(x), rtol=0, atol=0)
+    assert not torch.equal(embeddings["dwt"], embeddings["prominence"])  # PR, QRS and QT differ
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal dicts of lists, NaN equal to NaN."""
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k]) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a[k], b[k]))
+        for k in a
+    )
+
+
+@pytest.mark.parametrize("method", ["dwt", "prominence", "peak", "cwt"])
+def test_delineation_without_pandas_equals_neurokit(method):
+    """The expert skips `nk.ecg_peaks` / `nk.ecg_delineate` (their per-sample pandas output) but must return exactly
+    their waves; and `measure` must equal the path through `nk.ecg_delineate` (the fallback for other neurokit2s)."""
+    import neurokit2 as nk
+
+    signals = [synthetic_ecg(seed=seed, heart_rate=rate) for seed, rate in ((0, 55), (1, 95))]
+    if (LUDB / "RECORDS").is_file():
+        wfdb = pytest.importorskip("wfdb")
+        signals += [wfdb.rdrecord(str(LUDB / "data" / str(r))).p_signal[:, 1] for r in (1, 8, 35, 120)]
+    signals.append(np.random.default_rng(0).standard_normal(5000))  # noise: many or odd peaks
+    for input_length in (5000, 2500):
+        fast = make_expert(input_length, delineation=method)
+        slow = make_expert(input_length, delineation=method)
+        slow._delineator = None  # -> nk.ecg_delineate
+        for signal in signals:
+            signal = signal[:: 5000 // input_length]
+            cleaned = nk.ecg_clean(signal, sampling_rate=fast.sampling_rate)
+            _, info = nk.ecg_peaks(cleaned, sampling_rate=fast.sampling_rate)
+            rpeaks = np.asarray(info["ECG_R_Peaks"], dtype=int)
+            try:
+                expected = nk.ecg_delineate(cleaned, rpeaks, sampling_rate=fast.sampling_rate, method=method)[1]
+            except Exception:  # the fast path must fail too (the expert then flags PR, QRS and QT)
+                with pytest.raises(Exception):
+                    fast._delineate(cleaned, rpeaks)
+            else:
+                assert _same(fast._delineate(cleaned, rpeaks), expected)
+            a, b = fast.measure(signal), slow.measure(signal)
+            assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in FEATURE_NAMES), (a, b)
