@@ -398,7 +398,7 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         was_training = model.training
         model.eval()
         bar = tqdm(total=sum(len(rows) for _, rows in mine), unit="record", disable=not (main and progress),
-                   desc=f"Expert features ({count} processes)" if count > 1 else "Expert features")
+                   desc=f"Expert features (process 1 of {count}: its share)" if count > 1 else "Expert features")
         for column_ids, rows in mine:
             values = _compute(model, [columns[i] for i in column_ids], signals[rows]["signal"])
             for i, v in zip(column_ids, values):
