@@ -218,7 +218,7 @@ class FeatureStore:
 
     @staticmethod
     def _open(path: Path, dim: int, verify: bool):
-        """The shard's table (memory-mapped). Raises `CorruptShard` with the reason."""
+        """The shard's table (memory-mapped) and its keys. Raises `CorruptShard` with the reason."""
         import pyarrow as pa
 
         expected = path.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]
@@ -234,7 +234,12 @@ class FeatureStore:
         values_type = pa.list_(pa.float32(), dim)
         if table.column_names != ["key", "values"] or table.schema.field("values").type != values_type:
             raise CorruptShard(f"schema {table.schema} is not key: string, values: {values_type}")
-        return table
+        try:
+            table.validate(full=True)
+            keys = table.column("key").to_pylist()
+        except (pa.ArrowException, UnicodeDecodeError) as error:
+            raise CorruptShard(f"invalid content: {error}") from error
+        return table, keys
 
     def _quarantine(self, path: Path, reason: str, records: str) -> None:
         logger.warning("Feature store: shard %s is corrupt (%s); it is moved aside as %s.corrupt and %s", path, reason,
@@ -255,12 +260,11 @@ class FeatureStore:
         tables = []
         for path in self.shards(column):
             try:
-                table = self._open(path, column.dim, verify=False)
-                keys = table.column("key").to_pylist()
+                table, keys = self._open(path, column.dim, verify=False)
                 if wanted is not None and not wanted.intersection(keys):
                     continue
                 if verify:
-                    table = self._open(path, column.dim, verify=True)
+                    table, keys = self._open(path, column.dim, verify=True)
             except CorruptShard as error:
                 if not quarantine:
                     raise CorruptShard(f"Feature store shard {path} is corrupt: {error}") from None
