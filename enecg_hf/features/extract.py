@@ -51,7 +51,7 @@ class FeatureScriptArguments:
     seed: int = field(default=42, metadata=_option(
         "seed of train.py's run: random-weight experts are initialised from it (and simulated records made with it)"))
     cache_dir: str | None = field(default=None, metadata=_option(
-        f"cache folder; the store is DIR/features (default ${CACHE_ENV}/features, else ~/.cache/enecg_hf/features)"))
+        f"cache folder; the store is CACHE_DIR/features (default ${CACHE_ENV}/features, else ~/.cache/enecg_hf/features)"))
     feature_batch_size: int = field(default=16, metadata=_option("records per forward pass of the experts"))
     shard_size: int = field(default=256, metadata=_option(
         "each process writes a shard file every N records of an expert (a killed run loses at most this many)"))
