@@ -9,8 +9,9 @@ What a run does, in order (see docs/training.md):
 1. Load the dataset (`--dataset`, a folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`) or build
    it with `enecg_hf.data.build_dataset` (`--data_format/--data_path`). Check the label column, its values, the
    sampling rate and record length against the config, and the class coverage of the folds - before any training.
-2. Expert features: the frozen experts run once per record in a `datasets` map, sharded across the processes and
-   cached on disk under `OUT/cache` by fingerprint; heads and gate train on them, in memory.
+2. Expert features: read from the record-level feature store (`enecg_hf.features`, shared by every run: default
+   `~/.cache/enecg_hf/features`), where the frozen experts run once per record and expert, only for what is missing,
+   in batches dealt to the processes; heads and gate train on them, in memory.
 3. For each of the `--folds` subject-wise folds: the heads and gate start again from the same initial weights, are
    fitted on the other folds (`fitting`: by default heads on their own losses with cross-validated early stopping,
    the gate on their out-of-fold predictions) and scored on this one with our local `evaluate` modules, beside the
@@ -23,7 +24,7 @@ Each job of a fit (an inner-fold head fit, the final heads, the gate) is kept as
 latest` reuses the finished jobs of a killed run and reaches the same result as an uninterrupted one.
 
 Modules: `arguments` (command line), `errors` (`TrainingSetupError`: the library raises it, `main()` makes it an exit
-message), `labels` (task and config), `records` (data checks and folds), `features` (feature cache), `fitting` (how
+message), `labels` (task and config), `records` (data checks and folds), `features` (expert features from the feature store), `fitting` (how
 heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and processes), `scoring` (metrics and
 baselines), `output` (folder, model card, Hub), `launch` (processes), `run` (a whole run), `trainer` (training with
 `transformers.Trainer` instead: dataset columns and a callback).

@@ -104,13 +104,16 @@ class ModelArguments:
 
 @dataclass
 class CacheArguments:
-    _argument_group_name = "feature cache and checkpoints"
+    _argument_group_name = "feature store and checkpoints (docs/training.md)"
 
     cache_features: bool = field(default=True, metadata=_option(
-        "run the frozen experts once per record and train on cached features (default on; --no-cache_features: run "
-        "them on every batch)"))
-    cache_dir: str | None = field(default=None, metadata=_option("feature/dataset cache folder (default OUT/cache)"))
-    feature_batch_size: int = 16
+        "read the experts' outputs from the shared feature store and add what is missing (default on; "
+        "--no-cache_features: compute them for this run only, in a temporary store removed at the end)"))
+    cache_dir: str | None = field(default=None, metadata=_option(
+        "cache folder: dataset builds of --data_format (default OUT/cache) and the feature store, CACHE_DIR/features "
+        "(default $ENECG_HF_CACHE/features, else ~/.cache/enecg_hf/features)"))
+    feature_batch_size: int = field(default=16, metadata=_option(
+        "records per forward pass of the experts, for the features the store does not hold yet"))
     resume_from_checkpoint: str | None = field(default=None, metadata=_option(
         "'latest': reuse every finished job under OUT/checkpoints of an interrupted run", choices=["latest"]))
 

@@ -57,15 +57,16 @@ def requested_cpu_processes() -> int | None:
     return None
 
 
-def relaunch_on_cpu(num_processes: int, argv: Sequence[str]) -> None:
-    """Start `num_processes` copies of this script with torch's elastic launcher (what `torchrun` runs): gloo on
-    the CPU, rendezvous at the MASTER_ADDR/MASTER_PORT accelerate exported. Exits 0 when every process succeeded
-    (torch's launcher raises, and so exits non-zero, when one fails)."""
+def relaunch_on_cpu(num_processes: int, argv: Sequence[str], module: str | None = None) -> None:
+    """Start `num_processes` copies of this script (or of `python -m module`) with torch's elastic launcher (what
+    `torchrun` runs): gloo on the CPU, rendezvous at the MASTER_ADDR/MASTER_PORT accelerate exported. Exits 0 when
+    every process succeeded (torch's launcher raises, and so exits non-zero, when one fails)."""
     from torch.distributed.run import main as torchrun
 
-    script = sys.argv[0]
-    print(f"train.py: accelerate launch --cpu runs one process (huggingface/accelerate#2741); starting "
+    target = ["-m", module] if module else [sys.argv[0]]
+    name = module or Path(sys.argv[0]).name
+    print(f"{name}: accelerate launch --cpu runs one process (huggingface/accelerate#2741); starting "
           f"{num_processes} CPU processes with torch.distributed.run", file=sys.stderr, flush=True)
     torchrun(["--nproc_per_node", str(num_processes), "--master_addr", os.environ["MASTER_ADDR"],
-              "--master_port", os.environ.get("MASTER_PORT", "29500"), script, *argv])
+              "--master_port", os.environ.get("MASTER_PORT", "29500"), *target, *argv])
     sys.exit(0)

@@ -20,6 +20,7 @@ from ..modeling_enecg import EnECGModel
 from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
 from .configs import build_config, resolve_config_path
 from .errors import TrainingSetupError
+from ..features.store import feature_store_dir
 from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
@@ -219,8 +220,11 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
         run_name = "multitask" if multitask else args.label
         args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{run_name}")
     output_dir = Path(args.output_dir)
-    # Without --cache_features the features live in a work folder that is removed at the end.
+    # Dataset builds (--data_format) go to --cache_dir or OUT/cache. Expert features go to the shared feature store
+    # (feature_store_dir: --cache_dir/features, else $ENECG_HF_CACHE/features or ~/.cache/enecg_hf/features); with
+    # --no-cache_features to a temporary store under OUT/.features that is removed at the end.
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / ("cache" if args.cache_features else ".features")
+    store_dir = feature_store_dir(args.cache_dir) if args.cache_features else output_dir / ".features" / "features"
     checkpoint_root = output_dir / "checkpoints"
 
     cpu = use_cpu()
@@ -262,7 +266,7 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     # ---- the model (frozen experts loaded once) and its features, computed once per record for every task
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
-    features, _ = build_feature_cache(dataset, model, accelerator, cache_dir, args.feature_batch_size)
+    features, _ = build_feature_cache(dataset, model, accelerator, store_dir, args.feature_batch_size)
     ensembles = model.task_ensembles()
     for task in tasks:
         task.target = ensembles[task.spec.name] if multitask else model
@@ -302,8 +306,8 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process:
-        if not args.cache_features and not args.cache_dir:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        if not args.cache_features:
+            shutil.rmtree(output_dir / ".features", ignore_errors=True)
         print_summary(metrics, output_dir)
         if args.push_to_hub:
             push_folder(output_dir, args)

@@ -1,0 +1,7 @@
+"""`python -m enecg_hf.features`: fill the record-level feature store ahead of training (see `extract`)."""
+
+from .extract import main
+
+
+if __name__ == "__main__":
+    main()

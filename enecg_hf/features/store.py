@@ -1,0 +1,445 @@
+"""The record-level feature store: what the frozen experts compute from a record, computed once and kept on disk.
+
+Layout (see docs/training.md, "The feature store"):
+
+    <root>/<kind>-<fingerprint>/info.json             what the fingerprint covers (written once)
+    <root>/<kind>-<fingerprint>/shard-<digest>.arrow  Arrow IPC stream files: `key` (string), `values` (float32[dim])
+
+One folder per *column*: each expert's embedding (`<expert type>-<fingerprint>`) and the gate's input
+(`gate-<fingerprint>`). A column's fingerprint covers everything its values are computed from - for an expert its
+config dict (without its name), the dtype, shape and bytes of its weights and the global config fields it reads; for
+the gate input the fields that select and resample its leads - so `--experts a,b`, adding or renaming an expert, or
+another label or task reuse every column that exists. A row's key is the record's identity: `source`, `record_id`
+and a hash of its stored float32 signal (so an edited record is recomputed); never the dataset's fingerprint, the
+number of processes, the label or the subset.
+
+A shard is serialised in memory, written under a temporary name (`.tmp-…`) and renamed to `shard-<digest>.arrow`
+where the digest is a hash of the file's bytes: a killed writer leaves at most a temporary file that readers ignore,
+and a shard whose bytes no longer match its name (truncated, overwritten) is reported, moved aside as
+`<name>.corrupt` and its records are computed again. Shards are memory-mapped when read.
+
+Missing values are computed in batches of records in dataset order (the batches one process would compute); with
+several processes the batches are dealt round-robin, so N processes compute exactly the batches of one process and the
+store holds bit-identical values. Each process writes a shard every `shard_size` records, so a kill loses little and a
+rerun computes only what is still missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+# Bump when the meaning of stored values changes without any fingerprinted input changing (e.g. an expert's code).
+STORE_FORMAT = 1
+CACHE_ENV = "ENECG_HF_CACHE"
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".arrow"
+TMP_PREFIX = ".tmp-"
+# Temporary files older than this are left-overs of killed writers; the main process removes them when it scans.
+STALE_TMP_SECONDS = 24 * 3600
+# Config fields every expert reads (the model normalises and hands the experts the record at this rate and length).
+EXPERT_GLOBAL_FIELDS = ("lead_names", "normalization", "input_length", "sampling_rate")
+GATE_FIELDS = ("lead_names", "normalization", "input_length", "sampling_rate", "gate_leads", "gate_input_length")
+
+
+def default_cache_root() -> Path:
+    """`$ENECG_HF_CACHE`, else `$XDG_CACHE_HOME/enecg_hf`, else `~/.cache/enecg_hf`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "enecg_hf"
+
+
+def feature_store_dir(cache_dir: str | Path | None = None) -> Path:
+    """The store's folder: `<cache_dir>/features`, with `cache_dir` defaulting to `default_cache_root()`."""
+    return Path(cache_dir).expanduser() / "features" if cache_dir else default_cache_root() / "features"
+
+
+def embedding_column(expert_name: str) -> str:
+    return f"embedding_{expert_name}"
+
+
+def _hash(*parts: bytes) -> str:
+    hasher = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        hasher.update(part)
+    return hasher.hexdigest()
+
+
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, default=str).encode()
+
+
+# --------------------------------------------------------------------------------------------------- fingerprints
+def expert_description(model, name: str) -> dict[str, Any]:
+    """What expert `name`'s embedding is computed from, apart from its weights (which `column_fingerprints` hashes)."""
+    from .. import __version__
+
+    config = model.config
+    expert_config = next(dict(e) for e in config.experts if e["name"] == name)
+    expert_config.pop("name", None)  # a renamed expert computes the same values
+    expert = model.experts[name]
+    return {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
+            "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
+            **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
+
+
+def gate_description(config) -> dict[str, Any]:
+    from .. import __version__
+
+    return {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "gate_inputs",
+            **{k: getattr(config, k) for k in GATE_FIELDS}}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """Hash of a module's state dict: names, dtypes, shapes and bytes."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for key, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(_json_bytes([key, str(tensor.dtype), list(tensor.shape)]))
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return hasher.hexdigest()
+
+
+@dataclass
+class Column:
+    """One stored column: its name in the table handed to training, its store folder and how to compute it."""
+
+    column: str
+    folder: str                     # "<kind>-<fingerprint>"
+    dim: int
+    description: dict[str, Any]
+    compute: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # normalised records -> (batch, dim)
+
+
+def model_columns(model) -> list[Column]:
+    """The columns of `model`'s frozen part: one per expert (in the model's order), then the gate input."""
+    from ..expert_base import resample_fourier
+
+    config = model.config
+    columns = []
+    for name, expert in model.experts.items():
+        description = {**expert_description(model, name), "weights": weights_digest(expert)}
+        columns.append(Column(embedding_column(name), f"{description['expert']['type']}-{_hash(_json_bytes(description))[:16]}",
+                              expert.embedding_dim, description, expert))
+    description = gate_description(config)
+    indices = list(model.gate_lead_indices)
+
+    def gate(normalized: torch.Tensor) -> torch.Tensor:
+        return resample_fourier(normalized[:, indices, :], config.gate_input_length).flatten(start_dim=1)
+
+    columns.append(Column("gate_inputs", f"gate-{_hash(_json_bytes(description))[:16]}",
+                          len(config.gate_leads) * config.gate_input_length, description, gate))
+    return columns
+
+
+def column_fingerprints(model) -> dict[str, str]:
+    """`{column: "<kind>-<fingerprint>"}` of every expert embedding and of the gate input."""
+    return {c.column: c.folder for c in model_columns(model)}
+
+
+# --------------------------------------------------------------------------------------------------- record keys
+def signal_digest(signal: np.ndarray) -> str:
+    signal = np.ascontiguousarray(signal, dtype=np.float32)
+    return _hash(_json_bytes(list(signal.shape)), signal.tobytes())
+
+
+def record_keys(dataset, rows: Sequence[int] | None = None, batch_size: int = 64) -> list[str]:
+    """`source|record_id|<hash of the float32 signal>` of each row (all rows, or `rows`), in order."""
+    rows = list(range(len(dataset))) if rows is None else list(rows)
+    names = dataset.column_names
+    ids = dataset.select_columns([c for c in ("source", "record_id") if c in names])
+    signals = dataset.select_columns(["signal"]).with_format("numpy")
+    keys = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = np.asarray(signals[chunk]["signal"], dtype=np.float32)
+        meta = ids[chunk] if ids.column_names else {}
+        for i, signal in enumerate(batch):
+            source = meta["source"][i] if "source" in meta else ""
+            record_id = meta["record_id"][i] if "record_id" in meta else ""
+            keys.append(f"{source or ''}|{record_id if record_id is not None else ''}|{signal_digest(signal)}")
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------- the store
+class CorruptShard(Exception):
+    pass
+
+
+class FeatureStore:
+    """Arrow shards of `(key, values)` rows under `root/<column folder>/` (module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, column: Column) -> Path:
+        return self.root / column.folder
+
+    def prepare(self, column: Column) -> None:
+        folder = self.folder(column)
+        folder.mkdir(parents=True, exist_ok=True)
+        info = folder / "info.json"
+        if not info.exists():
+            tmp = folder / f"{TMP_PREFIX}info-{uuid.uuid4().hex}.json"
+            tmp.write_text(json.dumps({"column": column.column, "dim": column.dim, **column.description},
+                                      indent=2, sort_keys=True, default=str) + "\n")
+            os.replace(tmp, info)
+
+    def shards(self, column: Column) -> list[Path]:
+        folder = self.folder(column)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(SHARD_SUFFIX))
+
+    def remove_stale_tmp(self, column: Column) -> None:
+        folder = self.folder(column)
+        if not folder.is_dir():
+            return
+        for path in folder.glob(f"{TMP_PREFIX}*"):
+            try:
+                if time.time() - path.stat().st_mtime > STALE_TMP_SECONDS:
+                    path.unlink()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _open(path: Path, dim: int, verify: bool):
+        """The shard's table (memory-mapped) and its keys. Raises `CorruptShard` with the reason."""
+        import pyarrow as pa
+
+        expected = path.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]
+        if verify:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            if digest != expected:
+                raise CorruptShard(f"its content hash {digest} is not the one in its name")
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        except (pa.ArrowException, OSError) as error:
+            raise CorruptShard(f"unreadable Arrow stream: {error}") from error
+        values_type = pa.list_(pa.float32(), dim)
+        if table.column_names != ["key", "values"] or table.schema.field("values").type != values_type:
+            raise CorruptShard(f"schema {table.schema} is not key: string, values: {values_type}")
+        try:
+            table.validate(full=True)
+            keys = table.column("key").to_pylist()
+        except (pa.ArrowException, UnicodeDecodeError) as error:
+            raise CorruptShard(f"invalid content: {error}") from error
+        return table, keys
+
+    def _quarantine(self, path: Path, reason: str, records: str) -> None:
+        logger.warning("Feature store: shard %s is corrupt (%s); it is moved aside as %s.corrupt and %s", path, reason,
+                       path.name, records)
+        try:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        except OSError:  # another process moved it first
+            pass
+
+    def index(self, column: Column, wanted: set[str] | None = None, verify: bool = True,
+              quarantine: bool = True) -> tuple[dict[str, tuple[int, int]], list]:
+        """`{key: (shard number, row)}` of the stored rows (the first shard in name order wins) and the shard tables.
+
+        Only shards holding a key of `wanted` (all, if None) are kept and, with `verify`, checked against the hash in
+        their name. A corrupt shard is moved aside (`quarantine`) with a warning and its keys count as missing, or
+        with `quarantine=False` raises `CorruptShard`."""
+        locations: dict[str, tuple[int, int]] = {}
+        tables = []
+        for path in self.shards(column):
+            try:
+                table, keys = self._open(path, column.dim, verify=False)
+                if wanted is not None and not wanted.intersection(keys):
+                    continue
+                if verify:
+                    table, keys = self._open(path, column.dim, verify=True)
+            except CorruptShard as error:
+                if not quarantine:
+                    raise CorruptShard(f"Feature store shard {path} is corrupt: {error}") from None
+                self._quarantine(path, str(error), "its records are computed again")
+                continue
+            number = len(tables)
+            tables.append(table)
+            for row, key in enumerate(keys):
+                locations.setdefault(key, (number, row))
+        return locations, tables
+
+    def write_shard(self, column: Column, keys: list[str], values: np.ndarray) -> Path:
+        """Write one shard atomically: serialised in memory, written to a temporary file, renamed to its hash."""
+        import pyarrow as pa
+
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.shape != (len(keys), column.dim):
+            raise ValueError(f"{column.column}: values {values.shape} for {len(keys)} keys of dim {column.dim}")
+        array = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float32()), column.dim)
+        table = pa.table({"key": pa.array(keys, type=pa.string()), "values": array})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        data = sink.getvalue().to_pybytes()
+        folder = self.folder(column)
+        path = folder / f"{SHARD_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}{SHARD_SUFFIX}"
+        tmp = folder / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+# --------------------------------------------------------------------------------------------------- building
+@torch.no_grad()
+def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarray]:
+    """The values of `columns` for a batch of raw records, as `EnECGModel.compute_features` computes them, without
+    touching the global RNG."""
+    from ..modeling_enecg import normalize_ecg
+
+    signal = np.array(signal, dtype=np.float32)
+    # Records with NaN/inf are left out of training (training.records.drop_unusable_signals): their values are never
+    # read, so they are computed on zeros rather than ending the run.
+    signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        normalized = normalize_ecg(torch.as_tensor(signal, device=device), model.config.normalization)
+        return [c.compute(normalized).float().cpu().numpy() for c in columns]
+
+
+def _plan(keys: list[str], missing: list[set[str]], batch_size: int) -> list[tuple[list[int], list[int]]]:
+    """Batches `(columns, rows)` of the missing values: each key once (its first row), grouped by which columns it
+    lacks, in dataset order, `batch_size` rows a batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    seen = set()
+    for row, key in enumerate(keys):
+        if key in seen:
+            continue
+        seen.add(key)
+        lacking = tuple(i for i, m in enumerate(missing) if key in m)
+        if lacking:
+            groups.setdefault(lacking, []).append(row)
+    return [(list(cols), rows[s : s + batch_size]) for cols, rows in groups.items()
+            for s in range(0, len(rows), batch_size)]
+
+
+def build_features(dataset, model, state=None, store_dir: str | Path | None = None, batch_size: int = 16,
+                   shard_size: int = 256, progress: bool = True):
+    """Every record's expert embeddings and gate input, from the store, computing (and storing) only what is missing.
+
+    Args:
+        dataset: `datasets.Dataset` with a `signal` column (and `source`, `record_id` when it has them).
+        model: the `EnECGModel` whose frozen part to run.
+        state: an `accelerate.Accelerator` or `PartialState` (processes that share the work), or None (one process).
+        store_dir: the store's folder (default `feature_store_dir()`).
+        batch_size: records per forward pass of the experts.
+        shard_size: a process writes a shard file every this many records of a column.
+
+    Returns:
+        `(table, stats)`: a `datasets.Dataset` with a column per expert (`embedding_<name>`) and `gate_inputs`, one
+        row per dataset row in the dataset's order; and `{column: {"folder", "found", "computed"}}`.
+    """
+    import datasets
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    store = FeatureStore(store_dir if store_dir is not None else feature_store_dir())
+    index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    main = index == 0
+    columns = model_columns(model)
+
+    # Record keys: each process hashes a contiguous part of the records, then all get all.
+    bounds = np.linspace(0, len(dataset), count + 1).astype(int)
+    keys = record_keys(dataset, range(bounds[index], bounds[index + 1]))
+    if count > 1:
+        from accelerate.utils import gather_object
+
+        keys = gather_object(keys)
+    unique = set(keys)
+
+    # The main process looks up what is stored and plans the missing batches; the others follow its plan.
+    plan_and_stats: list[Any] = [None]
+    if main:
+        missing, stats = [], {}
+        for column in columns:
+            store.prepare(column)
+            store.remove_stale_tmp(column)
+            found, _ = store.index(column, wanted=unique)
+            lacking = unique.difference(found)
+            missing.append(lacking)
+            n_missing = sum(1 for k in keys if k in lacking)
+            stats[column.column] = {"folder": column.folder, "found": len(keys) - n_missing, "computed": n_missing}
+        plan_and_stats = [(_plan(keys, missing, batch_size), stats)]
+    if count > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(plan_and_stats, from_process=0)
+    plan, stats = plan_and_stats[0]
+
+    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records.
+    signals = dataset.select_columns(["signal"]).with_format("numpy")
+    buffers: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
+
+    def flush(i: int) -> None:
+        pending_keys, pending_values = buffers[i]
+        if pending_keys:
+            store.write_shard(columns[i], pending_keys, np.concatenate(pending_values))
+            buffers[i] = ([], [])
+
+    mine = plan[index::count]
+    if mine:
+        was_training = model.training
+        model.eval()
+        bar = tqdm(total=sum(len(rows) for _, rows in mine), unit="record", disable=not (main and progress),
+                   desc=f"Expert features (process 1 of {count}: its share)" if count > 1 else "Expert features")
+        for column_ids, rows in mine:
+            values = _compute(model, [columns[i] for i in column_ids], signals[rows]["signal"])
+            for i, v in zip(column_ids, values):
+                buffers[i][0].extend(keys[r] for r in rows)
+                buffers[i][1].append(v)
+                if len(buffers[i][0]) >= shard_size:
+                    flush(i)
+            bar.update(len(rows))
+        for i in range(len(columns)):
+            flush(i)
+        bar.close()
+        model.train(was_training)
+    if state is not None:
+        state.wait_for_everyone()
+
+    # Every process reads the whole table, in dataset order.
+    arrays = {}
+    for column in columns:
+        locations, tables = store.index(column, wanted=unique, quarantine=False)
+        absent = [k for k in unique if k not in locations]
+        if absent:
+            raise RuntimeError(f"Feature store {store.folder(column)}: {len(absent)} records are missing after they "
+                               f"were computed (e.g. {absent[0]!r}); was the store changed during the run?")
+        if not tables:
+            arrays[column.column] = pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), column.dim)
+            continue
+        offsets = np.cumsum([0] + [len(t) for t in tables])
+        rows = np.fromiter((offsets[locations[k][0]] + locations[k][1] for k in keys), dtype=np.int64, count=len(keys))
+        values = pa.chunked_array([c for t in tables for c in t.column("values").chunks])
+        arrays[column.column] = values.take(pa.array(rows)).combine_chunks()
+    table = datasets.Dataset(datasets.table.InMemoryTable(pa.table(arrays)))
+    if main:
+        for column in columns:
+            s = stats[column.column]
+            logger.info("Feature store: %s (%s): %d records: %d found in the store, %d computed", column.column,
+                        column.folder, len(keys), s["found"], s["computed"])
+        logger.info("Expert features of %d records ready in %.1f s: %d of %d columns computed for some records "
+                    "(%d processes; store %s)", len(keys), time.perf_counter() - start,
+                    sum(1 for s in stats.values() if s["computed"]), len(columns), count, store.root)
+    return table, stats
