@@ -39,28 +39,36 @@ def predict_with_trained_model(folder: str, num_records: int, seed: int) -> dict
     from ..data.simulate import simulate_record
 
     model = AutoModel.from_pretrained(folder).eval()
-    label = model.config.label_name
     records = [simulate_record(index, seed=seed) for index in range(num_records)]
     inputs = torch.from_numpy(np.stack([signal for signal, _ in records]))
     with torch.no_grad():
         output = model(inputs)
-    rows = []
-    for i, (_, labels) in enumerate(records):
-        if model.config.problem_type == "regression":
-            prediction = round(float(output.logits[i, 0]), 1)
-        else:
-            prediction = model.config.id2label[int(output.logits[i].argmax())]
-        rows.append({
-            "true": round(labels[label], 1) if isinstance(labels.get(label), float) else labels.get(label),
-            "predicted": prediction,
-            "gate_weights": {name: round(w, 3) for name, w in zip(model.expert_names, output.gate_weights[i].tolist())},
-        })
-    result = {"model_folder": str(Path(folder).resolve()), "label": label, "unit": model.config.label_unit,
-              "records": rows}
-    if model.config.problem_type == "regression":
-        errors = [abs(r["predicted"] - r["true"]) for r in rows if r["true"] is not None]
-        result["mean_absolute_error"] = round(float(np.mean(errors)), 1)
-    return result
+    multitask = model.config.is_multitask
+    results = {}
+    for task in model.config.task_configs:  # a single-task model is its own one task
+        label = task.label_name
+        logits = output.logits[label] if multitask else output.logits
+        gate_weights = output.gate_weights[label] if multitask else output.gate_weights
+        rows = []
+        for i, (_, labels) in enumerate(records):
+            if task.problem_type == "regression":
+                prediction = round(float(logits[i, 0]), 1)
+            else:
+                prediction = task.id2label[int(logits[i].argmax())]
+            rows.append({
+                "true": round(labels[label], 1) if isinstance(labels.get(label), float) else labels.get(label),
+                "predicted": prediction,
+                "gate_weights": {name: round(w, 3) for name, w in zip(model.expert_names, gate_weights[i].tolist())},
+            })
+        result = {"label": label, "unit": task.label_unit, "records": rows}
+        if task.problem_type == "regression":
+            errors = [abs(r["predicted"] - r["true"]) for r in rows if r["true"] is not None]
+            result["mean_absolute_error"] = round(float(np.mean(errors)), 1)
+        results[label] = result
+    folder_path = str(Path(folder).resolve())
+    if multitask:
+        return {"model_folder": folder_path, "tasks": results}
+    return {"model_folder": folder_path, **next(iter(results.values()))}
 
 
 def main(argv: list[str] | None = None) -> dict:

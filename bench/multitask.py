@@ -1,0 +1,140 @@
+"""A five-task EnECG model against single-task models: inference per record, training cost, quality per task.
+
+    python bench/multitask.py [--records 200] [--folds 3] [--repeats 5] [--update-docs]
+
+On LUDB records (they carry RR, age, sex and rhythm), with the tiny experts of hub_configs/multitask.json:
+- inference: one record through the five-task model, through one single-task model, and through the five single-task
+  models, interleaved record by record, one thread, medians over repetitions after a warm-up;
+- training: the frozen expert pass (once for the five-task model, once per model for five single-task models that
+  share nothing) and the fits of heads and gate per task (the same for both: a task's fit reads only its features);
+- quality: subject-wise CV of each task fitted as part of the five-task model and as a single-task model on the same
+  features (`enecg_hf.training` core), side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from docs_sections import replace_section
+from enecg_hf import EnECGConfig, EnECGModel
+from enecg_hf.data import TASKS, build_dataset, subject_kfold
+from enecg_hf.training import FeatureTable, FitSettings, fit_enecg, load_metric, predict, score
+from enecg_hf.training.labels import encode_labels
+
+
+REPO = Path(__file__).resolve().parents[1]
+LUDB = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data")) / "ludb"
+
+
+def models() -> tuple[EnECGModel, dict[str, EnECGModel]]:
+    multi = json.loads((REPO / "hub_configs" / "multitask.json").read_text())
+    single = {}
+    for task in multi["tasks"]:
+        spec = TASKS[task["name"]]
+        config = {k: v for k, v in multi.items() if k != "tasks"} | spec.config_fields()
+        single[spec.name] = EnECGModel(EnECGConfig(**config)).eval()
+    return EnECGModel(EnECGConfig(**multi)).eval(), single
+
+
+@torch.no_grad()
+def seconds(model: EnECGModel, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+def inference(multi, single, signals: torch.Tensor, repeats: int) -> dict:
+    first = next(iter(single.values()))
+    for model in (multi, *single.values()):  # warm-up
+        seconds(model, signals[:1])
+    times = {"five_task": [], "one_single_task": [], "five_single_task": []}
+    for _ in range(repeats):
+        for record in signals:
+            x = record[None]
+            times["five_task"].append(seconds(multi, x))
+            times["one_single_task"].append(seconds(first, x))
+            times["five_single_task"].append(sum(seconds(model, x) for model in single.values()))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"seconds_per_record": medians, "five_task_over_one_single": medians["five_task"] / medians["one_single_task"],
+            "five_single_over_five_task": medians["five_single_task"] / medians["five_task"]}
+
+
+def quality_and_training(multi, single, dataset, signals, folds: int, settings: FitSettings) -> dict:
+    start = time.perf_counter()
+    table = FeatureTable.from_model(multi, signals, torch.zeros(len(signals)), np.asarray(dataset["subject_id"]))
+    expert_seconds = time.perf_counter() - start
+    result = {"records": len(signals), "expert_pass_seconds": expert_seconds, "tasks": {}}
+    for name in ("rr_interval", "age", "sex", "arrhythmia"):
+        keep, labels = encode_labels(dataset, TASKS[name])
+        task_table = FeatureTable([e[keep] for e in table.expert_embeddings], table.gate_inputs[keep],
+                                  torch.from_numpy(labels), table.groups[keep])
+        cv = subject_kfold(dataset.select(keep), folds, seed=0)
+        metric = load_metric(TASKS[name].problem_type)
+        row = {"records": len(keep)}
+        for variant, model in (("five_task", multi.tasks[name]), ("single_task", single[name])):
+            start, scores = time.perf_counter(), []
+            for train, test in cv:
+                fit_enecg(model, task_table, train, settings)
+                scores.append(score(predict(model, task_table, test), TASKS[name], metric))
+            row[variant] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+            row[f"{variant}_fit_seconds"] = time.perf_counter() - start
+        result["tasks"][name] = row
+    fits = sum(row["five_task_fit_seconds"] for row in result["tasks"].values())
+    result["training_seconds"] = {"five_task": expert_seconds + fits, "five_single_task": 5 * expert_seconds + fits}
+    return result
+
+
+def markdown(results: dict) -> str:
+    inf, train = results["inference"], results["quality"]
+    lines = [f"Measured {results['date']} on {results['machine']}; {train['records']} LUDB records, tiny experts.", "",
+             "| | five-task model | one single-task model | five single-task models |", "|---|---|---|---|",
+             "| inference, ms per record (median) | " + " | ".join(
+                 f"{1000 * inf['seconds_per_record'][k]:.0f}" for k in ("five_task", "one_single_task", "five_single_task"))
+             + " |",
+             f"| ratio | 1 | {1 / inf['five_task_over_one_single']:.2f}× of the five-task time | "
+             f"{inf['five_single_over_five_task']:.2f}× |",
+             f"| training (expert pass + fits), s | {train['training_seconds']['five_task']:.0f} | – | "
+             f"{train['training_seconds']['five_single_task']:.0f} |", "",
+             "| task | records | metric | five-task (CV mean) | single-task (CV mean) |", "|---|---|---|---|---|"]
+    for name, row in train["tasks"].items():
+        metric = "mae" if TASKS[name].is_regression else "auroc"
+        lines.append(f"| {name} | {row['records']} | {metric} | {row['five_task'][metric]:.4g} | "
+                     f"{row['single_task'][metric]:.4g} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=200)
+    parser.add_argument("--inference-records", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "multitask.json"))
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    multi, single = models()
+    dataset = build_dataset("ludb", LUDB, limit=args.records)
+    signals = torch.from_numpy(np.asarray(dataset.with_format("numpy")["signal"], dtype=np.float32))
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, 1 torch thread",
+               "inference": inference(multi, single, signals[: args.inference_records], args.repeats),
+               "quality": quality_and_training(multi, single, dataset, signals, args.folds,
+                                               FitSettings(epochs=args.epochs))}
+    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown(results))
+    if args.update_docs:
+        replace_section("multitask", markdown(results))
+
+
+if __name__ == "__main__":
+    main()
