@@ -271,29 +271,37 @@ def load_weights_only(path: str | os.PathLike, what: str) -> Any:
         ) from err
 
 
+def state_dict_mismatch(what: str, missing: list[str], unexpected: list[str], mis_shaped: list[str]) -> str | None:
+    """The message of a strict load that failed, listing every missing, unexpected and mis-shaped key (None if
+    nothing is wrong). One reporter for loading weights and for converting upstream checkpoints."""
+    if not (missing or unexpected or mis_shaped):
+        return None
+    lines = [f"Cannot load {what}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if mis_shaped:
+        lines.append(f"  shape mismatches ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
+    return "\n".join(lines)
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
     """`load_state_dict(strict=True)` with a message that lists every missing, unexpected and mis-shaped key."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
     mis_shaped = sorted(
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in set(expected) & set(state_dict)
         if state_dict[k].shape != expected[k].shape
     )
-    if missing or unexpected or mis_shaped:
-        lines = [f"Cannot load {what}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if mis_shaped:
-            lines.append(f"  shape mismatches ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
-        raise ValueError("\n".join(lines))
+    message = state_dict_mismatch(what, sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected)),
+                                  mis_shaped)
+    if message:
+        raise ValueError(message)
     module.load_state_dict(state_dict, strict=True)
 
 
 __all__ = [
     "EnECGExpert", "resolve_source", "resolve_package_path", "resolve_checkpoint",
-    "load_weights_only", "load_state_dict_strict", "PACKAGE_SOURCE_PREFIX",
+    "load_weights_only", "load_state_dict_strict", "state_dict_mismatch", "PACKAGE_SOURCE_PREFIX",
 ]

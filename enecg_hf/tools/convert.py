@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..configuration_enecg import EnECGExpertConfig
-from ..expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert
+from ..expert_base import EXPERT_CONFIG_FILE, EXPERT_WEIGHTS_FILE, EnECGExpert, state_dict_mismatch
 from ..expert_registry import EXPERT_TYPES, expert_class
 
 
@@ -132,15 +132,9 @@ def _raise_on_mismatch(what: str, unknown: list[str], expected: dict[str, torch.
         f"{origin[k]} -> {k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in set(mapped) & set(expected) if mapped[k].shape != expected[k].shape
     )
-    if missing or unexpected or mis_shaped:
-        lines = [f"Cannot convert {what}:"]
-        if unexpected:
-            lines.append(f"  unexpected checkpoint keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if missing:
-            lines.append(f"  missing (no checkpoint key provides them) ({len(missing)}): {', '.join(missing)}")
-        if mis_shaped:
-            lines.append(f"  shape mismatches ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
-        raise CheckpointError("\n".join(lines))
+    message = state_dict_mismatch(what, missing, unexpected, mis_shaped)
+    if message:
+        raise CheckpointError(message)
 
 
 def _finish(expert: EnECGExpert, mapped: dict[str, torch.Tensor], report: ConversionReport, destination: str) -> None:
