@@ -3,12 +3,14 @@
     python train.py                                   # the main job: simulated ECGs, tiny config, RR interval
     accelerate launch train.py --config hub_configs/tiny.json --dataset DIR --label sex --output_dir OUT
     accelerate launch --num_processes 2 --cpu train.py ...
+    python train.py --config multitask --dataset DIR1 DIR2 --labels all   # one model, every labelled task
 
 What a run does, in order (see docs/training.md):
 
 1. Load the dataset (`--dataset`, a folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`) or build
    it with `enecg_hf.data.build_dataset` (`--data_format/--data_path`). Check the label column, its values, the
    sampling rate and record length against the config, and the class coverage of the folds - before any training.
+   With `--labels` (a multi-task model) each task gets the records that carry its label, and its own folds.
 2. Expert features: read from the record-level feature store (`enecg_hf.features`, shared by every run: default
    `~/.cache/enecg_hf/features`), where the frozen experts run once per record and expert, only for what is missing,
    in batches dealt to the processes; heads and gate train on them, in memory.
@@ -16,6 +18,7 @@ What a run does, in order (see docs/training.md):
    fitted on the other folds (`fitting`: by default heads on their own losses with cross-validated early stopping,
    the gate on their out-of-fold predictions) and scored on this one with our local `evaluate` modules, beside the
    trivial baseline; a run that does not beat it says so loudly.
+   A multi-task run does this for each task in turn, on the shared features (`model.tasks[name]`).
 4. A final model is fitted on all records and saved with `save_pretrained`, with `metrics.json`,
    `training_args.json` and a model card (`README.md`); `--push_to_hub` uploads the folder.
 
@@ -24,7 +27,8 @@ Each job of a fit (an inner-fold head fit, the final heads, the gate) is kept as
 latest` reuses the finished jobs of a killed run and reaches the same result as an uninterrupted one.
 
 Modules: `arguments` (command line), `errors` (`TrainingSetupError`: the library raises it, `main()` makes it an exit
-message), `labels` (task and config), `records` (data checks and folds), `features` (expert features from the feature store), `fitting` (how
+message), `configs` (the run's config: hub_configs/, task, overrides), `labels` (which records have a label, class
+coverage), `records` (data checks and folds), `features` (expert features from the feature store), `fitting` (how
 heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and processes), `scoring` (metrics and
 baselines), `output` (folder, model card, Hub), `launch` (processes), `run` (a whole run), `trainer` (training with
 `transformers.Trainer` instead: dataset columns and a callback).
