@@ -58,8 +58,8 @@ FITTED_ROWS = {
     "ablation:joint_mixture_loss_only": ("joint training on the mixture's loss only (30 epochs)",
                                          {"expert_loss_weight": 0.0}, {"strategy": "joint", "epochs": 30}),
     "ablation:no_class_weights": ("classification without class weights", {}, {"class_weighting": "none"}),
-    "enecg_offline_pretrained": ("**EnECG over offline_pretrained.json** (openecg, DeepFADE: real weights; features, "
-                                 "DLinear)", {}, {}),
+    "enecg_offline_pretrained": (("**EnECG over offline_pretrained.json** (openecg, DeepFADE: real weights; "
+                                  "features, DLinear)"), {}, {}),
 }
 QUICK_FIT = {"epochs": 4, "gate_epochs": 4, "inner_folds": 2}
 ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training folds",
@@ -163,13 +163,14 @@ def measured_rr(signals) -> list[float | None]:
 
 
 def run_task(task: str, signals, meta, features: dict, raws: dict, args) -> dict:
-    import numpy as np
-    import torch
     from dataclasses import replace
 
+    import numpy as np
+    import torch
+
     from enecg_hf.data import TASKS
-    from enecg_hf.training import FeatureTable, FitSettings, baseline_predictions, fit_enecg, predict, score, summarize
-    from enecg_hf.training import load_metric
+    from enecg_hf.training import (FeatureTable, FitSettings, baseline_predictions, fit_enecg, load_metric, predict,
+                                   score, summarize)
     from enecg_hf.training.fitting import subject_folds
 
     spec = TASKS[task] if task != "arrhythmia" else replace(TASKS[task], class_names=tuple(dict.fromkeys(
@@ -238,7 +239,7 @@ def run_task(task: str, signals, meta, features: dict, raws: dict, args) -> dict
         weights = [list(w.values()) for w in reports.get(row, []) if w]
         if weights and row in ("enecg", "ablation:gate_in_sample"):
             rows[row]["mean_stacked_weights"] = dict(zip(expert_names, np.round(np.mean(weights, 0), 3).tolist()))
-    return {"problem_type": spec.problem_type, "records": int(len(rows_idx)), "subjects": int(len(set(groups))),
+    return {"problem_type": spec.problem_type, "records": len(rows_idx), "subjects": len(set(groups)),
             "sources": list(TASK_SOURCES[task]), "class_counts": {} if spec.is_regression else {
                 c: int((y == i).sum()) for i, c in enumerate(spec.class_names)},
             "label_mean": float(y.mean()) if spec.is_regression else None, "rows": rows,
@@ -251,7 +252,7 @@ def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
     if "enecg" not in rows:
         return {}
     key, sign = ("mae", -1) if spec.is_regression else ("auroc", 1)
-    value = lambda row: rows[row]["metrics"][key]["mean"]  # noqa: E731
+    value = lambda row: rows[row]["metrics"][key]["mean"]
     experts = {f"expert:{n}": value(f"expert:{n}") for n in expert_names if key in rows[f"expert:{n}"]["metrics"]}
     best = max(experts, key=lambda r: sign * experts[r])
     within = (lambda ours, ref: ours <= ref * 1.05) if spec.is_regression else (lambda ours, ref: ours >= ref - 0.02)
@@ -375,7 +376,7 @@ def docs_table(results: dict) -> str:
                          f"`{s['pretrained_config']}`: openecg and DeepFADE with their real weights from the installed "
                          f"wheels, the ECG-features expert, DLinear with random weights." if s.get("pretrained_experts")
                          else "") + "\n"]
-    cell = lambda m: f"{m['mean']:.3g} ± {m['std']:.2g}"  # noqa: E731
+    cell = lambda m: f"{m['mean']:.3g} ± {m['std']:.2g}"
     for task, block in results["tasks"].items():
         metrics = HEADLINE[block["problem_type"]]
         clean = any("metrics_excluding_ludb" in r for r in block["rows"].values())
@@ -396,7 +397,7 @@ def docs_table(results: dict) -> str:
             cells = [f"*{values[m]}*" if m in values else "" for m in metrics] + ([""] if clean else [])
             lines.append(f"| *published: {source}* | " + " | ".join(cells) + " | |")
         if v := block.get("verdict"):
-            yes = lambda key: "yes" if v[key] else "no"  # noqa: E731
+            yes = lambda key: "yes" if v[key] else "no"
             lines.append(f"\nDefault EnECG {v['metric']} {v['enecg']:.4g}: best single expert "
                          f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
                          f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
