@@ -137,7 +137,7 @@ def measure_inference(model, x, repeats: int, warmup: int) -> dict:
 
     import torch
 
-    from enecg_hf.modeling_enecg import normalize_ecg
+    from enecg_hf.signal_enecg import normalize_ecg
 
     model.eval()
     times = {name: [] for name in [*model.expert_names, "ensemble"]}

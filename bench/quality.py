@@ -154,10 +154,10 @@ def expert_features(raw: dict, signals, cache_dir: Path | None, seed: int) -> di
 def measured_rr(signals) -> list[float | None]:
     """Mean RR (ms) of lead II by the ECG-features expert's neurokit2 measurement at 500 Hz (None: not measured)."""
     from enecg_hf.configuration_enecg import EnECGExpertConfig
-    from enecg_hf.expert_registry import build_expert
+    from enecg_hf.expert_features import EnECGFeaturesExpert
     from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
 
-    expert = build_expert(EnECGExpertConfig("rr", "features", 5000, ["II"]), STANDARD_LEAD_NAMES)
+    expert = EnECGFeaturesExpert(EnECGExpertConfig("rr", "features", 5000, ["II"]), STANDARD_LEAD_NAMES)
     rr = [expert.measure(signal[1])["rr_mean"] * 1000.0 for signal in signals]
     return [value if math.isfinite(value) else None for value in rr]
 
