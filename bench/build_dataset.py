@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,9 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "build_dataset.json"
+from docs_sections import REPO, RESULTS, machine_info
 
 
 def _rss_mib() -> float:
@@ -112,7 +109,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 and 300 records, no results file by default")
     parser.add_argument("--sizes", type=int, nargs="+", help="record counts (default 1000 10000)")
     parser.add_argument("--num-proc", type=int, default=2)
-    parser.add_argument("--output", type=Path, help=f"results JSON (default {RESULTS.relative_to(REPO)})")
+    parser.add_argument("--output", type=Path, help="results JSON (default bench/results/build_dataset.json)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -132,12 +129,12 @@ def main() -> None:
             f" {run['peak_rss_main_mib']} MiB (before build {run['rss_before_build_mib']}), largest worker"
             f" {run['peak_rss_largest_worker_mib']} MiB, dataset {run['dataset_mib']} MiB"
         )
-    output = args.output or (None if args.quick else RESULTS)
+    output = args.output or (None if args.quick else RESULTS / "build_dataset.json")
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         summary = {
             "benchmark": "simulated dataset build (12 x 5000 float32 per record, save_to_disk)",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "machine": machine_info(),
             "runs": runs,
         }
         output.write_text(json.dumps(summary, indent=2) + "\n")

@@ -60,7 +60,9 @@ def test_efficiency_quick(tmp_path):
     figure = tmp_path / "efficiency.png"
     result, stdout = run_quick("efficiency.py", tmp_path, "--figure", str(figure))
     assert figure.is_file() and figure.stat().st_size > 0
-    assert "ratio (2)/(3) wall time" in stdout and "ratio (1)/(3) wall time" in stdout
+    # It prints the table --update-docs would write into docs/benchmarks.md.
+    assert "Ratios: (2)/(3) wall time" in stdout and "(1)/(3) wall time" in stdout and "| (3) cached" in stdout
+    assert result["data"]["source"].endswith("(enecg_hf.data.build_dataset)")
     tiny = result["variants"]["tiny"]
     for mode in ("full_finetune", "frozen_recompute", "cached_features"):
         missing = [f for f in EFFICIENCY_MODE_FIELDS if f not in tiny["modes"][mode]]
@@ -81,7 +83,8 @@ def test_efficiency_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
 def test_quality_quick(tmp_path):
-    result, _ = run_quick("quality.py", tmp_path, "--feature-cache", "")
+    result, stdout = run_quick("quality.py", tmp_path, "--feature-cache", "")
+    assert "| **EnECG, default settings** (learned gate, LoRA heads) |" in stdout  # the table for docs/benchmarks.md
     tasks = result["tasks"]
     assert set(tasks) == {"rr_interval", "age", "sex", "arrhythmia"}
     experts = result["setup"]["experts"]

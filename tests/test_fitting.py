@@ -243,3 +243,13 @@ def test_one_standard_error_rule_prefers_the_stacked_weights_unless_clearly_beat
     assert one_standard_error_epoch(noisy) == 0
     clear = torch.tensor([[1.00, 0.80, 0.70], [1.10, 0.90, 0.81], [0.90, 0.70, 0.60]])  # every fold improves a lot
     assert one_standard_error_epoch(clear) == 2
+
+
+def test_summarize_leaves_out_folds_where_a_metric_is_undefined():
+    from enecg_hf.training import summarize
+
+    folds = [{"mae": 1.0, "auroc": 0.6}, {"mae": 3.0, "auroc": float("nan")}, {"mae": 2.0, "auroc": 0.8}]
+    summary = summarize(folds + [{"mae": 2.0, "never": float("nan")}])
+    assert summary["mae"] == {"mean": 2.0, "std": pytest.approx(np.std([1, 3, 2, 2], ddof=1))}
+    assert summary["auroc"] == {"mean": pytest.approx(0.7), "std": pytest.approx(np.std([0.6, 0.8], ddof=1))}
+    assert "never" not in summarize([{"never": float("nan")}, {"never": float("inf")}])

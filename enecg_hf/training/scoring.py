@@ -43,12 +43,15 @@ def baseline_predictions(train_labels: np.ndarray, eval_labels: np.ndarray, labe
 
 
 def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation (ddof=1) over folds of every metric."""
+    """Mean and sample standard deviation (ddof=1) over folds of every metric. A metric undefined on some folds (NaN:
+    AUROC of a test fold with one class) is summarised over the others, and left out when it is undefined on all."""
     summary = {}
     for key in fold_metrics[0]:
-        values = np.asarray([m[key] for m in fold_metrics], dtype=np.float64)
-        summary[key] = {"mean": float(np.mean(values)),
-                        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        values = np.asarray([m.get(key, np.nan) for m in fold_metrics], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            summary[key] = {"mean": float(np.mean(values)),
+                            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
     return summary
 
 
