@@ -156,6 +156,9 @@ def check_header_text(text: str, header_path: Path | str) -> None:
         raise ECGInputError("unreadable_header", f"{header_path}: record line {lines[0][:80]!r} gives no signal count")
     if "/" in record[0]:
         raise ECGInputError("unreadable_header", f"{header_path} is a multi-segment record, which is not supported")
+    if len(lines) - 1 != int(record[1]):
+        raise ECGInputError("unreadable_header", f"{header_path}: the record line gives {record[1]} signals, the header "
+                            f"has {len(lines) - 1} signal lines")
     if len(record) >= 3:
         rate = _number(record[2])
         if not math.isfinite(rate) or rate <= 0:
