@@ -14,8 +14,9 @@ This module covers the records every large ECG collection uses, and nothing else
   channels of one file that disagree on format or byte offset.
 - [`read_dat_signal`] reads the samples with `np.fromfile` and converts them exactly as
   `wfdb.rdrecord(..., physical=True, return_res=32 or 64)` does: the same int16 digital values, invalid-sample codes
-  (-32768, -2048) as NaN, the same float32/float64 casts and ufunc calls with the header's baseline (int) and gain
-  (float) lists, so the result is bit-identical to `rdrecord(...).p_signal`. It returns `None` (use `wfdb`) when
+  (-32768, -2048) as NaN, `(value - baseline) / gain` evaluated in float64 and rounded once to float32/float64 as
+  numpy does inside wfdb's in-place ufunc calls ([`to_physical`]), so the result is bit-identical to
+  `rdrecord(...).p_signal`. It returns `None` (use `wfdb`) when
   the files hold fewer bytes than the samples need or when the header's checksums do not match the samples read, so
   an odd file gets exactly the behaviour and errors `wfdb` gives.
 
@@ -209,8 +210,9 @@ def _decode_212(data: np.ndarray, count: int) -> np.ndarray:
 def read_digital(folder: str | os.PathLike, header: WFDBHeader, samples: int) -> np.ndarray | None:
     """(samples, n_sig) int16 ADC values of the first `samples` samples, or `None` when a file holds fewer bytes
     than they need (or cannot be read)."""
-    digital = np.empty((samples, header.n_sig), dtype=np.int16)
-    for name, channels in _file_groups(header).items():
+    groups = _file_groups(header)
+    digital = None if len(groups) == 1 else np.empty((samples, header.n_sig), dtype=np.int16)
+    for name, channels in groups.items():
         fmt, offset = header.fmt[channels[0]], header.byte_offset[channels[0]] or 0
         count = samples * len(channels)
         needed = 2 * count if fmt == "16" else math.ceil(1.5 * count)
@@ -226,25 +228,44 @@ def read_digital(folder: str | os.PathLike, header: WFDBHeader, samples: int) ->
             return None
         if len(values) != count:
             return None
+        if digital is None:  # one file holds every signal, in order
+            return values.reshape(samples, len(channels))
         digital[:, channels] = values.reshape(samples, len(channels))
     return digital
 
 
-def checksums_match(digital: np.ndarray, header: WFDBHeader) -> bool:
-    """Whether the 16-bit sums of the samples equal the header's checksums (for a read of the whole record)."""
-    sums = digital.sum(axis=0, dtype=np.int64)
-    return all((int(total) - checksum) % 65536 == 0 for total, checksum in zip(sums, header.checksum))
+def checksums_match(values: np.ndarray, header: WFDBHeader) -> bool:
+    """Whether the 16-bit sums of the samples (`values`: (n_sig, samples) ADC values as float64, whose sums are exact
+    below 2**53) equal the header's checksums, for a read of the whole record."""
+    sums = values.sum(axis=1)
+    return all(int(total) % 65536 == checksum % 65536 for total, checksum in zip(sums, header.checksum))
 
 
-def to_physical(digital: np.ndarray, header: WFDBHeader, dtype=np.float32) -> np.ndarray:
-    """(samples, n_sig) physical values, computed as `wfdb.Record.dac` does (`return_res` 32 for float32, 64 for
-    float64): cast, subtract the baseline list and divide by the gain list in place (numpy evaluates both in
-    float64 and rounds to `dtype`), invalid-sample codes as NaN."""
-    invalid = digital == np.array([INVALID_SAMPLE[fmt] for fmt in header.fmt])
-    physical = digital.astype(dtype)
-    np.subtract(physical, list(header.baseline), physical)
-    np.divide(physical, list(header.adc_gain), physical)
-    physical[invalid] = np.nan
+def to_physical(digital: np.ndarray, header: WFDBHeader, dtype=np.float32, values: np.ndarray | None = None) -> np.ndarray:
+    """(samples, n_sig) physical values, exactly as `wfdb.Record.dac` computes them (`return_res` 32 for float32, 64
+    for float64), invalid-sample codes as NaN.
+
+    wfdb casts the ADC values to `dtype`, then subtracts the baseline list and divides by the gain list in place:
+    numpy evaluates both in float64 and rounds each result to `dtype`. With |ADC value - baseline| < 2**24 the
+    difference is an integer that float32 holds exactly, so one float64 evaluation rounded once gives the same bits
+    (computed lead by lead on a (n_sig, samples) array: numpy's loops are slow along a last axis of 12); larger
+    baselines take wfdb's own sequence of operations. `values`: `digital.T` as a C-ordered float64 array, if made
+    already (it is used up). The result is the transpose of a C-ordered (n_sig, samples) array."""
+    baseline = np.array(header.baseline, dtype=np.int64)
+    if np.abs(baseline).max() < 2**23:  # |int16 - baseline| < 2**24
+        values = np.ascontiguousarray(digital.T, dtype=np.float64) if values is None else values
+        values -= baseline.astype(np.float64)[:, None]
+        values /= np.array(header.adc_gain, dtype=np.float64)[:, None]
+        physical = values.astype(dtype, copy=False).T
+    else:
+        physical = digital.astype(dtype)
+        np.subtract(physical, list(header.baseline), physical)
+        np.divide(physical, list(header.adc_gain), physical)
+    codes = np.array([INVALID_SAMPLE[fmt] for fmt in header.fmt])
+    if digital.min() <= codes.max():  # an invalid-sample code may be present
+        invalid = digital == codes
+        if invalid.any():
+            physical[invalid] = np.nan
     return physical
 
 
@@ -255,9 +276,12 @@ def read_dat_signal(folder: str | os.PathLike, header: WFDBHeader, samples: int 
     must read it (files too short for the samples, or checksums that do not match a read of the whole record)."""
     samples = header.sig_len if samples is None else samples
     digital = read_digital(folder, header, samples)
-    if digital is None or (samples == header.sig_len and not checksums_match(digital, header)):
+    if digital is None:
         return None
-    return to_physical(digital, header, dtype)
+    values = np.ascontiguousarray(digital.T, dtype=np.float64)
+    if samples == header.sig_len and not checksums_match(values, header):
+        return None
+    return to_physical(digital, header, dtype, values)
 
 
 __all__ = ["WFDBHeader", "parse_header", "fast_read_unsupported", "read_digital", "read_dat_signal", "to_physical",

@@ -172,6 +172,15 @@ def test_synthetic_records_are_bit_identical_to_wfdb(tmp_path, fmt, samples):
     _assert_exact(base)
 
 
+def test_baselines_beyond_float32_integers_take_wfdb_arithmetic(tmp_path):
+    """|ADC value - baseline| >= 2**24 is not exact in float32: wfdb's rounding after the subtraction is kept."""
+    base = _write(tmp_path, "far", "16", 3001, [200.0, 7.3], [0, 0])
+    _edit_signal_lines(base, "(0)", "(16777000)")
+    header = parse_header((tmp_path / "far.hea").read_text())
+    assert header.baseline == [16777000, 16777000]
+    _assert_exact(base, header)
+
+
 def test_synthetic_records_read_the_same_through_read_record(tmp_path, monkeypatch):
     for fmt in ("16", "212"):
         base = _write(tmp_path, f"rec{fmt}", fmt, 2501, [200.0, 1000.0, 37.5], [1024, 0, -7], ["mV", "uV", "V"])
