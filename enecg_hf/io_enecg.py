@@ -12,7 +12,7 @@ the limits is refused (`too_long`, `too_large`) without reading it, so a small h
 allocate gigabytes.
 
 WFDB headers of the common form are parsed once (`wfdb_enecg.parse_header`) and format-16/212 signals are read with
-numpy (`wfdb_enecg.read_dat_signal`), bit-identical to `wfdb.rdrecord(..., return_res=32)` and ~20x faster; any
+numpy (`wfdb_enecg.read_dat_signal`), bit-identical to `wfdb.rdrecord(..., return_res=32)` and ~9x faster; any
 other header or format, and any file those readers do not take as it is, is read by `wfdb` (`FAST_WFDB = False`
 reads everything with `wfdb`).
 
