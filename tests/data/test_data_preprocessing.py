@@ -184,8 +184,13 @@ def test_remote_code_modules_work_copied_flat_into_a_folder(tmp_path):
     folder = tmp_path / "model_folder_pkg"
     folder.mkdir()
     (folder / "__init__.py").write_text("")
-    for module in (preprocessing_enecg, io_enecg):
-        shutil.copy(module.__file__, folder)
+    # The files the model folder's code saving copies: io_enecg and the flat modules it imports (relatively).
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    copied = [io_enecg.__file__, *get_relative_import_files(io_enecg.__file__)]
+    assert {Path(path).name for path in copied} == {"io_enecg.py", "preprocessing_enecg.py", "wfdb_enecg.py"}
+    for path in copied:
+        shutil.copy(path, folder)
     sys.path.insert(0, str(tmp_path))
     try:
         flat_io = importlib.import_module("model_folder_pkg.io_enecg")
