@@ -266,6 +266,7 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     # ---- the model (frozen experts loaded once) and its features, computed once per record for every task
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
+    model.set_expert_precision(args.expert_precision)
     features, _ = build_feature_cache(dataset, model, accelerator, store_dir, args.feature_batch_size)
     ensembles = model.task_ensembles()
     for task in tasks:
