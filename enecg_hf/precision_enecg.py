@@ -120,10 +120,13 @@ def set_expert_precision(model, precision: str, check: bool = True) -> dict[str,
             reason = _skip_reason(expert, precision)
             if reason is None:
                 if precision == "int8":
-                    model.experts[name], originals[name] = quantize_int8(expert), expert
+                    try:
+                        model.experts[name], originals[name] = quantize_int8(expert), expert
+                    except Exception as err:  # noqa: BLE001 - e.g. a torch without quantised kernels
+                        reason = f"quantize_dynamic fails on it ({type(err).__name__}: {err})"
                 else:
                     expert.autocast_dtype = AUTOCAST_DTYPES[precision]
-                if check:
+                if check and reason is None:
                     reason = _probe(model.experts[name], len(model.config.lead_names), model.config.input_length)
                 if reason is not None:  # back to float32
                     if name in originals:
