@@ -16,6 +16,9 @@ Every converted expert is run once on a random record; one that fails or gives n
 float32. Every expert left at float32 is logged with the reason. The precision each expert actually runs at is in
 `model.expert_precisions`; the feature store's fingerprints include it, so an int8 embedding is never served as a
 float32 one, and vice versa.
+
+Torch's quantised Linear cannot load a partial state dict (it reads its own keys even under `strict=False`): load
+heads and gate into a model at fp32 (`train.py` puts the experts back to fp32 once their features are computed).
 """
 
 from __future__ import annotations
