@@ -61,6 +61,9 @@ class EnECGExpert(nn.Module):
     # `load_pretrained` reads (`python -m enecg_hf.tools.convert <expert_type> SOURCE DEST`); None for experts that
     # read their upstream format themselves or have no released weights.
     CONVERTER: ClassVar[str | None] = None
+    # Set per instance by `set_expert_precision` (precision_enecg.py): the backbone runs under `torch.autocast` in this
+    # dtype (its weights stay float32). None: no autocast.
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__()
@@ -128,7 +131,11 @@ class EnECGExpert(nn.Module):
                 "model with from_pretrained(..., dtype=...), which keeps such experts in float32, or cast only the heads "
                 "and gate (model.heads.to(dtype), model.gate.to(dtype))."
             )
-        return self.embed(self.prepare_inputs(input_values.float()).to(dtype))
+        inputs = self.prepare_inputs(input_values.float()).to(dtype)
+        if self.autocast_dtype is None:
+            return self.embed(inputs)
+        with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
+            return self.embed(inputs).float()
 
     # ------------------------------------------------------------------------------------------------ weights
     @property

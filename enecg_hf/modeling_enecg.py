@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_enecg import EnECGConfig, EnECGTaskConfig
 from .expert_registry import build_expert
+from .precision_enecg import fp32_experts_in_place, set_expert_precision
 from .signal_enecg import normalize_ecg, resample_fourier
 
 
@@ -405,6 +406,13 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
             return []
         return [e.name for e in self.config.expert_configs if e.pretrained]
 
+    def set_expert_precision(self, precision: str, check: bool = True) -> dict[str, str]:
+        """Run the frozen experts at `precision`: "fp32" (default), "int8" (dynamic quantisation of their `nn.Linear`
+        layers, CPU), "bf16" or "fp16" (autocast; fp16 on a GPU). A runtime choice: heads and gate are untouched and
+        `save_pretrained` still writes the float32 expert weights. Experts that cannot take it stay float32, with the
+        reason logged; returns `{expert: precision}` (also `model.expert_precisions`). See precision_enecg.py."""
+        return set_expert_precision(self, precision, check=check)
+
     @classmethod
     def from_expert_sources(cls, config: EnECGConfig) -> "EnECGModel":
         """Build a new model and load every expert's pretrained weights from its `pretrained` source."""
@@ -595,7 +603,8 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
 
         self.config.custom_pipelines = pipeline_entry()
         if state_dict is None:
-            state_dict = self.state_dict()
+            with fp32_experts_in_place(self):  # an int8 expert is a runtime copy: save the float32 original
+                state_dict = self.state_dict()
             left_out = tuple(f"experts.{name}." for name in self._left_out_expert_names())
             state_dict = {k: v for k, v in state_dict.items() if not (left_out and k.startswith(left_out))}
         # The adapter first: with `push_to_hub=True` the parent uploads the folder as it stands when it returns.

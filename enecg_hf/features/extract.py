@@ -48,6 +48,9 @@ class FeatureScriptArguments:
     limit: int | None = field(default=None, metadata=_option("use only the first N records"))
     experts: list[str] | None = field(default=None, metadata=_option(
         "comma-separated subset of the config's experts (default: all)", metavar="EXPERTS"))
+    expert_precision: str = field(default="fp32", metadata=_option(
+        "precision of the experts' pass, as train.py --expert_precision (its values are stored apart from fp32 ones)",
+        choices=["fp32", "bf16", "fp16", "int8"]))
     seed: int = field(default=42, metadata=_option(
         "seed of train.py's run: random-weight experts are initialised from it (and simulated records made with it)"))
     cache_dir: str | None = field(default=None, metadata=_option(
@@ -126,6 +129,7 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
         check_signal_compatibility(dataset, config)
         torch.manual_seed(args.seed)  # as train.py does before building its model
         model = build_model_with_experts(config).to(state.device)
+        model.set_expert_precision(args.expert_precision)
         _, stats = build_features(dataset, model, state, store_dir, batch_size=args.feature_batch_size,
                                   shard_size=args.shard_size)
     finally:

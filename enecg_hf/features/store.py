@@ -7,7 +7,8 @@ Layout (see docs/training.md, "The feature store"):
 
 One folder per *column*: each expert's embedding (`<expert type>-<fingerprint>`) and the gate's input
 (`gate-<fingerprint>`). A column's fingerprint covers everything its values are computed from - for an expert its
-config dict (without its name), the dtype, shape and bytes of its weights and the global config fields it reads; for
+config dict (without its name), the dtype, shape and bytes of its float32 weights, the precision it runs at
+unless float32 (`model.set_expert_precision`) and the global config fields it reads; for
 the gate input the fields that select and resample its leads - so `--experts a,b`, adding or renaming an expert, or
 another label or task reuse every column that exists. A row's key is the record's identity: `source`, `record_id`
 and a hash of its stored float32 signal (so an edited record is recomputed); never the dataset's fingerprint, the
@@ -128,11 +129,16 @@ class Column:
 def model_columns(model) -> list[Column]:
     """The columns of `model`'s frozen part: one per expert (in the model's order), then the gate input."""
     from ..expert_base import resample_fourier
+    from ..precision_enecg import expert_precision, fp32_expert
 
     config = model.config
     columns = []
     for name, expert in model.experts.items():
-        description = {**expert_description(model, name), "weights": weights_digest(expert)}
+        # Weights are hashed as float32 (an int8 expert is a runtime copy of them); the precision the expert runs at
+        # is part of the description unless float32, so float32 fingerprints are those of stores written before.
+        description = {**expert_description(model, name), "weights": weights_digest(fp32_expert(model, name))}
+        if expert_precision(model, name) != "fp32":
+            description["precision"] = expert_precision(model, name)
         columns.append(Column(embedding_column(name), f"{description['expert']['type']}-{_hash(_json_bytes(description))[:16]}",
                               expert.embedding_dim, description, expert))
     description = gate_description(config)

@@ -100,6 +100,10 @@ class ModelArguments:
     gate: str | None = field(default=None, metadata=_option(
         "uniform = plain average of the experts", choices=["learned", "uniform"]))
     adaptation: str | None = field(default=None, metadata=_option(choices=["lora", "full"]))
+    expert_precision: str = field(default="fp32", metadata=_option(
+        "precision of the frozen experts' pass: int8 (dynamic quantisation of their Linear layers, CPU), bf16/fp16 "
+        "(autocast; fp16 on a GPU); the saved model keeps float32 weights (docs/training.md, 'Expert precision')",
+        choices=["fp32", "bf16", "fp16", "int8"]))
 
 
 @dataclass

@@ -266,7 +266,9 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     # ---- the model (frozen experts loaded once) and its features, computed once per record for every task
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
+    model.set_expert_precision(args.expert_precision)
     features, _ = build_feature_cache(dataset, model, accelerator, store_dir, args.feature_batch_size)
+    model.set_expert_precision("fp32")  # features are computed: heads and gate train on them, the model saves fp32
     ensembles = model.task_ensembles()
     for task in tasks:
         task.target = ensembles[task.spec.name] if multitask else model
