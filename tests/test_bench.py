@@ -49,7 +49,7 @@ def non_finite_numbers(value, path="$"):
 def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     output = tmp_path / f"{Path(script).stem}.json"
     cmd = [sys.executable, str(REPO / "bench" / script), "--quick", "--output", str(output), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert output.is_file()
     return json.loads(output.read_text()), proc.stdout

@@ -39,8 +39,9 @@ class FeatureScriptArguments:
 
     config: str = field(default="tiny", metadata=_option(
         "EnECG config JSON, or the name of one in hub_configs/ (tiny)"))
-    dataset: str | None = field(default=None, metadata=_option(
-        "dataset folder written by `Dataset.save_to_disk` / `python -m enecg_hf.data`"))
+    dataset: list[str] | None = field(default=None, metadata=_option(
+        "dataset folder(s) written by `Dataset.save_to_disk` / `python -m enecg_hf.data` (several, as train.py "
+        "takes them)", metavar="DATASET"))
     data_format: str | None = field(default=None, metadata=_option(
         "build the dataset on the fly with enecg_hf.data.build_dataset", choices=DATA_FORMATS))
     data_path: str | None = field(default=None, metadata=_option("input of --data_format (a folder of records)"))
@@ -78,8 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> FeatureScriptArguments:
                                                          return_remaining_strings=True, look_for_args_file=False)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.experts is not None:
-        args.experts = [item for value in args.experts for item in _comma_list(value)]
+    for name in ("experts", "dataset"):  # "a,b" and "a b" alike, as train.py
+        if getattr(args, name) is not None:
+            setattr(args, name, [item for value in getattr(args, name) for item in _comma_list(value)])
     if args.dataset and args.data_format:
         parser.error("pass either --dataset or --data_format/--data_path, not both")
     if not args.dataset and not args.data_format:
@@ -97,7 +99,8 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
 
-    from ..training.labels import LabelSpec, build_config, resolve_config_path
+    from ..data.tasks import TASKS, TaskSpec
+    from ..training.configs import build_config, resolve_config_path
     from ..training.launch import use_cpu
     from ..training.records import check_signal_compatibility, load_training_dataset
     from ..training.run import _setup_logging, build_model_with_experts
@@ -123,8 +126,13 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
     try:
         dataset = load_training_dataset(args, state, Path(args.cache_dir or work[0] or store_dir))
         config_dict = json.loads(resolve_config_path(args.config).read_text())
-        # The experts do not depend on the label: any label gives the model train.py builds.
-        label = LabelSpec(config_dict.get("label_name") or "rr_interval", "regression", unit=config_dict.get("label_unit"))
+        # The model train.py builds from this config with its own task(s): pretrained experts do not depend on the
+        # task, but random-weight ones nesting a transformers model are drawn after the heads (docs/training.md).
+        if config_dict.get("tasks"):
+            label = [TASKS.get(t["name"]) or TaskSpec(t["name"], t["problem_type"], unit=t.get("unit"),
+                                                     class_names=t.get("class_names")) for t in config_dict["tasks"]]
+        else:
+            label = TaskSpec.from_config(config_dict) if config_dict.get("label_name") else TASKS["rr_interval"]
         config = build_config(SimpleNamespace(experts=args.experts, gate=None, adaptation=None), label, config_dict)
         check_signal_compatibility(dataset, config)
         torch.manual_seed(args.seed)  # as train.py does before building its model
