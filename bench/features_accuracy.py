@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import wfdb
 
-from docs_sections import replace_section
+from docs_sections import DATA_DIR, REPO, replace_section
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import EnECGFeaturesExpert
 
 
-REPO = Path(__file__).resolve().parents[1]
-LUDB = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data")) / "ludb"
+LUDB = DATA_DIR / "ludb"
 INTERVALS = ("pr", "qrs", "qt", "rr_mean")
 
 

@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from docs_sections import replace_section
+from docs_sections import DATA_DIR, REPO, replace_section
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.data import TASKS, build_dataset, subject_kfold
 from enecg_hf.training import FeatureTable, FitSettings, fit_enecg, load_metric, predict, score
 from enecg_hf.training.labels import encode_labels
 
 
-REPO = Path(__file__).resolve().parents[1]
-LUDB = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data")) / "ludb"
+LUDB = DATA_DIR / "ludb"
 
 
 def models() -> tuple[EnECGModel, dict[str, EnECGModel]]:

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_sections import DATA_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ENECG_DATA_DIR", REPO.parent / "shared" / "data"))
+
 RESULTS = REPO / "bench" / "results" / "wfdb_reader.json"
 SETS = {"ludb": ("ludb", "ludb/data/*.hea"), "ptb-xl": ("ptbxl_sample500", "ptbxl_sample500/records500/*/*.hea")}
 
@@ -184,12 +184,12 @@ def main() -> None:
                            "platform": platform.platform()},
                "per_record": {}, "build": {}}
     for format, (name, pattern) in SETS.items():
-        bases = sorted(path.with_suffix("") for path in DATA.glob(pattern))[:limit]
+        bases = sorted(path.with_suffix("") for path in DATA_DIR.glob(pattern))[:limit]
         if not bases:
-            print(f"{format}: no records under {DATA / name}, skipped")
+            print(f"{format}: no records under {DATA_DIR / name}, skipped")
             continue
         summary["per_record"][format] = {"records": len(bases), "repeats": repeats, **per_record(bases, repeats)}
-        summary["build"][format] = builds(format, DATA / name, limit, build_repeats)
+        summary["build"][format] = builds(format, DATA_DIR / name, limit, build_repeats)
         print(format, json.dumps(summary["per_record"][format]), json.dumps(summary["build"][format]))
     output = args.output or (None if args.quick else RESULTS)
     if output is not None:
