@@ -41,14 +41,14 @@ from .fitting import EnECGFitter, FeatureTable, FitReport, FitSettings, fit_enec
 from .jobs import CheckpointedJobRunner
 from .labels import check_class_coverage
 from .run import main, run
-from .scoring import baseline_predictions, load_metric, score, summarize
+from .scoring import baseline_predictions, cross_validate, load_metric, score, summarize
 from .trainer import EnECGTrainerCallback, fit_label_statistics, model_inputs, regression_metrics
 
 
 __all__ = [
     "TrainingSetupError", "DATA_FORMATS", "MAIN_JOB_ARGS", "TrainScriptArguments", "build_parser", "parse_args",
     "build_feature_cache", "compute_features", "expert_fingerprint", "EnECGFitter", "FeatureTable", "FitReport", "FitSettings", "fit_enecg",
-    "predict", "CheckpointedJobRunner", "check_class_coverage", "main", "run", "baseline_predictions",
+    "predict", "CheckpointedJobRunner", "check_class_coverage", "main", "run", "baseline_predictions", "cross_validate",
     "load_metric", "score", "summarize", "EnECGTrainerCallback", "fit_label_statistics", "model_inputs",
     "regression_metrics",
 ]

@@ -144,6 +144,13 @@ class FeatureTable:
     def group_of(self, rows: np.ndarray) -> np.ndarray:
         return self.groups[rows] if self.groups is not None else rows.astype(str)
 
+    def select(self, rows, labels=None, groups=None) -> "FeatureTable":
+        """The table of `rows` (e.g. the records that carry a task's label), with new `labels` / `groups` if given."""
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        groups = groups if groups is not None else (None if self.groups is None else self.groups[rows.numpy()])
+        return FeatureTable([e[rows] for e in self.expert_embeddings], self.gate_inputs[rows],
+                            self.labels[rows] if labels is None else torch.as_tensor(labels), groups)
+
     @classmethod
     @torch.no_grad()
     def from_model(cls, model: EnECGModel, input_values: torch.Tensor, labels, groups=None,

@@ -55,5 +55,19 @@ def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float
     return summary
 
 
+def cross_validate(model, table, folds, label: TaskSpec, settings=None, metric=None) -> list[dict[str, float]]:
+    """Each fold's scores: for every `(train, test)` rows of `folds`, `model`'s heads and gate are fitted on the
+    `train` rows of `table` (`fit_enecg`: from the same initial weights each time) and scored on the `test` rows.
+    `model` is a single-task model or one task of a multi-task model (`model.tasks[name]`)."""
+    from .fitting import fit_enecg, predict
+
+    metric = metric or load_metric(label.problem_type)
+    scores = []
+    for train, test in folds:
+        fit_enecg(model, table, train, settings)
+        scores.append(score(predict(model, table, test), label, metric))
+    return scores
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
