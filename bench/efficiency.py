@@ -13,7 +13,7 @@ label and fold, against one store shared by all, (3)) and `paper` (a few steps m
 every field means: docs/benchmarks.md.
 
     python bench/efficiency.py --update-docs   # tiny + labels + paper (~1 h on 2 shared cores)
-    python bench/efficiency.py --quick         # tiny only, few records, one repeat (< 2 min)
+    python bench/efficiency.py --quick         # tiny and labels on 8 records, one repeat (~3 min)
 """
 
 from __future__ import annotations
@@ -323,8 +323,8 @@ def paper_full_finetune(args, data: Path, n_train: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__, "efficiency.json")
     add = p.add_argument
-    add("--quick", action="store_true", help="tiny variant on a few records, one repeat (< 2 min on 2 cores)")
-    add("--variants", default=None, help="comma-separated: tiny,labels,paper (default all; --quick: tiny)")
+    add("--quick", action="store_true", help="tiny and labels on 8 records, 2 folds, one repeat (~3 min on 2 cores)")
+    add("--variants", default=None, help="comma-separated: tiny,labels,paper (default all; --quick: tiny,labels)")
     add("--figure", default=None, help="PNG path (default: next to --output)")
     add("--merge", action="store_true", help="keep other variants already in --output")
     add("--replot", action="store_true", help="only redraw the figure (and docs) from --output")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--eval-records", type=int, default=None)
     add("--batch-size", type=int, default=None)
     add("--repeats", type=int, default=None, help="runs of every mode, alternating (default 3; --quick 1)")
-    add("--folds", type=int, default=3, help="folds per label of the labels variant")
+    add("--folds", type=int, default=None, help="folds per label of the labels variant (default 3; --quick 2)")
     add("--paper-records", type=int, default=2, help="records (= steps, batch 1) measured at paper size")
     add("--latency-repeats", type=int, default=None)
     add("--threads", type=int, default=1)
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch_size = args.batch_size or (4 if args.quick else 16)
     args.latency_repeats = args.latency_repeats or (1 if args.quick else 3)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.folds = args.folds or (2 if args.quick else 3)
     started = time.perf_counter()
     dataset, source = load_records(Path(args.data_dir), args.train_records + n_eval)
     if len(dataset) < args.train_records + n_eval:
@@ -374,7 +375,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "mean_predictor_eval_mae_ms": sum(abs(y - sum(y_train) / len(y_train)) for y in y_eval) / n_eval},
                "variants": json.loads(args.output.read_text())["variants"] if args.merge and args.output.is_file() else {}}
     with tempfile.TemporaryDirectory(prefix="enecg-eff-") as workdir:
-        for variant in (args.variants or ("tiny" if args.quick else "tiny,labels,paper")).split(","):
+        for variant in (args.variants or ("tiny,labels" if args.quick else "tiny,labels,paper")).split(","):
+            if variant == "labels" and not source.startswith("ludb"):
+                print("[efficiency] labels variant skipped: it needs LUDB (age, sex and rhythm labels)")
+                continue
             variant_start, load = time.perf_counter(), os.getloadavg()[0]
             block = run_variant(args, variant, dataset, Path(workdir))
             block["run"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": args.repeats,

@@ -21,7 +21,7 @@ EFFICIENCY_MODE_FIELDS = (
     "trainable_params", "total_params", "train_records", "batch_size", "epochs", "wall_time_5_epochs_s",
     "throughput_records_per_s", "train_step_throughput_records_per_s", "feature_extraction_s", "peak_rss_mb",
     "baseline_rss_mb", "peak_rss_above_baseline_mb", "measured_steps", "measured_records", "extrapolated", "how",
-    "eval_mae_ms",
+    "eval_mae_ms", "runs", "wall_time_runs_s",
 )
 EFFICIENCY_RATIOS = (
     "recompute_over_cached_wall_time", "full_over_cached_wall_time", "cached_over_full_peak_rss",
@@ -77,6 +77,16 @@ def test_efficiency_quick(tmp_path):
     modes = tiny["modes"]
     assert modes["cached_features"]["trainable_params"] == modes["frozen_recompute"]["trainable_params"]
     assert modes["cached_features"]["trainable_params"] < modes["full_finetune"]["trainable_params"]
+    # The labels variant: LUDB's labels x folds, the research loop (a fresh model and Trainer per label and fold,
+    # experts recomputed every step) against one feature store shared by every fit.
+    if (DATA_DIR / "ludb").is_dir():
+        labels = result["variants"]["labels"]
+        assert labels["labels"] == ["rr_interval", "age", "sex", "arrhythmia"] and labels["folds"] == 2
+        loop, store = labels["modes"]["research_loop"], labels["modes"]["one_store"]
+        assert loop["fits"] == store["fits"] >= 4 * 2
+        assert store["feature_extraction_s"] > 0 and loop["feature_extraction_s"] == 0
+        assert labels["ratios"]["research_loop_over_one_store_wall_time"] > 1
+        assert "Ratio: research loop / one store" in stdout
     assert not non_finite_numbers(result), non_finite_numbers(result)
 
 
