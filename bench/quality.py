@@ -12,10 +12,10 @@ baseline: `enecg_hf.training.scoring`. Rows and what each measures: docs/benchma
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,34 +69,35 @@ ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training fold
 
 
 def load_records(data_dir: Path, limits: dict[str, int] | None):
-    """(signals (n, 12, 5000) float32, one dict of labels per record) from every source, via the package builders."""
+    """Every source through the package builders, as one dataset (`signal`, `source`, `record_id`: what the feature
+    store keys records by) in record order, and one dict of labels per record."""
     import datasets
     import numpy as np
 
     from enecg_hf.data import build_dataset
 
     datasets.disable_progress_bars()
-    signals, meta = [], []
+    parts, meta, first_subject = [], [], {}
     for source, fmt in SOURCES.items():
         if not (data_dir / source).is_dir():
             print(f"[quality] {data_dir / source} not found: skipped", flush=True)
             continue
         dataset = build_dataset(fmt, str(data_dir / source), limit=limits.get(source) if limits else None)
         rhythm_name = getattr(dataset.features.get("arrhythmia"), "int2str", None)  # a ClassLabel holds indices
-        for row in dataset:
+        keep = []
+        for i, row in enumerate(dataset):
             signal = np.asarray(row["signal"], dtype=np.float32)
             if signal.shape != (12, 5000) or not np.isfinite(signal).all():
                 continue
             rhythm = row.get("arrhythmia")
             rhythm = rhythm_name(int(rhythm)) if rhythm is not None and rhythm_name else rhythm
-            signals.append(signal)
-            meta.append({"source": source, "subject_id": f"{source}/{row['subject_id'] or row['record_id']}",
+            subject = f"{source}/{row['subject_id'] or row['record_id']}"
+            keep.append(i)  # identical signals (Challenge E07509/E07510) are one subject
+            meta.append({"source": source, "subject_id": first_subject.setdefault(signal.tobytes(), subject),
                          "rr_interval": row.get("rr_interval") if source == "ludb" else None, "age": row.get("age"),
                          "sex": row.get("sex"), "arrhythmia": GROUP_OF_CLASS.get(rhythm) if rhythm else None})
-    signals, first_subject = np.stack(signals), {}
-    for signal, record in zip(signals, meta):  # identical signals (Challenge E07509/E07510) are one subject
-        record["subject_id"] = first_subject.setdefault(hashlib.sha1(signal.tobytes()).hexdigest(), record["subject_id"])
-    return signals, meta
+        parts.append(dataset.select(keep).select_columns(["record_id", "source", "signal"]))
+    return datasets.concatenate_datasets(parts), meta
 
 
 def config_dict(path: Path, experts_prefix: str = "", gate_from: dict | None = None) -> dict:
@@ -126,29 +127,19 @@ def make_model(raw: dict, spec, load_experts: bool = False, **overrides):
     return EnECGModel.from_expert_sources(config) if load_experts else EnECGModel(config)
 
 
-def expert_features(raw: dict, signals, cache_dir: Path | None, seed: int) -> dict:
-    """Every expert's embedding and the gate inputs of every record, from the cache when it has them."""
+def expert_features(raw: dict, records, store: str, seed: int) -> dict:
+    """Every expert's embedding and the gate inputs of every record, from the package's feature store (computed
+    there once per record and expert, shared with train.py and every later run)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from enecg_hf.data import TASKS
-    from enecg_hf.training import FeatureTable
+    from enecg_hf.features import build_features, embedding_column
 
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode())
-    digest.update(signals.tobytes())
-    file = cache_dir / f"features-{digest.hexdigest()[:16]}.safetensors" if cache_dir else None
-    if file is not None and file.is_file():
-        print(f"[quality] expert features from {file}", flush=True)
-        return load_file(str(file))
     torch.manual_seed(seed)
     model = make_model(raw, TASKS["rr_interval"], load_experts=True)
-    table = FeatureTable.from_model(model, torch.from_numpy(signals), torch.zeros(len(signals)), batch_size=8)
-    features = {**dict(zip(model.expert_names, table.expert_embeddings)), "gate_inputs": table.gate_inputs}
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in features.items()}, str(file.with_suffix(".tmp")))
-        file.with_suffix(".tmp").rename(file)
-    return features
+    table = build_features(records, model, store_dir=store, batch_size=8)[0].with_format("torch")[:]
+    return {**{n: table[embedding_column(n)].float() for n in model.expert_names},
+            "gate_inputs": table["gate_inputs"].float()}
 
 
 def measured_rr(signals) -> list[float | None]:
@@ -162,7 +153,7 @@ def measured_rr(signals) -> list[float | None]:
     return [value if math.isfinite(value) else None for value in rr]
 
 
-def run_task(task: str, signals, meta, features: dict, raws: dict, args) -> dict:
+def run_task(task: str, records, meta, features: dict, raws: dict, args) -> dict:
     from dataclasses import replace
 
     import numpy as np
@@ -194,7 +185,7 @@ def run_task(task: str, signals, meta, features: dict, raws: dict, args) -> dict
 
     seeds = range(args.seed, args.seed + args.seeds)
     folds = {seed: subject_folds(groups, args.folds, seed) for seed in seeds}
-    measured = measured_rr(signals[rows_idx]) if task == "rr_interval" else None
+    measured = measured_rr(records.select(rows_idx).with_format("numpy")["signal"]) if task == "rr_interval" else None
     for seed in seeds:
         for train, test in folds[seed]:
             record("baseline:mean_or_majority", baseline_predictions(y[train], y[test], spec)["logits"], test)
@@ -282,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="add the experts of --pretrained-config with real weights (default: on, off with --quick)")
     add("--pretrained-config", default="hub_configs/offline_pretrained.json")
     add("--features-only", action="store_true", help="compute (and cache) the expert features, then stop")
-    add("--feature-cache", default=str(Path.home() / ".cache" / "enecg_hf" / "quality"),
-        help="folder for computed expert features ('' for none)")
+    add("--feature-store", default=None, help="the feature store's folder (default: the package's shared store, "
+        "enecg_hf.features.feature_store_dir(); '' for a temporary one)")
     args = parser.parse_args(argv)
     args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
     args.pretrained = (not args.quick) if args.pretrained is None else args.pretrained
@@ -300,14 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
     started, load = time.perf_counter(), os.getloadavg()
     if not (Path(args.data_dir) / "ludb").is_dir():
         raise SystemExit(f"No LUDB folder under {args.data_dir}: set --data-dir or ENECG_DATA_DIR")
-    signals, meta = load_records(Path(args.data_dir), QUICK_LIMITS if args.quick else None)
+    records, meta = load_records(Path(args.data_dir), QUICK_LIMITS if args.quick else None)
     print(f"[quality] {len(meta)} records", flush=True)
-    cache_dir = Path(args.feature_cache) if args.feature_cache else None
+    store = tempfile.mkdtemp(prefix="enecg-quality-store-") if args.feature_store == "" else args.feature_store
     raws = {"tiny": config_dict(REPO / args.config), "pretrained": None}
-    features = expert_features(raws["tiny"], signals, cache_dir, args.seed)
+    features = expert_features(raws["tiny"], records, store, args.seed)
     if args.pretrained:
         raws["pretrained"] = config_dict(REPO / args.pretrained_config, "pretrained/", raws["tiny"])
-        extra = expert_features(raws["pretrained"], signals, cache_dir, args.seed)
+        extra = expert_features(raws["pretrained"], records, store, args.seed)
         features.update({k: v for k, v in extra.items() if k != "gate_inputs"})
     feature_seconds = time.perf_counter() - started
     print(f"[quality] expert features of {len(meta)} records ready after {feature_seconds:.0f} s", flush=True)
@@ -331,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "flutter; other = any other rhythm statement (sinus arrhythmia, ...)",
         },
         "published": PUBLISHED,
-        "tasks": {task: run_task(task, signals, meta, features, raws, args) for task in args.tasks.split(",")},
+        "tasks": {task: run_task(task, records, meta, features, raws, args) for task in args.tasks.split(",")},
     }
     results["run"] = {"load_average_start": list(load), "load_average_end": list(os.getloadavg()),
                       "feature_extraction_s": feature_seconds, "elapsed_s": time.perf_counter() - started,

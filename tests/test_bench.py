@@ -93,7 +93,7 @@ def test_efficiency_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
 def test_quality_quick(tmp_path):
-    result, stdout = run_quick("quality.py", tmp_path, "--feature-cache", "")
+    result, stdout = run_quick("quality.py", tmp_path, "--feature-store", str(tmp_path / "store"))
     assert "| **EnECG, default settings** (learned gate, LoRA heads) |" in stdout  # the table for docs/benchmarks.md
     tasks = result["tasks"]
     assert set(tasks) == {"rr_interval", "age", "sex", "arrhythmia"}
