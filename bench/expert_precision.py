@@ -12,19 +12,17 @@ Drift: ||e - e_fp32|| / ||e_fp32|| per record. Downstream: heads + gate (`enecg_
 """
 from __future__ import annotations
 
-import argparse, json, os, statistics, time
-from pathlib import Path
+import json, os, time
 
 import numpy as np
 import torch
 
-from docs_sections import DATA_DIR, REPO, replace_section
 from enecg_hf import EnECGConfig, EnECGModel
-from enecg_hf.data import TASKS, build_dataset, subject_kfold
-from enecg_hf.training import FeatureTable, FitSettings, fit_enecg, load_metric, predict, score
+from enecg_hf.data import TASKS, subject_kfold
+from enecg_hf.training import FeatureTable, FitSettings, cross_validate, summarize
 from enecg_hf.training.labels import encode_labels
+from harness import REPO, interleaved, ludb, median_ms, parser, save
 
-LUDB = DATA_DIR / "ludb"
 PRECISIONS = ["fp32", "int8", "bf16"]
 
 
@@ -76,34 +74,24 @@ def normalized(models, x):
 
 
 def timing(models, signals, repeats: int) -> dict:
-    names = models["fp32"].expert_names
-    targets = [*names, None]  # each expert on the normalised record, then the whole frozen pass on the raw one
-    for p in PRECISIONS:
-        for t in targets:
-            run(models, p, normalized(models, signals[:1]) if t else signals[:1], t)
-    times = {p: {t or "pass": [] for t in targets} for p in PRECISIONS}
-    for i, record in enumerate(signals):
-        x, xn = record[None], normalized(models, record[None])
-        per = {p: {t or "pass": [] for t in targets} for p in PRECISIONS}
-        for _ in range(repeats):
-            for k in range(len(PRECISIONS)):
-                p = PRECISIONS[(i + k) % len(PRECISIONS)]  # rotate who runs first
-                for t in targets:
-                    per[p][t or "pass"].append(run(models, p, xn if t else x, t)[1])
-        for p in PRECISIONS:
-            for t, v in per[p].items():
-                times[p][t].append(statistics.median(v))
-    ms = {p: {t: 1000 * statistics.median(v) for t, v in times[p].items()} for p in PRECISIONS}
+    targets = [*models["fp32"].expert_names, "pass"]
+
+    def call(p, t):  # each expert on the normalised record, the whole frozen pass on the raw one
+        return lambda x: run(models, p, x[0]) if t == "pass" else run(models, p, x[1], t)
+
+    seconds = interleaved({f"{p}/{t}": call(p, t) for p in PRECISIONS for t in targets},
+                          [(r[None], normalized(models, r[None])) for r in signals], repeats)
+    ms = {p: {t: median_ms(seconds[f"{p}/{t}"]) for t in targets} for p in PRECISIONS}
     return {"ms_per_record": ms, "speedup_over_fp32": {p: {t: ms["fp32"][t] / ms[p][t] for t in ms[p]} for p in PRECISIONS}}
 
 
 def features(models, signals) -> dict[str, FeatureTable]:
     tables = {}
     for p in PRECISIONS:
-        emb = [[run(models, p, signals[i:i + 8], None)[0]] for i in range(0, len(signals), 8)]
-        tables[p] = FeatureTable([torch.cat([b[0].expert_embeddings[j].float() for b in emb])
+        out = [run(models, p, signals[i:i + 8])[0] for i in range(0, len(signals), 8)]
+        tables[p] = FeatureTable([torch.cat([b.expert_embeddings[j].float() for b in out])
                                   for j in range(len(models["fp32"].experts))],
-                                 torch.cat([b[0].gate_inputs for b in emb]), torch.zeros(len(signals)))
+                                 torch.cat([b.gate_inputs for b in out]), torch.zeros(len(signals)))
     return tables
 
 
@@ -118,24 +106,17 @@ def drift(tables, names) -> dict:
 
 
 def downstream(models, tables, dataset, folds: int, epochs: int) -> dict:
-    result = {}
+    result, groups = {}, np.asarray(dataset["subject_id"])
     for name in ("rr_interval", "sex"):
         keep, labels = encode_labels(dataset, TASKS[name])
-        cv, metric, row = subject_kfold(dataset.select(keep), folds, seed=0), load_metric(TASKS[name].problem_type), {}
-        for p in ("fp32", "int8"):
-            t = tables[p]
-            table = FeatureTable([e[keep] for e in t.expert_embeddings], t.gate_inputs[keep], torch.from_numpy(labels),
-                                 np.asarray(dataset["subject_id"])[keep])
-            config = EnECGConfig(**{**models["fp32"].config.to_dict(), **TASKS[name].config_fields()})
-            scores = []
-            for train, test in cv:
-                torch.manual_seed(0)
-                model = EnECGModel(config).eval()
-                fit_enecg(model, table, train, FitSettings(epochs=epochs, seed=42))
-                scores.append(score(predict(model, table, test), TASKS[name], metric))
-            row[p] = {k: {"mean": float(np.mean([s[k] for s in scores])), "std": float(np.std([s[k] for s in scores], ddof=1))}
-                      for k in scores[0]}
-        result[name] = {"records": len(keep), **row}
+        cv = subject_kfold(dataset.select(keep), folds, seed=0)
+        result[name] = {"records": len(keep)}
+        config = EnECGConfig(**{**models["fp32"].config.to_dict(), **TASKS[name].config_fields()})
+        for p in ("fp32", "int8"):  # the same folds, initial weights and seeds on both
+            torch.manual_seed(0)
+            table = tables[p].select(keep, labels, groups[keep])
+            scores = cross_validate(EnECGModel(config).eval(), table, cv, TASKS[name], FitSettings(epochs=epochs, seed=42))
+            result[name][p] = summarize(scores)
     return result
 
 
@@ -159,29 +140,26 @@ def markdown(r: dict) -> str:
                   "|---|---:|---|---:|---:|"]
         for name, row in r["downstream"].items():
             for m in (("mae", "rmse") if name == "rr_interval" else ("auroc", "accuracy")):
-                f = lambda p: f"{row[p][m]['mean']:.4g} ± {row[p][m]['std']:.2g}"
-                lines.append(f"| {name} | {row['records']} | {m} | {f('fp32')} | {f('int8')} |")
+                fp32, int8 = (f"{row[p][m]['mean']:.4g} ± {row[p][m]['std']:.2g}" for p in ("fp32", "int8"))
+                lines.append(f"| {name} | {row['records']} | {m} | {fp32} | {int8} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=200, help="LUDB records for drift and downstream CV")
-    parser.add_argument("--time-records", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--moment", action="store_true", help="time a paper-size MOMENT-large instead (no downstream)")
-    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "expert_precision.json"))
-    parser.add_argument("--update-docs", action="store_true")
-    parser.add_argument("--precisions", default="fp32,int8,bf16")
-    args = parser.parse_args()
+    p = parser(__doc__.split("\n\n")[0], "expert_precision.json")
+    p.add_argument("--records", type=int, default=200, help="LUDB records for drift and downstream CV")
+    p.add_argument("--time-records", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--moment", action="store_true", help="time a paper-size MOMENT-large instead (no downstream)")
+    p.add_argument("--precisions", default="fp32,int8,bf16")
+    args = p.parse_args()
     PRECISIONS[:] = args.precisions.split(",")
     torch.set_num_threads(1)
     load = [os.getloadavg()[0]]
     models = build_models(args.moment)
-    dataset = build_dataset("ludb", LUDB, limit=args.records if not args.moment else args.time_records)
-    signals = torch.from_numpy(np.asarray(dataset.with_format("numpy")["signal"], dtype=np.float32))
+    dataset, signals = ludb(args.time_records if args.moment else args.records)
     r = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, 1 torch thread",
          "time_records": args.time_records, "repeats": args.repeats, "precisions": models["int8"].expert_precisions,
          "bf16_precisions": models["bf16"].expert_precisions if "bf16" in models else {},
@@ -192,10 +170,8 @@ def main() -> None:
         r["forced_bf16"] = forced_bf16(models, signals[:1])
         r["downstream"] = downstream(models, tables, dataset, args.folds, args.epochs)
     r["load"] = load + [os.getloadavg()[0]]
-    Path(args.output).write_text(json.dumps(r, indent=1) + "\n")
-    print(markdown(r))
-    if args.update_docs:
-        replace_section("expert_precision_moment" if args.moment else "expert_precision", markdown(r))
+    section = ("expert_precision_moment" if args.moment else "expert_precision") if args.update_docs else None
+    save(r, args.output, markdown(r), section)
 
 
 if __name__ == "__main__":

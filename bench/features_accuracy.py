@@ -10,29 +10,22 @@ warm-up, the methods interleaved record by record so that load from other jobs h
 
     python bench/features_accuracy.py --update-docs         # 200 records at 250 Hz, as in hub_configs/tiny.json
     python bench/features_accuracy.py --input-lengths 5000,2500 --methods dwt,prominence,peak,cwt  # more
-    python bench/features_accuracy.py --profile prominence  # cProfile of `measure` over 20 records
 """
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import json
 import os
-import pstats
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import wfdb
 
-from docs_sections import DATA_DIR, REPO, replace_section
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import EnECGFeaturesExpert
+from harness import LUDB, REPO, interleaved, median_ms, parser, save
 
 
-LUDB = DATA_DIR / "ludb"
 INTERVALS = ("pr", "qrs", "qt", "rr_mean")
 
 
@@ -75,29 +68,25 @@ def run(records: list[str], methods: list[str], input_length: int, repeats: int)
     experts = {m: EnECGFeaturesExpert(EnECGExpertConfig("features", "features", input_length, ["II"],
                                                         settings={"delineation": m}), STANDARD_LEAD_NAMES)
                for m in methods}
-    measured = {m: [] for m in methods}
-    seconds = {m: [] for m in methods}
-    refs = []
-    for k, record in enumerate(records):
-        path = str(LUDB / record)
-        lead = lead_ii(experts[methods[0]], path)
-        refs.append(reference(path))
-        order = methods[k % len(methods):] + methods[:k % len(methods)]  # rotate who runs first
-        for m in order:
-            if k == 0:
-                experts[m].measure(lead)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                values = experts[m].measure(lead)
-                times.append(time.perf_counter() - start)
-            seconds[m].append(float(np.median(times)))
-            measured[m].append({name: values[name] for name in INTERVALS})
+    paths = [str(LUDB / record) for record in records]
+    leads = [lead_ii(experts[methods[0]], path) for path in paths]
+    refs = [reference(path) for path in paths]
+    measured = {m: [None] * len(records) for m in methods}
+
+    def measure(m):
+        def call(k):
+            measured[m][k] = experts[m].measure(leads[k])
+        return call
+
+    seconds = interleaved({m: measure(m) for m in methods}, range(len(records)), repeats)
+    # NaN (not measured) as null, so that the results are valid JSON
+    per_record = {m: [{name: float(v[name]) if np.isfinite(v[name]) else None for name in INTERVALS}
+                      for v in measured[m]] for m in methods}
     result = {}
     for m in methods:
-        row = {"ms_per_record": 1000 * float(np.median(seconds[m])), "ms_per_record_mean": 1000 * float(np.mean(seconds[m]))}
+        row = {"ms_per_record": median_ms(seconds[m]), "ms_per_record_mean": 1000 * float(np.mean(seconds[m]))}
         for name in INTERVALS:
-            got = np.array([v[name] for v in measured[m]])
+            got = np.array([v[name] for v in per_record[m]], dtype=float)
             ref = np.array([r[name] for r in refs])
             both = np.isfinite(got) & np.isfinite(ref)
             error = 1000 * (got[both] - ref[both])
@@ -107,7 +96,7 @@ def run(records: list[str], methods: list[str], input_length: int, repeats: int)
         result[m] = row
     return {"input_length": input_length, "methods": result, "reference_records": {
         name: int(np.isfinite([r[name] for r in refs]).sum()) for name in INTERVALS},
-        "per_record": {m: measured[m] for m in methods}, "records": records}
+        "per_record": per_record, "records": records}
 
 
 def table(runs: list[dict], meta: dict) -> str:
@@ -130,37 +119,23 @@ def table(runs: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="dwt,prominence", help="neurokit2 methods (also peak, cwt)")
-    parser.add_argument("--input-lengths", default="2500", help="expert input lengths (10 s records), e.g. 5000,2500")
-    parser.add_argument("--records", type=int, default=200, help="the first N LUDB records")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "features_accuracy.json"))
-    parser.add_argument("--update-docs", action="store_true", help="write the table into docs/experts.md")
-    parser.add_argument("--profile", metavar="METHOD", help="only profile `measure` with this method and exit")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    records = (LUDB / "RECORDS").read_text().split()[: args.records]
-    if args.profile:
-        expert = EnECGFeaturesExpert(EnECGExpertConfig("features", "features", int(args.input_lengths.split(",")[0]),
-                                                       ["II"], settings={"delineation": args.profile}), STANDARD_LEAD_NAMES)
-        leads = [lead_ii(expert, str(LUDB / record)) for record in records[:20]]
-        expert.measure(leads[0])
-        profile = cProfile.Profile()
-        profile.runcall(lambda: [expert.measure(lead) for lead in leads])
-        pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
-        return
+    p = parser(__doc__, "features_accuracy.json")
+    p.add_argument("--methods", default="dwt,prominence", help="neurokit2 methods (also peak, cwt)")
+    p.add_argument("--input-lengths", default="2500", help="expert input lengths (10 s records), e.g. 5000,2500")
+    p.add_argument("--records", type=int, default=200, help="the first N LUDB records")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
     import neurokit2
 
+    torch.set_num_threads(1)
+    records = (LUDB / "RECORDS").read_text().split()[: args.records]
     load = [os.getloadavg()[0]]
     runs = [run(records, args.methods.split(","), int(n), args.repeats) for n in args.input_lengths.split(",")]
     load.append(os.getloadavg()[0])
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "neurokit2": neurokit2.__version__, "load": load,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads()}
-    Path(args.output).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    print(table(runs, meta))
-    if args.update_docs:
-        replace_section("features_accuracy", table(runs, meta), REPO / "docs" / "experts.md")
+    section = "features_accuracy" if args.update_docs else None
+    save({"meta": meta, "runs": runs}, args.output, table(runs, meta), section, REPO / "docs" / "experts.md")
 
 
 if __name__ == "__main__":

@@ -13,24 +13,19 @@ On LUDB records (they carry RR, age, sex and rhythm), with the tiny experts of h
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from docs_sections import DATA_DIR, REPO, replace_section
 from enecg_hf import EnECGConfig, EnECGModel
-from enecg_hf.data import TASKS, build_dataset, subject_kfold
-from enecg_hf.training import FeatureTable, FitSettings, fit_enecg, load_metric, predict, score
+from enecg_hf.data import TASKS, subject_kfold
+from enecg_hf.training import FeatureTable, FitSettings, cross_validate, summarize
 from enecg_hf.training.labels import encode_labels
-
-
-LUDB = DATA_DIR / "ludb"
+from harness import REPO, interleaved, ludb, parser, save
 
 
 def models() -> tuple[EnECGModel, dict[str, EnECGModel]]:
@@ -44,24 +39,12 @@ def models() -> tuple[EnECGModel, dict[str, EnECGModel]]:
 
 
 @torch.no_grad()
-def seconds(model: EnECGModel, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
-
-
 def inference(multi, single, signals: torch.Tensor, repeats: int) -> dict:
     first = next(iter(single.values()))
-    for model in (multi, *single.values()):  # warm-up
-        seconds(model, signals[:1])
-    times = {"five_task": [], "one_single_task": [], "five_single_task": []}
-    for _ in range(repeats):
-        for record in signals:
-            x = record[None]
-            times["five_task"].append(seconds(multi, x))
-            times["one_single_task"].append(seconds(first, x))
-            times["five_single_task"].append(sum(seconds(model, x) for model in single.values()))
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    calls = {"five_task": multi, "one_single_task": first,
+             "five_single_task": lambda x: [model(x) for model in single.values()]}
+    seconds = interleaved(calls, [record[None] for record in signals], repeats)
+    medians = {k: statistics.median(v) for k, v in seconds.items()}
     return {"seconds_per_record": medians, "five_task_over_one_single": medians["five_task"] / medians["one_single_task"],
             "five_single_over_five_task": medians["five_single_task"] / medians["five_task"]}
 
@@ -73,17 +56,12 @@ def quality_and_training(multi, single, dataset, signals, folds: int, settings: 
     result = {"records": len(signals), "expert_pass_seconds": expert_seconds, "tasks": {}}
     for name in ("rr_interval", "age", "sex", "arrhythmia"):
         keep, labels = encode_labels(dataset, TASKS[name])
-        task_table = FeatureTable([e[keep] for e in table.expert_embeddings], table.gate_inputs[keep],
-                                  torch.from_numpy(labels), table.groups[keep])
-        cv = subject_kfold(dataset.select(keep), folds, seed=0)
-        metric = load_metric(TASKS[name].problem_type)
+        task_table, cv = table.select(keep, labels), subject_kfold(dataset.select(keep), folds, seed=0)
         row = {"records": len(keep)}
         for variant, model in (("five_task", multi.tasks[name]), ("single_task", single[name])):
-            start, scores = time.perf_counter(), []
-            for train, test in cv:
-                fit_enecg(model, task_table, train, settings)
-                scores.append(score(predict(model, task_table, test), TASKS[name], metric))
-            row[variant] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+            start = time.perf_counter()
+            scores = summarize(cross_validate(model, task_table, cv, TASKS[name], settings))
+            row[variant] = {k: v["mean"] for k, v in scores.items()}
             row[f"{variant}_fit_seconds"] = time.perf_counter() - start
         result["tasks"][name] = row
     fits = sum(row["five_task_fit_seconds"] for row in result["tasks"].values())
@@ -112,28 +90,22 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=200)
-    parser.add_argument("--inference-records", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "multitask.json"))
-    parser.add_argument("--update-docs", action="store_true")
-    args = parser.parse_args()
+    p = parser(__doc__.split("\n\n")[0], "multitask.json")
+    p.add_argument("--records", type=int, default=200)
+    p.add_argument("--inference-records", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=100)
+    args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     multi, single = models()
-    dataset = build_dataset("ludb", LUDB, limit=args.records)
-    signals = torch.from_numpy(np.asarray(dataset.with_format("numpy")["signal"], dtype=np.float32))
+    dataset, signals = ludb(args.records)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, 1 torch thread",
                "inference": inference(multi, single, signals[: args.inference_records], args.repeats),
                "quality": quality_and_training(multi, single, dataset, signals, args.folds,
                                                FitSettings(epochs=args.epochs))}
-    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
-    print(markdown(results))
-    if args.update_docs:
-        replace_section("multitask", markdown(results))
+    save(results, args.output, markdown(results), "multitask" if args.update_docs else None)
 
 
 if __name__ == "__main__":

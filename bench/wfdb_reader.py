@@ -1,7 +1,7 @@
 """WFDB reading speed: the fast reader (`enecg_hf/wfdb_enecg.py`) against wfdb, side by side in one process.
 
 Per record (LUDB, PTB-XL sample): `io_enecg.read_record` with `FAST_WFDB = True` and `False`, and the readers alone
-(`parse_header` + `read_dat_signal` against `wfdb.rdrecord`), interleaved record by record (the order alternates),
+(`parse_header` + `read_dat_signal` against `wfdb.rdrecord`), interleaved record by record (the order rotates),
 after a warm-up, median over records of the median of `--repeats` reads. Then whole builds
 (`enecg_hf.data.build("ludb" / "ptb-xl", num_proc=1)`) alternating between the two paths: records/s.
 
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from docs_sections import DATA_DIR, REPO
+from harness import DATA_DIR, REPO, MemoryPeak, in_fresh_process, interleaved, machine_info, median_ms, parser, save
 
 
-RESULTS = REPO / "bench" / "results" / "wfdb_reader.json"
 SETS = {"ludb": ("ludb", "ludb/data/*.hea"), "ptb-xl": ("ptbxl_sample500", "ptbxl_sample500/records500/*/*.hea")}
 
 
@@ -35,35 +32,25 @@ def per_record(bases: list[Path], repeats: int) -> dict:
     from enecg_hf import io_enecg
     from enecg_hf.wfdb_enecg import parse_header, read_dat_signal
 
-    def package(base, fast):
-        io_enecg.FAST_WFDB = fast
-        return io_enecg.read_record(base).signal
+    def read_record(fast):
+        def call(base):
+            io_enecg.FAST_WFDB = fast
+            return io_enecg.read_record(base).signal
+        return call
 
-    def reader(base, fast):
-        if fast:
-            header = parse_header(Path(f"{base}.hea").read_text(encoding="ascii", errors="ignore"))
-            return read_dat_signal(base.parent, header)
-        return wfdb.rdrecord(str(base), return_res=32).p_signal
+    def fast_reader(base):
+        header = parse_header(Path(f"{base}.hea").read_text(encoding="ascii", errors="ignore"))
+        return read_dat_signal(base.parent, header)
 
-    timings = {name: {True: [], False: []} for name in ("read_record", "reader_alone")}
-    for index, base in enumerate(bases[:5] + bases):  # the first five again as warm-up, not timed
-        for name, function in (("read_record", package), ("reader_alone", reader)):
-            order = (True, False) if index % 2 else (False, True)
-            runs = {True: [], False: []}
-            for _ in range(repeats):
-                for fast in order:
-                    started = time.perf_counter()
-                    function(base, fast)
-                    runs[fast].append(time.perf_counter() - started)
-            if index >= 5:
-                for fast in (True, False):
-                    timings[name][fast].append(statistics.median(runs[fast]))
-        if index >= 5:  # the two paths give the same float32 signal
-            assert np.array_equal(package(base, True), package(base, False), equal_nan=True)
+    calls = {"read_record/fast": read_record(True), "read_record/wfdb": read_record(False), "reader_alone/fast":
+             fast_reader, "reader_alone/wfdb": lambda base: wfdb.rdrecord(str(base), return_res=32).p_signal}
+    seconds = interleaved(calls, bases, repeats, warmup=5)
+    for base in bases:  # the two paths give the same float32 signal
+        assert np.array_equal(calls["read_record/fast"](base), calls["read_record/wfdb"](base), equal_nan=True)
     io_enecg.FAST_WFDB = True
     result = {}
-    for name, runs in timings.items():
-        fast, slow = statistics.median(runs[True]) * 1e3, statistics.median(runs[False]) * 1e3
+    for name in ("read_record", "reader_alone"):
+        fast, slow = median_ms(seconds[f"{name}/fast"]), median_ms(seconds[f"{name}/wfdb"])
         result[name] = {"fast_ms": round(fast, 3), "wfdb_ms": round(slow, 3), "speedup": round(slow / fast, 1)}
     return result
 
@@ -117,85 +104,65 @@ def write_mimic_tree(root: Path, records: int) -> None:
 
 def streaming_worker(records: int, num_proc: int) -> dict:
     """Build a `records`-record MIMIC-IV-ECG tree in this (fresh) process; peak memory of the build."""
-    import resource
-    import sys
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from build_dataset import AnonymousMemoryPeak, _pss_anon_mib
-
     from enecg_hf.data import build
 
     with tempfile.TemporaryDirectory() as work:
         write_mimic_tree(Path(work) / "mimic", records)
-        before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        before_anonymous = _pss_anon_mib(os.getpid())
-        sampler = AnonymousMemoryPeak()
-        sampler.start()
-        started = time.perf_counter()
-        report = build("mimic-iv-ecg", Path(work) / "mimic", output=Path(work) / "out", num_proc=num_proc).report
-        seconds = time.perf_counter() - started
-        sampler.done.set()
-        sampler.join()
+        with MemoryPeak() as memory:
+            started = time.perf_counter()
+            report = build("mimic-iv-ecg", Path(work) / "mimic", output=Path(work) / "out", num_proc=num_proc).report
+            seconds = time.perf_counter() - started
     return {"records": records, "num_proc": num_proc, "kept": report.records_kept,
-            "records_per_second": round(records / seconds, 1),
-            "peak_anonymous_memory_all_processes_mib": round(sampler.peak, 1),
-            "anonymous_memory_before_build_mib": round(before_anonymous, 1),
-            "peak_rss_before_build_mib": round(before_rss, 1),
-            "peak_rss_main_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_largest_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+            "records_per_second": round(records / seconds, 1), **memory.report()}
 
 
-def streaming(sizes: list[int], num_proc: int) -> list[dict]:
-    import subprocess
-    import sys
-
-    runs = []
-    for records in sizes:
-        command = [sys.executable, __file__, "--streaming-worker", str(records), "--num-proc", str(num_proc)]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
-        runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-        print(json.dumps(runs[-1]))
-    return runs
+def table(summary: dict) -> str:
+    """The table in docs/data.md: wfdb → fast, per record and per build."""
+    per, build = summary["per_record"], summary["build"]
+    names = {"ludb": "LUDB", "ptb-xl": "PTB-XL sample"}
+    ms = lambda r: f"{r['wfdb_ms']:.2f} → {r['fast_ms']:.2f} ms ({r['speedup']:.1f}×)"
+    rate = lambda b: (f"{b['wfdb_records_per_s']:.1f} → {b['fast_records_per_s']:.1f} "
+                      f"({b['fast_records_per_s'] / b['wfdb_records_per_s']:.1f}×)")
+    rows = {
+        "`read_record` per record, wfdb → fast": [ms(r["read_record"]) for r in per.values()],
+        "reader alone (`rdrecord` vs `parse_header` + `read_dat_signal`)": [ms(r["reader_alone"]) for r in per.values()],
+        "dataset build, records/s": [rate(b) for b in build.values()],
+    }
+    lines = ["| | " + " | ".join(f"{names[f]} ({r['records']})" for f, r in per.items()) + " |"]
+    lines.append("|---" * (len(per) + 1) + "|")
+    return "\n".join(lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows.items()])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="20 records, 1 build per path, no results file by default")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, help=f"results JSON (default {RESULTS.relative_to(REPO)})")
-    parser.add_argument("--streaming", type=int, nargs="+", help="record counts of MIMIC-IV-ECG memory runs only")
-    parser.add_argument("--num-proc", type=int, default=1, help="workers of the --streaming builds")
-    parser.add_argument("--streaming-worker", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p = parser(__doc__, "wfdb_reader.json")
+    p.add_argument("--quick", action="store_true", help="20 records, 1 build per path, no results file by default")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--streaming", type=int, nargs="+", help="record counts of MIMIC-IV-ECG memory runs only")
+    p.add_argument("--num-proc", type=int, default=1, help="workers of the --streaming builds")
+    p.add_argument("--streaming-worker", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
     if args.streaming_worker is not None:
         print(json.dumps(streaming_worker(args.streaming_worker, args.num_proc)))
         return
-    if args.streaming:
-        runs = streaming(args.streaming, args.num_proc)
-        output = args.output or RESULTS
-        summary = json.loads(output.read_text()) if output.is_file() else {}
+    if args.streaming:  # added to the results file, beside the other runs
+        runs = [in_fresh_process(__file__, ["--streaming-worker", n, "--num-proc", args.num_proc])
+                for n in args.streaming]
+        summary = json.loads(args.output.read_text()) if args.output.is_file() else {}
         summary.setdefault("streaming", {})[f"num_proc_{args.num_proc}"] = runs
-        output.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {output}")
+        save(summary, args.output, "\n".join(map(json.dumps, runs)))
         return
-    limit, repeats, build_repeats = (20, 1, 1) if args.quick else (None, args.repeats, args.repeats)
+    limit, repeats = (20, 1) if args.quick else (None, args.repeats)
     summary = {"benchmark": "fast WFDB reader vs wfdb (read_record per record; dataset build, num_proc=1)",
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "platform": platform.platform()},
-               "per_record": {}, "build": {}}
+               "machine": machine_info(), "per_record": {}, "build": {}}
     for format, (name, pattern) in SETS.items():
         bases = sorted(path.with_suffix("") for path in DATA_DIR.glob(pattern))[:limit]
         if not bases:
             print(f"{format}: no records under {DATA_DIR / name}, skipped")
             continue
         summary["per_record"][format] = {"records": len(bases), "repeats": repeats, **per_record(bases, repeats)}
-        summary["build"][format] = builds(format, DATA_DIR / name, limit, build_repeats)
-        print(format, json.dumps(summary["per_record"][format]), json.dumps(summary["build"][format]))
-    output = args.output or (None if args.quick else RESULTS)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {output}")
+        summary["build"][format] = builds(format, DATA_DIR / name, limit, repeats)
+    output = None if args.quick and args.output == p.get_default("output") else args.output
+    save(summary, output, table(summary), "wfdb_reader" if args.update_docs else None, REPO / "docs" / "data.md")
 
 
 if __name__ == "__main__":
