@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import DATA_DIR, REPO, in_fresh_process, interleaved, machine_info, parser, peak_rss_mib, replace_section
+from harness import DATA_DIR, REPO, in_fresh_process, interleaved, machine_info, parser, peak_rss_mib, save
 
 
 VARIANT_CONFIGS = {"tiny": "hub_configs/tiny.json", "labels": "hub_configs/tiny.json",
@@ -386,8 +386,6 @@ def main(argv: list[str] | None = None) -> dict:
                             "elapsed_s": time.perf_counter() - variant_start}
             results["variants"][variant] = block
     results["elapsed_s"] = time.perf_counter() - started
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     return report(results, args)
 
 
@@ -395,10 +393,8 @@ def report(results: dict, args) -> dict:
     """The figure, the docs table (printed, and written with --update-docs)."""
     figure = Path(args.figure) if args.figure else args.output.with_suffix(".png")
     plot(results, figure)
-    print(docs_table(results))
-    print(f"[efficiency] wrote {args.output} and {figure}")
-    if args.update_docs:
-        replace_section("efficiency", docs_table(results))
+    print(f"[efficiency] figure {figure}")
+    save(results, args.output, docs_table(results), "efficiency" if args.update_docs else None)
     return results
 
 

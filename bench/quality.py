@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from docs_sections import DATA_DIR, REPO, RESULTS, machine_info, replace_section
+from harness import DATA_DIR, REPO, RESULTS, machine_info, parser, save
 
 
 SOURCES = {"ludb": "ludb", "challenge2021_sample50": "challenge", "challenge2020_awwong1": "challenge",
@@ -254,11 +254,9 @@ def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
+    options = parser(__doc__, "quality.json")
+    add = options.add_argument
     add("--quick", action="store_true", help="a few records per source, 2 folds, few epochs")
-    add("--output", default=str(RESULTS / "quality.json"))
-    add("--update-docs", action="store_true", help="rewrite the quality table in docs/benchmarks.md")
     add("--data-dir", default=str(DATA_DIR))
     add("--config", default="hub_configs/tiny.json", help="expert sizes (random weights)")
     add("--tasks", default=",".join(TASK_SOURCES))
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--features-only", action="store_true", help="compute (and cache) the expert features, then stop")
     add("--feature-store", default=None, help="the feature store's folder (default: the package's shared store, "
         "enecg_hf.features.feature_store_dir(); '' for a temporary one)")
-    args = parser.parse_args(argv)
+    args = options.parse_args(argv)
     args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
     args.pretrained = (not args.quick) if args.pretrained is None else args.pretrained
     args.ablation_seeds = args.ablation_seeds or args.seeds
@@ -347,13 +345,7 @@ def combine(parts: list[dict]) -> dict:
 
 
 def finish(results: dict, args) -> dict:
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    print(docs_table(results))
-    print(f"[quality] wrote {output}")
-    if args.update_docs:
-        replace_section("quality", docs_table(results))
+    save(results, args.output, docs_table(results), "quality" if args.update_docs else None)
     return results
 
 
