@@ -253,3 +253,37 @@ def test_summarize_leaves_out_folds_where_a_metric_is_undefined():
     assert summary["mae"] == {"mean": 2.0, "std": pytest.approx(np.std([1, 3, 2, 2], ddof=1))}
     assert summary["auroc"] == {"mean": pytest.approx(0.7), "std": pytest.approx(np.std([0.6, 0.8], ddof=1))}
     assert "never" not in summarize([{"never": float("nan")}, {"never": float("inf")}])
+
+
+def test_select_keeps_the_rows_groups_and_new_labels():
+    table = synthetic_table(n=20)
+    rows = np.array([3, 0, 7])
+    picked = table.select(rows)
+    assert len(picked) == 3 and list(picked.groups) == ["s1", "s0", "s3"]
+    assert torch.equal(picked.labels, table.labels[rows])
+    for mine, theirs in zip(picked.expert_embeddings, table.expert_embeddings):
+        assert torch.equal(mine, theirs[rows])
+    assert torch.equal(picked.gate_inputs, table.gate_inputs[rows])
+    relabelled = table.select(rows, labels=np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    assert relabelled.labels.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="rows differ"):
+        table.select(rows, labels=np.zeros(2, dtype=np.float32))
+
+
+def test_cross_validate_refits_per_fold_and_matches_a_hand_written_loop():
+    from enecg_hf.data import TASKS
+    from enecg_hf.training import cross_validate, load_metric, score
+
+    table = synthetic_table()
+    folds = subject_folds(table.groups, 3, seed=0)
+    settings = FitSettings(**FAST)
+    scores = cross_validate(make_model(), table, folds, TASKS["rr_interval"], settings)
+    assert len(scores) == 3
+    metric, by_hand = load_metric("regression"), []
+    for train, test in folds:  # a fresh model per fold: cross_validate must not carry anything between folds
+        model = make_model()
+        fit_enecg(model, table, train, settings)
+        by_hand.append(score(predict(model, table, test), TASKS["rr_interval"], metric))
+    assert scores == pytest.approx(by_hand)
+    mean_mae = np.mean([np.abs(table.labels[te].numpy() - table.labels[tr].numpy().mean()).mean() for tr, te in folds])
+    assert np.mean([s["mae"] for s in scores]) < 0.6 * mean_mae
