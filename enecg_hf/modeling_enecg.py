@@ -341,20 +341,25 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
         self.experts = nn.ModuleDict({e.name: build_expert(e, config) for e in config.expert_configs})
         self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
         gate_input_size = len(config.gate_leads) * config.gate_input_length
-        if config.is_multitask:
-            dims = {name: expert.embedding_dim for name, expert in self.experts.items()}
-            self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size)
-                                        for task in config.task_configs})
-        else:  # the layout of every single-task folder ever saved: `heads.<expert>.*` and `gate.*`
-            self.heads = nn.ModuleDict(
-                {
-                    name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels,
-                                    config.head_dropout, standardize=config.head_standardize,
-                                    input_clip=config.head_input_clip)
-                    for name, expert in self.experts.items()
-                }
-            )
-            self.gate = EnECGGate(gate_input_size, config.gate_hidden_size, len(self.experts))
+        # Heads and gate get their initial values in `post_init` (`_init_weights`), so building them must not move the
+        # global RNG: transformers re-initialises an expert that nests a transformers model (ECG-FM's wav2vec 2.0) in
+        # `post_init` too, and its random weights would otherwise depend on the tasks' head shapes (a model for
+        # another label would have other experts and miss the feature store).
+        with torch.random.fork_rng(devices=[]):
+            if config.is_multitask:
+                dims = {name: expert.embedding_dim for name, expert in self.experts.items()}
+                self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size)
+                                            for task in config.task_configs})
+            else:  # the layout of every single-task folder ever saved: `heads.<expert>.*` and `gate.*`
+                self.heads = nn.ModuleDict(
+                    {
+                        name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels,
+                                        config.head_dropout, standardize=config.head_standardize,
+                                        input_clip=config.head_input_clip)
+                        for name, expert in self.experts.items()
+                    }
+                )
+                self.gate = EnECGGate(gate_input_size, config.gate_hidden_size, len(self.experts))
         # Experts that need float32 stay float32 under `from_pretrained(..., dtype=torch.bfloat16 / float16)`; the
         # other experts, the heads and the gate take the requested dtype.
         self._keep_in_fp32_modules_strict = {rf"^experts\.{name}\." for name in self._fp32_expert_names()}

@@ -126,6 +126,26 @@ def test_fingerprints_are_per_expert_and_cover_weights_and_the_fields_it_reads()
         k: v for k, v in base.items() if k != "gate_inputs"}
 
 
+def test_random_experts_do_not_depend_on_the_task_so_every_label_shares_the_store():
+    """Every expert of the default tiny config - ECG-FM nests a transformers model that `post_init` re-initialises -
+    gets the same random weights, and so the same store columns, whatever the task's heads are: a regression, a
+    2-class, a 6-class and a multi-task model, as train.py configures them."""
+    from enecg_hf import EnECGModel
+    from enecg_hf.data import TASKS
+    from enecg_hf.features import column_fingerprints
+    from enecg_hf.training import TrainScriptArguments
+    from enecg_hf.training.configs import build_config
+
+    def fingerprints(task):
+        torch.manual_seed(0)
+        return column_fingerprints(EnECGModel(build_config(TrainScriptArguments(), task, TINY)))
+
+    regression = fingerprints(TASKS["rr_interval"])
+    assert len(regression) == len(TINY["experts"]) + 1
+    for task in (TASKS["sex"], TASKS["arrhythmia"], [TASKS["age"], TASKS["sex"], TASKS["arrhythmia"]]):
+        assert fingerprints(task) == regression, task
+
+
 # ------------------------------------------------------------------------------------------------ reuse
 def test_second_run_another_label_and_a_subset_hit_the_store_for_every_record(records, tmp_path, caplog):
     store = tmp_path / "store"
