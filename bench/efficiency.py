@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             variant_start, load = time.perf_counter(), os.getloadavg()[0]
             block = run_variant(args, variant, dataset, Path(workdir))
-            block["run"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": args.repeats,
+            block["run"] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": 1 if variant == "paper" else args.repeats,
                             "load_average_start": load, "load_average_end": os.getloadavg()[0],
                             "elapsed_s": time.perf_counter() - variant_start}
             results["variants"][variant] = block
@@ -411,6 +411,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     variants, colors = results["variants"], dict(zip(MODES, ("tab:red", "tab:orange", "tab:green")))
     rows = ("tiny" in variants) + ("paper" in variants)
@@ -440,6 +441,9 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title("paper size: extrapolated from measured steps\n(no performance: not trained to the end)", fontsize=9)
             for i, v in enumerate(values):
                 ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    for ax in axes.flat:  # log axes: major ticks only, as plain numbers
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     fig.suptitle(f"EnECG training efficiency on {results['machine']['cpu_count']} shared CPU cores", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,9 +470,10 @@ def docs_table(results: dict) -> str:
             lines.append(f"| {label} | {m['trainable_params']:,} | {m['throughput_records_per_s']:.3g} | "
                          f"{duration(m['wall_time_5_epochs_s'])} | {runs} | {m['peak_rss_mb']:,.0f} | "
                          f"{m['peak_rss_above_baseline_mb']:,.0f} | {mae} | {m['how']} |")
-        lines += ["", (f"Run {run['created']}, {duration(run['elapsed_s'])}, every mode {run['repeats']}× in rotating "
-                       f"order (medians; each run's wall time in *runs*), load average {run['load_average_start']:.2f} "
-                       f"at start, {run['load_average_end']:.2f} at end (2 shared cores).\n")]
+        order = (f"every mode {run['repeats']}× in rotating order (medians; each run's wall time in *runs*)"
+                 if run["repeats"] > 1 else "every mode once")
+        lines += ["", (f"Run finished {run['finished']}, {duration(run['elapsed_s'])}, {order}, load average "
+                       f"{run['load_average_start']:.2f} at start, {run['load_average_end']:.2f} at end (2 shared cores).\n")]
         if labels:
             lines.append(f"Ratio: research loop / one store, wall time **{r['research_loop_over_one_store_wall_time']:.1f}×"
                          f"** for {len(block['labels'])} labels × {block['folds']} folds.\n")
