@@ -99,7 +99,7 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
 
-    from ..data.tasks import TASKS, TaskSpec
+    from ..data.tasks import TASKS
     from ..training.configs import build_config, resolve_config_path
     from ..training.launch import use_cpu
     from ..training.records import check_signal_compatibility, load_training_dataset
@@ -126,14 +126,10 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
     try:
         dataset = load_training_dataset(args, state, Path(args.cache_dir or work[0] or store_dir))
         config_dict = json.loads(resolve_config_path(args.config).read_text())
-        # The model train.py builds from this config with its own task(s): pretrained experts do not depend on the
-        # task, but random-weight ones nesting a transformers model are drawn after the heads (docs/training.md).
-        if config_dict.get("tasks"):
-            label = [TASKS.get(t["name"]) or TaskSpec(t["name"], t["problem_type"], unit=t.get("unit"),
-                                                     class_names=t.get("class_names")) for t in config_dict["tasks"]]
-        else:
-            label = TaskSpec.from_config(config_dict) if config_dict.get("label_name") else TASKS["rr_interval"]
-        config = build_config(SimpleNamespace(experts=args.experts, gate=None, adaptation=None), label, config_dict)
+        # The experts do not depend on the task (building the heads does not move the RNG that random-weight experts
+        # are drawn from): any task gives the experts, and so the store columns, of every model train.py builds.
+        config = build_config(SimpleNamespace(experts=args.experts, gate=None, adaptation=None), TASKS["rr_interval"],
+                              config_dict)
         check_signal_compatibility(dataset, config)
         torch.manual_seed(args.seed)  # as train.py does before building its model
         model = build_model_with_experts(config).to(state.device)
