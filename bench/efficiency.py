@@ -104,8 +104,9 @@ def store_table(model, records, labels, store: str, batch_size: int):
     return load_feature_table(features, np.arange(len(records)), labels, records, model.expert_names)
 
 
-def run_worker(args) -> dict:
-    """One mode: build the model, train it through the package, evaluate, time inference; the measurements."""
+def run_worker(args, tmp: str) -> dict:
+    """One mode: build the model, train it through the package, evaluate, time inference; the measurements. `tmp`:
+    a scratch folder for the mode's feature store and Trainer output."""
     import datasets
     import numpy as np
     import psutil
@@ -123,7 +124,6 @@ def run_worker(args) -> dict:
               "feature_extraction_s": 0.0, "train_records": len(train)}
     fit = lambda m, table, rows: EnECGFitter(m, FitSettings(strategy="joint", epochs=EPOCHS, learning_rate=LR,
                                                             batch_size=args.batch_size, seed=args.seed)).fit(table, rows)
-    tmp = tempfile.mkdtemp(prefix="enecg-eff-worker-")
     started = time.perf_counter()
     if args.worker in LABEL_MODES:  # every label x fold, whole loop timed (model builds included)
         model, fits = make_model(args, LABELS) if args.worker == "one_store" else None, 0
@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     add("--evaluate", action="store_true", help="==SUPPRESS==")
     args = p.parse_args(argv)
     if args.worker:
-        return print(json.dumps(run_worker(args)))
+        with tempfile.TemporaryDirectory(prefix="enecg-eff-worker-") as tmp:
+            return print(json.dumps(run_worker(args, tmp)))
     import numpy as np
     import torch
     from datasets import DatasetDict

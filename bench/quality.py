@@ -12,14 +12,16 @@ baseline: `enecg_hf.training.scoring`. Rows and what each measures: docs/benchma
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from harness import DATA_DIR, REPO, RESULTS, machine_info, parser, save
+from harness import DATA_DIR, REPO, machine_info, parser, save
 
 
 SOURCES = {"ludb": "ludb", "challenge2021_sample50": "challenge", "challenge2020_awwong1": "challenge",
@@ -291,7 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"No LUDB folder under {args.data_dir}: set --data-dir or ENECG_DATA_DIR")
     records, meta = load_records(Path(args.data_dir), QUICK_LIMITS if args.quick else None)
     print(f"[quality] {len(meta)} records", flush=True)
-    store = tempfile.mkdtemp(prefix="enecg-quality-store-") if args.feature_store == "" else args.feature_store
+    store = args.feature_store
+    if store == "":  # a temporary store, removed when the run ends
+        store = tempfile.mkdtemp(prefix="enecg-quality-store-")
+        atexit.register(shutil.rmtree, store, True)
     raws = {"tiny": config_dict(REPO / args.config), "pretrained": None}
     features = expert_features(raws["tiny"], records, store, args.seed)
     if args.pretrained:
