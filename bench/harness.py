@@ -38,11 +38,21 @@ def machine_info(**extra) -> dict:
 
 
 def parser(doc: str, output: str) -> argparse.ArgumentParser:
-    """The options every script has: `--output` (default bench/results/OUTPUT) and `--update-docs`."""
+    """The options every script has: `--output` (default bench/results/OUTPUT), `--update-docs`, `--render-only`."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=RESULTS / output)
     p.add_argument("--update-docs", action="store_true", help="rewrite this script's table in the docs")
+    p.add_argument("--render-only", action="store_true", help="measure nothing: print the table of the results in "
+                   "--output (and, with --update-docs, rewrite the docs section from them)")
     return p
+
+
+def render_only(args: argparse.Namespace, table: Callable[[dict], str], section: str, docs: Path = DOCS) -> bool:
+    """With `--render-only`, print (and with `--update-docs` write) the table of the saved results; True if so."""
+    if args.render_only:
+        results = json.loads(args.output.read_text())
+        save(results, None, table(results), section if args.update_docs else None, docs)
+    return args.render_only
 
 
 def save(results: dict, output: Path | None, table: str, section: str | None = None, docs: Path = DOCS) -> None:
@@ -104,15 +114,10 @@ def median_ms(seconds: Sequence[float]) -> float:
     return 1000 * statistics.median(seconds)
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            for child in children.read_text().split():
-                found += [int(child), *_descendants(int(child))]
-        except OSError:
-            pass
-    return found
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; `align` has one letter per column, `r` for right-aligned (numbers), anything else left."""
+    rule = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "l")]
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, rule, *rows])
 
 
 def pss_anon_mib(pid: int) -> float:
@@ -139,7 +144,10 @@ class MemoryPeak(threading.Thread):
         self.done = threading.Event()
 
     def sample(self) -> float:
-        return sum(pss_anon_mib(p) for p in [os.getpid(), *_descendants(os.getpid())])
+        import psutil
+
+        me = psutil.Process()
+        return sum(pss_anon_mib(p.pid) for p in [me, *me.children(recursive=True)])
 
     def run(self) -> None:
         while not self.done.wait(0.05):
