@@ -56,10 +56,9 @@ def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
 def test_efficiency_quick(tmp_path):
-    figure = tmp_path / "efficiency.png"
-    result, stdout = run_quick("efficiency.py", tmp_path, "--figure", str(figure))
-    assert figure.is_file() and figure.stat().st_size > 0
+    result, stdout = run_quick("efficiency.py", tmp_path)
     # It prints the table --update-docs would write into docs/benchmarks.md.
     assert "Ratios: (2)/(3) wall time" in stdout and "(1)/(3) wall time" in stdout and "| (3) cached" in stdout
     assert result["data"]["source"].endswith("(enecg_hf.data.build_dataset)")
@@ -79,14 +78,13 @@ def test_efficiency_quick(tmp_path):
     assert modes["cached_features"]["trainable_params"] < modes["full_finetune"]["trainable_params"]
     # The labels variant: LUDB's labels x folds, the research loop (a fresh model and Trainer per label and fold,
     # experts recomputed every step) against one feature store shared by every fit.
-    if (DATA_DIR / "ludb").is_dir():
-        labels = result["variants"]["labels"]
-        assert labels["labels"] == ["rr_interval", "age", "sex", "arrhythmia"] and labels["folds"] == 2
-        loop, store = labels["modes"]["research_loop"], labels["modes"]["one_store"]
-        assert loop["fits"] == store["fits"] >= 4 * 2
-        assert store["feature_extraction_s"] > 0 and loop["feature_extraction_s"] == 0
-        assert labels["ratios"]["research_loop_over_one_store_wall_time"] > 1
-        assert "Ratio: research loop / one store" in stdout
+    labels = result["variants"]["labels"]
+    assert labels["labels"] == ["rr_interval", "age", "sex", "arrhythmia"] and labels["folds"] == 2
+    loop, store = labels["modes"]["research_loop"], labels["modes"]["one_store"]
+    assert loop["fits"] == store["fits"] >= 4 * 2
+    assert store["feature_extraction_s"] > 0 and loop["feature_extraction_s"] == 0
+    assert labels["ratios"]["research_loop_over_one_store_wall_time"] > 1
+    assert "Ratio: research loop / one store" in stdout
     assert not non_finite_numbers(result), non_finite_numbers(result)
 
 
