@@ -115,10 +115,10 @@ def load_records(limits: dict[str, int] | None) -> tuple[datasets.Dataset, pd.Da
 
 
 def expert_features(records, store: str | None, pretrained: bool) -> tuple[dict, dict]:
-    """The expert configs, and every expert's embedding and the gate inputs of every record, from the package's
-    feature store (computed there once per record and expert, shared with train.py and every later run). Configs:
-    `tiny`, CONFIG's experts; with `pretrained`, `pretrained`: PRETRAINED_CONFIG's with their real weights, named
-    `pretrained/…`, reading the same gate inputs."""
+    """The expert sets and their features. Configs: `tiny`, CONFIG's experts (random weights); `pretrained` (None
+    unless `pretrained`), PRETRAINED_CONFIG's experts with their real weights, named `pretrained/…`, reading the same
+    gate inputs. Features: every expert's embedding and the gate inputs of every record, from the package's feature
+    store (computed there once per record and expert, shared with train.py and every later run)."""
     tiny = json.loads((REPO / CONFIG).read_text())
     configs = {"tiny": tiny, "pretrained": None}
     if pretrained:
@@ -293,14 +293,16 @@ def combine(parts: list[dict]) -> dict:
 
 def docs_table(results: dict) -> str:
     s, data, run = results["setup"], results["data"], results["run"]
-    lines = [f"Setup: {s['folds']}-fold subject-level CV × {s['seeds']} seeds; experts {', '.join(s['experts'])} from "
+    per_source = ", ".join(f"{k} {v}" for k, v in data["records_per_source"].items())
+    setup = (f"Setup: {s['folds']}-fold subject-level CV × {s['seeds']} seeds; experts {', '.join(s['experts'])} from "
              f"`{s['config']}` with random weights; every row trained by the package's core (`train.py` defaults "
-             f"unless the row says otherwise); metrics from {s['metrics']}; data: {data['records']} records ("
-             + ", ".join(f"{k} {v}" for k, v in data["records_per_source"].items()) + "). Mean ± std over folds and "
-             "seeds." + (f" Rows named `pretrained/…` and the offline_pretrained EnECG use the experts of "
-                         f"`{s['pretrained_config']}`: openecg and DeepFADE with their real weights from the installed "
-                         f"wheels, the ECG-features expert, DLinear with random weights." if s.get("pretrained_experts")
-                         else ""), ""]
+             f"unless the row says otherwise); metrics from {s['metrics']}; data: {data['records']} records "
+             f"({per_source}). Mean ± std over folds and seeds.")
+    if s["pretrained_experts"]:
+        setup += (f" Rows named `pretrained/…` and the offline_pretrained EnECG use the experts of "
+                  f"`{s['pretrained_config']}`: openecg and DeepFADE with their real weights from the installed "
+                  "wheels, the ECG-features expert, DLinear with random weights.")
+    lines = [setup, ""]
     cell = lambda m: f"{m['mean']:.3g} ± {m['std']:.2g}" if m else ""
     for task, block in results["tasks"].items():
         metrics = HEADLINE[block["problem_type"]]
@@ -334,10 +336,10 @@ def docs_table(results: dict) -> str:
 
 
 def main() -> None:
-    options = parser(__doc__.split("\n\n")[0], "quality.json")
+    options = parser(__doc__, "quality.json")
     add = options.add_argument
     add("--quick", action="store_true", help="a few records per source, 2 folds, few epochs")
-    add("--tasks", default=",".join(TASK_SOURCES))
+    add("--tasks", default=",".join(TASK_SOURCES), help="comma-separated tasks to run (default all)")
     add("--rows", default="", help="comma-separated rows to run (default all)")
     add("--folds", type=int, default=None, help="default 5 (2 with --quick)")
     add("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
