@@ -1,14 +1,10 @@
-"""A five-task EnECG model against single-task models: inference per record, training cost, quality per task.
+"""A five-task EnECG model against single-task models on LUDB records, with the tiny experts of
+hub_configs/multitask.json: inference per record (one record through the five-task model, through one single-task
+model and through five, interleaved, one thread, medians after a warm-up), training cost (the frozen expert pass: once
+for the five-task model, once per single-task model; plus the fits of heads and gate, the same for both), and quality
+per task (subject-wise CV of each task fitted in the five-task model and as a single-task model on the same features).
 
     python bench/multitask.py [--records 200] [--folds 3] [--repeats 5] [--update-docs]
-
-On LUDB records (they carry RR, age, sex and rhythm), with the tiny experts of hub_configs/multitask.json:
-- inference: one record through the five-task model, through one single-task model, and through the five single-task
-  models, interleaved record by record, one thread, medians over repetitions after a warm-up;
-- training: the frozen expert pass (once for the five-task model, once per model for five single-task models that
-  share nothing) and the fits of heads and gate per task (the same for both: a task's fit reads only its features);
-- quality: subject-wise CV of each task fitted as part of the five-task model and as a single-task model on the same
-  features (`enecg_hf.training` core), side by side.
 """
 
 from __future__ import annotations
@@ -25,28 +21,25 @@ from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.data import TASKS, subject_kfold
 from enecg_hf.training import FeatureTable, FitSettings, cross_validate, summarize
 from enecg_hf.training.labels import encode_labels
-from harness import REPO, interleaved, ludb, parser, save
+from harness import REPO, interleaved, ludb, markdown_table, parser, render_only, save
 
 
 def models() -> tuple[EnECGModel, dict[str, EnECGModel]]:
     multi = json.loads((REPO / "hub_configs" / "multitask.json").read_text())
-    single = {}
-    for task in multi["tasks"]:
-        spec = TASKS[task["name"]]
-        config = {k: v for k, v in multi.items() if k != "tasks"} | spec.config_fields()
-        single[spec.name] = EnECGModel(EnECGConfig(**config)).eval()
+    shared = {k: v for k, v in multi.items() if k != "tasks"}
+    single = {task["name"]: EnECGModel(EnECGConfig(**(shared | TASKS[task["name"]].config_fields()))).eval()
+              for task in multi["tasks"]}
     return EnECGModel(EnECGConfig(**multi)).eval(), single
 
 
 @torch.no_grad()
 def inference(multi, single, signals: torch.Tensor, repeats: int) -> dict:
-    first = next(iter(single.values()))
-    calls = {"five_task": multi, "one_single_task": first,
+    calls = {"five_task": multi, "one_single_task": next(iter(single.values())),
              "five_single_task": lambda x: [model(x) for model in single.values()]}
     seconds = interleaved(calls, [record[None] for record in signals], repeats)
-    medians = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"seconds_per_record": medians, "five_task_over_one_single": medians["five_task"] / medians["one_single_task"],
-            "five_single_over_five_task": medians["five_single_task"] / medians["five_task"]}
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"seconds_per_record": median, "five_task_over_one_single": median["five_task"] / median["one_single_task"],
+            "five_single_over_five_task": median["five_single_task"] / median["five_task"]}
 
 
 def quality_and_training(multi, single, dataset, signals, folds: int, settings: FitSettings) -> dict:
@@ -57,36 +50,35 @@ def quality_and_training(multi, single, dataset, signals, folds: int, settings: 
     for name in ("rr_interval", "age", "sex", "arrhythmia"):
         keep, labels = encode_labels(dataset, TASKS[name])
         task_table, cv = table.select(keep, labels), subject_kfold(dataset.select(keep), folds, seed=0)
-        row = {"records": len(keep)}
+        row = result["tasks"][name] = {"records": len(keep)}
         for variant, model in (("five_task", multi.tasks[name]), ("single_task", single[name])):
             start = time.perf_counter()
             scores = summarize(cross_validate(model, task_table, cv, TASKS[name], settings))
             row[variant] = {k: v["mean"] for k, v in scores.items()}
             row[f"{variant}_fit_seconds"] = time.perf_counter() - start
-        result["tasks"][name] = row
     fits = sum(row["five_task_fit_seconds"] for row in result["tasks"].values())
     result["training_seconds"] = {"five_task": expert_seconds + fits, "five_single_task": 5 * expert_seconds + fits}
     return result
 
 
 def markdown(results: dict) -> str:
-    inf, train = results["inference"], results["quality"]
-    lines = [f"Measured {results['date']} on {results['machine']}; {train['records']} LUDB records, tiny experts.", "",
-             "| | five-task model | one single-task model | five single-task models |", "|---|---|---|---|",
-             "| inference, ms per record (median) | " + " | ".join(
-                 f"{1000 * inf['seconds_per_record'][k]:.0f}" for k in ("five_task", "one_single_task", "five_single_task"))
-             + " |",
-             f"| inference, ratio | 1 | five-task ÷ one single-task: {inf['five_task_over_one_single']:.2f}× | "
-             f"five single-task ÷ five-task: {inf['five_single_over_five_task']:.2f}× |",
-             f"| training, s (expert pass {train['expert_pass_seconds']:.0f} s + fits) | "
-             f"{train['training_seconds']['five_task']:.0f} | – | {train['training_seconds']['five_single_task']:.0f} "
-             "(each model its own expert pass) |", "",
-             "| task | records | metric | five-task (CV mean) | single-task (CV mean) |", "|---|---|---|---|---|"]
+    inf, train, fit = results["inference"], results["quality"], results["quality"]["training_seconds"]
+    ms = [f"{1000 * inf['seconds_per_record'][k]:.0f}" for k in ("five_task", "one_single_task", "five_single_task")]
+    cost = markdown_table(["", "five-task model", "one single-task model", "five single-task models"], [
+        ["inference, ms per record (median)", *ms],
+        ["inference, ratio", 1, f"five-task ÷ one single-task: {inf['five_task_over_one_single']:.2f}×",
+         f"five single-task ÷ five-task: {inf['five_single_over_five_task']:.2f}×"],
+        [f"training, s (expert pass {train['expert_pass_seconds']:.0f} s + fits)", f"{fit['five_task']:.0f}", "–",
+         f"{fit['five_single_task']:.0f} (each model its own expert pass)"]])
+    rows = []
     for name, row in train["tasks"].items():
         metric = "mae" if TASKS[name].is_regression else "auroc"
-        lines.append(f"| {name} | {row['records']} | {metric} | {row['five_task'][metric]:.4g} | "
-                     f"{row['single_task'][metric]:.4g} |")
-    return "\n".join(lines)
+        rows.append([name, row["records"], metric, f"{row['five_task'][metric]:.4g}",
+                     f"{row['single_task'][metric]:.4g}"])
+    quality = markdown_table(["task", "records", "metric", "five-task (CV mean)", "single-task (CV mean)"], rows,
+                             "lrlrr")
+    return (f"Measured {results['date']} on {results['machine']}; {train['records']} LUDB records, tiny experts.\n\n"
+            f"{cost}\n\n{quality}")
 
 
 def main() -> None:
@@ -97,6 +89,8 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=100)
     args = p.parse_args()
+    if render_only(args, markdown, "multitask"):
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     multi, single = models()

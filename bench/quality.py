@@ -2,28 +2,49 @@
 
 Records: `enecg_hf.data.build_dataset` per source; tasks: `enecg_hf.data.TASKS` (arrhythmia in 3 groups); configs:
 `enecg_hf.training.configs.build_config`; folds: `fitting.subject_folds`; training: `fit_enecg`/`predict` (train.py's
-core) on expert features computed once (`FeatureTable.from_model`, cached in --feature-cache); scores and the trivial
-baseline: `enecg_hf.training.scoring`. Rows and what each measures: docs/benchmarks.md, "Quality on real ECGs".
+core) on expert features computed once (`enecg_hf.features.build_features`, kept in the package's feature store);
+scores and the trivial baseline: `enecg_hf.training.scoring`. Rows and what each measures: docs/benchmarks.md,
+"Quality on real ECGs".
 
-    python bench/quality.py --update-docs        # all records, 5 folds, 3 seeds (~1 h on 2 cores)
+    python bench/quality.py --update-docs        # all records, 5 folds, 3 seeds (~2 h on 2 cores)
     python bench/quality.py --quick              # a few records, 2 folds, few epochs, no pretrained experts
+    python bench/quality.py --tasks rr_interval,age --output a.json   # a part of the run (also --rows)...
+    python bench/quality.py --combine a.json b.json --update-docs     # ...and the parts merged into one result
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from harness import DATA_DIR, REPO, machine_info, parser, save
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+
+from enecg_hf import EnECGModel
+from enecg_hf.configuration_enecg import EnECGExpertConfig
+from enecg_hf.data import TASKS, build_dataset
+from enecg_hf.expert_features import EnECGFeaturesExpert
+from enecg_hf.features import build_features, embedding_column
+from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
+from enecg_hf.training import (FeatureTable, FitSettings, TrainScriptArguments, baseline_predictions, fit_enecg,
+                               load_metric, predict, score, summarize)
+from enecg_hf.training.configs import build_config
+from enecg_hf.training.fitting import subject_folds
+from enecg_hf.training.labels import encode_labels
+from harness import DATA_DIR, REPO, machine_info, markdown_table, parser, render_only, save
 
 
+SEED = 42  # the first seed; the others follow it
+CONFIG = "hub_configs/tiny.json"  # tiny experts (paper sizes take ~100 s a record here), all with random weights
+PRETRAINED_CONFIG = "hub_configs/offline_pretrained.json"
 SOURCES = {"ludb": "ludb", "challenge2021_sample50": "challenge", "challenge2020_awwong1": "challenge",
            "challenge2020_sebgood": "challenge", "ptbxl_sample500": "ptb-xl"}
 QUICK_LIMITS = {"ludb": 24, "challenge2021_sample50": 6, "challenge2020_awwong1": 4, "challenge2020_sebgood": 4,
@@ -34,12 +55,12 @@ GROUP_OF_CLASS = {"sinus_rhythm": "sinus", "sinus_bradycardia": "sinus", "sinus_
 TASK_SOURCES = {"rr_interval": ("ludb",), "age": tuple(SOURCES), "sex": tuple(SOURCES), "arrhythmia": tuple(SOURCES)}
 HEADLINE = {"regression": ("mae", "rmse"), "single_label_classification": ("auroc", "f1", "accuracy")}
 # Published figures (../shared/REFERENCE.md): MIMIC-IV-ECG subset for ECG-MoE / ECG-FM; other cohorts for the anchors.
+FM_BASELINE = "ECG-FM, best single baseline there"
 PUBLISHED = {
-    "rr_interval": {"ECG-MoE (same authors' follow-up)": {"mae": 76.37}, "ECG-FM, best single baseline there": {"mae": 147.3}},
-    "age": {"ECG-MoE": {"mae": 12.83}, "ECG-FM, best single baseline there": {"mae": 13.49},
-            "Attia 2019 (Mayo cohort, CNN)": {"mae": 6.9}},
+    "rr_interval": {"ECG-MoE (same authors' follow-up)": {"mae": 76.37}, FM_BASELINE: {"mae": 147.3}},
+    "age": {"ECG-MoE": {"mae": 12.83}, FM_BASELINE: {"mae": 13.49}, "Attia 2019 (Mayo cohort, CNN)": {"mae": 6.9}},
     "sex": {"ECG-MoE": {"f1": 0.69}, "Attia 2019 (Mayo cohort, CNN)": {"accuracy": 0.904, "auroc": 0.97}},
-    "arrhythmia": {"ECG-MoE": {"accuracy": 0.73}, "ECG-FM, best single baseline there": {"accuracy": 0.49}},
+    "arrhythmia": {"ECG-MoE": {"accuracy": 0.73}, FM_BASELINE: {"accuracy": 0.49}},
 }
 # Rows with a fit of their own: name -> (label, config overrides, FitSettings overrides); each ablation changes one
 # thing of the default. `None`: the row comes from the default fit's heads.
@@ -63,6 +84,7 @@ FITTED_ROWS = {
     "enecg_offline_pretrained": (("**EnECG over offline_pretrained.json** (openecg, DeepFADE: real weights; "
                                   "features, DLinear)"), {}, {}),
 }
+MAIN_ROWS = ("enecg", "enecg_offline_pretrained")  # every seed, and each expert's own head scored too
 QUICK_FIT = {"epochs": 4, "gate_epochs": 4, "inner_folds": 2}
 ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training folds",
               "baseline:neurokit_rr": "neurokit2 R-peaks, lead II, no learning",
@@ -70,173 +92,142 @@ ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training fold
               **{name: label for name, (label, _, _) in FITTED_ROWS.items()}}
 
 
-def load_records(data_dir: Path, limits: dict[str, int] | None):
-    """Every source through the package builders, as one dataset (`signal`, `source`, `record_id`: what the feature
-    store keys records by) in record order, and one dict of labels per record."""
-    import datasets
-    import numpy as np
-
-    from enecg_hf.data import build_dataset
-
+def load_records(limits: dict[str, int] | None) -> tuple[datasets.Dataset, pd.DataFrame]:
+    """Every source folder through the package's builder (which skips unusable records and keeps each signal once):
+    one dataset of what the feature store keys records by (`record_id`, `source`, `signal`), and a table with a row
+    per record: its `folder`, `subject` (the folder and the subject id, else the record id) and task labels (class
+    names; the rhythm in three groups)."""
     datasets.disable_progress_bars()
-    parts, meta, first_subject = [], [], {}
-    for source, fmt in SOURCES.items():
-        if not (data_dir / source).is_dir():
-            print(f"[quality] {data_dir / source} not found: skipped", flush=True)
+    parts, labels = [], []
+    for folder, fmt in SOURCES.items():
+        if not (DATA_DIR / folder).is_dir():
+            print(f"[quality] {DATA_DIR / folder} not found: skipped", flush=True)
             continue
-        dataset = build_dataset(fmt, str(data_dir / source), limit=limits.get(source) if limits else None)
-        rhythm_name = getattr(dataset.features.get("arrhythmia"), "int2str", None)  # a ClassLabel holds indices
-        keep = []
-        for i, row in enumerate(dataset):
-            signal = np.asarray(row["signal"], dtype=np.float32)
-            if signal.shape != (12, 5000) or not np.isfinite(signal).all():
-                continue
-            rhythm = row.get("arrhythmia")
-            rhythm = rhythm_name(int(rhythm)) if rhythm is not None and rhythm_name else rhythm
-            subject = f"{source}/{row['subject_id'] or row['record_id']}"
-            keep.append(i)  # identical signals (Challenge E07509/E07510) are one subject
-            meta.append({"source": source, "subject_id": first_subject.setdefault(signal.tobytes(), subject),
-                         "rr_interval": row.get("rr_interval") if source == "ludb" else None, "age": row.get("age"),
-                         "sex": row.get("sex"), "arrhythmia": GROUP_OF_CLASS.get(rhythm) if rhythm else None})
-        parts.append(dataset.select(keep).select_columns(["record_id", "source", "signal"]))
-    return datasets.concatenate_datasets(parts), meta
+        dataset = build_dataset(fmt, str(DATA_DIR / folder), limit=limits.get(folder) if limits else None)
+        table = dataset.select_columns(["record_id", "subject_id", *TASK_SOURCES]).to_pandas()
+        for column in ("sex", "arrhythmia"):  # ClassLabel indices -> class names
+            table[column] = table[column].map(dict(enumerate(dataset.features[column].names)))
+        table["arrhythmia"] = table["arrhythmia"].map(GROUP_OF_CLASS)
+        table["subject"] = folder + "/" + table["subject_id"].fillna(table["record_id"])
+        labels.append(table.assign(folder=folder))
+        parts.append(dataset.select_columns(["record_id", "source", "signal"]))
+    return datasets.concatenate_datasets(parts), pd.concat(labels, ignore_index=True)
 
 
-def config_dict(path: Path, experts_prefix: str = "", gate_from: dict | None = None) -> dict:
-    """The experts of a config file with random weights (`pretrained` sources kept only for `experts_prefix`)."""
-    raw = json.loads(path.read_text())
-    raw.pop("model_type", None)
-    if not experts_prefix:
-        for expert in raw["experts"]:
-            expert["pretrained"] = None  # random weights (no converted checkpoints; the Hub is unreachable)
-        return raw
-    for key in ("id2label", "label2id", "num_labels", "problem_type", "label_name", "label_unit"):
-        raw.pop(key, None)
-    raw["problem_type"] = "regression"
-    for expert in raw["experts"]:
-        expert["name"] = f"{experts_prefix}{expert['name']}"
-    # Both feature sets share the gate inputs of the first config (lead II at 500 samples).
-    return {**raw, "gate_leads": gate_from["gate_leads"], "gate_input_length": gate_from["gate_input_length"]}
+def expert_features(records, store: str | None, pretrained: bool) -> tuple[dict, dict]:
+    """The expert sets and their features. Configs: `tiny`, CONFIG's experts (random weights); `pretrained` (None
+    unless `pretrained`), PRETRAINED_CONFIG's experts with their real weights, named `pretrained/…`, reading the same
+    gate inputs. Features: every expert's embedding and the gate inputs of every record, from the package's feature
+    store (computed there once per record and expert, shared with train.py and every later run)."""
+    tiny = json.loads((REPO / CONFIG).read_text())
+    configs = {"tiny": tiny, "pretrained": None}
+    if pretrained:
+        configs["pretrained"] = json.loads((REPO / PRETRAINED_CONFIG).read_text())
+        configs["pretrained"].update(gate_leads=tiny["gate_leads"], gate_input_length=tiny["gate_input_length"])
+        for expert in configs["pretrained"]["experts"]:
+            expert["name"] = f"pretrained/{expert['name']}"
+    features = {}
+    for config in filter(None, configs.values()):
+        torch.manual_seed(SEED)
+        model = EnECGModel.from_expert_sources(build_config(TrainScriptArguments(), TASKS["rr_interval"], config))
+        table = build_features(records, model, store_dir=store, batch_size=8)[0].with_format("torch")[:]
+        features |= {name: table[embedding_column(name)].float() for name in model.expert_names}
+        features.setdefault("gate_inputs", table["gate_inputs"].float())
+    return configs, features
 
 
-def make_model(raw: dict, spec, load_experts: bool = False, **overrides):
-    """A model of config `raw` for task `spec` (train.py's config building), random experts unless `load_experts`."""
-    from enecg_hf import EnECGModel
-    from enecg_hf.training import TrainScriptArguments
-    from enecg_hf.training.configs import build_config
-
-    config = build_config(TrainScriptArguments(), spec, {**raw, **overrides})
-    return EnECGModel.from_expert_sources(config) if load_experts else EnECGModel(config)
-
-
-def expert_features(raw: dict, records, store: str, seed: int) -> dict:
-    """Every expert's embedding and the gate inputs of every record, from the package's feature store (computed
-    there once per record and expert, shared with train.py and every later run)."""
-    import torch
-
-    from enecg_hf.data import TASKS
-    from enecg_hf.features import build_features, embedding_column
-
-    torch.manual_seed(seed)
-    model = make_model(raw, TASKS["rr_interval"], load_experts=True)
-    table = build_features(records, model, store_dir=store, batch_size=8)[0].with_format("torch")[:]
-    return {**{n: table[embedding_column(n)].float() for n in model.expert_names},
-            "gate_inputs": table["gate_inputs"].float()}
-
-
-def measured_rr(signals) -> list[float | None]:
-    """Mean RR (ms) of lead II by the ECG-features expert's neurokit2 measurement at 500 Hz (None: not measured)."""
-    from enecg_hf.configuration_enecg import EnECGExpertConfig
-    from enecg_hf.expert_features import EnECGFeaturesExpert
-    from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
-
+def measured_rr(records) -> np.ndarray:
+    """Mean RR (ms) of lead II by the ECG-features expert's neurokit2 measurement at 500 Hz (NaN: not measured)."""
     expert = EnECGFeaturesExpert(EnECGExpertConfig("rr", "features", 5000, ["II"]), STANDARD_LEAD_NAMES)
-    rr = [expert.measure(signal[1])["rr_mean"] * 1000.0 for signal in signals]
-    return [value if math.isfinite(value) else None for value in rr]
+    signals = records.with_format("numpy")["signal"]
+    return np.asarray([expert.measure(signal[1])["rr_mean"] * 1000.0 for signal in signals], dtype=np.float64)
 
 
-def run_task(task: str, records, meta, features: dict, raws: dict, args) -> dict:
-    from dataclasses import replace
+def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: dict, args) -> dict:
+    """Every row of one task: the baselines, then each fitted row × seeds × subject folds on the stored features;
+    each row's predictions of its test folds are scored at the end (`score_rows`)."""
+    spec = TASKS[task]
+    if task == "arrhythmia":
+        spec = replace(spec, class_names=tuple(dict.fromkeys(GROUP_OF_CLASS.values())))
+    candidates = labels[labels["folder"].isin(TASK_SOURCES[task])]
+    keep, y = encode_labels(candidates, spec)
+    record_rows, groups = candidates.index[keep].to_numpy(), candidates["subject"].to_numpy()[keep]
+    print(f"[quality] {task}: {len(record_rows)} records, {len(set(groups))} subjects", flush=True)
+    predictions, params, stacked_weights = {}, {}, {}  # predictions: row -> [(test rows, logits)], fold by fold
 
-    import numpy as np
-    import torch
+    def add(row: str, logits, test: np.ndarray) -> None:
+        predictions.setdefault(row, []).append((test, np.asarray(logits, np.float64).reshape(len(test), -1)))
 
-    from enecg_hf.data import TASKS
-    from enecg_hf.training import (FeatureTable, FitSettings, baseline_predictions, fit_enecg, load_metric, predict,
-                                   score, summarize)
-    from enecg_hf.training.fitting import subject_folds
-
-    spec = TASKS[task] if task != "arrhythmia" else replace(TASKS[task], class_names=tuple(dict.fromkeys(
-        GROUP_OF_CLASS.values())))
-    rows_idx = np.asarray([i for i, r in enumerate(meta) if r["source"] in TASK_SOURCES[task]
-                           and r[task] is not None and r[task] == r[task]])
-    y = np.asarray([spec.encode(meta[i][task]) for i in rows_idx], np.float32 if spec.is_regression else np.int64)
-    groups = np.asarray([meta[i]["subject_id"] for i in rows_idx])
-    not_ludb = np.asarray([meta[i]["source"] != "ludb" for i in rows_idx])
-    metric, expert_names = load_metric(spec.problem_type), [e["name"] for e in raws["tiny"]["experts"]]
-    print(f"[quality] {task}: {len(rows_idx)} records, {len(set(groups))} subjects", flush=True)
-    per_fold, per_fold_clean, reports, params = {}, {}, {}, {}
-
-    def record(row: str, logits, test) -> None:
-        logits = np.asarray(logits, dtype=np.float64).reshape(len(test), -1)
-        per_fold.setdefault(row, []).append(score({"logits": logits, "labels": y[test]}, spec, metric))
-        keep = not_ludb[test]
-        if len(TASK_SOURCES[task]) > 1 and keep.sum() >= 2:  # the same folds scored on their non-LUDB records
-            per_fold_clean.setdefault(row, []).append(score({"logits": logits[keep], "labels": y[test][keep]}, spec,
-                                                            metric))
-
-    seeds = range(args.seed, args.seed + args.seeds)
+    seeds = range(SEED, SEED + args.seeds)
     folds = {seed: subject_folds(groups, args.folds, seed) for seed in seeds}
-    measured = measured_rr(records.select(rows_idx).with_format("numpy")["signal"]) if task == "rr_interval" else None
+    measured = measured_rr(records.select(record_rows)) if task == "rr_interval" else None
     for seed in seeds:
         for train, test in folds[seed]:
-            record("baseline:mean_or_majority", baseline_predictions(y[train], y[test], spec)["logits"], test)
-            if measured is not None:
-                record("baseline:neurokit_rr", [measured[i] if measured[i] is not None else float(y[train].mean())
-                                                for i in test], test)
-    for row, (_, config, fit) in FITTED_ROWS.items():
-        raw = raws["pretrained" if row == "enecg_offline_pretrained" else "tiny"]
-        if (config is None or raw is None or (args.rows and row not in args.rows)
+            add("baseline:mean_or_majority", baseline_predictions(y[train], y[test], spec)["logits"], test)
+            if measured is not None:  # a record neurokit2 cannot measure gets the training mean
+                add("baseline:neurokit_rr", np.where(np.isfinite(measured[test]), measured[test], y[train].mean()),
+                    test)
+
+    for row, (_, overrides, fit) in FITTED_ROWS.items():
+        config = configs["pretrained" if row == "enecg_offline_pretrained" else "tiny"]
+        if (overrides is None or config is None or (args.rows and row not in args.rows)
                 or (spec.is_regression and row == "ablation:no_class_weights")):
             continue
-        experts = [e["name"] for e in raw["experts"]]
-        table = FeatureTable([features[n][rows_idx] for n in experts], features["gate_inputs"][rows_idx],
+        experts = [e["name"] for e in config["experts"]]
+        table = FeatureTable([features[n][record_rows] for n in experts], features["gate_inputs"][record_rows],
                              torch.from_numpy(y), groups)
-        for seed in seeds if row in ("enecg", "enecg_offline_pretrained") else seeds[:args.ablation_seeds]:
+        for seed in seeds if row in MAIN_ROWS else seeds[:args.ablation_seeds]:
             torch.manual_seed(seed)
-            model = make_model(raw, spec, **config)
+            model = EnECGModel(build_config(TrainScriptArguments(), spec, {**config, **overrides}))
             settings = FitSettings(seed=seed, **{**fit, **(QUICK_FIT if args.quick else {})})
             for f, (train, test) in enumerate(folds[seed]):
                 report = fit_enecg(model, table, train, settings, name=f"seed{seed}-fold{f}")
                 out = predict(model, table, test)
-                record(row, out["logits"], test)
-                reports.setdefault(row, []).append(report.stacked_weights)
-                for i, name in enumerate(experts if row in ("enecg", "enecg_offline_pretrained") else []):
-                    record(f"expert:{name}", out["expert_logits"][:, i], test)
-                if row == "enecg":  # the same heads averaged, and mixed by the stacked weights only
-                    record("uniform_ensemble", out["expert_logits"].mean(1), test)
+                add(row, out["logits"], test)
+                for i, name in enumerate(experts if row in MAIN_ROWS else []):
+                    add(f"expert:{name}", out["expert_logits"][:, i], test)
+                if row in ("enecg", "ablation:gate_in_sample"):  # the stacked weights of the gate, kept
                     stacked = np.asarray([report.stacked_weights[n] for n in experts])
-                    record("ablation:stacked_gate_only", (out["expert_logits"] * stacked[None, :, None]).sum(1), test)
+                    stacked_weights.setdefault(row, []).append(stacked)
+                if row == "enecg":  # the same heads averaged, and mixed by the stacked weights only
+                    add("uniform_ensemble", out["expert_logits"].mean(1), test)
+                    add("ablation:stacked_gate_only", (out["expert_logits"] * stacked[None, :, None]).sum(1), test)
             params[row] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"[quality]   {task} seed {seed} {row}: " + ", ".join(
-                f"{k} {v['mean']:.4g}" for k, v in summarize(per_fold[row][-len(folds[seed]):]).items()
-                if k in HEADLINE[spec.problem_type]), flush=True)
+            print(f"[quality]   {task} seed {seed} {row}: {len(folds[seed])} folds fitted", flush=True)
 
-    rows = {}
-    for row, metrics in per_fold.items():
-        rows[row] = {"label": ROW_LABELS.get(row) or f"{row.split(':', 1)[1]} expert alone",
-                     "trainable_params": params.get(row, 0), "metrics": summarize(metrics),
-                     "per_fold": [{k: v for k, v in m.items() if math.isfinite(v)} for m in metrics]}
-        if per_fold_clean.get(row):
-            rows[row]["metrics_excluding_ludb"] = summarize(per_fold_clean[row])
-        weights = [list(w.values()) for w in reports.get(row, []) if w]
-        if weights and row in ("enecg", "ablation:gate_in_sample"):
-            rows[row]["mean_stacked_weights"] = dict(zip(expert_names, np.round(np.mean(weights, 0), 3).tolist()))
-    return {"problem_type": spec.problem_type, "records": len(rows_idx), "subjects": len(set(groups)),
+    rows = score_rows(predictions, y, spec, candidates["folder"].to_numpy()[keep] != "ludb")
+    expert_names = [e["name"] for e in configs["tiny"]["experts"]]
+    for row in rows:
+        rows[row]["trainable_params"] = params.get(row, 0)
+        if row in stacked_weights:
+            mean = np.round(np.mean(stacked_weights[row], 0), 3).tolist()
+            rows[row]["mean_stacked_weights"] = dict(zip(expert_names, mean))
+    return {"problem_type": spec.problem_type, "records": len(record_rows), "subjects": len(set(groups)),
             "sources": list(TASK_SOURCES[task]), "class_counts": {} if spec.is_regression else {
                 c: int((y == i).sum()) for i, c in enumerate(spec.class_names)},
             "label_mean": float(y.mean()) if spec.is_regression else None, "rows": rows,
             "verdict": verdict(rows, spec, expert_names)}
+
+
+def score_rows(predictions: dict, labels: np.ndarray, spec, not_ludb: np.ndarray) -> dict:
+    """Each row's scores over its test folds (`metrics`: mean ± std; `per_fold`) and, from the folds with at least two
+    records from other sources than LUDB (which openecg was trained on), on those (`metrics_excluding_ludb`)."""
+    metric = load_metric(spec.problem_type)
+
+    def fold_scores(folds):
+        return [score({"logits": logits, "labels": labels[test]}, spec, metric) for test, logits in folds]
+
+    rows = {}
+    for row, folds in predictions.items():
+        scores = fold_scores(folds)
+        rows[row] = {"label": ROW_LABELS.get(row) or f"{row.split(':', 1)[1]} expert alone",
+                     "metrics": summarize(scores),
+                     "per_fold": [{k: v for k, v in m.items() if math.isfinite(v)} for m in scores]}
+        without_ludb = [(test[not_ludb[test]], logits[not_ludb[test]]) for test, logits in folds
+                        if not_ludb[test].sum() >= 2]
+        if without_ludb:
+            rows[row]["metrics_excluding_ludb"] = summarize(fold_scores(without_ludb))
+    return rows
 
 
 def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
@@ -255,82 +246,33 @@ def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
             "as_good_as_uniform": bool(within(ours, uniform)), "beats_baseline": bool(sign * (ours - baseline) > 0)}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    options = parser(__doc__, "quality.json")
-    add = options.add_argument
-    add("--quick", action="store_true", help="a few records per source, 2 folds, few epochs")
-    add("--data-dir", default=str(DATA_DIR))
-    add("--config", default="hub_configs/tiny.json", help="expert sizes (random weights)")
-    add("--tasks", default=",".join(TASK_SOURCES))
-    add("--rows", default="", help="comma-separated rows to run (default all)")
-    add("--folds", type=int, default=None, help="default 5 (2 with --quick)")
-    add("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
-    add("--ablation-seeds", type=int, default=None, help="seeds of the paper and ablation rows (default: --seeds)")
-    add("--combine", nargs="+", metavar="JSON", help="merge runs over other --tasks or --rows into --output")
-    add("--seed", type=int, default=42)
-    add("--threads", type=int, default=1)
-    add("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-        help="add the experts of --pretrained-config with real weights (default: on, off with --quick)")
-    add("--pretrained-config", default="hub_configs/offline_pretrained.json")
-    add("--features-only", action="store_true", help="compute (and cache) the expert features, then stop")
-    add("--feature-store", default=None, help="the feature store's folder (default: the package's shared store, "
-        "enecg_hf.features.feature_store_dir(); '' for a temporary one)")
-    args = options.parse_args(argv)
-    args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
-    args.pretrained = (not args.quick) if args.pretrained is None else args.pretrained
-    args.ablation_seeds = args.ablation_seeds or args.seeds
-    if args.combine:
-        return finish(combine([json.loads(Path(path).read_text()) for path in args.combine]), args)
-    args.rows = {r for r in args.rows.split(",") if r}
-    if args.rows - {"enecg_offline_pretrained"}:  # the other rows are judged against enecg and the uniform average
-        args.rows |= {"enecg", "uniform_ensemble"}
-
-    import torch
-
-    torch.set_num_threads(args.threads)
+def measure(args, store: str | None) -> dict:
+    torch.set_num_threads(1)
     started, load = time.perf_counter(), os.getloadavg()
-    if not (Path(args.data_dir) / "ludb").is_dir():
-        raise SystemExit(f"No LUDB folder under {args.data_dir}: set --data-dir or ENECG_DATA_DIR")
-    records, meta = load_records(Path(args.data_dir), QUICK_LIMITS if args.quick else None)
-    print(f"[quality] {len(meta)} records", flush=True)
-    store = args.feature_store
-    if store == "":  # a temporary store, removed when the run ends
-        store = tempfile.mkdtemp(prefix="enecg-quality-store-")
-        atexit.register(shutil.rmtree, store, True)
-    raws = {"tiny": config_dict(REPO / args.config), "pretrained": None}
-    features = expert_features(raws["tiny"], records, store, args.seed)
-    if args.pretrained:
-        raws["pretrained"] = config_dict(REPO / args.pretrained_config, "pretrained/", raws["tiny"])
-        extra = expert_features(raws["pretrained"], records, store, args.seed)
-        features.update({k: v for k, v in extra.items() if k != "gate_inputs"})
+    if not (DATA_DIR / "ludb").is_dir():
+        raise SystemExit(f"No LUDB folder under {DATA_DIR}: set ENECG_DATA_DIR")
+    records, labels = load_records(QUICK_LIMITS if args.quick else None)
+    configs, features = expert_features(records, store, args.pretrained)
     feature_seconds = time.perf_counter() - started
-    print(f"[quality] expert features of {len(meta)} records ready after {feature_seconds:.0f} s", flush=True)
-    if args.features_only:
-        return {"features": sorted(features)}
+    print(f"[quality] expert features of {len(labels)} records ready after {feature_seconds:.0f} s", flush=True)
     results = {
         "benchmark": "quality", "quick": args.quick, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(torch_threads=args.threads),
-        "data": {"source": "enecg_hf.data.build_dataset", "records": len(meta),
-                 "records_per_source": {s: sum(r["source"] == s for r in meta) for s in SOURCES}},
+        "machine": machine_info(torch_threads=1),
+        "data": {"source": "enecg_hf.data.build_dataset", "records": len(labels),
+                 "records_per_source": {s: int((labels["folder"] == s).sum()) for s in SOURCES}},
         "setup": {
-            "config": args.config, "experts": [e["name"] for e in raws["tiny"]["experts"]], "folds": args.folds,
-            "seeds": args.seeds, "pretrained_config": args.pretrained_config if args.pretrained else None,
-            "pretrained_experts": [e["name"] for e in raws["pretrained"]["experts"]] if args.pretrained else [],
-            "seed": args.seed, "ablation_seeds": args.ablation_seeds,
-            "training": "enecg_hf.training.fitting (train.py's core); FitSettings defaults unless the row says otherwise",
-            "metrics": "enecg_hf/metrics (evaluate)",
-            "cv": "subject-level k-fold (no subject in two folds), repeated with each seed; a fresh fit per fold and row",
-            "random_weights": "every expert has random weights: the Hub is unreachable; tiny sizes",
-            "arrhythmia_groups": "sinus = sinus rhythm/bradycardia/tachycardia; af_flutter = atrial fibrillation or "
-                                 "flutter; other = any other rhythm statement (sinus arrhythmia, ...)",
+            "config": CONFIG, "experts": [e["name"] for e in configs["tiny"]["experts"]], "folds": args.folds,
+            "seeds": args.seeds, "pretrained_config": PRETRAINED_CONFIG if args.pretrained else None,
+            "pretrained_experts": [e["name"] for e in configs["pretrained"]["experts"]] if args.pretrained else [],
+            "seed": SEED, "ablation_seeds": args.ablation_seeds, "metrics": "enecg_hf/metrics (evaluate)",
         },
         "published": PUBLISHED,
-        "tasks": {task: run_task(task, records, meta, features, raws, args) for task in args.tasks.split(",")},
+        "tasks": {task: run_task(task, records, labels, features, configs, args) for task in args.tasks.split(",")},
     }
     results["run"] = {"load_average_start": list(load), "load_average_end": list(os.getloadavg()),
                       "feature_extraction_s": feature_seconds, "elapsed_s": time.perf_counter() - started,
-                      "torch_threads": args.threads, "cpu_count": os.cpu_count()}
-    return finish(results, args)
+                      "torch_threads": 1, "cpu_count": os.cpu_count()}
+    return results
 
 
 def combine(parts: list[dict]) -> dict:
@@ -339,63 +281,89 @@ def combine(parts: list[dict]) -> dict:
     for part in parts[1:]:
         for task, block in part["tasks"].items():
             mine = results["tasks"].setdefault(task, block)  # the same task, other rows (--rows ...): merged
-            mine["rows"].update({row: r for row, r in block["rows"].items() if row not in mine["rows"]})
-            mine["verdict"] = mine.get("verdict") or block.get("verdict")
+            for row, values in block["rows"].items():
+                mine["rows"].setdefault(row, values)
+            mine["verdict"] = mine["verdict"] or block["verdict"]
         for key in ("pretrained_config", "pretrained_experts"):
-            results["setup"][key] = results["setup"].get(key) or part["setup"].get(key)
+            results["setup"][key] = results["setup"][key] or part["setup"][key]
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
-        results["run"]["processes"] = results["run"].get("processes", 1) + 1
     results["tasks"] = {task: results["tasks"][task] for task in TASK_SOURCES if task in results["tasks"]}
     return results
 
 
-def finish(results: dict, args) -> dict:
-    save(results, args.output, docs_table(results), "quality" if args.update_docs else None)
-    return results
-
-
 def docs_table(results: dict) -> str:
-    s, data = results["setup"], results["data"]
-    lines = [f"Setup: {s['folds']}-fold subject-level CV × {s['seeds']} seeds; experts {', '.join(s['experts'])} from "
+    s, data, run = results["setup"], results["data"], results["run"]
+    per_source = ", ".join(f"{k} {v}" for k, v in data["records_per_source"].items())
+    setup = (f"Setup: {s['folds']}-fold subject-level CV × {s['seeds']} seeds; experts {', '.join(s['experts'])} from "
              f"`{s['config']}` with random weights; every row trained by the package's core (`train.py` defaults "
-             f"unless the row says otherwise); metrics from {s['metrics']}; data: {data['records']} records ("
-             + ", ".join(f"{k} {v}" for k, v in data["records_per_source"].items()) + "). Mean ± std over folds and "
-             "seeds." + (f" Rows named `pretrained/…` and the offline_pretrained EnECG use the experts of "
-                         f"`{s['pretrained_config']}`: openecg and DeepFADE with their real weights from the installed "
-                         f"wheels, the ECG-features expert, DLinear with random weights." if s.get("pretrained_experts")
-                         else "") + "\n"]
-    cell = lambda m: f"{m['mean']:.3g} ± {m['std']:.2g}"
+             f"unless the row says otherwise); metrics from {s['metrics']}; data: {data['records']} records "
+             f"({per_source}). Mean ± std over folds and seeds.")
+    if s["pretrained_experts"]:
+        setup += (f" Rows named `pretrained/…` and the offline_pretrained EnECG use the experts of "
+                  f"`{s['pretrained_config']}`: openecg and DeepFADE with their real weights from the installed "
+                  "wheels, the ECG-features expert, DLinear with random weights.")
+    lines = [setup, ""]
+    cell = lambda m: f"{m['mean']:.3g} ± {m['std']:.2g}" if m else ""
     for task, block in results["tasks"].items():
         metrics = HEADLINE[block["problem_type"]]
-        clean = any("metrics_excluding_ludb" in r for r in block["rows"].values())
-        extra = f"classes {block['class_counts']}" if block["class_counts"] else f"label mean {block['label_mean']:.1f}"
-        lines += [f"**{task}** ({block['records']} records, {block['subjects']} subjects; {extra})\n",
-                  "| row | " + " | ".join(metrics) + (f" | {metrics[0]} without LUDB |" if clean else " |")
-                  + " trainable params |", "|---|" + "---:|" * (len(metrics) + clean) + "---:|"]
+        without_ludb = any("metrics_excluding_ludb" in r for r in block["rows"].values())
+        header = ["row", *metrics, *([f"{metrics[0]} without LUDB"] if without_ludb else []), "trainable params"]
+        table = []
         for r in block["rows"].values():
-            cells = [cell(r["metrics"][m]) if m in r["metrics"] else "n/a" for m in metrics]
-            if clean:
-                c = r.get("metrics_excluding_ludb", {}).get(metrics[0])
-                cells.append(cell(c) if c else "")
             seeds = len(r["per_fold"]) // s["folds"]
             label = r["label"] + (f" ({seeds} seed{'s' if seeds > 1 else ''})" if seeds != s["seeds"] else "")
-            params = f"{r['trainable_params']:,}" if r["trainable_params"] else ""
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {params} |")
+            cells = [cell(r["metrics"][m]) if m in r["metrics"] else "n/a" for m in metrics]
+            if without_ludb:
+                cells.append(cell(r.get("metrics_excluding_ludb", {}).get(metrics[0])))
+            table.append([label, *cells, f"{r['trainable_params']:,}" if r["trainable_params"] else ""])
         for source, values in PUBLISHED.get(task, {}).items():
-            cells = [f"*{values[m]}*" if m in values else "" for m in metrics] + ([""] if clean else [])
-            lines.append(f"| *published: {source}* | " + " | ".join(cells) + " | |")
+            cells = [f"*{values[m]}*" if m in values else "" for m in metrics] + [""] * without_ludb
+            table.append([f"*published: {source}*", *cells, ""])
+        extra = f"classes {block['class_counts']}" if block["class_counts"] else f"label mean {block['label_mean']:.1f}"
+        lines += [f"**{task}** ({block['records']} records, {block['subjects']} subjects; {extra})", "",
+                  markdown_table(header, table, "l" + "r" * (len(header) - 1))]
         if v := block.get("verdict"):
             yes = lambda key: "yes" if v[key] else "no"
-            lines.append(f"\nDefault EnECG {v['metric']} {v['enecg']:.4g}: best single expert "
-                         f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
-                         f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
-                         f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
-                         f"beats the baseline: {yes('beats_baseline')}.")
+            lines += ["", f"Default EnECG {v['metric']} {v['enecg']:.4g}: best single expert "
+                      f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
+                      f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
+                      f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
+                      f"beats the baseline: {yes('beats_baseline')}."]
         lines.append("")
-    run = results["run"]
     lines.append(f"Run {results['created']}: {run['elapsed_s'] / 60:.0f} min on {run['cpu_count']} shared cores "
                  f"({run['torch_threads']} torch thread), load average {run['load_average_start'][0]:.2f} at start.")
     return "\n".join(lines)
+
+
+def main() -> None:
+    options = parser(__doc__, "quality.json")
+    add = options.add_argument
+    add("--quick", action="store_true", help="a few records per source, 2 folds, few epochs")
+    add("--tasks", default=",".join(TASK_SOURCES), help="comma-separated tasks to run (default all)")
+    add("--rows", default="", help="comma-separated rows to run (default all)")
+    add("--folds", type=int, default=None, help="default 5 (2 with --quick)")
+    add("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
+    add("--ablation-seeds", type=int, default=None, help="seeds of the paper and ablation rows (default: --seeds)")
+    add("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+        help=f"add the experts of {PRETRAINED_CONFIG} with real weights (default: on, off with --quick)")
+    add("--feature-store", default=None, help="the feature store's folder (default: the package's shared store, "
+        "enecg_hf.features.feature_store_dir(); '' for a temporary one)")
+    add("--combine", nargs="+", type=Path, metavar="JSON", help="merge runs over other --tasks or --rows into --output")
+    args = options.parse_args()
+    if render_only(args, docs_table, "quality"):
+        return
+    args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
+    args.ablation_seeds = args.ablation_seeds or args.seeds
+    args.pretrained = (not args.quick) if args.pretrained is None else args.pretrained
+    args.rows = {r for r in args.rows.split(",") if r}
+    if args.rows - {"enecg_offline_pretrained"}:  # the other rows are judged against the default EnECG
+        args.rows.add("enecg")
+    if args.combine:
+        results = combine([json.loads(path.read_text()) for path in args.combine])
+    else:  # --feature-store '': a temporary store
+        with tempfile.TemporaryDirectory(prefix="enecg-quality-store-") as scratch:
+            results = measure(args, scratch if args.feature_store == "" else args.feature_store)
+    save(results, args.output, docs_table(results), "quality" if args.update_docs else None)
 
 
 if __name__ == "__main__":
