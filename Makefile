@@ -35,7 +35,7 @@ test-min: install
 		tests/test_training.py::test_saved_model_reproduces_its_saved_metrics
 
 bench: install
-	$(PYTHON) bench/build_dataset.py
+	$(PYTHON) bench/data_build.py simulated
 	$(PYTHON) bench/efficiency.py
 	$(PYTHON) bench/quality.py
 

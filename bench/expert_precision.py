@@ -1,33 +1,38 @@
 """Frozen expert pass at fp32 vs int8 vs bf16 (`model.set_expert_precision`): time, embedding drift, downstream CV.
 
-    python bench/expert_precision.py [--records 200] [--time-records 10] [--repeats 3] [--update-docs]
-    python bench/expert_precision.py --moment --output bench/results/expert_precision_moment.json  # MOMENT-large
-
 Model: hub_configs/offline_pretrained.json (REAL openecg and deepfade weights, features, dlinear) with DeepFADE on lead
 II only (its time is linear in leads: 12 leads ~7 s/record). `--moment`: a paper-size MOMENT-large (random weights,
 1 lead). One process, one torch thread; per record, each precision's forward (of each expert and of the whole frozen
 pass) interleaved, warm-up first, median over repetitions then over records. Each precision is what the option gives
 (experts it leaves at fp32 run fp32); bf16 autocast forced on the KEEP_IN_FP32 experts is timed on one record apart.
-Drift: ||e - e_fp32|| / ||e_fp32|| per record. Downstream: heads + gate (`enecg_hf.training` core) on fp32 vs int8 features, same subject folds and seeds.
+Drift: ||e - e_fp32|| / ||e_fp32|| per record. Downstream: heads + gate (`enecg_hf.training` core) on fp32 vs int8
+features, same subject folds and seeds.
+
+    python bench/expert_precision.py --records 200 --folds 3 --update-docs   # ~25 min on 2 cores
+    python bench/expert_precision.py --moment --precisions fp32,int8 --time-records 3 --update-docs  # MOMENT-large
 """
+
 from __future__ import annotations
 
-import json, os, time
+import json
+import os
+import time
+from functools import partial
 
 import numpy as np
 import torch
 
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.data import TASKS, subject_kfold
+from enecg_hf.signal_enecg import normalize_ecg
 from enecg_hf.training import FeatureTable, FitSettings, cross_validate, summarize
 from enecg_hf.training.labels import encode_labels
-from harness import REPO, interleaved, ludb, median_ms, parser, save
-
-PRECISIONS = ["fp32", "int8", "bf16"]
+from harness import REPO, RESULTS, interleaved, ludb, markdown_table, median_ms, parser, render_only, save
 
 
-def build_models(moment: bool) -> dict[str, EnECGModel]:
-    """One model per precision (the int8 one holds a quantised copy; bf16 is autocast, forced on every expert)."""
+def build_models(moment: bool, precisions: list[str]) -> dict[str, EnECGModel]:
+    """One model per precision (fp32 first), all with the fp32 model's weights: int8 holds a quantised copy, bf16
+    autocasts the experts that take it."""
     config = json.loads((REPO / "hub_configs" / "offline_pretrained.json").read_text())
     if moment:
         config["experts"] = [{"name": "moment", "type": "moment", "input_length": 5000, "leads": ["II"],
@@ -35,143 +40,139 @@ def build_models(moment: bool) -> dict[str, EnECGModel]:
     else:
         next(e for e in config["experts"] if e["name"] == "deepfade")["leads"] = ["II"]
     torch.manual_seed(0)
-    models = {"fp32": EnECGModel.from_expert_sources(EnECGConfig(**config)).eval()}
-    models["int8"] = EnECGModel.from_expert_sources(EnECGConfig(**config)).eval()
-    models["int8"].load_state_dict(models["fp32"].state_dict())
-    models["int8"].set_expert_precision("int8")
-    if "bf16" in PRECISIONS:
-        models["bf16"] = EnECGModel.from_expert_sources(EnECGConfig(**config)).eval()
-        models["bf16"].load_state_dict(models["fp32"].state_dict())
-        models["bf16"].set_expert_precision("bf16")
+    models = {}
+    for precision in precisions:
+        models[precision] = EnECGModel.from_expert_sources(EnECGConfig(**config)).eval()
+        if precision != "fp32":
+            models[precision].load_state_dict(models["fp32"].state_dict())
+            models[precision].set_expert_precision(precision)
     return models
 
 
 @torch.no_grad()
-def run(models, precision: str, x: torch.Tensor, expert: str | None = None):
-    model = models[precision]
+def forward(model: EnECGModel, record: tuple[torch.Tensor, torch.Tensor], target: str = "pass"):
+    """`record` = (raw, normalised) signals: the whole frozen pass on the raw one, or expert `target`'s forward on the
+    normalised one; returns (output, ms)."""
     start = time.perf_counter()
-    out = model.experts[expert](x) if expert else model.compute_features(x)
-    return out, time.perf_counter() - start
+    out = model.compute_features(record[0]) if target == "pass" else model.experts[target](record[1])
+    return out, 1000 * (time.perf_counter() - start)
 
 
-@torch.no_grad()
-def forced_bf16(models, x) -> dict:
-    """One record through each KEEP_IN_FP32 expert with bf16 autocast forced (what the option refuses to do)."""
-    out, xn = {}, normalized(models, x)
-    for name, e in models["fp32"].experts.items():
-        if e.KEEP_IN_FP32 and e.has_weights:
-            ref, fp32 = run(models, "fp32", xn, name)
-            e.autocast_dtype = torch.bfloat16
-            got, bf16 = run(models, "fp32", xn, name)
-            e.autocast_dtype = None
-            out[name] = {"fp32_ms": 1000 * fp32, "bf16_ms": 1000 * bf16, "drift_pct": float(100 * (got - ref).norm() / ref.norm())}
-    return out
-
-
-def normalized(models, x):
-    from enecg_hf.signal_enecg import normalize_ecg
-    return normalize_ecg(x, models["fp32"].config.normalization)
-
-
-def timing(models, signals, repeats: int) -> dict:
+def timing(models: dict[str, EnECGModel], signals: torch.Tensor, repeats: int) -> dict:
+    """ms per record of each expert and of the whole pass at each precision, and the speed-ups over fp32."""
     targets = [*models["fp32"].expert_names, "pass"]
-
-    def call(p, t):  # each expert on the normalised record, the whole frozen pass on the raw one
-        return lambda x: run(models, p, x[0]) if t == "pass" else run(models, p, x[1], t)
-
-    seconds = interleaved({f"{p}/{t}": call(p, t) for p in PRECISIONS for t in targets},
-                          [(r[None], normalized(models, r[None])) for r in signals], repeats)
-    ms = {p: {t: median_ms(seconds[f"{p}/{t}"]) for t in targets} for p in PRECISIONS}
-    return {"ms_per_record": ms, "speedup_over_fp32": {p: {t: ms["fp32"][t] / ms[p][t] for t in ms[p]} for p in PRECISIONS}}
+    records = [(x, normalize_ecg(x, models["fp32"].config.normalization)) for x in signals[:, None]]
+    calls = {f"{p}/{t}": partial(forward, model, target=t) for p, model in models.items() for t in targets}
+    seconds = interleaved(calls, records, repeats)
+    ms = {p: {t: median_ms(seconds[f"{p}/{t}"]) for t in targets} for p in models}
+    return {"ms_per_record": ms, "speedup_over_fp32": {p: {t: ms["fp32"][t] / ms[p][t] for t in targets} for p in ms}}
 
 
-def features(models, signals) -> dict[str, FeatureTable]:
-    tables = {}
-    for p in PRECISIONS:
-        out = [run(models, p, signals[i:i + 8])[0] for i in range(0, len(signals), 8)]
-        tables[p] = FeatureTable([torch.cat([b.expert_embeddings[j].float() for b in out])
-                                  for j in range(len(models["fp32"].experts))],
-                                 torch.cat([b.gate_inputs for b in out]), torch.zeros(len(signals)))
-    return tables
-
-
-def drift(tables, names) -> dict:
-    out = {}
-    for p in PRECISIONS[1:]:
-        for j, name in enumerate(names):
-            a, b = tables["fp32"].expert_embeddings[j], tables[p].expert_embeddings[j]
-            rel = ((b - a).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).numpy()
-            out.setdefault(p, {})[name] = {"median_pct": 100 * float(np.median(rel)), "max_pct": 100 * float(rel.max())}
+def forced_bf16(model: EnECGModel, x: torch.Tensor) -> dict:
+    """One record through each KEEP_IN_FP32 expert of the fp32 model, then with bf16 autocast forced (what the option
+    refuses to do): time and drift."""
+    record, out = (x, normalize_ecg(x, model.config.normalization)), {}
+    for name, expert in model.experts.items():
+        if expert.KEEP_IN_FP32 and expert.has_weights:
+            ref, fp32_ms = forward(model, record, name)
+            expert.autocast_dtype = torch.bfloat16
+            got, bf16_ms = forward(model, record, name)
+            expert.autocast_dtype = None
+            drift_pct = float(100 * (got - ref).norm() / ref.norm())
+            out[name] = {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms, "drift_pct": drift_pct}
     return out
 
 
-def downstream(models, tables, dataset, folds: int, epochs: int) -> dict:
-    result, groups = {}, np.asarray(dataset["subject_id"])
+def drift(tables: dict[str, FeatureTable], names: list[str]) -> dict:
+    """||e - e_fp32|| / ||e_fp32|| per record, in %: median and max over records, per precision and expert."""
+    out = {p: {} for p in tables if p != "fp32"}
+    for p, per_expert in out.items():
+        for name, a, b in zip(names, tables["fp32"].expert_embeddings, tables[p].expert_embeddings):
+            rel = ((b - a).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).numpy()
+            per_expert[name] = {"median_pct": 100 * float(np.median(rel)), "max_pct": 100 * float(rel.max())}
+    return out
+
+
+def downstream(config: EnECGConfig, tables: dict[str, FeatureTable], dataset, folds: int, epochs: int) -> dict:
+    """Heads + gate cross-validated on fp32 and on int8 features: the same subject folds, initial weights and seeds."""
+    result = {}
     for name in ("rr_interval", "sex"):
         keep, labels = encode_labels(dataset, TASKS[name])
         cv = subject_kfold(dataset.select(keep), folds, seed=0)
+        task_config = EnECGConfig(**{**config.to_dict(), **TASKS[name].config_fields()})
         result[name] = {"records": len(keep)}
-        config = EnECGConfig(**{**models["fp32"].config.to_dict(), **TASKS[name].config_fields()})
-        for p in ("fp32", "int8"):  # the same folds, initial weights and seeds on both
+        for p in ("fp32", "int8"):
             torch.manual_seed(0)
-            table = tables[p].select(keep, labels, groups[keep])
-            scores = cross_validate(EnECGModel(config).eval(), table, cv, TASKS[name], FitSettings(epochs=epochs, seed=42))
+            scores = cross_validate(EnECGModel(task_config).eval(), tables[p].select(keep, labels), cv, TASKS[name],
+                                    FitSettings(epochs=epochs, seed=42))
             result[name][p] = summarize(scores)
     return result
 
 
-def markdown(r: dict) -> str:
-    t, lines = r["timing"], [f"Measured {r['date']}, {r['machine']}, load average {r['load'][0]:.1f} / {r['load'][1]:.1f} "
-                             f"(start / end); {r['time_records']} records × {r['repeats']} repetitions.", "",
-                             "| expert / pass | fp32 ms | int8 ms | int8 speed-up | bf16 ms | bf16 speed-up | int8 drift % (median / max) | bf16 drift % |",
-                             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for k in t["ms_per_record"]["fp32"]:
-        ms, up = t["ms_per_record"], t["speedup_over_fp32"]
-        d = {p: r.get("drift", {}).get(p, {}).get(k) for p in ("int8", "bf16")}
-        fmt = lambda v: f"{v['median_pct']:.2f} / {v['max_pct']:.2f}" if v else "–"
-        b = (f"{ms['bf16'][k]:.0f} | {up['bf16'][k]:.2f}×") if "bf16" in ms else "not run | –"
-        lines.append(f"| {k} (int8: {r['precisions'].get(k, 'pass')}, bf16: {r['bf16_precisions'].get(k, 'pass' if r['bf16_precisions'] else '–')}) | "
-                     f"{ms['fp32'][k]:.1f} | {ms['int8'][k]:.1f} | {up['int8'][k]:.2f}× | {b} | {fmt(d['int8'])} | {fmt(d['bf16'])} |")
+def table(r: dict) -> str:
+    """Time, speed-up and drift per expert and for the whole pass, forced bf16, and downstream CV."""
+    ms, speedup, drifts = r["timing"]["ms_per_record"], r["timing"]["speedup_over_fp32"], r.get("drift", {})
+
+    def pct(v):
+        return f"{v['median_pct']:.2f} / {v['max_pct']:.2f}" if v else "–"
+
+    rows = []
+    for k in ms["fp32"]:
+        bf16_ran = r["bf16_precisions"].get(k, "pass") if r["bf16_precisions"] else "–"
+        bf16 = [f"{ms['bf16'][k]:.0f}", f"{speedup['bf16'][k]:.2f}×"] if "bf16" in ms else ["not run", "–"]
+        rows.append([f"{k} (int8: {r['precisions'].get(k, 'pass')}, bf16: {bf16_ran})", f"{ms['fp32'][k]:.1f}",
+                     f"{ms['int8'][k]:.1f}", f"{speedup['int8'][k]:.2f}×", *bf16,
+                     pct(drifts.get("int8", {}).get(k)), pct(drifts.get("bf16", {}).get(k))])
     for k, v in r.get("forced_bf16", {}).items():
-        lines.append(f"| {k}, bf16 autocast forced (1 record) | {v['fp32_ms']:.0f} | | | {v['bf16_ms']:.0f} | "
-                     f"{v['fp32_ms'] / v['bf16_ms']:.2f}× | | {v['drift_pct']:.2f} / – |")
+        rows.append([f"{k}, bf16 autocast forced (1 record)", f"{v['fp32_ms']:.0f}", "", "", f"{v['bf16_ms']:.0f}",
+                     f"{v['fp32_ms'] / v['bf16_ms']:.2f}×", "", f"{v['drift_pct']:.2f} / –"])
+    header = ["expert / pass", "fp32 ms", "int8 ms", "int8 speed-up", "bf16 ms", "bf16 speed-up",
+              "int8 drift % (median / max)", "bf16 drift %"]
+    measured = (f"Measured {r['date']}, {r['machine']}, load average {r['load'][0]:.1f} / {r['load'][1]:.1f} "
+                f"(start / end); {r['time_records']} records × {r['repeats']} repetitions.")
+    parts = [measured, markdown_table(header, rows, "lrrrrrrr")]
     if r.get("downstream"):
-        lines += ["", "| task (LUDB, subject-wise CV) | records | metric | fp32 features (mean ± std) | int8 features |",
-                  "|---|---:|---|---:|---:|"]
-        for name, row in r["downstream"].items():
-            for m in (("mae", "rmse") if name == "rr_interval" else ("auroc", "accuracy")):
-                fp32, int8 = (f"{row[p][m]['mean']:.4g} ± {row[p][m]['std']:.2g}" for p in ("fp32", "int8"))
-                lines.append(f"| {name} | {row['records']} | {m} | {fp32} | {int8} |")
-    return "\n".join(lines)
+        metrics = {"rr_interval": ("mae", "rmse"), "sex": ("auroc", "accuracy")}
+        rows = [[name, row["records"], m,
+                 *(f"{row[p][m]['mean']:.4g} ± {row[p][m]['std']:.2g}" for p in ("fp32", "int8"))]
+                for name, row in r["downstream"].items() for m in metrics[name]]
+        header = ["task (LUDB, subject-wise CV)", "records", "metric", "fp32 features (mean ± std)", "int8 features"]
+        parts.append(markdown_table(header, rows, "lrlrr"))
+    return "\n\n".join(parts)
 
 
 def main() -> None:
-    p = parser(__doc__.split("\n\n")[0], "expert_precision.json")
+    p = parser(__doc__, "expert_precision.json")
     p.add_argument("--records", type=int, default=200, help="LUDB records for drift and downstream CV")
     p.add_argument("--time-records", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--moment", action="store_true", help="time a paper-size MOMENT-large instead (no downstream)")
-    p.add_argument("--precisions", default="fp32,int8,bf16")
+    p.add_argument("--moment", action="store_true", help="time a paper-size MOMENT-large instead (no downstream; "
+                   "default --output bench/results/expert_precision_moment.json)")
+    p.add_argument("--precisions", default="fp32,int8,bf16", help="fp32 and int8 always, fp32 first")
     args = p.parse_args()
-    PRECISIONS[:] = args.precisions.split(",")
+    if args.moment and args.output == p.get_default("output"):
+        args.output = RESULTS / "expert_precision_moment.json"
+    section = "expert_precision_moment" if args.moment else "expert_precision"
+    if render_only(args, table, section):
+        return
     torch.set_num_threads(1)
     load = [os.getloadavg()[0]]
-    models = build_models(args.moment)
+    models = build_models(args.moment, args.precisions.split(","))
     dataset, signals = ludb(args.time_records if args.moment else args.records)
     r = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, 1 torch thread",
          "time_records": args.time_records, "repeats": args.repeats, "precisions": models["int8"].expert_precisions,
          "bf16_precisions": models["bf16"].expert_precisions if "bf16" in models else {},
          "timing": timing(models, signals[: args.time_records], args.repeats)}
     if not args.moment:
-        tables = features(models, signals)
+        tables = {p: FeatureTable.from_model(model, signals, torch.zeros(len(signals)), dataset["subject_id"],
+                                             batch_size=8) for p, model in models.items()}
         r["drift"] = drift(tables, models["fp32"].expert_names)
-        r["forced_bf16"] = forced_bf16(models, signals[:1])
-        r["downstream"] = downstream(models, tables, dataset, args.folds, args.epochs)
+        r["forced_bf16"] = forced_bf16(models["fp32"], signals[:1])
+        r["downstream"] = downstream(models["fp32"].config, tables, dataset, args.folds, args.epochs)
     r["load"] = load + [os.getloadavg()[0]]
-    section = ("expert_precision_moment" if args.moment else "expert_precision") if args.update_docs else None
-    save(r, args.output, markdown(r), section)
+    save(r, args.output, table(r), section if args.update_docs else None)
 
 
 if __name__ == "__main__":

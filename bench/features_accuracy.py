@@ -23,38 +23,37 @@ import wfdb
 
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import EnECGFeaturesExpert
-from harness import LUDB, REPO, interleaved, median_ms, parser, save
+from harness import LUDB, REPO, interleaved, markdown_table, median_ms, parser, render_only, save
 
 
+EXPERTS_DOCS = REPO / "docs" / "experts.md"
 INTERVALS = ("pr", "qrs", "qt", "rr_mean")
 
 
 def reference(path: str) -> dict[str, float]:
-    """Intervals (s) from the lead-II annotations: `(` onset, `p`/`N`/`t` peak, `)` offset of each wave."""
+    """Intervals (s) from the lead-II annotations, where a wave is `(` onset, `p`/`N`/`t` peak, `)` offset. Per QRS:
+    PR from the onset of the last P wave since the previous QRS, QT to the offset of the first T wave after it."""
     ann = wfdb.rdann(path, "ii")
-    s, sym = ann.sample, ann.symbol
-    waves = {k: [] for k in "pNt"}  # (onset, peak, offset), None where the mark is missing
-    for i, kind in enumerate(sym):
-        if kind in waves:
-            onset = s[i - 1] if i > 0 and sym[i - 1] == "(" else None
-            offset = s[i + 1] if i + 1 < len(sym) and sym[i + 1] == ")" else None
-            waves[kind].append((onset, s[i], offset))
-    qrs = waves["N"]
-    pr, width, qt = [], [], []
-    for j, (on, peak, off) in enumerate(qrs):
-        before = qrs[j - 1][1] if j else -np.inf
-        after = qrs[j + 1][1] if j + 1 < len(qrs) else np.inf
-        p = [w for w in waves["p"] if before < w[1] < peak]
-        t = [w for w in waves["t"] if peak < w[1] < after]
-        if on is not None and p and p[-1][0] is not None:
-            pr.append(on - p[-1][0])
-        if on is not None and off is not None:
-            width.append(off - on)
-        if on is not None and t and t[0][2] is not None:
-            qt.append(t[0][2] - on)
-    med = lambda v: float(np.median(v)) / ann.fs if v else float("nan")
-    rr = float(np.diff([w[1] for w in qrs]).mean()) / ann.fs if len(qrs) >= 2 else float("nan")
-    return {"pr": med(pr), "qrs": med(width), "qt": med(qt), "rr_mean": rr}
+    marks = [("", None), *zip(ann.symbol, ann.sample), ("", None)]
+    intervals = {"pr": [], "qrs": [], "qt": []}
+    peaks, p_onset, qrs_onset = [], None, None
+    for (before, onset), (kind, peak), (after, offset) in zip(marks, marks[1:], marks[2:]):
+        onset, offset = (onset if before == "(" else None), (offset if after == ")" else None)
+        if kind == "p":
+            p_onset = onset
+        elif kind == "N":
+            peaks.append(peak)
+            if p_onset is not None and onset is not None:
+                intervals["pr"].append(onset - p_onset)
+            if onset is not None and offset is not None:
+                intervals["qrs"].append(offset - onset)
+            p_onset, qrs_onset = None, onset
+        elif kind == "t":
+            if qrs_onset is not None and offset is not None:
+                intervals["qt"].append(offset - qrs_onset)
+            qrs_onset = None
+    result = {name: float(np.median(v)) / ann.fs if v else float("nan") for name, v in intervals.items()}
+    return {**result, "rr_mean": float(np.diff(peaks).mean()) / ann.fs if len(peaks) >= 2 else float("nan")}
 
 
 def lead_ii(expert: EnECGFeaturesExpert, path: str) -> np.ndarray:
@@ -84,33 +83,34 @@ def run(records: list[str], methods: list[str], input_length: int, repeats: int)
                       for v in measured[m]] for m in methods}
     result = {}
     for m in methods:
-        row = {"ms_per_record": median_ms(seconds[m]), "ms_per_record_mean": 1000 * float(np.mean(seconds[m]))}
+        result[m] = {"ms_per_record": median_ms(seconds[m]), "ms_per_record_mean": 1000 * float(np.mean(seconds[m]))}
         for name in INTERVALS:
-            got = np.array([v[name] for v in per_record[m]], dtype=float)
-            ref = np.array([r[name] for r in refs])
+            got, ref = (np.array([v[name] for v in values], dtype=float) for values in (per_record[m], refs))
             both = np.isfinite(got) & np.isfinite(ref)
             error = 1000 * (got[both] - ref[both])
-            row[name] = {"mae_ms": float(np.abs(error).mean()) if both.any() else None,
-                         "bias_ms": float(np.median(error)) if both.any() else None,
-                         "measured": float(np.isfinite(got).mean()), "scored": int(both.sum())}
-        result[m] = row
-    return {"input_length": input_length, "methods": result, "reference_records": {
-        name: int(np.isfinite([r[name] for r in refs]).sum()) for name in INTERVALS},
-        "per_record": per_record, "records": records}
+            result[m][name] = {"mae_ms": float(np.abs(error).mean()) if both.any() else None,
+                               "bias_ms": float(np.median(error)) if both.any() else None,
+                               "measured": float(np.isfinite(got).mean()), "scored": int(both.sum())}
+    return {"input_length": input_length, "methods": result, "per_record": per_record, "records": records,
+            "reference_records": {name: int(np.isfinite([r[name] for r in refs]).sum()) for name in INTERVALS}}
 
 
-def table(runs: list[dict], meta: dict) -> str:
-    lines = ["| input (rate) | method | PR MAE / bias | QRS MAE / bias | QT MAE / bias | RR MAE / bias | measured PR / QRS / QT | ms per record |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    fmt = lambda r: "n/a" if r["mae_ms"] is None else f"{r['mae_ms']:.0f} / {r['bias_ms']:+.0f}"
-    for run_ in runs:
-        for m, row in run_["methods"].items():
-            share = " / ".join(f"{100 * row[n]['measured']:.0f} %" for n in ("pr", "qrs", "qt"))
-            rr = f"{row['rr_mean']['mae_ms']:.1f} / {row['rr_mean']['bias_ms']:+.1f}"
-            lines.append(f"| {run_['input_length']} ({run_['input_length'] // 10} Hz) | `{m}` | {fmt(row['pr'])} | "
-                         f"{fmt(row['qrs'])} | {fmt(row['qt'])} | {rr} | {share} | {row['ms_per_record']:.1f} |")
+def table(results: dict) -> str:
+    """One row per input length and method, then how it was measured."""
+    runs, meta = results["runs"], results["meta"]
+
+    def error(r, digits=0):
+        return "n/a" if r["mae_ms"] is None else f"{r['mae_ms']:.{digits}f} / {r['bias_ms']:+.{digits}f}"
+
+    rows = [[f"{run_['input_length']} ({run_['input_length'] // 10} Hz)", f"`{m}`",
+             *(error(row[name]) for name in ("pr", "qrs", "qt")), error(row["rr_mean"], 1),
+             " / ".join(f"{100 * row[name]['measured']:.0f} %" for name in ("pr", "qrs", "qt")),
+             f"{row['ms_per_record']:.1f}"]
+            for run_ in runs for m, row in run_["methods"].items()]
+    header = ["input (rate)", "method", "PR MAE / bias", "QRS MAE / bias", "QT MAE / bias", "RR MAE / bias",
+              "measured PR / QRS / QT", "ms per record"]
     ref = runs[0]["reference_records"]
-    return "\n".join(lines) + (
+    return markdown_table(header, rows, "llrrrrrr") + (
         f"\n\nLUDB, {len(runs[0]['records'])} records, lead II; errors in ms (expert - cardiologists), bias = median "
         f"error; annotated records: PR {ref['pr']}, QRS {ref['qrs']}, QT {ref['qt']}, RR {ref['rr_mean']}. "
         f"Time: `measure` on one thread, median of {meta['repeats']} runs per record, median over records; "
@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=200, help="the first N LUDB records")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if render_only(args, table, "features_accuracy", EXPERTS_DOCS):
+        return
     import neurokit2
 
     torch.set_num_threads(1)
@@ -132,10 +134,9 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     runs = [run(records, args.methods.split(","), int(n), args.repeats) for n in args.input_lengths.split(",")]
     load.append(os.getloadavg()[0])
-    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "neurokit2": neurokit2.__version__, "load": load,
-            "repeats": args.repeats, "torch_threads": torch.get_num_threads()}
-    section = "features_accuracy" if args.update_docs else None
-    save({"meta": meta, "runs": runs}, args.output, table(runs, meta), section, REPO / "docs" / "experts.md")
+    results = {"meta": {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "neurokit2": neurokit2.__version__,
+                        "load": load, "repeats": args.repeats, "torch_threads": torch.get_num_threads()}, "runs": runs}
+    save(results, args.output, table(results), "features_accuracy" if args.update_docs else None, EXPERTS_DOCS)
 
 
 if __name__ == "__main__":
