@@ -116,3 +116,34 @@ def test_quality_quick(tmp_path):
     # Nulls are allowed only where a field does not apply (label_mean of a classification task, no pretrained config).
     bad = [p for p in non_finite_numbers(result) if not p.endswith((".label_mean", ".pretrained_config"))]
     assert not bad, bad
+
+
+# Every docs table that a script writes, with the function that renders it from the saved results (`--render-only`).
+RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs file)
+    ("efficiency", "docs_table", "efficiency.json", "efficiency", "benchmarks.md"),
+    ("quality", "docs_table", "quality.json", "quality", "benchmarks.md"),
+    ("multitask", "markdown", "multitask.json", "multitask", "benchmarks.md"),
+    ("expert_precision", "table", "expert_precision.json", "expert_precision", "benchmarks.md"),
+    ("expert_precision", "table", "expert_precision_moment.json", "expert_precision_moment", "benchmarks.md"),
+    ("features_accuracy", "table", "features_accuracy.json", "features_accuracy", "experts.md"),
+    ("data_build", "readers_table", "data_build.json", "wfdb_reader", "data.md"),
+    ("data_build", "TABLES", "data_build.json", "build_dataset", "data.md"),
+]
+
+
+@pytest.mark.parametrize("script,renderer,results,section,docs", RENDERED_SECTIONS,
+                         ids=[f"{s}:{section}" for s, _, _, section, _ in RENDERED_SECTIONS])
+def test_docs_tables_are_what_the_committed_results_render_to(monkeypatch, script, renderer, results, section, docs):
+    """A table edited by hand, or results re-measured without `--update-docs`, would leave the docs saying other
+    numbers than bench/results/ holds."""
+    import datasets
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    module = __import__(script)
+    datasets.enable_progress_bars()  # some scripts turn them off for their own output
+    render = module.TABLES[section] if renderer == "TABLES" else getattr(module, renderer)
+    text = (REPO / "docs" / docs).read_text()
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    assert start in text and end in text, f"docs/{docs} has no section {section}"
+    committed = text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+    assert committed == render(json.loads((REPO / "bench" / "results" / results).read_text()))
