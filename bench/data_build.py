@@ -100,6 +100,8 @@ def readers(limit: int | None, repeats: int) -> dict:
             continue
         results["per_record"][format] = {"records": len(bases), "repeats": repeats, **per_record(bases, repeats)}
         results["build"][format] = builds(format, DATA_DIR / folder, limit, repeats)
+    if not results["per_record"]:
+        raise SystemExit(f"No LUDB or PTB-XL records under {DATA_DIR}: set ENECG_DATA_DIR to the real ECGs' folder")
     return results
 
 

@@ -41,8 +41,8 @@ from enecg_hf.training import (EnECGFitter, EnECGTrainerCallback, FitSettings, T
 from enecg_hf.training.configs import build_config
 from enecg_hf.training.labels import encode_labels
 from enecg_hf.training.run import load_feature_table
-from harness import (LUDB, REPO, in_fresh_process, interleaved, machine_info, markdown_table, parser, peak_rss_mib,
-                     render_only, save)
+from harness import (REPO, in_fresh_process, interleaved, machine_info, markdown_table, parser, peak_rss_mib,
+                     render_only, require_data, save)
 
 
 VARIANT_CONFIGS = {"tiny": "hub_configs/tiny.json", "labels": "hub_configs/tiny.json",
@@ -67,7 +67,7 @@ datasets.disable_progress_bars()
 
 def load_records(n_train: int, n_eval: int) -> datasets.DatasetDict:
     """The first LUDB records with an RR interval (cardiologist annotations): n_train to train on, n_eval held out."""
-    dataset = build_dataset("ludb", str(LUDB))
+    dataset = build_dataset("ludb", str(require_data("ludb")))
     dataset = dataset.filter(lambda row: row["rr_interval"] is not None and math.isfinite(row["rr_interval"]))
     if len(dataset) < n_train + n_eval:
         raise RuntimeError(f"only {len(dataset)} records available, need {n_train + n_eval}")

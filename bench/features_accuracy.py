@@ -23,7 +23,7 @@ import wfdb
 
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import EnECGFeaturesExpert
-from harness import LUDB, REPO, interleaved, markdown_table, median_ms, parser, render_only, save
+from harness import LUDB, REPO, interleaved, markdown_table, median_ms, parser, render_only, require_data, save
 
 
 EXPERTS_DOCS = REPO / "docs" / "experts.md"
@@ -130,7 +130,7 @@ def main() -> None:
     import neurokit2
 
     torch.set_num_threads(1)
-    records = (LUDB / "RECORDS").read_text().split()[: args.records]
+    records = (require_data("ludb") / "RECORDS").read_text().split()[: args.records]
     load = [os.getloadavg()[0]]
     runs = [run(records, args.methods.split(","), int(n), args.repeats) for n in args.input_lengths.split(",")]
     load.append(os.getloadavg()[0])

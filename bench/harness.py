@@ -77,6 +77,14 @@ def replace_section(name: str, body: str, docs: Path = DOCS) -> None:
     docs.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
+def require_data(name: str = "ludb") -> Path:
+    """The real-ECG folder `name` under DATA_DIR; a clear exit, not a traceback, when it is not there."""
+    if not (DATA_DIR / name).is_dir():
+        raise SystemExit(f"{DATA_DIR / name} not found: this benchmark reads real ECGs (../shared/data next to the "
+                         "repository); set ENECG_DATA_DIR to the folder that holds them")
+    return DATA_DIR / name
+
+
 def ludb(limit: int | None = None):
     """LUDB through the package's builder: `(dataset, signals)`, signals a float32 tensor (records, 12, 5000)."""
     import numpy as np
@@ -84,7 +92,7 @@ def ludb(limit: int | None = None):
 
     from enecg_hf.data import build_dataset
 
-    dataset = build_dataset("ludb", LUDB, limit=limit)
+    dataset = build_dataset("ludb", require_data("ludb"), limit=limit)
     return dataset, torch.from_numpy(np.asarray(dataset.with_format("numpy")["signal"], dtype=np.float32))
 
 

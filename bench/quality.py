@@ -39,7 +39,7 @@ from enecg_hf.training import (FeatureTable, FitSettings, TrainScriptArguments, 
 from enecg_hf.training.configs import build_config
 from enecg_hf.training.fitting import subject_folds
 from enecg_hf.training.labels import encode_labels
-from harness import DATA_DIR, REPO, machine_info, markdown_table, parser, render_only, save
+from harness import DATA_DIR, REPO, machine_info, markdown_table, parser, render_only, require_data, save
 
 
 SEED = 42  # the first seed; the others follow it
@@ -249,8 +249,7 @@ def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
 def measure(args, store: str | None) -> dict:
     torch.set_num_threads(1)
     started, load = time.perf_counter(), os.getloadavg()
-    if not (DATA_DIR / "ludb").is_dir():
-        raise SystemExit(f"No LUDB folder under {DATA_DIR}: set ENECG_DATA_DIR")
+    require_data("ludb")  # the other sources are skipped, saying so, when absent
     records, labels = load_records(QUICK_LIMITS if args.quick else None)
     configs, features = expert_features(records, store, args.pretrained)
     feature_seconds = time.perf_counter() - started
