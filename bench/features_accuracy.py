@@ -23,6 +23,7 @@ import wfdb
 
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import EnECGFeaturesExpert
+from enecg_hf.signal_enecg import normalize_ecg
 from harness import LUDB, REPO, interleaved, markdown_table, median_ms, parser, render_only, require_data, save
 
 
@@ -59,8 +60,7 @@ def reference(path: str) -> dict[str, float]:
 def lead_ii(expert: EnECGFeaturesExpert, path: str) -> np.ndarray:
     """Lead II of a record as the expert gets it inside the model: record z-score, then resampling."""
     x = torch.tensor(wfdb.rdrecord(path).p_signal.T, dtype=torch.float32)[None]
-    x = (x - x.mean()) / x.std()  # the model's default `normalization: record`
-    return expert.prepare_inputs(x)[0, 0].double().numpy()
+    return expert.prepare_inputs(normalize_ecg(x, "record"))[0, 0].double().numpy()  # the model's default
 
 
 def run(records: list[str], methods: list[str], input_length: int, repeats: int) -> dict:
