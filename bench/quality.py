@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -359,9 +360,11 @@ def main() -> None:
         args.rows.add("enecg")
     if args.combine:
         results = combine([json.loads(path.read_text()) for path in args.combine])
-    else:  # --feature-store '': a temporary store
-        with tempfile.TemporaryDirectory(prefix="enecg-quality-store-") as scratch:
-            results = measure(args, scratch if args.feature_store == "" else args.feature_store)
+    else:  # --feature-store '': a temporary store, removed at the end
+        store = (tempfile.TemporaryDirectory(prefix="enecg-quality-store-") if args.feature_store == ""
+                 else nullcontext(args.feature_store))
+        with store as folder:
+            results = measure(args, folder)
     save(results, args.output, docs_table(results), "quality" if args.update_docs else None)
 
 
