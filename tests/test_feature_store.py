@@ -325,6 +325,42 @@ def test_two_processes_store_exactly_what_one_process_stores(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sigkilled_extraction_keeps_its_timed_shards_and_the_rerun_computes_only_the_rest(tmp_path):
+    """A shard is written every --shard_seconds as well as every --shard_size records: SIGKILL an extraction whose
+    shard_size is never reached once timed shards exist; they survive, and the rerun computes exactly the records
+    they do not hold, column by column."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "enecg_hf.features", "--config", "tiny", "--data_format", "simulated",
+               "--num_records", "200", "--experts", "timesnet,dlinear", "--feature_batch_size", "1",
+               "--shard_size", "1000", "--shard_seconds", "0.3", "--cache_dir", str(tmp_path / "cache")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    store = tmp_path / "cache" / "features"
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            folders = [p for p in store.glob("*-*") if p.is_dir()] if store.is_dir() else []
+            if len(folders) == 3 and all(any(p.glob("shard-*.arrow")) for p in folders):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the extraction finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    stored = {folder: len(rows) for folder, rows in _store_contents(store).items()}
+    assert len(stored) == 3 and all(0 < n < 200 for n in stored.values()), stored
+    rerun = _run(command, tmp_path)
+    computed_now = {folder: int(n) for folder, n in re.findall(r"(\S+-[0-9a-f]{16}) +found +\d+ +computed +(\d+)",
+                                                                rerun.stdout)}
+    assert computed_now == {folder: 200 - n for folder, n in stored.items()}, rerun.stdout
+    assert all(len(rows) == 200 for rows in _store_contents(store).values())
+
+
+@pytest.mark.slow
 def test_training_sex_age_and_rr_interval_runs_every_expert_once(tmp_path):
     """The issue's check: three labels trained one after another on the same records (each run builds its own dataset
     in its own output folder) compute the expert features in the first run only; the later runs find every record

@@ -21,8 +21,9 @@ and a shard whose bytes no longer match its name (truncated, overwritten) is rep
 
 Missing values are computed in batches of records in dataset order (the batches one process would compute); with
 several processes the batches are dealt round-robin, so N processes compute exactly the batches of one process and the
-store holds bit-identical values. Each process writes a shard every `shard_size` records, so a kill loses little and a
-rerun computes only what is still missing.
+store holds bit-identical values. Each process writes a column's shard every `shard_size` records or every
+`shard_seconds` seconds of computing, whichever comes first, so a kill loses at most that much work (a minute, for an
+expert that takes seconds per record) and a rerun computes only what is still missing.
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ def _plan(keys: list[str], missing: list[set[str]], batch_size: int) -> list[tup
 
 
 def build_features(dataset, model, state=None, store_dir: str | Path | None = None, batch_size: int = 16,
-                   shard_size: int = 256, progress: bool = True):
+                   shard_size: int = 256, progress: bool = True, shard_seconds: float = 60.0):
     """Every record's expert embeddings and gate input, from the store, computing (and storing) only what is missing.
 
     Args:
@@ -349,7 +350,9 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         state: an `accelerate.Accelerator` or `PartialState` (processes that share the work), or None (one process).
         store_dir: the store's folder (default `feature_store_dir()`).
         batch_size: records per forward pass of the experts.
-        shard_size: a process writes a shard file every this many records of a column.
+        shard_size: a process writes a shard file every this many records of a column...
+        shard_seconds: ... or when this many seconds have passed since the column's last shard (a killed run of a
+            slow expert loses at most this much work), whichever comes first.
 
     Returns:
         `(table, stats)`: a `datasets.Dataset` with a column per expert (`embedding_<name>`) and `gate_inputs`, one
@@ -393,15 +396,18 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         broadcast_object_list(plan_and_stats, from_process=0)
     plan, stats = plan_and_stats[0]
 
-    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records.
+    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records or
+    # `shard_seconds` seconds.
     signals = dataset.select_columns(["signal"]).with_format("numpy")
     buffers: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
+    last_written = {i: time.monotonic() for i in range(len(columns))}
 
     def flush(i: int) -> None:
         pending_keys, pending_values = buffers[i]
         if pending_keys:
             store.write_shard(columns[i], pending_keys, np.concatenate(pending_values))
             buffers[i] = ([], [])
+        last_written[i] = time.monotonic()
 
     mine = plan[index::count]
     if mine:
@@ -414,7 +420,7 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
             for i, v in zip(column_ids, values):
                 buffers[i][0].extend(keys[r] for r in rows)
                 buffers[i][1].append(v)
-                if len(buffers[i][0]) >= shard_size:
+                if len(buffers[i][0]) >= shard_size or time.monotonic() - last_written[i] >= shard_seconds:
                     flush(i)
             bar.update(len(rows))
         for i in range(len(columns)):
