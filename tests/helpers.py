@@ -1,4 +1,4 @@
-"""Helpers shared by the serving, app and training tests."""
+"""Helpers shared by the serving, app, training and expert tests."""
 
 from __future__ import annotations
 
