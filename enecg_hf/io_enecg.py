@@ -45,6 +45,10 @@ MAT_HEADER_SLACK_BYTES = 1 << 16  # MATLAB element tags, names and padding aroun
 # Read headers of the common form and format-16/212 signals with `wfdb_enecg` (one header parse, numpy), bit-identical
 # to wfdb; everything else with wfdb. False reads every WFDB record with wfdb alone (for comparisons and benchmarks).
 FAST_WFDB = True
+# What a cell of a CSV header row must look like to be taken as a lead name ("II", "V1", "aVR", "lead II", "ECG 1").
+_LEAD_NAME = re.compile(r"[\w .+\-()']{1,32}")
+# Text a library's error message quotes (Python and numpy quote the offending value: `could not convert string 'x'`).
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,12 @@ class RecordLimits:
         if leads * samples > self.max_values:
             raise ECGInputError("too_large", f"{source} holds {leads} x {samples} values; at most {self.max_values} "
                                 "are accepted")
+
+
+def _problem(error: Exception) -> str:
+    """A library's error message about a file without the text it quotes from the file, so that a message names the
+    problem, not the file's contents (a record may be any file: the quoted line of a CSV can be a secret)."""
+    return _QUOTED.sub("(...)", str(error))[:300]
 
 
 def _import_wfdb():
@@ -146,14 +156,15 @@ def check_header_text(text: str, header_path: Path | str) -> None:
 
     `wfdb` reads an unparsable sampling frequency (`-1`, `nan`) as 250 Hz and an ADC gain of 0 as 200 units/mV. A
     record with such a header would be read at a made-up rate or scale: refused as `unreadable_header`. (A header that
-    leaves those fields out is valid WFDB and keeps the defaults.) Multi-segment records are refused too.
+    leaves those fields out is valid WFDB and keeps the defaults.) Multi-segment records are refused too. Messages show
+    what a field was read as (a number, NaN), never its text: a record may be any file.
     """
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not lines:
         raise ECGInputError("unreadable_header", f"{header_path} has no record line")
     record = lines[0].split()
     if len(record) < 2 or not record[1].isdigit():
-        raise ECGInputError("unreadable_header", f"{header_path}: record line {lines[0][:80]!r} gives no signal count")
+        raise ECGInputError("unreadable_header", f"{header_path}: the record line gives no signal count")
     if "/" in record[0]:
         raise ECGInputError("unreadable_header", f"{header_path} is a multi-segment record, which is not supported")
     if len(lines) - 1 != int(record[1]):
@@ -162,16 +173,15 @@ def check_header_text(text: str, header_path: Path | str) -> None:
     if len(record) >= 3:
         rate = _number(record[2])
         if not math.isfinite(rate) or rate <= 0:
-            raise ECGInputError("unreadable_header", f"{header_path}: sampling frequency {record[2]!r} is not a "
-                                "positive number")
+            raise ECGInputError("unreadable_header", f"{header_path}: sampling frequency {rate:g} is not a positive "
+                                "number")
     for index, line in enumerate(lines[1 : 1 + int(record[1])]):
         fields = line.split()
         if len(fields) >= 3:
             gain = _number(fields[2])
             if not math.isfinite(gain) or gain == 0:
-                name = " ".join(fields[8:]) or f"signal {index + 1}"
-                raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {fields[2]!r} of {name} is not a "
-                                    "non-zero number (the scale of the signal is unknown)")
+                raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {gain:g} of signal {index + 1} is "
+                                    "not a non-zero number (the scale of the signal is unknown)")
 
 
 def _read_header(base: Path):
@@ -201,7 +211,7 @@ def _read_header(base: Path):
             Path(directory, f"{stem}.hea").write_text(fixed, encoding="ascii")
             return wfdb.rdheader(os.path.join(directory, stem))
     except Exception as error:  # wfdb raises HeaderSyntaxError, ValueError, IndexError... on malformed headers
-        raise ECGInputError("unreadable_header", f"{header_path}: {error}") from error
+        raise ECGInputError("unreadable_header", f"{header_path}: {_problem(error)}") from error
 
 
 def _digital_to_physical(digital: np.ndarray, header) -> np.ndarray:
@@ -264,7 +274,8 @@ def _check_mat_decompressed_size(mat_path: Path, limit: int) -> None:
                         try:
                             total += len(inflater.decompress(data, chunk))
                         except zlib.error as error:
-                            raise ECGInputError("unreadable_signal", f"{mat_path}: corrupt compressed data ({error})")
+                            raise ECGInputError("unreadable_signal", f"{mat_path}: corrupt compressed data "
+                                                f"({_problem(error)})")
                         if total > limit:
                             raise ECGInputError("too_large", f"{mat_path} inflates to more than {limit} bytes, more "
                                                 "than its declared matrix holds (a decompression bomb?)")
@@ -308,9 +319,10 @@ def _read_mat_signal(base: Path, header, limits: RecordLimits) -> np.ndarray:
     except ECGInputError:
         raise
     except Exception as error:
-        raise ECGInputError("unreadable_signal", f"{mat_path} is not a readable MATLAB file: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{mat_path} is not a readable MATLAB file: {_problem(error)}") from error
     if "val" not in declared:
-        raise ECGInputError("unreadable_signal", f"{mat_path} has no `val` matrix (it holds {sorted(declared)[:5]})")
+        raise ECGInputError("unreadable_signal", f"{mat_path} has no `val` matrix (it holds {len(declared)} other "
+                            "variable(s))")
     shape, kind = declared["val"]
     if len(shape) != 2 or kind not in _MAT_ITEMSIZE:
         raise ECGInputError("unreadable_signal", f"{mat_path}: `val` is a {kind} array of shape {shape}, not a "
@@ -326,7 +338,7 @@ def _read_mat_signal(base: Path, header, limits: RecordLimits) -> np.ndarray:
     try:
         values = scipy_io.loadmat(str(mat_path), variable_names=["val"])["val"]
     except Exception as error:
-        raise ECGInputError("unreadable_signal", f"{mat_path}: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{mat_path}: {_problem(error)}") from error
     if values.shape != (rows, columns):
         raise ECGInputError("unreadable_signal", f"{mat_path}: `val` has shape {values.shape}, declared {shape}")
     return values
@@ -394,7 +406,7 @@ def _read_wfdb(base: Path, limits: RecordLimits) -> ECGRecording:
             except ECGInputError:
                 raise
             except Exception as error:
-                raise ECGInputError("unreadable_signal", f"{base}: {error}") from error
+                raise ECGInputError("unreadable_signal", f"{base}: {_problem(error)}") from error
             physical = record.p_signal
             header = record
         signal = np.asarray(physical, dtype=np.float32).T
@@ -421,7 +433,7 @@ def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: st
                             ".npy array: save one array with numpy.save")
     if start != _NPY_MAGIC:
         raise ECGInputError("unreadable_signal", f"{source} is not a .npy file (it does not start with numpy's "
-                            f"magic bytes but with {start[:6]!r})")
+                            "magic bytes)")
     handle.seek(0)
     try:
         version = np.lib.format.read_magic(handle)
@@ -430,7 +442,7 @@ def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: st
             raise ValueError(f"unsupported .npy format version {version}")
         shape, _, dtype = reader(handle)
     except ValueError as error:
-        raise ECGInputError("unreadable_signal", f"{source}: unreadable .npy header ({error})") from error
+        raise ECGInputError("unreadable_signal", f"{source}: unreadable .npy header ({_problem(error)})") from error
     if dtype.hasobject or dtype.kind not in "biuf":
         raise ECGInputError("unreadable_signal", f"{source} holds {dtype} values, not numbers"
                             + (" (object arrays would need unpickling)" if dtype.hasobject else ""))
@@ -447,7 +459,7 @@ def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: st
     try:
         return np.lib.format.read_array(handle, allow_pickle=False)
     except ValueError as error:
-        raise ECGInputError("unreadable_signal", f"{source}: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{source}: {_problem(error)}") from error
 
 
 def _csv_lines(path: Path) -> int:
@@ -475,11 +487,14 @@ def _read_csv(path: Path, rate: float, limits: RecordLimits) -> tuple[np.ndarray
     with open(path, encoding="utf-8", errors="replace") as handle:
         first = handle.readline().strip().split(",")
     has_header = any(cell and not _is_number(cell) for cell in first)
+    if has_header and not all(_LEAD_NAME.fullmatch(cell.strip()) for cell in first):
+        raise ECGInputError("unreadable_signal", f"{path}: the first row is neither numbers nor lead names; a CSV record "
+                            "has one column per lead, numbers in every row but an optional first row of lead names")
     limits.check(len(first), max(0, lines - has_header), rate, str(path))
     try:
         signal = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float32, ndmin=2)
     except Exception as error:
-        raise ECGInputError("unreadable_signal", f"{path} is not a CSV of numbers: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{path} is not a CSV of numbers: {_problem(error)}") from error
     return signal, ([cell.strip() for cell in first] if has_header else None)
 
 

@@ -4,6 +4,7 @@ Inference-Endpoint handler, the `enecg` console script, explanations and their p
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 
-from helpers import BLOCK_ENECG, STANDARD, build_model_folder, shared
+from helpers import BLOCK_ENECG, STANDARD, build_model_folder, call_from_threads, shared
 
 from ecg_files import peak_allocation, write_header, write_mat_zeros, write_record
 
@@ -173,6 +174,28 @@ def test_pipeline_batches_records(ecg, tmp_path):
             assert got["value"] == pytest.approx(expected["value"], rel=1e-5)
             assert got["gate_weights"] == pytest.approx(expected["gate_weights"], rel=1e-5)
     assert any("zero-padded" in w for w in one_by_one[1]["warnings"]) and not one_by_one[0]["warnings"]
+
+
+def test_one_pipeline_serves_threads_with_the_serial_results():
+    """8 threads share one pipeline of a model with MOMENT, each predicting different records one at a time and in
+    batches of 2. MOMENT kept each call's normalisation statistics on a shared module: concurrent calls got each other's
+    (values off by milliseconds, or `RuntimeError: shape ... is invalid`). Every call must give its serial result."""
+    from enecg_hf import EnECGConfig, EnECGModel, EnECGPipeline
+    from enecg_hf.data.simulate import simulate_record
+
+    experts = [{"name": "moment", "type": "moment", "input_length": 64, "leads": ["II", "V5"]},
+               {"name": "dlinear", "type": "dlinear", "input_length": 500, "leads": ["II"]}]
+    torch.manual_seed(0)
+    model = EnECGModel(EnECGConfig(experts=[{**e, "settings": {"preset": "tiny"}} for e in experts], sampling_rate=500,
+                                   input_length=5000, gate_input_length=100, target_mean=800.0, target_std=150.0))
+    ecg = EnECGPipeline(model=model.eval())
+    records = [simulate_record(i, seed=11)[0] for i in range(4)]
+    calls = [functools.partial(ecg, record, sampling_rate=500) for record in records]
+    calls += [functools.partial(ecg, pair, sampling_rate=500, batch_size=2)
+              for pair in ([records[0], records[3]], [records[2], records[1]])]
+    serial, results = call_from_threads(calls)
+    wrong = [i for i, result in results if result != serial[i]]
+    assert not wrong, f"{len(wrong)} of {len(results)} concurrent calls differ from the serial result"
 
 
 def test_registered_task_runs_the_installed_pipeline_class(regression_folder):
