@@ -17,7 +17,8 @@ The team is reached through the OpenMP runtime PyTorch links (`GOMP_parallel`, w
 export): a parallel region whose body calls `torch.set_flush_denormal` runs once on each team thread. Where no such
 runtime is found (a PyTorch built without OpenMP, or a platform without `/proc/self/maps`), or the CPU has no
 FTZ/DAZ (`torch.set_flush_denormal` returns False, e.g. ARM), the flag is set on the calling thread only, or not at
-all; the pass is then as fast or slow as the machine makes it, with unchanged results.
+all; the pass is then as fast or slow as the machine makes it, with unchanged results. `ENECG_HF_FLUSH_DENORMALS=0`
+in the environment turns it off (read at every block: the benchmarks compare both in one process).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+FLUSH_DENORMALS_ENV = "ENECG_HF_FLUSH_DENORMALS"
 _local = threading.local()  # per thread: how deep inside `flush_denormals` it is
 _runtime_lock = threading.Lock()
 _runtime: list = []  # [(GOMP_parallel, omp_get_thread_num) of PyTorch's OpenMP runtime, or None], found once
@@ -100,6 +102,9 @@ def _on_every_thread(work: Callable[[int], None]) -> None:
 def flush_denormals() -> Iterator[None]:
     """Flush subnormal floats to zero in the block, on the calling thread and its PyTorch intra-op threads; every
     thread gets its previous state back afterwards. Nested blocks cost nothing; each thread has its own scope."""
+    if os.environ.get(FLUSH_DENORMALS_ENV, "1") == "0":
+        yield
+        return
     if getattr(_local, "depth", 0):
         _local.depth += 1
         try:
@@ -125,4 +130,4 @@ def flush_denormals() -> Iterator[None]:
         _on_every_thread(leave)
 
 
-__all__ = ["flush_denormals", "flushes_denormals"]
+__all__ = ["flush_denormals", "flushes_denormals", "FLUSH_DENORMALS_ENV"]

@@ -252,6 +252,7 @@ class EnECGDeepFadeExpert(EnECGExpert):
         self.latent_channels = self.encoder.get_output_channels()
         # (weights key, EnECGDeepFadeInferencePlan or None): not a submodule, so neither saved nor moved by `.to()`.
         self._plan: tuple | None = None
+        self.use_inference_plan = True  # False runs the library's module (benchmarks compare the two)
         self._plan_lock = threading.Lock()
         per_channel = 2 if s["pooling"] == "mean_std" else 1
         self.embedding_dim = self.num_leads * self.latent_channels * per_channel
@@ -283,7 +284,8 @@ class EnECGDeepFadeExpert(EnECGExpert):
         batch, leads, length = inputs.shape
         z = self.standardize(inputs.reshape(batch * leads, 1, length))
         chunk = self.settings["chunk_size"]
-        encode = self.encoder if self.encoder.training else (self.inference_plan() or self.encoder)
+        plan = self.inference_plan() if self.use_inference_plan and not self.encoder.training else None
+        encode = plan or self.encoder
         latent = torch.cat([encode(z[i : i + chunk]) for i in range(0, len(z), chunk)])
         return latent.reshape(batch, leads, *latent.shape[1:])
 

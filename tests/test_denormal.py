@@ -128,11 +128,10 @@ def test_every_route_of_the_frozen_pass_flushes_inside_and_restores_after(thread
         assert unflushed_fraction() == 1.0, route
 
 
-def test_flushing_changes_no_value_of_the_tiny_experts():
+def test_flushing_changes_no_value_of_the_tiny_experts_and_can_be_turned_off(monkeypatch):
     """Random weights hold no subnormals: flushing them is exact (the pretrained experts' figures are in
-    docs/experts.md)."""
+    docs/experts.md). `ENECG_HF_FLUSH_DENORMALS=0` turns flushing off."""
     from enecg_hf import EnECGConfig, EnECGModel
-    from enecg_hf.denormal_enecg import _local
 
     config = {k: v for k, v in TINY.items() if k != "model_type"}
     torch.manual_seed(0)
@@ -140,10 +139,9 @@ def test_flushing_changes_no_value_of_the_tiny_experts():
     x = torch.randn(2, 12, TINY["input_length"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         flushed = model.compute_features(x).expert_embeddings
-        _local.depth = 1  # as if inside a block already: the pass then leaves the flag alone (off)
-        try:
-            plain = model.compute_features(x).expert_embeddings
-        finally:
-            _local.depth = 0
+        monkeypatch.setenv("ENECG_HF_FLUSH_DENORMALS", "0")
+        with flush_denormals():
+            assert unflushed_fraction() == 1.0
+        plain = model.compute_features(x).expert_embeddings
     for a, b in zip(flushed, plain):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

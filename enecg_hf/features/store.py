@@ -312,6 +312,7 @@ class FeatureStore:
 def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarray]:
     """The values of `columns` for a batch of raw records, as `EnECGModel.compute_features` computes them, without
     touching the global RNG."""
+    from ..denormal_enecg import flush_denormals
     from ..modeling_enecg import normalize_ecg
 
     signal = np.array(signal, dtype=np.float32)
@@ -319,7 +320,8 @@ def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarra
     # read, so they are computed on zeros rather than ending the run.
     signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
+    # One flush-to-zero scope for all columns (each expert's own call would otherwise set and restore it).
+    with torch.random.fork_rng(devices=[]), flush_denormals():
         normalized = normalize_ecg(torch.as_tensor(signal, device=device), model.config.normalization)
         return [c.compute(normalized).float().cpu().numpy() for c in columns]
 
