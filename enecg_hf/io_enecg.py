@@ -2,8 +2,13 @@
 including the original Georgia headers), and plain `.npy` / `.csv` arrays.
 
 [`read_record`] returns a [`ECGRecording`]: the signal as (leads, samples) float32 in millivolts, its sampling rate,
-the lead names as the source spells them and the header comments. Lead order, rate and length are left as they
-are; [`prepare_signal`] in `preprocessing_enecg` standardises them.
+the lead names as the source spells them (or as the caller names the rows) and the header comments. Lead order, rate
+and length are left as they are; [`prepare_signal`] in `preprocessing_enecg` standardises them. [`open_record`]
+returns an [`ECGRecordReader`] instead, whose samples are read a span at a time: with `lazy=True` a WFDB `.dat`
+record of any length (a 24-hour Holter) is read window by window from disk, each span's bytes only.
+
+A WFDB ADC gain of 0 (or none) means "uncalibrated" in the header format: the signal is read at 200 ADC units per mV,
+as `wfdb` reads it, with a warning ([`check_header_text`]).
 
 Size is decided before any sample is read ([`RecordLimits`]): from the WFDB header (signal length and rate), the
 declared shape of the `.mat` matrix (whose zlib-compressed data must also decompress to no more than that shape
@@ -23,6 +28,7 @@ folder's code does not require them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -31,13 +37,15 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
 from .preprocessing_enecg import STANDARD_LEAD_NAMES, ECGInputError, check_sampling_rate
-from .wfdb_enecg import WFDBHeader, fast_read_unsupported, parse_header, read_dat_signal
+from .wfdb_enecg import DEFAULT_ADC_GAIN, WFDBHeader, fast_read_unsupported, parse_header, read_dat_signal
 
+
+logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 1 << 20  # WFDB headers are a few kB (signal lines and comments)
 MAX_CSV_LINE_BYTES = 1 << 16  # one sample of every lead (or the header row of lead names)
@@ -60,19 +68,21 @@ class RecordLimits:
         max_values: most values (leads x samples) accepted (`too_large`). Reading holds about two copies of them
             (the stored integers or floats, and float32 millivolts): 2**24 values are 64 MiB as float32.
         max_sampling_rate: highest rate accepted in Hz (`bad_sampling_rate`).
+        too_long_advice: what the `too_long` error tells the user to do (the pipeline names its `window_seconds`).
     """
 
     max_seconds: float = 60.0
     max_values: int = 1 << 24
     max_sampling_rate: float = 10_000.0
+    too_long_advice: str = "Cut it into windows first"
 
     def check(self, leads: int, samples: int, sampling_rate: float, source: str) -> None:
         """Refuse a record of `leads` x `samples` at `sampling_rate` that exceeds the limits."""
         seconds = samples / sampling_rate
         if seconds > self.max_seconds:
             raise ECGInputError("too_long", f"{source} holds {samples} samples per lead at {sampling_rate:g} Hz "
-                                f"({seconds:.1f} s); at most {self.max_seconds:g} s are accepted. Cut it into windows "
-                                "first")
+                                f"({seconds:.1f} s); at most {self.max_seconds:g} s are accepted. "
+                                f"{self.too_long_advice}")
         if leads * samples > self.max_values:
             raise ECGInputError("too_large", f"{source} holds {leads} x {samples} values; at most {self.max_values} "
                                 "are accepted")
@@ -111,12 +121,49 @@ class ECGRecording:
         sampling_rate: samples per second.
         lead_names: name of each row of `signal`, spelled as in the source.
         comments: header comment lines without the leading `#` (WFDB/Challenge), empty for arrays.
+        warnings: what the caller should know about the record as read (e.g. an uncalibrated WFDB header).
     """
 
     signal: np.ndarray
     sampling_rate: float
     lead_names: list[str]
     comments: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ECGRecordReader:
+    """A record opened by [`open_record`]: what its header says, and its samples, read a span at a time.
+
+    Attributes:
+        sampling_rate: samples per second.
+        lead_names: name of each row, spelled as in the source (or as the caller named them).
+        num_samples: samples per lead in the record.
+        read_span: `(start, stop) -> (leads, stop - start)` float32 array in millivolts ([`read`] checks the span).
+        comments: header comment lines without the leading `#` (WFDB/Challenge), empty for arrays.
+        warnings: what the caller should know about the record as read (e.g. an uncalibrated WFDB header).
+    """
+
+    sampling_rate: float
+    lead_names: list[str]
+    num_samples: int
+    read_span: Callable[[int, int], np.ndarray] = field(repr=False)
+    comments: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_signal(cls, signal: np.ndarray, sampling_rate: float, lead_names: Sequence[str],
+                    comments: Sequence[str] = (), warnings: Sequence[str] = ()) -> "ECGRecordReader":
+        """A reader of a (leads, samples) array held in memory (spans are views of it)."""
+        return cls(sampling_rate, list(lead_names), signal.shape[1], lambda start, stop: signal[:, start:stop],
+                   list(comments), list(warnings))
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(leads, stop - start) float32 array in millivolts of samples `start` to `stop` (default: to the end)."""
+        stop = self.num_samples if stop is None else stop
+        if not 0 <= start <= stop <= self.num_samples:
+            raise ValueError(f"span {start}:{stop} is outside the record's {self.num_samples} samples")
+        return self.read_span(start, stop)
 
 
 def _record_base(path: Path) -> Path:
@@ -151,13 +198,21 @@ def _number(text: str) -> float:
         return math.nan
 
 
-def check_header_text(text: str, header_path: Path | str) -> None:
-    """Refuse header values that `wfdb` would silently replace by its defaults.
+def check_header_text(text: str, header_path: Path | str) -> list[str]:
+    """Refuse header values that `wfdb` would silently replace by its defaults or misread, and say which signals are
+    uncalibrated.
 
-    `wfdb` reads an unparsable sampling frequency (`-1`, `nan`) as 250 Hz and an ADC gain of 0 as 200 units/mV. A
-    record with such a header would be read at a made-up rate or scale: refused as `unreadable_header`. (A header that
-    leaves those fields out is valid WFDB and keeps the defaults.) Multi-segment records are refused too. Messages show
-    what a field was read as (a number, NaN), never its text: a record may be any file.
+    `wfdb` reads an unparsable sampling frequency (`-1`, `nan`) as 250 Hz: refused as `unreadable_header`, as are an
+    ADC gain that is no number, NaN, infinite or negative (the scale of the signal is unknown or inverted) and
+    multi-segment records. A header that leaves the rate out is valid WFDB and keeps the default. Messages show what a
+    field was read as (a number, NaN), never its text: a record may be any file.
+
+    An ADC gain of 0, or none, means "uncalibrated" in the WFDB header format (header(5): "a value of 200 ADC units
+    per physical unit may be assumed"; `wfdb` reads it so). Whole PhysioNet databases write it (e.g. `rec.dat 212 0
+    12 0 -16 12292 0 ECG`): such signals are read at 200 units/mV, and their names are returned for a warning.
+
+    Returns:
+        The descriptions (or `signal N`) of the signals whose gain is 0 or missing.
     """
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not lines:
@@ -175,18 +230,28 @@ def check_header_text(text: str, header_path: Path | str) -> None:
         if not math.isfinite(rate) or rate <= 0:
             raise ECGInputError("unreadable_header", f"{header_path}: sampling frequency {rate:g} is not a positive "
                                 "number")
+    uncalibrated = []
     for index, line in enumerate(lines[1 : 1 + int(record[1])]):
         fields = line.split()
-        if len(fields) >= 3:
-            gain = _number(fields[2])
-            if not math.isfinite(gain) or gain == 0:
-                raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {gain:g} of signal {index + 1} is "
-                                    "not a non-zero number (the scale of the signal is unknown)")
+        name = " ".join(fields[8:]) or f"signal {index + 1}"
+        gain = _number(fields[2]) if len(fields) >= 3 else 0.0
+        if not math.isfinite(gain) or gain < 0:
+            raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {gain:g} of {name} is not a positive "
+                                "number (the scale of the signal is unknown)")
+        if gain == 0:
+            uncalibrated.append(name)
+    return uncalibrated
 
 
-def _read_header(base: Path):
+def uncalibrated_warning(names: Sequence[str]) -> str:
+    """The warning for a record whose signals `names` have an ADC gain of 0 or none (see [`check_header_text`])."""
+    return (f"uncalibrated record: the header gives no ADC gain (0 or none) for {list(names)}; read at the WFDB "
+            f"default of {DEFAULT_ADC_GAIN:g} ADC units per mV, so amplitudes in mV are nominal")
+
+
+def _read_header(base: Path) -> tuple[Any, list[str]]:
     """The header fields of `base.hea`, parsed once: a `wfdb_enecg.WFDBHeader` for headers of the common form, else a
-    `wfdb.Record` (fixing Challenge record lines in a temporary copy)."""
+    `wfdb.Record` (fixing Challenge record lines in a temporary copy); and the names of its uncalibrated signals."""
     header_path = base.with_name(base.name + ".hea")
     if not header_path.is_file():
         raise ECGInputError("missing_file", f"no header file {header_path}")
@@ -196,20 +261,20 @@ def _read_header(base: Path):
                             f"{MAX_HEADER_BYTES} accepted)")
     text = header_path.read_text(encoding="ascii", errors="ignore")
     fixed = fix_header_text(text)
-    check_header_text(fixed, header_path)
+    uncalibrated = check_header_text(fixed, header_path)
     if FAST_WFDB:
         parsed = parse_header(fixed)
         if parsed is not None:
-            return parsed
+            return parsed, uncalibrated
     wfdb = _import_wfdb()
     try:
         if fixed == text:
-            return wfdb.rdheader(str(base))
+            return wfdb.rdheader(str(base)), uncalibrated
         # wfdb parses headers only from files: hand it the fixed text under the same record name.
         stem = fixed.split(None, 1)[0] if fixed.strip() else base.name
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, f"{stem}.hea").write_text(fixed, encoding="ascii")
-            return wfdb.rdheader(os.path.join(directory, stem))
+            return wfdb.rdheader(os.path.join(directory, stem)), uncalibrated
     except Exception as error:  # wfdb raises HeaderSyntaxError, ValueError, IndexError... on malformed headers
         raise ECGInputError("unreadable_header", f"{header_path}: {_problem(error)}") from error
 
@@ -376,9 +441,19 @@ def _dat_layout(header, base: Path) -> tuple[int, int | None]:
     return samples, needed
 
 
-def _read_wfdb(base: Path, limits: RecordLimits) -> ECGRecording:
+def _row_names(lead_names: Sequence[str] | None, found: Sequence[str], source: str) -> list[str]:
+    """The names of a record's rows: the caller's `lead_names` (one per row) where given, else the source's own."""
+    if lead_names is None:
+        return list(found)
+    if len(lead_names) != len(found):
+        raise ECGInputError("bad_shape", f"{len(lead_names)} lead names {list(lead_names)} for the {len(found)} signals "
+                            f"of {source} (named {list(found)} there)")
+    return list(lead_names)
+
+
+def _open_wfdb(base: Path, lead_names: Sequence[str] | None, limits: RecordLimits, lazy: bool) -> ECGRecordReader:
     """A WFDB record with `.dat` (any WFDB format) or Challenge `.mat` signal files."""
-    header = _read_header(base)
+    header, uncalibrated = _read_header(base)
     if not header.n_sig or not header.file_name:
         raise ECGInputError("unreadable_header", f"{base}.hea lists no signals")
     signal_files = [base.parent / name for name in dict.fromkeys(header.file_name)]
@@ -386,32 +461,41 @@ def _read_wfdb(base: Path, limits: RecordLimits) -> ECGRecording:
         if not signal_file.is_file():
             raise ECGInputError("missing_signal_file", f"no signal file {signal_file}")
     rate = check_sampling_rate(header.fs, limits.max_sampling_rate)
+    names = _row_names(lead_names, header.sig_name, f"{base}.hea")
+    comments, warnings = list(header.comments or []), []
+    if uncalibrated:
+        warnings.append(uncalibrated_warning(uncalibrated))
+        logger.warning("%s.hea: %s", base, warnings[-1])
     if all(name.lower().endswith(".mat") for name in header.file_name):
-        signal = _digital_to_physical(_read_mat_signal(base, header, limits), header)
-    else:
-        samples, needed = _dat_layout(header, base)
-        values_per_sample = sum((header.samps_per_frame[i] if header.samps_per_frame else 1) or 1
-                                for i in range(header.n_sig))
+        signal = _to_millivolts(_digital_to_physical(_read_mat_signal(base, header, limits), header), header.units)
+        return ECGRecordReader.from_signal(signal, rate, names, comments, warnings)
+    samples, needed = _dat_layout(header, base)
+    values_per_sample = sum((header.samps_per_frame[i] if header.samps_per_frame else 1) or 1
+                            for i in range(header.n_sig))
+    if not lazy:
         limits.check(values_per_sample, samples, rate, f"{base}.hea")
-        actual = sum(path.stat().st_size for path in signal_files)
-        if needed is not None and actual < needed:
-            raise ECGInputError("truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {needed}")
-        physical = None
+    actual = sum(path.stat().st_size for path in signal_files)
+    if needed is not None and actual < needed:
+        raise ECGInputError("truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {needed}")
+
+    def read_span(start: int, stop: int) -> np.ndarray:
+        if lazy:
+            limits.check(values_per_sample, stop - start, rate, f"a span of {base}")
+        physical, units = None, header.units
         if isinstance(header, WFDBHeader) and fast_read_unsupported(header) is None:
             # None when the files are shorter than the samples need or the checksums differ: wfdb then decides.
-            physical = read_dat_signal(base.parent, header, samples, np.float32)
+            physical = read_dat_signal(base.parent, header, stop - start, np.float32, start=start)
         if physical is None:
             try:
-                record = _import_wfdb().rdrecord(str(base), sampto=samples, physical=True, return_res=32)
+                record = _import_wfdb().rdrecord(str(base), sampfrom=start, sampto=stop, physical=True, return_res=32)
             except ECGInputError:
                 raise
             except Exception as error:
                 raise ECGInputError("unreadable_signal", f"{base}: {_problem(error)}") from error
-            physical = record.p_signal
-            header = record
-        signal = np.asarray(physical, dtype=np.float32).T
-    signal = _to_millivolts(signal, header.units)
-    return ECGRecording(signal, rate, list(header.sig_name), list(header.comments or []))
+            physical, units = record.p_signal, record.units
+        return _to_millivolts(np.asarray(physical, dtype=np.float32).T, units)
+
+    return ECGRecordReader(rate, names, samples, read_span, comments, warnings)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -499,7 +583,7 @@ def _read_csv(path: Path, rate: float, limits: RecordLimits) -> tuple[np.ndarray
 
 
 def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[str] | None,
-                limits: RecordLimits) -> ECGRecording:
+                limits: RecordLimits) -> ECGRecordReader:
     """A `.npy` or `.csv` array in millivolts; (samples, leads) arrays are transposed to (leads, samples)."""
     if sampling_rate is None:
         raise ECGInputError("bad_sampling_rate", f"{path}: arrays carry no sampling rate, pass `sampling_rate`")
@@ -521,7 +605,7 @@ def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[st
         names = list(STANDARD_LEAD_NAMES)
     if signal.shape[0] != len(names) and signal.shape[1] == len(names):
         signal = signal.T
-    return ECGRecording(np.ascontiguousarray(signal), rate, names, [])
+    return ECGRecordReader.from_signal(np.ascontiguousarray(signal), rate, names)
 
 
 def _is_number(text: str) -> bool:
@@ -532,20 +616,59 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_record(
+def open_record(
     path: str | os.PathLike,
     sampling_rate: float | None = None,
     lead_names: Sequence[str] | None = None,
     limits: RecordLimits | None = None,
-) -> ECGRecording:
-    """Read one ECG record.
+    lazy: bool = False,
+) -> ECGRecordReader:
+    """Open one ECG record: read and check its header (and load what cannot be read in parts), read samples later.
 
     Args:
         path: a WFDB/Challenge record (`dir/name`, `dir/name.hea`, `.dat` or `.mat` with a `.hea` beside it), or a
             `.npy` / `.csv` array in millivolts. CSV files have one column per lead, optionally with a header row of
             lead names; `.npy` files hold (leads, samples) or (samples, leads).
         sampling_rate: rate in Hz of `.npy` / `.csv` arrays (ignored for WFDB records, whose header gives it).
-        lead_names: lead names of `.npy` / `.csv` arrays; defaults to the CSV header or `STANDARD_LEAD_NAMES`.
+        lead_names: names of the rows, in order: they replace a WFDB header's own names (one per signal; e.g. for
+            headers that name leads `ECG1` or `record 14046, signal 0`). Arrays default to the CSV header or
+            `STANDARD_LEAD_NAMES`.
+        limits: size limits checked before samples are read (default: `RecordLimits()`, 60 s).
+        lazy: read the samples of WFDB `.dat` records only when a span is asked for (`ECGRecordReader.read`, from
+            disk, only that span's bytes): `limits` then apply to each span read, not to the whole record, so a
+            record of any length is read in bounded memory. `.mat`, `.npy` and `.csv` files are loaded when opened,
+            under `limits` for the whole file, either way.
+
+    Returns:
+        An [`ECGRecordReader`].
+
+    Raises:
+        ECGInputError: as [`read_record`].
+    """
+    limits = limits or RecordLimits()
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".csv"):
+        if not path.is_file():
+            raise ECGInputError("missing_file", f"no file {path}")
+        return _read_array(path, sampling_rate, lead_names, limits)
+    return _open_wfdb(_record_base(path), lead_names, limits, lazy)
+
+
+def read_record(
+    path: str | os.PathLike,
+    sampling_rate: float | None = None,
+    lead_names: Sequence[str] | None = None,
+    limits: RecordLimits | None = None,
+) -> ECGRecording:
+    """Read one ECG record whole ([`open_record`], then all its samples).
+
+    Args:
+        path: a WFDB/Challenge record (`dir/name`, `dir/name.hea`, `.dat` or `.mat` with a `.hea` beside it), or a
+            `.npy` / `.csv` array in millivolts (see [`open_record`]).
+        sampling_rate: rate in Hz of `.npy` / `.csv` arrays (ignored for WFDB records, whose header gives it).
+        lead_names: names of the rows, in order (they replace a WFDB header's names); arrays default to the CSV header
+            or `STANDARD_LEAD_NAMES`.
         limits: size limits checked before samples are read (default: `RecordLimits()`, 60 s).
 
     Returns:
@@ -555,14 +678,8 @@ def read_record(
         ECGInputError: with `reason` one of `missing_file`, `missing_signal_file`, `unreadable_header`,
             `unreadable_signal`, `truncated_signal`, `bad_sampling_rate`, `bad_shape`, `too_long`, `too_large`.
     """
-    limits = limits or RecordLimits()
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".npy", ".csv"):
-        if not path.is_file():
-            raise ECGInputError("missing_file", f"no file {path}")
-        return _read_array(path, sampling_rate, lead_names, limits)
-    return _read_wfdb(_record_base(path), limits)
+    reader = open_record(path, sampling_rate, lead_names, limits)
+    return ECGRecording(reader.read(), reader.sampling_rate, reader.lead_names, reader.comments, reader.warnings)
 
 
 def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
@@ -578,5 +695,5 @@ def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
     return fields
 
 
-__all__ = ["ECGRecording", "RecordLimits", "read_record", "read_npy", "fix_header_text", "check_header_text",
-           "parse_header_comments"]
+__all__ = ["ECGRecording", "ECGRecordReader", "RecordLimits", "open_record", "read_record", "read_npy",
+           "fix_header_text", "check_header_text", "uncalibrated_warning", "parse_header_comments"]

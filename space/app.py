@@ -157,11 +157,11 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
             raise ValueError("Upload a record or pick a simulated example")
         # The pipeline's own steps, run one by one so the record is read and prepared once for prediction and plot.
         try:
-            model_inputs = ecg.preprocess(record, **options)
+            model_inputs = next(ecg.preprocess(record, **options))  # a whole record is one model input
         except ValueError as error:
             raise ValueError(str(error).replace(f"{workdir}{os.sep}", "")) from None
         prepared = model_inputs["input_values"]
-        result = ecg.postprocess(ecg.forward(model_inputs))
+        result = ecg.postprocess([ecg.forward(model_inputs)])
     # One prediction per task, side by side (a single-task model is one task).
     tasks = result["tasks"] if "tasks" in result else {config.label_name: result}
     explanation = explain(ecg.model, prepared, n_steps=16, experts=False) if with_saliency else None

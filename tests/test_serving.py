@@ -275,7 +275,7 @@ def test_classification_pipeline_returns_labels_scores_and_top_k(classification_
         ("scaled_3e38", {"sampling_rate": 500}, "implausible_amplitude"),
         ("npz_as_npy", {"sampling_rate": 500}, "unreadable_signal"),
         ("header_rate_-1", {}, "unreadable_header"),
-        ("header_gain_0", {}, "unreadable_header"),
+        ("header_gain_-200", {}, "unreadable_header"),
     ],
 )
 def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inputs, kwargs, reason):
@@ -293,7 +293,7 @@ def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inpu
         inputs = str((tmp_path / "record.npz").rename(tmp_path / "record.npy"))
     elif isinstance(inputs, str) and inputs.startswith("header_"):
         base = write_record(tmp_path, "rec")  # then its header is rewritten with a value wfdb would replace
-        write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "0"}))
+        write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "-200"}))
         inputs = str(base)
     with pytest.raises(ValueError) as error:
         ecg(inputs, **kwargs)

@@ -305,10 +305,11 @@ def test_files_that_are_not_npy_arrays_say_what_they_are(tmp_path):
 @pytest.mark.parametrize(
     "fs, gain, message",
     [("-1", "1000", "sampling frequency -1 "), ("nan", "1000", "sampling frequency nan "),
-     ("500", "0", "ADC gain 0 of signal 1 "), ("500", "nan", "ADC gain nan of signal 1 ")],
+     ("500", "nan", "ADC gain nan of "), ("500", "-200", "ADC gain -200 of "), ("500", "abc", "ADC gain nan of ")],
 )
 def test_header_values_wfdb_would_replace_by_defaults_are_refused(tmp_path, fs, gain, message):
-    """wfdb reads these as 250 Hz and 200 units/mV: a record read at a made-up rate or scale."""
+    """wfdb reads a rate of -1 or NaN as 250 Hz: a record read at a made-up rate. A gain that is NaN, negative or no
+    number leaves the scale unknown (a gain of 0 is WFDB's "uncalibrated", read: tests/test_long_records.py)."""
     base = write_record(tmp_path, "rec")
     write_header(tmp_path / "rec.hea", fs=fs, gain=gain)
     error = _refusal(base)[1]
