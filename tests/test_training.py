@@ -26,6 +26,16 @@ from helpers import BLOCK_ENECG, SHARED_DATA
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 
+# How far the main job's figures may move from those the README states, which are measured with the pinned versions
+# (.ci/constraints.txt), in ms. On one machine the run is deterministic (three runs, with 1 and 2 threads: the same
+# figures to the last digit; MKL's COMPATIBLE code path, standing in for another CPU, moved them by 0.01 ms).
+# Elsewhere float rounding differs and an inner-CV epoch choice can flip, moving a fold's MAE by a few ms: the fresh
+# venv of issue 25, on another machine, printed CV MAE 28.56 ± 9.2 and quickstart 16.3 where this one prints
+# 26.62 ± 9.58 and 16.4. The bounds are 1.5x the largest of those moves (1.9 ms); a dependency change exceeds them:
+# neurokit2 0.2.13 instead of 0.3.0 gives 25.92 ± 3.82 and a quickstart MAE of 27.9 (checked). The mean predictor's
+# figures move only by the README's rounding.
+MAIN_JOB_TOLERANCE_MS = {"cv_mae_mean": 3.0, "cv_mae_std": 3.0, "baseline": 0.1, "quickstart_mae": 3.0}
+
 # Small runs: two cheap experts, 24 simulated records, 2 folds of 12.
 SMALL_RUN = ["--config", "tiny", "--label", "rr_interval", "--experts", "dlinear,timesnet", "--epochs", "4",
              "--inner_folds", "2", "--gate_epochs", "3", "--batch_size", "4", "--learning_rate", "1e-2", "--folds", "2"]
@@ -128,11 +138,16 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
     assert metrics["cv_verdict"]["beats_baseline"] is True and not metrics["warnings"]
     assert set(metrics["final"]["gate_weights"]) == {e["name"] for e in config["experts"]}
     assert all(f["fit"]["expert_epochs"] for f in metrics["folds"])
-    # The figures the README states for the main job are the ones it prints (to the README's precision).
+    # The figures the README states for the main job are the ones it prints (within MAIN_JOB_TOLERANCE_MS).
     stated = re.search(r"RR MAE ([\d.]+) ± ([\d.]+) ms against ([\d.]+) ± ([\d.]+) ms", (REPO / "README.md").read_text())
+    assert stated, "README.md no longer states the main job's figures as 'RR MAE m ± s ms against m ± s ms'"
     cv, baseline = metrics["cv"]["mae"], metrics["cv_baseline"]["mae"]
-    assert stated and [float(v) for v in stated.groups()] == pytest.approx(
-        [cv["mean"], cv["std"], baseline["mean"], baseline["std"]], abs=0.5), (stated and stated.groups(), cv, baseline)
+    tolerance = MAIN_JOB_TOLERANCE_MS
+    for name, printed, readme, abs_tolerance in zip(
+            ["CV MAE mean", "CV MAE std", "baseline mean", "baseline std"],
+            [cv["mean"], cv["std"], baseline["mean"], baseline["std"]], map(float, stated.groups()),
+            [tolerance["cv_mae_mean"], tolerance["cv_mae_std"], tolerance["baseline"], tolerance["baseline"]]):
+        assert abs(printed - readme) <= abs_tolerance, f"{name}: the run printed {printed:.2f}, README.md says {readme}"
 
 
 @pytest.mark.slow
@@ -478,13 +493,18 @@ def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
 def test_quickstart_predicts_with_the_trained_main_job_folder(main_job):
     from enecg_hf.tools import quickstart
 
-    result = quickstart.main(["--model", str(main_job[0]), "--num_records", "6"])
-    assert result["label"] == "rr_interval" and result["unit"] == "ms" and len(result["records"]) == 6
+    result = quickstart.main(["--model", str(main_job[0])])  # as `make demo` runs it
+    assert result["label"] == "rr_interval" and result["unit"] == "ms" and len(result["records"]) == 5
     for row in result["records"]:
         assert sum(row["gate_weights"].values()) == pytest.approx(1.0, abs=0.01)
         experts = json.loads((main_job[0] / "config.json").read_text())["experts"]
         assert set(row["gate_weights"]) == {e["name"] for e in experts}
     assert result["mean_absolute_error"] < 0.5 * metrics_of(main_job[0])["cv_baseline"]["mae"]["mean"]
+    # The README states its MAE (within MAIN_JOB_TOLERANCE_MS).
+    stated = re.search(r"it never saw \(MAE ([\d.]+) ms\)", (REPO / "README.md").read_text())
+    assert stated, "README.md no longer states the quickstart's MAE as 'it never saw (MAE x ms)'"
+    assert abs(result["mean_absolute_error"] - float(stated[1])) <= MAIN_JOB_TOLERANCE_MS["quickstart_mae"], (
+        f"the quickstart printed MAE {result['mean_absolute_error']}, README.md says {stated[1]}")
 
 
 def test_quickstart_without_a_model_round_trips_the_untrained_tiny_model(tmp_path):
