@@ -62,6 +62,9 @@ class EnECGExpert(nn.Module):
     # `load_pretrained` reads (`python -m enecg_hf.tools.convert <expert_type> SOURCE DEST`); None for experts that
     # read their upstream format themselves or have no released weights.
     CONVERTER: ClassVar[str | None] = None
+    # Raised when the expert's code computes its embedding differently (even in the last bits) from the same weights
+    # and settings: its feature-store fingerprint changes, so values of the old code are not mixed with new ones.
+    COMPUTATION_VERSION: ClassVar[int] = 1
     # Set per instance by `set_expert_precision` (precision_enecg.py): the backbone runs under `torch.autocast` in this
     # dtype (its weights stay float32). None: no autocast.
     autocast_dtype: torch.dtype | None = None

@@ -213,6 +213,7 @@ class EnECGDeepFadeExpert(EnECGExpert):
 
     expert_type = "deepfade"
     KEEP_IN_FP32 = True  # the library's network reads float32 z-scores
+    COMPUTATION_VERSION = 2  # 2: the compiled inference plan (same values to float32 rounding as the library module)
     DEFAULT_PRESET = "deepfade"
     WEIGHTS_LICENSE = "Apache-2.0"
     WEIGHTS_TRAINING_DATA = "a large private multi-source ECG database with noise augmentation (ecgdatakit)"

@@ -126,6 +126,23 @@ def test_fingerprints_are_per_expert_and_cover_weights_and_the_fields_it_reads()
         k: v for k, v in base.items() if k != "gate_inputs"}
 
 
+
+def test_a_new_computation_of_an_expert_gets_a_new_fingerprint(monkeypatch):
+    """An expert whose code computes differently from the same weights (DeepFADE's compiled plan: version 2) does not
+    reuse the values of its old code; the other columns keep their folders."""
+    from enecg_hf.expert_dlinear import EnECGDLinearExpert
+    from enecg_hf.features import column_fingerprints, model_columns
+
+    base = column_fingerprints(tiny_model(["dlinear", "timesnet"]))
+    monkeypatch.setattr(EnECGDLinearExpert, "COMPUTATION_VERSION", 2)
+    bumped = column_fingerprints(tiny_model(["dlinear", "timesnet"]))
+    assert bumped["embedding_dlinear"] != base["embedding_dlinear"]
+    assert {k: v for k, v in bumped.items() if k != "embedding_dlinear"} == {
+        k: v for k, v in base.items() if k != "embedding_dlinear"}
+    deepfade = next(c for c in model_columns(tiny_model(["deepfade"])) if c.column == "embedding_deepfade")
+    assert deepfade.description["computation"] == 2
+
+
 def test_random_experts_do_not_depend_on_the_task_so_every_label_shares_the_store():
     """Every expert of the default tiny config - ECG-FM nests a transformers model that `post_init` re-initialises -
     gets the same random weights, and so the same store columns, whatever the task's heads are: a regression, a

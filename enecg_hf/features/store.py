@@ -94,9 +94,12 @@ def expert_description(model, name: str) -> dict[str, Any]:
     expert_config = next(dict(e) for e in config.experts if e["name"] == name)
     expert_config.pop("name", None)  # a renamed expert computes the same values
     expert = model.experts[name]
-    return {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
-            "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
-            **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
+    description = {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
+                   "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
+                   **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
+    if expert.COMPUTATION_VERSION > 1:  # left out at 1, so that the columns of every other expert keep their folders
+        description["computation"] = expert.COMPUTATION_VERSION
+    return description
 
 
 def gate_description(config) -> dict[str, Any]:
