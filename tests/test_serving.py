@@ -276,6 +276,7 @@ def test_classification_pipeline_returns_labels_scores_and_top_k(classification_
         ("npz_as_npy", {"sampling_rate": 500}, "unreadable_signal"),
         ("header_rate_-1", {}, "unreadable_header"),
         ("header_gain_-200", {}, "unreadable_header"),
+        ("header_length_0", {}, "empty_signal"),  # and an empty .dat (issue 25: a bare ValueError)
     ],
 )
 def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inputs, kwargs, reason):
@@ -291,6 +292,9 @@ def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inpu
     elif isinstance(inputs, str) and inputs == "npz_as_npy":
         np.savez(tmp_path / "record.npz", signal=ludb_signal("2"))
         inputs = str((tmp_path / "record.npz").rename(tmp_path / "record.npy"))
+    elif isinstance(inputs, str) and inputs == "header_length_0":
+        inputs = str(write_header(tmp_path / "empty.hea", sig_len=0).with_suffix(""))
+        (tmp_path / "empty.dat").write_bytes(b"")
     elif isinstance(inputs, str) and inputs.startswith("header_"):
         base = write_record(tmp_path, "rec")  # then its header is rewritten with a value wfdb would replace
         write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "-200"}))

@@ -288,3 +288,28 @@ def test_duplicate_ids_and_identical_signals_are_kept_once_and_reported(tmp_path
                                                                                    "duplicate_signal": 1}
     kept = result.dataset.with_format("numpy")
     assert kept[list(kept["record_id"]).index("DUP001")]["signal"].shape == (12, 5000)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_zero_length_record_is_skipped_as_empty_signal(tmp_path, monkeypatch, fast):
+    """A header of signal length 0 with an empty `.dat` (issue 25): `empty_signal`, on the fast reader and on wfdb's
+    (it once ended in a bare `ValueError: zero-size array` from `wfdb_enecg.to_physical`, or `unreadable_signal`)."""
+    from enecg_hf import io_enecg
+    from enecg_hf.preprocessing_enecg import ECGInputError
+
+    monkeypatch.setattr(io_enecg, "FAST_WFDB", fast)
+    root = tmp_path / "zero"
+    write_record(root, "good", comments=["Age: 60", "Sex: Female"])
+    write_header(root / "empty.hea", sig_len=0)
+    (root / "empty.dat").write_bytes(b"")
+    with pytest.raises(ECGInputError) as error:
+        io_enecg.read_record(root / "empty")
+    assert error.value.reason == "empty_signal" and "no samples" in error.value.detail
+    if fast:  # the fast reader's own functions take a record of no samples too
+        from enecg_hf.wfdb_enecg import parse_header, read_dat_signal
+
+        header = parse_header((root / "empty.hea").read_text())
+        assert read_dat_signal(root, header, samples=0).shape == (0, 12)
+    build("challenge", root, output=tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["skipped"] == [{"record_id": "empty", "reason": "empty_signal", "detail": error.value.detail}]
