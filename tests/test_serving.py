@@ -511,6 +511,30 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
         assert f"--model {model}: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("where", ["_sanitize_parameters", "preprocess"])
+def test_console_script_reports_failing_model_code_in_one_line(regression_folder, tmp_path, capsys, where):
+    """The model folder's own code raising something other than a bad-record error (issue 25: an uncaught TypeError
+    traceback, exit 1): while loading the pipeline (`_sanitize_parameters` runs in its constructor) or on a record.
+    One line on stderr naming the model and the error, exit 2; no JSON line for a record the model never judged."""
+    from enecg_hf.tools.cli import main
+
+    broken = tmp_path / f"broken_{where}"
+    shutil.copytree(regression_folder, broken)
+    code = (broken / "pipeline_enecg.py").read_text()
+    signature = code.index(f"    def {where}(")
+    body = code.index(":\n", signature) + 2
+    (broken / "pipeline_enecg.py").write_text(code[:body] + '        raise TypeError("broken custom code")\n' + code[body:])
+    npy = tmp_path / "record.npy"
+    np.save(npy, np.random.default_rng(0).normal(0, 0.3, (12, 5000)).astype(np.float32))
+    assert main(["predict", str(npy), "--model", str(broken), "--sampling-rate", "500"]) == 2
+    out, err = capsys.readouterr()
+    messages = [line for line in err.splitlines() if line.startswith("enecg predict:")]
+    assert out == "" and "Traceback" not in err and len(messages) == 1, err
+    assert f"--model {broken}" in messages[0] and "TypeError: broken custom code" in messages[0]
+    if where == "preprocess":
+        assert f"on {npy}" in messages[0]
+
+
 @pytest.mark.slow
 def test_module_cli_and_export(classification_folder, tmp_path):
     npy = tmp_path / "record.npy"
