@@ -292,6 +292,41 @@ def test_resuming_never_reads_files_it_did_not_write(work, sim_dataset, referenc
     assert not marker.exists()
 
 
+def test_corrupt_checkpoint_files_are_named_and_recomputed_or_refused(work, sim_dataset, reference_run, tmp_path):
+    """Issue 25: a damaged checkpoint ended a resumed run in a raw traceback (JSONDecodeError, SafetensorError), and a
+    job file whose tensor bytes were overwritten was read as it was. A job file that is unreadable or whose tensors no
+    longer match the digest written beside them, and an unreadable fold result, are named and computed again (jobs
+    are deterministic: the same result as the uninterrupted run); an unreadable run.json, which says whose checkpoints
+    these are, is refused."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(reference_run, folder)
+    (folder / "metrics.json").unlink()
+    checkpoints = folder / "checkpoints"
+    truncated = checkpoints / "final" / "final" / "job-1.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    overwritten = checkpoints / "final" / "inner-heads" / "job-0.safetensors"
+    data = bytearray(overwritten.read_bytes())
+    data[-8:] = b"\x00\x00\x80\x7f" * 2  # two float32 values of the last tensor become inf; the file still loads
+    overwritten.write_bytes(bytes(data))
+    (checkpoints / "fold-1" / "result.json").write_text('{"fold": 1, "metrics": {"mae": 1')
+    args = ["--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", str(folder), "--resume_from_checkpoint", "latest"]
+    resumed = train(*args, cwd=work)
+    for path in (truncated, overwritten, checkpoints / "fold-1" / "result.json"):
+        assert f"{path} is unreadable" in resumed.stderr or f"{path} is corrupt" in resumed.stderr, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert_same_metrics(metrics_of(reference_run), metrics_of(folder), rtol=1e-6)
+    reference, other = trained_weights(reference_run), trained_weights(folder)
+    for key in reference:
+        torch.testing.assert_close(other[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
+
+    (checkpoints / "run.json").write_text("{not json")
+    refused = train(*args, cwd=work, expect=None)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"{checkpoints / 'run.json'} is unreadable" in refused.stderr
+
+
 def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
     train("--dataset", str(sim_dataset), *SMALL_RUN, "--mixed_precision", "bf16", "--output_dir", "bf16", cwd=work)
     bf16, fp32 = metrics_of(work / "bf16"), metrics_of(reference_run)

@@ -111,8 +111,14 @@ def gate_description(config) -> dict[str, Any]:
 
 def weights_digest(module: torch.nn.Module) -> str:
     """Hash of a module's state dict: names, dtypes, shapes and bytes."""
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of named tensors: names, dtypes, shapes and bytes (also what a training checkpoint's job file is checked
+    against, `training.jobs`)."""
     hasher = hashlib.blake2b(digest_size=16)
-    for key, tensor in sorted(module.state_dict().items()):
+    for key, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         hasher.update(_json_bytes([key, str(tensor.dtype), list(tensor.shape)]))
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

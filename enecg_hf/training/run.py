@@ -62,9 +62,18 @@ def _setup_logging(accelerator) -> None:
 
 def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
     """A resumed run must be the same run, and its checkpoint folder must hold only what this package writes."""
-    if not (checkpoint_root / "run.json").is_file():
+    path = checkpoint_root / "run.json"
+    if not path.is_file():
         raise TrainingSetupError(f"--resume_from_checkpoint: no checkpoints under {checkpoint_root}")
-    saved = json.loads((checkpoint_root / "run.json").read_text())
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not the run's arguments")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        # Not recomputed: it is what says whose checkpoints these are.
+        raise TrainingSetupError(f"--resume_from_checkpoint: {path} is unreadable ({error}), so the checkpoints under "
+                                 f"{checkpoint_root} cannot be matched to this run; start it again without "
+                                 "--resume_from_checkpoint") from None
     if saved != run_info:
         changed = sorted(k for k in {*run_info, *saved} if saved.get(k) != run_info.get(k))
         raise TrainingSetupError(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
