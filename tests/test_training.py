@@ -433,7 +433,8 @@ def test_label_without_values_and_wrong_sampling_rate(work, tmp_path):
 @pytest.mark.slow
 def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name(work, sim_dataset, tmp_path):
     """rr_interval None at rows 7-8 and NaN at row 9 (their folds once indexed the wrong rows: IndexError), a NaN
-    sample at row 3 and an amplitude of 3e38 mV at row 4 (feature caching once ended with a bare traceback)."""
+    sample at row 3 and an amplitude of 3e38 mV at row 4 (feature caching once ended with a bare traceback); inf at
+    row 10 (it once ended the run in scikit-learn after fold 1) and 1e9 ms at row 11 (it once trained silently)."""
     import datasets
 
     source = datasets.load_from_disk(str(sim_dataset))
@@ -441,6 +442,8 @@ def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name
     def damage(row, index):
         if index in (7, 8, 9):
             row["rr_interval"] = None if index < 9 else float("nan")
+        if index in (10, 11):
+            row["rr_interval"] = float("inf") if index == 10 else 1e9
         if index in (3, 4):
             signal = np.asarray(row["signal"], dtype=np.float32)
             signal[0, 100] = np.nan if index == 3 else 3e38
@@ -455,8 +458,49 @@ def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name
     assert "missing for 3 of 24 records: they are left out" in result.stderr
     assert f"left out: {unusable}" in result.stderr, result.stderr[-3000:]
     metrics = metrics_of(tmp_path / "out")
-    assert metrics["records"] == 19 and sum(f["test_records"] for f in metrics["folds"]) == 19
+    impossible = (f"2 of 24 records are left out for impossible values: 1 not finite and 1 outside the possible "
+                  f"100-10000 ms (e.g. {source[10]['record_id']}=inf, {source[11]['record_id']}=1e+09)")
+    assert impossible in result.stderr and impossible in metrics["warnings"]
+    assert metrics["records"] == 17 and sum(f["test_records"] for f in metrics["folds"]) == 17
     assert all(np.isfinite(v["mean"]) for v in metrics["cv"].values())
+
+
+def _label_dataset(ages, record_ids):
+    import datasets
+
+    n = len(ages)
+    return datasets.Dataset.from_dict({
+        "record_id": record_ids, "subject_id": [f"s{i}" for i in range(n)], "source": ["jsonl"] * n,
+        "signal": np.zeros((n, 12, 50), dtype=np.float32).tolist(), "age": ages})
+
+
+def test_impossible_labels_are_left_out_with_a_count_and_repeated_record_ids_warned(caplog):
+    """Issue 25: ages of +-1e9 trained silently, an infinite one ended the run in scikit-learn after a fold had
+    trained, a repeated record id passed unnoticed. Checked per task before training, against `TASKS`' valid_range;
+    the messages are logged and kept in the task's warnings (metrics.json)."""
+    from types import SimpleNamespace
+
+    from enecg_hf.data import TASKS
+    from enecg_hf.training import TrainingSetupError
+    from enecg_hf.training.run import prepare_task
+
+    ages = [50.0, 61.0, float("inf"), 1e9, -1e9, 40.0, 70.0, 33.0, float("-inf"), 58.0]
+    ids = [f"r{i}" for i in range(10)]
+    ids[7] = "r1"
+    args = SimpleNamespace(folds=2, seed=0)
+    with caplog.at_level("WARNING", logger="enecg_hf"):
+        task = prepare_task(_label_dataset(ages, ids), TASKS["age"], args)
+    assert list(task.records["record_id"]) == ["r0", "r1", "r5", "r6", "r1", "r9"]
+    assert task.labels.tolist() == [50.0, 61.0, 40.0, 70.0, 33.0, 58.0]
+    impossible = next(w for w in task.warnings if "left out" in w)
+    assert "4 of 10" in impossible and "2 not finite" in impossible and "2 outside the possible 0-125 years" in impossible
+    assert "r3=1e+09" in impossible and "r2=inf" in impossible
+    repeated = next(w for w in task.warnings if "record id" in w)
+    assert "'r1'" in repeated and "1 record" in repeated
+    assert impossible in caplog.text and repeated in caplog.text
+
+    with pytest.raises(TrainingSetupError, match="none of its 3 values is possible"):
+        prepare_task(_label_dataset([1e9, -3.0, float("inf")], ["a", "b", "c"]), TASKS["age"], args)
 
 
 def test_classes_seen_only_in_test_folds_are_reported():

@@ -25,7 +25,7 @@ from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
-from .labels import check_class_coverage, encode_labels
+from .labels import check_class_coverage, check_repeated_records, encode_labels
 from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
@@ -121,11 +121,14 @@ class TaskData:
 
 def prepare_task(dataset, spec: TaskSpec, args: TrainScriptArguments) -> TaskData:
     """The task's labelled records and folds, checked before any training time is spent."""
-    keep, labels = encode_labels(dataset, spec)
+    warnings_ = []
+    keep, labels = encode_labels(dataset, spec, warnings_)
     keep, labels = drop_unusable_signals(dataset, keep, labels)
     records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
+    warnings_ += check_repeated_records(records)
     folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
-    warnings_ = [] if spec.is_regression else check_class_coverage(labels, spec, folds)
+    if not spec.is_regression:
+        warnings_ += check_class_coverage(labels, spec, folds)
     return TaskData(spec, np.asarray(keep), labels, records, folds, warnings_)
 
 
