@@ -327,6 +327,95 @@ def test_corrupt_checkpoint_files_are_named_and_recomputed_or_refused(work, sim_
     assert f"{checkpoints / 'run.json'} is unreadable" in refused.stderr
 
 
+def _built_dataset(cache: Path, *argv: str):
+    """The dataset `load_training_dataset` gives for `argv` (default: 8 simulated records, built into `cache`)."""
+    from accelerate import PartialState
+
+    from enecg_hf.training.arguments import parse_args
+    from enecg_hf.training.records import load_training_dataset
+
+    args = parse_args(list(argv) or ["--data_format", "simulated", "--num_records", "8", "--seed", "3"])
+    return load_training_dataset(args, PartialState(cpu=True), cache)
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_a_damaged_dataset_build_is_rebuilt_in_the_cache_and_refused_as_a_dataset(tmp_path, caplog, damage):
+    """Issue 25: a cached dataset was loaded and never checked: 4 KB overwritten inside its Arrow file trained
+    silently, a truncated one ended in a pyarrow traceback. The builder writes each file's content hash
+    (checksums.json, as the feature store names its shards); the cache moves a build whose files no longer match
+    aside and builds it again, and `--dataset` refuses such a folder naming the file."""
+    import shutil
+
+    from enecg_hf.training import TrainingSetupError
+
+    first = _built_dataset(tmp_path)
+    signals = np.asarray(first.with_format("numpy")["signal"])
+    [folder] = tmp_path.glob("dataset-simulated-*")
+    assert (folder / "checksums.json").is_file()
+    shutil.copytree(folder, tmp_path / "given")
+    for arrow in (next(folder.glob("data-*.arrow")), next((tmp_path / "given").glob("data-*.arrow"))):
+        data = bytearray(arrow.read_bytes())
+        if damage == "overwrite":
+            middle = len(data) // 2
+            data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
+        else:
+            data = data[: len(data) // 2]
+        arrow.write_bytes(bytes(data))
+    del first
+
+    with caplog.at_level("WARNING", logger="enecg_hf"):
+        again = _built_dataset(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.with_format("numpy")["signal"]), signals)
+    assert f"{folder} is corrupt ({arrow.name}:" in caplog.text and "built again" in caplog.text
+    assert sorted(p.name for p in tmp_path.glob(f"{folder.name}*")) == [folder.name, f"{folder.name}.corrupt"]
+
+    with pytest.raises(TrainingSetupError, match=f"--dataset {tmp_path / 'given'} is corrupt \\({arrow.name}: "):
+        _built_dataset(tmp_path, "--dataset", str(tmp_path / "given"))
+
+
+def test_two_runs_building_the_same_dataset_at_once_build_it_once(tmp_path):
+    """Issue 25: two runs on one --cache_dir started together built into the same fixed temporary folder: one crashed
+    (FileNotFoundError .../tmp/data-00000..., or OSError: Directory not empty) and left the .tmp folder. One builds
+    (into a folder of its own, renamed into place); the other waits for it and reads its build."""
+    script = textwrap.dedent(
+        """
+        import logging, sys, time
+        from pathlib import Path
+        from accelerate import PartialState
+        from enecg_hf.training.arguments import parse_args
+        from enecg_hf.training.records import load_training_dataset
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("enecg_hf").setLevel(logging.INFO)
+        cache, ready, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+        args = parse_args(["--data_format", "simulated", "--num_records", "24", "--seed", "5"])
+        state = PartialState(cpu=True)
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.005)
+        dataset = load_training_dataset(args, state, cache)
+        print("RECORDS", len(dataset), dataset[23]["record_id"])
+        """
+    )
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(tmp_path / f"ready{i}"), str(go)],
+                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    deadline = time.time() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+        assert "RECORDS 24 sim-5-000023" in out
+    logs = [err for _, err in outputs]
+    assert sum("Building the 'simulated' dataset" in log for log in logs) == 1, logs
+    assert sum("using the cached build" in log for log in logs) == 1, logs
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [
+        next(cache.glob("dataset-*")).name]
+
+
 def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
     train("--dataset", str(sim_dataset), *SMALL_RUN, "--mixed_precision", "bf16", "--output_dir", "bf16", cwd=work)
     bf16, fp32 = metrics_of(work / "bf16"), metrics_of(reference_run)

@@ -41,6 +41,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..data.checksums import content_digest, file_digest
+
 
 logger = logging.getLogger(__name__)
 
@@ -239,8 +241,7 @@ class FeatureStore:
 
         expected = path.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]
         if verify:
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            digest = file_digest(path)
             if digest != expected:
                 raise CorruptShard(f"its content hash {digest} is not the one in its name")
         try:
@@ -306,7 +307,7 @@ class FeatureStore:
             writer.write_table(table)
         data = sink.getvalue().to_pybytes()
         folder = self.folder(column)
-        path = folder / f"{SHARD_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}{SHARD_SUFFIX}"
+        path = folder / f"{SHARD_PREFIX}{content_digest(data)}{SHARD_SUFFIX}"
         tmp = folder / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
