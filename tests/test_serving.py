@@ -523,7 +523,8 @@ def test_console_script_reports_failing_model_code_in_one_line(regression_folder
     code = (broken / "pipeline_enecg.py").read_text()
     signature = code.index(f"    def {where}(")
     body = code.index(":\n", signature) + 2
-    (broken / "pipeline_enecg.py").write_text(code[:body] + '        raise TypeError("broken custom code")\n' + code[body:])
+    failing = '        raise TypeError("broken custom code")\n'
+    (broken / "pipeline_enecg.py").write_text(code[:body] + failing + code[body:])
     npy = tmp_path / "record.npy"
     np.save(npy, np.random.default_rng(0).normal(0, 0.3, (12, 5000)).astype(np.float32))
     assert main(["predict", str(npy), "--model", str(broken), "--sampling-rate", "500"]) == 2

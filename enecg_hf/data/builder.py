@@ -331,8 +331,8 @@ def build_dataset(
         input: the collection's folder (the JSONL file for `"jsonl"`; unused for `"simulated"`).
         output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists), with
             `checksums.json`, the content hash of every file (`checksums.verify_checksums` detects a file changed
-            since); the returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new temporary
-            folder (under `cache_dir` if given), which the caller may delete when done.
+            since); the returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new
+            temporary folder (under `cache_dir` if given), which the caller may delete when done.
         sampling_rate: stored rate in Hz; records are resampled to it.
         seconds: stored duration; longer records keep their first `seconds`, shorter ones are zero-padded.
         num_proc: worker processes.

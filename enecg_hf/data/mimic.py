@@ -1,10 +1,10 @@
 """MIMIC-IV-ECG: `record_list.csv` + `files/p<xxxx>/p<subject>/s<study>/<study>.hea|.dat`, `machine_measurements.csv`.
 
 Labels: `rr_interval` from `machine_measurements.csv` (the placeholder 29999 and values outside the task's
-`valid_range`, 100-10000 ms, are missing); `diagnoses` are the machine report lines `report_0` ... `report_17`, and `arrhythmia` comes from them
-(`labels.TEXT_RHYTHMS`). Age, sex and potassium are not in MIMIC-IV-ECG (they live in the credentialed MIMIC-IV
-hosp tables): pass `labels_csv`, a CSV with `subject_id`, optionally `study_id` (joined on both when present), and
-any of `age`/`anchor_age`, `sex`/`gender`, `potassium_flag`/`flag`. `record_id` is the study id.
+`valid_range`, 100-10000 ms, are missing); `diagnoses` are the machine report lines `report_0` ... `report_17`, and
+`arrhythmia` comes from them (`labels.TEXT_RHYTHMS`). Age, sex and potassium are not in MIMIC-IV-ECG (they live in the
+credentialed MIMIC-IV hosp tables): pass `labels_csv`, a CSV with `subject_id`, optionally `study_id` (joined on both
+when present), and any of `age`/`anchor_age`, `sex`/`gender`, `potassium_flag`/`flag`. `record_id` is the study id.
 """
 
 from __future__ import annotations

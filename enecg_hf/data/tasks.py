@@ -72,8 +72,8 @@ class TaskSpec:
         if self.valid_range is not None:
             low, high = (float(value) for value in self.valid_range)
             if not self.is_regression or not low <= high:
-                raise TaskError(f"Task {self.name!r}: valid_range {self.valid_range} needs a regression task and low <= "
-                                "high")
+                raise TaskError(f"Task {self.name!r}: valid_range {self.valid_range} needs a regression task and "
+                                "low <= high")
             self.valid_range = (low, high)
 
     @property

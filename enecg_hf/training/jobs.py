@@ -124,7 +124,8 @@ class CheckpointedJobRunner:
             return None
         try:
             result = json.loads(path.read_text())
-            if not isinstance(result, dict) or not all(isinstance(result.get(k), dict) for k in ("metrics", "baseline")):
+            if not isinstance(result, dict) or not all(isinstance(result.get(k), dict) for k in ("metrics",
+                                                                                                 "baseline")):
                 raise ValueError("not the result of a fold (no 'metrics' and 'baseline')")
         except (OSError, UnicodeDecodeError, ValueError) as error:
             logger.warning("Checkpoint %s is unreadable (%s): the fold is fitted (from its checkpointed jobs) and "

@@ -52,7 +52,8 @@ def _possible_values(dataset, keep: list[int], encoded: list, label: TaskSpec, w
     examples = ", ".join(f"{record_id}={encoded[row]:g}" for record_id, row in zip(ids, impossible))
     reasons = [f"{int((~finite).sum())} not finite"] if not finite.all() else []
     if (finite & ~possible).any():
-        reasons.append(f"{int((finite & ~possible).sum())} outside the possible {low:g}-{high:g} {label.unit or ''}".rstrip())
+        unit = f" {label.unit}" if label.unit else ""
+        reasons.append(f"{int((finite & ~possible).sum())} outside the possible {low:g}-{high:g}{unit}")
     detail = f"{' and '.join(reasons)} (e.g. {examples}{', ...' if len(impossible) > 5 else ''})"
     if not possible.any():
         raise TrainingSetupError(f"Label {label.name!r}: none of its {len(keep)} values is possible: {detail}. Is the "
@@ -77,12 +78,11 @@ def check_repeated_records(records) -> list[str]:
         return []
     extra = sum(count - 1 for count in counts.values())
     message = (f"{extra} record{'s' if extra > 1 else ''} repeat{'' if extra > 1 else 's'} the record id of another "
-               f"({len(repeated)} id{'s' if len(repeated) > 1 else ''}, e.g. {repeated[:5]}): a record listed twice weighs double in training and, under "
-               "two subject ids, can sit on both sides of a fold split; deduplicate the dataset (the data builder "
-               "keeps each id once)")
+               f"({len(repeated)} id{'s' if len(repeated) > 1 else ''}, e.g. {repeated[:5]}): a record listed twice "
+               "weighs double in training and, under two subject ids, can sit on both sides of a fold split; "
+               "deduplicate the dataset (the data builder keeps each id once)")
     logger.warning(message)
     return [message]
-
 
 
 def check_class_coverage(labels: np.ndarray, label: TaskSpec, folds) -> list[str]:
