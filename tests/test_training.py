@@ -374,6 +374,7 @@ def test_a_damaged_dataset_build_is_rebuilt_in_the_cache_and_refused_as_a_datase
         _built_dataset(tmp_path, "--dataset", str(tmp_path / "given"))
 
 
+@pytest.mark.slow
 def test_two_runs_building_the_same_dataset_at_once_build_it_once(tmp_path):
     """Issue 25: two runs on one --cache_dir started together built into the same fixed temporary folder: one crashed
     (FileNotFoundError .../tmp/data-00000..., or OSError: Directory not empty) and left the .tmp folder. One builds
