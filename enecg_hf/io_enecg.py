@@ -470,11 +470,14 @@ def _open_wfdb(base: Path, lead_names: Sequence[str] | None, limits: RecordLimit
         signal = _to_millivolts(_digital_to_physical(_read_mat_signal(base, header, limits), header), header.units)
         return ECGRecordReader.from_signal(signal, rate, names, comments, warnings)
     samples, needed = _dat_layout(header, base)
+    actual = sum(path.stat().st_size for path in signal_files)
+    if samples == 0:  # a length of 0 (or none) in the header and nothing in the files
+        raise ECGInputError("empty_signal", f"{base} holds no samples (the header gives a signal length of "
+                            f"{header.sig_len}, the signal files hold {actual} bytes)")
     values_per_sample = sum((header.samps_per_frame[i] if header.samps_per_frame else 1) or 1
                             for i in range(header.n_sig))
     if not lazy:
         limits.check(values_per_sample, samples, rate, f"{base}.hea")
-    actual = sum(path.stat().st_size for path in signal_files)
     if needed is not None and actual < needed:
         raise ECGInputError("truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {needed}")
 
@@ -676,7 +679,8 @@ def read_record(
 
     Raises:
         ECGInputError: with `reason` one of `missing_file`, `missing_signal_file`, `unreadable_header`,
-            `unreadable_signal`, `truncated_signal`, `bad_sampling_rate`, `bad_shape`, `too_long`, `too_large`.
+            `unreadable_signal`, `truncated_signal`, `empty_signal`, `bad_sampling_rate`, `bad_shape`, `too_long`,
+            `too_large`.
     """
     reader = open_record(path, sampling_rate, lead_names, limits)
     return ECGRecording(reader.read(), reader.sampling_rate, reader.lead_names, reader.comments, reader.warnings)

@@ -272,7 +272,7 @@ def to_physical(digital: np.ndarray, header: WFDBHeader, dtype=np.float32, value
         np.subtract(physical, list(header.baseline), physical)
         np.divide(physical, list(header.adc_gain), physical)
     codes = np.array([INVALID_SAMPLE[fmt] for fmt in header.fmt])
-    if digital.min() <= codes.max():  # an invalid-sample code may be present
+    if digital.size and digital.min() <= codes.max():  # an invalid-sample code may be present
         invalid = digital == codes
         if invalid.any():
             physical[invalid] = np.nan

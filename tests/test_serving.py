@@ -276,6 +276,7 @@ def test_classification_pipeline_returns_labels_scores_and_top_k(classification_
         ("npz_as_npy", {"sampling_rate": 500}, "unreadable_signal"),
         ("header_rate_-1", {}, "unreadable_header"),
         ("header_gain_-200", {}, "unreadable_header"),
+        ("header_length_0", {}, "empty_signal"),  # and an empty .dat (issue 25: a bare ValueError)
     ],
 )
 def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inputs, kwargs, reason):
@@ -291,6 +292,9 @@ def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inpu
     elif isinstance(inputs, str) and inputs == "npz_as_npy":
         np.savez(tmp_path / "record.npz", signal=ludb_signal("2"))
         inputs = str((tmp_path / "record.npz").rename(tmp_path / "record.npy"))
+    elif isinstance(inputs, str) and inputs == "header_length_0":
+        inputs = str(write_header(tmp_path / "empty.hea", sig_len=0).with_suffix(""))
+        (tmp_path / "empty.dat").write_bytes(b"")
     elif isinstance(inputs, str) and inputs.startswith("header_"):
         base = write_record(tmp_path, "rec")  # then its header is rewritten with a value wfdb would replace
         write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "-200"}))
@@ -505,6 +509,31 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
                               "--sampling-rate", "500"], capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 2 and run.stdout == ""
         assert f"--model {model}: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("where", ["_sanitize_parameters", "preprocess"])
+def test_console_script_reports_failing_model_code_in_one_line(regression_folder, tmp_path, capsys, where):
+    """The model folder's own code raising something other than a bad-record error (issue 25: an uncaught TypeError
+    traceback, exit 1): while loading the pipeline (`_sanitize_parameters` runs in its constructor) or on a record.
+    One line on stderr naming the model and the error, exit 2; no JSON line for a record the model never judged."""
+    from enecg_hf.tools.cli import main
+
+    broken = tmp_path / f"broken_{where}"
+    shutil.copytree(regression_folder, broken)
+    code = (broken / "pipeline_enecg.py").read_text()
+    signature = code.index(f"    def {where}(")
+    body = code.index(":\n", signature) + 2
+    failing = '        raise TypeError("broken custom code")\n'
+    (broken / "pipeline_enecg.py").write_text(code[:body] + failing + code[body:])
+    npy = tmp_path / "record.npy"
+    np.save(npy, np.random.default_rng(0).normal(0, 0.3, (12, 5000)).astype(np.float32))
+    assert main(["predict", str(npy), "--model", str(broken), "--sampling-rate", "500"]) == 2
+    out, err = capsys.readouterr()
+    messages = [line for line in err.splitlines() if line.startswith("enecg predict:")]
+    assert out == "" and "Traceback" not in err and len(messages) == 1, err
+    assert f"--model {broken}" in messages[0] and "TypeError: broken custom code" in messages[0]
+    if where == "preprocess":
+        assert f"on {npy}" in messages[0]
 
 
 @pytest.mark.slow

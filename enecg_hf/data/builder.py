@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..preprocessing_enecg import ECGInputError, prepare_signal
 from . import challenge, jsonl, ludb, mimic, ptbxl, simulate
+from .checksums import write_checksums
 from .report import BuildReport
 from .schema import ecg_features
 from .source import BuildOptions, LayoutError
@@ -302,6 +303,7 @@ def build(
     report.records_per_second = report.records_read / report.seconds_elapsed
     if output is not None:
         report.save(output)
+        write_checksums(output)  # last: it covers every file, and a folder without it is an unfinished build
     return DatasetBuild(dataset, report)
 
 
@@ -327,9 +329,10 @@ def build_dataset(
     Args:
         format: one of `FORMATS`: `"mimic-iv-ecg"`, `"ptb-xl"`, `"challenge"`, `"ludb"`, `"jsonl"`, `"simulated"`.
         input: the collection's folder (the JSONL file for `"jsonl"`; unused for `"simulated"`).
-        output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists); the
-            returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new temporary
-            folder (under `cache_dir` if given), which the caller may delete when done.
+        output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists), with
+            `checksums.json`, the content hash of every file (`checksums.verify_checksums` detects a file changed
+            since); the returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new
+            temporary folder (under `cache_dir` if given), which the caller may delete when done.
         sampling_rate: stored rate in Hz; records are resampled to it.
         seconds: stored duration; longer records keep their first `seconds`, shorter ones are zero-padded.
         num_proc: worker processes.

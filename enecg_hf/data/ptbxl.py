@@ -24,6 +24,7 @@ from .source import BuildOptions, LayoutError, SourceRecord, find_file
 
 SOURCE = "ptb-xl"
 EXTRA_FEATURES = {"strat_fold": datasets.Value("int8")}
+OVER_89_AGE = 300  # PTB-XL's age of every patient older than 89 (stored as 90)
 
 
 def _rhythm_statements(input_path: Path) -> dict[str, str]:
@@ -72,11 +73,12 @@ def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
         scp_codes = {}
     codes = list(scp_codes)
     fold = row.get("strat_fold")
+    notes = []
     labels = {
-        "age": parse_age(row.get("age")),
-        "sex": parse_sex(row.get("sex"), numeric=("male", "female")),
+        "age": parse_age(row.get("age"), notes, over_89_code=OVER_89_AGE),
+        "sex": parse_sex(row.get("sex"), numeric=("male", "female"), notes=notes),
         "arrhythmia": arrhythmia_from_scp(codes, row.get("rhythm_statements")),
         "diagnoses": codes,
         "strat_fold": None if fold is None or pd.isna(fold) else int(fold),
     }
-    return SourceRecord(recording, labels)
+    return SourceRecord(recording, labels, notes)

@@ -29,7 +29,9 @@ class BuildReport:
         skipped: one `{"record_id", "reason", "detail"}` per record left out, including repeats of a record id
             (`duplicate_record_id`) and later copies of a stored signal (`duplicate_signal`).
         label_notes: one `{"record_id", "label", "reason", "detail"}` per kept record whose label could not be read
-            from its source (e.g. a corrupted LUDB annotation: the record is kept without `rr_interval`).
+            from its source (e.g. a corrupted LUDB annotation: the record is kept without `rr_interval`), or whose
+            value is unusable (`not_a_number`, `out_of_range`, `unknown_value`: see `labels`); counted per label and
+            reason in the saved report's `label_notes_by_reason`.
         label_coverage: per label column, the number of kept records that have it.
         arrhythmia_counts: kept records per arrhythmia class.
         records_with_missing_leads, records_with_flat_leads: kept records flagged in those columns.
@@ -56,6 +58,14 @@ class BuildReport:
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(entry["reason"] for entry in self.skipped).most_common())
 
+    @property
+    def label_notes_by_reason(self) -> dict[str, dict[str, int]]:
+        """`{label: {reason: kept records}}` of `label_notes` (e.g. `{"age": {"out_of_range": 2}}`)."""
+        counts: dict[str, dict[str, int]] = {}
+        for (label, reason), count in Counter((n["label"], n["reason"]) for n in self.label_notes).most_common():
+            counts.setdefault(label, {})[reason] = count
+        return counts
+
     def count_labels(self, dataset: datasets.Dataset) -> None:
         """Fill the label and flag counts from the dataset's Arrow columns (no signal is read)."""
         table = dataset.select_columns([*LABEL_COLUMNS, "missing_leads", "flat_leads"]).with_format("arrow")
@@ -71,6 +81,7 @@ class BuildReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["skipped_by_reason"] = self.skipped_by_reason
+        data["label_notes_by_reason"] = self.label_notes_by_reason
         return data
 
     def save(self, folder: str | Path) -> Path:

@@ -41,6 +41,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..data.checksums import content_digest, file_digest
+
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +113,14 @@ def gate_description(config) -> dict[str, Any]:
 
 def weights_digest(module: torch.nn.Module) -> str:
     """Hash of a module's state dict: names, dtypes, shapes and bytes."""
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of named tensors: names, dtypes, shapes and bytes (also what a training checkpoint's job file is checked
+    against, `training.jobs`)."""
     hasher = hashlib.blake2b(digest_size=16)
-    for key, tensor in sorted(module.state_dict().items()):
+    for key, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         hasher.update(_json_bytes([key, str(tensor.dtype), list(tensor.shape)]))
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
@@ -233,8 +241,7 @@ class FeatureStore:
 
         expected = path.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]
         if verify:
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            digest = file_digest(path)
             if digest != expected:
                 raise CorruptShard(f"its content hash {digest} is not the one in its name")
         try:
@@ -300,7 +307,7 @@ class FeatureStore:
             writer.write_table(table)
         data = sink.getvalue().to_pybytes()
         folder = self.folder(column)
-        path = folder / f"{SHARD_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}{SHARD_SUFFIX}"
+        path = folder / f"{SHARD_PREFIX}{content_digest(data)}{SHARD_SUFFIX}"
         tmp = folder / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)

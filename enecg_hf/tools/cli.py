@@ -7,9 +7,10 @@
 
 `predict` prints one JSON line per record, in the order given. A record that cannot be used prints
 `{"source": ..., "error": ..., "reason": ...}` and the others are still predicted; the exit status is then 1 (also
-when explanations cannot be written: the predictions are still printed). A model that cannot be loaded prints one
-line to stderr and exits with 2. With `--window-seconds`, a record of any length (a Holter recording) is predicted
-window by window, read from disk a window at a time: its line holds each window's prediction and a summary per task.
+when explanations cannot be written: the predictions are still printed). A model that cannot be loaded, or whose own
+code fails on a record with anything but a bad-record error (a model folder's remote code runs here), prints one line
+to stderr and exits with 2. With `--window-seconds`, a record of any length (a Holter recording) is predicted window
+by window, read from disk a window at a time: its line holds each window's prediction and a summary per task.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def _load_pipeline(model: str):
     except (OSError, ValueError, ImportError, RuntimeError) as error:
         print(f"enecg predict: --model {model}: cannot load the model: {error}", file=sys.stderr)
         return None
+    except Exception as error:  # the folder's own code ran (trust_remote_code) and failed: not loadable either
+        print(f"enecg predict: --model {model}: cannot load the model: its code raised {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+        return None
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -122,6 +127,10 @@ def predict(args: argparse.Namespace) -> int:
             line = json.dumps({"source": str(record), "error": getattr(error, "detail", str(error)),
                                "reason": getattr(error, "reason", "bad_input" if isinstance(error, ValueError)
                                                  else "unreadable_file")})
+        except Exception as error:  # not a bad record: the model's code failed, and would on the next record too
+            print(f"enecg predict: --model {args.model}: the model's code failed on {record}: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            return 2
         print(line, flush=True)
     return 1 if failures else 0
 

@@ -160,6 +160,29 @@ def test_jsonl_research_format(tmp_path):
         assert_standard_order(row["signal"], 500)
 
 
+def test_unusable_label_values_are_missing_with_a_counted_reason(tmp_path):
+    """Issue 25: ages such as -5, "1e9", "abc12" or [5] were stored as 5, 1, 12, 5; 300 meant 90 in every source.
+    Now they are missing, each with a note, counted per label and reason in build_report.json."""
+    rng = np.random.default_rng(0)
+    ages = [-5, "-5", 1e9, "1e9", "1e-3", "abc12", [5], 300, 63]
+    lines = []
+    for index, age in enumerate(ages):
+        np.save(tmp_path / f"{index}.npy", rng.normal(0, 0.3, (12, 5000)).astype(np.float32))
+        lines.append({"record_id": f"r{index}", "ecg_path": f"{index}.npy", "age": age,
+                      "rr_interval": "1e9" if index == 0 else 800, "gender": "X" if index == 1 else "F"})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = build("jsonl", tmp_path / "data.jsonl", output=tmp_path / "out")
+    stored = dict(zip(result.dataset["record_id"], result.dataset["age"]))
+    assert stored.pop("r4") == pytest.approx(0.001)  # "1e-3" is a number, and a possible age (stored as float32)
+    assert stored == {"r0": None, "r1": None, "r2": None, "r3": None, "r5": None, "r6": None, "r7": None, "r8": 63.0}
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["label_notes_by_reason"] == {"age": {"out_of_range": 5, "not_a_number": 2},
+                                               "rr_interval": {"out_of_range": 1}, "sex": {"unknown_value": 1}}
+    assert {"record_id": "r5", "label": "age", "reason": "not_a_number",
+            "detail": "age 'abc12' is not a finite number"} in report["label_notes"]
+    assert report["label_coverage"]["age"] == 2 and report["records_kept"] == 9
+
+
 @pytest.fixture
 def corrupted_folder(tmp_path):
     """A Challenge-style folder with two good records and one of each kind of damage."""
@@ -288,3 +311,28 @@ def test_duplicate_ids_and_identical_signals_are_kept_once_and_reported(tmp_path
                                                                                    "duplicate_signal": 1}
     kept = result.dataset.with_format("numpy")
     assert kept[list(kept["record_id"]).index("DUP001")]["signal"].shape == (12, 5000)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_zero_length_record_is_skipped_as_empty_signal(tmp_path, monkeypatch, fast):
+    """A header of signal length 0 with an empty `.dat` (issue 25): `empty_signal`, on the fast reader and on wfdb's
+    (it once ended in a bare `ValueError: zero-size array` from `wfdb_enecg.to_physical`, or `unreadable_signal`)."""
+    from enecg_hf import io_enecg
+    from enecg_hf.preprocessing_enecg import ECGInputError
+
+    monkeypatch.setattr(io_enecg, "FAST_WFDB", fast)
+    root = tmp_path / "zero"
+    write_record(root, "good", comments=["Age: 60", "Sex: Female"])
+    write_header(root / "empty.hea", sig_len=0)
+    (root / "empty.dat").write_bytes(b"")
+    with pytest.raises(ECGInputError) as error:
+        io_enecg.read_record(root / "empty")
+    assert error.value.reason == "empty_signal" and "no samples" in error.value.detail
+    if fast:  # the fast reader's own functions take a record of no samples too
+        from enecg_hf.wfdb_enecg import parse_header, read_dat_signal
+
+        header = parse_header((root / "empty.hea").read_text())
+        assert read_dat_signal(root, header, samples=0).shape == (0, 12)
+    build("challenge", root, output=tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["skipped"] == [{"record_id": "empty", "reason": "empty_signal", "detail": error.value.detail}]
