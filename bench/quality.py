@@ -96,7 +96,8 @@ ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training fold
 def load_records(limits: dict[str, int] | None) -> tuple[datasets.Dataset, pd.DataFrame]:
     """Every source folder through the package's builder (which skips unusable records and keeps each signal once):
     one dataset of what the feature store keys records by (`record_id`, `source`, `signal`), and a table with a row
-    per record: its `folder`, `subject` (the folder and the subject id, else the record id) and task labels (class
+    per record: its `folder`, `subject` (the source format and the subject id, else the record id: a patient id names
+    a patient of its database, so the same PTB-XL patient in two folders is one subject) and task labels (class
     names; the rhythm in three groups)."""
     datasets.disable_progress_bars()
     parts, labels = [], []
@@ -109,7 +110,7 @@ def load_records(limits: dict[str, int] | None) -> tuple[datasets.Dataset, pd.Da
         for column in ("sex", "arrhythmia"):  # ClassLabel indices -> class names
             table[column] = table[column].map(dict(enumerate(dataset.features[column].names)))
         table["arrhythmia"] = table["arrhythmia"].map(GROUP_OF_CLASS)
-        table["subject"] = folder + "/" + table["subject_id"].fillna(table["record_id"])
+        table["subject"] = fmt + "/" + table["subject_id"].fillna(table["record_id"])
         labels.append(table.assign(folder=folder))
         parts.append(dataset.select_columns(["record_id", "source", "signal"]))
     return datasets.concatenate_datasets(parts), pd.concat(labels, ignore_index=True)

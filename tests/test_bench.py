@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -147,3 +148,26 @@ def test_docs_tables_are_what_the_committed_results_render_to(monkeypatch, scrip
     assert start in text and end in text, f"docs/{docs} has no section {section}"
     committed = text.split(start, 1)[1].split(end, 1)[0].strip("\n")
     assert committed == render(json.loads((REPO / "bench" / "results" / results).read_text()))
+
+
+def test_quality_groups_a_patient_across_folders_of_one_database(monkeypatch, tmp_path):
+    """bench/quality.py's subject of a record: its database and subject id, not its folder, so a PTB-XL patient with
+    records in two folders (e.g. ptbxl_sample500 and ptbxl_lr1500) is one subject of every subject-wise fold."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "data"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import quality
+    from ecg_files import write_ptbxl_tree
+
+    write_ptbxl_tree(tmp_path / "high", rates=lambda ecg_id: (500,))
+    write_ptbxl_tree(tmp_path / "low", records=[(601, 13243, 61, 0, "{'SR': 0.0}", 2),
+                                                (602, 20001, 44, 1, "{'SR': 0.0}", 4)], rates=lambda ecg_id: (100,))
+    monkeypatch.setattr(quality, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(quality, "SOURCES", {"high": "ptb-xl", "low": "ptb-xl"})
+    _, labels = quality.load_records(None)
+    subject = dict(zip(labels["record_id"], labels["subject"]))
+    assert subject["2"] == subject["3"] == subject["601"] != subject["602"]
+    groups = labels["subject"].to_numpy()
+    patient = np.flatnonzero(labels["record_id"].isin(["2", "3", "601"]))
+    for seed in range(3):
+        for _, test in quality.subject_folds(groups, 3, seed):
+            assert set(patient) <= set(test) or not set(patient) & set(test)
