@@ -149,6 +149,7 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("features_accuracy", "table", "features_accuracy.json", "features_accuracy", "experts.md"),
     ("data_build", "readers_table", "data_build.json", "wfdb_reader", "data.md"),
     ("data_build", "TABLES", "data_build.json", "build_dataset", "data.md"),
+    ("source_rate", "table", "source_rate.json", "source_rate", "data.md"),
 ]
 
 
