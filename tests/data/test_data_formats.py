@@ -13,12 +13,11 @@ from enecg_hf.data import DatasetBuildError, LayoutError, build, build_dataset, 
 from enecg_hf.data.__main__ import main
 
 from ecg_files import (STANDARD, assert_standard_order, lead_pattern, peak_allocation, rhythm, write_header,
-                       write_mat_zeros, write_record)
+                       write_mat_zeros, write_ptbxl_tree, write_record)
 
 
 # MIMIC-IV-ECG stores aVF before aVL.
 MIMIC_LEADS = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
-PTBXL_LEADS = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 
 @pytest.fixture
@@ -75,29 +74,7 @@ def test_mimic_iv_ecg_without_user_labels_has_null_demographics(mimic_tree):
 
 @pytest.fixture
 def ptbxl_tree(tmp_path):
-    root = tmp_path / "ptb-xl"
-    rows = []
-    for ecg_id, patient, age, sex, scp, fold in [
-        (1, 15709.0, 56, 1, "{'NORM': 100.0, 'LVOLT': 0.0, 'SR': 0.0}", 3),
-        (2, 13243.0, 300, 0, "{'NORM': 80.0, 'SBRAD': 0.0}", 2),
-        (3, 13243.0, 300, 0, "{'AFLT': 100.0, 'LAFB': 100.0}", 2),
-        (4, 17014.0, 37, 1, "{'IMI': 35.0, 'SARRH': 0.0}", 10),
-        (5, 17448.0, None, 1, "{'NDT': 100.0}", 9),
-    ]:
-        hr = f"records500/00000/{ecg_id:05d}_hr"
-        lr = f"records100/00000/{ecg_id:05d}_lr"
-        write_record(root / "records500/00000", f"{ecg_id:05d}_hr", lead_names=PTBXL_LEADS, fs=500)
-        write_record(root / "records100/00000", f"{ecg_id:05d}_lr", lead_names=PTBXL_LEADS, fs=100)
-        rows.append({"ecg_id": ecg_id, "patient_id": patient, "age": age, "sex": sex, "height": None, "weight": 70,
-                     "scp_codes": scp, "strat_fold": fold, "filename_lr": lr, "filename_hr": hr})
-    pd.DataFrame(rows).to_csv(root / "ptbxl_database.csv", index=False)
-    statements = pd.DataFrame(
-        {"description": ["normal ECG", "sinus rhythm", "sinus bradycardia", "atrial flutter", "sinus arrhythmia", "x"],
-         "diagnostic": [1, None, None, None, None, 1], "rhythm": [None, 1, 1, 1, 1, None]},
-        index=["NORM", "SR", "SBRAD", "AFLT", "SARRH", "IMI"],
-    )
-    statements.to_csv(root / "scp_statements.csv")
-    return root
+    return write_ptbxl_tree(tmp_path / "ptb-xl")
 
 
 def test_ptbxl_tree(ptbxl_tree):
@@ -124,7 +101,92 @@ def test_ptbxl_tree(ptbxl_tree):
 def test_ptbxl_low_rate_files_for_low_rate_builds(ptbxl_tree):
     dataset = build_dataset("ptb-xl", ptbxl_tree, sampling_rate=100).with_format("numpy")
     assert dataset[0]["signal"].shape == (12, 1000) and dataset[0]["sampling_rate"] == 100
+    assert set(dataset["source_sampling_rate"]) == {100}
     assert_standard_order(dataset[0]["signal"], 100)
+
+
+def test_ptbxl_records100_alone_is_read_and_resampled_to_the_stored_rate(tmp_path):
+    """A download of the 100 Hz files only (`filename_hr` names absent files): every record is read from
+    `records100/`, resampled to 500 Hz, and the dataset and the report keep the source rate."""
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (100,))
+    result = build("ptb-xl", root)
+    dataset, report = result.dataset.with_format("numpy"), result.report
+    assert report.records_kept == 5 and not report.skipped
+    assert report.source_sampling_rates == {"100": 5}
+    assert "source rates: 100 Hz 5 (5 records resampled to 500 Hz)" in report.summary()
+    assert set(dataset["source_sampling_rate"]) == {100} and set(dataset["sampling_rate"]) == {500}
+    for row in dataset:
+        assert row["signal"].shape == (12, 5000)
+        assert_standard_order(row["signal"], 500)
+    rows = {row["record_id"]: row for row in dataset}
+    assert rows["2"]["subject_id"] == rows["3"]["subject_id"] == "13243" and rows["2"]["age"] == 90
+
+
+def test_ptbxl_reads_records500_when_a_record_has_it_and_records100_otherwise(tmp_path):
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (500, 100) if ecg_id <= 3 else (100,))
+    result = build("ptb-xl", root)
+    rates = dict(zip(result.dataset["record_id"], result.dataset["source_sampling_rate"]))
+    assert rates == {"1": 500, "2": 500, "3": 500, "4": 100, "5": 100}
+    assert result.report.source_sampling_rates == {"500": 3, "100": 2}
+    for row in result.dataset.with_format("numpy"):
+        assert_standard_order(row["signal"], 500)
+
+
+def test_ptbxl_rate_option_chooses_the_folder(tmp_path, capsys):
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (500, 100) if ecg_id <= 3 else (100,))
+    low = build("ptb-xl", root, ptbxl_rate="100")
+    assert set(low.dataset["source_sampling_rate"]) == {100} and low.report.source_sampling_rates == {"100": 5}
+    high = build("ptb-xl", root, ptbxl_rate=500)
+    assert sorted(high.dataset["record_id"]) == ["1", "2", "3"] and set(high.dataset["source_sampling_rate"]) == {500}
+    assert {entry["record_id"]: entry["reason"] for entry in high.report.skipped} == {"4": "missing_file",
+                                                                                      "5": "missing_file"}
+    with pytest.raises(ValueError, match="ptbxl_rate must be one of"):
+        build("ptb-xl", root, ptbxl_rate="250")
+    output = tmp_path / "out"
+    assert main(["--format", "ptb-xl", "--input", str(root), "--output", str(output), "--ptbxl-rate", "100"]) == 0
+    assert "source rates: 100 Hz 5 (5 records resampled to 500 Hz)" in capsys.readouterr().out
+    report = json.loads((output / "build_report.json").read_text())
+    assert report["source_sampling_rates"] == {"100": 5} and report["records_kept"] == 5
+
+
+def test_ptbxl_record_with_neither_file_is_skipped_naming_both(tmp_path):
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: () if ecg_id == 5 else (100,))
+    report = build("ptb-xl", root).report
+    assert [(entry["record_id"], entry["reason"]) for entry in report.skipped] == [("5", "missing_file")]
+    assert "00005_hr.hea nor" in report.skipped[0]["detail"] and "00005_lr.hea exists" in report.skipped[0]["detail"]
+
+
+def test_the_same_patient_in_two_ptbxl_folders_is_one_subject(tmp_path):
+    """A 500 Hz folder and a 100 Hz folder sharing patient 13243 (its id written as 13243.0 in one table and 13243
+    in the other): one `subject_id`, and every subject-wise split of `train.py --dataset A B` keeps its records on
+    one side."""
+    from enecg_hf.data import subject_kfold
+    from enecg_hf.training.arguments import TrainScriptArguments
+    from enecg_hf.training.records import load_training_dataset, make_folds
+
+    first = write_ptbxl_tree(tmp_path / "sample500", rates=lambda ecg_id: (500,))
+    second_records = [(ecg_id, patient, age, sex, scp, fold) for ecg_id, patient, age, sex, scp, fold in [
+        (601, 13243, 61, 0, "{'SR': 0.0}", 2), (602, 20001, 44, 1, "{'SR': 0.0}", 4), (603, 20002, 50, 0, "{}", 5),
+        (604, 20003, 70, 1, "{'AFIB': 100.0}", 6), (605, 13243, 62, 0, "{'SR': 0.0}", 2)]]
+    second = write_ptbxl_tree(tmp_path / "lr", records=second_records, rates=lambda ecg_id: (100,))
+    build("ptb-xl", first, output=tmp_path / "ds_500")
+    build("ptb-xl", second, output=tmp_path / "ds_100")
+
+    class Accelerator:  # only what loading a --dataset list uses
+        is_main_process = True
+
+    args = TrainScriptArguments(dataset=[str(tmp_path / "ds_500"), str(tmp_path / "ds_100")])
+    dataset = load_training_dataset(args, Accelerator(), tmp_path)
+    ids = dataset["record_id"]
+    assert len(ids) == 10 and "source_sampling_rate" in dataset.column_names
+    subjects = dict(zip(ids, dataset["subject_id"]))
+    assert {subjects[i] for i in ("2", "3", "601", "605")} == {"13243"}
+    patient_rows = {ids.index(i) for i in ("2", "3", "601", "605")}
+    for k in (2, 3, 5):
+        for seed in range(3):
+            for folds in (make_folds(dataset, k, seed), subject_kfold(dataset, k, seed)):
+                for train, test in folds:
+                    assert patient_rows <= set(test.tolist()) or not patient_rows & set(test.tolist())
 
 
 def test_jsonl_research_format(tmp_path):
