@@ -96,6 +96,8 @@ def test_efficiency_quick(tmp_path):
     assert store["time_parts_s"]["experts_forward_s"] <= store["time_parts_s"]["feature_extraction_s"]
     assert loop["time_parts_s"]["experts_forward_s"] <= loop["time_parts_s"]["fits_s"]
     assert "Where the time goes" in stdout
+    assert 0 < store["cpu_time_s"] <= store["wall_time_5_epochs_s"] * 1.2 and loop["cpu_time_s"] > 0
+    assert len(labels["ratios"]["research_loop_over_one_store_wall_time_per_round"]) == loop["runs"]
     assert labels["ratios"]["research_loop_over_one_store_wall_time"] > 1
     assert "Ratio: research loop / one store" in stdout
     assert not non_finite_numbers(result), non_finite_numbers(result)
