@@ -8,15 +8,18 @@
                           record, into an empty store), then `EnECGFitter` (strategy joint) on the in-memory table:
                           the same 5 epochs of the same optimiser
 
-Variants: `tiny` (every mode trained in full), `labels` (LUDB's four labels x k folds: the research loop, (2) per
-label and fold, against one store shared by all, (3)) and `paper` (a few steps measured, then extrapolated). What
-every field means: docs/benchmarks.md.
+Variants: `tiny` (every mode trained in full), `labels` (the paper's five tasks x 5 subject folds on LUDB records plus
+simulated ones, the only records with a potassium label; each task on the records that carry its label: the research
+loop, (2) per task and fold, against one store shared by all, (3)) and `paper` (a few steps measured, then
+extrapolated). What every field means: docs/benchmarks.md.
 
-    python bench/efficiency.py --update-docs   # tiny + labels + paper (~1 h on 2 shared cores)
-    python bench/efficiency.py --quick         # tiny and labels on 8 records, one repeat (~3 min)
+    python bench/efficiency.py --update-docs   # tiny + labels + paper (~2 h on 2 shared cores)
+    python bench/efficiency.py --variants labels --update-docs   # one variant; the others' saved results are kept
+    python bench/efficiency.py --quick         # tiny and labels on 8 (+4 simulated) records, 2 folds, one repeat
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,13 +52,19 @@ VARIANT_CONFIGS = {"tiny": "hub_configs/tiny.json", "labels": "hub_configs/tiny.
                    "paper": "hub_configs/paper_rr_interval.json"}
 MODE_LABELS = {"full_finetune": "(1) full fine-tuning", "frozen_recompute": "(2) frozen experts recomputed every step",
                "cached_features": "(3) cached expert features (ours)"}
-LABEL_MODES = {"research_loop": "(2) per label and fold, experts recomputed every step (research loop)",
-               "one_store": "(3) one feature store for every label and fold (ours)"}
-MODES, LABELS = tuple(MODE_LABELS), ("rr_interval", "age", "sex", "arrhythmia")
+LABEL_MODES = {"research_loop": "(2) per task and fold, experts recomputed every step (research loop)",
+               "one_store": "(3) one feature store for every task and fold (ours)"}
+# Where a labels run's time goes (seconds, summed over the loop): building models (and, research loop, Trainers),
+# filling the store, fitting (Trainer.train / EnECGFitter.fit), and the experts' forward passes inside any of these.
+TIME_PARTS = ("model_construction_s", "feature_extraction_s", "fits_s", "experts_forward_s")
+MODES, LABELS, VARIANTS = tuple(MODE_LABELS), tuple(TASKS), tuple(VARIANT_CONFIGS)  # LABELS: the paper's 5 tasks
 EPOCHS, LR, SEED, THREADS, PAPER_RECORDS = 5, 1e-4, 42, 1, 2  # PAPER_RECORDS: records (= steps) measured at paper size
-# Sizes of a full run and of --quick (repeats: training runs of every mode, and rounds of the latency measurement).
-SIZES = {"full": {"train_records": 96, "eval_records": 32, "batch_size": 16, "repeats": 3, "folds": 3},
-         "quick": {"train_records": 8, "eval_records": 4, "batch_size": 4, "repeats": 1, "folds": 2}}
+# Sizes of a full run and of --quick (repeats: training runs of every mode, and rounds of the latency measurement;
+# simulated_records: added to the LUDB training records in the labels variant).
+SIZES = {"full": {"train_records": 96, "eval_records": 32, "simulated_records": 64, "batch_size": 16, "repeats": 3,
+                  "folds": 5},
+         "quick": {"train_records": 8, "eval_records": 4, "simulated_records": 4, "batch_size": 4, "repeats": 1,
+                   "folds": 2}}
 # Full fine-tuning at paper size, measured in three parts (paper_full_finetune): all experts, MOMENT alone (probes).
 PAPER_FULL_POINTS = {"all_1": {"moment_leads": 1},
                      "moment_1": {"moment_leads": 1, "only_experts": "moment", "probe": True},
@@ -74,6 +83,21 @@ def load_records(n_train: int, n_eval: int) -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": dataset.select(range(n_train)),
                                  "eval": dataset.select(range(n_train, n_train + n_eval))})
 
+
+def with_simulated(dataset: datasets.DatasetDict, n_simulated: int) -> datasets.DatasetDict:
+    """The labels variant's records: the LUDB training records followed by `n_simulated` simulated ones (the package's
+    builder, same schema), one dataset. Only simulated records carry `potassium_flag`; they carry every other label
+    too, so the potassium task trains on them alone and the four others on both sources."""
+    simulated = build_dataset("simulated", limit=n_simulated, seed=SEED)
+    return datasets.DatasetDict({"train": datasets.concatenate_datasets([dataset["train"], simulated]),
+                                 "eval": dataset["eval"]})
+
+
+def task_records(records: datasets.Dataset) -> dict[str, dict[str, int]]:
+    """Per task, the records that carry its label, by source: what each task trains on (before the folds)."""
+    sources = np.asarray(records["source"])
+    return {label: {str(s): int(n) for s, n in zip(*np.unique(sources[encode_labels(records, TASKS[label])[0]],
+                                                              return_counts=True))} for label in LABELS}
 
 # --- the worker: one mode in a fresh process ---------------------------------------------------------------------
 
@@ -119,23 +143,54 @@ def fitter_fit(model, table, rows, job) -> None:
     EnECGFitter(model, settings).fit(table, rows)
 
 
+def timed_experts(model, parts: dict) -> None:
+    """Add the wall time of every expert forward of `model` to `parts["experts_forward_s"]` (forward hooks)."""
+    def start(module, args):
+        module._enecg_bench_started = time.perf_counter()
+
+    def stop(module, args, output):
+        parts["experts_forward_s"] += time.perf_counter() - module._enecg_bench_started
+
+    for expert in model.experts.values():
+        expert.register_forward_pre_hook(start)
+        expert.register_forward_hook(stop)
+
+
+@contextlib.contextmanager
+def timing(parts: dict, key: str):
+    """Add the wall time of the `with` block to `parts[key]`."""
+    started = time.perf_counter()
+    yield
+    parts[key] += time.perf_counter() - started
+
+
 def labels_loop(job, train, tmp: str, result: dict):
-    """Every label x fold, the whole loop timed, model construction included: the research loop builds a model and a
-    Trainer per fit; one_store builds one multi-task model and one store, then fits every label's heads on it."""
-    started, one_store, fits = time.perf_counter(), job.mode == "one_store", 0
+    """Every task x fold on the records that carry the task's label, the whole loop timed, model construction
+    included: the research loop builds a model and a Trainer per fit; one_store builds one multi-task model and one
+    store, then fits every task's heads on it. `result` also gets the TIME_PARTS."""
+    started, one_store, fits, parts = time.perf_counter(), job.mode == "one_store", 0, dict.fromkeys(TIME_PARTS, 0.0)
+    cpu_started = time.process_time()
     if one_store:
-        model = make_model(job, LABELS)
-        table = store_table(model, train, np.zeros(len(train), np.float32), tmp, job.batch_size)
-        result["feature_extraction_s"] = time.perf_counter() - started
+        with timing(parts, "model_construction_s"):
+            model = make_model(job, LABELS)
+        timed_experts(model, parts)
+        with timing(parts, "feature_extraction_s"):
+            table = store_table(model, train, np.zeros(len(train), np.float32), tmp, job.batch_size)
     for label in LABELS:
         keep, y = encode_labels(train, TASKS[label])
         for rows, _ in subject_kfold(train.select(keep), job.folds, seed=SEED):
             if one_store:
-                fitter_fit(model.tasks[label], table.select(keep, labels=y), rows, job)
+                with timing(parts, "fits_s"):
+                    fitter_fit(model.tasks[label], table.select(keep, labels=y), rows, job)
             else:
-                trainer_fit(make_model(job, [label]), train.select(np.asarray(keep)[rows]), label, job, tmp)
+                with timing(parts, "model_construction_s"):
+                    fold_model = make_model(job, [label])
+                timed_experts(fold_model, parts)
+                with timing(parts, "fits_s"):  # Trainer construction included (it is built per fit)
+                    trainer_fit(fold_model, train.select(np.asarray(keep)[rows]), label, job, tmp)
             fits += 1
-    result.update(fits=fits, labels=list(LABELS), folds=job.folds, head_training_s=time.perf_counter() - started,
+    result.update(parts, fits=fits, labels=list(LABELS), folds=job.folds,
+                  head_training_s=time.perf_counter() - started, cpu_time_s=time.process_time() - cpu_started,
                   measured_steps=fits)
     return model if one_store else make_model(job, LABELS)
 
@@ -238,7 +293,10 @@ def summarise_mode(raws: list[dict], n_train: int, batch: int, extrapolated: boo
             **{k: statistics.median(r[k] for r in rows) for k in rows[0]}, "runs": len(raws),
             "wall_time_runs_s": [r["wall_time_5_epochs_s"] for r in rows], "measured_steps": first["measured_steps"],
             "measured_records": first["train_records"], "extrapolated": extrapolated, "how": how,
-            **{k: first[k] for k in ("eval_mae_ms", "fits") if k in first}}
+            **{k: first[k] for k in ("eval_mae_ms", "fits") if k in first},
+            **({"time_parts_s": {k: statistics.median(r[k] for r in raws) for k in TIME_PARTS},
+                "cpu_time_s": statistics.median(r["cpu_time_s"] for r in raws),
+                "cpu_time_runs_s": [r["cpu_time_s"] for r in raws]} if "fits_s" in first else {})}
 
 
 def paper_full_finetune(points: dict[str, dict], k: int, n_train: int) -> dict:
@@ -263,8 +321,10 @@ def run_variant(args, variant: str, dataset, data: Path) -> dict:
     started, load = time.perf_counter(), os.getloadavg()[0]
     n, k, batch, repeats = args.train_records, PAPER_RECORDS, args.batch_size, args.repeats
     if variant == "labels":
+        dataset = with_simulated(dataset, args.simulated_records)
+        n = len(dataset["train"])
         jobs = {mode: {"mode": mode} for mode in LABEL_MODES}
-        how = dict.fromkeys(jobs, f"measured: {len(LABELS)} labels x {args.folds} folds, 5 epochs each")
+        how = dict.fromkeys(jobs, f"measured: {len(LABELS)} tasks x {args.folds} folds, 5 epochs each")
     elif variant == "tiny":
         jobs = {mode: {"mode": mode, "evaluate": True} for mode in MODES}
         jobs["cached_features"]["latency_repeats"] = repeats
@@ -286,11 +346,18 @@ def run_variant(args, variant: str, dataset, data: Path) -> dict:
     block = {"config": VARIANT_CONFIGS[variant], "batch_size": batch,
              "experts": runs["one_store" if variant == "labels" else "cached_features"][0]["experts"],
              "run": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": repeats, "load_average_start": load,
-                     "load_average_end": os.getloadavg()[0], "elapsed_s": time.perf_counter() - started}}
-    if variant == "labels":
-        ratio = modes["research_loop"]["wall_time_5_epochs_s"] / modes["one_store"]["wall_time_5_epochs_s"]
+                     "load_average_end": os.getloadavg()[0], "elapsed_s": time.perf_counter() - started,
+                     "machine": machine_info(torch_threads=THREADS, device="cpu")}}
+    if variant == "labels":  # per round too: a one-store run lasts a minute, a loop tens of minutes of other load
+        loop, store = modes["research_loop"], modes["one_store"]
+        ratios = {"research_loop_over_one_store_wall_time": loop["wall_time_5_epochs_s"] / store["wall_time_5_epochs_s"],
+                  "research_loop_over_one_store_wall_time_per_round": [
+                      a / b for a, b in zip(loop["wall_time_runs_s"], store["wall_time_runs_s"])],
+                  "research_loop_over_one_store_cpu_time": loop["cpu_time_s"] / store["cpu_time_s"]}
         return {**block, "labels": list(LABELS), "folds": args.folds, "modes": modes,
-                "ratios": {"research_loop_over_one_store_wall_time": ratio}}
+                "records": {"ludb": args.train_records, "simulated": args.simulated_records,
+                            "simulated_seed": SEED, "per_task": task_records(dataset["train"])},
+                "ratios": ratios}
     if variant == "paper":
         modes["full_finetune"] = paper_full_finetune({p: modes.pop(p) for p in PAPER_FULL_POINTS}, k, n)
     (full, recompute, cached), inference = (modes[m] for m in MODES), runs["cached_features"][0]["latency_ms"]
@@ -309,8 +376,15 @@ def run_variant(args, variant: str, dataset, data: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, "efficiency.json")
-    p.add_argument("--quick", action="store_true", help="tiny and labels on 8 records, 2 folds, one repeat")
+    p.add_argument("--quick", action="store_true", help="tiny and labels on 8 (+4 simulated) records, 2 folds, one "
+                   "repeat")
+    p.add_argument("--variants", default=None, help="comma-separated, of tiny,labels,paper (default all; --quick: "
+                   "tiny,labels); the other variants' results in --output are kept")
     p.add_argument("--repeats", type=int, default=None, help="runs of every mode, alternating (default 3; --quick 1)")
+    p.add_argument("--folds", type=int, default=None, help="labels variant: subject folds per task (default 5; "
+                   "--quick 2)")
+    p.add_argument("--simulated-records", type=int, default=None, help="labels variant: simulated records added to "
+                   "the LUDB ones (default 64; --quick 4)")
     p.add_argument("--memory-limit-gb", type=float, default=14.0, help="a worker past this RSS is stopped")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one worker's settings, as JSON (spawn)
     args = p.parse_args(argv)
@@ -320,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     size = SIZES["quick" if args.quick else "full"]
     vars(args).update({key: value for key, value in size.items() if getattr(args, key, None) is None})
+    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v != "paper" or not args.quick]
+    if set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
     started = time.perf_counter()
     dataset = load_records(args.train_records, args.eval_records)
     y_train, y_eval = np.asarray(dataset["train"]["rr_interval"]), np.asarray(dataset["eval"]["rr_interval"])
@@ -331,9 +408,23 @@ def main(argv: list[str] | None = None) -> None:
                         "mean_predictor_eval_mae_ms": float(np.abs(y_eval - y_train.mean()).mean())}}
     with tempfile.TemporaryDirectory(prefix="enecg-eff-") as workdir:
         results["variants"] = {variant: run_variant(args, variant, dataset, Path(workdir) / variant)
-                               for variant in ["tiny", "labels"] + ([] if args.quick else ["paper"])}
+                               for variant in variants}
     results["elapsed_s"] = time.perf_counter() - started
+    results["variants"] = merged_variants(args.output, results)
     save(results, args.output, docs_table(results), "efficiency" if args.update_docs else None)
+
+
+def merged_variants(output: Path, results: dict) -> dict:
+    """The variants just measured, plus (in VARIANTS order) those of the saved results in `output` that were not
+    re-run, when that file is a run of the same kind (`quick` alike); a kept variant keeps the machine it ran on."""
+    saved = json.loads(output.read_text()) if output.is_file() else {}
+    if saved.get("quick") != results["quick"]:
+        return results["variants"]
+    kept = {name: block for name, block in saved.get("variants", {}).items() if name not in results["variants"]}
+    for block in kept.values():
+        block["run"].setdefault("machine", saved["machine"])
+    merged = {**kept, **results["variants"]}
+    return {name: merged[name] for name in VARIANTS if name in merged}
 
 
 def duration(seconds: float) -> str:
@@ -347,9 +438,17 @@ def docs_table(results: dict) -> str:
     lines = []
     for variant, block in results["variants"].items():
         labels, r, run = variant == "labels", block["ratios"], block["run"]
-        scope = f"; labels {', '.join(block['labels'])} x {block['folds']} folds" if labels else ""
+        records, scope = f"{results['data']['train_records']} training records", ""
+        if labels and "records" in block:  # since the five-task shape: LUDB plus simulated records
+            records = (f"{block['records']['ludb']} LUDB + {block['records']['simulated']} simulated training "
+                       "records")
+            scope = "; tasks " + ", ".join(f"{task} ({' + '.join(f'{n} {s}' for s, n in by_source.items())})"
+                                           for task, by_source in block["records"]["per_task"].items())
+            scope += f" x {block['folds']} subject folds"
+        elif labels:
+            scope = f"; labels {', '.join(block['labels'])} x {block['folds']} folds"
         lines.append(f"**{variant}** (`{block['config']}`, experts: {', '.join(block['experts'])}; batch "
-                     f"{block['batch_size']}; {results['data']['train_records']} training records{scope})\n")
+                     f"{block['batch_size']}; {records}{scope})\n")
         header = ["mode", "trainable params", "throughput (records/s)", "wall time, all fits" if labels else
                   "wall time, 5 epochs", "runs", "peak RSS (MB)", "above baseline (MB)", "held-out RR MAE (ms)", "how"]
         rows = [[name, f"{m['trainable_params']:,}", f"{m['throughput_records_per_s']:.3g}",
@@ -363,9 +462,16 @@ def docs_table(results: dict) -> str:
                   f"Run finished {run['finished']}, {duration(run['elapsed_s'])}, {order}, load average "
                   f"{run['load_average_start']:.2f} at start, {run['load_average_end']:.2f} at end (2 shared cores).\n"]
         if labels:
-            lines.append(f"Ratio: research loop / one store, wall time "
-                         f"**{r['research_loop_over_one_store_wall_time']:.1f}×** for {len(block['labels'])} labels × "
-                         f"{block['folds']} folds.\n")
+            rounds = ", ".join(f"{x:.1f}×" for x in r.get("research_loop_over_one_store_wall_time_per_round", []))
+            lines += time_parts(block) + [
+                f"Ratio: research loop / one store, wall time **{r['research_loop_over_one_store_wall_time']:.1f}×** "
+                f"for {len(block['labels'])} {'tasks' if 'records' in block else 'labels'} × {block['folds']} folds "
+                f"({block['modes']['one_store']['fits']} fits per mode)"
+                + (f"; per round (the two runs back to back) {rounds}; process CPU time "
+                   f"**{r['research_loop_over_one_store_cpu_time']:.1f}×** (medians: "
+                   f"{duration(block['modes']['research_loop']['cpu_time_s'])} against "
+                   f"{duration(block['modes']['one_store']['cpu_time_s'])}; CPU time is what load from other jobs "
+                   "changes least)" if "research_loop_over_one_store_cpu_time" in r else "") + ".\n"]
             continue
         inf = block["inference"]
         experts = ", ".join(f"{name} {ms:,.1f}" for name, ms in inf["per_expert"].items())
@@ -380,9 +486,29 @@ def docs_table(results: dict) -> str:
                   f"{r['cached_over_full_peak_rss_above_baseline']:.2f}); ensemble / sum of experts latency "
                   f"**{r['ensemble_over_sum_of_experts_latency']:.2f}**. Targets: {targets}.\n"]
     m = results["machine"]
-    lines.append(f"Machine: {m['cpu_count']} CPU cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
-                 f"transformers {m['transformers']}; data: {results['data']['source']}.")
+    versions = {name: "torch {torch}, transformers {transformers}".format(**block["run"].get("machine", m))
+                for name, block in results["variants"].items()}
+    versions_text = (next(iter(versions.values())) if len(set(versions.values())) == 1 else
+                     "; ".join(f"{name}: {text}" for name, text in versions.items()))
+    lines.append(f"Machine: {m['cpu_count']} CPU cores, {m['torch_threads']} torch thread(s), {versions_text}; data: "
+                 f"{results['data']['source']}" + (", labels variant plus simulated records (same builder)"
+                                                   if "records" in results["variants"].get("labels", {}) else "")
+                 + ".")
     return "\n".join(lines)
+
+
+def time_parts(block: dict) -> list[str]:
+    """The labels variant's time split per mode (medians over runs), when the results have it."""
+    parts = {mode: block["modes"][mode].get("time_parts_s") for mode in LABEL_MODES}
+    if not all(parts.values()):
+        return []
+    loop, store = parts["research_loop"], parts["one_store"]
+    fits = block["modes"]["one_store"]["fits"]
+    return [f"Where the time goes (medians, s): research loop: {fits} models built {loop['model_construction_s']:.1f}, "
+            f"{fits} Trainers built and trained {loop['fits_s']:.1f}, of which the experts' forward passes "
+            f"{loop['experts_forward_s']:.1f}; one store: one model built {store['model_construction_s']:.1f}, the "
+            f"store filled {store['feature_extraction_s']:.1f} (experts' forward passes "
+            f"{store['experts_forward_s']:.1f}), {fits} head/gate fits {store['fits_s']:.1f}.\n"]
 
 
 if __name__ == "__main__":

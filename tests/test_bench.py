@@ -77,13 +77,28 @@ def test_efficiency_quick(tmp_path):
     modes = tiny["modes"]
     assert modes["cached_features"]["trainable_params"] == modes["frozen_recompute"]["trainable_params"]
     assert modes["cached_features"]["trainable_params"] < modes["full_finetune"]["trainable_params"]
-    # The labels variant: LUDB's labels x folds, the research loop (a fresh model and Trainer per label and fold,
-    # experts recomputed every step) against one feature store shared by every fit.
+    # The labels variant: the paper's five tasks x folds on LUDB plus simulated records (the only ones with a potassium
+    # label), the research loop (a fresh model and Trainer per task and fold, experts recomputed every step) against
+    # one feature store shared by every fit; each task on the records that carry its label.
     labels = result["variants"]["labels"]
-    assert labels["labels"] == ["rr_interval", "age", "sex", "arrhythmia"] and labels["folds"] == 2
+    assert labels["labels"] == ["rr_interval", "age", "sex", "potassium_flag", "arrhythmia"] and labels["folds"] == 2
+    records = labels["records"]
+    assert records["per_task"]["potassium_flag"] == {"simulated": records["simulated"]}
+    assert records["per_task"]["age"] == {"ludb": records["ludb"], "simulated": records["simulated"]}
     loop, store = labels["modes"]["research_loop"], labels["modes"]["one_store"]
-    assert loop["fits"] == store["fits"] >= 4 * 2
+    assert loop["fits"] == store["fits"] == 5 * 2
+    assert loop["train_records"] == store["train_records"] == records["ludb"] + records["simulated"]
     assert store["feature_extraction_s"] > 0 and loop["feature_extraction_s"] == 0
+    for mode in (loop, store):  # where the time goes, each part measured and inside the whole loop's wall time
+        parts = mode["time_parts_s"]
+        assert parts["model_construction_s"] > 0 and parts["fits_s"] > 0 and parts["experts_forward_s"] > 0
+        assert sum(parts[k] for k in ("model_construction_s", "feature_extraction_s", "fits_s")) <= \
+            mode["wall_time_5_epochs_s"]
+    assert store["time_parts_s"]["experts_forward_s"] <= store["time_parts_s"]["feature_extraction_s"]
+    assert loop["time_parts_s"]["experts_forward_s"] <= loop["time_parts_s"]["fits_s"]
+    assert "Where the time goes" in stdout
+    assert 0 < store["cpu_time_s"] <= store["wall_time_5_epochs_s"] * 1.2 and loop["cpu_time_s"] > 0
+    assert len(labels["ratios"]["research_loop_over_one_store_wall_time_per_round"]) == loop["runs"]
     assert labels["ratios"]["research_loop_over_one_store_wall_time"] > 1
     assert "Ratio: research loop / one store" in stdout
     assert not non_finite_numbers(result), non_finite_numbers(result)
