@@ -33,12 +33,12 @@ FEATURE_RANGES = {
 MIN_SECONDS = 2.0  # shorter signals are not analysed: every value is flagged missing
 
 
-def _import_neurokit():
+def _import_neurokit(expert: str = "The ECG-features expert"):
     try:
         import neurokit2
     except ImportError as err:
         raise ImportError(
-            "The ECG-features expert needs neurokit2, an optional dependency: pip install enecg_hf[features] "
+            f"{expert} needs neurokit2, an optional dependency: pip install enecg_hf[features] "
             "(or pip install neurokit2)"
         ) from err
     return neurokit2
