@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .beats_enecg import beats_in_window, bin_matrix, detect_beats, edge_names, flat_leads, window_edges
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert
-from .expert_features import DELINEATION_METHODS, _check_indices, _delineator, _import_neurokit
+from .expert_features import DELINEATION_METHODS, _delineator, _import_neurokit
 
 
 if TYPE_CHECKING:
     from .configuration_enecg import EnECGConfig
 
 
-FLAT_RANGE = 1e-6  # a lead whose peak-to-peak range is below this (or that is not finite) is flat / missing
 ISOELECTRIC_MS = 20.0  # the baseline is the mean of the flattest stretch this long inside `baseline_window_ms`
 # Wave boundaries read from neurokit2's delineation of each lead's median beat (its names, ours).
 WAVE_MARKS = {"p_on": "ECG_P_Onsets", "p_off": "ECG_P_Offsets", "qrs_on": "ECG_R_Onsets", "qrs_off": "ECG_R_Offsets",
@@ -74,15 +74,6 @@ class MedianBeatAnalysis:
     notes: list[str] = field(default_factory=list)
     waves: dict[str, dict[str, float]] = field(default_factory=dict)
     measurements: dict[str, float] = field(default_factory=dict)
-
-
-def bin_average(signal: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Average of (rows, samples) between fractional sample positions `edges` (points + 1), sample k covering [k, k+1):
-    an exact area average, so 350 samples into 50 points is the mean of every 7."""
-    cumulative = np.concatenate([np.zeros((len(signal), 1)), np.cumsum(signal, axis=1)], axis=1)
-    grid = np.arange(cumulative.shape[1])
-    at_edges = np.stack([np.interp(edges, grid, row) for row in cumulative])
-    return np.diff(at_edges, axis=1) / np.diff(edges)
 
 
 def isoelectric_level(beat: np.ndarray, first: int, last: int, width: int) -> np.ndarray:
@@ -179,10 +170,10 @@ class EnECGMedianBeatExpert(EnECGExpert):
                              f"{sorted(set(DELINEATION_METHODS))}, got {method!r}")
         self._delineator = _delineator(method)
         fs = self.sampling_rate
-        # Window in samples from the R peak (sample k covers [k, k+1)), and the fractional bin edges inside it.
+        # Window in samples from the R peak (sample k covers [k, k+1)), and the map averaging it into the points.
         self.window = (math.floor(start_ms * fs / 1000), math.ceil(stop_ms * fs / 1000))
-        self.edges = np.linspace(start_ms, stop_ms, points + 1) * fs / 1000 - self.window[0]
-        self.centres_ms = (np.linspace(start_ms, stop_ms, points + 1)[:-1] + (stop_ms - start_ms) / points / 2)
+        edges = window_edges(s["window_ms"], points) * fs / 1000 - self.window[0]
+        self.binning = bin_matrix(self.window[1] - self.window[0], edges)
         self.measured_names = self._measurement_names() if s["measurements"] else []
         self.embedding_dim = len(self.feature_names)
 
@@ -197,30 +188,17 @@ class EnECGMedianBeatExpert(EnECGExpert):
         (`II.st_j60`, `qrs_axis_cos`, ...), then the flags (`{lead}.flat`, `rr_mean_missing`, `beat_missing`,
         `detected_on_II`, ..., `II.st_j60_missing`, ...)."""
         leads = self.expert_config.leads
-        beat = [f"{lead}.beat_{round(t):+d}ms" for lead in leads for t in self.centres_ms]
+        times = edge_names(self.settings["window_ms"], self.settings["points"])
+        beat = [f"{lead}.beat_{t}" for lead in leads for t in times]
         flags = [f"{lead}.flat" for lead in leads] + ["rr_mean_missing", "beat_missing"]
         flags += [f"detected_on_{lead}" for lead in self.detection_leads]
         return [*beat, "rr_mean", *self.measured_names, *flags, *(f"{n}_missing" for n in self.measured_names)]
 
     # ------------------------------------------------------------------------------------------------ analysis
-    def r_peaks(self, signal: np.ndarray) -> np.ndarray:
-        """R peaks of one lead (samples,) as `nk.ecg_peaks` finds them (clean, then neurokit2's detector), without its
-        pandas output; an empty array when neurokit2 cannot process the signal."""
-        fs = self.sampling_rate
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            try:
-                cleaned = self._nk.ecg_clean(signal, sampling_rate=fs)
-                found = self._nk.ecg_findpeaks(cleaned, sampling_rate=fs, method="neurokit")["ECG_R_Peaks"]
-                _check_indices(found, cleaned.size)
-            except Exception:  # neurokit raises on degenerate signals in many ways; all mean "no beats"
-                return np.zeros(0, dtype=np.int64)
-        return np.asarray(found, dtype=np.int64)
-
     def median_beat(self, record: np.ndarray, peaks: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, int]:
         """The median over beats of every lead of (leads, samples) from `start` to `stop` samples around each peak,
         baseline-corrected, (leads, stop - start); and how many beats it took (those whose window fits)."""
-        fits = peaks[(peaks + start >= 0) & (peaks + stop <= record.shape[1])]
+        fits = beats_in_window(peaks, (start, stop), record.shape[1])
         if not len(fits):
             return np.zeros((len(record), stop - start)), 0
         beat = np.median(record[:, fits[:, None] + np.arange(start, stop)], axis=1)
@@ -232,38 +210,18 @@ class EnECGMedianBeatExpert(EnECGExpert):
         """One record (leads, samples) in the expert's leads -> its [`MedianBeatAnalysis`]."""
         leads, s, fs = list(self.expert_config.leads), self.settings, self.sampling_rate
         record = np.asarray(record, dtype=np.float64)
-        finite = np.isfinite(record).all(axis=1)
-        record = np.where(finite[:, None], record, 0.0)
-        flat = ~finite | (np.ptp(record, axis=1) < FLAT_RANGE)
+        flat = flat_leads(record)
         record = np.where(flat[:, None], 0.0, record)
-        flat_leads = [lead for lead, f in zip(leads, flat) if f]
-        start, stop = self.window
-        notes, tried = [], []
-        chosen = None
-        for lead in self.detection_leads:
-            index = leads.index(lead)
-            if flat[index]:
-                notes.append(f"{lead} is flat or missing")
-                continue
-            peaks = self.r_peaks(record[index])
-            usable = int(((peaks + start >= 0) & (peaks + stop <= record.shape[1])).sum())
-            tried.append((usable, len(peaks), lead, peaks))
-            if usable >= s["min_beats"]:
-                chosen = (lead, peaks)
-                break
-            notes.append(f"{lead} gave {usable} beats (min_beats {s['min_beats']})")
-        if chosen is None:  # RR from the lead with the most peaks, if any
-            best = max(tried, key=lambda t: t[:2], default=None)
-            peaks = best[3] if best else np.zeros(0, dtype=np.int64)
-            rr = float(np.diff(peaks).mean() / fs) if len(peaks) >= 2 else math.nan
-            reason = "no detection lead usable: " + "; ".join(notes)
-            return MedianBeatAnalysis(np.zeros((len(leads), s["points"])), rr, None, peaks, 0, flat_leads, reason,
-                                      notes, measurements=dict.fromkeys(self.measured_names, math.nan))
-        lead, peaks = chosen
-        rr = float(np.diff(peaks).mean() / fs) if len(peaks) >= 2 else math.nan
-        beat, beats = self.median_beat(record, peaks, start, stop)
-        binned = np.where(flat[:, None], 0.0, bin_average(beat, self.edges))
-        analysis = MedianBeatAnalysis(binned, rr, lead, peaks, beats, flat_leads, None, notes)
+        flat_names = [lead for lead, f in zip(leads, flat) if f]
+        beats = detect_beats(self._nk, record, leads, self.detection_leads, fs, self.window, s["min_beats"], flat)
+        rr = beats.rr_mean / fs
+        if beats.lead is None:
+            reason = "no detection lead usable: " + "; ".join(beats.notes)
+            return MedianBeatAnalysis(np.zeros((len(leads), s["points"])), rr, None, beats.peaks, 0, flat_names,
+                                      reason, beats.notes, measurements=dict.fromkeys(self.measured_names, math.nan))
+        beat, count = self.median_beat(record, beats.peaks, *self.window)
+        binned = np.where(flat[:, None], 0.0, beat @ self.binning)
+        analysis = MedianBeatAnalysis(binned, rr, beats.lead, beats.peaks, count, flat_names, None, beats.notes)
         if s["measurements"]:
             self._measure(analysis, record, flat)
         return analysis

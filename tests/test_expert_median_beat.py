@@ -16,7 +16,8 @@ import torch
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.data.ludb import wave_boundaries
-from enecg_hf.expert_median_beat import LEAD_MEASUREMENTS, RECORD_MEASUREMENTS, EnECGMedianBeatExpert, bin_average
+from enecg_hf.beats_enecg import bin_matrix
+from enecg_hf.expert_median_beat import LEAD_MEASUREMENTS, RECORD_MEASUREMENTS, EnECGMedianBeatExpert
 
 
 pytest.importorskip("neurokit2")
@@ -69,11 +70,13 @@ def test_shapes_names_and_the_median_beat_of_a_simulated_record():
     torch.testing.assert_close(out, expert(x), rtol=0, atol=0)  # deterministic
 
 
-def test_bin_average_is_the_mean_of_whole_samples_and_an_area_average_otherwise():
+def test_binning_is_the_mean_of_whole_samples_and_an_area_average_otherwise():
     signal = np.random.default_rng(0).standard_normal((3, 350))
-    np.testing.assert_allclose(bin_average(signal, np.linspace(0, 350, 51)), signal.reshape(3, 50, 7).mean(-1))
+    np.testing.assert_allclose(signal @ bin_matrix(350, np.linspace(0, 350, 51)), signal.reshape(3, 50, 7).mean(-1))
     ramp = np.arange(7.0)[None]  # samples 0..6 covering [k, k+1): the area over [0.5, 2.0) is (0.5 * 0 + 1) / 1.5
-    np.testing.assert_allclose(bin_average(ramp, np.array([0.5, 2.0, 7.0])), [[1 / 1.5, 4.0]])
+    np.testing.assert_allclose(ramp @ bin_matrix(7, np.array([0.5, 2.0, 7.0])), [[1 / 1.5, 4.0]])
+    # A bin inside one step (a coarse latent sequence) takes that step's value.
+    np.testing.assert_allclose(ramp @ bin_matrix(7, np.array([2.2, 2.7])), [[2.0]])
 
 
 def test_a_lead_offset_or_a_slow_drift_does_not_change_the_beat():
