@@ -9,14 +9,14 @@ saved model folders carry it (`trust_remote_code`).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .expert_features import _check_indices, _import_neurokit
+from .expert_base import check_record_seconds
+from .expert_features import _import_neurokit, find_r_peaks
 
 
 FLAT_RANGE = 1e-6  # a lead whose peak-to-peak range is below this (or that is not finite) is flat / missing
@@ -27,20 +27,6 @@ def flat_leads(record: np.ndarray) -> np.ndarray:
     """(leads, samples) -> (leads,) True where a lead is flat or not finite (a missing lead is zero-filled)."""
     finite = np.isfinite(record).all(axis=1)
     return ~finite | (np.ptp(np.where(finite[:, None], record, 0.0), axis=1) < FLAT_RANGE)
-
-
-def find_r_peaks(nk: Any, signal: np.ndarray, sampling_rate: float) -> np.ndarray:
-    """R peaks of one lead (samples,) as `nk.ecg_peaks` finds them (`nk.ecg_clean`, then neurokit2's detector),
-    without its pandas output; an empty array when neurokit2 cannot process the signal."""
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        try:
-            cleaned = nk.ecg_clean(signal, sampling_rate=sampling_rate)
-            found = nk.ecg_findpeaks(cleaned, sampling_rate=sampling_rate, method="neurokit")["ECG_R_Peaks"]
-            _check_indices(found, cleaned.size)
-        except Exception:  # neurokit raises on degenerate signals in many ways; all mean "no beats"
-            return np.zeros(0, dtype=np.int64)
-    return np.asarray(found, dtype=np.int64)
 
 
 def beats_in_window(peaks: np.ndarray, window: tuple[int, int], length: int) -> np.ndarray:
@@ -80,7 +66,7 @@ def detect_beats(nk: Any, record: np.ndarray, leads: Sequence[str], detection_le
         if flat[index]:
             notes.append(f"{lead} is flat or missing")
             continue
-        peaks = find_r_peaks(nk, record[index], sampling_rate)
+        peaks = find_r_peaks(nk, record[index], sampling_rate)[1]
         usable = len(beats_in_window(peaks, window, record.shape[1]))
         if usable >= min_beats:
             return EnECGBeats(lead, peaks, notes)
@@ -122,12 +108,8 @@ def validate_beat_pooling(expert_config, config) -> None:
     settings = expert_config.settings.get("beat_pooling")
     if settings is None:
         return
-    seconds = {**BEAT_POOLING_DEFAULTS, **settings}["record_seconds"]
-    if abs(float(seconds) - config.input_length / config.sampling_rate) > 1e-6:
-        raise ValueError(
-            f"EnECGConfig.experts: expert {expert_config.name!r} ({expert_config.type}): settings.beat_pooling."
-            f"record_seconds must be {config.input_length / config.sampling_rate:g} (input_length / sampling_rate)"
-        )
+    check_record_seconds(expert_config, config, {**BEAT_POOLING_DEFAULTS, **settings}["record_seconds"],
+                         "beat_pooling.record_seconds", "to place its windows in milliseconds")
 
 
 class EnECGBeatPooling:
@@ -193,5 +175,5 @@ class EnECGBeatPooling:
         return torch.stack(rows)
 
 
-__all__ = ["EnECGBeats", "EnECGBeatPooling", "validate_beat_pooling", "detect_beats", "find_r_peaks", "flat_leads", "bin_matrix",
+__all__ = ["EnECGBeats", "EnECGBeatPooling", "validate_beat_pooling", "detect_beats", "flat_leads", "bin_matrix",
            "beats_in_window", "window_edges", "edge_names", "BEAT_POOLING_DEFAULTS", "FLAT_RANGE"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .configuration_enecg import EnECGExpertConfig
-from .expert_base import EnECGExpert
+from .expert_base import EnECGExpert, check_record_seconds
 
 
 if TYPE_CHECKING:
@@ -72,6 +72,21 @@ def _check_indices(indices: Any, length: int) -> None:
             raise IndexError(f"index {index} outside a signal of {length} samples")
 
 
+def find_r_peaks(nk: Any, signal: np.ndarray, sampling_rate: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """`nk.ecg_peaks` without its pandas output: `nk.ecg_clean`, then neurokit2's detector and its output's index
+    check. Returns the cleaned signal and the R peaks (samples); `(None, no peaks)` when neurokit2 cannot process the
+    signal (it raises on degenerate signals in many ways; all mean "not measured")."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        try:
+            cleaned = nk.ecg_clean(signal, sampling_rate=sampling_rate)
+            found = nk.ecg_findpeaks(cleaned, sampling_rate=sampling_rate, method="neurokit")["ECG_R_Peaks"]
+            _check_indices(found, cleaned.size)
+        except Exception:
+            return None, np.zeros(0, dtype=np.int64)
+    return cleaned, np.asarray(found, dtype=np.int64)
+
+
 def _median_duration(waves: dict[str, Any], start: str, end: str, sampling_rate: float) -> float:
     """Median over beats of (end - start) in seconds, ignoring beats where either mark is missing; NaN if none."""
     a = np.asarray(waves.get(start, []), dtype=float)
@@ -111,12 +126,7 @@ class EnECGFeaturesExpert(EnECGExpert):
     def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
         """The expert measures intervals in seconds, so `record_seconds` must be the record's length in the model."""
         settings = cls.resolve_settings(expert_config.settings)
-        record_seconds = config.input_length / config.sampling_rate
-        if abs(float(settings["record_seconds"]) - record_seconds) > 1e-6:
-            raise ValueError(
-                f"EnECGConfig.experts: expert {expert_config.name!r} (features): settings.record_seconds must be "
-                f"{record_seconds:g} (input_length / sampling_rate) to measure intervals in seconds"
-            )
+        check_record_seconds(expert_config, config, settings["record_seconds"], purpose="to measure intervals in seconds")
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
@@ -148,14 +158,10 @@ class EnECGFeaturesExpert(EnECGExpert):
         nk = self._nk
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            try:
-                cleaned = nk.ecg_clean(signal, sampling_rate=fs)
-                # `nk.ecg_peaks` without its pandas output: its own detector call, and its output's index check.
-                found = nk.ecg_findpeaks(cleaned, sampling_rate=fs, method="neurokit")["ECG_R_Peaks"]
-                _check_indices(found, cleaned.size)
-                peaks = np.asarray(found, dtype=float)
-            except Exception:  # neurokit raises on degenerate signals in many ways; all mean "not measured"
+            cleaned, found = find_r_peaks(nk, signal, fs)
+            if cleaned is None:
                 return values
+            peaks = found.astype(float)
             if peaks.size >= 2:
                 rr = np.diff(peaks) / fs
                 values["rr_mean"] = float(rr.mean())
@@ -212,4 +218,4 @@ class EnECGFeaturesExpert(EnECGExpert):
         return torch.tensor(np.stack(rows), dtype=torch.float32, device=inputs.device)
 
 
-__all__ = ["EnECGFeaturesExpert", "FEATURE_NAMES"]
+__all__ = ["EnECGFeaturesExpert", "FEATURE_NAMES", "find_r_peaks"]

@@ -20,7 +20,7 @@ import torch
 
 from .beats_enecg import beats_in_window, bin_matrix, detect_beats, edge_names, flat_leads, window_edges
 from .configuration_enecg import EnECGExpertConfig
-from .expert_base import EnECGExpert
+from .expert_base import EnECGExpert, check_record_seconds
 from .expert_features import DELINEATION_METHODS, _delineator, _import_neurokit
 
 
@@ -132,12 +132,8 @@ class EnECGMedianBeatExpert(EnECGExpert):
     def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
         """The expert measures time in seconds, so `record_seconds` must be the record's length in the model."""
         settings = cls.resolve_settings(expert_config.settings)
-        record_seconds = config.input_length / config.sampling_rate
-        if abs(float(settings["record_seconds"]) - record_seconds) > 1e-6:
-            raise ValueError(
-                f"EnECGConfig.experts: expert {expert_config.name!r} (median_beat): settings.record_seconds must be "
-                f"{record_seconds:g} (input_length / sampling_rate) to place its windows in milliseconds"
-            )
+        check_record_seconds(expert_config, config, settings["record_seconds"],
+                             purpose="to place its windows in milliseconds")
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)

@@ -4,7 +4,6 @@ and the wave boundaries of LUDB records against the cardiologists' per-lead anno
 
 from __future__ import annotations
 
-import builtins
 import math
 import os
 from pathlib import Path
@@ -12,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import hide_module
 
 from enecg_hf import EnECGConfig, EnECGModel
+from enecg_hf.beats_enecg import bin_matrix
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.data.ludb import wave_boundaries
-from enecg_hf.beats_enecg import bin_matrix
 from enecg_hf.expert_median_beat import LEAD_MEASUREMENTS, RECORD_MEASUREMENTS, EnECGMedianBeatExpert
 
 
@@ -191,14 +191,7 @@ def test_settings_are_checked():
 
 
 def test_missing_neurokit_gives_a_clear_error(monkeypatch):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "neurokit2":
-            raise ImportError("No module named 'neurokit2'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    hide_module(monkeypatch, "neurokit2")
     with pytest.raises(ImportError, match=r"median-beat expert needs neurokit2.*pip install enecg_hf\[features\]"):
         make_expert()
 
