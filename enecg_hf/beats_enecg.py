@@ -120,7 +120,8 @@ class EnECGBeatPooling:
     bins of `window_ms` around each peak, then the median over beats is taken for every (lead, channel, point): what
     the median-beat expert does to the signal, done to the expert's features. Output (batch, leads * channels * points
     + 1): the pooled values lead after lead (channels, then points), then `beat_missing` (1.0 when fewer than
-    `min_beats` beats fit: the values are then 0). Differentiable in the sequence (the peaks are fixed numbers)."""
+    `min_beats` beats fit: the values are then 0), in float32. Differentiable in the sequence (the peaks are fixed
+    numbers)."""
 
     def __init__(self, settings: dict[str, Any], expert_name: str, leads: Sequence[str], input_length: int):
         unknown = set(settings) - set(BEAT_POOLING_DEFAULTS)
@@ -164,14 +165,16 @@ class EnECGBeatPooling:
                                  self.settings["min_beats"])
             fits = beats_in_window(beats.peaks, self.window, record.shape[1]) if beats.lead else beats.peaks[:0]
             if not len(fits):
-                rows.append(torch.cat([features.new_zeros(leads * channels * points), features.new_ones(1)]))
+                rows.append(torch.cat([features.new_zeros(leads * channels * points, dtype=torch.float32),
+                                       features.new_ones(1, dtype=torch.float32)]))
                 continue
             # Bin edges of every beat, in steps of the sequence: (beats, points + 1).
             edges = (fits[:, None] + self.edges_ms[None, :] * self.sampling_rate / 1000) / samples_per_step
             maps = torch.from_numpy(np.stack([bin_matrix(steps, e) for e in edges])).to(features)  # (beats, steps, points)
             per_beat = torch.einsum("lcs,bsp->blcp", features, maps)
-            median = torch.quantile(per_beat, 0.5, dim=0)  # as np.median: the mean of the middle two for even counts
-            rows.append(torch.cat([median.flatten(), features.new_zeros(1)]))
+            # As np.median (the mean of the middle two of an even count), in float32: quantile has no bfloat16 kernel.
+            median = torch.quantile(per_beat.float(), 0.5, dim=0)
+            rows.append(torch.cat([median.flatten(), median.new_zeros(1)]))
         return torch.stack(rows)
 
 

@@ -107,3 +107,14 @@ def test_settings_are_checked():
     config = EnECGConfig(experts=experts, sampling_rate=100, input_length=500, gate_input_length=50)
     with pytest.raises(ValueError, match=r"expert 'd' \(deepfade\): settings\.beat_pooling\.record_seconds must be 5"):
         EnECGModel(config)
+
+
+def test_a_bfloat16_sequence_is_pooled_in_float32():
+    """A sequence in bfloat16 (an expert loaded or cast to it) pools like its float32 copy; torch.quantile has no
+    bfloat16 kernel, so the median is taken in float32 (the pooling raised on such input before)."""
+    pooling = EnECGBeatPooling({}, "test", ["II"], 5000)
+    record = simulated_records(70)[:, 1:2]
+    sequence = torch.randn(1, 1, 3, 125, generator=torch.Generator().manual_seed(0))
+    low = pooling.pool(record, sequence.bfloat16(), 40.0)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, pooling.pool(record, sequence, 40.0), rtol=0.02, atol=0.02)
