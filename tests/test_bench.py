@@ -126,6 +126,8 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("expert_precision", "table", "expert_precision.json", "expert_precision", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision_moment.json", "expert_precision_moment", "benchmarks.md"),
     ("features_accuracy", "table", "features_accuracy.json", "features_accuracy", "experts.md"),
+    ("median_beat", "TABLES", "median_beat.json", "median_beat_accuracy", "experts.md"),
+    ("median_beat", "TABLES", "median_beat.json", "median_beat_speed", "experts.md"),
     ("data_build", "readers_table", "data_build.json", "wfdb_reader", "data.md"),
     ("data_build", "TABLES", "data_build.json", "build_dataset", "data.md"),
 ]
