@@ -118,6 +118,20 @@ def test_quality_quick(tmp_path):
     assert not bad, bad
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
+def test_median_beat_quick(tmp_path):
+    result, stdout = run_quick("median_beat.py", tmp_path)
+    assert "| QRS onset |" in stdout and "| median_beat |" in stdout
+    (run,) = result["runs"]
+    assert len(run["records"]) == 12 and set(run["ms_per_record"]) == {
+        "median_beat", "median_beat+measurements", "features (dwt)", "features (prominence)"}
+    for name in ("p_on", "p_off", "qrs_on", "qrs_off", "t_on", "t_off", "p_dur", "pr", "qrs", "qt"):
+        assert run["all_leads"][name]["scored"] > 0 and run["all_leads"][name]["mae_ms"] < 100, name
+    assert set(run["per_lead"]) == {"I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"}
+    assert not non_finite_numbers({k: v for k, v in result.items() if k != "runs"})
+
+
 # Every docs table that a script writes, with the function that renders it from the saved results (`--render-only`).
 RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs file)
     ("efficiency", "docs_table", "efficiency.json", "efficiency", "benchmarks.md"),
