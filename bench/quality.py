@@ -104,23 +104,27 @@ ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training fold
               **{name: label for name, (label, _, _) in FITTED_ROWS.items()}}
 
 
-def load_records(limits: dict[str, int] | None) -> tuple[datasets.Dataset, pd.DataFrame]:
-    """Every source folder through the package's builder (which skips unusable records and keeps each signal once):
+def load_records(limits: dict[str, int] | None, sources: dict[str, str] | None = None,
+                 data_dir: Path | None = None) -> tuple[datasets.Dataset, pd.DataFrame]:
+    """Every source folder (`sources`, default SOURCES: folder -> format, under `data_dir`, default DATA_DIR) through
+    the package's builder (which skips unusable records and keeps each signal once):
     one dataset of what the feature store keys records by (`record_id`, `source`, `signal`), and a table with a row
-    per record: its `folder`, `subject` (the folder and the subject id, else the record id) and task labels (class
+    per record: its `folder`, `subject` (the source format and the subject id, else the record id: a patient id names
+    a patient of its database, so the same PTB-XL patient in two folders is one subject) and task labels (class
     names; the rhythm in three groups)."""
     datasets.disable_progress_bars()
     parts, labels = [], []
-    for folder, fmt in SOURCES.items():
-        if not (DATA_DIR / folder).is_dir():
-            print(f"[quality] {DATA_DIR / folder} not found: skipped", flush=True)
+    data_dir = data_dir or DATA_DIR
+    for folder, fmt in (sources or SOURCES).items():
+        if not (data_dir / folder).is_dir():
+            print(f"[quality] {data_dir / folder} not found: skipped", flush=True)
             continue
-        dataset = build_dataset(fmt, str(DATA_DIR / folder), limit=limits.get(folder) if limits else None)
+        dataset = build_dataset(fmt, str(data_dir / folder), limit=limits.get(folder) if limits else None)
         table = dataset.select_columns(["record_id", "subject_id", *TASK_SOURCES]).to_pandas()
         for column in ("sex", "arrhythmia"):  # ClassLabel indices -> class names
             table[column] = table[column].map(dict(enumerate(dataset.features[column].names)))
         table["arrhythmia"] = table["arrhythmia"].map(GROUP_OF_CLASS)
-        table["subject"] = folder + "/" + table["subject_id"].fillna(table["record_id"])
+        table["subject"] = fmt + "/" + table["subject_id"].fillna(table["record_id"])
         labels.append(table.assign(folder=folder))
         parts.append(dataset.select_columns(["record_id", "source", "signal"]))
     return datasets.concatenate_datasets(parts), pd.concat(labels, ignore_index=True)

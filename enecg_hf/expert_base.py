@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .configuration_enecg import EnECGExpertConfig
+from .denormal_enecg import flush_denormals
 from .signal_enecg import resample_fourier
 
 
@@ -61,6 +62,9 @@ class EnECGExpert(nn.Module):
     # `load_pretrained` reads (`python -m enecg_hf.tools.convert <expert_type> SOURCE DEST`); None for experts that
     # read their upstream format themselves or have no released weights.
     CONVERTER: ClassVar[str | None] = None
+    # Raised when the expert's code computes its embedding differently (even in the last bits) from the same weights
+    # and settings: its feature-store fingerprint changes, so values of the old code are not mixed with new ones.
+    COMPUTATION_VERSION: ClassVar[int] = 1
     # Set per instance by `set_expert_precision` (precision_enecg.py): the backbone runs under `torch.autocast` in this
     # dtype (its weights stay float32). None: no autocast.
     autocast_dtype: torch.dtype | None = None
@@ -123,7 +127,8 @@ class EnECGExpert(nn.Module):
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         """(batch, all_leads, samples) -> pooled embedding (batch, embedding_dim), in `compute_dtype`.
 
-        Lead selection and resampling run in float32 (an FFT); the backbone then gets its input in its own dtype."""
+        Lead selection and resampling run in float32 (an FFT); the backbone then gets its input in its own dtype. The
+        whole call flushes subnormal floats to zero on every thread that computes it (`flush_denormals`)."""
         dtype = self.compute_dtype
         if self.KEEP_IN_FP32 and dtype != torch.float32:
             raise ValueError(
@@ -131,11 +136,14 @@ class EnECGExpert(nn.Module):
                 "model with from_pretrained(..., dtype=...), which keeps such experts in float32, or cast only the heads "
                 "and gate (model.heads.to(dtype), model.gate.to(dtype))."
             )
-        inputs = self.prepare_inputs(input_values.float()).to(dtype)
-        if self.autocast_dtype is None:
-            return self.embed(inputs)
-        with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
-            return self.embed(inputs).float()
+        # Subnormal floats are flushed to zero in every thread of the pass (denormal_enecg.py): pretrained weights
+        # full of them would otherwise run up to 100x slower on many x86 CPUs, for the same values.
+        with flush_denormals():
+            inputs = self.prepare_inputs(input_values.float()).to(dtype)
+            if self.autocast_dtype is None:
+                return self.embed(inputs)
+            with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
+                return self.embed(inputs).float()
 
     # ------------------------------------------------------------------------------------------------ weights
     @property

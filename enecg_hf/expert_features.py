@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -31,6 +32,11 @@ FEATURE_RANGES = {
     "qrs": (0.02, 0.3), "qt": (0.12, 0.8), "qtc": (0.15, 0.9),
 }
 MIN_SECONDS = 2.0  # shorter signals are not analysed: every value is flagged missing
+# neurokit2 warns on degenerate signals; the expert silences that with `warnings.catch_warnings`, which saves and
+# restores the process-wide filter list. Two threads inside it at once restore each other's lists, and an "ignore
+# everything" filter can outlive both (every later warning of the process is lost). One measurement at a time holds
+# the filters; it costs little, as neurokit2's measurements hold the GIL most of the time anyway.
+_WARNINGS_LOCK = threading.Lock()
 
 
 def _import_neurokit(expert: str = "The ECG-features expert"):
@@ -156,7 +162,7 @@ class EnECGFeaturesExpert(EnECGExpert):
         if signal.size < MIN_SECONDS * fs or not np.all(np.isfinite(signal)) or np.ptp(signal) < 1e-6:
             return values
         nk = self._nk
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
+        with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             cleaned, found = find_r_peaks(nk, signal, fs)
             if cleaned is None:

@@ -16,8 +16,10 @@ from .expert_base import EXPERT_CONFIG_FILE, EnECGExpert, load_state_dict_strict
 
 try:  # optional at import time so that configs without MOMENT load where momentfm is absent
     from momentfm import MOMENTPipeline
+    from momentfm.models.layers.revin import RevIN, nanstd
 except ImportError:  # pragma: no cover - exercised only without momentfm
     MOMENTPipeline = None
+    RevIN, nanstd = torch.nn.Module, None
 
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,30 @@ logger = logging.getLogger(__name__)
 # T5 settings of the AutonLab MOMENT-1 checkpoints (their config.json `t5_config`), plus a tiny test size.
 _T5_COMMON = {"d_kv": 64, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6,
               "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "vocab_size": 32128}
+
+
+class EnECGMomentRevIN(RevIN):
+    """momentfm's RevIN normalisation without its per-call state, so that one expert can serve several threads.
+
+    Upstream `RevIN.forward(x, mode="norm")` stores the call's mean and standard deviation on the module
+    (`self.mean`, `self.stdev`) and then normalises with what is stored: two threads embedding different records at
+    once read each other's statistics (wrong embeddings, or a shape error when their batch sizes differ). This one
+    computes the same statistics, with the same operations, as locals: (batch, channels, seq_len) in, the same shape
+    out, bit-identical to upstream. Only `"norm"` exists: the embedding task never denormalises.
+    """
+
+    def forward(self, x: torch.Tensor, mode: str = "norm", mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mode != "norm":
+            raise NotImplementedError(f"{type(self).__name__} only normalises (mode='norm'), got mode={mode!r}")
+        if mask is None:
+            mask = torch.ones((x.shape[0], x.shape[-1]))
+        masked_x = torch.where(mask.unsqueeze(1).repeat(1, x.shape[1], 1).bool(), x, torch.nan)
+        mean = torch.nanmean(masked_x, dim=-1, keepdim=True).detach()
+        stdev = nanstd(masked_x, dim=-1, keepdim=True).detach() + self.eps
+        x = (x - mean) / stdev
+        if self.affine:
+            x = x * self.affine_weight + self.affine_bias
+        return x
 
 
 class EnECGMomentExpert(EnECGExpert):
@@ -69,6 +95,9 @@ class EnECGMomentExpert(EnECGExpert):
                 self.momentfm_config(), model_kwargs={"task_name": "embedding", "enable_gradient_checkpointing": False}
             )
             self.backbone.init()
+        upstream = self.backbone.normalizer
+        self.backbone.normalizer = EnECGMomentRevIN(upstream.num_features, eps=upstream.eps, affine=upstream.affine)
+        self.backbone.normalizer.load_state_dict(upstream.state_dict())
         self.embedding_dim = self.settings["d_model"]
 
     def momentfm_config(self) -> dict[str, Any]:
@@ -86,7 +115,8 @@ class EnECGMomentExpert(EnECGExpert):
         }
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(batch, leads, input_length) -> (batch, d_model)."""
+        """(batch, leads, input_length) -> (batch, d_model). Safe to call from several threads at once (the backbone's
+        normaliser is [`EnECGMomentRevIN`])."""
         return self.backbone(x_enc=inputs).embeddings
 
     def load_pretrained(self, source: str) -> None:

@@ -2,8 +2,13 @@
 including the original Georgia headers), and plain `.npy` / `.csv` arrays.
 
 [`read_record`] returns a [`ECGRecording`]: the signal as (leads, samples) float32 in millivolts, its sampling rate,
-the lead names as the source spells them and the header comments. Lead order, rate and length are left as they
-are; [`prepare_signal`] in `preprocessing_enecg` standardises them.
+the lead names as the source spells them (or as the caller names the rows) and the header comments. Lead order, rate
+and length are left as they are; [`prepare_signal`] in `preprocessing_enecg` standardises them. [`open_record`]
+returns an [`ECGRecordReader`] instead, whose samples are read a span at a time: with `lazy=True` a WFDB `.dat`
+record of any length (a 24-hour Holter) is read window by window from disk, each span's bytes only.
+
+A WFDB ADC gain of 0 (or none) means "uncalibrated" in the header format: the signal is read at 200 ADC units per mV,
+as `wfdb` reads it, with a warning ([`check_header_text`]).
 
 Size is decided before any sample is read ([`RecordLimits`]): from the WFDB header (signal length and rate), the
 declared shape of the `.mat` matrix (whose zlib-compressed data must also decompress to no more than that shape
@@ -23,6 +28,7 @@ folder's code does not require them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -31,13 +37,15 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
 from .preprocessing_enecg import STANDARD_LEAD_NAMES, ECGInputError, check_sampling_rate
-from .wfdb_enecg import WFDBHeader, fast_read_unsupported, parse_header, read_dat_signal
+from .wfdb_enecg import DEFAULT_ADC_GAIN, WFDBHeader, fast_read_unsupported, parse_header, read_dat_signal
 
+
+logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 1 << 20  # WFDB headers are a few kB (signal lines and comments)
 MAX_CSV_LINE_BYTES = 1 << 16  # one sample of every lead (or the header row of lead names)
@@ -45,6 +53,10 @@ MAT_HEADER_SLACK_BYTES = 1 << 16  # MATLAB element tags, names and padding aroun
 # Read headers of the common form and format-16/212 signals with `wfdb_enecg` (one header parse, numpy), bit-identical
 # to wfdb; everything else with wfdb. False reads every WFDB record with wfdb alone (for comparisons and benchmarks).
 FAST_WFDB = True
+# What a cell of a CSV header row must look like to be taken as a lead name ("II", "V1", "aVR", "lead II", "ECG 1").
+_LEAD_NAME = re.compile(r"[\w .+\-()']{1,32}")
+# Text a library's error message quotes (Python and numpy quote the offending value: `could not convert string 'x'`).
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
 
 
 @dataclass(frozen=True)
@@ -56,22 +68,30 @@ class RecordLimits:
         max_values: most values (leads x samples) accepted (`too_large`). Reading holds about two copies of them
             (the stored integers or floats, and float32 millivolts): 2**24 values are 64 MiB as float32.
         max_sampling_rate: highest rate accepted in Hz (`bad_sampling_rate`).
+        too_long_advice: what the `too_long` error tells the user to do (the pipeline names its `window_seconds`).
     """
 
     max_seconds: float = 60.0
     max_values: int = 1 << 24
     max_sampling_rate: float = 10_000.0
+    too_long_advice: str = "Cut it into windows first"
 
     def check(self, leads: int, samples: int, sampling_rate: float, source: str) -> None:
         """Refuse a record of `leads` x `samples` at `sampling_rate` that exceeds the limits."""
         seconds = samples / sampling_rate
         if seconds > self.max_seconds:
             raise ECGInputError("too_long", f"{source} holds {samples} samples per lead at {sampling_rate:g} Hz "
-                                f"({seconds:.1f} s); at most {self.max_seconds:g} s are accepted. Cut it into windows "
-                                "first")
+                                f"({seconds:.1f} s); at most {self.max_seconds:g} s are accepted. "
+                                f"{self.too_long_advice}")
         if leads * samples > self.max_values:
             raise ECGInputError("too_large", f"{source} holds {leads} x {samples} values; at most {self.max_values} "
                                 "are accepted")
+
+
+def _problem(error: Exception) -> str:
+    """A library's error message about a file without the text it quotes from the file, so that a message names the
+    problem, not the file's contents (a record may be any file: the quoted line of a CSV can be a secret)."""
+    return _QUOTED.sub("(...)", str(error))[:300]
 
 
 def _import_wfdb():
@@ -101,12 +121,49 @@ class ECGRecording:
         sampling_rate: samples per second.
         lead_names: name of each row of `signal`, spelled as in the source.
         comments: header comment lines without the leading `#` (WFDB/Challenge), empty for arrays.
+        warnings: what the caller should know about the record as read (e.g. an uncalibrated WFDB header).
     """
 
     signal: np.ndarray
     sampling_rate: float
     lead_names: list[str]
     comments: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ECGRecordReader:
+    """A record opened by [`open_record`]: what its header says, and its samples, read a span at a time.
+
+    Attributes:
+        sampling_rate: samples per second.
+        lead_names: name of each row, spelled as in the source (or as the caller named them).
+        num_samples: samples per lead in the record.
+        read_span: `(start, stop) -> (leads, stop - start)` float32 array in millivolts ([`read`] checks the span).
+        comments: header comment lines without the leading `#` (WFDB/Challenge), empty for arrays.
+        warnings: what the caller should know about the record as read (e.g. an uncalibrated WFDB header).
+    """
+
+    sampling_rate: float
+    lead_names: list[str]
+    num_samples: int
+    read_span: Callable[[int, int], np.ndarray] = field(repr=False)
+    comments: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_signal(cls, signal: np.ndarray, sampling_rate: float, lead_names: Sequence[str],
+                    comments: Sequence[str] = (), warnings: Sequence[str] = ()) -> "ECGRecordReader":
+        """A reader of a (leads, samples) array held in memory (spans are views of it)."""
+        return cls(sampling_rate, list(lead_names), signal.shape[1], lambda start, stop: signal[:, start:stop],
+                   list(comments), list(warnings))
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(leads, stop - start) float32 array in millivolts of samples `start` to `stop` (default: to the end)."""
+        stop = self.num_samples if stop is None else stop
+        if not 0 <= start <= stop <= self.num_samples:
+            raise ValueError(f"span {start}:{stop} is outside the record's {self.num_samples} samples")
+        return self.read_span(start, stop)
 
 
 def _record_base(path: Path) -> Path:
@@ -141,19 +198,28 @@ def _number(text: str) -> float:
         return math.nan
 
 
-def check_header_text(text: str, header_path: Path | str) -> None:
-    """Refuse header values that `wfdb` would silently replace by its defaults.
+def check_header_text(text: str, header_path: Path | str) -> list[str]:
+    """Refuse header values that `wfdb` would silently replace by its defaults or misread, and say which signals are
+    uncalibrated.
 
-    `wfdb` reads an unparsable sampling frequency (`-1`, `nan`) as 250 Hz and an ADC gain of 0 as 200 units/mV. A
-    record with such a header would be read at a made-up rate or scale: refused as `unreadable_header`. (A header that
-    leaves those fields out is valid WFDB and keeps the defaults.) Multi-segment records are refused too.
+    `wfdb` reads an unparsable sampling frequency (`-1`, `nan`) as 250 Hz: refused as `unreadable_header`, as are an
+    ADC gain that is no number, NaN, infinite or negative (the scale of the signal is unknown or inverted) and
+    multi-segment records. A header that leaves the rate out is valid WFDB and keeps the default. Messages show what a
+    field was read as (a number, NaN), never its text: a record may be any file.
+
+    An ADC gain of 0, or none, means "uncalibrated" in the WFDB header format (header(5): "a value of 200 ADC units
+    per physical unit may be assumed"; `wfdb` reads it so). Whole PhysioNet databases write it (e.g. `rec.dat 212 0
+    12 0 -16 12292 0 ECG`): such signals are read at 200 units/mV, and their names are returned for a warning.
+
+    Returns:
+        The descriptions (or `signal N`) of the signals whose gain is 0 or missing.
     """
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not lines:
         raise ECGInputError("unreadable_header", f"{header_path} has no record line")
     record = lines[0].split()
     if len(record) < 2 or not record[1].isdigit():
-        raise ECGInputError("unreadable_header", f"{header_path}: record line {lines[0][:80]!r} gives no signal count")
+        raise ECGInputError("unreadable_header", f"{header_path}: the record line gives no signal count")
     if "/" in record[0]:
         raise ECGInputError("unreadable_header", f"{header_path} is a multi-segment record, which is not supported")
     if len(lines) - 1 != int(record[1]):
@@ -162,21 +228,30 @@ def check_header_text(text: str, header_path: Path | str) -> None:
     if len(record) >= 3:
         rate = _number(record[2])
         if not math.isfinite(rate) or rate <= 0:
-            raise ECGInputError("unreadable_header", f"{header_path}: sampling frequency {record[2]!r} is not a "
-                                "positive number")
+            raise ECGInputError("unreadable_header", f"{header_path}: sampling frequency {rate:g} is not a positive "
+                                "number")
+    uncalibrated = []
     for index, line in enumerate(lines[1 : 1 + int(record[1])]):
         fields = line.split()
-        if len(fields) >= 3:
-            gain = _number(fields[2])
-            if not math.isfinite(gain) or gain == 0:
-                name = " ".join(fields[8:]) or f"signal {index + 1}"
-                raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {fields[2]!r} of {name} is not a "
-                                    "non-zero number (the scale of the signal is unknown)")
+        name = " ".join(fields[8:]) or f"signal {index + 1}"
+        gain = _number(fields[2]) if len(fields) >= 3 else 0.0
+        if not math.isfinite(gain) or gain < 0:
+            raise ECGInputError("unreadable_header", f"{header_path}: ADC gain {gain:g} of {name} is not a positive "
+                                "number (the scale of the signal is unknown)")
+        if gain == 0:
+            uncalibrated.append(name)
+    return uncalibrated
 
 
-def _read_header(base: Path):
+def uncalibrated_warning(names: Sequence[str]) -> str:
+    """The warning for a record whose signals `names` have an ADC gain of 0 or none (see [`check_header_text`])."""
+    return (f"uncalibrated record: the header gives no ADC gain (0 or none) for {list(names)}; read at the WFDB "
+            f"default of {DEFAULT_ADC_GAIN:g} ADC units per mV, so amplitudes in mV are nominal")
+
+
+def _read_header(base: Path) -> tuple[Any, list[str]]:
     """The header fields of `base.hea`, parsed once: a `wfdb_enecg.WFDBHeader` for headers of the common form, else a
-    `wfdb.Record` (fixing Challenge record lines in a temporary copy)."""
+    `wfdb.Record` (fixing Challenge record lines in a temporary copy); and the names of its uncalibrated signals."""
     header_path = base.with_name(base.name + ".hea")
     if not header_path.is_file():
         raise ECGInputError("missing_file", f"no header file {header_path}")
@@ -186,22 +261,22 @@ def _read_header(base: Path):
                             f"{MAX_HEADER_BYTES} accepted)")
     text = header_path.read_text(encoding="ascii", errors="ignore")
     fixed = fix_header_text(text)
-    check_header_text(fixed, header_path)
+    uncalibrated = check_header_text(fixed, header_path)
     if FAST_WFDB:
         parsed = parse_header(fixed)
         if parsed is not None:
-            return parsed
+            return parsed, uncalibrated
     wfdb = _import_wfdb()
     try:
         if fixed == text:
-            return wfdb.rdheader(str(base))
+            return wfdb.rdheader(str(base)), uncalibrated
         # wfdb parses headers only from files: hand it the fixed text under the same record name.
         stem = fixed.split(None, 1)[0] if fixed.strip() else base.name
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, f"{stem}.hea").write_text(fixed, encoding="ascii")
-            return wfdb.rdheader(os.path.join(directory, stem))
+            return wfdb.rdheader(os.path.join(directory, stem)), uncalibrated
     except Exception as error:  # wfdb raises HeaderSyntaxError, ValueError, IndexError... on malformed headers
-        raise ECGInputError("unreadable_header", f"{header_path}: {error}") from error
+        raise ECGInputError("unreadable_header", f"{header_path}: {_problem(error)}") from error
 
 
 def _digital_to_physical(digital: np.ndarray, header) -> np.ndarray:
@@ -264,7 +339,8 @@ def _check_mat_decompressed_size(mat_path: Path, limit: int) -> None:
                         try:
                             total += len(inflater.decompress(data, chunk))
                         except zlib.error as error:
-                            raise ECGInputError("unreadable_signal", f"{mat_path}: corrupt compressed data ({error})")
+                            raise ECGInputError("unreadable_signal", f"{mat_path}: corrupt compressed data "
+                                                f"({_problem(error)})")
                         if total > limit:
                             raise ECGInputError("too_large", f"{mat_path} inflates to more than {limit} bytes, more "
                                                 "than its declared matrix holds (a decompression bomb?)")
@@ -308,9 +384,10 @@ def _read_mat_signal(base: Path, header, limits: RecordLimits) -> np.ndarray:
     except ECGInputError:
         raise
     except Exception as error:
-        raise ECGInputError("unreadable_signal", f"{mat_path} is not a readable MATLAB file: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{mat_path} is not a readable MATLAB file: {_problem(error)}") from error
     if "val" not in declared:
-        raise ECGInputError("unreadable_signal", f"{mat_path} has no `val` matrix (it holds {sorted(declared)[:5]})")
+        raise ECGInputError("unreadable_signal", f"{mat_path} has no `val` matrix (it holds {len(declared)} other "
+                            "variable(s))")
     shape, kind = declared["val"]
     if len(shape) != 2 or kind not in _MAT_ITEMSIZE:
         raise ECGInputError("unreadable_signal", f"{mat_path}: `val` is a {kind} array of shape {shape}, not a "
@@ -326,7 +403,7 @@ def _read_mat_signal(base: Path, header, limits: RecordLimits) -> np.ndarray:
     try:
         values = scipy_io.loadmat(str(mat_path), variable_names=["val"])["val"]
     except Exception as error:
-        raise ECGInputError("unreadable_signal", f"{mat_path}: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{mat_path}: {_problem(error)}") from error
     if values.shape != (rows, columns):
         raise ECGInputError("unreadable_signal", f"{mat_path}: `val` has shape {values.shape}, declared {shape}")
     return values
@@ -364,9 +441,19 @@ def _dat_layout(header, base: Path) -> tuple[int, int | None]:
     return samples, needed
 
 
-def _read_wfdb(base: Path, limits: RecordLimits) -> ECGRecording:
+def _row_names(lead_names: Sequence[str] | None, found: Sequence[str], source: str) -> list[str]:
+    """The names of a record's rows: the caller's `lead_names` (one per row) where given, else the source's own."""
+    if lead_names is None:
+        return list(found)
+    if len(lead_names) != len(found):
+        raise ECGInputError("bad_shape", f"{len(lead_names)} lead names {list(lead_names)} for the {len(found)} signals "
+                            f"of {source} (named {list(found)} there)")
+    return list(lead_names)
+
+
+def _open_wfdb(base: Path, lead_names: Sequence[str] | None, limits: RecordLimits, lazy: bool) -> ECGRecordReader:
     """A WFDB record with `.dat` (any WFDB format) or Challenge `.mat` signal files."""
-    header = _read_header(base)
+    header, uncalibrated = _read_header(base)
     if not header.n_sig or not header.file_name:
         raise ECGInputError("unreadable_header", f"{base}.hea lists no signals")
     signal_files = [base.parent / name for name in dict.fromkeys(header.file_name)]
@@ -374,32 +461,44 @@ def _read_wfdb(base: Path, limits: RecordLimits) -> ECGRecording:
         if not signal_file.is_file():
             raise ECGInputError("missing_signal_file", f"no signal file {signal_file}")
     rate = check_sampling_rate(header.fs, limits.max_sampling_rate)
+    names = _row_names(lead_names, header.sig_name, f"{base}.hea")
+    comments, warnings = list(header.comments or []), []
+    if uncalibrated:
+        warnings.append(uncalibrated_warning(uncalibrated))
+        logger.warning("%s.hea: %s", base, warnings[-1])
     if all(name.lower().endswith(".mat") for name in header.file_name):
-        signal = _digital_to_physical(_read_mat_signal(base, header, limits), header)
-    else:
-        samples, needed = _dat_layout(header, base)
-        values_per_sample = sum((header.samps_per_frame[i] if header.samps_per_frame else 1) or 1
-                                for i in range(header.n_sig))
+        signal = _to_millivolts(_digital_to_physical(_read_mat_signal(base, header, limits), header), header.units)
+        return ECGRecordReader.from_signal(signal, rate, names, comments, warnings)
+    samples, needed = _dat_layout(header, base)
+    actual = sum(path.stat().st_size for path in signal_files)
+    if samples == 0:  # a length of 0 (or none) in the header and nothing in the files
+        raise ECGInputError("empty_signal", f"{base} holds no samples (the header gives a signal length of "
+                            f"{header.sig_len}, the signal files hold {actual} bytes)")
+    values_per_sample = sum((header.samps_per_frame[i] if header.samps_per_frame else 1) or 1
+                            for i in range(header.n_sig))
+    if not lazy:
         limits.check(values_per_sample, samples, rate, f"{base}.hea")
-        actual = sum(path.stat().st_size for path in signal_files)
-        if needed is not None and actual < needed:
-            raise ECGInputError("truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {needed}")
-        physical = None
+    if needed is not None and actual < needed:
+        raise ECGInputError("truncated_signal", f"{base}: signal files hold {actual} bytes, the header needs {needed}")
+
+    def read_span(start: int, stop: int) -> np.ndarray:
+        if lazy:
+            limits.check(values_per_sample, stop - start, rate, f"a span of {base}")
+        physical, units = None, header.units
         if isinstance(header, WFDBHeader) and fast_read_unsupported(header) is None:
             # None when the files are shorter than the samples need or the checksums differ: wfdb then decides.
-            physical = read_dat_signal(base.parent, header, samples, np.float32)
+            physical = read_dat_signal(base.parent, header, stop - start, np.float32, start=start)
         if physical is None:
             try:
-                record = _import_wfdb().rdrecord(str(base), sampto=samples, physical=True, return_res=32)
+                record = _import_wfdb().rdrecord(str(base), sampfrom=start, sampto=stop, physical=True, return_res=32)
             except ECGInputError:
                 raise
             except Exception as error:
-                raise ECGInputError("unreadable_signal", f"{base}: {error}") from error
-            physical = record.p_signal
-            header = record
-        signal = np.asarray(physical, dtype=np.float32).T
-    signal = _to_millivolts(signal, header.units)
-    return ECGRecording(signal, rate, list(header.sig_name), list(header.comments or []))
+                raise ECGInputError("unreadable_signal", f"{base}: {_problem(error)}") from error
+            physical, units = record.p_signal, record.units
+        return _to_millivolts(np.asarray(physical, dtype=np.float32).T, units)
+
+    return ECGRecordReader(rate, names, samples, read_span, comments, warnings)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -421,7 +520,7 @@ def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: st
                             ".npy array: save one array with numpy.save")
     if start != _NPY_MAGIC:
         raise ECGInputError("unreadable_signal", f"{source} is not a .npy file (it does not start with numpy's "
-                            f"magic bytes but with {start[:6]!r})")
+                            "magic bytes)")
     handle.seek(0)
     try:
         version = np.lib.format.read_magic(handle)
@@ -430,7 +529,7 @@ def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: st
             raise ValueError(f"unsupported .npy format version {version}")
         shape, _, dtype = reader(handle)
     except ValueError as error:
-        raise ECGInputError("unreadable_signal", f"{source}: unreadable .npy header ({error})") from error
+        raise ECGInputError("unreadable_signal", f"{source}: unreadable .npy header ({_problem(error)})") from error
     if dtype.hasobject or dtype.kind not in "biuf":
         raise ECGInputError("unreadable_signal", f"{source} holds {dtype} values, not numbers"
                             + (" (object arrays would need unpickling)" if dtype.hasobject else ""))
@@ -447,7 +546,7 @@ def read_npy(handle: BinaryIO, limits: RecordLimits = RecordLimits(), source: st
     try:
         return np.lib.format.read_array(handle, allow_pickle=False)
     except ValueError as error:
-        raise ECGInputError("unreadable_signal", f"{source}: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{source}: {_problem(error)}") from error
 
 
 def _csv_lines(path: Path) -> int:
@@ -475,16 +574,19 @@ def _read_csv(path: Path, rate: float, limits: RecordLimits) -> tuple[np.ndarray
     with open(path, encoding="utf-8", errors="replace") as handle:
         first = handle.readline().strip().split(",")
     has_header = any(cell and not _is_number(cell) for cell in first)
+    if has_header and not all(_LEAD_NAME.fullmatch(cell.strip()) for cell in first):
+        raise ECGInputError("unreadable_signal", f"{path}: the first row is neither numbers nor lead names; a CSV record "
+                            "has one column per lead, numbers in every row but an optional first row of lead names")
     limits.check(len(first), max(0, lines - has_header), rate, str(path))
     try:
         signal = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float32, ndmin=2)
     except Exception as error:
-        raise ECGInputError("unreadable_signal", f"{path} is not a CSV of numbers: {error}") from error
+        raise ECGInputError("unreadable_signal", f"{path} is not a CSV of numbers: {_problem(error)}") from error
     return signal, ([cell.strip() for cell in first] if has_header else None)
 
 
 def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[str] | None,
-                limits: RecordLimits) -> ECGRecording:
+                limits: RecordLimits) -> ECGRecordReader:
     """A `.npy` or `.csv` array in millivolts; (samples, leads) arrays are transposed to (leads, samples)."""
     if sampling_rate is None:
         raise ECGInputError("bad_sampling_rate", f"{path}: arrays carry no sampling rate, pass `sampling_rate`")
@@ -506,7 +608,7 @@ def _read_array(path: Path, sampling_rate: float | None, lead_names: Sequence[st
         names = list(STANDARD_LEAD_NAMES)
     if signal.shape[0] != len(names) and signal.shape[1] == len(names):
         signal = signal.T
-    return ECGRecording(np.ascontiguousarray(signal), rate, names, [])
+    return ECGRecordReader.from_signal(np.ascontiguousarray(signal), rate, names)
 
 
 def _is_number(text: str) -> bool:
@@ -517,28 +619,34 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_record(
+def open_record(
     path: str | os.PathLike,
     sampling_rate: float | None = None,
     lead_names: Sequence[str] | None = None,
     limits: RecordLimits | None = None,
-) -> ECGRecording:
-    """Read one ECG record.
+    lazy: bool = False,
+) -> ECGRecordReader:
+    """Open one ECG record: read and check its header (and load what cannot be read in parts), read samples later.
 
     Args:
         path: a WFDB/Challenge record (`dir/name`, `dir/name.hea`, `.dat` or `.mat` with a `.hea` beside it), or a
             `.npy` / `.csv` array in millivolts. CSV files have one column per lead, optionally with a header row of
             lead names; `.npy` files hold (leads, samples) or (samples, leads).
         sampling_rate: rate in Hz of `.npy` / `.csv` arrays (ignored for WFDB records, whose header gives it).
-        lead_names: lead names of `.npy` / `.csv` arrays; defaults to the CSV header or `STANDARD_LEAD_NAMES`.
+        lead_names: names of the rows, in order: they replace a WFDB header's own names (one per signal; e.g. for
+            headers that name leads `ECG1` or `record 14046, signal 0`). Arrays default to the CSV header or
+            `STANDARD_LEAD_NAMES`.
         limits: size limits checked before samples are read (default: `RecordLimits()`, 60 s).
+        lazy: read the samples of WFDB `.dat` records only when a span is asked for (`ECGRecordReader.read`, from
+            disk, only that span's bytes): `limits` then apply to each span read, not to the whole record, so a
+            record of any length is read in bounded memory. `.mat`, `.npy` and `.csv` files are loaded when opened,
+            under `limits` for the whole file, either way.
 
     Returns:
-        An [`ECGRecording`] with a (leads, samples) float32 signal in millivolts.
+        An [`ECGRecordReader`].
 
     Raises:
-        ECGInputError: with `reason` one of `missing_file`, `missing_signal_file`, `unreadable_header`,
-            `unreadable_signal`, `truncated_signal`, `bad_sampling_rate`, `bad_shape`, `too_long`, `too_large`.
+        ECGInputError: as [`read_record`].
     """
     limits = limits or RecordLimits()
     path = Path(path)
@@ -547,7 +655,35 @@ def read_record(
         if not path.is_file():
             raise ECGInputError("missing_file", f"no file {path}")
         return _read_array(path, sampling_rate, lead_names, limits)
-    return _read_wfdb(_record_base(path), limits)
+    return _open_wfdb(_record_base(path), lead_names, limits, lazy)
+
+
+def read_record(
+    path: str | os.PathLike,
+    sampling_rate: float | None = None,
+    lead_names: Sequence[str] | None = None,
+    limits: RecordLimits | None = None,
+) -> ECGRecording:
+    """Read one ECG record whole ([`open_record`], then all its samples).
+
+    Args:
+        path: a WFDB/Challenge record (`dir/name`, `dir/name.hea`, `.dat` or `.mat` with a `.hea` beside it), or a
+            `.npy` / `.csv` array in millivolts (see [`open_record`]).
+        sampling_rate: rate in Hz of `.npy` / `.csv` arrays (ignored for WFDB records, whose header gives it).
+        lead_names: names of the rows, in order (they replace a WFDB header's names); arrays default to the CSV header
+            or `STANDARD_LEAD_NAMES`.
+        limits: size limits checked before samples are read (default: `RecordLimits()`, 60 s).
+
+    Returns:
+        An [`ECGRecording`] with a (leads, samples) float32 signal in millivolts.
+
+    Raises:
+        ECGInputError: with `reason` one of `missing_file`, `missing_signal_file`, `unreadable_header`,
+            `unreadable_signal`, `truncated_signal`, `empty_signal`, `bad_sampling_rate`, `bad_shape`, `too_long`,
+            `too_large`.
+    """
+    reader = open_record(path, sampling_rate, lead_names, limits)
+    return ECGRecording(reader.read(), reader.sampling_rate, reader.lead_names, reader.comments, reader.warnings)
 
 
 def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
@@ -563,5 +699,5 @@ def parse_header_comments(comments: Sequence[str]) -> dict[str, str]:
     return fields
 
 
-__all__ = ["ECGRecording", "RecordLimits", "read_record", "read_npy", "fix_header_text", "check_header_text",
-           "parse_header_comments"]
+__all__ = ["ECGRecording", "ECGRecordReader", "RecordLimits", "open_record", "read_record", "read_npy",
+           "fix_header_text", "check_header_text", "uncalibrated_warning", "parse_header_comments"]

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_enecg import EnECGConfig, EnECGTaskConfig
 from .expert_registry import build_expert
+from .denormal_enecg import flush_denormals
 from .precision_enecg import fp32_experts_in_place, set_expert_precision
 from .signal_enecg import normalize_ecg, resample_fourier
 
@@ -504,7 +505,8 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
         to the raw record is not, because z-scoring makes the model blind to the signal's scale)."""
         # No `torch.no_grad()` here: frozen parameters build no graph anyway, and saliency maps need gradients with
         # respect to the input through the experts.
-        embeddings = tuple(expert(normalized) for expert in self.experts.values())
+        with flush_denormals():  # once for all experts (each expert's call also sets it, for callers like the store)
+            embeddings = tuple(expert(normalized) for expert in self.experts.values())
         gate_inputs = resample_fourier(normalized[:, self.gate_lead_indices, :], self.config.gate_input_length)
         return EnECGFeatures(expert_embeddings=embeddings, gate_inputs=gate_inputs.flatten(start_dim=1))
 

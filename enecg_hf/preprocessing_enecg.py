@@ -24,20 +24,29 @@ import numpy as np
 STANDARD_LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 # Spellings seen in the wild, keyed by the canonical form `_lead_key` gives (lower case, no spaces, dashes,
-# underscores or "lead" prefix). MLI/MLII/MLIII are the Mason-Likar (torso-placed limb electrode) versions of the
-# limb leads, which Holter and MIT-BIH records use in their place; D1-D3 / DI-DIII are the European names of I-III;
-# C1-C6 the British names of V1-V6.
+# underscores or "lead" prefix). Names of other conventions are mapped only where they name one standard lead
+# unambiguously, each for the reason in LEAD_ALIAS_NOTES (shown to the user when a record uses it):
+# - MLI/MLII/MLIII (also written ML1/ML2/ML3, e.g. in MIT-BIH-derived databases): the Mason-Likar modified limb leads of
+#   Holter and bedside monitoring, the same bipolar limb leads with the limb electrodes moved to the torso (close to
+#   the standard leads I-III, not identical: amplitudes and axis shift somewhat).
+# - D1-D3 / DI-DIII: Einthoven's "derivations", the names of leads I-III in several European databases and devices.
+# - C1-C6: the British (and IEC) names of the chest leads V1-V6.
+# Not mapped, because they are not one standard lead: CM5, CC5, CS5 and other bipolar chest leads of Holter records
+# (CM5 runs from the manubrium to the V5 position and looks like V5 without being it), ECG1/ECG2, "record 14046,
+# signal 0": their rows need names from the caller (`lead_names`, `enecg predict --lead-names`).
+_MASON_LIKAR = ("Mason-Likar modified limb lead (limb electrodes on the torso, as in Holter and monitoring records): "
+                "close to the standard limb lead, not identical")
+_EINTHOVEN = "European name of the limb lead (Einthoven's derivation)"
+_CHEST = "British/IEC name of the chest lead"
+LEAD_ALIAS_NOTES = {
+    **{name: _MASON_LIKAR for name in ("mli", "mlii", "mliii", "ml1", "ml2", "ml3")},
+    **{name: _EINTHOVEN for name in ("d1", "d2", "d3", "di", "dii", "diii")},
+    **{f"c{i}": _CHEST for i in range(1, 7)},
+}
 LEAD_ALIASES = {
     **{lead.lower(): lead for lead in STANDARD_LEAD_NAMES},
-    "mli": "I",
-    "mlii": "II",
-    "mliii": "III",
-    "d1": "I",
-    "d2": "II",
-    "d3": "III",
-    "di": "I",
-    "dii": "II",
-    "diii": "III",
+    **{f"{prefix}{number}": lead for lead, numbers in (("I", ("i", "1")), ("II", ("ii", "2")), ("III", ("iii", "3")))
+       for number in numbers for prefix in ("ml", "d")},
     **{f"c{i}": f"V{i}" for i in range(1, 7)},
 }
 
@@ -98,6 +107,13 @@ def _lead_key(name: str) -> str:
 def normalize_lead_name(name: str) -> str | None:
     """The standard name of a lead (`"avr"`, `"AVR"`, `"lead aVR"` -> `"aVR"`), or `None` for a non-standard lead."""
     return LEAD_ALIASES.get(_lead_key(name))
+
+
+def lead_alias_notes(lead_names: Sequence[str]) -> list[str]:
+    """One note for each name of another convention read as a standard lead (`MLII` -> II, `D3` -> III, `C1` -> V1),
+    saying why (`LEAD_ALIAS_NOTES`); names that are standard leads in any spelling get none."""
+    return [f"lead {name!r} read as {LEAD_ALIASES[_lead_key(name)]}: {LEAD_ALIAS_NOTES[_lead_key(name)]}"
+            for name in lead_names if _lead_key(name) in LEAD_ALIAS_NOTES]
 
 
 def match_leads(signal: np.ndarray, lead_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -328,11 +344,13 @@ def prepare_signal(
 __all__ = [
     "STANDARD_LEAD_NAMES",
     "LEAD_ALIASES",
+    "LEAD_ALIAS_NOTES",
     "ECGInputError",
     "MAX_AMPLITUDE_MV",
     "PreparedSignal",
     "check_sampling_rate",
     "normalize_lead_name",
+    "lead_alias_notes",
     "match_leads",
     "resample",
     "crop_or_pad",

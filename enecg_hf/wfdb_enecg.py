@@ -6,14 +6,16 @@ This module covers the records every large ECG collection uses, and nothing else
 
 - [`parse_header`] parses header text whose every line has the common full form (record line `name n_sig fs
   sig_len [time [date]]`; signal lines `file fmt[xspf][:skew][+offset] gain[(baseline)][/units] adc_res adc_zero
-  init_value checksum block_size description`) into a [`WFDBHeader`] with the values `wfdb.rdheader` gives. Any
+  init_value checksum block_size description`) into a [`WFDBHeader`] with the values `wfdb.rdheader` gives (an ADC
+  gain of 0, "uncalibrated", as 200 units per mV, [`DEFAULT_ADC_GAIN`]). Any
   other header (fields left out, a counter frequency, multi-segment, more or fewer signal lines than `n_sig`, a
   token of unexpected form) gives `None`: the caller then uses `wfdb`.
 - [`fast_read_unsupported`] says why a parsed header is not read here (`None` when it is): formats other than 16
   (little-endian int16) and 212 (two 12-bit samples in three bytes), several samples per frame, skew, null signals,
   channels of one file that disagree on format or byte offset.
-- [`read_dat_signal`] reads the samples with `np.fromfile` and converts them exactly as
-  `wfdb.rdrecord(..., physical=True, return_res=32 or 64)` does: the same int16 digital values, invalid-sample codes
+- [`read_dat_signal`] reads the samples (all, or a span from any sample on: only its bytes are read) with
+  `np.fromfile` and converts them exactly as `wfdb.rdrecord(..., sampfrom, sampto, physical=True, return_res=32 or
+  64)` does: the same int16 digital values, invalid-sample codes
   (-32768, -2048) as NaN, `(value - baseline) / gain` evaluated in float64 and rounded once to float32/float64 as
   numpy does inside wfdb's in-place ufunc calls ([`to_physical`]), so the result is bit-identical to
   `rdrecord(...).p_signal`. It returns `None` (use `wfdb`) when
@@ -37,6 +39,9 @@ import numpy as np
 
 
 FAST_FORMATS = ("16", "212")
+# The ADC gain of an uncalibrated signal: a header that gives 0 or no gain means "uncalibrated", read at 200 ADC units
+# per physical unit (WFDB header format, header(5); `wfdb.rdheader` reads it so).
+DEFAULT_ADC_GAIN = 200.0
 # Digital value that marks an invalid (missing) sample, read as NaN (wfdb's INVALID_SAMPLE_VALUE).
 INVALID_SAMPLE = {"16": -(2**15), "212": -(2**11)}
 
@@ -144,8 +149,8 @@ def parse_header(text: str) -> WFDBHeader | None:
                 and _UINT.fullmatch(block_size)):
             return None
         adc_gain = float(gain_match["gain"])
-        if adc_gain == 0:  # wfdb reads 200; io_enecg.check_header_text refuses it before
-            return None
+        if adc_gain == 0:  # "uncalibrated": 200 ADC units per physical unit, as the WFDB spec and wfdb read it
+            adc_gain = DEFAULT_ADC_GAIN
         spf, skew, offset = layout_match["spf"], layout_match["skew"], layout_match["offset"]
         header.file_name.append(file_name)
         header.fmt.append(layout_match["fmt"])
@@ -207,23 +212,28 @@ def _decode_212(data: np.ndarray, count: int) -> np.ndarray:
     return samples
 
 
-def read_digital(folder: str | os.PathLike, header: WFDBHeader, samples: int) -> np.ndarray | None:
-    """(samples, n_sig) int16 ADC values of the first `samples` samples, or `None` when a file holds fewer bytes
-    than they need (or cannot be read)."""
+def read_digital(folder: str | os.PathLike, header: WFDBHeader, samples: int, start: int = 0) -> np.ndarray | None:
+    """(samples, n_sig) int16 ADC values of the `samples` samples from sample `start` on, or `None` when a file holds
+    fewer bytes than they need (or cannot be read). Only those bytes are read (`np.fromfile` at an offset)."""
     groups = _file_groups(header)
     digital = None if len(groups) == 1 else np.empty((samples, header.n_sig), dtype=np.int16)
     for name, channels in groups.items():
         fmt, offset = header.fmt[channels[0]], header.byte_offset[channels[0]] or 0
-        count = samples * len(channels)
-        needed = 2 * count if fmt == "16" else math.ceil(1.5 * count)
+        first, count = start * len(channels), samples * len(channels)  # values of this file, channels interleaved
+        if fmt == "16":
+            skip, position, needed = 0, offset + 2 * first, 2 * count
+        else:  # 212: two values in three bytes; an odd first value is the second half of its block
+            skip, position = first % 2, offset + 3 * (first // 2)
+            needed = math.ceil(1.5 * (count + skip))
         path = Path(folder) / name
         try:
-            if path.stat().st_size < offset + needed:
+            if path.stat().st_size < position + needed:
                 return None
             if fmt == "16":
-                values = np.fromfile(path, dtype="<i2", count=count, offset=offset)
+                values = np.fromfile(path, dtype="<i2", count=count, offset=position)
             else:
-                values = _decode_212(np.fromfile(path, dtype=np.uint8, count=needed, offset=offset), count)
+                data = np.fromfile(path, dtype=np.uint8, count=needed, offset=position)
+                values = _decode_212(data, count + skip)[skip:]
         except (OSError, ValueError):
             return None
         if len(values) != count:
@@ -262,7 +272,7 @@ def to_physical(digital: np.ndarray, header: WFDBHeader, dtype=np.float32, value
         np.subtract(physical, list(header.baseline), physical)
         np.divide(physical, list(header.adc_gain), physical)
     codes = np.array([INVALID_SAMPLE[fmt] for fmt in header.fmt])
-    if digital.min() <= codes.max():  # an invalid-sample code may be present
+    if digital.size and digital.min() <= codes.max():  # an invalid-sample code may be present
         invalid = digital == codes
         if invalid.any():
             physical[invalid] = np.nan
@@ -270,19 +280,21 @@ def to_physical(digital: np.ndarray, header: WFDBHeader, dtype=np.float32, value
 
 
 def read_dat_signal(folder: str | os.PathLike, header: WFDBHeader, samples: int | None = None,
-                    dtype=np.float32) -> np.ndarray | None:
-    """(samples, n_sig) physical values of a header [`fast_read_unsupported`] accepts, bit-identical to
-    `wfdb.rdrecord(record, sampto=samples, return_res=32 if dtype is float32 else 64).p_signal`; `None` when wfdb
-    must read it (files too short for the samples, or checksums that do not match a read of the whole record)."""
-    samples = header.sig_len if samples is None else samples
-    digital = read_digital(folder, header, samples)
+                    dtype=np.float32, start: int = 0) -> np.ndarray | None:
+    """(samples, n_sig) physical values of a header [`fast_read_unsupported`] accepts, from sample `start` on
+    (`samples` defaults to the rest of the record), bit-identical to `wfdb.rdrecord(record, sampfrom=start,
+    sampto=start + samples, return_res=32 if dtype is float32 else 64).p_signal`; `None` when wfdb must read it (files
+    too short for the samples, or checksums that do not match a read of the whole record: a part of a record has no
+    checksum to compare, as with wfdb)."""
+    samples = header.sig_len - start if samples is None else samples
+    digital = read_digital(folder, header, samples, start)
     if digital is None:
         return None
     values = np.ascontiguousarray(digital.T, dtype=np.float64)
-    if samples == header.sig_len and not checksums_match(values, header):
+    if start == 0 and samples == header.sig_len and not checksums_match(values, header):
         return None
     return to_physical(digital, header, dtype, values)
 
 
-__all__ = ["WFDBHeader", "parse_header", "fast_read_unsupported", "read_digital", "read_dat_signal", "to_physical",
-           "checksums_match", "FAST_FORMATS"]
+__all__ = ["WFDBHeader", "DEFAULT_ADC_GAIN", "parse_header", "fast_read_unsupported", "read_digital",
+           "read_dat_signal", "to_physical", "checksums_match", "FAST_FORMATS"]

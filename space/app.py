@@ -6,7 +6,9 @@ gate weight of every expert and each expert's own prediction. Runs as a Hugging 
     ENECG_MODEL=you/enecg-rr python space/app.py         # the same, for a Space (set it as a variable)
 
 The app serves the one model it was started with: loading a model runs its code (`trust_remote_code=True`), so the
-choice belongs to whoever starts the app, never to a visitor (the page shows the model but cannot change it).
+choice belongs to whoever starts the app, never to a visitor (the page shows the model but cannot change it). It reads
+only files uploaded to it: each run keeps its uploads in a folder of its own (`GRADIO_TEMP_DIR`, see `main`), Gradio
+refuses requests that name any other file, and `gather_record` checks the same again.
 Explanations and plots come from `enecg_hf.tools.explain`. All the work happens in plain functions
 (`load_pipeline`, `gather_record`, `analyse`) that the tests call without a browser.
 """
@@ -64,14 +66,33 @@ def example_record(name: str) -> tuple[np.ndarray, dict[str, Any]]:
     return simulate_record(EXAMPLES[name], seed=EXAMPLE_SEED)
 
 
-def gather_record(files: Sequence[str] | None, workdir: str | Path) -> str:
+def gradio_upload_folder() -> Path:
+    """Where Gradio keeps uploaded files: `GRADIO_TEMP_DIR`, else `<system temp folder>/gradio` (Gradio's rule)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir(), "gradio"))
+
+
+def private_upload_folder() -> str:
+    """A new folder inside Gradio's upload folder for one run of the app. `main` points `GRADIO_TEMP_DIR` at it, so
+    that Gradio accepts, and the app reads, only files uploaded to this run, not what other apps or earlier runs left
+    in a shared upload folder."""
+    parent = gradio_upload_folder()
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix="enecg-space-", dir=parent)
+
+
+def gather_record(files: Sequence[str] | None, workdir: str | Path, upload_folder: str | Path) -> str:
     """The record to read from uploaded files: WFDB `.hea` + `.dat`, Challenge `.hea` + `.mat`, or one `.npy`/`.csv`.
 
-    Uploads arrive in separate temporary folders; WFDB needs header and signal side by side under their original
-    names, so they are copied into `workdir` first. Returns the path to give the pipeline."""
+    Only files inside `upload_folder` (symlinks and `..` resolved) are read: a request naming any other file of the
+    server is refused, without saying whether it exists. Uploads arrive in separate folders; WFDB needs header and
+    signal side by side under their original names, so they are copied into `workdir` first. Returns the path to give
+    the pipeline."""
     paths = [Path(f) for f in files or []]
     if not paths:
         raise ValueError("Upload a record (.hea with its .dat or .mat, or a .npy/.csv file) or pick an example")
+    allowed = Path(upload_folder).resolve()
+    if not all(path.resolve().is_relative_to(allowed) for path in paths):
+        raise ValueError("Only files uploaded to this page are read; the request named another file")
     unknown = [p.name for p in paths if p.suffix.lower() not in RECORD_SUFFIXES]
     if unknown:
         raise ValueError(f"Not an ECG record file: {unknown}. Accepted: {', '.join(RECORD_SUFFIXES)}")
@@ -106,10 +127,12 @@ def _format_prediction(result: dict[str, Any], truth: Any = None, task: str | No
 
 def analyse(model: str, files: Sequence[str] | None = None, example: str | None = None,
             sampling_rate: float | None = None, lead_names: str | None = None,
-            with_saliency: bool = True) -> dict[str, Any]:
+            with_saliency: bool = True, upload_folder: str | Path | None = None) -> dict[str, Any]:
     """Everything the page shows for one record: prediction text, gate-weight rows, expert rows, figures.
 
-    Raises ValueError with a readable message for bad files, unusable records and models that do not load."""
+    `files` must lie inside `upload_folder` (default: Gradio's, [`gradio_upload_folder`]). Raises ValueError with a
+    readable message for bad files, unusable records and models that do not load; messages name files by their
+    names, not by the server's folders."""
     ecg = load_pipeline(model)
     config = ecg.model.config
     options = {}
@@ -120,7 +143,7 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
     truth = None
     with tempfile.TemporaryDirectory(prefix="enecg-upload-") as workdir:
         if files:
-            record: Any = gather_record(files, workdir)
+            record: Any = gather_record(files, workdir, upload_folder or gradio_upload_folder())
         elif example:
             signal, labels = example_record(example)
             record, options = signal, {"sampling_rate": 500}
@@ -133,9 +156,12 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
         else:
             raise ValueError("Upload a record or pick a simulated example")
         # The pipeline's own steps, run one by one so the record is read and prepared once for prediction and plot.
-        model_inputs = ecg.preprocess(record, **options)
+        try:
+            model_inputs = next(ecg.preprocess(record, **options))  # a whole record is one model input
+        except ValueError as error:
+            raise ValueError(str(error).replace(f"{workdir}{os.sep}", "")) from None
         prepared = model_inputs["input_values"]
-        result = ecg.postprocess(ecg.forward(model_inputs))
+        result = ecg.postprocess([ecg.forward(model_inputs)])
     # One prediction per task, side by side (a single-task model is one task).
     tasks = result["tasks"] if "tasks" in result else {config.label_name: result}
     explanation = explain(ecg.model, prepared, n_steps=16, experts=False) if with_saliency else None
@@ -182,11 +208,13 @@ def build_demo(model: str = DEFAULT_MODEL):
     import gradio as gr
     import matplotlib.pyplot as plt
 
+    upload_folder = gradio_upload_folder()  # where this page's uploads go (Gradio reads GRADIO_TEMP_DIR as it starts)
+
     def run(files, example, sampling_rate, lead_names, with_saliency):
         plt.close("all")
         try:
             out = analyse(model, [f if isinstance(f, str) else f.name for f in files or []], example or None,
-                          sampling_rate or None, lead_names, with_saliency)
+                          sampling_rate or None, lead_names, with_saliency, upload_folder)
         except (ValueError, OSError) as error:
             return (f"**Error:** {error}", None, None, None, None, "error")
         gate, experts = out["gate_rows"], out["expert_rows"]
@@ -230,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="the model to serve (default: $ENECG_MODEL, else outputs/enecg-tiny-rr_interval)")
     args = parser.parse_args(argv)
+    # Before the page is built: Gradio takes its upload folder from GRADIO_TEMP_DIR when it starts.
+    os.environ["GRADIO_TEMP_DIR"] = private_upload_folder()
     build_demo(args.model).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the serving, app and training tests."""
+"""Helpers shared by the serving, app, training and expert tests."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import json
 import os
 import sys
 import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
 
@@ -77,3 +82,36 @@ def build_model_folder(folder: Path, experts: list[str], **overrides) -> Path:
     model.save_pretrained(folder)
     export_serving_files(model, folder)
     return folder
+
+
+class YieldAtEveryTorchOp(TorchFunctionMode):
+    """Inside it, every torch operation lets the other threads run before it returns, so that concurrent calls
+    interleave at every step (as on a loaded server) within a few calls. Results are unchanged. Torch function modes
+    are per thread: enter it in each thread that should yield."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        time.sleep(0)
+        return result
+
+
+def call_from_threads(calls: Sequence[Callable[[], Any]], threads: int = 8) -> tuple[list[Any], list[tuple[int, Any]]]:
+    """Make every call of `calls` once in this thread, then from each of `threads` threads started together, each
+    thread in its own rotated order, every torch operation yielding to the others ([`YieldAtEveryTorchOp`]).
+
+    Returns the serial results (made inside `YieldAtEveryTorchOp` too: under a torch function mode some modules take
+    another code path, e.g. `nn.TransformerEncoderLayer` leaves its fused fast path, with last-bit differences) and
+    (index in `calls`, result) for every concurrent call; an exception in a thread is raised here."""
+    with YieldAtEveryTorchOp():
+        serial = [call() for call in calls]
+    start = threading.Barrier(threads)
+
+    def work(thread: int) -> list[tuple[int, Any]]:
+        order = [(thread + k) % len(calls) for k in range(len(calls))]
+        start.wait()
+        with YieldAtEveryTorchOp():
+            return [(i, calls[i]()) for i in order]
+
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(work, thread) for thread in range(threads)]
+        return serial, [item for future in futures for item in future.result()]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, build_model_folder, shared
 
-from ecg_files import peak_allocation, write_header, write_mat_zeros
+from ecg_files import peak_allocation, write_header, write_mat_zeros, write_record
 
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -41,7 +41,8 @@ def app():
 # ------------------------------------------------------------------------------------------------ functions
 def test_analyse_a_wfdb_upload(app, model_folder):
     record = shared("ludb", "data", "1")
-    out = app.analyse(str(model_folder), files=[str(record) + ".hea", str(record) + ".dat"], with_saliency=True)
+    out = app.analyse(str(model_folder), files=[str(record) + ".hea", str(record) + ".dat"], with_saliency=True,
+                      upload_folder=record.parent)
     assert out["prediction"].startswith("### rr_interval: **") and " ms**" in out["prediction"]
     assert [row[0] for row in out["gate_rows"]] == EXPERTS
     assert sum(row[1] for row in out["gate_rows"]) == pytest.approx(1.0, abs=1e-3)
@@ -75,7 +76,7 @@ def test_bad_uploads_give_messages(app, model_folder, tmp_path, files, message):
             target.write_text("hello")
         paths.append(str(target))
     with pytest.raises(ValueError, match=message):
-        app.analyse(str(model_folder), files=paths)
+        app.analyse(str(model_folder), files=paths, upload_folder=tmp_path)
 
 
 def test_an_uploaded_mat_bomb_is_refused_from_its_header(app, model_folder, tmp_path):
@@ -84,9 +85,50 @@ def test_an_uploaded_mat_bomb_is_refused_from_its_header(app, model_folder, tmp_
     write_header(tmp_path / "bomb.hea", file_name="bomb.mat")
     app.load_pipeline(str(model_folder))  # loaded (and cached) before measuring
     peak, error = peak_allocation(app.analyse, str(model_folder), files=[str(tmp_path / "bomb.hea"),
-                                                                       str(tmp_path / "bomb.mat")])
+                                                                       str(tmp_path / "bomb.mat")], upload_folder=tmp_path)
     assert isinstance(error, ValueError) and "too_long" in str(error) and "at most 60 s" in str(error), error
     assert peak < 20 * (1 << 20), f"{peak / (1 << 20):.0f} MB allocated to refuse it"
+
+
+def test_only_files_inside_the_upload_folder_are_read(app, model_folder, tmp_path):
+    """A request may name any path: files outside Gradio's upload folder are refused, also through a symlink or `..`
+    inside it, with a message that does not say whether the file exists."""
+    uploads, elsewhere = tmp_path / "uploads", tmp_path / "server-data"
+    for folder in (uploads, elsewhere):
+        write_record(folder, "rec")
+    (uploads / "link.hea").symlink_to(elsewhere / "rec.hea")
+    outside = [[str(elsewhere / "rec.hea"), str(elsewhere / "rec.dat")], [str(uploads / "link.hea")],
+               [str(uploads / ".." / "server-data" / "rec.hea"), str(uploads / "rec.dat")], ["/etc/passwd"]]
+    for files in outside:
+        with pytest.raises(ValueError, match="Only files uploaded to this page are read") as caught:
+            app.analyse(str(model_folder), files=files, upload_folder=uploads)
+        assert "server-data" not in str(caught.value) and "passwd" not in str(caught.value)
+    out = app.analyse(str(model_folder), files=[str(uploads / "rec.hea"), str(uploads / "rec.dat")],
+                      upload_folder=uploads, with_saliency=False)
+    assert out["prediction"].startswith("### rr_interval: **")
+
+
+def test_error_messages_name_the_file_not_the_servers_folders_or_its_contents(app, model_folder, tmp_path):
+    """The page shows errors: they name the uploaded file and the problem, not where the server keeps it, nor what it
+    holds (a CSV cell; the readers' own cases are in tests/data/test_data_preprocessing.py)."""
+    upload = tmp_path / "record.csv"
+    upload.write_text("1,2\n3,root:hunter2:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(ValueError, match="record.csv is not a readable ECG record") as caught:
+        app.analyse(str(model_folder), files=[str(upload)], sampling_rate=500, upload_folder=tmp_path)
+    message = str(caught.value)
+    assert "hunter2" not in message and "enecg-upload-" not in message and str(tmp_path) not in message, message
+
+
+def test_each_run_of_the_app_keeps_its_uploads_in_a_folder_of_its_own(app, monkeypatch, tmp_path):
+    """Gradio accepts a request's files from anywhere in its upload folder (GRADIO_TEMP_DIR, shared by every app and
+    run on the machine); each run of this app gets a new folder inside it, so only its own uploads are readable."""
+    monkeypatch.setattr(app, "build_demo", lambda model: type("Demo", (), {"launch": lambda self, **kwargs: None})())
+    folders = []
+    for _ in range(2):
+        monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+        app.main(["--model", "some/model"])
+        folders.append(Path(os.environ["GRADIO_TEMP_DIR"]))
+    assert folders[0] != folders[1] and all(folder.parent == tmp_path and folder.is_dir() for folder in folders)
 
 
 def test_a_model_that_does_not_load_gives_a_message(app, tmp_path):
@@ -152,11 +194,17 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(model_folder, tmp_path_factory):
+def gradio_temp_dir(tmp_path_factory) -> Path:
+    """The GRADIO_TEMP_DIR of the app the tests start (rather than the machine's shared <tmp>/gradio)."""
+    return tmp_path_factory.mktemp("gradio-temp")
+
+
+@pytest.fixture(scope="module")
+def server(model_folder, gradio_temp_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("app-server") / "server.log"
     env = {**os.environ, "ENECG_MODEL": str(model_folder), "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(gradio_temp_dir)}
     with open(log, "w") as handle:
         process = subprocess.Popen([sys.executable, str(REPO / "space" / "app.py")], env=env, stdout=handle,
                                    stderr=subprocess.STDOUT)
@@ -224,6 +272,71 @@ def test_browser_shows_errors_as_messages(browser, server, tmp_path):
     WebDriverWait(browser, 120).until(lambda d: "needs its .hea header" in d.find_element(By.ID, "prediction").text)
     assert "Error" in browser.find_element(By.ID, "prediction").text
     browser.save_screenshot(str(ARTIFACTS / "gradio_app_error.png"))
+
+
+# ------------------------------------------------------------------------------------------------ HTTP API
+def _file_data(path: str | Path) -> dict:
+    """A file input of Gradio's API (`gr.FileData`), naming `path` on the server."""
+    return {"path": str(path), "orig_name": Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+
+def _upload(url: str, paths: list[Path]) -> list[dict]:
+    """Upload files as the page does (`/gradio_api/upload`); their file inputs for the API."""
+    import httpx
+
+    uploaded = httpx.post(f"{url}gradio_api/upload", timeout=60,
+                          files=[("files", (path.name, path.read_bytes())) for path in paths]).json()
+    return [_file_data(path) for path in uploaded]
+
+
+def _predict(url: str, files: list[dict], sampling_rate: float | None = None) -> tuple[str, str]:
+    """Press Predict through the HTTP API (`/gradio_api/call/run`): ("error", "") when Gradio refuses the request,
+    else (the page's status, its prediction text)."""
+    import json
+
+    import httpx
+
+    payload = {"data": [files, "", sampling_rate, "", False]}
+    event_id = httpx.post(f"{url}gradio_api/call/run", json=payload, timeout=60).json()["event_id"]
+    stream = httpx.get(f"{url}gradio_api/call/run/{event_id}", timeout=300).text
+    event, data = [line.split(": ", 1)[1] for line in stream.strip().splitlines()[-2:]]
+    if event != "complete":
+        return "error", ""
+    outputs = json.loads(data)
+    return outputs[5], outputs[0]
+
+
+def test_requests_cannot_make_the_app_read_other_files_of_the_server(server, gradio_temp_dir, tmp_path):
+    """Through the HTTP API, as any client can: a request naming a file of the server, a record that another app or an
+    earlier run left in the shared Gradio folder, or a symlink there, gets no prediction and leaves no copy in Gradio's
+    folder; the same record uploaded is predicted; an uploaded CSV's cell does not come back in the error."""
+    secret = tmp_path / "server-data" / "accounts.csv"
+    secret.parent.mkdir()
+    secret.write_text("1,2\n3,root:hunter2:0:0:root:/root:/bin/bash\n")
+    theirs = write_record(gradio_temp_dir / "another-app", "theirs")
+    (gradio_temp_dir / "link.hea").symlink_to(secret.parent / "theirs.hea")
+    shutil.copy(theirs.with_suffix(".hea"), secret.parent / "theirs.hea")
+    shutil.copy(theirs.with_suffix(".dat"), secret.parent / "theirs.dat")
+    crafted = {
+        "server file": [_file_data(secret)],
+        "server record": [_file_data(secret.parent / "theirs.hea"), _file_data(secret.parent / "theirs.dat")],
+        "left in the Gradio folder": [_file_data(theirs.with_suffix(".hea")), _file_data(theirs.with_suffix(".dat"))],
+        "symlink in the Gradio folder": [_file_data(gradio_temp_dir / "link.hea")],
+    }
+    for name, files in crafted.items():
+        status, text = _predict(server, files, sampling_rate=500)
+        assert status == "error" and "rr_interval" not in text and "hunter2" not in text, (name, text)
+    planted = {theirs.with_suffix(".hea"), theirs.with_suffix(".dat"), gradio_temp_dir / "link.hea"}
+    copies = [path for path in gradio_temp_dir.rglob("*") if path.is_file() and path not in planted
+              and path.read_bytes() in (secret.read_bytes(), theirs.with_suffix(".dat").read_bytes())]
+    assert not copies, f"copied into Gradio's folder: {copies}"
+
+    mine = write_record(tmp_path / "mine", "mine")
+    status, text = _predict(server, _upload(server, [mine.with_suffix(".hea"), mine.with_suffix(".dat")]))
+    assert status == "ok" and text.startswith("### rr_interval: **"), text
+    status, text = _predict(server, _upload(server, [secret]), sampling_rate=500)
+    assert status == "error" and "accounts.csv is not a readable ECG record" in text and "hunter2" not in text, text
+    assert str(gradio_temp_dir) not in text, text
 
 
 # ------------------------------------------------------------------------------------------------ the Space folder

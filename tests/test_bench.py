@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -132,6 +133,26 @@ def test_median_beat_quick(tmp_path):
     assert not non_finite_numbers({k: v for k, v in result.items() if k != "runs"})
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "ptbxl_sample500").is_dir(), reason=f"PTB-XL sample not found under {DATA_DIR}")
+def test_source_rate_quick(tmp_path):
+    result, stdout = run_quick("source_rate.py", tmp_path, "--feature-store", str(tmp_path / "store"))
+    assert "| **EnECG, default settings** (learned gate, LoRA heads) |" in stdout  # the table for docs/data.md
+    assert set(result["tasks"]) == {"age", "sex", "arrhythmia"} and result["data"]["records"] == 40
+    experts = result["setup"]["experts"]
+    assert set(result["embedding_drift"]) == set(experts)
+    assert all(0 <= drift < 1 for drift in result["embedding_drift"].values())
+    for task, block in result["tasks"].items():
+        assert {"enecg", "uniform_ensemble", "baseline:mean_or_majority", *(f"expert:{n}" for n in experts)} <= set(
+            block["rows"]), task
+        for row, values in block["rows"].items():
+            assert values["folds"] == 2 and {"mean", "std"} <= set(values["native"]) <= set(values["via_100hz"])
+        # The baseline sees only labels: identical on both versions, so the folds and labels are the same.
+        assert block["rows"]["baseline:mean_or_majority"]["difference_mean"] == 0
+    bad = [p for p in non_finite_numbers(result) if not p.endswith((".label_mean", ".pretrained_config"))]
+    assert not bad, bad
+
+
 # Every docs table that a script writes, with the function that renders it from the saved results (`--render-only`).
 RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs file)
     ("efficiency", "docs_table", "efficiency.json", "efficiency", "benchmarks.md"),
@@ -144,6 +165,7 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("median_beat", "TABLES", "median_beat.json", "median_beat_speed", "experts.md"),
     ("data_build", "readers_table", "data_build.json", "wfdb_reader", "data.md"),
     ("data_build", "TABLES", "data_build.json", "build_dataset", "data.md"),
+    ("source_rate", "table", "source_rate.json", "source_rate", "data.md"),
 ]
 
 
@@ -163,3 +185,24 @@ def test_docs_tables_are_what_the_committed_results_render_to(monkeypatch, scrip
     assert start in text and end in text, f"docs/{docs} has no section {section}"
     committed = text.split(start, 1)[1].split(end, 1)[0].strip("\n")
     assert committed == render(json.loads((REPO / "bench" / "results" / results).read_text()))
+
+
+def test_quality_groups_a_patient_across_folders_of_one_database(monkeypatch, tmp_path):
+    """bench/quality.py's subject of a record: its database and subject id, not its folder, so a PTB-XL patient with
+    records in two folders (e.g. ptbxl_sample500 and ptbxl_lr1500) is one subject of every subject-wise fold."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "data"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import quality
+    from ecg_files import write_ptbxl_tree
+
+    write_ptbxl_tree(tmp_path / "high", rates=lambda ecg_id: (500,))
+    write_ptbxl_tree(tmp_path / "low", records=[(601, 13243, 61, 0, "{'SR': 0.0}", 2),
+                                                (602, 20001, 44, 1, "{'SR': 0.0}", 4)], rates=lambda ecg_id: (100,))
+    _, labels = quality.load_records(None, {"high": "ptb-xl", "low": "ptb-xl"}, tmp_path)
+    subject = dict(zip(labels["record_id"], labels["subject"]))
+    assert subject["2"] == subject["3"] == subject["601"] != subject["602"]
+    groups = labels["subject"].to_numpy()
+    patient = np.flatnonzero(labels["record_id"].isin(["2", "3", "601"]))
+    for seed in range(3):
+        for _, test in quality.subject_folds(groups, 3, seed):
+            assert set(patient) <= set(test) or not set(patient) & set(test)

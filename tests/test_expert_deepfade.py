@@ -195,3 +195,44 @@ def test_bad_sources_and_settings(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a DeepFADE state dict"):
         make_expert(pretrained=str(tmp_path / "list.pt"))
+
+
+@needs_ecgdatakit
+def test_the_compiled_plan_is_the_librarys_encoder_on_real_records_with_a_fraction_of_its_channels(expert):
+    """76 % of the released weights are subnormal and most channels are zero for every input: the plan computes the
+    rest (batch norm folded in) and gives the library module's latent to float32 rounding, on 2 s of two real LUDB
+    records, every lead. The expert's weights stay the checkpoint's (test_loaded_tensors_are_the_wheel_file)."""
+    import wfdb
+
+    signals = [wfdb.rdrecord(str(shared("ludb", "data", name))).p_signal.T[:, :1000] for name in ("1", "7")]
+    z = expert.standardize(torch.tensor(np.concatenate(signals), dtype=torch.float32)[:, None])  # (24, 1, 1000)
+    plan = expert.inference_plan()
+    assert plan is not None and plan.total_channels == 5744 and plan.kept_channels == 2410
+    with torch.no_grad():
+        library = expert.encoder(z)
+        compiled = plan(z)
+    assert compiled.shape == library.shape == (24, 8, 25)
+    torch.testing.assert_close(compiled, library, rtol=1e-5, atol=1e-5 * float(library.abs().max()))
+    assert expert.inference_plan() is plan  # built once for these weights
+
+
+@needs_ecgdatakit
+def test_the_plan_follows_the_weights_and_other_encoders_run_the_library_module():
+    expert = make_expert(input_length=500)
+    plan = expert.inference_plan()
+    x = torch.randn(1, 12, 500, generator=torch.Generator().manual_seed(3))
+    # Weights changed in place (as load_state_dict does): the plan is rebuilt, and the old one would now be wrong.
+    with torch.no_grad():
+        expert.encoder._trunk._initial_layer._layers[0].weight.mul_(2.0)
+        rebuilt = expert.inference_plan()
+        assert rebuilt is not None and rebuilt is not plan
+        z = expert.standardize(x[:, 1:2])
+        library = expert.encoder(z)
+        torch.testing.assert_close(rebuilt(z), library, rtol=1e-5, atol=1e-5 * float(library.abs().max()))
+        assert not torch.allclose(plan(z), library, rtol=1e-3, atol=1e-3)
+    # An encoder the plan does not cover (average pooling instead of strided convolutions) runs as the library's.
+    pooled = make_expert(preset="tiny", pretrained=None, input_length=500, pool_type="avg")
+    assert pooled.inference_plan() is None
+    with torch.no_grad():
+        z = pooled.standardize(x.reshape(12, 1, 500))
+        torch.testing.assert_close(pooled.latent(x)[0], pooled.encoder(z), rtol=0, atol=0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,50 @@ def test_degenerate_signals_are_flagged_never_raised():
     # Every value is either flagged or inside its plausible range.
     flags = out[:, N:]
     assert ((flags == 1) | (out[:, :N] > 0)).all()
+
+
+def test_overlapping_measurements_leave_the_warning_filters_as_they_were():
+    """Two threads measure at once, the first finishing while the second is inside its measurement. Each silenced
+    neurokit2 with `warnings.catch_warnings`, which swaps the process-wide filter list: the second restored the list
+    the first had installed, so an "ignore every warning" filter outlived both. Now one measurement runs at a time."""
+    import neurokit2 as nk
+
+    expert = make_expert(input_length=1000)
+    signal = synthetic_ecg(fs=100)
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    class OverlappingNeurokit:  # neurokit2, with `ecg_clean` (inside the measurement) holding the threads in step
+        def __getattr__(self, name):
+            return getattr(nk, name)
+
+        def ecg_clean(self, *args, **kwargs):
+            if threading.current_thread().name == "first":
+                first_inside.set()
+                second_inside.wait(timeout=1)  # times out when measurements take turns
+            else:
+                second_inside.set()
+                first_done.wait(timeout=1)
+            return nk.ecg_clean(*args, **kwargs)
+
+    serial = expert.measure(signal)
+    expert._nk = OverlappingNeurokit()
+    results = {}
+
+    def measure(name):
+        results[name] = expert.measure(signal)
+        if name == "first":
+            first_done.set()
+
+    filters = list(warnings.filters)
+    first = threading.Thread(target=measure, args=("first",), name="first")
+    second = threading.Thread(target=measure, args=("second",), name="second")
+    first.start()
+    assert first_inside.wait(timeout=30)
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert list(warnings.filters) == filters
+    np.testing.assert_equal(results, {"first": serial, "second": serial})  # NaN where not measured
 
 
 def test_missing_neurokit_gives_a_clear_error(monkeypatch):

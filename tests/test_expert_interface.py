@@ -5,7 +5,9 @@ short input), the same checks for all of them.
 - a record's embedding does not depend on the other records of the batch (feature caching relies on it);
 - the expert's state survives `save_pretrained` / `load_pretrained`;
 - inside `EnECGModel` the expert is frozen: no parameter requires a gradient or receives one, eval mode in training;
-- `DIFFERENTIABLE` is honest: a gradient reaches the input exactly when the class says so.
+- `DIFFERENTIABLE` is honest: a gradient reaches the input exactly when the class says so;
+- one expert called from several threads at once with different records gives every call its serial result (a served
+  model runs one expert for concurrent requests) and leaves the process's warning filters as they were.
 
 Types whose optional library is missing (momentfm, neurokit2, openecg, ecgdatakit) are skipped with the install hint.
 """
@@ -13,6 +15,7 @@ Types whose optional library is missing (momentfm, neurokit2, openecg, ecgdataki
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.data.simulate import simulate_record
 from enecg_hf.expert_registry import EXPERT_TYPES, expert_class
 from enecg_hf.signal_enecg import normalize_ecg
+from helpers import call_from_threads
 
 
 SAMPLING_RATE, SECONDS = 100, 10  # the model's records: 10 s at 100 Hz, (batch, 12, 1000)
@@ -147,3 +151,34 @@ def test_differentiable_flag_is_honest(expert_type):
     assert gradient[:, read].abs().sum() > 0, f"{expert_type} says it is differentiable, but no gradient reaches the input"
     unread = [i for i in range(12) if i not in read]
     assert gradient[:, unread].abs().sum() == 0  # leads the expert does not read get nothing
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_inputs() -> tuple[torch.Tensor, ...]:
+    """Four different records, one at a time and in batches of 2 and 3 (different batch sizes)."""
+    signals = [simulate_record(i, seed=5, sampling_rate=SAMPLING_RATE, seconds=SECONDS)[0] for i in (1, 4, 9, 13)]
+    x = normalize_ecg(torch.from_numpy(np.stack(signals)), "record")
+    return (*(x[i : i + 1] for i in range(4)), x[0:2], x[1:4])
+
+
+# The features expert measures in numpy, ~0.2 s per record: slow here; its overlapping calls have a fast test of their
+# own (test_expert_features.py).
+@pytest.mark.parametrize("expert_type", [pytest.param(t, marks=pytest.mark.slow) if t == "features" else t
+                                         for t in EXPERT_TYPES])
+def test_threads_calling_one_expert_get_the_serial_results(expert_type):
+    """8 threads share one expert, each running every input (different records and batch sizes). MOMENT's upstream
+    RevIN kept each call's statistics on the module, so calls read each other's (values off, or a shape error); the
+    features expert's warning suppression swapped the process-wide filter list under the other threads."""
+    expert = model_for(expert_type).experts[expert_type]
+    inputs = _mixed_inputs()
+
+    def embedding(x: torch.Tensor):
+        with torch.no_grad():
+            return expert(x)
+
+    filters = list(warnings.filters)
+    serial, results = call_from_threads([functools.partial(embedding, x) for x in inputs],
+                                        threads=2 if expert_type == "features" else 8)
+    wrong = [i for i, output in results if not torch.equal(output, serial[i])]
+    assert not wrong, f"{len(wrong)} of {len(results)} concurrent calls differ from the serial result"
+    assert list(warnings.filters) == filters, "the expert changed the process's warning filters"

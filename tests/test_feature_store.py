@@ -126,6 +126,23 @@ def test_fingerprints_are_per_expert_and_cover_weights_and_the_fields_it_reads()
         k: v for k, v in base.items() if k != "gate_inputs"}
 
 
+
+def test_a_new_computation_of_an_expert_gets_a_new_fingerprint(monkeypatch):
+    """An expert whose code computes differently from the same weights (DeepFADE's compiled plan: version 2) does not
+    reuse the values of its old code; the other columns keep their folders."""
+    from enecg_hf.expert_dlinear import EnECGDLinearExpert
+    from enecg_hf.features import column_fingerprints, model_columns
+
+    base = column_fingerprints(tiny_model(["dlinear", "timesnet"]))
+    monkeypatch.setattr(EnECGDLinearExpert, "COMPUTATION_VERSION", 2)
+    bumped = column_fingerprints(tiny_model(["dlinear", "timesnet"]))
+    assert bumped["embedding_dlinear"] != base["embedding_dlinear"]
+    assert {k: v for k, v in bumped.items() if k != "embedding_dlinear"} == {
+        k: v for k, v in base.items() if k != "embedding_dlinear"}
+    deepfade = next(c for c in model_columns(tiny_model(["deepfade"])) if c.column == "embedding_deepfade")
+    assert deepfade.description["computation"] == 2
+
+
 def test_random_experts_do_not_depend_on_the_task_so_every_label_shares_the_store():
     """Every expert of the default tiny config - ECG-FM nests a transformers model that `post_init` re-initialises -
     gets the same random weights, and so the same store columns, whatever the task's heads are: a regression, a
@@ -322,6 +339,42 @@ def test_two_processes_store_exactly_what_one_process_stores(tmp_path):
     assert all(len(list((tmp_path / "two" / "features" / f).glob("shard-*"))) >= 2 for f in one)
     rerun = _run([sys.executable, *EXTRACT, "--cache_dir", str(tmp_path / "two")], tmp_path)
     assert re.findall(r"computed +(\d+)", rerun.stdout) == ["0"] * 4, rerun.stdout
+
+
+@pytest.mark.slow
+def test_a_sigkilled_extraction_keeps_its_timed_shards_and_the_rerun_computes_only_the_rest(tmp_path):
+    """A shard is written every --shard_seconds as well as every --shard_size records: SIGKILL an extraction whose
+    shard_size is never reached once timed shards exist; they survive, and the rerun computes exactly the records
+    they do not hold, column by column."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "enecg_hf.features", "--config", "tiny", "--data_format", "simulated",
+               "--num_records", "200", "--experts", "timesnet,dlinear", "--feature_batch_size", "1",
+               "--shard_size", "1000", "--shard_seconds", "0.3", "--cache_dir", str(tmp_path / "cache")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    store = tmp_path / "cache" / "features"
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            folders = [p for p in store.glob("*-*") if p.is_dir()] if store.is_dir() else []
+            if len(folders) == 3 and all(any(p.glob("shard-*.arrow")) for p in folders):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the extraction finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    stored = {folder: len(rows) for folder, rows in _store_contents(store).items()}
+    assert len(stored) == 3 and all(0 < n < 200 for n in stored.values()), stored
+    rerun = _run(command, tmp_path)
+    computed_now = {folder: int(n) for folder, n in re.findall(r"(\S+-[0-9a-f]{16}) +found +\d+ +computed +(\d+)",
+                                                                rerun.stdout)}
+    assert computed_now == {folder: 200 - n for folder, n in stored.items()}, rerun.stdout
+    assert all(len(rows) == 200 for rows in _store_contents(store).values())
 
 
 @pytest.mark.slow

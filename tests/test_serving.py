@@ -4,6 +4,7 @@ Inference-Endpoint handler, the `enecg` console script, explanations and their p
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 
-from helpers import BLOCK_ENECG, STANDARD, build_model_folder, shared
+from helpers import BLOCK_ENECG, STANDARD, build_model_folder, call_from_threads, shared
 
 from ecg_files import peak_allocation, write_header, write_mat_zeros, write_record
 
@@ -175,6 +176,28 @@ def test_pipeline_batches_records(ecg, tmp_path):
     assert any("zero-padded" in w for w in one_by_one[1]["warnings"]) and not one_by_one[0]["warnings"]
 
 
+def test_one_pipeline_serves_threads_with_the_serial_results():
+    """8 threads share one pipeline of a model with MOMENT, each predicting different records one at a time and in
+    batches of 2. MOMENT kept each call's normalisation statistics on a shared module: concurrent calls got each other's
+    (values off by milliseconds, or `RuntimeError: shape ... is invalid`). Every call must give its serial result."""
+    from enecg_hf import EnECGConfig, EnECGModel, EnECGPipeline
+    from enecg_hf.data.simulate import simulate_record
+
+    experts = [{"name": "moment", "type": "moment", "input_length": 64, "leads": ["II", "V5"]},
+               {"name": "dlinear", "type": "dlinear", "input_length": 500, "leads": ["II"]}]
+    torch.manual_seed(0)
+    model = EnECGModel(EnECGConfig(experts=[{**e, "settings": {"preset": "tiny"}} for e in experts], sampling_rate=500,
+                                   input_length=5000, gate_input_length=100, target_mean=800.0, target_std=150.0))
+    ecg = EnECGPipeline(model=model.eval())
+    records = [simulate_record(i, seed=11)[0] for i in range(4)]
+    calls = [functools.partial(ecg, record, sampling_rate=500) for record in records]
+    calls += [functools.partial(ecg, pair, sampling_rate=500, batch_size=2)
+              for pair in ([records[0], records[3]], [records[2], records[1]])]
+    serial, results = call_from_threads(calls)
+    wrong = [i for i, result in results if result != serial[i]]
+    assert not wrong, f"{len(wrong)} of {len(results)} concurrent calls differ from the serial result"
+
+
 def test_registered_task_runs_the_installed_pipeline_class(regression_folder):
     """With enecg_hf imported, the installed pipeline class serves a saved folder without remote code when named;
     a bare `pipeline("ecg-analysis", model=folder)` asks for trust_remote_code because the folder's config.json names
@@ -252,7 +275,8 @@ def test_classification_pipeline_returns_labels_scores_and_top_k(classification_
         ("scaled_3e38", {"sampling_rate": 500}, "implausible_amplitude"),
         ("npz_as_npy", {"sampling_rate": 500}, "unreadable_signal"),
         ("header_rate_-1", {}, "unreadable_header"),
-        ("header_gain_0", {}, "unreadable_header"),
+        ("header_gain_-200", {}, "unreadable_header"),
+        ("header_length_0", {}, "empty_signal"),  # and an empty .dat (issue 25: a bare ValueError)
     ],
 )
 def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inputs, kwargs, reason):
@@ -268,9 +292,12 @@ def test_pipeline_rejects_bad_input_with_a_clear_value_error(ecg, tmp_path, inpu
     elif isinstance(inputs, str) and inputs == "npz_as_npy":
         np.savez(tmp_path / "record.npz", signal=ludb_signal("2"))
         inputs = str((tmp_path / "record.npz").rename(tmp_path / "record.npy"))
+    elif isinstance(inputs, str) and inputs == "header_length_0":
+        inputs = str(write_header(tmp_path / "empty.hea", sig_len=0).with_suffix(""))
+        (tmp_path / "empty.dat").write_bytes(b"")
     elif isinstance(inputs, str) and inputs.startswith("header_"):
         base = write_record(tmp_path, "rec")  # then its header is rewritten with a value wfdb would replace
-        write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "0"}))
+        write_header(tmp_path / "rec.hea", **({"fs": "-1"} if inputs == "header_rate_-1" else {"gain": "-200"}))
         inputs = str(base)
     with pytest.raises(ValueError) as error:
         ecg(inputs, **kwargs)
@@ -482,6 +509,31 @@ def test_console_script_reports_an_unwritable_explanation_folder_and_a_missing_m
                               "--sampling-rate", "500"], capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 2 and run.stdout == ""
         assert f"--model {model}: {message}" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("where", ["_sanitize_parameters", "preprocess"])
+def test_console_script_reports_failing_model_code_in_one_line(regression_folder, tmp_path, capsys, where):
+    """The model folder's own code raising something other than a bad-record error (issue 25: an uncaught TypeError
+    traceback, exit 1): while loading the pipeline (`_sanitize_parameters` runs in its constructor) or on a record.
+    One line on stderr naming the model and the error, exit 2; no JSON line for a record the model never judged."""
+    from enecg_hf.tools.cli import main
+
+    broken = tmp_path / f"broken_{where}"
+    shutil.copytree(regression_folder, broken)
+    code = (broken / "pipeline_enecg.py").read_text()
+    signature = code.index(f"    def {where}(")
+    body = code.index(":\n", signature) + 2
+    failing = '        raise TypeError("broken custom code")\n'
+    (broken / "pipeline_enecg.py").write_text(code[:body] + failing + code[body:])
+    npy = tmp_path / "record.npy"
+    np.save(npy, np.random.default_rng(0).normal(0, 0.3, (12, 5000)).astype(np.float32))
+    assert main(["predict", str(npy), "--model", str(broken), "--sampling-rate", "500"]) == 2
+    out, err = capsys.readouterr()
+    messages = [line for line in err.splitlines() if line.startswith("enecg predict:")]
+    assert out == "" and "Traceback" not in err and len(messages) == 1, err
+    assert f"--model {broken}" in messages[0] and "TypeError: broken custom code" in messages[0]
+    if where == "preprocess":
+        assert f"on {npy}" in messages[0]
 
 
 @pytest.mark.slow

@@ -26,6 +26,16 @@ from helpers import BLOCK_ENECG, SHARED_DATA
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 
+# How far the main job's figures may move from those the README states, which are measured with the pinned versions
+# (.ci/constraints.txt), in ms. On one machine the run is deterministic (three runs, with 1 and 2 threads: the same
+# figures to the last digit; MKL's COMPATIBLE code path, standing in for another CPU, moved them by 0.01 ms).
+# Elsewhere float rounding differs and an inner-CV epoch choice can flip, moving a fold's MAE by a few ms: the fresh
+# venv of issue 25, on another machine, printed CV MAE 28.56 ± 9.2 and quickstart 16.3 where this one prints
+# 26.62 ± 9.58 and 16.4. The bounds are 1.5x the largest of those moves (1.9 ms); a dependency change exceeds them:
+# neurokit2 0.2.13 instead of 0.3.0 gives 25.92 ± 3.82 and a quickstart MAE of 27.9 (checked). The mean predictor's
+# figures move only by the README's rounding.
+MAIN_JOB_TOLERANCE_MS = {"cv_mae_mean": 3.0, "cv_mae_std": 3.0, "baseline": 0.1, "quickstart_mae": 3.0}
+
 # Small runs: two cheap experts, 24 simulated records, 2 folds of 12.
 SMALL_RUN = ["--config", "tiny", "--label", "rr_interval", "--experts", "dlinear,timesnet", "--epochs", "4",
              "--inner_folds", "2", "--gate_epochs", "3", "--batch_size", "4", "--learning_rate", "1e-2", "--folds", "2"]
@@ -128,11 +138,16 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
     assert metrics["cv_verdict"]["beats_baseline"] is True and not metrics["warnings"]
     assert set(metrics["final"]["gate_weights"]) == {e["name"] for e in config["experts"]}
     assert all(f["fit"]["expert_epochs"] for f in metrics["folds"])
-    # The figures the README states for the main job are the ones it prints (to the README's precision).
+    # The figures the README states for the main job are the ones it prints (within MAIN_JOB_TOLERANCE_MS).
     stated = re.search(r"RR MAE ([\d.]+) ± ([\d.]+) ms against ([\d.]+) ± ([\d.]+) ms", (REPO / "README.md").read_text())
+    assert stated, "README.md no longer states the main job's figures as 'RR MAE m ± s ms against m ± s ms'"
     cv, baseline = metrics["cv"]["mae"], metrics["cv_baseline"]["mae"]
-    assert stated and [float(v) for v in stated.groups()] == pytest.approx(
-        [cv["mean"], cv["std"], baseline["mean"], baseline["std"]], abs=0.5), (stated and stated.groups(), cv, baseline)
+    tolerance = MAIN_JOB_TOLERANCE_MS
+    for name, printed, readme, abs_tolerance in zip(
+            ["CV MAE mean", "CV MAE std", "baseline mean", "baseline std"],
+            [cv["mean"], cv["std"], baseline["mean"], baseline["std"]], map(float, stated.groups()),
+            [tolerance["cv_mae_mean"], tolerance["cv_mae_std"], tolerance["baseline"], tolerance["baseline"]]):
+        assert abs(printed - readme) <= abs_tolerance, f"{name}: the run printed {printed:.2f}, README.md says {readme}"
 
 
 @pytest.mark.slow
@@ -277,6 +292,132 @@ def test_resuming_never_reads_files_it_did_not_write(work, sim_dataset, referenc
     assert not marker.exists()
 
 
+def test_corrupt_checkpoint_files_are_named_and_recomputed_or_refused(work, sim_dataset, reference_run, tmp_path):
+    """Issue 25: a damaged checkpoint ended a resumed run in a raw traceback (JSONDecodeError, SafetensorError), and a
+    job file whose tensor bytes were overwritten was read as it was. A job file that is unreadable or whose tensors no
+    longer match the digest written beside them, and an unreadable fold result, are named and computed again (jobs
+    are deterministic: the same result as the uninterrupted run); an unreadable run.json, which says whose checkpoints
+    these are, is refused."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(reference_run, folder)
+    (folder / "metrics.json").unlink()
+    checkpoints = folder / "checkpoints"
+    truncated = checkpoints / "final" / "final" / "job-1.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    overwritten = checkpoints / "final" / "inner-heads" / "job-0.safetensors"
+    data = bytearray(overwritten.read_bytes())
+    data[-8:] = b"\x00\x00\x80\x7f" * 2  # two float32 values of the last tensor become inf; the file still loads
+    overwritten.write_bytes(bytes(data))
+    (checkpoints / "fold-1" / "result.json").write_text('{"fold": 1, "metrics": {"mae": 1')
+    args = ["--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", str(folder),
+            "--resume_from_checkpoint", "latest"]
+    resumed = train(*args, cwd=work)
+    for path in (truncated, overwritten, checkpoints / "fold-1" / "result.json"):
+        assert f"{path} is unreadable" in resumed.stderr or f"{path} is corrupt" in resumed.stderr, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert_same_metrics(metrics_of(reference_run), metrics_of(folder), rtol=1e-6)
+    reference, other = trained_weights(reference_run), trained_weights(folder)
+    for key in reference:
+        torch.testing.assert_close(other[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
+
+    (checkpoints / "run.json").write_text("{not json")
+    refused = train(*args, cwd=work, expect=None)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"{checkpoints / 'run.json'} is unreadable" in refused.stderr
+
+
+def _built_dataset(cache: Path, *argv: str):
+    """The dataset `load_training_dataset` gives for `argv` (default: 8 simulated records, built into `cache`)."""
+    from accelerate import PartialState
+
+    from enecg_hf.training.arguments import parse_args
+    from enecg_hf.training.records import load_training_dataset
+
+    args = parse_args(list(argv) or ["--data_format", "simulated", "--num_records", "8", "--seed", "3"])
+    return load_training_dataset(args, PartialState(cpu=True), cache)
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_a_damaged_dataset_build_is_rebuilt_in_the_cache_and_refused_as_a_dataset(tmp_path, caplog, damage):
+    """Issue 25: a cached dataset was loaded and never checked: 4 KB overwritten inside its Arrow file trained
+    silently, a truncated one ended in a pyarrow traceback. The builder writes each file's content hash
+    (checksums.json, as the feature store names its shards); the cache moves a build whose files no longer match
+    aside and builds it again, and `--dataset` refuses such a folder naming the file."""
+    import shutil
+
+    from enecg_hf.training import TrainingSetupError
+
+    first = _built_dataset(tmp_path)
+    signals = np.asarray(first.with_format("numpy")["signal"])
+    [folder] = tmp_path.glob("dataset-simulated-*")
+    assert (folder / "checksums.json").is_file()
+    shutil.copytree(folder, tmp_path / "given")
+    for arrow in (next(folder.glob("data-*.arrow")), next((tmp_path / "given").glob("data-*.arrow"))):
+        data = bytearray(arrow.read_bytes())
+        if damage == "overwrite":
+            middle = len(data) // 2
+            data[middle : middle + 4096] = np.random.default_rng(0).bytes(4096)
+        else:
+            data = data[: len(data) // 2]
+        arrow.write_bytes(bytes(data))
+    del first
+
+    with caplog.at_level("WARNING", logger="enecg_hf"):
+        again = _built_dataset(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.with_format("numpy")["signal"]), signals)
+    assert f"{folder} is corrupt ({arrow.name}:" in caplog.text and "built again" in caplog.text
+    assert sorted(p.name for p in tmp_path.glob(f"{folder.name}*")) == [folder.name, f"{folder.name}.corrupt"]
+
+    with pytest.raises(TrainingSetupError, match=f"--dataset {tmp_path / 'given'} is corrupt \\({arrow.name}: "):
+        _built_dataset(tmp_path, "--dataset", str(tmp_path / "given"))
+
+
+@pytest.mark.slow
+def test_two_runs_building_the_same_dataset_at_once_build_it_once(tmp_path):
+    """Issue 25: two runs on one --cache_dir started together built into the same fixed temporary folder: one crashed
+    (FileNotFoundError .../tmp/data-00000..., or OSError: Directory not empty) and left the .tmp folder. One builds
+    (into a folder of its own, renamed into place); the other waits for it and reads its build."""
+    script = textwrap.dedent(
+        """
+        import logging, sys, time
+        from pathlib import Path
+        from accelerate import PartialState
+        from enecg_hf.training.arguments import parse_args
+        from enecg_hf.training.records import load_training_dataset
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("enecg_hf").setLevel(logging.INFO)
+        cache, ready, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+        args = parse_args(["--data_format", "simulated", "--num_records", "24", "--seed", "5"])
+        state = PartialState(cpu=True)
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.005)
+        dataset = load_training_dataset(args, state, cache)
+        print("RECORDS", len(dataset), dataset[23]["record_id"])
+        """
+    )
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(tmp_path / f"ready{i}"), str(go)],
+                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    deadline = time.time() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+        assert "RECORDS 24 sim-5-000023" in out
+    logs = [err for _, err in outputs]
+    assert sum("Building the 'simulated' dataset" in log for log in logs) == 1, logs
+    assert sum("using the cached build" in log for log in logs) == 1, logs
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [
+        next(cache.glob("dataset-*")).name]
+
+
 def test_bf16_mixed_precision_runs_on_cpu(work, sim_dataset, reference_run):
     train("--dataset", str(sim_dataset), *SMALL_RUN, "--mixed_precision", "bf16", "--output_dir", "bf16", cwd=work)
     bf16, fp32 = metrics_of(work / "bf16"), metrics_of(reference_run)
@@ -383,7 +524,8 @@ def test_label_without_values_and_wrong_sampling_rate(work, tmp_path):
 @pytest.mark.slow
 def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name(work, sim_dataset, tmp_path):
     """rr_interval None at rows 7-8 and NaN at row 9 (their folds once indexed the wrong rows: IndexError), a NaN
-    sample at row 3 and an amplitude of 3e38 mV at row 4 (feature caching once ended with a bare traceback)."""
+    sample at row 3 and an amplitude of 3e38 mV at row 4 (feature caching once ended with a bare traceback); inf at
+    row 10 (it once ended the run in scikit-learn after fold 1) and 1e9 ms at row 11 (it once trained silently)."""
     import datasets
 
     source = datasets.load_from_disk(str(sim_dataset))
@@ -391,6 +533,8 @@ def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name
     def damage(row, index):
         if index in (7, 8, 9):
             row["rr_interval"] = None if index < 9 else float("nan")
+        if index in (10, 11):
+            row["rr_interval"] = float("inf") if index == 10 else 1e9
         if index in (3, 4):
             signal = np.asarray(row["signal"], dtype=np.float32)
             signal[0, 100] = np.nan if index == 3 else 3e38
@@ -405,8 +549,50 @@ def test_records_without_a_label_or_with_an_unusable_signal_are_left_out_by_name
     assert "missing for 3 of 24 records: they are left out" in result.stderr
     assert f"left out: {unusable}" in result.stderr, result.stderr[-3000:]
     metrics = metrics_of(tmp_path / "out")
-    assert metrics["records"] == 19 and sum(f["test_records"] for f in metrics["folds"]) == 19
+    impossible = (f"2 of 24 records are left out for impossible values: 1 not finite and 1 outside the possible "
+                  f"100-10000 ms (e.g. {source[10]['record_id']}=inf, {source[11]['record_id']}=1e+09)")
+    assert impossible in result.stderr and impossible in metrics["warnings"]
+    assert metrics["records"] == 17 and sum(f["test_records"] for f in metrics["folds"]) == 17
     assert all(np.isfinite(v["mean"]) for v in metrics["cv"].values())
+
+
+def _label_dataset(ages, record_ids):
+    import datasets
+
+    n = len(ages)
+    return datasets.Dataset.from_dict({
+        "record_id": record_ids, "subject_id": [f"s{i}" for i in range(n)], "source": ["jsonl"] * n,
+        "signal": np.zeros((n, 12, 50), dtype=np.float32).tolist(), "age": ages})
+
+
+def test_impossible_labels_are_left_out_with_a_count_and_repeated_record_ids_warned(caplog):
+    """Issue 25: ages of +-1e9 trained silently, an infinite one ended the run in scikit-learn after a fold had
+    trained, a repeated record id passed unnoticed. Checked per task before training, against `TASKS`' valid_range;
+    the messages are logged and kept in the task's warnings (metrics.json)."""
+    from types import SimpleNamespace
+
+    from enecg_hf.data import TASKS
+    from enecg_hf.training import TrainingSetupError
+    from enecg_hf.training.run import prepare_task
+
+    ages = [50.0, 61.0, float("inf"), 1e9, -1e9, 40.0, 70.0, 33.0, float("-inf"), 58.0]
+    ids = [f"r{i}" for i in range(10)]
+    ids[7] = "r1"
+    args = SimpleNamespace(folds=2, seed=0)
+    with caplog.at_level("WARNING", logger="enecg_hf"):
+        task = prepare_task(_label_dataset(ages, ids), TASKS["age"], args)
+    assert list(task.records["record_id"]) == ["r0", "r1", "r5", "r6", "r1", "r9"]
+    assert task.labels.tolist() == [50.0, 61.0, 40.0, 70.0, 33.0, 58.0]
+    impossible = next(w for w in task.warnings if "left out" in w)
+    assert "4 of 10" in impossible and "2 not finite" in impossible
+    assert "2 outside the possible 0-125 years" in impossible
+    assert "r3=1e+09" in impossible and "r2=inf" in impossible
+    repeated = next(w for w in task.warnings if "record id" in w)
+    assert "'r1'" in repeated and "1 record" in repeated
+    assert impossible in caplog.text and repeated in caplog.text
+
+    with pytest.raises(TrainingSetupError, match="none of its 3 values is possible"):
+        prepare_task(_label_dataset([1e9, -3.0, float("inf")], ["a", "b", "c"]), TASKS["age"], args)
 
 
 def test_classes_seen_only_in_test_folds_are_reported():
@@ -478,13 +664,18 @@ def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
 def test_quickstart_predicts_with_the_trained_main_job_folder(main_job):
     from enecg_hf.tools import quickstart
 
-    result = quickstart.main(["--model", str(main_job[0]), "--num_records", "6"])
-    assert result["label"] == "rr_interval" and result["unit"] == "ms" and len(result["records"]) == 6
+    result = quickstart.main(["--model", str(main_job[0])])  # as `make demo` runs it
+    assert result["label"] == "rr_interval" and result["unit"] == "ms" and len(result["records"]) == 5
     for row in result["records"]:
         assert sum(row["gate_weights"].values()) == pytest.approx(1.0, abs=0.01)
         experts = json.loads((main_job[0] / "config.json").read_text())["experts"]
         assert set(row["gate_weights"]) == {e["name"] for e in experts}
     assert result["mean_absolute_error"] < 0.5 * metrics_of(main_job[0])["cv_baseline"]["mae"]["mean"]
+    # The README states its MAE (within MAIN_JOB_TOLERANCE_MS).
+    stated = re.search(r"it never saw \(MAE ([\d.]+) ms\)", (REPO / "README.md").read_text())
+    assert stated, "README.md no longer states the quickstart's MAE as 'it never saw (MAE x ms)'"
+    assert abs(result["mean_absolute_error"] - float(stated[1])) <= MAIN_JOB_TOLERANCE_MS["quickstart_mae"], (
+        f"the quickstart printed MAE {result['mean_absolute_error']}, README.md says {stated[1]}")
 
 
 def test_quickstart_without_a_model_round_trips_the_untrained_tiny_model(tmp_path):

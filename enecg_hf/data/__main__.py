@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .builder import FORMATS, DatasetBuildError, build
+from .ptbxl import RATES as PTBXL_RATES
 from .source import LayoutError
 
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="first N records (simulated: number of records)")
     parser.add_argument("--fill-missing-leads", action="store_true", help="zero-fill missing leads instead of skipping")
     parser.add_argument("--labels-csv", help="mimic-iv-ecg: CSV with age/sex/potassium per subject_id[/study_id]")
+    parser.add_argument("--ptbxl-rate", choices=PTBXL_RATES, default="auto",
+                        help="ptb-xl: read records500/ (500), records100/ (100), or records500/ when a record has it "
+                        "and records100/ otherwise (auto, the default); resampled to --sampling-rate either way")
     parser.add_argument("--seed", type=int, default=0, help="simulated: random seed (default 0)")
     parser.add_argument("--max-record-seconds", type=float, default=3600.0,
                         help="skip longer records, decided from their headers before reading them (default 3600)")
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             labels_csv=args.labels_csv,
             seed=args.seed,
             max_record_seconds=args.max_record_seconds,
+            ptbxl_rate=args.ptbxl_rate,
         )
     except (LayoutError, DatasetBuildError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..preprocessing_enecg import ECGInputError, prepare_signal
 from . import challenge, jsonl, ludb, mimic, ptbxl, simulate
+from .checksums import write_checksums
 from .report import BuildReport
 from .schema import ecg_features
 from .source import BuildOptions, LayoutError
@@ -77,6 +78,7 @@ def _example(source: str, record_id: str, subject_id: Any, loaded, options: Buil
         "source": source,
         "signal": prepared.signal,
         "sampling_rate": options.sampling_rate,
+        "source_sampling_rate": recording.sampling_rate,
         **{key: labels.get(key) for key in LABEL_KEYS},
         "diagnoses": [str(item) for item in labels.get("diagnoses") or []],
         "missing_leads": prepared.missing_leads,
@@ -189,6 +191,7 @@ def build(
     shard_size: int = 200,
     cache_dir: str | Path | None = None,
     max_record_seconds: float = 3600.0,
+    ptbxl_rate: str | int = "auto",
 ) -> DatasetBuild:
     """Build the dataset of one ECG collection; see [`build_dataset`] for the arguments.
 
@@ -203,6 +206,8 @@ def build(
             raise ValueError(f"format {format!r} needs an input path")
         if not Path(input).exists():
             raise LayoutError(f"input {input} does not exist")
+    if str(ptbxl_rate) not in ptbxl.RATES:
+        raise ValueError(f"ptbxl_rate must be one of {ptbxl.RATES}, got {ptbxl_rate!r}")
     options = BuildOptions(
         sampling_rate=int(sampling_rate),
         seconds=float(seconds),
@@ -213,6 +218,7 @@ def build(
         seed=seed,
         labels_csv=str(labels_csv) if labels_csv else None,
         max_record_seconds=float(max_record_seconds),
+        ptbxl_rate=str(ptbxl_rate),
     )
     started = time.perf_counter()
     table = module.list_records(Path(input) if input is not None else None, options)
@@ -302,6 +308,7 @@ def build(
     report.records_per_second = report.records_read / report.seconds_elapsed
     if output is not None:
         report.save(output)
+        write_checksums(output)  # last: it covers every file, and a folder without it is an unfinished build
     return DatasetBuild(dataset, report)
 
 
@@ -321,15 +328,17 @@ def build_dataset(
     shard_size: int = 200,
     cache_dir: str | Path | None = None,
     max_record_seconds: float = 3600.0,
+    ptbxl_rate: str | int = "auto",
 ) -> datasets.Dataset:
     """Read an ECG collection into a memory-mapped `datasets.Dataset` in the EnECG schema (see `schema.ecg_features`).
 
     Args:
         format: one of `FORMATS`: `"mimic-iv-ecg"`, `"ptb-xl"`, `"challenge"`, `"ludb"`, `"jsonl"`, `"simulated"`.
         input: the collection's folder (the JSONL file for `"jsonl"`; unused for `"simulated"`).
-        output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists); the
-            returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new temporary
-            folder (under `cache_dir` if given), which the caller may delete when done.
+        output: folder to `save_to_disk` the dataset and `build_report.json` into (replaced if it exists), with
+            `checksums.json`, the content hash of every file (`checksums.verify_checksums` detects a file changed
+            since); the returned dataset is then memory-mapped from it. Without it the Arrow files stay in a new
+            temporary folder (under `cache_dir` if given), which the caller may delete when done.
         sampling_rate: stored rate in Hz; records are resampled to it.
         seconds: stored duration; longer records keep their first `seconds`, shorter ones are zero-padded.
         num_proc: worker processes.
@@ -343,6 +352,9 @@ def build_dataset(
         cache_dir: parent of the temporary folder used when `output` is not given (default: the system's).
         max_record_seconds: longer records are skipped (`too_long`), decided from their headers before their samples
             are read; records of more than `io_enecg.RecordLimits.max_values` values are skipped as `too_large`.
+        ptbxl_rate: PTB-XL only: which record files to read. `"auto"`: `records500/` when the record has it, else
+            `records100/` (`records100/` first for builds at 100 Hz or less); `"500"` / `"100"`: only that folder.
+            Either way records are resampled to `sampling_rate`; `source_sampling_rate` keeps the file's rate.
 
     Returns:
         The dataset. `build(...)` returns it together with the [`BuildReport`].
@@ -353,5 +365,5 @@ def build_dataset(
     """
     return build(
         format, input, output, sampling_rate, seconds, num_proc, limit, fill_missing_leads, max_gap_seconds,
-        min_sampling_rate, labels_csv, seed, shard_size, cache_dir, max_record_seconds,
+        min_sampling_rate, labels_csv, seed, shard_size, cache_dir, max_record_seconds, ptbxl_rate,
     ).dataset

@@ -36,10 +36,11 @@ def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
     recording = read_record(row["path"], limits=options.record_limits)
     fields = parse_header_comments(recording.comments)
     codes = [code.strip() for code in fields.get("dx", "").split(",") if code.strip()]
+    notes = []
     labels = {
-        "age": parse_age(fields.get("age")),
-        "sex": parse_sex(fields.get("sex")),
+        "age": parse_age(fields.get("age"), notes),
+        "sex": parse_sex(fields.get("sex"), notes=notes),
         "arrhythmia": arrhythmia_from_snomed(codes),
         "diagnoses": codes,
     }
-    return SourceRecord(recording, labels)
+    return SourceRecord(recording, labels, notes)

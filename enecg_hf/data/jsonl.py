@@ -80,12 +80,13 @@ def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
         path = Path(row["base"]) / path
     recording = read_record(path, item.get("sampling_rate", options.sampling_rate), item.get("lead_names"),
                             limits=options.record_limits)
+    notes = []
     labels = {
-        "rr_interval": parse_float(item.get("rr_interval")),
-        "age": parse_age(item.get("age")),
-        "sex": parse_sex(item.get("gender", item.get("sex"))),
-        "potassium_flag": parse_potassium_flag(item.get("flag", item.get("potassium_flag"))),
+        "rr_interval": parse_float(item.get("rr_interval"), label="rr_interval", notes=notes),
+        "age": parse_age(item.get("age"), notes),
+        "sex": parse_sex(item.get("gender", item.get("sex")), notes=notes),
+        "potassium_flag": parse_potassium_flag(item.get("flag", item.get("potassium_flag")), notes),
         "arrhythmia": _arrhythmia(item.get("report_label")),
         "diagnoses": [str(item["report_label"])] if not is_missing(item.get("report_label")) else [],
     }
-    return SourceRecord(recording, labels)
+    return SourceRecord(recording, labels, notes)

@@ -3,7 +3,7 @@
 Encodings (every label may be missing, stored as null):
 
 - `rr_interval`: mean interval between successive R peaks, milliseconds (float).
-- `age`: years (float). PTB-XL's 300 ("over 89") is stored as 90.
+- `age`: years (float). PTB-XL's 300 ("over 89") is stored as 90; in any other source 300 is out of range.
 - `sex`: `SEX_LABELS` index, 0 = female, 1 = male.
 - `potassium_flag`: `POTASSIUM_LABELS` index, 0 = normal, 1 = abnormal serum potassium.
 - `arrhythmia`: one of `ARRHYTHMIA_CLASSES` (the rhythm of the record; `"other"` is any other recognised rhythm
@@ -11,11 +11,17 @@ Encodings (every label may be missing, stored as null):
 
 When a record carries several rhythm statements, the first class in `RHYTHM_PRIORITY` wins (atrial fibrillation
 over atrial flutter over sinus tachycardia/bradycardia over sinus rhythm over other).
+
+A value that is present but unusable is stored as missing, never guessed: a number must be one as a whole (`"-5"`,
+`"1e-3"`; not `"abc12"` or `[5]`: `not_a_number`) and lie in the task's `valid_range` (`TASKS`; `-5` or `1e9` years:
+`out_of_range`); sex and potassium must be one of their spellings (`unknown_value`). The parsers append the reason to
+the `notes` list they are given, which the data builders put in the build report's `label_notes`.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Iterable
 
@@ -134,23 +140,75 @@ def arrhythmia_from_text(statements: Iterable[str]) -> str | None:
     return _first_by_priority(classes)
 
 
-def parse_age(value: Any) -> float | None:
-    """Age in years from a number or text (`"78"`, `"NaN"`, `">89"`); PTB-XL's 300 (over 89) becomes 90."""
+LabelNotes = list[dict[str, str]]  # {"label", "reason", "detail"} per unusable value (`source.SourceRecord.notes`)
+
+
+def _unusable(notes: LabelNotes | None, label: str, reason: str, detail: str) -> None:
+    """Record why a present value of `label` is stored as missing (in `notes`, when given); returns None."""
+    if notes is not None:
+        notes.append({"label": label, "reason": reason, "detail": detail})
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _number(value: Any, label: str, notes: LabelNotes | None, original: Any = None) -> float | None:
+    """`value` as a finite float when it is a number as a whole: a real number (not a bool) or text that `float`
+    reads (`"78"`, `"-5"`, `"1e-3"`); NaN is missing. Anything else (`"abc12"`, `[5]`, `True`, `inf`) is refused
+    with a `not_a_number` note."""
+    original = value if original is None else original
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if number is not None and math.isnan(number):
+        return None
+    if number is None or not math.isfinite(number):
+        return _unusable(notes, label, "not_a_number", f"{label} {_shown(original)} is not a finite number")
+    return number
+
+
+def _in_range(number: float, label: str, notes: LabelNotes | None, original: Any) -> float | None:
+    """`number` when it lies in the task's `valid_range`, else None with an `out_of_range` note."""
+    task = TASKS[label]
+    low, high = task.valid_range
+    if low <= number <= high:
+        return number
+    return _unusable(notes, label, "out_of_range", f"{label} {_shown(original)} is outside the possible "
+                     f"{low:g}-{high:g} {task.unit}")
+
+
+def parse_age(value: Any, notes: LabelNotes | None = None, over_89_code: float | None = None) -> float | None:
+    """Age in years from a number or text that is one (`78`, `"78"`, `">89"`); `None` when missing (`"NaN"`) or
+    unusable (see the module docstring: the reason is appended to `notes`).
+
+    Args:
+        notes: list to append a `{"label", "reason", "detail"}` note to for a present but unusable value.
+        over_89_code: the source's code for "older than 89", stored as 90 (PTB-XL: 300). Other sources have none:
+            their 300 is out of range.
+    """
     if is_missing(value):
         return None
-    match = re.search(r"\d+(\.\d+)?", str(value))
-    if match is None:
+    text = value.strip() if isinstance(value, str) else value
+    older = isinstance(text, str) and text.startswith(">")  # ">89": the youngest age it allows, 90
+    age = _number(text[1:] if older else text, "age", notes, value)
+    if age is None:
         return None
-    age = float(match.group())
-    if age >= 300:
+    if over_89_code is not None and age == over_89_code:
         return 90.0
-    if str(value).strip().startswith(">"):
-        age += 1.0
-    return age if 0 <= age < 130 else None
+    return _in_range(age + 1.0 if older else age, "age", notes, value)
 
 
-def parse_sex(value: Any, numeric: tuple[str, str] = SEX_LABELS) -> int | None:
-    """Sex index (0 = female, 1 = male) from `"F"`, `"Female"`, `"M"`, `"male"`...
+def parse_sex(value: Any, numeric: tuple[str, str] = SEX_LABELS, notes: LabelNotes | None = None) -> int | None:
+    """Sex index (0 = female, 1 = male) from `"F"`, `"Female"`, `"M"`, `"male"`...; another value is missing, with an
+    `unknown_value` note in `notes`.
 
     `numeric` names what 0 and 1 mean in the source when it stores numbers: ours by default; PTB-XL stores
     0 = male, 1 = female, so its loader passes `("male", "female")`.
@@ -164,11 +222,12 @@ def parse_sex(value: Any, numeric: tuple[str, str] = SEX_LABELS) -> int | None:
         return 0
     if text in ("m", "male", "man"):
         return 1
-    return None
+    return _unusable(notes, "sex", "unknown_value", f"sex {_shown(value)} is none of F/female/M/male/0/1")
 
 
-def parse_potassium_flag(value: Any) -> int | None:
-    """Potassium flag (0 = normal, 1 = abnormal) from 0/1, `"normal"`/`"abnormal"` or MIMIC-IV lab flags."""
+def parse_potassium_flag(value: Any, notes: LabelNotes | None = None) -> int | None:
+    """Potassium flag (0 = normal, 1 = abnormal) from 0/1, `"normal"`/`"abnormal"` or MIMIC-IV lab flags; another
+    value is missing, with an `unknown_value` note in `notes`."""
     if is_missing(value):
         return None
     text = str(value).strip().lower()
@@ -176,19 +235,23 @@ def parse_potassium_flag(value: Any) -> int | None:
         return 0
     if text in ("1", "1.0", "abnormal", "true", "high", "low", "delta"):
         return 1
-    return None
+    return _unusable(notes, "potassium_flag", "unknown_value",
+                     f"potassium_flag {_shown(value)} is none of 0/1/normal/abnormal/high/low/delta")
 
 
-def parse_float(value: Any, placeholders: tuple[float, ...] = ()) -> float | None:
-    """A float, or `None` for missing values and the source's placeholders (e.g. MIMIC-IV-ECG's 29999)."""
+def parse_float(value: Any, placeholders: tuple[float, ...] = (), label: str | None = None,
+                notes: LabelNotes | None = None) -> float | None:
+    """A float, or `None` for missing values and the source's placeholders (e.g. MIMIC-IV-ECG's 29999).
+
+    With `label` (a task of `TASKS` with a `valid_range`, e.g. `"rr_interval"`), a value that is not a number or lies
+    outside the range is `None` too, with its reason appended to `notes`."""
     if is_missing(value):
         return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
+    number = _number(value, label or "value", notes if label else None)
+    if number is None or number in placeholders:
         return None
-    if not math.isfinite(number) or number in placeholders:
-        return None
+    if label is not None and TASKS[label].valid_range is not None:
+        return _in_range(number, label, notes, value)
     return number
 
 

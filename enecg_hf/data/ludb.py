@@ -124,6 +124,18 @@ def wave_boundaries(record_path: str | Path, extension: str, r_peaks: np.ndarray
     return {name: float(np.median(values)) if values else float("nan") for name, values in found.items()}
 
 
+def _header_or_csv(parse, header_value, csv_value, notes: list) -> Any:
+    """The label from the header comment, else from `ludb.csv`; the notes of an unusable value are kept only when
+    neither gives the label."""
+    found = []
+    value = parse(header_value, notes=found)
+    if value is None:
+        value = parse(csv_value, notes=found)
+    if value is None:
+        notes.extend(found)
+    return value
+
+
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
     recording = read_record(row["path"], limits=options.record_limits)
     fields = parse_header_comments(recording.comments)
@@ -136,13 +148,9 @@ def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
             continue
         if after_marker and line.strip():
             diagnoses.append(line.strip().rstrip(".").strip())
-    age = parse_age(fields.get("age"))
-    sex = parse_sex(fields.get("sex"))
-    if age is None:
-        age = parse_age(row.get("csv_age"))
-    if sex is None:
-        sex = parse_sex(row.get("csv_sex"))
     notes = []
+    age = _header_or_csv(parse_age, fields.get("age"), row.get("csv_age"), notes)
+    sex = _header_or_csv(parse_sex, fields.get("sex"), row.get("csv_sex"), notes)
     try:
         rr_interval = mean_rr_from_annotations(row["path"], num_samples=recording.signal.shape[1])
     except ECGInputError as error:  # the signal is still good: keep it, without this label, and say why

@@ -1,10 +1,10 @@
 """MIMIC-IV-ECG: `record_list.csv` + `files/p<xxxx>/p<subject>/s<study>/<study>.hea|.dat`, `machine_measurements.csv`.
 
-Labels: `rr_interval` from `machine_measurements.csv` (values <= 0 or >= 10000 ms, e.g. the placeholder 29999, are
-missing); `diagnoses` are the machine report lines `report_0` ... `report_17`, and `arrhythmia` comes from them
-(`labels.TEXT_RHYTHMS`). Age, sex and potassium are not in MIMIC-IV-ECG (they live in the credentialed MIMIC-IV
-hosp tables): pass `labels_csv`, a CSV with `subject_id`, optionally `study_id` (joined on both when present), and
-any of `age`/`anchor_age`, `sex`/`gender`, `potassium_flag`/`flag`. `record_id` is the study id.
+Labels: `rr_interval` from `machine_measurements.csv` (the placeholder 29999 and values outside the task's
+`valid_range`, 100-10000 ms, are missing); `diagnoses` are the machine report lines `report_0` ... `report_17`, and
+`arrhythmia` comes from them (`labels.TEXT_RHYTHMS`). Age, sex and potassium are not in MIMIC-IV-ECG (they live in the
+credentialed MIMIC-IV hosp tables): pass `labels_csv`, a CSV with `subject_id`, optionally `study_id` (joined on both
+when present), and any of `age`/`anchor_age`, `sex`/`gender`, `potassium_flag`/`flag`. `record_id` is the study id.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from .source import BuildOptions, LayoutError, SourceRecord, find_file
 SOURCE = "mimic-iv-ecg"
 EXTRA_FEATURES: dict = {}
 REPORT_COLUMNS = tuple(f"report_{index}" for index in range(18))
-# rr_interval values outside (0, 10000) ms are machine placeholders (29999 marks "not measured").
-RR_VALID_RANGE_MS = (0.0, 10000.0)
+# The machine's rr_interval for "not measured" (missing, without a note); other values outside the task's valid_range
+# are missing with an `out_of_range` note.
+RR_PLACEHOLDERS_MS = (29999.0,)
 
 
 def _read_labels_csv(path: str) -> pd.DataFrame:
@@ -64,15 +65,13 @@ def list_records(input_path: Path, options: BuildOptions) -> pd.DataFrame:
 def load_record(row: dict[str, Any], options: BuildOptions) -> SourceRecord:
     recording = read_record(row["path"], limits=options.record_limits)
     reports = [str(row[column]).strip() for column in REPORT_COLUMNS if not is_missing(row.get(column))]
-    rr_interval = parse_float(row.get("rr_interval"))
-    if rr_interval is not None and not RR_VALID_RANGE_MS[0] < rr_interval < RR_VALID_RANGE_MS[1]:
-        rr_interval = None
+    notes = []
     labels = {
-        "rr_interval": rr_interval,
-        "age": parse_age(row.get("user_age")),
-        "sex": parse_sex(row.get("user_sex")),
-        "potassium_flag": parse_potassium_flag(row.get("user_potassium_flag")),
+        "rr_interval": parse_float(row.get("rr_interval"), RR_PLACEHOLDERS_MS, "rr_interval", notes),
+        "age": parse_age(row.get("user_age"), notes),
+        "sex": parse_sex(row.get("user_sex"), notes=notes),
+        "potassium_flag": parse_potassium_flag(row.get("user_potassium_flag"), notes),
         "arrhythmia": arrhythmia_from_text(reports),
         "diagnoses": reports,
     }
-    return SourceRecord(recording, labels)
+    return SourceRecord(recording, labels, notes)

@@ -29,10 +29,14 @@ class BuildReport:
         skipped: one `{"record_id", "reason", "detail"}` per record left out, including repeats of a record id
             (`duplicate_record_id`) and later copies of a stored signal (`duplicate_signal`).
         label_notes: one `{"record_id", "label", "reason", "detail"}` per kept record whose label could not be read
-            from its source (e.g. a corrupted LUDB annotation: the record is kept without `rr_interval`).
+            from its source (e.g. a corrupted LUDB annotation: the record is kept without `rr_interval`), or whose
+            value is unusable (`not_a_number`, `out_of_range`, `unknown_value`: see `labels`); counted per label and
+            reason in the saved report's `label_notes_by_reason`.
         label_coverage: per label column, the number of kept records that have it.
         arrhythmia_counts: kept records per arrhythmia class.
         records_with_missing_leads, records_with_flat_leads: kept records flagged in those columns.
+        source_sampling_rates: kept records per rate of their source files (Hz, as a string key), before resampling
+            to `sampling_rate` (e.g. PTB-XL `records100/` files: `{"100": n}`).
         seconds_elapsed, records_per_second: build speed.
     """
 
@@ -49,6 +53,7 @@ class BuildReport:
     arrhythmia_counts: dict[str, int] = field(default_factory=dict)
     records_with_missing_leads: int = 0
     records_with_flat_leads: int = 0
+    source_sampling_rates: dict[str, int] = field(default_factory=dict)
     seconds_elapsed: float = 0.0
     records_per_second: float = 0.0
 
@@ -56,9 +61,18 @@ class BuildReport:
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(entry["reason"] for entry in self.skipped).most_common())
 
+    @property
+    def label_notes_by_reason(self) -> dict[str, dict[str, int]]:
+        """`{label: {reason: kept records}}` of `label_notes` (e.g. `{"age": {"out_of_range": 2}}`)."""
+        counts: dict[str, dict[str, int]] = {}
+        for (label, reason), count in Counter((n["label"], n["reason"]) for n in self.label_notes).most_common():
+            counts.setdefault(label, {})[reason] = count
+        return counts
+
     def count_labels(self, dataset: datasets.Dataset) -> None:
         """Fill the label and flag counts from the dataset's Arrow columns (no signal is read)."""
-        table = dataset.select_columns([*LABEL_COLUMNS, "missing_leads", "flat_leads"]).with_format("arrow")
+        table = dataset.select_columns([*LABEL_COLUMNS, "missing_leads", "flat_leads", "source_sampling_rate"])
+        table = table.with_format("arrow")
         # Through the dataset, not `dataset.data`: that is the table under any `select` (e.g. dropped duplicates).
         self.label_coverage = {name: len(dataset) - table[name].null_count for name in LABEL_COLUMNS}
         feature = dataset.features["arrhythmia"]
@@ -67,10 +81,13 @@ class BuildReport:
         self.arrhythmia_counts = {name: arrhythmia.get(name, 0) for name in ARRHYTHMIA_CLASSES}
         self.records_with_missing_leads = sum(1 for leads in table["missing_leads"].to_pylist() if leads)
         self.records_with_flat_leads = sum(1 for leads in table["flat_leads"].to_pylist() if leads)
+        rates = Counter(f"{rate:g}" for rate in table["source_sampling_rate"].to_pylist())
+        self.source_sampling_rates = dict(sorted(rates.items(), key=lambda item: -float(item[0])))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["skipped_by_reason"] = self.skipped_by_reason
+        data["label_notes_by_reason"] = self.label_notes_by_reason
         return data
 
     def save(self, folder: str | Path) -> Path:
@@ -103,6 +120,10 @@ class BuildReport:
         if any(self.arrhythmia_counts.values()):
             counts = ", ".join(f"{name} {count}" for name, count in self.arrhythmia_counts.items() if count)
             lines.append(f"arrhythmia: {counts}")
+        if self.source_sampling_rates:
+            rates = ", ".join(f"{rate} Hz {count}" for rate, count in self.source_sampling_rates.items())
+            resampled = sum(n for rate, n in self.source_sampling_rates.items() if float(rate) != self.sampling_rate)
+            lines.append(f"source rates: {rates} ({resampled} records resampled to {self.sampling_rate} Hz)")
         lines.append(
             f"flags: {self.records_with_missing_leads} records with zero-filled leads,"
             f" {self.records_with_flat_leads} with flat leads"

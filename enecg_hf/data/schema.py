@@ -17,8 +17,9 @@ def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Featur
 
     Returns:
         `record_id`, `subject_id`, `source`, `signal` ((12, num_samples) float32, mV, `STANDARD_LEAD_NAMES` order),
-        `sampling_rate`, the labels `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses`, the
-        quality flags `missing_leads` (zero-filled leads), `flat_leads` and `original_seconds`, then `extra`.
+        `sampling_rate` (of `signal`), `source_sampling_rate` (of the source file, before resampling), the labels
+        `rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, `diagnoses`, the quality flags `missing_leads`
+        (zero-filled leads), `flat_leads` and `original_seconds`, then `extra`.
         The class labels are `datasets.ClassLabel`s (rows hold class indices; `features["arrhythmia"].int2str(i)`
         names them), so `train_test_split(stratify_by_column=...)` and the Hub's dataset viewer know the classes.
     """
@@ -30,6 +31,7 @@ def ecg_features(num_samples: int, extra: dict | None = None) -> datasets.Featur
             "source": datasets.Value("string"),
             "signal": datasets.Array2D(shape=(len(STANDARD_LEAD_NAMES), num_samples), dtype="float32"),
             "sampling_rate": datasets.Value("int32"),
+            "source_sampling_rate": datasets.Value("float32"),
             "rr_interval": datasets.Value("float32"),
             "age": datasets.Value("float32"),
             "sex": datasets.ClassLabel(names=list(SEX_LABELS)),

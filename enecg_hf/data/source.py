@@ -38,6 +38,7 @@ class BuildOptions:
     seed: int = 0
     labels_csv: str | None = None
     max_record_seconds: float = 3600.0
+    ptbxl_rate: str = "auto"
 
     @property
     def num_samples(self) -> int:

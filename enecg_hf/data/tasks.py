@@ -45,6 +45,9 @@ class TaskSpec:
         unit: Unit of a regression target (`"ms"`, `"years"`).
         class_names: Class names of a classification task; a label is the index of its class here.
         description: One line for model cards and docs.
+        valid_range: `(low, high)`, inclusive: the values a regression target can physically take. A value outside
+            is impossible (a wrong unit, a placeholder, a typo): the data builders store it as missing with a note,
+            training leaves it out with a count (`training.labels`).
         column_classes: The names of a `datasets.ClassLabel` column's indices in a particular dataset (they may be
             ordered differently from `class_names`); set by `infer`.
     """
@@ -54,6 +57,7 @@ class TaskSpec:
     unit: str | None = None
     class_names: tuple[str, ...] | None = None
     description: str = ""
+    valid_range: tuple[float, float] | None = None
     column_classes: tuple[str, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -65,6 +69,12 @@ class TaskSpec:
             raise TaskError(f"Task {self.name!r}: a classification task needs at least 2 class names")
         if self.column_classes is not None:
             self.column_classes = tuple(self.column_classes)
+        if self.valid_range is not None:
+            low, high = (float(value) for value in self.valid_range)
+            if not self.is_regression or not low <= high:
+                raise TaskError(f"Task {self.name!r}: valid_range {self.valid_range} needs a regression task and "
+                                "low <= high")
+            self.valid_range = (low, high)
 
     @property
     def is_regression(self) -> bool:
@@ -89,7 +99,8 @@ class TaskSpec:
         name = get("label_name") or "label"
         known = TASKS.get(name)
         if get("problem_type") == "regression":
-            return cls(name, "regression", unit=get("label_unit"), description=known.description if known else "")
+            return cls(name, "regression", unit=get("label_unit"), description=known.description if known else "",
+                       valid_range=known.valid_range if known and known.is_regression else None)
         id2label = get("id2label") or {}
         classes = tuple(id2label[k] for k in sorted(id2label, key=int))
         return cls(name, get("problem_type"), class_names=classes, description=known.description if known else "")
@@ -166,9 +177,11 @@ ARRHYTHMIA_CLASSES = (
 TASKS: dict[str, TaskSpec] = {
     task.name: task
     for task in (
+        # Impossible values: RR intervals of heart rates over 600 or under 6 beats per minute; ages under 0 or
+        # over 125 years (the oldest documented person lived to 122).
         TaskSpec("rr_interval", "regression", unit="ms",
-                 description="mean interval between successive R peaks"),
-        TaskSpec("age", "regression", unit="years", description="age of the patient"),
+                 description="mean interval between successive R peaks", valid_range=(100.0, 10000.0)),
+        TaskSpec("age", "regression", unit="years", description="age of the patient", valid_range=(0.0, 125.0)),
         TaskSpec("sex", "single_label_classification", class_names=("female", "male"),
                  description="sex of the patient"),
         TaskSpec("potassium_flag", "single_label_classification", class_names=("normal", "abnormal"),

@@ -58,7 +58,10 @@ class FeatureScriptArguments:
         f"cache folder; the store is CACHE_DIR/features (default ${CACHE_ENV}/features, else ~/.cache/enecg_hf/features)"))
     feature_batch_size: int = field(default=16, metadata=_option("records per forward pass of the experts"))
     shard_size: int = field(default=256, metadata=_option(
-        "each process writes a shard file every N records of an expert (a killed run loses at most this many)"))
+        "each process writes a shard file every N records of an expert (a killed run loses at most this many)..."))
+    shard_seconds: float = field(default=60.0, metadata=_option(
+        "... or every N seconds of computing, whichever comes first (a killed run of a slow expert loses at most "
+        "this much work)"))
     torch_threads: int = field(default=1, metadata=_option(
         "torch threads per process on the CPU (parallelism comes from processes: accelerate launch --num_processes N)"))
 
@@ -91,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FeatureScriptArguments:
     for name in ("feature_batch_size", "shard_size", "torch_threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not args.shard_seconds > 0:
+        parser.error("--shard_seconds must be positive")
     return args
 
 
@@ -135,7 +140,7 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
         model = build_model_with_experts(config).to(state.device)
         model.set_expert_precision(args.expert_precision)
         _, stats = build_features(dataset, model, state, store_dir, batch_size=args.feature_batch_size,
-                                  shard_size=args.shard_size)
+                                  shard_size=args.shard_size, shard_seconds=args.shard_seconds)
     finally:
         state.wait_for_everyone()
         if work[0] and state.is_main_process:

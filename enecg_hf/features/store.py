@@ -21,8 +21,9 @@ and a shard whose bytes no longer match its name (truncated, overwritten) is rep
 
 Missing values are computed in batches of records in dataset order (the batches one process would compute); with
 several processes the batches are dealt round-robin, so N processes compute exactly the batches of one process and the
-store holds bit-identical values. Each process writes a shard every `shard_size` records, so a kill loses little and a
-rerun computes only what is still missing.
+store holds bit-identical values. Each process writes a column's shard every `shard_size` records or every
+`shard_seconds` seconds of computing, whichever comes first, so a kill loses at most that much work (a minute, for an
+expert that takes seconds per record) and a rerun computes only what is still missing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from ..data.checksums import content_digest, file_digest
 
 
 logger = logging.getLogger(__name__)
@@ -93,9 +96,12 @@ def expert_description(model, name: str) -> dict[str, Any]:
     expert_config = next(dict(e) for e in config.experts if e["name"] == name)
     expert_config.pop("name", None)  # a renamed expert computes the same values
     expert = model.experts[name]
-    return {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
-            "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
-            **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
+    description = {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
+                   "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
+                   **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
+    if expert.COMPUTATION_VERSION > 1:  # left out at 1, so that the columns of every other expert keep their folders
+        description["computation"] = expert.COMPUTATION_VERSION
+    return description
 
 
 def gate_description(config) -> dict[str, Any]:
@@ -107,8 +113,14 @@ def gate_description(config) -> dict[str, Any]:
 
 def weights_digest(module: torch.nn.Module) -> str:
     """Hash of a module's state dict: names, dtypes, shapes and bytes."""
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of named tensors: names, dtypes, shapes and bytes (also what a training checkpoint's job file is checked
+    against, `training.jobs`)."""
     hasher = hashlib.blake2b(digest_size=16)
-    for key, tensor in sorted(module.state_dict().items()):
+    for key, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         hasher.update(_json_bytes([key, str(tensor.dtype), list(tensor.shape)]))
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
@@ -229,8 +241,7 @@ class FeatureStore:
 
         expected = path.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]
         if verify:
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            digest = file_digest(path)
             if digest != expected:
                 raise CorruptShard(f"its content hash {digest} is not the one in its name")
         try:
@@ -296,7 +307,7 @@ class FeatureStore:
             writer.write_table(table)
         data = sink.getvalue().to_pybytes()
         folder = self.folder(column)
-        path = folder / f"{SHARD_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}{SHARD_SUFFIX}"
+        path = folder / f"{SHARD_PREFIX}{content_digest(data)}{SHARD_SUFFIX}"
         tmp = folder / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -311,6 +322,7 @@ class FeatureStore:
 def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarray]:
     """The values of `columns` for a batch of raw records, as `EnECGModel.compute_features` computes them, without
     touching the global RNG."""
+    from ..denormal_enecg import flush_denormals
     from ..modeling_enecg import normalize_ecg
 
     signal = np.array(signal, dtype=np.float32)
@@ -318,7 +330,8 @@ def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarra
     # read, so they are computed on zeros rather than ending the run.
     signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
+    # One flush-to-zero scope for all columns (each expert's own call would otherwise set and restore it).
+    with torch.random.fork_rng(devices=[]), flush_denormals():
         normalized = normalize_ecg(torch.as_tensor(signal, device=device), model.config.normalization)
         return [c.compute(normalized).float().cpu().numpy() for c in columns]
 
@@ -340,7 +353,7 @@ def _plan(keys: list[str], missing: list[set[str]], batch_size: int) -> list[tup
 
 
 def build_features(dataset, model, state=None, store_dir: str | Path | None = None, batch_size: int = 16,
-                   shard_size: int = 256, progress: bool = True):
+                   shard_size: int = 256, progress: bool = True, shard_seconds: float = 60.0):
     """Every record's expert embeddings and gate input, from the store, computing (and storing) only what is missing.
 
     Args:
@@ -349,7 +362,9 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         state: an `accelerate.Accelerator` or `PartialState` (processes that share the work), or None (one process).
         store_dir: the store's folder (default `feature_store_dir()`).
         batch_size: records per forward pass of the experts.
-        shard_size: a process writes a shard file every this many records of a column.
+        shard_size: a process writes a shard file every this many records of a column...
+        shard_seconds: ... or when this many seconds have passed since the column's last shard (a killed run of a
+            slow expert loses at most this much work), whichever comes first.
 
     Returns:
         `(table, stats)`: a `datasets.Dataset` with a column per expert (`embedding_<name>`) and `gate_inputs`, one
@@ -393,15 +408,18 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         broadcast_object_list(plan_and_stats, from_process=0)
     plan, stats = plan_and_stats[0]
 
-    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records.
+    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records or
+    # `shard_seconds` seconds.
     signals = dataset.select_columns(["signal"]).with_format("numpy")
     buffers: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
+    last_written = {i: time.monotonic() for i in range(len(columns))}
 
     def flush(i: int) -> None:
         pending_keys, pending_values = buffers[i]
         if pending_keys:
             store.write_shard(columns[i], pending_keys, np.concatenate(pending_values))
             buffers[i] = ([], [])
+        last_written[i] = time.monotonic()
 
     mine = plan[index::count]
     if mine:
@@ -414,7 +432,7 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
             for i, v in zip(column_ids, values):
                 buffers[i][0].extend(keys[r] for r in rows)
                 buffers[i][1].append(v)
-                if len(buffers[i][0]) >= shard_size:
+                if len(buffers[i][0]) >= shard_size or time.monotonic() - last_written[i] >= shard_seconds:
                     flush(i)
             bar.update(len(rows))
         for i in range(len(columns)):

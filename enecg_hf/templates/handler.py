@@ -5,11 +5,15 @@ Request (JSON):
      "parameters": {"top_k": 3, "fill_missing_leads": false}}
     {"inputs": {"npy_base64": "<base64 of a .npy file>", "sampling_rate": 500}}
     {"inputs": [<record>, <record>, ...]}                      (a batch, at most MAX_RECORDS)
+    {"inputs": {...}, "parameters": {"window_seconds": 10, "hop_seconds": 5, "max_windows": 100}}
+                                                    (a record longer than the model takes, window by window)
 
 Response: a list with one result per record (the pipeline's dicts: prediction, gate weights, each expert's
-prediction, warnings), or {"error": "...", "reason": "..."} for a request that cannot be answered. Every field is
-type-checked: a string rate, a lead_names that is not a list of strings, a non-boolean fill_missing_leads, an .npz
-archive or an object array in npy_base64 are refused with a reason, as is a non-finite model output.
+prediction, warnings; with `window_seconds`, each record's windows and a summary per task), or {"error": "...",
+"reason": "..."} for a request that cannot be answered. Every field is type-checked: a string rate, a lead_names that
+is not a list of strings, a non-boolean fill_missing_leads, a window_seconds/hop_seconds that is not a number, a
+max_windows that is not a positive integer, an .npz archive or an object array in npy_base64 are refused with a
+reason, as is a non-finite model output.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import numpy as np
 MAX_RECORDS = 32  # records per request
 MAX_SAMPLES = 12 * 500 * 120  # values per record: 12 leads x 2 minutes at 500 Hz
 MAX_NPY_BYTES = 8 * MAX_SAMPLES + 1024  # a float64 .npy of MAX_SAMPLES values, plus its header
-ALLOWED_PARAMETERS = {"top_k", "fill_missing_leads"}
+# window_seconds, hop_seconds and max_windows are type- and range-checked by the pipeline (`bad_parameters`).
+ALLOWED_PARAMETERS = {"top_k", "fill_missing_leads", "window_seconds", "hop_seconds", "max_windows"}
 
 
 class RequestError(ValueError):

@@ -2,12 +2,15 @@
 
     enecg predict RECORD [RECORD ...] --model DIR_OR_REPO [--sampling-rate HZ] [--lead-names I,II,...] [--top-k K]
                   [--fill-missing-leads] [--explain OUT.png]
+                  [--window-seconds S [--hop-seconds S] [--max-windows N] [--batch-size B]]
     enecg export DIR            # add the pipeline, handler.py and requirements.txt to a saved model folder
 
 `predict` prints one JSON line per record, in the order given. A record that cannot be used prints
 `{"source": ..., "error": ..., "reason": ...}` and the others are still predicted; the exit status is then 1 (also
-when explanations cannot be written: the predictions are still printed). A model that cannot be loaded prints one
-line to stderr and exits with 2.
+when explanations cannot be written: the predictions are still printed). A model that cannot be loaded, or whose own
+code fails on a record with anything but a bad-record error (a model folder's remote code runs here), prints one line
+to stderr and exits with 2. With `--window-seconds`, a record of any length (a Holter recording) is predicted window
+by window, read from disk a window at a time: its line holds each window's prediction and a summary per task.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enecg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,12 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("records", nargs="+", help="WFDB records (with or without .hea), Challenge .mat/.hea, .npy, .csv")
     predict.add_argument("--model", required=True, help="model folder or Hub id (loaded with trust_remote_code)")
     predict.add_argument("--sampling-rate", type=float, help="rate in Hz of .npy/.csv records")
-    predict.add_argument("--lead-names", type=_comma_list, help="comma-separated lead names of .npy/.csv rows")
+    predict.add_argument("--lead-names", type=_comma_list,
+                         help="comma-separated names of the rows, in order: of .npy/.csv records, and of WFDB records "
+                         "(replacing the header's names, e.g. ECG1 or 'record 14046, signal 0')")
     predict.add_argument("--top-k", type=int, help="classes to list for classification models")
     predict.add_argument("--fill-missing-leads", action="store_true", help="zero-fill missing standard leads")
     predict.add_argument("--explain", metavar="OUT.png",
                          help="also write a 12-lead plot with integrated-gradients saliency and the gate weights "
                          "(one PNG per record: OUT.png, OUT-2.png, ...)")
+    predict.add_argument("--window-seconds", type=float, metavar="S",
+                         help="predict window by window, S seconds each (at most the model's max_input_seconds), for "
+                         "records longer than the model takes; prints each window's prediction and a summary")
+    predict.add_argument("--hop-seconds", type=float, metavar="S",
+                         help="start a window every S seconds (default: --window-seconds, windows side by side)")
+    predict.add_argument("--max-windows", type=int, metavar="N", help="predict at most the first N windows")
+    predict.add_argument("--batch-size", type=_positive_int, default=1, metavar="B",
+                         help="model inputs (windows) per forward pass (default 1); memory grows with it")
     export = commands.add_parser("export", help="make a saved model folder serving-ready")
     export.add_argument("folder")
     return parser
@@ -65,14 +84,23 @@ def _load_pipeline(model: str):
     except (OSError, ValueError, ImportError, RuntimeError) as error:
         print(f"enecg predict: --model {model}: cannot load the model: {error}", file=sys.stderr)
         return None
+    except Exception as error:  # the folder's own code ran (trust_remote_code) and failed: not loadable either
+        print(f"enecg predict: --model {model}: cannot load the model: its code raised {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+        return None
 
 
 def predict(args: argparse.Namespace) -> int:
+    if args.window_seconds is not None and args.explain:
+        print("enecg predict: --explain draws a whole record, not windows; leave out --explain or --window-seconds",
+              file=sys.stderr)
+        return 2
     ecg = _load_pipeline(args.model)
     if ecg is None:
         return 2
     options = {"sampling_rate": args.sampling_rate, "lead_names": args.lead_names, "top_k": args.top_k,
-               "fill_missing_leads": args.fill_missing_leads or None}
+               "fill_missing_leads": args.fill_missing_leads or None, "window_seconds": args.window_seconds,
+               "hop_seconds": args.hop_seconds, "max_windows": args.max_windows}
     options = {k: v for k, v in options.items() if v is not None}
     failures = 0
     explain = args.explain
@@ -82,7 +110,7 @@ def predict(args: argparse.Namespace) -> int:
         explain, failures = None, 1
     for index, record in enumerate(args.records):
         try:
-            result = ecg(record, **options)
+            result = ecg(record, batch_size=args.batch_size, **options)
             if explain:
                 from .explain import explain_record
 
@@ -99,6 +127,10 @@ def predict(args: argparse.Namespace) -> int:
             line = json.dumps({"source": str(record), "error": getattr(error, "detail", str(error)),
                                "reason": getattr(error, "reason", "bad_input" if isinstance(error, ValueError)
                                                  else "unreadable_file")})
+        except Exception as error:  # not a bad record: the model's code failed, and would on the next record too
+            print(f"enecg predict: --model {args.model}: the model's code failed on {record}: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+            return 2
         print(line, flush=True)
     return 1 if failures else 0
 

@@ -112,6 +112,7 @@ def explain(
     """
     attr = _require("captum.attr")
     model.eval()
+    from ..denormal_enecg import flush_denormals
     from ..signal_enecg import normalize_ecg
 
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
@@ -138,8 +139,9 @@ def explain(
     normalized = normalize_ecg(inputs, model.config.normalization)
     baseline = torch.zeros_like(normalized)
     ig = attr.IntegratedGradients(_EnsembleFromNormalized(model, task))
-    saliency, delta = ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
-                                   internal_batch_size=internal_batch_size, return_convergence_delta=True)
+    with flush_denormals():  # the backward passes too (the experts' forward sets it for their own part only)
+        saliency, delta = ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
+                                       internal_batch_size=internal_batch_size, return_convergence_delta=True)
     notes = {}
     expert_saliency: dict[str, np.ndarray | None] = {}
     for name, expert in model.experts.items():
@@ -150,8 +152,10 @@ def explain(
             notes[name] = expert.NOT_DIFFERENTIABLE_REASON
         elif experts:
             path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name, task))
-            expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
-                                                      internal_batch_size=internal_batch_size).detach().numpy()
+            with flush_denormals():
+                expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets,
+                                                          n_steps=n_steps,
+                                                          internal_batch_size=internal_batch_size).detach().numpy()
     if any(saliency is None for saliency in expert_saliency.values()):
         notes["ensemble"] = ("the ensemble saliency covers the differentiable experts and the gate; "
                              f"{sorted(n for n, s in expert_saliency.items() if s is None)} add to the prediction "

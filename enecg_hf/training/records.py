@@ -6,11 +6,13 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ..configuration_enecg import EnECGConfig
+from ..data.checksums import CHECKSUMS_FILE, CorruptFolder, verify_checksums
 from .arguments import TrainScriptArguments
 from .errors import TrainingSetupError
 from .files import hash_json
@@ -19,9 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Path):
-    """The dataset of the run: loaded from `--dataset`, or built once (main process first) and cached on disk."""
-    import datasets
+    """The dataset of the run: loaded from `--dataset`, or built once (main process first) and cached on disk.
 
+    Folders built by `enecg_hf.data` carry `checksums.json`: a `--dataset` folder whose files no longer match it is
+    refused, a cached build is built again (`_cached_build`)."""
     if args.dataset:
         parts = [_load_dataset_folder(Path(folder)) for folder in args.dataset]
         dataset = parts[0] if len(parts) == 1 else _concatenate_sources(parts, args.dataset)
@@ -30,18 +33,11 @@ def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Pa
                           "num_records": args.num_records, "limit": args.limit, "seed": args.seed})
         folder = cache_dir / f"dataset-{args.data_format}-{key}"
         with accelerator.main_process_first():
-            if not folder.exists():
-                if not accelerator.is_main_process:
-                    raise RuntimeError(f"{folder} should have been written by the main process")
-                # Built straight into a temporary folder (with its build_report.json), then renamed into place: an
-                # interrupted build is never mistaken for a finished one.
-                tmp = folder.with_name(folder.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                _build_dataset(args, tmp)
-                os.replace(tmp, folder)
-            else:
-                logger.info("Dataset: using the cached build %s", folder)
-            dataset = datasets.load_from_disk(str(folder))  # memory-mapped, with a stable fingerprint
+            if accelerator.is_main_process:
+                _cached_build(args, folder)
+            elif not folder.exists():
+                raise RuntimeError(f"{folder} should have been written by the main process")
+            dataset = _load_from_disk(folder, f"the cached dataset build {folder}")  # memory-mapped
     if args.limit is not None and args.limit < len(dataset):
         dataset = dataset.select(range(args.limit))
     if len(dataset) == 0:
@@ -49,12 +45,69 @@ def load_training_dataset(args: TrainScriptArguments, accelerator, cache_dir: Pa
     return dataset
 
 
+def _cached_build(args: TrainScriptArguments, folder: Path) -> None:
+    """Make `folder` hold the checked build of `args`' data, building it when it is absent or damaged.
+
+    Runs sharing the cache build it once: the builder holds a file lock (`.<folder>.lock`), and a second run waits
+    for it and reads its build. The build goes to a temporary folder of its own, renamed into place when complete, so
+    a killed build never looks finished (the next build removes its left-over). A build whose files no longer match
+    their `checksums.json` is moved aside as `<folder>.corrupt`, with a warning, and built again."""
+    from filelock import FileLock, Timeout  # installed with datasets and huggingface_hub
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.with_name(f".{folder.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Dataset: another run is building %s; waiting for it", folder)
+        lock.acquire()
+    try:
+        if folder.exists():
+            start = time.perf_counter()
+            try:
+                if verify_checksums(folder):
+                    logger.info("Dataset: using the cached build %s (checksums verified in %.1f s)", folder,
+                                time.perf_counter() - start)
+                    return
+                logger.warning("Dataset: the cached build %s has no %s (an unfinished build, or one of an earlier "
+                               "release): it is built again", folder, CHECKSUMS_FILE)
+                shutil.rmtree(folder)
+            except CorruptFolder as error:
+                aside = folder.with_name(f"{folder.name}.corrupt")
+                logger.warning("Dataset: the cached build %s is corrupt (%s); it is moved aside as %s and built again",
+                               folder, error, aside.name)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(folder, aside)
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # a killed build's (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        _build_dataset(args, tmp)
+        os.replace(tmp, folder)
+    finally:
+        lock.release()
+
+
+def _load_from_disk(folder: Path, what: str):
+    """`datasets.load_from_disk`, with an unreadable folder (a truncated Arrow file...) as a `TrainingSetupError`."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        raise TrainingSetupError(f"{what} cannot be read: {type(error).__name__}: {error}") from error
+
+
 def _load_dataset_folder(path: Path):
     import datasets
 
     if not path.exists():
         raise TrainingSetupError(f"--dataset {path} does not exist")
-    dataset = datasets.load_from_disk(str(path))
+    try:
+        verify_checksums(path)
+    except CorruptFolder as error:
+        raise TrainingSetupError(f"--dataset {path} is corrupt ({error}): build it again (python -m enecg_hf.data)"
+                                 ) from None
+    dataset = _load_from_disk(path, f"--dataset {path}")
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise TrainingSetupError(f"--dataset {path} is a DatasetDict without a 'train' split: {list(dataset)}")

@@ -25,7 +25,7 @@ from .features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
-from .labels import check_class_coverage, encode_labels
+from .labels import check_class_coverage, check_repeated_records, encode_labels
 from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
@@ -62,9 +62,18 @@ def _setup_logging(accelerator) -> None:
 
 def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
     """A resumed run must be the same run, and its checkpoint folder must hold only what this package writes."""
-    if not (checkpoint_root / "run.json").is_file():
+    path = checkpoint_root / "run.json"
+    if not path.is_file():
         raise TrainingSetupError(f"--resume_from_checkpoint: no checkpoints under {checkpoint_root}")
-    saved = json.loads((checkpoint_root / "run.json").read_text())
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not the run's arguments")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        # Not recomputed: it is what says whose checkpoints these are.
+        raise TrainingSetupError(f"--resume_from_checkpoint: {path} is unreadable ({error}), so the checkpoints under "
+                                 f"{checkpoint_root} cannot be matched to this run; start it again without "
+                                 "--resume_from_checkpoint") from None
     if saved != run_info:
         changed = sorted(k for k in {*run_info, *saved} if saved.get(k) != run_info.get(k))
         raise TrainingSetupError(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
@@ -112,11 +121,14 @@ class TaskData:
 
 def prepare_task(dataset, spec: TaskSpec, args: TrainScriptArguments) -> TaskData:
     """The task's labelled records and folds, checked before any training time is spent."""
-    keep, labels = encode_labels(dataset, spec)
+    warnings_ = []
+    keep, labels = encode_labels(dataset, spec, warnings_)
     keep, labels = drop_unusable_signals(dataset, keep, labels)
     records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
+    warnings_ += check_repeated_records(records)
     folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
-    warnings_ = [] if spec.is_regression else check_class_coverage(labels, spec, folds)
+    if not spec.is_regression:
+        warnings_ += check_class_coverage(labels, spec, folds)
     return TaskData(spec, np.asarray(keep), labels, records, folds, warnings_)
 
 

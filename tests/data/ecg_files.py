@@ -1,4 +1,5 @@
-"""Helpers of the data tests: the shared real recordings, and small records written with `wfdb.wrsamp`."""
+"""Helpers of the data tests: the shared real recordings, and small records (and PTB-XL folders) written with
+`wfdb.wrsamp`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
@@ -74,6 +76,40 @@ def write_record(
         write_dir=str(folder),
     )
     return folder / name
+
+
+PTBXL_LEADS = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
+PTBXL_RECORDS = [
+    (1, 15709.0, 56, 1, "{'NORM': 100.0, 'LVOLT': 0.0, 'SR': 0.0}", 3),
+    (2, 13243.0, 300, 0, "{'NORM': 80.0, 'SBRAD': 0.0}", 2),
+    (3, 13243.0, 300, 0, "{'AFLT': 100.0, 'LAFB': 100.0}", 2),
+    (4, 17014.0, 37, 1, "{'IMI': 35.0, 'SARRH': 0.0}", 10),
+    (5, 17448.0, None, 1, "{'NDT': 100.0}", 9),
+]
+
+
+def write_ptbxl_tree(root: Path, records=PTBXL_RECORDS, rates=lambda ecg_id: (500, 100)) -> Path:
+    """A PTB-XL folder as PhysioNet lays it out: `ptbxl_database.csv` naming both files of every record, and
+    `records500/` and/or `records100/` files as `rates(ecg_id)` says (e.g. only 100 Hz, as many users download)."""
+    rows = []
+    for ecg_id, patient, age, sex, scp, fold in records:
+        hr = f"records500/{ecg_id // 1000 * 1000:05d}/{ecg_id:05d}_hr"
+        lr = f"records100/{ecg_id // 1000 * 1000:05d}/{ecg_id:05d}_lr"
+        for rate, name in ((500, hr), (100, lr)):
+            if rate in rates(ecg_id):
+                folder, stem = name.rsplit("/", 1)
+                write_record(root / folder, stem, lead_names=PTBXL_LEADS, fs=rate)
+        rows.append({"ecg_id": ecg_id, "patient_id": patient, "age": age, "sex": sex, "height": None, "weight": 70,
+                     "scp_codes": scp, "strat_fold": fold, "filename_lr": lr, "filename_hr": hr})
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(root / "ptbxl_database.csv", index=False)
+    statements = pd.DataFrame(
+        {"description": ["normal ECG", "sinus rhythm", "sinus bradycardia", "atrial flutter", "sinus arrhythmia", "x"],
+         "diagnostic": [1, None, None, None, None, 1], "rhythm": [None, 1, 1, 1, 1, None]},
+        index=["NORM", "SR", "SBRAD", "AFLT", "SARRH", "IMI"],
+    )
+    statements.to_csv(root / "scp_statements.csv")
+    return root
 
 
 def assert_standard_order(signal: np.ndarray, fs: float) -> None:

@@ -13,12 +13,11 @@ from enecg_hf.data import DatasetBuildError, LayoutError, build, build_dataset, 
 from enecg_hf.data.__main__ import main
 
 from ecg_files import (STANDARD, assert_standard_order, lead_pattern, peak_allocation, rhythm, write_header,
-                       write_mat_zeros, write_record)
+                       write_mat_zeros, write_ptbxl_tree, write_record)
 
 
 # MIMIC-IV-ECG stores aVF before aVL.
 MIMIC_LEADS = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
-PTBXL_LEADS = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 
 @pytest.fixture
@@ -75,29 +74,7 @@ def test_mimic_iv_ecg_without_user_labels_has_null_demographics(mimic_tree):
 
 @pytest.fixture
 def ptbxl_tree(tmp_path):
-    root = tmp_path / "ptb-xl"
-    rows = []
-    for ecg_id, patient, age, sex, scp, fold in [
-        (1, 15709.0, 56, 1, "{'NORM': 100.0, 'LVOLT': 0.0, 'SR': 0.0}", 3),
-        (2, 13243.0, 300, 0, "{'NORM': 80.0, 'SBRAD': 0.0}", 2),
-        (3, 13243.0, 300, 0, "{'AFLT': 100.0, 'LAFB': 100.0}", 2),
-        (4, 17014.0, 37, 1, "{'IMI': 35.0, 'SARRH': 0.0}", 10),
-        (5, 17448.0, None, 1, "{'NDT': 100.0}", 9),
-    ]:
-        hr = f"records500/00000/{ecg_id:05d}_hr"
-        lr = f"records100/00000/{ecg_id:05d}_lr"
-        write_record(root / "records500/00000", f"{ecg_id:05d}_hr", lead_names=PTBXL_LEADS, fs=500)
-        write_record(root / "records100/00000", f"{ecg_id:05d}_lr", lead_names=PTBXL_LEADS, fs=100)
-        rows.append({"ecg_id": ecg_id, "patient_id": patient, "age": age, "sex": sex, "height": None, "weight": 70,
-                     "scp_codes": scp, "strat_fold": fold, "filename_lr": lr, "filename_hr": hr})
-    pd.DataFrame(rows).to_csv(root / "ptbxl_database.csv", index=False)
-    statements = pd.DataFrame(
-        {"description": ["normal ECG", "sinus rhythm", "sinus bradycardia", "atrial flutter", "sinus arrhythmia", "x"],
-         "diagnostic": [1, None, None, None, None, 1], "rhythm": [None, 1, 1, 1, 1, None]},
-        index=["NORM", "SR", "SBRAD", "AFLT", "SARRH", "IMI"],
-    )
-    statements.to_csv(root / "scp_statements.csv")
-    return root
+    return write_ptbxl_tree(tmp_path / "ptb-xl")
 
 
 def test_ptbxl_tree(ptbxl_tree):
@@ -124,7 +101,92 @@ def test_ptbxl_tree(ptbxl_tree):
 def test_ptbxl_low_rate_files_for_low_rate_builds(ptbxl_tree):
     dataset = build_dataset("ptb-xl", ptbxl_tree, sampling_rate=100).with_format("numpy")
     assert dataset[0]["signal"].shape == (12, 1000) and dataset[0]["sampling_rate"] == 100
+    assert set(dataset["source_sampling_rate"]) == {100}
     assert_standard_order(dataset[0]["signal"], 100)
+
+
+def test_ptbxl_records100_alone_is_read_and_resampled_to_the_stored_rate(tmp_path):
+    """A download of the 100 Hz files only (`filename_hr` names absent files): every record is read from
+    `records100/`, resampled to 500 Hz, and the dataset and the report keep the source rate."""
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (100,))
+    result = build("ptb-xl", root)
+    dataset, report = result.dataset.with_format("numpy"), result.report
+    assert report.records_kept == 5 and not report.skipped
+    assert report.source_sampling_rates == {"100": 5}
+    assert "source rates: 100 Hz 5 (5 records resampled to 500 Hz)" in report.summary()
+    assert set(dataset["source_sampling_rate"]) == {100} and set(dataset["sampling_rate"]) == {500}
+    for row in dataset:
+        assert row["signal"].shape == (12, 5000)
+        assert_standard_order(row["signal"], 500)
+    rows = {row["record_id"]: row for row in dataset}
+    assert rows["2"]["subject_id"] == rows["3"]["subject_id"] == "13243" and rows["2"]["age"] == 90
+
+
+def test_ptbxl_reads_records500_when_a_record_has_it_and_records100_otherwise(tmp_path):
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (500, 100) if ecg_id <= 3 else (100,))
+    result = build("ptb-xl", root)
+    rates = dict(zip(result.dataset["record_id"], result.dataset["source_sampling_rate"]))
+    assert rates == {"1": 500, "2": 500, "3": 500, "4": 100, "5": 100}
+    assert result.report.source_sampling_rates == {"500": 3, "100": 2}
+    for row in result.dataset.with_format("numpy"):
+        assert_standard_order(row["signal"], 500)
+
+
+def test_ptbxl_rate_option_chooses_the_folder(tmp_path, capsys):
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (500, 100) if ecg_id <= 3 else (100,))
+    low = build("ptb-xl", root, ptbxl_rate="100")
+    assert set(low.dataset["source_sampling_rate"]) == {100} and low.report.source_sampling_rates == {"100": 5}
+    high = build("ptb-xl", root, ptbxl_rate=500)
+    assert sorted(high.dataset["record_id"]) == ["1", "2", "3"] and set(high.dataset["source_sampling_rate"]) == {500}
+    assert {entry["record_id"]: entry["reason"] for entry in high.report.skipped} == {"4": "missing_file",
+                                                                                      "5": "missing_file"}
+    with pytest.raises(ValueError, match="ptbxl_rate must be one of"):
+        build("ptb-xl", root, ptbxl_rate="250")
+    output = tmp_path / "out"
+    assert main(["--format", "ptb-xl", "--input", str(root), "--output", str(output), "--ptbxl-rate", "100"]) == 0
+    assert "source rates: 100 Hz 5 (5 records resampled to 500 Hz)" in capsys.readouterr().out
+    report = json.loads((output / "build_report.json").read_text())
+    assert report["source_sampling_rates"] == {"100": 5} and report["records_kept"] == 5
+
+
+def test_ptbxl_record_with_neither_file_is_skipped_naming_both(tmp_path):
+    root = write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: () if ecg_id == 5 else (100,))
+    report = build("ptb-xl", root).report
+    assert [(entry["record_id"], entry["reason"]) for entry in report.skipped] == [("5", "missing_file")]
+    assert "00005_hr.hea nor" in report.skipped[0]["detail"] and "00005_lr.hea exists" in report.skipped[0]["detail"]
+
+
+def test_the_same_patient_in_two_ptbxl_folders_is_one_subject(tmp_path):
+    """A 500 Hz folder and a 100 Hz folder sharing patient 13243 (its id written as 13243.0 in one table and 13243
+    in the other): one `subject_id`, and every subject-wise split of `train.py --dataset A B` keeps its records on
+    one side."""
+    from enecg_hf.data import subject_kfold
+    from enecg_hf.training.arguments import TrainScriptArguments
+    from enecg_hf.training.records import load_training_dataset, make_folds
+
+    first = write_ptbxl_tree(tmp_path / "sample500", rates=lambda ecg_id: (500,))
+    second_records = [(ecg_id, patient, age, sex, scp, fold) for ecg_id, patient, age, sex, scp, fold in [
+        (601, 13243, 61, 0, "{'SR': 0.0}", 2), (602, 20001, 44, 1, "{'SR': 0.0}", 4), (603, 20002, 50, 0, "{}", 5),
+        (604, 20003, 70, 1, "{'AFIB': 100.0}", 6), (605, 13243, 62, 0, "{'SR': 0.0}", 2)]]
+    second = write_ptbxl_tree(tmp_path / "lr", records=second_records, rates=lambda ecg_id: (100,))
+    build("ptb-xl", first, output=tmp_path / "ds_500")
+    build("ptb-xl", second, output=tmp_path / "ds_100")
+
+    class Accelerator:  # only what loading a --dataset list uses
+        is_main_process = True
+
+    args = TrainScriptArguments(dataset=[str(tmp_path / "ds_500"), str(tmp_path / "ds_100")])
+    dataset = load_training_dataset(args, Accelerator(), tmp_path)
+    ids = dataset["record_id"]
+    assert len(ids) == 10 and "source_sampling_rate" in dataset.column_names
+    subjects = dict(zip(ids, dataset["subject_id"]))
+    assert {subjects[i] for i in ("2", "3", "601", "605")} == {"13243"}
+    patient_rows = {ids.index(i) for i in ("2", "3", "601", "605")}
+    for k in (2, 3, 5):
+        for seed in range(3):
+            for folds in (make_folds(dataset, k, seed), subject_kfold(dataset, k, seed)):
+                for train, test in folds:
+                    assert patient_rows <= set(test.tolist()) or not patient_rows & set(test.tolist())
 
 
 def test_jsonl_research_format(tmp_path):
@@ -158,6 +220,29 @@ def test_jsonl_research_format(tmp_path):
     assert np.isnan(second["rr_interval"]) and np.isnan(second["age"]) and second["potassium_flag"] == 0
     for row in dataset:
         assert_standard_order(row["signal"], 500)
+
+
+def test_unusable_label_values_are_missing_with_a_counted_reason(tmp_path):
+    """Issue 25: ages such as -5, "1e9", "abc12" or [5] were stored as 5, 1, 12, 5; 300 meant 90 in every source.
+    Now they are missing, each with a note, counted per label and reason in build_report.json."""
+    rng = np.random.default_rng(0)
+    ages = [-5, "-5", 1e9, "1e9", "1e-3", "abc12", [5], 300, 63]
+    lines = []
+    for index, age in enumerate(ages):
+        np.save(tmp_path / f"{index}.npy", rng.normal(0, 0.3, (12, 5000)).astype(np.float32))
+        lines.append({"record_id": f"r{index}", "ecg_path": f"{index}.npy", "age": age,
+                      "rr_interval": "1e9" if index == 0 else 800, "gender": "X" if index == 1 else "F"})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = build("jsonl", tmp_path / "data.jsonl", output=tmp_path / "out")
+    stored = dict(zip(result.dataset["record_id"], result.dataset["age"]))
+    assert stored.pop("r4") == pytest.approx(0.001)  # "1e-3" is a number, and a possible age (stored as float32)
+    assert stored == {"r0": None, "r1": None, "r2": None, "r3": None, "r5": None, "r6": None, "r7": None, "r8": 63.0}
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["label_notes_by_reason"] == {"age": {"out_of_range": 5, "not_a_number": 2},
+                                               "rr_interval": {"out_of_range": 1}, "sex": {"unknown_value": 1}}
+    assert {"record_id": "r5", "label": "age", "reason": "not_a_number",
+            "detail": "age 'abc12' is not a finite number"} in report["label_notes"]
+    assert report["label_coverage"]["age"] == 2 and report["records_kept"] == 9
 
 
 @pytest.fixture
@@ -288,3 +373,28 @@ def test_duplicate_ids_and_identical_signals_are_kept_once_and_reported(tmp_path
                                                                                    "duplicate_signal": 1}
     kept = result.dataset.with_format("numpy")
     assert kept[list(kept["record_id"]).index("DUP001")]["signal"].shape == (12, 5000)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_zero_length_record_is_skipped_as_empty_signal(tmp_path, monkeypatch, fast):
+    """A header of signal length 0 with an empty `.dat` (issue 25): `empty_signal`, on the fast reader and on wfdb's
+    (it once ended in a bare `ValueError: zero-size array` from `wfdb_enecg.to_physical`, or `unreadable_signal`)."""
+    from enecg_hf import io_enecg
+    from enecg_hf.preprocessing_enecg import ECGInputError
+
+    monkeypatch.setattr(io_enecg, "FAST_WFDB", fast)
+    root = tmp_path / "zero"
+    write_record(root, "good", comments=["Age: 60", "Sex: Female"])
+    write_header(root / "empty.hea", sig_len=0)
+    (root / "empty.dat").write_bytes(b"")
+    with pytest.raises(ECGInputError) as error:
+        io_enecg.read_record(root / "empty")
+    assert error.value.reason == "empty_signal" and "no samples" in error.value.detail
+    if fast:  # the fast reader's own functions take a record of no samples too
+        from enecg_hf.wfdb_enecg import parse_header, read_dat_signal
+
+        header = parse_header((root / "empty.hea").read_text())
+        assert read_dat_signal(root, header, samples=0).shape == (0, 12)
+    build("challenge", root, output=tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["skipped"] == [{"record_id": "empty", "reason": "empty_signal", "detail": error.value.detail}]

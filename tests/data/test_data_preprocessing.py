@@ -304,17 +304,59 @@ def test_files_that_are_not_npy_arrays_say_what_they_are(tmp_path):
 
 @pytest.mark.parametrize(
     "fs, gain, message",
-    [("-1", "1000", "sampling frequency '-1'"), ("nan", "1000", "sampling frequency 'nan'"),
-     ("500", "0", "ADC gain '0/mV'"), ("500", "nan", "ADC gain 'nan/mV'")],
+    [("-1", "1000", "sampling frequency -1 "), ("nan", "1000", "sampling frequency nan "),
+     ("500", "nan", "ADC gain nan of "), ("500", "-200", "ADC gain -200 of "), ("500", "abc", "ADC gain nan of ")],
 )
 def test_header_values_wfdb_would_replace_by_defaults_are_refused(tmp_path, fs, gain, message):
-    """wfdb reads these as 250 Hz and 200 units/mV: a record read at a made-up rate or scale."""
+    """wfdb reads a rate of -1 or NaN as 250 Hz: a record read at a made-up rate. A gain that is NaN, negative or no
+    number leaves the scale unknown (a gain of 0 is WFDB's "uncalibrated", read: tests/test_long_records.py)."""
     base = write_record(tmp_path, "rec")
     write_header(tmp_path / "rec.hea", fs=fs, gain=gain)
     error = _refusal(base)[1]
     assert error.reason == "unreadable_header" and message in str(error), error
     write_header(tmp_path / "rec.hea", fs="500", gain="1000")
     assert read_record(base).sampling_rate == 500
+
+
+# A line of /etc/passwd: what a "record" holds when a server reads the wrong file. No error may quote it.
+SECRET = "root:hunter2:0:0:root:/root:/bin/bash"
+
+
+def _npy_with_header(header: str) -> bytes:
+    text = header.ljust(117) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()
+
+
+HOSTILE_FILES = {
+    "cell.csv": f"1,2\n3,{SECRET}\n",
+    "first_row.csv": f"{SECRET}\n1\n2\n",
+    "text.npy": f"{SECRET}\n",
+    "header.npy": _npy_with_header(f"{{'descr': '{SECRET}', 'fortran_order': False, 'shape': (12, 500), }}"),
+    "record_line.hea": f"{SECRET}\n",
+    "rate.hea": f"rec 1 {SECRET} 5000\nrec.dat 16 200 16 0 0 0 0 II\n",
+    "gain.hea": f"rec 1 500 5000\nrec.dat 16 {SECRET} 16 0 0 0 0 II\n",
+    "variables.mat": None,
+}
+
+
+@pytest.mark.parametrize("name, content", HOSTILE_FILES.items(), ids=list(HOSTILE_FILES))
+def test_errors_name_the_problem_not_the_file_contents(tmp_path, name, content):
+    """Messages reach the people who sent the file (the Space shows them on the page): they say what is wrong and
+    where, never the text of the file (a quoted cell, header line, field or variable name)."""
+    path = tmp_path / name
+    if content is None:  # a Challenge .mat without `val`, its one variable named after the secret
+        from scipy.io import savemat
+
+        savemat(path, {"hunter2": np.zeros((12, 10))})
+        write_header(tmp_path / "variables.hea", sig_len=10, file_name="variables.mat")
+        path = tmp_path / "variables.hea"
+    else:
+        if path.suffix == ".hea":
+            write_record(tmp_path, "rec")  # the signal file the header names
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ECGInputError) as caught:
+        read_record(path, sampling_rate=500)
+    assert "hunter2" not in str(caught.value) and "root:" not in str(caught.value), caught.value
 
 
 def test_short_records_and_absurd_amplitudes_are_refused_with_their_reason():

@@ -1,18 +1,23 @@
 """Builders on the real recordings in ../shared/data: LUDB (all 200 records, RR against the cardiologists'
-annotations) and the PhysioNet Challenge folders (age/sex/Dx, including the untouched Georgia headers)."""
+annotations), the PhysioNet Challenge folders (age/sex/Dx, including the untouched Georgia headers) and PTB-XL's
+100 Hz files (`ptbxl_lr1500`)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
 import wfdb
 
-from enecg_hf.data import ARRHYTHMIA_CLASSES, build
-from enecg_hf.preprocessing_enecg import normalize_lead_name
+from enecg_hf.data import ARRHYTHMIA_CLASSES, build, ptbxl
+from enecg_hf.data.__main__ import main
+from enecg_hf.data.source import BuildOptions
+from enecg_hf.preprocessing_enecg import normalize_lead_name, resample
 
 from ecg_files import STANDARD, rhythm, shared_folder
 
@@ -155,3 +160,33 @@ def test_ludb_keeps_a_record_whose_annotation_is_corrupted_and_a_repeated_table_
         ("1", "rr_interval", "unreadable_annotation"), ("3", "rr_interval", "unreadable_annotation")]
     assert "IndexError" in report.label_notes[0]["detail"] and "outside" in report.label_notes[1]["detail"]
     assert "unreadable_annotation" in report.summary()
+
+
+def test_ptbxl_100hz_download_loads_resampled_with_its_labels(tmp_path):
+    """`ptbxl_lr1500` has only `records100/` (as many users download PTB-XL): the first records through the command
+    line, each stored as its 100 Hz file resampled to 500 Hz, with its table's labels and the source rate."""
+    folder = shared_folder("ptbxl_lr1500")
+    assert not (folder / "records500").exists()
+    output = tmp_path / "lr"
+    assert main(["--format", "ptb-xl", "--input", str(folder), "--output", str(output), "--limit", "16"]) == 0
+    report = json.loads((output / "build_report.json").read_text())
+    assert report["records_kept"] == 16 and report["source_sampling_rates"] == {"100": 16}
+    dataset = datasets.load_from_disk(str(output)).with_format("numpy")
+    table = pd.read_csv(folder / "ptbxl_database.csv", index_col="ecg_id")
+    for row in dataset:
+        source = table.loc[int(row["record_id"])]
+        assert row["source_sampling_rate"] == 100 and row["signal"].shape == (12, 5000)
+        assert row["age"] == min(source["age"], 90) and row["sex"] == 1 - source["sex"]
+        assert row["subject_id"] == str(int(source["patient_id"])) and row["strat_fold"] == source["strat_fold"]
+        raw = wfdb.rdrecord(str(folder / source["filename_lr"]))
+        order = [[normalize_lead_name(name) for name in raw.sig_name].index(lead) for lead in STANDARD]
+        expected = resample(raw.p_signal.T[order].astype(np.float32), 100, 500)
+        np.testing.assert_allclose(row["signal"], expected, atol=1e-5)
+    # Patient 19497 also has records in ptbxl_sample500 (ecg_id 450): the same subject id, so every split keeps
+    # them together (checked on written folders in test_data_formats.py); likewise the other shared patients.
+    rows = dict(zip(dataset["record_id"], dataset["subject_id"]))
+    assert rows["522"] == rows["525"] == "19497"
+    both = [ptbxl.list_records(shared_folder(name), BuildOptions()) for name in ("ptbxl_sample500", "ptbxl_lr1500")]
+    shared = set(both[0]["subject_id"]) & set(both[1]["subject_id"])
+    assert "19497" in shared and len(shared) == 9
+    assert set(both[0].loc[both[0]["record_id"] == "450", "subject_id"]) == {"19497"}

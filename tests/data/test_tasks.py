@@ -44,3 +44,53 @@ def test_every_hub_config_agrees_with_the_table(path):
         described = [(spec.problem_type, spec.unit, spec.class_names)]
     names = [t["name"] for t in config["tasks"]] if "tasks" in config else [config["label_name"]]
     assert described == [(TASKS[n].problem_type, TASKS[n].unit, TASKS[n].class_names) for n in names]
+
+
+@pytest.mark.parametrize(
+    "value, age, reason",
+    [
+        # Issue 25: these were stored as 5, 5, 90, 1, 1, 12, 5 (sign and exponent dropped, PTB-XL's 300 everywhere).
+        (-5, None, "out_of_range"),
+        ("-5", None, "out_of_range"),
+        (1e9, None, "out_of_range"),
+        ("1e9", None, "out_of_range"),
+        ("1e-3", 0.001, None),  # a number as a whole, and a possible age (a newborn's, in years)
+        ("abc12", None, "not_a_number"),
+        ([5], None, "not_a_number"),
+        (300, None, "out_of_range"),  # "over 89" only in PTB-XL
+        (True, None, "not_a_number"),
+        (float("inf"), None, "not_a_number"),
+        ("12 years", None, "not_a_number"),
+        (" 78 ", 78.0, None),
+        (63, 63.0, None),
+        (">89", 90.0, None),
+        ("NaN", None, None),  # missing, not unusable: no note
+        (None, None, None),
+    ],
+)
+def test_ages_are_numbers_as_a_whole_within_the_tasks_range(value, age, reason):
+    from enecg_hf.data.labels import parse_age
+
+    notes = []
+    assert parse_age(value, notes) == age
+    assert [note["reason"] for note in notes] == ([reason] if reason else [])
+    if reason:
+        assert notes[0]["label"] == "age" and repr(value)[:10] in notes[0]["detail"]
+
+
+def test_the_over_89_code_is_the_sources_and_ranges_are_the_tables():
+    from enecg_hf.data.labels import parse_age, parse_float, parse_sex
+
+    assert parse_age(300, over_89_code=300) == parse_age("300", over_89_code=300) == 90.0
+    assert parse_age(301, over_89_code=300) is None
+    assert TASKS["age"].valid_range == (0.0, 125.0) and TASKS["rr_interval"].valid_range == (100.0, 10000.0)
+    assert TASKS["sex"].valid_range is None
+    notes = []
+    assert parse_float("812.5", label="rr_interval", notes=notes) == 812.5
+    assert parse_float(29999, (29999.0,), "rr_interval", notes) is None and notes == []  # a placeholder: missing
+    assert parse_float(-800, label="rr_interval", notes=notes) is None and notes[-1]["reason"] == "out_of_range"
+    assert parse_float("8e2x", label="rr_interval", notes=notes) is None and notes[-1]["reason"] == "not_a_number"
+    assert parse_sex("x", notes=notes) is None and notes[-1] == {
+        "label": "sex", "reason": "unknown_value", "detail": "sex 'x' is none of F/female/M/male/0/1"}
+    with pytest.raises(TaskError, match="valid_range"):
+        TaskSpec("sex", "single_label_classification", class_names=("f", "m"), valid_range=(0, 1))

@@ -314,3 +314,47 @@ def test_missing_signal_file_is_reported_as_before(tmp_path, monkeypatch):
     (tmp_path / "gone.dat").unlink()
     fast, reference, _, _ = _both_paths(base, monkeypatch)
     assert fast == reference == "missing_signal_file"
+
+
+# ------------------------------------------------------------------------------------------------ spans
+@pytest.mark.parametrize("fmt", ["16", "212"])
+def test_spans_from_any_sample_are_bit_identical_to_wfdb_sampfrom_sampto(tmp_path, fmt):
+    """A span read from the middle of a record (odd and even starts: a 212 span may start in the second half of a
+    three-byte block, with an odd or even number of channels) equals `wfdb.rdrecord(sampfrom=, sampto=)`, and so do
+    the spans of a record stored in two files."""
+    three = _write(tmp_path, f"three{fmt}", fmt, 3001, [200.0, 37.5, 1000.0], [1024, -7, 0], nan_at=(1500, 1))
+    two = _write(tmp_path, f"two{fmt}", fmt, 3001, [200.0, 100.0], [0, 5])
+    lines = [line for name in (three, two) for line in Path(f"{name}.hea").read_text().splitlines()[1:]]
+    (tmp_path / "both.hea").write_text("\n".join(["both 5 500 3001", *lines]) + "\n")
+    for base in (three, two, tmp_path / "both"):
+        header = parse_header(Path(f"{base}.hea").read_text())
+        for start, stop in ((0, 1), (1, 2), (1, 1000), (2, 1001), (1499, 1502), (2000, 3001), (3000, 3001)):
+            for dtype, resolution in ((np.float32, 32), (np.float64, 64)):
+                ours = read_dat_signal(base.parent, header, stop - start, dtype, start=start)
+                theirs = wfdb.rdrecord(str(base), sampfrom=start, sampto=stop, return_res=resolution).p_signal
+                assert ours is not None and ours.dtype == theirs.dtype, (base, start, stop)
+                assert np.array_equal(ours, theirs, equal_nan=True), (base, start, stop)
+
+
+def test_a_lazy_record_reads_only_the_span_asked_for(tmp_path):
+    """`open_record(lazy=True)` reads the header, then only the bytes of each span: a window of a one-hour two-lead
+    record allocates a few kB, the whole record tens of MB; spans equal slices of the whole read."""
+    from ecg_files import peak_allocation
+
+    from enecg_hf.io_enecg import open_record
+
+    base = _write(tmp_path, "hour", "212", 250 * 3600, [200.0, 200.0], [0, 0])
+    (tmp_path / "hour.hea").write_text((tmp_path / "hour.hea").read_text().replace(" 500 ", " 250 ", 1))
+    unlimited = RecordLimits(max_seconds=float("inf"), max_values=1 << 30)
+    whole_peak, whole = peak_allocation(read_record, base, limits=unlimited)
+    reader = open_record(base, limits=RecordLimits(max_seconds=60.0), lazy=True)
+    assert reader.num_samples == 250 * 3600 and reader.sampling_rate == 250
+    window_peak, window = peak_allocation(reader.read, 250 * 1800 + 1, 250 * 1810 + 1)
+    assert window.shape == (2, 2500) and np.array_equal(window, whole.signal[:, 250 * 1800 + 1 : 250 * 1810 + 1])
+    assert window_peak < 200_000 and whole_peak > 20_000_000, (window_peak, whole_peak)
+    with pytest.raises(ECGInputError) as error:  # the limits apply to each span of a lazy record
+        reader.read(0, 250 * 61)
+    assert error.value.reason == "too_long"
+    with pytest.raises(ECGInputError) as error:  # and to the whole record otherwise, from its header
+        open_record(base, limits=RecordLimits(max_seconds=60.0))
+    assert error.value.reason == "too_long"
