@@ -7,6 +7,7 @@ expert next to the foundation models (RR interval is directly measurable from R 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import threading
@@ -35,8 +36,17 @@ MIN_SECONDS = 2.0  # shorter signals are not analysed: every value is flagged mi
 # neurokit2 warns on degenerate signals; the expert silences that with `warnings.catch_warnings`, which saves and
 # restores the process-wide filter list. Two threads inside it at once restore each other's lists, and an "ignore
 # everything" filter can outlive both (every later warning of the process is lost). One measurement at a time holds
-# the filters; it costs little, as neurokit2's measurements hold the GIL most of the time anyway.
-_WARNINGS_LOCK = threading.Lock()
+# the filters; it costs little, as neurokit2's measurements hold the GIL most of the time anyway. Re-entrant: a
+# measurement calls `find_r_peaks`, which silences them too (and so do the median-beat expert and beat pooling).
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def quiet_neurokit():
+    """neurokit2's warnings and numpy's floating-point warnings silenced, one thread at a time (`_WARNINGS_LOCK`)."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _import_neurokit(expert: str = "The ECG-features expert"):
@@ -82,8 +92,7 @@ def find_r_peaks(nk: Any, signal: np.ndarray, sampling_rate: float) -> tuple[np.
     """`nk.ecg_peaks` without its pandas output: `nk.ecg_clean`, then neurokit2's detector and its output's index
     check. Returns the cleaned signal and the R peaks (samples); `(None, no peaks)` when neurokit2 cannot process the
     signal (it raises on degenerate signals in many ways; all mean "not measured")."""
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
+    with quiet_neurokit():
         try:
             cleaned = nk.ecg_clean(signal, sampling_rate=sampling_rate)
             found = nk.ecg_findpeaks(cleaned, sampling_rate=sampling_rate, method="neurokit")["ECG_R_Peaks"]
@@ -162,8 +171,7 @@ class EnECGFeaturesExpert(EnECGExpert):
         if signal.size < MIN_SECONDS * fs or not np.all(np.isfinite(signal)) or np.ptp(signal) < 1e-6:
             return values
         nk = self._nk
-        with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
+        with quiet_neurokit():
             cleaned, found = find_r_peaks(nk, signal, fs)
             if cleaned is None:
                 return values

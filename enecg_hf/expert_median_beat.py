@@ -11,7 +11,6 @@ on the CPU).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,7 +20,7 @@ import torch
 from .beats_enecg import beats_in_window, bin_matrix, detect_beats, edge_names, flat_leads, window_edges
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert, check_record_seconds
-from .expert_features import DELINEATION_METHODS, _delineator, _import_neurokit
+from .expert_features import DELINEATION_METHODS, _delineator, _import_neurokit, quiet_neurokit
 
 
 if TYPE_CHECKING:
@@ -258,8 +257,7 @@ class EnECGMedianBeatExpert(EnECGExpert):
         signal = np.tile(sign * beat, 3)
         rpeaks = np.array([r, r + length, r + 2 * length])
         fs = self.sampling_rate
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
+        with quiet_neurokit():
             try:
                 if self._delineator is not None:
                     waves = self._delineator(signal, rpeaks, sampling_rate=fs)
@@ -274,8 +272,7 @@ class EnECGMedianBeatExpert(EnECGExpert):
             return mark if math.isfinite(mark) and -r <= mark < length - r else math.nan
 
         marks = {name: middle(key) for name, key in WAVE_MARKS.items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy warns of troughs with no prominence: they do not count
+        with quiet_neurokit():  # scipy warns of troughs with no prominence: they do not count
             self._extend_qrs(signal, length + r, marks, middle("ECG_Q_Peaks"), middle("ECG_S_Peaks"))
         return marks
 
