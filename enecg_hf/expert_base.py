@@ -191,6 +191,18 @@ class EnECGExpert(nn.Module):
         load_state_dict_strict(self, load_file(str(weights)), f"expert {self.name!r} from {source}")
 
 
+def check_record_seconds(expert_config: EnECGExpertConfig, config: EnECGConfig, record_seconds: float,
+                         setting: str = "record_seconds", purpose: str = "to measure time in seconds") -> None:
+    """An expert that works in seconds reads its sampling rate as `input_length / record_seconds`: `record_seconds`
+    (its setting `setting`) must be the record's length in the model, else a `ValueError` naming the field."""
+    expected = config.input_length / config.sampling_rate
+    if abs(float(record_seconds) - expected) > 1e-6:
+        raise ValueError(
+            f"EnECGConfig.experts: expert {expert_config.name!r} ({expert_config.type}): settings.{setting} must be "
+            f"{expected:g} (input_length / sampling_rate) {purpose}"
+        )
+
+
 def resolve_package_path(source: str, expert_name: str, requirement: str | None = None) -> Path:
     """The file or folder that `package:<package>/<path inside it>` names in an installed Python package.
 
@@ -317,6 +329,6 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 __all__ = [
-    "EnECGExpert", "resolve_source", "resolve_package_path", "resolve_checkpoint",
+    "EnECGExpert", "check_record_seconds", "resolve_source", "resolve_package_path", "resolve_checkpoint",
     "load_weights_only", "load_state_dict_strict", "state_dict_mismatch", "PACKAGE_SOURCE_PREFIX",
 ]

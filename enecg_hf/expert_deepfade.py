@@ -15,12 +15,13 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .beats_enecg import EnECGBeatPooling, validate_beat_pooling
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import (
     EXPERT_CONFIG_FILE,
@@ -30,6 +31,10 @@ from .expert_base import (
     load_weights_only,
     resolve_checkpoint,
 )
+
+
+if TYPE_CHECKING:
+    from .configuration_enecg import EnECGConfig
 
 
 logger = logging.getLogger(__name__)
@@ -209,6 +214,8 @@ class EnECGDeepFadeExpert(EnECGExpert):
     Output: per lead, each latent channel's mean over time (`pooling="mean"`), or its mean then its standard
     deviation over time (`"mean_std"`, the presets), concatenated over leads: (batch, leads * 8 * 2) for
     `"mean_std"`. Time pooling makes the embedding independent of where the beats fall in the window.
+    `"beat_pooling": {"mode": "beside"}` (or `"only"`) adds (or uses only) the latent pooled over windows aligned to
+    the R peaks, the median over beats of every latent channel at each point of the window (`EnECGBeatPooling`).
     """
 
     expert_type = "deepfade"
@@ -223,13 +230,20 @@ class EnECGDeepFadeExpert(EnECGExpert):
             "layers": 8, "kernels": 3, "growth_rate": 12, "compression": 1.0, "bottleneck": False,
             "dropout_rate": 0.2, "pool_steps": [2, 2, 2, 5], "pool_type": "convolution",
             "activation": {"name": "elu", "args": {"alpha": 0.1}}, "pooling": "mean_std", "chunk_size": 4,
+            "beat_pooling": None,
         },
         "tiny": {
             "layers": 1, "kernels": 3, "growth_rate": 4, "compression": 1.0, "bottleneck": False,
             "dropout_rate": 0.2, "pool_steps": [2, 2, 2, 5], "pool_type": "convolution",
             "activation": {"name": "elu", "args": {"alpha": 0.1}}, "pooling": "mean_std", "chunk_size": 4,
+            "beat_pooling": None,
         },
     }
+
+    @classmethod
+    def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
+        super().validate_config(expert_config, config)
+        validate_beat_pooling(expert_config, config)
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
@@ -255,17 +269,22 @@ class EnECGDeepFadeExpert(EnECGExpert):
         self._plan: tuple | None = None
         self.use_inference_plan = True  # False runs the library's module (benchmarks compare the two)
         self._plan_lock = threading.Lock()
-        per_channel = 2 if s["pooling"] == "mean_std" else 1
-        self.embedding_dim = self.num_leads * self.latent_channels * per_channel
+        self.beat_pooling = (None if s["beat_pooling"] is None else
+                             EnECGBeatPooling(s["beat_pooling"], config.name, config.leads, config.input_length))
+        self.embedding_dim = len(self.feature_names)
 
     @property
     def feature_names(self) -> list[str]:
         """Names of the embedding's columns, e.g. `II.latent0_mean`, ..., `II.latent7_std`."""
         stats = ("mean", "std") if self.settings["pooling"] == "mean_std" else ("mean",)
+        names = [] if self.beat_pooling is None else self.beat_pooling.feature_names(
+            [f"latent{c}" for c in range(self.latent_channels)])
+        if self.beat_pooling is not None and self.beat_pooling.settings["mode"] == "only":
+            return names
         return [
             f"{lead}.latent{c}_{stat}" for lead in self.expert_config.leads for stat in stats
             for c in range(self.latent_channels)
-        ]
+        ] + names
 
     @staticmethod
     def standardize(inputs: torch.Tensor) -> torch.Tensor:
@@ -315,10 +334,15 @@ class EnECGDeepFadeExpert(EnECGExpert):
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, input_length) -> (batch, embedding_dim): pooled latents, lead after lead."""
         latent = self.latent(inputs)
-        stats = [latent.mean(-1)]
-        if self.settings["pooling"] == "mean_std":
-            stats.append(latent.std(-1, unbiased=False))
-        return torch.cat(stats, dim=-1).flatten(start_dim=1)
+        pooled = []
+        if self.beat_pooling is None or self.beat_pooling.settings["mode"] == "beside":
+            stats = [latent.mean(-1)]
+            if self.settings["pooling"] == "mean_std":
+                stats.append(latent.std(-1, unbiased=False))
+            pooled.append(torch.cat(stats, dim=-1).flatten(start_dim=1))
+        if self.beat_pooling is not None:
+            pooled.append(self.beat_pooling.pool(inputs, latent, self.downsampling))
+        return torch.cat(pooled, dim=-1)
 
     # ------------------------------------------------------------------------------------------------ weights
     def load_pretrained(self, source: str) -> None:

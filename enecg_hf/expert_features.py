@@ -7,6 +7,7 @@ expert next to the foundation models (RR interval is directly measurable from R 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import threading
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .configuration_enecg import EnECGExpertConfig
-from .expert_base import EnECGExpert
+from .expert_base import EnECGExpert, check_record_seconds
 
 
 if TYPE_CHECKING:
@@ -35,16 +36,25 @@ MIN_SECONDS = 2.0  # shorter signals are not analysed: every value is flagged mi
 # neurokit2 warns on degenerate signals; the expert silences that with `warnings.catch_warnings`, which saves and
 # restores the process-wide filter list. Two threads inside it at once restore each other's lists, and an "ignore
 # everything" filter can outlive both (every later warning of the process is lost). One measurement at a time holds
-# the filters; it costs little, as neurokit2's measurements hold the GIL most of the time anyway.
-_WARNINGS_LOCK = threading.Lock()
+# the filters; it costs little, as neurokit2's measurements hold the GIL most of the time anyway. Re-entrant: a
+# measurement calls `find_r_peaks`, which silences them too (and so do the median-beat expert and beat pooling).
+_WARNINGS_LOCK = threading.RLock()
 
 
-def _import_neurokit():
+@contextlib.contextmanager
+def quiet_neurokit():
+    """neurokit2's warnings and numpy's floating-point warnings silenced, one thread at a time (`_WARNINGS_LOCK`)."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _import_neurokit(expert: str = "The ECG-features expert"):
     try:
         import neurokit2
     except ImportError as err:
         raise ImportError(
-            "The ECG-features expert needs neurokit2, an optional dependency: pip install enecg_hf[features] "
+            f"{expert} needs neurokit2, an optional dependency: pip install enecg_hf[features] "
             "(or pip install neurokit2)"
         ) from err
     return neurokit2
@@ -76,6 +86,20 @@ def _check_indices(indices: Any, length: int) -> None:
     for index in indices:
         if not 0 <= index < length:
             raise IndexError(f"index {index} outside a signal of {length} samples")
+
+
+def find_r_peaks(nk: Any, signal: np.ndarray, sampling_rate: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """`nk.ecg_peaks` without its pandas output: `nk.ecg_clean`, then neurokit2's detector and its output's index
+    check. Returns the cleaned signal and the R peaks (samples); `(None, no peaks)` when neurokit2 cannot process the
+    signal (it raises on degenerate signals in many ways; all mean "not measured")."""
+    with quiet_neurokit():
+        try:
+            cleaned = nk.ecg_clean(signal, sampling_rate=sampling_rate)
+            found = nk.ecg_findpeaks(cleaned, sampling_rate=sampling_rate, method="neurokit")["ECG_R_Peaks"]
+            _check_indices(found, cleaned.size)
+        except Exception:
+            return None, np.zeros(0, dtype=np.int64)
+    return cleaned, np.asarray(found, dtype=np.int64)
 
 
 def _median_duration(waves: dict[str, Any], start: str, end: str, sampling_rate: float) -> float:
@@ -117,12 +141,7 @@ class EnECGFeaturesExpert(EnECGExpert):
     def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
         """The expert measures intervals in seconds, so `record_seconds` must be the record's length in the model."""
         settings = cls.resolve_settings(expert_config.settings)
-        record_seconds = config.input_length / config.sampling_rate
-        if abs(float(settings["record_seconds"]) - record_seconds) > 1e-6:
-            raise ValueError(
-                f"EnECGConfig.experts: expert {expert_config.name!r} (features): settings.record_seconds must be "
-                f"{record_seconds:g} (input_length / sampling_rate) to measure intervals in seconds"
-            )
+        check_record_seconds(expert_config, config, settings["record_seconds"], purpose="to measure intervals in seconds")
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
@@ -152,16 +171,11 @@ class EnECGFeaturesExpert(EnECGExpert):
         if signal.size < MIN_SECONDS * fs or not np.all(np.isfinite(signal)) or np.ptp(signal) < 1e-6:
             return values
         nk = self._nk
-        with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            try:
-                cleaned = nk.ecg_clean(signal, sampling_rate=fs)
-                # `nk.ecg_peaks` without its pandas output: its own detector call, and its output's index check.
-                found = nk.ecg_findpeaks(cleaned, sampling_rate=fs, method="neurokit")["ECG_R_Peaks"]
-                _check_indices(found, cleaned.size)
-                peaks = np.asarray(found, dtype=float)
-            except Exception:  # neurokit raises on degenerate signals in many ways; all mean "not measured"
+        with quiet_neurokit():
+            cleaned, found = find_r_peaks(nk, signal, fs)
+            if cleaned is None:
                 return values
+            peaks = found.astype(float)
             if peaks.size >= 2:
                 rr = np.diff(peaks) / fs
                 values["rr_mean"] = float(rr.mean())
@@ -218,4 +232,4 @@ class EnECGFeaturesExpert(EnECGExpert):
         return torch.tensor(np.stack(rows), dtype=torch.float32, device=inputs.device)
 
 
-__all__ = ["EnECGFeaturesExpert", "FEATURE_NAMES"]
+__all__ = ["EnECGFeaturesExpert", "FEATURE_NAMES", "find_r_peaks"]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from .beats_enecg import EnECGBeatPooling, validate_beat_pooling
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import (
     EXPERT_CONFIG_FILE,
@@ -28,6 +29,10 @@ from .expert_base import (
     load_weights_only,
     resolve_checkpoint,
 )
+
+
+if TYPE_CHECKING:
+    from .configuration_enecg import EnECGConfig
 
 
 OPENECG_REQUIREMENT = "openecg==0.11.0"
@@ -89,6 +94,9 @@ class EnECGOpenEcgExpert(EnECGExpert):
     samples (the fraction of the record in P, QRS, T), the beat probabilities averaged over samples weighted by the
     probability that the sample is in a QRS (the beat head is only meaningful inside QRS complexes), and the rhythm
     probabilities averaged over samples. `feature_names` names the columns.
+    `"beat_pooling": {"mode": "beside"}` (or `"only"`) adds (or uses only) the heads' input and the frame probabilities
+    pooled over windows aligned to the R peaks, the median over beats at each point of the window
+    (`EnECGBeatPooling`).
     """
 
     expert_type = "openecg"
@@ -105,12 +113,19 @@ class EnECGOpenEcgExpert(EnECGExpert):
         "codec-v6": {
             "patch_size": 10, "d_model": 128, "n_heads": 4, "n_layers": 8, "mid_split": 4, "lower_kernel": 7, "ff": 256,
             "n_classes": 4, "beat_n_classes": 6, "rhythm_n_classes": 6, "pos_type": "sinusoidal", "dropout": 0.1,
+            "beat_pooling": None,
         },
         "tiny": {
             "patch_size": 10, "d_model": 16, "n_heads": 2, "n_layers": 2, "mid_split": 1, "lower_kernel": 7, "ff": 32,
             "n_classes": 4, "beat_n_classes": 6, "rhythm_n_classes": 6, "pos_type": "sinusoidal", "dropout": 0.1,
+            "beat_pooling": None,
         },
     }
+
+    @classmethod
+    def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
+        super().validate_config(expert_config, config)
+        validate_beat_pooling(expert_config, config)
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
@@ -144,9 +159,9 @@ class EnECGOpenEcgExpert(EnECGExpert):
             "beat": [library["beat_names"].get(i, str(i)) for i in range(s["beat_n_classes"])],
             "rhythm": [library["rhythm_names"].get(i, str(i)) for i in range(s["rhythm_n_classes"])],
         }
-        self.embedding_dim = self.num_leads * (
-            s["d_model"] + s["n_classes"] + s["beat_n_classes"] + s["rhythm_n_classes"]
-        )
+        self.beat_pooling = (None if s["beat_pooling"] is None else
+                             EnECGBeatPooling(s["beat_pooling"], config.name, config.leads, config.input_length))
+        self.embedding_dim = len(self.feature_names)
 
     @property
     def feature_names(self) -> list[str]:
@@ -154,7 +169,11 @@ class EnECGOpenEcgExpert(EnECGExpert):
         per_lead = [f"hidden_{i}" for i in range(self.settings["d_model"])]
         for head in ("frame", "beat", "rhythm"):
             per_lead += [f"{head}_{name}" for name in self.class_names[head]]
-        return [f"{lead}.{name}" for lead in self.expert_config.leads for name in per_lead]
+        names = [] if self.beat_pooling is None else self.beat_pooling.feature_names(
+            per_lead[: self.settings["d_model"] + self.settings["n_classes"]])  # hidden and frame channels
+        if self.beat_pooling is not None and self.beat_pooling.settings["mode"] == "only":
+            return names
+        return [f"{lead}.{name}" for lead in self.expert_config.leads for name in per_lead] + names
 
     def rank_normalize(self, inputs: torch.Tensor) -> torch.Tensor:
         """(batch, leads, T) -> (batch * leads, T) float32 ranks in [-1, 1], ties averaged: openecg's own
@@ -184,10 +203,15 @@ class EnECGOpenEcgExpert(EnECGExpert):
         beat = out.beat_logits.softmax(-1)
         qrs = frame[..., self.qrs_classes].sum(-1, keepdim=True)  # (batch, leads, T, 1)
         beat_in_qrs = (qrs * beat).sum(2) / qrs.sum(2).clamp_min(1e-6)
-        pooled = torch.cat(
-            [out.hidden_states.mean(2), frame.mean(2), beat_in_qrs, out.rhythm_logits.softmax(-1).mean(2)], dim=-1
-        )
-        return pooled.flatten(start_dim=1)
+        pooled = []
+        if self.beat_pooling is None or self.beat_pooling.settings["mode"] == "beside":
+            pooled.append(torch.cat(
+                [out.hidden_states.mean(2), frame.mean(2), beat_in_qrs, out.rhythm_logits.softmax(-1).mean(2)], dim=-1
+            ).flatten(start_dim=1))
+        if self.beat_pooling is not None:  # per-sample channels (batch, leads, channels, T), one step per sample
+            sequence = torch.cat([out.hidden_states, frame], dim=-1).transpose(2, 3)
+            pooled.append(self.beat_pooling.pool(inputs, sequence, 1.0))
+        return torch.cat(pooled, dim=-1)
 
     # ------------------------------------------------------------------------------------------------ weights
     def load_pretrained(self, source: str) -> None:

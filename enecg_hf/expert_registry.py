@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .expert_base import EnECGExpert
 
 
-EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade")
+EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade", "median_beat")
 
 
 def expert_class(expert_type: str) -> type[EnECGExpert]:
@@ -38,6 +38,8 @@ def expert_class(expert_type: str) -> type[EnECGExpert]:
         from .expert_openecg import EnECGOpenEcgExpert as implementation
     elif expert_type == "deepfade":
         from .expert_deepfade import EnECGDeepFadeExpert as implementation
+    elif expert_type == "median_beat":
+        from .expert_median_beat import EnECGMedianBeatExpert as implementation
     else:
         raise ValueError(f"Expert type {expert_type!r} is not available; known: {sorted(EXPERT_TYPES)}")
     return implementation

@@ -46,6 +46,20 @@ BLOCK_ENECG = textwrap.dedent(
 )
 
 
+def hide_module(monkeypatch, module: str) -> None:
+    """`import <module>` raises ImportError for the rest of the test, as on a machine where it is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == module:
+            raise ImportError(f"No module named {module!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
 def shared(*parts: str) -> Path:
     """A file or WFDB record (named without suffix) under ../shared/data, or skip the test."""
     path = SHARED_DATA.joinpath(*parts)

@@ -135,6 +135,20 @@ def test_quality_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
+def test_median_beat_quick(tmp_path):
+    result, stdout = run_quick("median_beat.py", tmp_path)
+    assert "| QRS onset |" in stdout and "| median_beat |" in stdout
+    (run,) = result["runs"]
+    assert len(run["records"]) == 12 and set(run["ms_per_record"]) == {
+        "median_beat", "median_beat+measurements", "features (dwt)", "features (prominence)"}
+    for name in ("p_on", "p_off", "qrs_on", "qrs_off", "t_on", "t_off", "p_dur", "pr", "qrs", "qt"):
+        assert run["all_leads"][name]["scored"] > 0 and run["all_leads"][name]["mae_ms"] < 100, name
+    assert set(run["per_lead"]) == {"I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"}
+    assert not non_finite_numbers({k: v for k, v in result.items() if k != "runs"})
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "ptbxl_sample500").is_dir(), reason=f"PTB-XL sample not found under {DATA_DIR}")
 def test_source_rate_quick(tmp_path):
     result, stdout = run_quick("source_rate.py", tmp_path, "--feature-store", str(tmp_path / "store"))
@@ -162,6 +176,8 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("expert_precision", "table", "expert_precision.json", "expert_precision", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision_moment.json", "expert_precision_moment", "benchmarks.md"),
     ("features_accuracy", "table", "features_accuracy.json", "features_accuracy", "experts.md"),
+    ("median_beat", "TABLES", "median_beat.json", "median_beat_accuracy", "experts.md"),
+    ("median_beat", "TABLES", "median_beat.json", "median_beat_speed", "experts.md"),
     ("data_build", "readers_table", "data_build.json", "wfdb_reader", "data.md"),
     ("data_build", "TABLES", "data_build.json", "build_dataset", "data.md"),
     ("source_rate", "table", "source_rate.json", "source_rate", "data.md"),

@@ -24,8 +24,8 @@ def test_readme_usage_snippet_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     out, x = namespace["out"], namespace["x"]
-    # The shapes its comments state, for the 8 experts of tiny.json.
-    for comment, value in (("(4, 1)", out.logits), ("(4, 8, 1)", out.expert_logits), ("(4, 8)", out.gate_weights)):
+    # The shapes its comments state, for the 9 experts of tiny.json.
+    for comment, value in (("(4, 1)", out.logits), ("(4, 9, 1)", out.expert_logits), ("(4, 9)", out.gate_weights)):
         assert f"# {comment}" in snippet and tuple(value.shape) == eval(comment)  # noqa: S307
     torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(4))
     assert out.loss.item() < 10  # the standardised target: O(1), not O(800^2)

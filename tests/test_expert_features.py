@@ -4,7 +4,6 @@ mean RR feature with the cardiologists' R-peak annotations of LUDB (lead II)."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import math
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import hide_module
 
 from enecg_hf.configuration_enecg import STANDARD_LEAD_NAMES, EnECGExpertConfig
 from enecg_hf.expert_features import FEATURE_NAMES, EnECGFeaturesExpert
@@ -122,14 +122,7 @@ def test_overlapping_measurements_leave_the_warning_filters_as_they_were():
 
 
 def test_missing_neurokit_gives_a_clear_error(monkeypatch):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "neurokit2":
-            raise ImportError("No module named 'neurokit2'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    hide_module(monkeypatch, "neurokit2")
     with pytest.raises(ImportError, match=r"pip install enecg_hf\[features\]"):
         make_expert()
 

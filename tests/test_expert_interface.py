@@ -39,6 +39,7 @@ EXPERTS = {
     "features": {"input_length": 1000, "leads": ["II"]},
     "openecg": {"input_length": 500, "leads": ["II"]},
     "deepfade": {"input_length": 400, "leads": ["II", "V5"]},
+    "median_beat": {"input_length": 1000, "leads": ["I", "II", "aVF", "V1", "V5"]},
 }
 
 

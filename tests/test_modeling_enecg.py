@@ -588,7 +588,7 @@ def test_offline_pretrained_config_points_at_installed_wheel_files():
 
     config = EnECGConfig.from_json_file(HUB_CONFIGS / "offline_pretrained.json")
     by_type = {e.type: e for e in config.expert_configs}
-    assert set(by_type) == {"openecg", "deepfade", "features", "dlinear"}
+    assert set(by_type) == {"openecg", "deepfade", "features", "dlinear", "median_beat"}
     assert by_type["deepfade"].leads == list(config.lead_names) and by_type["openecg"].leads == ["II"]
     assert (config.head_hidden_size, config.gate_hidden_size, config.gate_input_length) == (256, 256, 5000)
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.05)

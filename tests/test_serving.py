@@ -26,8 +26,8 @@ from ecg_files import peak_allocation, write_header, write_mat_zeros, write_reco
 
 @pytest.fixture(scope="module")
 def regression_folder(tmp_path_factory) -> Path:
-    return build_model_folder(tmp_path_factory.mktemp("serving") / "rr", ["dlinear", "timesnet", "features"],
-                              target_mean=800.0, target_std=150.0)
+    return build_model_folder(tmp_path_factory.mktemp("serving") / "rr",
+                              ["dlinear", "timesnet", "features", "median_beat"], target_mean=800.0, target_std=150.0)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_any_saved_model_folder_is_served_by_the_pipeline_offline(tmp_path):
 def test_pipeline_without_task_name_on_real_ludb_records(ecg, regression_folder):
     result = ecg(str(shared("ludb", "data", "1")))
     assert result["label"] == "rr_interval" and result["unit"] == "ms" and np.isfinite(result["value"])
-    assert set(result["gate_weights"]) == {"dlinear", "timesnet", "features"}
+    assert set(result["gate_weights"]) == {"dlinear", "timesnet", "features", "median_beat"}
     assert sum(result["gate_weights"].values()) == pytest.approx(1.0, abs=1e-5)
     assert set(result["expert_predictions"]) == set(result["gate_weights"])
     # The prediction is the gate-weighted sum of the experts' own predictions.
@@ -563,7 +563,7 @@ def test_module_cli_and_export(classification_folder, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ explanations
 @pytest.mark.slow
-def test_saliency_has_the_input_shape_is_deterministic_and_skips_the_features_expert(regression_folder):
+def test_saliency_has_the_input_shape_is_deterministic_and_skips_the_numpy_experts(regression_folder):
     from transformers import AutoModel
 
     from enecg_hf.tools.explain import explain
@@ -573,7 +573,9 @@ def test_saliency_has_the_input_shape_is_deterministic_and_skips_the_features_ex
     first, second = explain(model, inputs, n_steps=16), explain(model, inputs, n_steps=16)
     assert first.saliency.shape == tuple(inputs.shape)
     np.testing.assert_array_equal(first.saliency, second.saliency)
-    assert first.expert_saliency["features"] is None and "neurokit2" in first.notes["features"]
+    for name in ("features", "median_beat"):  # measured in numpy: listed without attribution, with the reason
+        assert first.expert_saliency[name] is None and "neurokit2" in first.notes[name]
+    assert "'features', 'median_beat'" in first.notes["ensemble"]
     for name in ("dlinear", "timesnet"):
         assert first.expert_saliency[name].shape == tuple(inputs.shape)
         np.testing.assert_array_equal(first.expert_saliency[name], second.expert_saliency[name])

@@ -30,10 +30,11 @@ TRAIN = REPO / "train.py"
 # (.ci/constraints.txt), in ms. On one machine the run is deterministic (three runs, with 1 and 2 threads: the same
 # figures to the last digit; MKL's COMPATIBLE code path, standing in for another CPU, moved them by 0.01 ms).
 # Elsewhere float rounding differs and an inner-CV epoch choice can flip, moving a fold's MAE by a few ms: the fresh
-# venv of issue 25, on another machine, printed CV MAE 28.56 ± 9.2 and quickstart 16.3 where this one prints
-# 26.62 ± 9.58 and 16.4. The bounds are 1.5x the largest of those moves (1.9 ms); a dependency change exceeds them:
-# neurokit2 0.2.13 instead of 0.3.0 gives 25.92 ± 3.82 and a quickstart MAE of 27.9 (checked). The mean predictor's
-# figures move only by the README's rounding.
+# venv of issue 25, on another machine, printed CV MAE 28.56 ± 9.2 and quickstart 16.3 where this one printed
+# 26.62 ± 9.58 and 16.4 (eight experts, before the median-beat one; nine: 25.72 ± 4.54 and 26.0). The bounds are 1.5x
+# the largest of those moves (1.9 ms); a dependency change exceeds them: neurokit2 0.2.13 instead of 0.3.0 gave 25.92 ±
+# 3.82 and a quickstart MAE of 27.9 (eight experts, checked). The mean predictor's figures move only by the README's
+# rounding.
 MAIN_JOB_TOLERANCE_MS = {"cv_mae_mean": 3.0, "cv_mae_std": 3.0, "baseline": 0.1, "quickstart_mae": 3.0}
 
 # Small runs: two cheap experts, 24 simulated records, 2 folds of 12.

@@ -88,6 +88,42 @@ def mean_rr_from_annotations(record_path: str | Path, extension: str = "ii", num
     return rr_interval
 
 
+# LUDB's wave marks: `(` onset, then the wave's peak (`p` P, `N` QRS, `t` T), then `)` offset.
+WAVE_SYMBOLS = {"p": "p", "N": "qrs", "t": "t"}
+# Where a wave's peak lies from the R peak of its own beat (seconds): P before it, QRS at it, T after it.
+WAVE_REACH_S = {"p": (-0.45, 0.0), "qrs": (-0.1, 0.1), "t": (0.0, 0.75)}
+
+
+def wave_boundaries(record_path: str | Path, extension: str, r_peaks: np.ndarray, sampling_rate: float
+                    ) -> dict[str, float]:
+    """The median over the annotated beats of each wave boundary of one lead (`record_path.<extension>`, e.g. `v1`),
+    in seconds from the beat's R peak among `r_peaks` (samples, e.g. a detector's): `p_on`, `p_off`, `qrs_on`,
+    `qrs_off`, `t_on`, `t_off` (NaN where no wave of that kind was annotated with both ends near an R peak).
+
+    A wave belongs to the R peak that its peak lies in reach of (`WAVE_REACH_S`): the next R peak for a P wave, the
+    nearest for a QRS, the previous for a T wave. Measured from the same R peaks as a median beat, the difference
+    between the two is that of the boundaries alone, not of R-peak placement."""
+    import wfdb
+
+    annotation = wfdb.rdann(str(record_path), extension)
+    symbols, samples = annotation.symbol, np.asarray(annotation.sample)
+    r_peaks = np.asarray(r_peaks)
+    found: dict[str, list[float]] = {f"{w}_{end}": [] for w in WAVE_REACH_S for end in ("on", "off")}
+    for k in range(1, len(symbols) - 1):
+        wave = WAVE_SYMBOLS.get(symbols[k])
+        if wave is None or symbols[k - 1] != "(" or symbols[k + 1] != ")" or not len(r_peaks):
+            continue
+        offsets = (samples[k] - r_peaks) / sampling_rate  # the wave's peak from every R peak
+        low, high = WAVE_REACH_S[wave]
+        near = np.flatnonzero((offsets >= low) & (offsets <= high))
+        if not len(near):
+            continue
+        r = r_peaks[near[np.argmin(np.abs(offsets[near]))]]
+        found[f"{wave}_on"].append((samples[k - 1] - r) / sampling_rate)
+        found[f"{wave}_off"].append((samples[k + 1] - r) / sampling_rate)
+    return {name: float(np.median(values)) if values else float("nan") for name, values in found.items()}
+
+
 def _header_or_csv(parse, header_value, csv_value, notes: list) -> Any:
     """The label from the header comment, else from `ludb.csv`; the notes of an unusable value are kept only when
     neither gives the label."""

@@ -32,7 +32,7 @@ scipy>=1.11.4
 numpy>=1.26.4
 wfdb>=4.1.2
 einops
-# only for models with the `features` expert:
+# only for models with the `features` or `median_beat` expert (or beat pooling):
 neurokit2>=0.2.10
 # only for models with the `moment` expert (installed without its transformers 4.33 pin):
 # pip install --no-deps momentfm==0.1.4
