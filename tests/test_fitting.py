@@ -438,3 +438,24 @@ def test_a_source_shortcut_earns_no_gate_weight_on_out_of_source_folds():
                            FitSettings(**dict(FAST, inner_groups=inner)))
         weights[inner] = report.stacked_weights["shortcut"]
     assert weights["subject"] > 0.15 and weights["source"] < 0.02, weights
+
+
+def test_sparse_stacking_gives_weight_only_to_the_experts_held_out_records_ask_for():
+    """An expert that measures the answer needs no help from heads that predict about the training mean: mixing
+    them in only shrinks every prediction towards it. The default stacking keeps the fewest experts within one
+    standard error of the best mixture (here the measuring one, weight exactly 1); `stacking="full"` mixes all."""
+    rng = np.random.default_rng(4)
+    labels = rng.uniform(500, 1200, 120)
+    table = measurement_table(labels)
+    weights = {}
+    for stacking in ("sparse", "full"):
+        model = make_model()
+        report = fit_enecg(model, table, np.arange(120), FitSettings(**dict(FAST, stacking=stacking)))
+        weights[stacking] = report.stacked_weights
+    assert weights["sparse"] == {"signal": 1.0, "memorizer": 0.0, "noise": 0.0}, weights
+    assert weights["full"]["memorizer"] + weights["full"]["noise"] > 0.0, weights
+    out = predict(model, table, np.arange(5))  # an excluded expert's gate weight is exactly 0 (also in the model)
+    assert float(out["gate_weights"][:, 1:].max()) > 0.0
+    sparse = make_model()
+    fit_enecg(sparse, table, np.arange(120), FitSettings(**FAST))
+    assert float(predict(sparse, table, np.arange(5))["gate_weights"][:, 1:].max()) == 0.0
