@@ -93,7 +93,7 @@ def test_efficiency_quick(tmp_path):
 @pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
 def test_quality_quick(tmp_path):
     result, stdout = run_quick("quality.py", tmp_path, "--feature-store", str(tmp_path / "store"))
-    assert "| **EnECG, default settings** (learned gate, LoRA heads) |" in stdout  # the table for docs/benchmarks.md
+    assert "| **EnECG, default settings** (linear + FFN-LoRA heads, learned gate) |" in stdout  # docs/benchmarks.md
     tasks = result["tasks"]
     assert set(tasks) == {"rr_interval", "age", "sex", "arrhythmia"}
     experts = result["setup"]["experts"]
@@ -114,6 +114,20 @@ def test_quality_quick(tmp_path):
         assert {"as_good_as_best_expert", "as_good_as_uniform", "beats_baseline"} <= set(verdict)
         if task != "rr_interval":  # several sources: the same folds also scored without LUDB's records
             assert "metrics_excluding_ludb" in block["rows"]["enecg"]
+    # Leave-one-source-out: every task, each held-out group scored by the default, its experts, the uniform average,
+    # the baseline and the fitted alternatives; RR trained on LUDB and scored on the Challenge records and MIT-BIH
+    # windows against their references.
+    assert set(result["loso"]) == set(tasks)
+    for task, block in result["loso"].items():
+        assert {"enecg", "uniform_ensemble", "baseline:mean_or_majority", "loso:previous_default",
+                "loso:ffn_heads", "loso:subject_inner_folds"} | {f"expert:{n}" for n in experts} <= set(block["rows"])
+        if task == "rr_interval":  # LUDB trains RR; it is never held out
+            assert "ludb" not in block["groups"]
+        for values in block["rows"].values():
+            assert block["metric"] in values["pooled"] and set(values["groups"]) == set(block["groups"])
+        assert {"as_good_as_best_expert", "beats_baseline"} <= set(block["verdict"])
+    assert "mitdb" in result["loso"]["rr_interval"]["groups"]
+    assert "Challenge, pooled" in stdout and "**pooled**" in stdout
     # Nulls are allowed only where a field does not apply (label_mean of a classification task, no pretrained config).
     bad = [p for p in non_finite_numbers(result) if not p.endswith((".label_mean", ".pretrained_config"))]
     assert not bad, bad
@@ -143,6 +157,7 @@ def test_source_rate_quick(tmp_path):
 RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs file)
     ("efficiency", "docs_table", "efficiency.json", "efficiency", "benchmarks.md"),
     ("quality", "docs_table", "quality.json", "quality", "benchmarks.md"),
+    ("quality", "loso_table", "quality.json", "quality_loso", "benchmarks.md"),
     ("multitask", "markdown", "multitask.json", "multitask", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision.json", "expert_precision", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision_moment.json", "expert_precision_moment", "benchmarks.md"),

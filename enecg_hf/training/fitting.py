@@ -54,6 +54,7 @@ TaskModel = EnECGTaskMixin
 CLASS_WEIGHTINGS = ("balanced", "none")
 INNER_GROUPS = ("source", "subject")
 STACKINGS = ("sparse", "full")
+FFN_EPOCHS = ("one_standard_error", "lowest")
 # The log-weight of an expert the stacking leaves out: softmax gives it exactly 0 (also in float16).
 EXCLUDED_LOG_WEIGHT = -1e4
 
@@ -87,6 +88,9 @@ class FitSettings:
         stacking: `"sparse"` (default): the gate's stacked weights go to the fewest experts (in the order of their
             own out-of-fold loss) whose mixture is within one standard error of the best mixture over the inner
             folds; `"full"`: stacking over every expert.
+        ffn_epochs: how many epochs the FFN of a linear-path head trains on top of its linear path:
+            `"one_standard_error"` (default), the fewest whose out-of-fold loss over the inner folds is within one
+            standard error of the lowest (0 included); `"lowest"`, the epoch count with the lowest out-of-fold loss.
         linear_l2: the L2 penalties tried for the heads' linear paths (`head_type="linear_ffn"`); each expert's is
             chosen by its out-of-fold loss over the inner folds (`linear_heads`). Not a `train.py` flag.
         seed: every job's seed derives from it.
@@ -106,6 +110,7 @@ class FitSettings:
     gate_predictions: str = "out_of_fold"
     inner_groups: str = "source"
     stacking: str = "sparse"
+    ffn_epochs: str = "one_standard_error"
     linear_l2: tuple[float, ...] = DEFAULT_L2_GRID
     seed: int = 42
 
@@ -114,6 +119,8 @@ class FitSettings:
             raise ValueError(f"strategy must be one of {FIT_STRATEGIES}, got {self.strategy!r}")
         if self.gate_predictions not in ("out_of_fold", "in_sample"):
             raise ValueError(f"gate_predictions must be 'out_of_fold' or 'in_sample', got {self.gate_predictions!r}")
+        if self.ffn_epochs not in FFN_EPOCHS:
+            raise ValueError(f"ffn_epochs must be one of {FFN_EPOCHS}, got {self.ffn_epochs!r}")
         if self.stacking not in STACKINGS:
             raise ValueError(f"stacking must be one of {STACKINGS}, got {self.stacking!r}")
         if self.inner_groups not in INNER_GROUPS:
@@ -361,8 +368,8 @@ class EnECGFitter:
         experts = range(out_of_fold.shape[2])
         curves = torch.stack([torch.stack([model.loss_function(out_of_fold[epoch, :, e], labels) for e in experts])
                               for epoch in range(out_of_fold.shape[0])])  # (epochs, experts)
-        if linear is None:  # the paper's FFN: the epoch with the lowest out-of-fold loss
-            best = curves.argmin(dim=0)  # epoch index per expert (epoch count = index + 1)
+        if linear is None or settings.ffn_epochs == "lowest":  # the epoch with the lowest out-of-fold loss
+            best = curves.argmin(dim=0)  # epoch index per expert (epoch count = index + 1 without linear paths)
         else:  # the FFN on top of a linear path: only as many epochs as held-out records clearly confirm
             fold_curves = torch.stack([  # (folds, epochs + 1, experts)
                 torch.stack([torch.stack([model.loss_function(history["predictions"][epoch, :, e],
