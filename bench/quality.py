@@ -96,7 +96,8 @@ FITTED_ROWS = {
     "ablation:no_class_weights": ("classification without class weights", {}, {"class_weighting": "none"}),
     "ablation:ffn_heads": ("the paper's FFN + LoRA heads alone (no linear path)", {"head_type": "ffn"}, {}),
     "ablation:mse": ("regression on MSE instead of the Huber loss", {"regression_loss": "mse"}, {}),
-    "ablation:subject_inner_folds": ("inner folds by subject, not by institution", {}, {"inner_groups": "subject"}),
+    "ablation:source_inner_folds": ("inner folds by institution, not by subject", {}, {"inner_groups": "source"}),
+    "ablation:full_stacking": ("gate stacking over every expert (not sparse)", {}, {"stacking": "full"}),
     "enecg_offline_pretrained": (("**EnECG over offline_pretrained.json** (openecg, DeepFADE: real weights; "
                                   "features, DLinear)"), {}, {}),
 }
@@ -289,10 +290,10 @@ def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
 # overrides). The default's heads also give each expert's row and the uniform average.
 LOSO_ROWS = {
     "enecg": ("**EnECG, default settings**", {}, {}),
+    "loso:previous_default": ("previous default: FFN + LoRA heads, MSE, stacking over every expert",
+                              {"head_type": "ffn", "regression_loss": "mse"}, {"stacking": "full"}),
     "loso:ffn_heads": ("the paper's FFN + LoRA heads (`head_type=\"ffn\"`), otherwise default", {"head_type": "ffn"}, {}),
-    "loso:subject_inner_folds": ("inner folds by subject, not by institution", {}, {"inner_groups": "subject"}),
-    "loso:previous_default": ("previous default: FFN + LoRA heads, MSE, subject-wise inner folds",
-                              {"head_type": "ffn", "regression_loss": "mse"}, {"inner_groups": "subject"}),
+    "loso:source_inner_folds": ("inner folds by institution (`--inner_groups source`)", {}, {"inner_groups": "source"}),
 }
 ROW_LABELS |= {name: label for name, (label, _, _) in LOSO_ROWS.items() if name != "enecg"}
 # Held-out groups smaller than this are not scored (a metric on 3 records says nothing).

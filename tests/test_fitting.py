@@ -416,14 +416,14 @@ def source_table(n_per_source: int = 60, seed: int = 0) -> FeatureTable:
 
 def test_inner_folds_hold_out_whole_institutions_when_there_are_several():
     table = source_table()
-    fitter = EnECGFitter(make_model(), FitSettings(**FAST))
+    fitter = EnECGFitter(make_model(), FitSettings(**dict(FAST, inner_groups="source")))
     rows = np.arange(len(table))
     for train, held_out in fitter._inner_folds(table, rows, "fit"):
         assert len(set(table.sources[held_out])) == 1 and not set(table.sources[train]) & set(table.sources[held_out])
     one_source = rows[table.sources == "ludb"]  # one institution: subject-wise folds
     assert len(fitter._inner_folds(table, one_source, "fit")) == FAST["inner_folds"]
-    subject = EnECGFitter(make_model(), FitSettings(**dict(FAST, inner_groups="subject")))
-    assert len(subject._inner_folds(table, rows, "fit")) == FAST["inner_folds"]
+    default = EnECGFitter(make_model(), FitSettings(**FAST))  # subject-wise unless asked
+    assert FitSettings().inner_groups == "subject" and len(default._inner_folds(table, rows, "fit")) == 3
 
 
 def test_a_source_shortcut_earns_no_gate_weight_on_out_of_source_folds():

@@ -89,9 +89,9 @@ class FitArguments:
         "what cross-validation holds out: subject (--folds subject-wise folds, default), source (leave-one-source-"
         "out: each source group in turn, trained on the records of every other institution), or subject,source",
         metavar="CV_GROUPS"))
-    inner_groups: str = field(default="source", metadata=_option(
-        "inner folds (heads' penalties and epochs, gate): source holds out whole institutions when the training "
-        "records come from two or more, else subjects; subject: always subjects", choices=["source", "subject"]))
+    inner_groups: str = field(default="subject", metadata=_option(
+        "inner folds (heads' penalties and epochs, gate): subject (default), or source: whole institutions held out "
+        "when the training records come from two or more, else subjects", choices=["subject", "source"]))
     seed: int = 42
     mixed_precision: str = field(default="no", metadata=_option(
         "autocast of heads and gate (experts and cached features stay float32)", choices=["no", "fp16", "bf16"]))

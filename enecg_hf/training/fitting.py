@@ -80,11 +80,13 @@ class FitSettings:
             are the same unless a curve improves again after `patience` flat epochs.
         gate_predictions: `"out_of_fold"` (default) or `"in_sample"`: the gate is fitted on the final heads'
             predictions of their own training records (an ablation: it shows why out-of-fold predictions matter).
-        inner_groups: `"source"` (default): when the training records come from two or more institutions
-            (`FeatureTable.sources`, `enecg_hf.data.institution`), the inner folds hold out whole institutions, so
-            that the heads' penalties and epochs, the stacked gate weights and the gate's input-dependent part are
-            all chosen on records from elsewhere (a source-specific shortcut does not pay there); from one
-            institution, or without sources, they are subject-wise. `"subject"`: always subject-wise.
+        inner_groups: `"subject"` (default): subject-wise inner folds. `"source"`: when the training records come
+            from two or more institutions (`FeatureTable.sources`, `enecg_hf.data.institution`), the inner folds hold
+            out whole institutions, so that the heads' penalties and epochs, the stacked gate weights and the gate's
+            input-dependent part are all chosen on records from elsewhere (an expert that only recognises the
+            source earns nothing there; from one institution, or without sources, subject-wise). On the few
+            institutions of ../shared/data it lost on leave-one-source-out (docs/benchmarks.md): held-out
+            institutions of 20-300 records make noisy choices.
         stacking: `"sparse"` (default): the gate's stacked weights go to the fewest experts (in the order of their
             own out-of-fold loss) whose mixture is within one standard error of the best mixture over the inner
             folds; `"full"`: stacking over every expert.
@@ -108,7 +110,7 @@ class FitSettings:
     early_stopping: bool = True
     patience: int = 20
     gate_predictions: str = "out_of_fold"
-    inner_groups: str = "source"
+    inner_groups: str = "subject"
     stacking: str = "sparse"
     ffn_epochs: str = "one_standard_error"
     linear_l2: tuple[float, ...] = DEFAULT_L2_GRID
@@ -511,7 +513,7 @@ class EnECGFitter:
         stacked = torch.softmax(log_weights, 0)
 
         # 2. The input-dependent part, from zero. Its number of epochs is cross-validated over these records (by
-        # subject), with the one-standard-error rule: the fewest epochs whose held-out loss is within one standard
+        # subject, or by institution: `_fold_groups`), with the one-standard-error rule: the fewest epochs whose held-out loss is within one standard
         # error of the best. 0 - the stacked weights alone - unless held-out records clearly say otherwise: on a few
         # hundred records a gate reading raw leads mostly learns noise (docs/benchmarks.md, ablations).
         best_epoch = 0
