@@ -10,6 +10,13 @@ scores and the trivial baseline: `enecg_hf.training.scoring`. Rows and what each
     python bench/quality.py --quick              # a few records, 2 folds, few epochs, no pretrained experts
     python bench/quality.py --tasks rr_interval,age --output a.json   # a part of the run (also --rows)...
     python bench/quality.py --combine a.json b.json --update-docs     # ...and the parts merged into one result
+    python bench/quality.py --no-cv --tasks sex --output c.json       # leave-one-source-out only (also --no-loso)
+
+Leave-one-source-out (`run_loso`, docs/benchmarks.md "Quality on hospitals the model never saw"): every source group
+(`enecg_hf.data.source_groups`: a database, a Challenge database by record prefix, a sampling rate) held out in
+turn, the model trained on the records of every other institution (`enecg_hf.data.leave_one_source_out`), tiny
+experts. RR labels exist for LUDB only: RR is trained on LUDB and scored on the Challenge records against R-peak
+intervals of neurokit2 on lead II (`reference_rr`; never the features expert's own output).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 
 from enecg_hf import EnECGModel
 from enecg_hf.configuration_enecg import EnECGExpertConfig
-from enecg_hf.data import TASKS, build_dataset
+from enecg_hf.data import TASKS, build_dataset, institution, leave_one_source_out, source_groups
 from enecg_hf.expert_features import EnECGFeaturesExpert
 from enecg_hf.features import build_features, embedding_column
 from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
@@ -40,7 +47,8 @@ from enecg_hf.training import (FeatureTable, FitSettings, TrainScriptArguments, 
 from enecg_hf.training.configs import build_config
 from enecg_hf.training.fitting import subject_folds
 from enecg_hf.training.labels import encode_labels
-from harness import DATA_DIR, REPO, machine_info, markdown_table, parser, render_only, require_data, save
+from harness import (DATA_DIR, REPO, machine_info, markdown_table, parser, render_only, replace_section, require_data,
+                     save)
 
 
 SEED = 42  # the first seed; the others follow it
@@ -48,8 +56,12 @@ CONFIG = "hub_configs/tiny.json"  # tiny experts (paper sizes take ~100 s a reco
 PRETRAINED_CONFIG = "hub_configs/offline_pretrained.json"
 SOURCES = {"ludb": "ludb", "challenge2021_sample50": "challenge", "challenge2020_awwong1": "challenge",
            "challenge2020_sebgood": "challenge", "ptbxl_sample500": "ptb-xl"}
+# Folders read for leave-one-source-out only: the subject-wise CV keeps the record set of its earlier runs.
+# ptbxl_lr1500: PTB-XL's 100 Hz files (resampled to 500 Hz by the builder), some patients shared with ptbxl_sample500
+# (one institution: never on both sides of a leave-one-source-out split).
+LOSO_ONLY = {"ptbxl_lr1500": "ptb-xl"}
 QUICK_LIMITS = {"ludb": 24, "challenge2021_sample50": 6, "challenge2020_awwong1": 4, "challenge2020_sebgood": 4,
-                "ptbxl_sample500": 12}
+                "ptbxl_sample500": 12, "ptbxl_lr1500": 8}
 # enecg_hf.data.ARRHYTHMIA_CLASSES -> three groups (few records per rhythm: finer classes cannot be scored).
 GROUP_OF_CLASS = {"sinus_rhythm": "sinus", "sinus_bradycardia": "sinus", "sinus_tachycardia": "sinus",
                   "atrial_fibrillation": "af_flutter", "atrial_flutter": "af_flutter", "other": "other"}
@@ -74,7 +86,7 @@ def without_median_beat(config: dict) -> dict:
 # overrides); each ablation changes one thing of the default. `None`: the row comes from the default fit's heads. Rows
 # named `enecg_offline_pretrained…` use PRETRAINED_CONFIG's experts.
 FITTED_ROWS = {
-    "enecg": ("**EnECG, default settings** (learned gate, LoRA heads)", {}, {}),
+    "enecg": ("**EnECG, default settings** (linear + FFN-LoRA heads, learned gate)", {}, {}),
     "paper": ("research-code recipe (joint LoRA, mixture loss, 5 epochs, lr 1e-4)",
               {"adaptation": "lora", "head_standardize": False, "expert_loss_weight": 0.0},
               {"strategy": "joint", "epochs": 5, "learning_rate": 1e-4, "batch_size": 16, "class_weighting": "none"}),
@@ -91,6 +103,10 @@ FITTED_ROWS = {
                                          {"expert_loss_weight": 0.0}, {"strategy": "joint", "epochs": 30}),
     "ablation:no_class_weights": ("classification without class weights", {}, {"class_weighting": "none"}),
     "ablation:without_median_beat": ("the default EnECG without the median-beat expert", without_median_beat, {}),
+    "ablation:ffn_heads": ("the paper's FFN + LoRA heads alone (no linear path)", {"head_type": "ffn"}, {}),
+    "ablation:mse": ("regression on MSE instead of the Huber loss", {"regression_loss": "mse"}, {}),
+    "ablation:source_inner_folds": ("inner folds by institution, not by subject", {}, {"inner_groups": "source"}),
+    "ablation:full_stacking": ("gate stacking over every expert (not sparse)", {}, {"stacking": "full"}),
     "enecg_offline_pretrained": (("**EnECG over offline_pretrained.json** (openecg, DeepFADE: real weights; "
                                   "features, DLinear, median beat)"), {}, {}),
     "enecg_offline_pretrained_without_median_beat": ("EnECG over offline_pretrained.json without the median-beat "
@@ -105,17 +121,18 @@ ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training fold
 
 
 def load_records(limits: dict[str, int] | None, sources: dict[str, str] | None = None,
-                 data_dir: Path | None = None) -> tuple[datasets.Dataset, pd.DataFrame]:
-    """Every source folder (`sources`, default SOURCES: folder -> format, under `data_dir`, default DATA_DIR) through
-    the package's builder (which skips unusable records and keeps each signal once):
-    one dataset of what the feature store keys records by (`record_id`, `source`, `signal`), and a table with a row
-    per record: its `folder`, `subject` (the source format and the subject id, else the record id: a patient id names
-    a patient of its database, so the same PTB-XL patient in two folders is one subject) and task labels (class
+                 data_dir: Path | None = None, loso: bool = False) -> tuple[datasets.Dataset, pd.DataFrame]:
+    """Every source folder (`sources`, default SOURCES: folder -> format, under `data_dir`, default DATA_DIR; with
+    `loso` also the `LOSO_ONLY` folders) through the package's builder (which skips unusable records and keeps each
+    signal once): one dataset of what the feature store keys records by (`record_id`, `source`, `signal`), and a table
+    with a row per record: its `folder`, `subject` (the source format and the subject id, else the record id: a patient
+    id names a patient of its database, so the same PTB-XL patient in two folders is one subject), source `group`
+    (`source_groups`), whether the subject-wise CV reads it (`cv`: not a `LOSO_ONLY` folder) and task labels (class
     names; the rhythm in three groups)."""
     datasets.disable_progress_bars()
     parts, labels = [], []
     data_dir = data_dir or DATA_DIR
-    for folder, fmt in (sources or SOURCES).items():
+    for folder, fmt in {**(sources or SOURCES), **(LOSO_ONLY if loso else {})}.items():
         if not (data_dir / folder).is_dir():
             print(f"[quality] {data_dir / folder} not found: skipped", flush=True)
             continue
@@ -125,16 +142,18 @@ def load_records(limits: dict[str, int] | None, sources: dict[str, str] | None =
             table[column] = table[column].map(dict(enumerate(dataset.features[column].names)))
         table["arrhythmia"] = table["arrhythmia"].map(GROUP_OF_CLASS)
         table["subject"] = fmt + "/" + table["subject_id"].fillna(table["record_id"])
-        labels.append(table.assign(folder=folder))
+        labels.append(table.assign(folder=folder, group=source_groups(dataset), cv=folder not in LOSO_ONLY))
         parts.append(dataset.select_columns(["record_id", "source", "signal"]))
     return datasets.concatenate_datasets(parts), pd.concat(labels, ignore_index=True)
 
 
-def expert_features(records, store: str | None, pretrained: bool) -> tuple[dict, dict]:
+def expert_features(records, store: str | None, pretrained: bool, pretrained_rows: np.ndarray | None = None
+                    ) -> tuple[dict, dict]:
     """The expert sets and their features. Configs: `tiny`, CONFIG's experts (random weights); `pretrained` (None
     unless `pretrained`), PRETRAINED_CONFIG's experts with their real weights, named `pretrained/…`, reading the same
-    gate inputs. Features: every expert's embedding and the gate inputs of every record, from the package's feature
-    store (computed there once per record and expert, shared with train.py and every later run)."""
+    gate inputs. Features: every expert's embedding and the gate inputs of every record (the pretrained experts' of
+    `pretrained_rows` only, default all; NaN elsewhere), from the package's feature store (computed there once per
+    record and expert, shared with train.py and every later run)."""
     tiny = json.loads((REPO / CONFIG).read_text())
     configs = {"tiny": tiny, "pretrained": None}
     if pretrained:
@@ -143,12 +162,19 @@ def expert_features(records, store: str | None, pretrained: bool) -> tuple[dict,
         for expert in configs["pretrained"]["experts"]:
             expert["name"] = f"pretrained/{expert['name']}"
     features = {}
-    for config in filter(None, configs.values()):
+    for key, config in configs.items():
+        if config is None:
+            continue
+        rows = np.arange(len(records)) if key == "tiny" or pretrained_rows is None else pretrained_rows
         torch.manual_seed(SEED)
         model = EnECGModel.from_expert_sources(build_config(TrainScriptArguments(), TASKS["rr_interval"], config))
-        table = build_features(records, model, store_dir=store, batch_size=8)[0].with_format("torch")[:]
-        features |= {name: table[embedding_column(name)].float() for name in model.expert_names}
-        features.setdefault("gate_inputs", table["gate_inputs"].float())
+        table = build_features(records.select(rows), model, store_dir=store, batch_size=8)[0].with_format("torch")[:]
+        for name in model.expert_names:
+            values = table[embedding_column(name)].float()
+            features[name] = torch.full((len(records), values.shape[1]), float("nan"))
+            features[name][torch.as_tensor(rows)] = values
+        if key == "tiny":
+            features["gate_inputs"] = table["gate_inputs"].float()
     return configs, features
 
 
@@ -159,15 +185,22 @@ def measured_rr(records) -> np.ndarray:
     return np.asarray([expert.measure(signal[1])["rr_mean"] * 1000.0 for signal in signals], dtype=np.float64)
 
 
-def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: dict, args) -> dict:
-    """Every row of one task: the baselines, then each fitted row × seeds × subject folds on the stored features;
-    each row's predictions of its test folds are scored at the end (`score_rows`)."""
+def task_spec(task: str):
+    """The task of `enecg_hf.data.TASKS`; arrhythmia in the three groups of `GROUP_OF_CLASS`."""
     spec = TASKS[task]
     if task == "arrhythmia":
         spec = replace(spec, class_names=tuple(dict.fromkeys(GROUP_OF_CLASS.values())))
+    return spec
+
+
+def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: dict, args) -> dict:
+    """Every row of one task: the baselines, then each fitted row × seeds × subject folds on the stored features;
+    each row's predictions of its test folds are scored at the end (`score_rows`)."""
+    spec = task_spec(task)
     candidates = labels[labels["folder"].isin(TASK_SOURCES[task])]
     keep, y = encode_labels(candidates, spec)
     record_rows, groups = candidates.index[keep].to_numpy(), candidates["subject"].to_numpy()[keep]
+    sources = candidates["group"].to_numpy()[keep]
     print(f"[quality] {task}: {len(record_rows)} records, {len(set(groups))} subjects", flush=True)
     predictions, params, stacked_weights = {}, {}, {}  # predictions: row -> [(test rows, logits)], fold by fold
 
@@ -187,12 +220,13 @@ def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: 
     for row, (_, overrides, fit) in FITTED_ROWS.items():
         base = configs["pretrained" if row.startswith("enecg_offline_pretrained") else "tiny"]
         if (overrides is None or base is None or (args.rows and row not in args.rows)
-                or (spec.is_regression and row == "ablation:no_class_weights")):
+                or (spec.is_regression and row == "ablation:no_class_weights")
+                or (not spec.is_regression and row == "ablation:mse")):
             continue
         config = {**base, **(overrides(base) if callable(overrides) else overrides)}
         experts = [e["name"] for e in config["experts"]]
         table = FeatureTable([features[n][record_rows] for n in experts], features["gate_inputs"][record_rows],
-                             torch.from_numpy(y), groups)
+                             torch.from_numpy(y), groups, sources)
         for seed in seeds if row in MAIN_ROWS else seeds[:args.ablation_seeds]:
             torch.manual_seed(seed)
             model = EnECGModel(build_config(TrainScriptArguments(), spec, config))
@@ -263,27 +297,202 @@ def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
             "as_good_as_uniform": bool(within(ours, uniform)), "beats_baseline": bool(sign * (ours - baseline) > 0)}
 
 
+# ------------------------------------------------------------------------------------------------ leave-one-source-out
+# Rows with a fit of their own in the leave-one-source-out runs: name -> (label, config overrides, FitSettings
+# overrides). The default's heads also give each expert's row and the uniform average.
+LOSO_ROWS = {
+    "enecg": ("**EnECG, default settings**", {}, {}),
+    "loso:previous_default": ("previous default: FFN + LoRA heads, MSE, stacking over every expert",
+                              {"head_type": "ffn", "regression_loss": "mse"}, {"stacking": "full"}),
+    "loso:ffn_heads": ("the paper's FFN + LoRA heads (`head_type=\"ffn\"`), otherwise default", {"head_type": "ffn"}, {}),
+    "loso:source_inner_folds": ("inner folds by institution (`--inner_groups source`)", {}, {"inner_groups": "source"}),
+}
+ROW_LABELS |= {name: label for name, (label, _, _) in LOSO_ROWS.items() if name != "enecg"}
+# Held-out groups smaller than this are not scored (a metric on 3 records says nothing).
+MIN_LOSO_RECORDS = 5
+
+
+def reference_rr(signals) -> tuple[np.ndarray, np.ndarray]:
+    """RR reference (ms) of records without RR labels: the mean interval between neurokit2's R-peaks on lead II at
+    500 Hz (`ecg_clean` + `ecg_peaks`), NaN where fewer than 3 peaks; and whether a second detector of neurokit2
+    (kalidas2017) agrees within 5 % (`agree`: the records whose reference two detectors vouch for). Signals are
+    (leads, samples) in mV at 500 Hz; the features expert (z-scored record, 250 Hz in tiny.json) is not involved."""
+    import warnings
+
+    import neurokit2 as nk
+
+    def mean_rr(lead, method):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                _, info = nk.ecg_peaks(nk.ecg_clean(lead, sampling_rate=500), sampling_rate=500, method=method)
+            except Exception:  # neurokit2 raises on degenerate signals in many ways: no reference
+                return np.nan
+        peaks = np.asarray(info["ECG_R_Peaks"])
+        return float(np.diff(peaks).mean() / 500 * 1000) if len(peaks) >= 3 else np.nan
+
+    leads = [np.asarray(signal[1], dtype=np.float64) for signal in signals]
+    reference = np.array([mean_rr(lead, "neurokit") for lead in leads])
+    second = np.array([mean_rr(lead, "kalidas2017") for lead in leads])
+    return reference, np.abs(second - reference) <= 0.05 * reference
+
+
+# MIT-BIH records of ../shared/data/mitdb (channel 0, 360 Hz, 30 min; R-peaks of every beat in NNN_all.csv). Their
+# channel 0 is MLII, lead II for the model, except 102 and 104 (V5: the features expert reads lead II): left out.
+MITDB_NOT_LEAD_II = {"102", "104"}
+MITDB_WINDOWS = 60  # the first 10 minutes of each record, 10 s windows
+
+
+def mitdb_windows(config: dict, max_windows: int) -> tuple[datasets.Dataset, pd.DataFrame]:
+    """MIT-BIH records cut into 10 s windows by the pipeline's windowed prediction (`EnECGPipeline.preprocess` with
+    `window_seconds=10`, lead II, the other leads zero-filled: what `enecg predict mitdb/100 --window-seconds 10
+    --lead-names II --fill-missing-leads` feeds the model), as records (`record_id` `NNN@<start>s`, `source`
+    "mitdb", `signal`); and their reference RR (ms): the mean interval of the annotated beats (`NNN_all.csv`, every
+    beat of the `.atr` annotations) inside the window, NaN with fewer than 3 beats or a skipped window."""
+    from enecg_hf.pipeline_enecg import EnECGPipeline, window_plan
+
+    folder = DATA_DIR / "mitdb"
+    names = sorted(p.stem for p in folder.glob("*.hea") if p.stem not in MITDB_NOT_LEAD_II)
+    model = EnECGModel(build_config(TrainScriptArguments(), TASKS["rr_interval"], config))
+    pipeline = EnECGPipeline(model=model)
+    plan = window_plan(model.config, 10, None, max_windows)
+    rows, signals = [], []
+    for name in names:
+        beats = pd.read_csv(folder / f"{name}_all.csv")["R"].to_numpy() / 360.0  # seconds
+        for item in pipeline.preprocess(str(folder / name), lead_names=["II"], fill_missing_leads=True, window=plan):
+            start, skipped = item["window"].start_seconds, item["window"].skipped
+            inside = beats[(beats >= start) & (beats < start + plan.seconds)]
+            reference = float(np.diff(inside).mean() * 1000) if len(inside) >= 3 and skipped is None else np.nan
+            rows.append({"record_id": f"{name}@{start:g}s", "subject_id": name, "reference_rr": reference})
+            signals.append(item["input_values"][0].numpy())
+    table = pd.DataFrame(rows)
+    windows = datasets.Dataset.from_dict({"record_id": table["record_id"].tolist(), "source": ["mitdb"] * len(table),
+                                          "signal": signals}, features=datasets.Features({
+        "record_id": datasets.Value("string"), "source": datasets.Value("string"),
+        "signal": datasets.Array2D(shape=signals[0].shape, dtype="float32")}))
+    return windows, table
+
+
+def run_loso(task: str, records, labels: pd.DataFrame, features: dict, configs: dict, args) -> dict:
+    """Leave-one-source-out of one task with the tiny experts: each `LOSO_ROWS` row fitted on every institution but
+    the held-out group's and scored there; the default's heads give each expert's row and the uniform average, and
+    the mean / majority of the training records the baseline. RR: one fit per row on LUDB (the only RR labels),
+    scored on every Challenge group against `reference_rr`."""
+    spec, experts = task_spec(task), [e["name"] for e in configs["tiny"]["experts"]]
+    metric = load_metric(spec.problem_type)
+    labelled = labels[labels["folder"] == "ludb"] if task == "rr_interval" else labels
+    keep, y = encode_labels(labelled, spec)
+    rows, groups = labelled.index[keep].to_numpy(), labelled["group"].to_numpy()[keep]
+    table = FeatureTable([features[n] for n in experts], features["gate_inputs"],
+                         torch.zeros(len(labels)), labels["subject"].to_numpy(), labels["group"].to_numpy())
+    if task == "rr_interval":  # train on LUDB; score the Challenge records against their R-peak reference and
+        # the MIT-BIH windows against their beat annotations
+        challenge = labels.index[labels["folder"].str.startswith("challenge")].to_numpy()
+        reference = np.full(len(labels), np.nan)
+        reference[challenge], agree = reference_rr(records.select(challenge).with_format("numpy")["signal"])
+        agreeing = np.zeros(len(labels), dtype=bool)
+        agreeing[challenge] = agree
+        if "reference_rr" in labels:  # annotated beats: a reference no detector has to vouch for
+            annotated = labels.index[labels["folder"] == "mitdb"].to_numpy()
+            reference[annotated] = labels["reference_rr"].to_numpy()[annotated]
+            agreeing[annotated] = True
+        test_rows = np.flatnonzero(np.isfinite(reference))
+        table.labels[torch.as_tensor(test_rows)] = torch.as_tensor(reference[test_rows], dtype=torch.float32)
+        folds = [(group, np.arange(len(rows)), test_rows[labels["group"].to_numpy()[test_rows] == group])
+                 for group in sorted(set(labels["group"].to_numpy()[test_rows]))]
+        extra = {"reference": "neurokit2 R-peaks on lead II at 500 Hz (Challenge), the annotated beats (MIT-BIH "
+                              "windows)", "reference_agreeing_records": int(agreeing[test_rows].sum()),
+                 "challenge_records": int(labels["group"].str.startswith("challenge/").to_numpy()[test_rows].sum())}
+    else:
+        folds = [(group, train, rows[test]) for group, train, test in leave_one_source_out(groups)]
+        extra = {}
+    table.labels[torch.as_tensor(rows)] = torch.from_numpy(y).float()
+    if not spec.is_regression:
+        table.labels = table.labels.long()
+    folds = [(group, rows[train], test) for group, train, test in folds if len(test) >= args.min_loso_records]
+    print(f"[quality] {task}: leave-one-source-out over {[(g, len(t)) for g, _, t in folds]}", flush=True)
+    predictions: dict[str, dict[str, np.ndarray]] = {}  # row -> group -> logits
+    for row, (_, overrides, fit) in LOSO_ROWS.items():
+        if args.loso_rows and row not in args.loso_rows:
+            continue
+        settings = FitSettings(seed=SEED, **{**fit, **(QUICK_FIT if args.quick else {})})
+        model, fitted_on = None, None
+        for group, train, test in folds:
+            if fitted_on is None or not np.array_equal(train, fitted_on):  # RR: one fit serves every group
+                torch.manual_seed(SEED)
+                model = EnECGModel(build_config(TrainScriptArguments(), spec, {**configs["tiny"], **overrides}))
+                fit_enecg(model, table, train, settings, name=f"loso-{group}")
+                fitted_on = train
+            out = predict(model, table, test)
+            predictions.setdefault(row, {})[group] = out["logits"]
+            if row == "enecg":
+                for i, name in enumerate(experts):
+                    predictions.setdefault(f"expert:{name}", {})[group] = out["expert_logits"][:, i]
+                predictions.setdefault("uniform_ensemble", {})[group] = out["expert_logits"].mean(1)
+                base = baseline_predictions(table.labels[train].numpy(), table.labels[test].numpy(), spec)
+                predictions.setdefault("baseline:mean_or_majority", {})[group] = base["logits"]
+        print(f"[quality]   {task} leave-one-source-out {row}: {len(folds)} groups fitted", flush=True)
+
+    def scores(logits: np.ndarray, test: np.ndarray) -> dict[str, float]:  # NaN where undefined (one class)
+        return score({"logits": np.asarray(logits, np.float64), "labels": table.labels[test].numpy()}, spec, metric)
+
+    finite = lambda values: {k: v for k, v in values.items() if math.isfinite(v)}  # noqa: E731
+    every = np.concatenate([test for _, _, test in folds])
+    result_rows = {}
+    for row, by_group in predictions.items():
+        per_group = {group: scores(by_group[group], test) for group, _, test in folds}
+        pooled = np.concatenate([by_group[group] for group, _, _ in folds])
+        result_rows[row] = {"label": ROW_LABELS.get(row) or f"{row.split(':', 1)[1]} expert alone",
+                            "groups": {g: finite(v) for g, v in per_group.items()},
+                            "pooled": finite(scores(pooled, every)),
+                            "mean_over_groups": summarize(list(per_group.values()))}
+        if task == "rr_interval":  # the Challenge records alone, and the records whose reference is confirmed
+            confirmed, challenge = agreeing[every], labels["group"].str.startswith("challenge/").to_numpy()[every]
+            result_rows[row]["pooled_reference_agreeing"] = finite(scores(pooled[confirmed], every[confirmed]))
+            result_rows[row]["pooled_challenge"] = finite(scores(pooled[challenge], every[challenge]))
+    block = {"problem_type": spec.problem_type, "metric": HEADLINE[spec.problem_type][0],
+             "groups": {group: {"records": int(len(test)), "train_records": int(len(train)),
+                                "institution": institution(group)} for group, train, test in folds},
+             "records": int(len(every)), "rows": result_rows, **extra}
+    block["verdict"] = verdict({r: {"metrics": {k: {"mean": v} for k, v in values["pooled"].items()}}
+                                for r, values in result_rows.items()}, spec, experts)
+    return block
+
+
 def measure(args, store: str | None) -> dict:
     torch.set_num_threads(1)
     started, load = time.perf_counter(), os.getloadavg()
     require_data("ludb")  # the other sources are skipped, saying so, when absent
-    records, labels = load_records(QUICK_LIMITS if args.quick else None)
-    configs, features = expert_features(records, store, args.pretrained)
+    records, labels = load_records(QUICK_LIMITS if args.quick else None, loso=args.loso)
+    if args.loso and "rr_interval" in args.tasks.split(",") and (DATA_DIR / "mitdb").is_dir():
+        windows, table = mitdb_windows(json.loads((REPO / CONFIG).read_text()), 3 if args.quick else MITDB_WINDOWS)
+        records = datasets.concatenate_datasets([records, windows.cast(records.features)])
+        labels = pd.concat([labels, table.assign(folder="mitdb", group="mitdb", cv=False,
+                                                 subject="mitdb/" + table["subject_id"])], ignore_index=True)
+    cv_rows = labels.index[labels["cv"]].to_numpy()
+    configs, features = expert_features(records, store, args.pretrained and args.cv, cv_rows)
     feature_seconds = time.perf_counter() - started
     print(f"[quality] expert features of {len(labels)} records ready after {feature_seconds:.0f} s", flush=True)
+    tasks = args.tasks.split(",")
+    cv_labels = labels[labels["cv"]]
     results = {
         "benchmark": "quality", "quick": args.quick, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(torch_threads=1),
-        "data": {"source": "enecg_hf.data.build_dataset", "records": len(labels),
-                 "records_per_source": {s: int((labels["folder"] == s).sum()) for s in SOURCES}},
+        "data": {"source": "enecg_hf.data.build_dataset", "records": len(cv_labels),
+                 "records_per_source": {s: int((cv_labels["folder"] == s).sum()) for s in SOURCES},
+                 "loso_records_per_group": labels["group"].value_counts().sort_index().to_dict()},
         "setup": {
             "config": CONFIG, "experts": [e["name"] for e in configs["tiny"]["experts"]], "folds": args.folds,
-            "seeds": args.seeds, "pretrained_config": PRETRAINED_CONFIG if args.pretrained else None,
-            "pretrained_experts": [e["name"] for e in configs["pretrained"]["experts"]] if args.pretrained else [],
+            "seeds": args.seeds, "pretrained_config": PRETRAINED_CONFIG if configs["pretrained"] else None,
+            "pretrained_experts": [e["name"] for e in configs["pretrained"]["experts"]] if configs["pretrained"] else [],
             "seed": SEED, "ablation_seeds": args.ablation_seeds, "metrics": "enecg_hf/metrics (evaluate)",
+            "min_loso_records": args.min_loso_records,
         },
         "published": PUBLISHED,
-        "tasks": {task: run_task(task, records, labels, features, configs, args) for task in args.tasks.split(",")},
+        "tasks": {task: run_task(task, records.select(cv_rows), cv_labels.reset_index(drop=True),
+                                 {k: v[torch.as_tensor(cv_rows)] for k, v in features.items()}, configs, args)
+                  for task in tasks if args.cv},
+        "loso": {task: run_loso(task, records, labels, features, configs, args) for task in tasks if args.loso},
     }
     results["run"] = {"load_average_start": list(load), "load_average_end": list(os.getloadavg()),
                       "feature_extraction_s": feature_seconds, "elapsed_s": time.perf_counter() - started,
@@ -294,16 +503,24 @@ def measure(args, store: str | None) -> dict:
 def combine(parts: list[dict]) -> dict:
     """One result from runs over different tasks or rows (e.g. two processes, one per core)."""
     results = parts[0]
+    results.setdefault("loso", {})
     for part in parts[1:]:
-        for task, block in part["tasks"].items():
-            mine = results["tasks"].setdefault(task, block)  # the same task, other rows (--rows ...): merged
-            for row, values in block["rows"].items():
-                mine["rows"].setdefault(row, values)
-            mine["verdict"] = mine["verdict"] or block["verdict"]
+        for key in ("tasks", "loso"):
+            for task, block in part.get(key, {}).items():
+                mine = results[key].setdefault(task, block)  # the same task, other rows (--rows ...): merged
+                for row, values in block["rows"].items():
+                    mine["rows"].setdefault(row, values)
+                if key == "loso" and mine is not block:
+                    mine["verdict"] = verdict({r: {"metrics": {k: {"mean": v} for k, v in values["pooled"].items()}}
+                                               for r, values in mine["rows"].items()}, task_spec(task),
+                                              results["setup"]["experts"])
+                else:
+                    mine["verdict"] = mine["verdict"] or block["verdict"]
         for key in ("pretrained_config", "pretrained_experts"):
             results["setup"][key] = results["setup"][key] or part["setup"][key]
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
-    results["tasks"] = {task: results["tasks"][task] for task in TASK_SOURCES if task in results["tasks"]}
+    for key in ("tasks", "loso"):
+        results[key] = {task: results[key][task] for task in TASK_SOURCES if task in results[key]}
     return results
 
 
@@ -351,6 +568,56 @@ def docs_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def loso_table(results: dict) -> str:
+    """The leave-one-source-out section of docs/benchmarks.md: per task, each row's headline metric on every
+    held-out source group, pooled over all of them, and as a mean ± std over groups."""
+    if not results.get("loso"):
+        return "(no leave-one-source-out run in these results)"
+    s = results["setup"]
+    lines = [f"Setup: every source group held out in turn (at least {s['min_loso_records']} labelled records), the "
+             "model trained afresh on the records of every *other* institution and scored on the held-out group; "
+             f"experts {', '.join(s['experts'])} from `{s['config']}` with random weights; seed {s['seed']}. Cells: "
+             "the task's headline metric; *pooled*: over every held-out record at once; *per source*: mean ± std "
+             "over the groups. Records per group: " + ", ".join(
+                 f"{g} {n}" for g, n in results["data"]["loso_records_per_group"].items()) + ".", ""]
+    cell = lambda value: f"{value:.3g}" if value is not None else "n/a"  # noqa: E731
+    for task, block in results["loso"].items():
+        metric, groups = block["metric"], list(block["groups"])
+        rr = "pooled_reference_agreeing" in block["rows"]["enecg"]
+        sign = -1 if block["problem_type"] == "regression" else 1
+        experts = {r: v for r, v in block["rows"].items() if r.startswith("expert:") and metric in v["pooled"]}
+        best = max(experts, key=lambda r: sign * experts[r]["pooled"][metric]) if experts else None
+        shown = [r for r in block["rows"] if not r.startswith(("expert:", "baseline:", "uniform"))]
+        shown += ["uniform_ensemble", *([best] if best else []), "baseline:mean_or_majority"]
+        header = ["row", *[f"{g} ({block['groups'][g]['records']})" for g in groups],
+                  *([f"Challenge, pooled ({block['challenge_records']})"] if rr else []),
+                  f"**pooled** ({block['records']})",
+                  *([f"pooled, reference confirmed ({block['reference_agreeing_records']})"] if rr else []),
+                  "per source"]
+        table = []
+        for row in shown:
+            values = block["rows"][row]
+            label = values["label"] + (" (best expert)" if row == best else "")
+            summary = values["mean_over_groups"].get(metric)
+            table.append([label, *[cell(values["groups"][g].get(metric)) for g in groups],
+                          *([cell(values["pooled_challenge"].get(metric))] if rr else []),
+                          f"**{cell(values['pooled'].get(metric))}**",
+                          *([cell(values["pooled_reference_agreeing"].get(metric))] if rr else []),
+                          f"{summary['mean']:.3g} ± {summary['std']:.2g}" if summary else "n/a"])
+        about = (f"trained on LUDB's {next(iter(block['groups'].values()))['train_records']} records, scored against "
+                 f"{block['reference']}" if rr else "trained on every other institution")
+        lines += [f"**{task}** ({metric}; {about})", "", markdown_table(header, table, "l" + "r" * (len(header) - 1))]
+        if v := block.get("verdict"):
+            yes = lambda key: "yes" if v[key] else "no"  # noqa: E731
+            lines += ["", f"Pooled: default EnECG {v['metric']} {v['enecg']:.4g}, best single expert "
+                      f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
+                      f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
+                      f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
+                      f"beats the baseline: {yes('beats_baseline')}."]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
 def main() -> None:
     options = parser(__doc__, "quality.json")
     add = options.add_argument
@@ -365,13 +632,25 @@ def main() -> None:
     add("--feature-store", default=None, help="the feature store's folder (default: the package's shared store, "
         "enecg_hf.features.feature_store_dir(); '' for a temporary one)")
     add("--combine", nargs="+", type=Path, metavar="JSON", help="merge runs over other --tasks or --rows into --output")
+    add("--cv", action=argparse.BooleanOptionalAction, default=True, help="the subject-wise CV rows (default on)")
+    add("--loso", action=argparse.BooleanOptionalAction, default=True,
+        help="the leave-one-source-out rows (default on)")
+    add("--loso-rows", default="", help=f"comma-separated leave-one-source-out rows (default all: {', '.join(LOSO_ROWS)})")
+    add("--min-loso-records", type=int, default=None,
+        help=f"smallest held-out group scored (default {MIN_LOSO_RECORDS}; 2 with --quick)")
     args = options.parse_args()
     if render_only(args, docs_table, "quality"):
+        if args.update_docs:
+            replace_section("quality_loso", loso_table(json.loads(args.output.read_text())))
         return
     args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
     args.ablation_seeds = args.ablation_seeds or args.seeds
     args.pretrained = (not args.quick) if args.pretrained is None else args.pretrained
     args.rows = {r for r in args.rows.split(",") if r}
+    args.loso_rows = {r for r in args.loso_rows.split(",") if r}
+    if args.loso_rows:
+        args.loso_rows.add("enecg")  # its heads give the experts' and the uniform average's rows
+    args.min_loso_records = args.min_loso_records or (2 if args.quick else MIN_LOSO_RECORDS)
     if {r for r in args.rows if not r.startswith("enecg_offline_pretrained")}:  # judged against the default EnECG
         args.rows.add("enecg")
     if args.combine:
@@ -382,6 +661,9 @@ def main() -> None:
         with store as folder:
             results = measure(args, folder)
     save(results, args.output, docs_table(results), "quality" if args.update_docs else None)
+    print(loso_table(results))
+    if args.update_docs:
+        replace_section("quality_loso", loso_table(results))
 
 
 if __name__ == "__main__":

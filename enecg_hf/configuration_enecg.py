@@ -10,6 +10,8 @@ from transformers import PreTrainedConfig
 from .expert_registry import EXPERT_TYPES
 from .preprocessing_enecg import STANDARD_LEAD_NAMES
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+HEAD_TYPES = ("linear_ffn", "ffn")
+REGRESSION_LOSSES = ("huber", "mse")
 ADAPTATIONS = ("lora", "full")
 NORMALIZATIONS = ("record", "lead", "none")
 
@@ -112,6 +114,10 @@ TASK_DEFAULTS = {"unit": None, "class_names": None, "target_mean": 0.0, "target_
                  "loss_weight": 1.0}
 
 
+# What a saved config without the key meant when it was written (see `EnECGConfig.from_dict`).
+SAVED_BEFORE_DEFAULTS = {"head_standardize": False, "head_type": "ffn", "regression_loss": "mse"}
+
+
 class EnECGConfig(PreTrainedConfig):
     r"""
     Configuration of an [`EnECGModel`]: frozen expert backbones, one FFN head per expert and a gating network.
@@ -148,7 +154,20 @@ class EnECGConfig(PreTrainedConfig):
             training records (stored in the head as `input_mean` / `input_std`) and clips it to +-`head_input_clip`.
             Folders saved before this option existed load with `False` (their heads never standardised).
         head_input_clip (`float`, defaults to 6.0):
-            Bound of a standardised embedding value.
+            Bound of a standardised embedding value entering the FFN (the linear path reads it unclipped).
+        head_type (`str`, defaults to `"linear_ffn"`):
+            `"linear_ffn"`: each head is a linear map of the standardised embedding plus the FFN, whose output layer
+            starts at zero: training fits the linear path as a convex problem (its L2 penalty chosen by inner
+            cross-validation) and the FFN only learns what is left, for as many epochs as held-out records confirm
+            (often none). A measurement that carries the answer then passes through linearly and extrapolates.
+            `"ffn"`: the paper's FFN alone. Folders saved before this option existed load with `"ffn"`.
+        regression_loss (`str`, defaults to `"huber"`):
+            Loss of a regression on its standardised target: `"huber"` (quadratic within `huber_delta`, linear
+            beyond: a few wrong labels or failed measurements do not pull the fit, and its minimiser is close to the
+            median, which the MAE scores) or `"mse"`. Folders saved before this option existed load with `"mse"`.
+        huber_delta (`float`, defaults to 0.05):
+            Where the Huber loss turns from quadratic to linear, in standard deviations of the target; the loss is
+            divided by it, so that beyond it the loss is the absolute error.
         expert_loss_weight (`float`, defaults to 1.0):
             `forward`'s loss is the mixture's loss plus this weight times the mean of every head's own loss on its
             prediction (the paper's step 1: each head is a predictor by itself); 0 supervises only the mixture.
@@ -196,6 +215,9 @@ class EnECGConfig(PreTrainedConfig):
     head_dropout: float = 0.0
     head_standardize: bool = True
     head_input_clip: float = 6.0
+    head_type: str = "linear_ffn"
+    regression_loss: str = "huber"
+    huber_delta: float = 0.05
     expert_loss_weight: float = 1.0
     class_weights: list[float] | None = None
     gate_leads: list[str] | None = None
@@ -232,10 +254,9 @@ class EnECGConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "EnECGConfig":
-        # Folders saved before heads standardised their inputs have no `head_standardize` key and no standardisation
-        # buffers: load them as they were saved.
-        if "head_standardize" not in config_dict:
-            config_dict = {**config_dict, "head_standardize": False}
+        # Folders saved before an option existed load as they were saved: options added later default to what the
+        # code did then (no head standardisation, the FFN head alone, MSE), not to today's defaults.
+        config_dict = {**SAVED_BEFORE_DEFAULTS, **config_dict}
         return super().from_dict(config_dict, **kwargs)
 
     @property
@@ -279,6 +300,12 @@ class EnECGConfig(PreTrainedConfig):
             fail("adaptation", f"must be one of {ADAPTATIONS}, got {self.adaptation!r}")
         if self.normalization not in NORMALIZATIONS:
             fail("normalization", f"must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.head_type not in HEAD_TYPES:
+            fail("head_type", f"must be one of {HEAD_TYPES}, got {self.head_type!r}")
+        if self.regression_loss not in REGRESSION_LOSSES:
+            fail("regression_loss", f"must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}")
+        if not float(self.huber_delta) > 0.0:
+            fail("huber_delta", f"must be positive, got {self.huber_delta}")
         if self.gate_type not in ("learned", "uniform"):
             fail("gate_type", f"must be 'learned' or 'uniform', got {self.gate_type!r}")
         for name in ("sampling_rate", "input_length", "head_hidden_size", "gate_input_length", "gate_hidden_size", "lora_r"):

@@ -85,6 +85,13 @@ class EnECGExpert(nn.Module):
     def num_leads(self) -> int:
         return len(self.lead_indices)
 
+    @property
+    def missing_indicators(self) -> list[tuple[int, int]]:
+        """`(value column, flag column)` pairs of the embedding: the value is not measured where its flag is 1 (and
+        then holds a placeholder). Heads with a linear path read such a value as the training records' mean of the
+        measured ones, so that a placeholder is never extrapolated from. None by default."""
+        return []
+
     @classmethod
     def validate_config(cls, expert_config: EnECGExpertConfig, config: EnECGConfig) -> None:
         """Check the expert's entry of a model `config` before anything is built; a `ValueError` names the field.

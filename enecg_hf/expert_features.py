@@ -164,6 +164,12 @@ class EnECGFeaturesExpert(EnECGExpert):
         per_lead = list(FEATURE_NAMES) + [f"{name}_missing" for name in FEATURE_NAMES]
         return [f"{lead}.{name}" for lead in self.expert_config.leads for name in per_lead]
 
+    @property
+    def missing_indicators(self) -> list[tuple[int, int]]:
+        """Each value's column and its `_missing` flag's column, per lead (a missing value is stored as 0.0)."""
+        per_lead, count = 2 * len(FEATURE_NAMES), len(FEATURE_NAMES)
+        return [(lead * per_lead + i, lead * per_lead + count + i) for lead in range(self.num_leads) for i in range(count)]
+
     def measure(self, signal: np.ndarray) -> dict[str, float]:
         """One lead (samples,) -> {feature name: value in the units above, NaN if not measured}."""
         values = dict.fromkeys(FEATURE_NAMES, math.nan)

@@ -94,21 +94,39 @@ def labels_present(labels: torch.Tensor) -> torch.Tensor:
     return present.all(dim=1)
 
 
+def regression_loss(scaled_predictions: torch.Tensor, scaled_target: torch.Tensor, config) -> torch.Tensor:
+    """Mean loss of predictions of the standardised target: MSE, or the Huber loss divided by `config.huber_delta`
+    (the absolute error beyond `huber_delta` standard deviations, a parabola within), as `config.regression_loss`
+    says."""
+    if config.regression_loss == "mse":
+        return F.mse_loss(scaled_predictions, scaled_target)
+    delta = float(config.huber_delta)
+    return F.huber_loss(scaled_predictions, scaled_target, delta=delta) / delta
+
+
 def mix_experts(expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum: (batch, experts, num_labels) and (batch, experts) -> (batch, num_labels)."""
     return (gate_weights.unsqueeze(-1) * expert_outputs).sum(dim=1)
 
 
 class EnECGHead(nn.Module):
-    """Per-expert FFN head: (standardise) -> hidden -> hidden -> num_labels, with ReLU (the paper's head).
+    """Per-expert head: (standardise) -> [linear path +] FFN hidden -> hidden -> num_labels, with ReLU.
 
     Expert embeddings differ in scale by orders of magnitude (column standard deviations of 0.01-0.5 from the tiny
     experts, 0/1 indicators from the features expert), so a head first standardises its input with a mean and standard
-    deviation fitted on the training records (`input_mean`, `input_std`; see `EnECGModel.fit_head_standardization`)
-    and clips the result to +-`input_clip`, which keeps one odd record from producing an absurd prediction."""
+    deviation fitted on the training records (`input_mean`, `input_std`; see `EnECGModel.fit_head_standardization`).
+    The FFN (the paper's head) reads it clipped to +-`input_clip`, which keeps one odd record from producing an absurd
+    prediction through it.
+
+    With `linear_path` (`config.head_type="linear_ffn"`) the head adds a linear map of the standardised embedding,
+    unclipped, to the FFN's output: `linear(z) + FFN(clip(z))`. Both `linear` and the FFN's `out_proj` start at zero,
+    so a new head outputs zero; training fits `linear` as a regularised convex problem and the FFN on what is left
+    (`enecg_hf.training.linear_heads`). A measurement that is the answer (RR from R-peak intervals) then keeps its
+    meaning beyond the training records' range instead of being bent by a ReLU network that never saw such values."""
 
     def __init__(self, embedding_dim: int, hidden_size: int, num_labels: int, dropout: float,
-                 standardize: bool = False, input_clip: float = 6.0):
+                 standardize: bool = False, input_clip: float = 6.0, linear_path: bool = False,
+                 missing_indicators: list[tuple[int, int]] | None = None):
         super().__init__()
         self.standardize = standardize
         self.input_clip = input_clip
@@ -118,15 +136,69 @@ class EnECGHead(nn.Module):
         self.dense1 = nn.Linear(embedding_dim, hidden_size)
         self.dense2 = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, num_labels)
+        self.linear = nn.Linear(embedding_dim, num_labels) if linear_path else None
+        if linear_path:  # zero output until fitted (also here: see EnECGGate)
+            for layer in (self.linear, self.out_proj):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.dropout = nn.Dropout(dropout)
+        # A linear-path head reads a value its expert could not measure (flag column 1, placeholder value) as the
+        # training mean (standardised: 0), and the flag as a column of its own: mean imputation with an indicator.
+        # Derived from the expert, so not saved; plain lists (buffers made on the meta device by `from_pretrained`
+        # would not be restored).
+        pairs = list(missing_indicators or []) if linear_path and standardize else []
+        self.impute_columns = [int(v) for v, _ in pairs]
+        self.impute_flags = [int(f) for _, f in pairs]
+
+    @property
+    def linear_path(self) -> bool:
+        return self.linear is not None
+
+    def unmeasured(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(batch, len(impute_columns)) True where a value of `impute_columns` was not measured."""
+        return embedding[:, self.impute_flags] > 0.5
+
+    def standardize_input(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(batch, embedding_dim) -> the standardised embedding (unclipped; unmeasured values at 0, the mean)."""
+        if not self.standardize:
+            return embedding
+        if self.impute_columns:
+            columns = torch.tensor(self.impute_columns, device=embedding.device)
+            imputed = torch.where(self.unmeasured(embedding), self.input_mean[columns].to(embedding.dtype),
+                                  embedding[:, columns])
+            embedding = embedding.index_copy(1, columns, imputed)
+        return (embedding - self.input_mean) / self.input_std
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         """(batch, embedding_dim) -> (batch, num_labels)."""
-        if self.standardize:
-            embedding = ((embedding - self.input_mean) / self.input_std).clamp(-self.input_clip, self.input_clip)
-        hidden = self.dropout(F.relu(self.dense1(embedding)))
+        embedding = self.standardize_input(embedding)
+        clipped = embedding.clamp(-self.input_clip, self.input_clip) if self.standardize else embedding
+        hidden = self.dropout(F.relu(self.dense1(clipped)))
         hidden = self.dropout(F.relu(self.dense2(hidden)))
-        return self.out_proj(hidden)
+        output = self.out_proj(hidden)
+        if self.linear is not None:
+            output = output + self.linear(embedding)
+        return output
+
+    @torch.no_grad()
+    def fit_standardization(self, embedding: torch.Tensor) -> None:
+        """Set `input_mean` / `input_std` from the training records' `(records, embedding_dim)` embeddings; a
+        constant column keeps a standard deviation of 1. Columns with a missing flag: over their measured values."""
+        embedding = embedding.float()
+        if embedding.shape[0] > 1:
+            mean, std = embedding.mean(dim=0), embedding.std(dim=0)
+        else:
+            mean, std = embedding.mean(dim=0), torch.ones_like(self.input_std)
+        if self.impute_columns:
+            measured = (~self.unmeasured(embedding)).float()
+            values = embedding[:, self.impute_columns]
+            count = measured.sum(dim=0)
+            value_mean = (values * measured).sum(dim=0) / count.clamp_min(1)
+            value_var = (((values - value_mean) * measured) ** 2).sum(dim=0) / (count - 1).clamp_min(1)
+            mean[self.impute_columns] = torch.where(count > 0, value_mean, mean[self.impute_columns])
+            std[self.impute_columns] = torch.where(count > 1, value_var.sqrt(), std[self.impute_columns])
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
 class EnECGGate(nn.Module):
@@ -236,7 +308,7 @@ class EnECGTaskMixin:
         problem_type = self.task_config.problem_type
         if problem_type == "regression":
             target = (labels.float() - self.task_config.target_mean) / self.task_config.target_std
-            return F.mse_loss(scaled_logits, target.reshape(scaled_logits.shape))
+            return regression_loss(scaled_logits, target.reshape(scaled_logits.shape), self.task_config)
         if problem_type == "single_label_classification":
             weight = None
             if self.task_config.class_weights is not None:
@@ -251,10 +323,7 @@ class EnECGTaskMixin:
         if not self.task_config.head_standardize:
             return
         for head, embedding in zip(self.heads.values(), expert_embeddings):
-            embedding = embedding.float()
-            std = embedding.std(dim=0) if embedding.shape[0] > 1 else torch.ones_like(head.input_std)
-            head.input_mean.copy_(embedding.mean(dim=0))
-            head.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+            head.fit_standardization(embedding)
 
 
 
@@ -265,13 +334,16 @@ class EnECGTaskEnsemble(EnECGTaskMixin, nn.Module):
     (`logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`, `gate_weights` `(batch, experts)`),
     so the training core fits it as it fits a single-task model."""
 
-    def __init__(self, task_config: EnECGTaskConfig, embedding_dims: dict[str, int], gate_input_size: int):
+    def __init__(self, task_config: EnECGTaskConfig, embedding_dims: dict[str, int], gate_input_size: int,
+                 missing_indicators: dict[str, list[tuple[int, int]]] | None = None):
         super().__init__()
         self._task_config = task_config
         self.heads = nn.ModuleDict(
             {
                 name: EnECGHead(dim, task_config.head_hidden_size, task_config.num_labels, task_config.head_dropout,
-                                standardize=task_config.head_standardize, input_clip=task_config.head_input_clip)
+                                standardize=task_config.head_standardize, input_clip=task_config.head_input_clip,
+                                linear_path=task_config.head_type == "linear_ffn",
+                                missing_indicators=(missing_indicators or {}).get(name))
                 for name, dim in embedding_dims.items()
             }
         )
@@ -305,16 +377,21 @@ class EnECGPreTrainedModel(PreTrainedModel):
 @torch.no_grad()
 def init_head_or_gate(module: nn.Module) -> None:
     """Initialise an [`EnECGHead`] or [`EnECGGate`] (any other module is left alone): `nn.Linear`'s own default, and
-    zeros for the gate's `out_proj`. One call per tensor: transformers guards the torch.nn.init functions so that each
-    tensor is initialised once."""
+    zeros for the gate's `out_proj` and for a linear-path head's `linear` and `out_proj`. One call per tensor:
+    transformers guards the torch.nn.init functions so that each tensor is initialised once."""
     if isinstance(module, (EnECGHead, EnECGGate)):
         # The gate's out_proj starts at zero: a new gate is the uniform average (a random gate starts on a random
-        # expert, and a few hundred records rarely undo it).
-        zero = module.out_proj if isinstance(module, EnECGGate) else None
+        # expert, and a few hundred records rarely undo it). A linear-path head starts at zero output: its FFN then
+        # adds only what training gives it on top of the linear fit.
+        if isinstance(module, EnECGGate):
+            zero = [module.out_proj]
+        else:
+            zero = [module.linear, module.out_proj] if module.linear_path else []
+        zero += [getattr(layer, "base_layer", None) for layer in zero]
         for layer in module.modules():
             if not isinstance(layer, nn.Linear):
                 continue
-            if zero is not None and layer in (zero, getattr(zero, "base_layer", None)):
+            if any(layer is z for z in zero if z is not None):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
                 continue
@@ -349,14 +426,17 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
         with torch.random.fork_rng(devices=[]):
             if config.is_multitask:
                 dims = {name: expert.embedding_dim for name, expert in self.experts.items()}
-                self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size)
+                missing = {name: expert.missing_indicators for name, expert in self.experts.items()}
+                self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size, missing)
                                             for task in config.task_configs})
             else:  # the layout of every single-task folder ever saved: `heads.<expert>.*` and `gate.*`
                 self.heads = nn.ModuleDict(
                     {
                         name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels,
                                         config.head_dropout, standardize=config.head_standardize,
-                                        input_clip=config.head_input_clip)
+                                        input_clip=config.head_input_clip,
+                                        linear_path=config.head_type == "linear_ffn",
+                                        missing_indicators=expert.missing_indicators)
                         for name, expert in self.experts.items()
                     }
                 )

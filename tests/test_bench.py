@@ -108,7 +108,7 @@ def test_efficiency_quick(tmp_path):
 @pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"real ECGs not found under {DATA_DIR}")
 def test_quality_quick(tmp_path):
     result, stdout = run_quick("quality.py", tmp_path, "--feature-store", str(tmp_path / "store"))
-    assert "| **EnECG, default settings** (learned gate, LoRA heads) |" in stdout  # the table for docs/benchmarks.md
+    assert "| **EnECG, default settings** (linear + FFN-LoRA heads, learned gate) |" in stdout  # docs/benchmarks.md
     tasks = result["tasks"]
     assert set(tasks) == {"rr_interval", "age", "sex", "arrhythmia"}
     experts = result["setup"]["experts"]
@@ -129,6 +129,20 @@ def test_quality_quick(tmp_path):
         assert {"as_good_as_best_expert", "as_good_as_uniform", "beats_baseline"} <= set(verdict)
         if task != "rr_interval":  # several sources: the same folds also scored without LUDB's records
             assert "metrics_excluding_ludb" in block["rows"]["enecg"]
+    # Leave-one-source-out: every task, each held-out group scored by the default, its experts, the uniform average,
+    # the baseline and the fitted alternatives; RR trained on LUDB and scored on the Challenge records and MIT-BIH
+    # windows against their references.
+    assert set(result["loso"]) == set(tasks)
+    for task, block in result["loso"].items():
+        assert {"enecg", "uniform_ensemble", "baseline:mean_or_majority", "loso:previous_default",
+                "loso:ffn_heads", "loso:source_inner_folds"} | {f"expert:{n}" for n in experts} <= set(block["rows"])
+        if task == "rr_interval":  # LUDB trains RR; it is never held out
+            assert "ludb" not in block["groups"]
+        for values in block["rows"].values():
+            assert block["metric"] in values["pooled"] and set(values["groups"]) == set(block["groups"])
+        assert {"as_good_as_best_expert", "beats_baseline"} <= set(block["verdict"])
+    assert "mitdb" in result["loso"]["rr_interval"]["groups"]
+    assert "Challenge, pooled" in stdout and "**pooled**" in stdout
     # Nulls are allowed only where a field does not apply (label_mean of a classification task, no pretrained config).
     bad = [p for p in non_finite_numbers(result) if not p.endswith((".label_mean", ".pretrained_config"))]
     assert not bad, bad
@@ -172,6 +186,7 @@ def test_source_rate_quick(tmp_path):
 RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs file)
     ("efficiency", "docs_table", "efficiency.json", "efficiency", "benchmarks.md"),
     ("quality", "docs_table", "quality.json", "quality", "benchmarks.md"),
+    ("quality", "loso_table", "quality.json", "quality_loso", "benchmarks.md"),
     ("multitask", "markdown", "multitask.json", "multitask", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision.json", "expert_precision", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision_moment.json", "expert_precision_moment", "benchmarks.md"),
@@ -221,3 +236,33 @@ def test_quality_groups_a_patient_across_folders_of_one_database(monkeypatch, tm
     for seed in range(3):
         for _, test in quality.subject_folds(groups, 3, seed):
             assert set(patient) <= set(test) or not set(patient) & set(test)
+
+
+def test_rr_references_of_the_unseen_sources(monkeypatch):
+    """The leave-one-source-out RR references: R-peak intervals of neurokit2 on lead II (a simulated record's exact RR
+    within 1 %), and MIT-BIH windows cut by the pipeline's windowed prediction with the mean interval of the
+    annotated beats inside each (checked by hand against the R-peak file)."""
+    import pandas as pd
+
+    from enecg_hf.data.simulate import simulate_record
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import quality
+
+    signals, labels = zip(*(simulate_record(i) for i in range(3)))
+    reference, agree = quality.reference_rr(signals)
+    np.testing.assert_allclose(reference, [label["rr_interval"] for label in labels], rtol=0.01)
+    assert agree.all()
+    assert np.isnan(quality.reference_rr([np.zeros((12, 5000), dtype=np.float32)])[0][0])  # flat: no reference
+    if not (DATA_DIR / "mitdb" / "100.hea").is_file():
+        pytest.skip(f"MIT-BIH records not found under {DATA_DIR}")
+    monkeypatch.setattr(quality, "DATA_DIR", DATA_DIR)
+    config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
+    windows, table = quality.mitdb_windows(config, max_windows=2)
+    assert "102@0s" not in set(table["record_id"]) and "104@0s" not in set(table["record_id"])  # V5, not lead II
+    assert windows[0]["signal"] is not None and np.asarray(windows[0]["signal"]).shape == (12, 5000)
+    beats = pd.read_csv(DATA_DIR / "mitdb" / "100_all.csv")["R"].to_numpy() / 360.0
+    second = beats[(beats >= 10) & (beats < 20)]
+    assert table.set_index("record_id").loc["100@10s", "reference_rr"] == pytest.approx(np.diff(second).mean() * 1000)
+    lead_ii = np.asarray(windows[0]["signal"])[1]
+    assert np.ptp(lead_ii) > 0.5 and not np.asarray(windows[0]["signal"])[[0, 2, 6]].any()  # II read, others zero

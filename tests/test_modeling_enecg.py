@@ -231,6 +231,80 @@ def test_folders_saved_before_head_standardization_load_as_saved(tester, tmp_pat
     assert EnECGConfig().head_standardize is True
 
 
+def test_folders_saved_before_linear_paths_load_with_the_ffn_head_and_mse(tester, tmp_path):
+    """A config.json without `head_type` / `regression_loss` (written before issue #29) loads as it was trained:
+    the FFN head alone (no `linear` weights expected) and the MSE loss; new configs get the linear path and Huber."""
+    model = tester.get_model(head_type="ffn", regression_loss="mse").eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["head_type"], config["regression_loss"], config["huber_delta"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = EnECGModel.from_pretrained(tmp_path).eval()
+    assert (reloaded.config.head_type, reloaded.config.regression_loss) == ("ffn", "mse")
+    assert not any(".linear." in k for k in reloaded.state_dict())
+    inputs = tester.get_inputs()
+    labels = torch.tensor([700.0, 800.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(inputs, labels=labels).loss, model(inputs, labels=labels).loss)
+    assert (EnECGConfig().head_type, EnECGConfig().regression_loss) == ("linear_ffn", "huber")
+    assert EnECGConfig.from_json_file(HUB_CONFIGS / "tiny.json").head_type == "linear_ffn"  # configs, not folders
+
+
+def test_linear_path_reads_the_standardised_embedding_unclipped():
+    """`linear(z) + FFN(clip(z))`: beyond the clip the FFN's input stops, the linear path's does not."""
+    from enecg_hf.modeling_enecg import EnECGHead
+
+    torch.manual_seed(0)
+    head = EnECGHead(4, 8, 1, 0.0, standardize=True, input_clip=2.0, linear_path=True).eval()
+    assert float(head(torch.randn(5, 4)).abs().max()) == 0.0  # linear and out_proj start at zero
+    head.fit_standardization(torch.randn(50, 4) * 3 + 1)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    z = torch.zeros(2, 4)
+    z[:, 0] = torch.tensor([3.0, 10.0])  # standardised: both beyond the clip
+    x = z * head.input_std + head.input_mean
+    torch.testing.assert_close(head(x)[:, 0], torch.tensor([3.0, 10.0]))
+
+
+def test_linear_paths_read_an_unmeasured_value_as_the_training_mean():
+    """The features expert stores a value it could not measure as 0.0 with its `_missing` flag at 1: the linear path
+    must not extrapolate from the placeholder (an RR of 0 ms), so the value reads as the training mean of the
+    measured values, and the flag as a column of its own."""
+    from enecg_hf.modeling_enecg import EnECGHead
+
+    config = EnECGConfig(experts=[{"name": "features", "type": "features", "input_length": 5000, "leads": ["II"],
+                                   "settings": {"preset": "default"}}])
+    model = EnECGModel(config)
+    expert = model.experts["features"]
+    names = expert.feature_names
+    assert [(names[v], names[f]) for v, f in expert.missing_indicators][:2] == [
+        ("II.rr_mean", "II.rr_mean_missing"), ("II.rr_std", "II.rr_std_missing")]
+    head = model.heads["features"]
+    assert isinstance(head, EnECGHead) and head.impute_columns == [v for v, _ in expert.missing_indicators]
+    rng = np.random.default_rng(0)
+    embedding = torch.tensor(rng.uniform(0.5, 1.2, (40, 14)), dtype=torch.float32)
+    embedding[:, 7:] = 0.0
+    embedding[:3, 0], embedding[:3, 7] = 0.0, 1.0  # three records whose RR was not measured
+    head.fit_standardization(embedding)
+    measured = embedding[3:, 0]
+    assert float(head.input_mean[0]) == pytest.approx(float(measured.mean()), rel=1e-5)  # over measured values only
+    assert float(head.input_std[0]) == pytest.approx(float(measured.std()), rel=1e-4)
+    z = head.standardize_input(embedding)
+    assert torch.all(z[:3, 0] == 0.0) and torch.all(z[:3, 7] > 3.0)
+    # The paper's FFN head keeps reading the placeholder as it always did.
+    assert EnECGModel(EnECGConfig(**{**config.to_dict(), "head_type": "ffn"})).heads["features"].impute_columns == []
+
+
+def test_huber_loss_is_the_absolute_error_beyond_delta(tester):
+    model = tester.get_model(target_mean=800.0, target_std=100.0, huber_delta=0.05)
+    scaled, labels = torch.tensor([[0.0], [0.0]]), torch.tensor([800.0 + 100.0 * 2.0, 800.0 + 100.0 * 0.01])
+    expected = ((2.0 - 0.025) + 0.5 * 0.01**2 / 0.05) / 2  # |r| - delta/2 beyond delta, r^2 / (2 delta) within
+    assert float(model.loss_function(scaled, labels)) == pytest.approx(expected, rel=1e-5)
+    mse = tester.get_model(target_mean=800.0, target_std=100.0, regression_loss="mse")
+    assert float(mse.loss_function(scaled, labels)) == pytest.approx((4.0 + 1e-4) / 2, rel=1e-5)
+
+
 def test_uniform_gate_is_plain_average(tester):
     model = tester.get_model(gate_type="uniform").eval()
     out = model(tester.get_inputs())
@@ -502,6 +576,9 @@ def test_random_weights_are_logged(tester, caplog):
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"sampling_rate": 0}, "sampling_rate"),
         ({"target_std": 0.0}, "target_std"),
+        ({"head_type": "mlp"}, "head_type"),
+        ({"regression_loss": "l1"}, "regression_loss"),
+        ({"huber_delta": 0.0}, "huber_delta"),
         ({"experts": []}, "experts"),
         ({"experts": [{"name": "a", "type": "transformerxl", "input_length": 10}]}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "leads": ["V7"]}]}, "experts"),

@@ -579,7 +579,7 @@ def test_impossible_labels_are_left_out_with_a_count_and_repeated_record_ids_war
     ages = [50.0, 61.0, float("inf"), 1e9, -1e9, 40.0, 70.0, 33.0, float("-inf"), 58.0]
     ids = [f"r{i}" for i in range(10)]
     ids[7] = "r1"
-    args = SimpleNamespace(folds=2, seed=0)
+    args = SimpleNamespace(folds=2, seed=0, cv_groups=["subject"])
     with caplog.at_level("WARNING", logger="enecg_hf"):
         task = prepare_task(_label_dataset(ages, ids), TASKS["age"], args)
     assert list(task.records["record_id"]) == ["r0", "r1", "r5", "r6", "r1", "r9"]
@@ -594,6 +594,38 @@ def test_impossible_labels_are_left_out_with_a_count_and_repeated_record_ids_war
 
     with pytest.raises(TrainingSetupError, match="none of its 3 values is possible"):
         prepare_task(_label_dataset([1e9, -3.0, float("inf")], ["a", "b", "c"]), TASKS["age"], args)
+
+
+@pytest.mark.slow
+def test_leave_one_source_out_is_reported_next_to_subject_cv(work, sim_dataset, tmp_path):
+    """`--cv_groups subject,source`: the subject-wise folds, then each source group held out in turn (trained on the
+    other institution's records), in metrics.json (`cv_source`: per group, mean over groups, pooled over every
+    held-out record), the printed summary and the model card."""
+    import datasets
+
+    from enecg_hf.training import main
+
+    source = datasets.load_from_disk(str(sim_dataset))
+    two = source.map(lambda _, i: {"source": "ludb" if i < 10 else "ptb-xl"}, with_indices=True,
+                     features=source.features)
+    two.save_to_disk(str(tmp_path / "two_sources"))
+    result = train("--dataset", str(tmp_path / "two_sources"), *SMALL_RUN, "--cv_groups", "subject,source",
+                   "--output_dir", str(tmp_path / "out"), cwd=work)
+    metrics = metrics_of(tmp_path / "out")
+    assert len(metrics["folds"]) == 2 and set(metrics["cv"]) >= {"mae", "rmse"}
+    by_source = metrics["cv_source"]
+    groups = {g["source"]: g for g in by_source["groups"]}
+    assert groups.keys() == {"ludb", "ptb-xl"} and by_source["records"] == 24
+    assert (groups["ludb"]["test_records"], groups["ludb"]["train_records"]) == (10, 14)
+    assert (groups["ptb-xl"]["test_records"], groups["ptb-xl"]["train_records"]) == (14, 10)
+    assert np.isfinite(by_source["pooled"]["mae"]) and np.isfinite(by_source["baseline_pooled"]["mae"])
+    assert by_source["mean"]["mae"]["mean"] == pytest.approx(np.mean([g["metrics"]["mae"] for g in groups.values()]))
+    assert "leave-one-source-out (2 sources, 24 held-out records" in result.stdout
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| ptb-xl | 14 | 10 |" in card and "leave-one-source-out CV" in card.split("---")[1]
+    # One institution: nothing to hold out.
+    with pytest.raises(SystemExit, match="leaving one out needs at least two"):
+        main(["--dataset", str(sim_dataset), *SMALL_RUN, "--cv_groups", "source", "--output_dir", str(tmp_path / "x")])
 
 
 def test_classes_seen_only_in_test_folds_are_reported():
@@ -794,6 +826,10 @@ def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
         "uniform", 4, 0.1, "joint", "bf16")
     assert parse_args(["--dataset", "d", "--experts", "a", "b", "--cache_features"]).experts == ["a", "b"]
     assert parse_args(["--dataset", "d", "--no_cache_features"]).cache_features is False
+    assert parse_args(["--dataset", "d"]).cv_groups == ["subject"]
+    assert parse_args(["--dataset", "d", "--cv_groups", "subject,source"]).cv_groups == ["subject", "source"]
+    with pytest.raises(SystemExit, match="--cv_groups takes subject, source or subject,source"):
+        parse_args(["--dataset", "d", "--cv_groups", "hospital"])
     assert parse_args([]).num_records == 300  # no arguments: the main job
 
     help_text = "".join(parser.format_help().split())  # argparse wraps lines, also at hyphens

@@ -20,7 +20,7 @@ from .labels import (
 from .report import BuildReport
 from .schema import ecg_features
 from .source import LayoutError
-from .splits import column_folds, subject_kfold
+from .splits import column_folds, institution, leave_one_source_out, source_group, source_groups, subject_kfold
 from .tasks import TASKS, TaskError, TaskSpec, is_missing
 
 
@@ -46,4 +46,8 @@ __all__ = [
     "ecg_features",
     "subject_kfold",
     "column_folds",
+    "source_group",
+    "source_groups",
+    "institution",
+    "leave_one_source_out",
 ]

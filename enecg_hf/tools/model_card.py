@@ -83,19 +83,24 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     task_type = HUB_TASKS["regression" if regression else "classification"]
     dataset_name = ", ".join(dataset_sources) or "custom"
     hub_datasets = [HUB_DATASET_IDS[s] for s in dataset_sources if s in HUB_DATASET_IDS]
+    dataset_type = ("+".join(hub_datasets) if len(hub_datasets) == len(dataset_sources) and hub_datasets
+                    else dataset_name.replace(", ", "+"))
+    scores = [(task, f"{task['folds']}-fold subject-wise CV", None, name, summary["mean"], "CV mean")
+              for task in tasks for name, summary in task["cv"].items()]
+    # Under a split of their own: the Hub groups results by dataset and split, and keeps one name per group.
+    scores += [(task, "leave-one-source-out CV", "held-out sources", name, value, "held-out sources, pooled")
+               for task in tasks if task["cv_source"] for name, value in task["cv_source"]["pooled"].items()]
     eval_results = [
         EvalResult(
             task_type=HUB_TASKS["regression" if task["regression"] else "classification"],
             task_name=f"ECG {task['label']} {'regression' if task['regression'] else 'classification'}",
             # `type` names a Hub dataset where there is one; otherwise the source (the Hub then links nothing).
-            dataset_type="+".join(hub_datasets) if len(hub_datasets) == len(dataset_sources) and hub_datasets
-            else dataset_name.replace(", ", "+"),
-            dataset_name=f"{dataset_name} ({task['folds']}-fold subject-wise CV)",
-            metric_type=name, metric_name=f"{METRIC_NAMES.get(name, name)} (CV mean)", metric_value=round(summary["mean"], 6),
+            dataset_type=dataset_type,
+            dataset_name=f"{dataset_name} ({protocol})", dataset_split=split,
+            metric_type=name, metric_name=f"{METRIC_NAMES.get(name, name)} ({what})", metric_value=round(value, 6),
         )
-        for task in tasks
-        for name, summary in task["cv"].items()
-        if not math.isnan(summary["mean"])
+        for task, protocol, split, name, value, what in scores
+        if not math.isnan(value)
     ]
     kinds = sorted({"regression" if task["regression"] else "classification" for task in tasks})
     card_data = ModelCardData(
@@ -144,6 +149,7 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
         learning_rate=training_args["learning_rate"], weight_decay=training_args["weight_decay"],
         seed=training_args["seed"], cache_features=training_args["cache_features"],
         strategy=training_args.get("strategy", "joint"), inner_folds=training_args.get("inner_folds"),
+        inner_groups=training_args.get("inner_groups", "subject"), head_type=getattr(config, "head_type", "ffn"),
     )
     return str(card).rstrip("\n") + "\n"
 
@@ -162,6 +168,7 @@ def task_section(metrics: dict[str, Any]) -> dict[str, Any]:
         "pipeline_output": (f'{{"label": "{metrics["label"]}", "value": ..., "unit": "{unit}"}}' if regression
                             else f"the predicted {metrics['label']} class and each class's score"),
         "folds": len(metrics["folds"]), "cv": metrics["cv"], "cv_baseline": metrics["cv_baseline"],
+        "cv_source": metrics.get("cv_source"),
         "baseline_description": "its mean" if regression else "its majority class",
         "final_fit": metrics.get("final", {}).get("fit") or {},
         "final_metrics": metrics.get("final", {}).get("metrics") or {},

@@ -85,6 +85,13 @@ class FitArguments:
     class_weighting: str = field(default="balanced", metadata=_option(
         "classification: weigh classes by inverse frequency (balanced) or records equally", choices=["balanced", "none"]))
     folds: int = field(default=3, metadata=_option("subject-wise CV folds (0 or 1: no CV, final fit only)"))
+    cv_groups: list[str] = field(default_factory=lambda: ["subject"], metadata=_option(
+        "what cross-validation holds out: subject (--folds subject-wise folds, default), source (leave-one-source-"
+        "out: each source group in turn, trained on the records of every other institution), or subject,source",
+        metavar="CV_GROUPS"))
+    inner_groups: str = field(default="subject", metadata=_option(
+        "inner folds (heads' penalties and epochs, gate): subject (default), or source: whole institutions held out "
+        "when the training records come from two or more, else subjects", choices=["subject", "source"]))
     seed: int = 42
     mixed_precision: str = field(default="no", metadata=_option(
         "autocast of heads and gate (experts and cached features stay float32)", choices=["no", "fp16", "bf16"]))
@@ -138,7 +145,8 @@ class HubArguments:
 
 ARGUMENT_GROUPS = (DataArguments, FitArguments, ModelArguments, CacheArguments, HubArguments)
 # Options whose values may list several items separated by commas (or spaces).
-LIST_OPTIONS = ("experts", "report_to", "labels", "dataset")
+LIST_OPTIONS = ("experts", "report_to", "labels", "dataset", "cv_groups")
+CV_GROUPS = ("subject", "source")
 
 
 @dataclass
@@ -218,6 +226,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
         raise SystemExit(f"--{err}") from None
     if args.folds < 0:
         raise SystemExit("--folds must be >= 0")
+    unknown = [g for g in args.cv_groups if g not in CV_GROUPS]
+    if unknown or not args.cv_groups or len(set(args.cv_groups)) != len(args.cv_groups):
+        raise SystemExit(f"--cv_groups takes subject, source or subject,source; got {','.join(args.cv_groups)}")
     if args.num_records is not None and args.data_format != "simulated":
         raise SystemExit("--num_records is for --data_format simulated; use --limit to read fewer real records")
     return args

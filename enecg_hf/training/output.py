@@ -96,6 +96,15 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
             baseline = block["cv_baseline"].get(name)
             extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
             lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
+        if block.get("cv_source"):
+            by_source = block["cv_source"]
+            lines.append(f"  leave-one-source-out ({len(by_source['groups'])} sources, {by_source['records']} "
+                         "held-out records; pooled, and mean ± std over sources):")
+            for name, value in by_source["pooled"].items():
+                summary, baseline = by_source["mean"].get(name), by_source["baseline_pooled"].get(name)
+                per_source = f"{summary['mean']:.4g} ± {summary['std']:.3g}" if summary else "n/a"
+                lines.append(f"  LOSO {name:>7}: {value:.4g}{metric_unit(name, unit)} (per source {per_source})"
+                             f"   (baseline {baseline:.4g})")
         lines.append("  final (in-sample): " + ", ".join(
             f"{name}={value:.4g}{metric_unit(name, unit)}" for name, value in block["final"]["metrics"].items()))
     lines.append(f"  model folder: {output_dir.resolve()}")

@@ -7,7 +7,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..configuration_enecg import EnECGConfig
+from ..data.splits import institution, leave_one_source_out, source_groups
 from ..data.tasks import TaskError, TaskSpec
 from ..modeling_enecg import EnECGModel
 from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
@@ -84,14 +85,15 @@ def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: d
 
 
 def load_feature_table(features, keep: np.ndarray, labels: np.ndarray, records, expert_names: list[str]) -> FeatureTable:
-    """The labelled records' cached features as in-memory tensors (training reads every row many times)."""
+    """The labelled records' cached features as in-memory tensors (training reads every row many times), with their
+    subjects and source groups."""
     columns = [embedding_column(name) for name in expert_names] + ["gate_inputs"]
     table = features.select(keep, keep_in_memory=True).with_format("torch", columns=columns)[:]
     groups = None
     if "subject_id" in records.column_names:
         groups = np.asarray([f"subject:{s}" if s is not None else f"row:{i}" for i, s in enumerate(records["subject_id"])])
     return FeatureTable([table[embedding_column(n)].float() for n in expert_names], table["gate_inputs"].float(),
-                        torch.from_numpy(labels), groups)
+                        torch.from_numpy(labels), groups, source_groups(records))
 
 
 def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec) -> tuple[bool, str]:
@@ -115,6 +117,7 @@ class TaskData:
     records: Any  # those rows as a dataset
     folds: list
     warnings: list[str]
+    source_folds: list = field(default_factory=list)  # (source group, train, test) of leave-one-source-out
     target: Any = None
     table: FeatureTable | None = None
 
@@ -126,53 +129,76 @@ def prepare_task(dataset, spec: TaskSpec, args: TrainScriptArguments) -> TaskDat
     keep, labels = drop_unusable_signals(dataset, keep, labels)
     records = dataset.select(keep, keep_in_memory=True) if len(keep) < len(dataset) else dataset
     warnings_ += check_repeated_records(records)
-    folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 else []
+    folds = make_folds(records, args.folds, args.seed) if args.folds >= 2 and "subject" in args.cv_groups else []
+    source_folds = []
+    if "source" in args.cv_groups:
+        groups = source_groups(records)
+        source_folds = leave_one_source_out(groups)
+        if not source_folds:
+            found = sorted({institution(g) for g in groups.tolist()})
+            raise TrainingSetupError(f"--cv_groups source: the records with a {spec.name!r} label come from "
+                                     f"{len(found)} institution(s) ({', '.join(found)}); leaving one out needs at "
+                                     "least two (several --dataset folders, e.g. one per source)")
     if not spec.is_regression:
-        warnings_ += check_class_coverage(labels, spec, folds)
-    return TaskData(spec, np.asarray(keep), labels, records, folds, warnings_)
+        warnings_ += check_class_coverage(labels, spec, folds + [f[1:] for f in source_folds])
+    return TaskData(spec, np.asarray(keep), labels, records, folds, warnings_, source_folds)
 
 
 def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJobRunner, accelerator,
              expert_names: list[str], log_prefix: str = "") -> dict[str, Any] | None:
-    """Cross-validation folds, then the final fit on every record, of one task; its metrics (main process)."""
+    """Cross-validation folds (subject-wise, and leave-one-source-out with `--cv_groups source`), then the final fit
+    on every record, of one task; its metrics (main process)."""
     spec, table, labels = task.spec, task.table, task.labels
     fitter = EnECGFitter(task.target, args.fit_settings(), runner, autocast=accelerator.autocast)
     metric = load_metric(spec.problem_type) if accelerator.is_main_process else None
-    stages = [(f"fold-{i + 1}", train, test) for i, (train, test) in enumerate(task.folds)]
-    fold_results = []
-    for stage, train_idx, test_idx in stages:
+
+    def run_stage(stage: str, train_idx: np.ndarray, test_idx: np.ndarray, about: dict[str, Any]) -> dict | None:
+        """Fit on `train_idx`, score on `test_idx`; the result (main process), or the one of an earlier run."""
         finished = runner.result(stage)
         if finished is not None:
-            fold_results.append(finished)
             logger.info("%s%s: finished in an earlier run, result reused", log_prefix, stage)
-            continue
+            return finished
         report = fitter.fit(table, train_idx, name=stage)
+        result = None
         if accelerator.is_main_process:
             predictions = predict(task.target, table, test_idx)
             fold_metrics = score(predictions, spec, metric)
-            baseline = score(baseline_predictions(labels[train_idx], labels[test_idx], spec), spec, metric)
-            result = {"fold": len(fold_results) + 1, "train_records": int(len(train_idx)),
-                      "test_records": int(len(test_idx)), "metrics": fold_metrics, "baseline": baseline,
-                      "fit": report.to_dict(), "test_gate_weights": dict(zip(
-                          expert_names, np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
+            baseline = baseline_predictions(labels[train_idx], labels[test_idx], spec)
+            baseline_metrics = score(baseline, spec, metric)
+            result = {**about, "train_records": int(len(train_idx)), "test_records": int(len(test_idx)),
+                      "metrics": fold_metrics, "baseline": baseline_metrics, "fit": report.to_dict(),
+                      "test_gate_weights": dict(zip(expert_names,
+                                                    np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
+            if "source" in about:  # kept for the scores over every held-out record
+                result["test_logits"] = predictions["logits"].tolist()
+                result["baseline_logits"] = baseline["logits"].tolist()
             runner.write_result(stage, result)
             logger.info("%s%s: %s (baseline %s)", log_prefix, stage, format_metrics(fold_metrics),
-                        format_metrics(baseline))
+                        format_metrics(baseline_metrics))
             accelerator.log({f"{log_prefix}{stage}/{k}": v for k, v in fold_metrics.items()})
-            fold_results.append(result)
         accelerator.wait_for_everyone()
+        return result
+
+    fold_results = [run_stage(f"fold-{i + 1}", train, test, {"fold": i + 1})
+                    for i, (train, test) in enumerate(task.folds)]
+    source_results = [run_stage(f"source-{group.replace('/', '_')}", train, test,
+                                {"source": group, "institution": institution(group)})
+                      for group, train, test in task.source_folds]
     final_report = fitter.fit(table, np.arange(len(task.records)), name="final")
     if not accelerator.is_main_process:
         return None
     final_predictions = predict(task.target, table)
     cv = summarize([r["metrics"] for r in fold_results]) if fold_results else {}
     cv_baseline = summarize([r["baseline"] for r in fold_results]) if fold_results else {}
+    cv_source = source_summary(task, source_results, metric) if source_results else None
     verdict = None
-    if fold_results:
-        better, detail = beats_baseline(cv, cv_baseline, spec)
+    if fold_results or source_results:
+        which = "cross-validation" if fold_results else "leave-one-source-out cross-validation"
+        better, detail = (beats_baseline(cv, cv_baseline, spec) if fold_results
+                          else beats_baseline(cv_source["mean"], cv_source["baseline_mean"], spec))
         verdict = {"beats_baseline": better, "detail": detail}
         if not better:
-            task.warnings.append(f"NO BETTER THAN THE TRIVIAL BASELINE in cross-validation ({detail}): this model has "
+            task.warnings.append(f"NO BETTER THAN THE TRIVIAL BASELINE in {which} ({detail}): this model has "
                                  f"not learned {spec.name!r} from these records; see docs/training.md before using it")
             logger.warning(task.warnings[-1])
     return {
@@ -185,12 +211,31 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
         "folds": fold_results,
         "cv": cv,
         "cv_baseline": cv_baseline,
+        "cv_source": cv_source,
         "cv_verdict": verdict,
         "final": {"metrics": score(final_predictions, spec, metric), "fit": final_report.to_dict(),
                   "gate_weights": dict(zip(expert_names,
                                            np.round(final_predictions["gate_weights"].mean(0), 4).tolist())),
                   "note": "the saved model scored on all its training records (in-sample)"},
         "warnings": task.warnings,
+    }
+
+
+def source_summary(task: TaskData, results: list[dict[str, Any]], metric) -> dict[str, Any]:
+    """Leave-one-source-out results of a task: each held-out source group's scores (`groups`, without the stored
+    predictions), their mean ± std over groups (`mean`, `baseline_mean`), and the scores over every held-out record
+    at once (`pooled`, `baseline_pooled`: each record predicted by a model that saw none of its institution)."""
+    test = np.concatenate([test for _, _, test in task.source_folds])
+    labels = task.labels[test]
+    pooled = {"logits": np.concatenate([np.asarray(r["test_logits"]) for r in results]), "labels": labels}
+    baseline = {"logits": np.concatenate([np.asarray(r["baseline_logits"]) for r in results]), "labels": labels}
+    return {
+        "groups": [{k: v for k, v in r.items() if not k.endswith("_logits")} for r in results],
+        "mean": summarize([r["metrics"] for r in results]),
+        "baseline_mean": summarize([r["baseline"] for r in results]),
+        "pooled": score(pooled, task.spec, metric),
+        "baseline_pooled": score(baseline, task.spec, metric),
+        "records": int(len(test)),
     }
 
 

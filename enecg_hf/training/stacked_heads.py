@@ -9,7 +9,8 @@ head modules: `EnECGHead.forward` stays the definition, and `tests/test_fitting.
 Heads read embeddings of different sizes; they are zero-padded to the largest, with zero columns in the first layer's
 weights. Zero inputs give those columns zero gradients (and AdamW's decay keeps zeros at zero), so padding changes
 nothing. What trains follows the model's adaptation: the LoRA A/B matrices (`lora`), or the layers' weights and biases
-(`full`); the base weights of a LoRA head stay as they are.
+(`full`); the base weights of a LoRA head stay as they are. A head's linear path (`head_type="linear_ffn"`) is
+fitted before (`linear_heads`) and stays as it is: the FFN learns what it leaves.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class StackedHeads:
         self.standardize = first.standardize
         self.clip = first.input_clip
         self.head_dropout = first.dropout.p
+        self.linear_path = first.linear_path
         self.tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if self.standardize:
@@ -56,8 +58,19 @@ class StackedHeads:
                     self.scaling = modules[0].scaling["default"]
                     dropout = modules[0].lora_dropout["default"]
                     self.lora_dropout = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+            if self.linear_path:
+                self.tensors["linear.weight"] = torch.stack([self._pad(h.linear.weight, 0.0) for h in heads])
+                self.tensors["linear.bias"] = torch.stack([h.linear.bias.detach() for h in heads]).clone()
+        # Mean imputation of unmeasured values (`EnECGHead.standardize_input`): per expert and column, the column of
+        # its missing flag, or -1.
+        self.flag_index = None
+        if any(h.impute_columns for h in heads):
+            self.flag_index = torch.full((len(heads), self.width), -1, dtype=torch.long)
+            for e, head in enumerate(heads):
+                self.flag_index[e, head.impute_columns] = torch.tensor(head.impute_flags, dtype=torch.long)
         trainable = ("lora_A", "lora_B") if self.lora else ("weight", "bias")
-        self.parameters = [t.requires_grad_() for k, t in self.tensors.items() if k.endswith(trainable)]
+        self.parameters = [t.requires_grad_() for k, t in self.tensors.items()
+                           if k.endswith(trainable) and not k.startswith("linear.")]
 
     def _pad(self, tensor: torch.Tensor, value: float) -> torch.Tensor:
         """Pad the embedding axis (the last) of a first-layer tensor to the widest head's."""
@@ -78,13 +91,22 @@ class StackedHeads:
 
     def forward(self, inputs: torch.Tensor, training: bool = False) -> torch.Tensor:
         """`(experts, batch, width)` stacked embeddings -> `(batch, experts, num_labels)`, as `compute_expert_logits`."""
-        x = inputs
+        z = inputs
         if self.standardize:
             mean, std = self.tensors["input_mean"].unsqueeze(1), self.tensors["input_std"].unsqueeze(1)
-            x = ((x - mean) / std).clamp(-self.clip, self.clip)  # padded columns: (0 - 0) / 1 stays zero
+            if self.flag_index is not None:
+                index = self.flag_index.unsqueeze(1).expand(-1, z.shape[1], -1)
+                flags = torch.gather(z, 2, index.clamp(min=0))
+                z = torch.where((index >= 0) & (flags > 0.5), mean.expand_as(z), z)
+            z = (z - mean) / std  # padded columns: (0 - 0) / 1 stays zero
+        x = z.clamp(-self.clip, self.clip) if self.standardize else z
         hidden = F.dropout(F.relu(self._linear("dense1", x, training)), self.head_dropout, training)
         hidden = F.dropout(F.relu(self._linear("dense2", hidden, training)), self.head_dropout, training)
-        return self._linear("out_proj", hidden, training).transpose(0, 1)
+        output = self._linear("out_proj", hidden, training)
+        if self.linear_path:
+            t = self.tensors
+            output = output + torch.baddbmm(t["linear.bias"].unsqueeze(1), z, t["linear.weight"].transpose(1, 2))
+        return output.transpose(0, 1)
 
     def state_of(self, expert: str) -> dict[str, torch.Tensor]:
         """The model state-dict entries of one head, from the stacked tensors."""
@@ -105,4 +127,7 @@ class StackedHeads:
                 a = self.tensors[f"{layer}.lora_A"][e]
                 state[f"{prefix}{layer}.lora_A.default.weight"] = a[:, :width] if layer == "dense1" else a
                 state[f"{prefix}{layer}.lora_B.default.weight"] = self.tensors[f"{layer}.lora_B"][e]
+        if self.linear_path:
+            state[prefix + "linear.weight"] = self.tensors["linear.weight"][e, :, :width]
+            state[prefix + "linear.bias"] = self.tensors["linear.bias"][e]
         return {k: v.detach().clone() for k, v in state.items()}

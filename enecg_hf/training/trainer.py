@@ -146,14 +146,17 @@ def expert_embeddings_of(model: EnECGModel, batches) -> list[torch.Tensor]:
 
 class EnECGTrainerCallback(TrainerCallback):
     """When `transformers.Trainer` starts training, fit what the training records determine and gradients cannot
-    learn, as `train.py` does: the target scaling (regression) or class weights (`fit_label_statistics`), and each
+    learn, as `train.py` does: the target scaling (regression) or class weights (`fit_label_statistics`), each
     head's input standardisation (`EnECGModel.fit_head_standardization`, from one pass of the frozen experts over the
-    training records). What is already set is kept unless `overwrite=True`, so a resumed or continued run keeps the
-    statistics its heads were trained with.
+    training records) and, for heads with a linear path (`config.head_type="linear_ffn"`), the linear paths
+    (`linear_heads.fit_linear_paths`: each expert's L2 penalty by 5-fold cross-validation over the training
+    records; gradients then train the FFNs on top). What is already set is kept unless `overwrite=True`, so a resumed
+    or continued run keeps the statistics its heads were trained with.
 
     Args:
         class_weighting: `"balanced"` or `"none"` (single-label classification).
-        head_standardization: fit the heads' input standardisation (one forward pass of the experts).
+        head_standardization: fit the heads' input standardisation (one forward pass of the experts) and their
+            linear paths.
         overwrite: refit statistics that are already set.
     """
 
@@ -179,8 +182,25 @@ class EnECGTrainerCallback(TrainerCallback):
 
             loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size,
                                 collate_fn=getattr(train_dataloader, "collate_fn", None))
-            model.fit_head_standardization(expert_embeddings_of(model, loader))
+            embeddings = expert_embeddings_of(model, loader)
+            if any(head.linear_path for head in model.heads.values()):
+                fit_linear_paths_in_place(model, embeddings, _labels_of(dataset))
+                logger.info("EnECGTrainerCallback: the heads' linear paths fitted on %d training records", len(dataset))
+            model.fit_head_standardization(embeddings)
             logger.info("EnECGTrainerCallback: head input standardisation fitted on %d training records", len(dataset))
+
+
+def fit_linear_paths_in_place(model: EnECGModel, embeddings: list[torch.Tensor], labels: torch.Tensor,
+                              folds: int = 5, seed: int = 0) -> None:
+    """Fit every head's linear path on these records (each expert's L2 penalty by `folds`-fold cross-validation over
+    them, records shuffled with `seed`) and load it into the heads."""
+    from sklearn.model_selection import KFold
+
+    from .linear_heads import fit_linear_paths, set_linear_paths
+
+    splits = list(KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(np.arange(len(labels))))
+    result = fit_linear_paths(model, embeddings, torch.as_tensor(labels), splits)
+    set_linear_paths(model, result["weight"], result["bias"])
 
 
 def _enecg_model(model) -> EnECGModel:
