@@ -130,9 +130,52 @@ def _concatenate_sources(parts: list, folders: list[str]):
     if len(set(shapes.values())) > 1:
         raise TrainingSetupError(f"--dataset: the signals differ in shape (leads, samples): {shapes}")
     try:
-        return datasets.concatenate_datasets(parts)
+        combined = datasets.concatenate_datasets(parts)
     except ValueError as error:
         raise TrainingSetupError(f"--dataset: the datasets cannot be combined: {error}") from error
+    return _drop_copies_across_sources(combined, np.repeat(np.arange(len(parts)), [len(part) for part in parts]),
+                                       folders)
+
+
+def _drop_copies_across_sources(dataset, part_of_row: np.ndarray, folders: list[str], batch_size: int = 128):
+    """The dataset with each recording once when several `--dataset` folders hold it (the first folder's copy kept):
+    public collections re-publish each other's records under new ids and sometimes another gain (the Challenge 2020
+    `HR*` records are PTB-XL records whose headers say 200 units/mV, so their signal is PTB-XL's times 5). Such a copy
+    would sit in both the training and the test fold. A copy is a record of another folder whose signal is a positive
+    multiple of a kept one: the same sample of largest magnitude in every lead, then equal to that multiple within
+    float32 rounding (relative residual < 1e-4; a resampled or refiltered copy is not recognised).
+    Each dropped record is logged with the one kept; within one folder the builder already drops identical signals."""
+    if "signal" not in dataset.column_names:
+        return dataset
+    signals = dataset.select_columns(["signal"]).with_format("numpy")
+    candidates: dict[tuple, list[int]] = {}
+    copies: list[tuple[int, int, float]] = []
+    for start in range(0, len(dataset), batch_size):
+        batch = np.asarray(signals[start : start + batch_size]["signal"], dtype=np.float64)
+        for offset, signal in enumerate(batch):
+            row = start + offset
+            key = tuple(np.abs(signal).argmax(axis=-1))
+            for kept in candidates.get(key, []):
+                if part_of_row[kept] == part_of_row[row]:
+                    continue
+                other = np.asarray(signals[kept]["signal"], dtype=np.float64).ravel()
+                scale = float(signal.ravel() @ other) / max(float(other @ other), 1e-300)
+                residual = np.linalg.norm(signal.ravel() - scale * other) / max(np.linalg.norm(signal), 1e-300)
+                if scale > 0 and residual < 1e-4:  # float32 rounding of the same ADC values, nothing more
+                    copies.append((row, kept, scale))
+                    break
+            else:
+                candidates.setdefault(key, []).append(row)
+    if not copies:
+        return dataset
+    ids = dataset.select_columns(["record_id"])["record_id"]
+    for row, kept, scale in copies:
+        logger.warning("--dataset: record %s of %s is the recording of %s of %s (%.2fx its amplitude): kept once, "
+                       "from %s", ids[row], folders[part_of_row[row]], ids[kept], folders[part_of_row[kept]], scale,
+                       folders[part_of_row[kept]])
+    dropped = {row for row, _, _ in copies}
+    logger.warning("--dataset: %d record(s) dropped as copies of records in an earlier folder", len(dropped))
+    return dataset.select([row for row in range(len(dataset)) if row not in dropped])
 
 
 def _build_dataset(args: TrainScriptArguments, output: Path):

@@ -189,6 +189,41 @@ def test_the_same_patient_in_two_ptbxl_folders_is_one_subject(tmp_path):
                     assert patient_rows <= set(test.tolist()) or not patient_rows & set(test.tolist())
 
 
+def test_a_recording_republished_in_another_folder_at_another_gain_is_trained_on_once(tmp_path, caplog):
+    """`train.py --dataset A B` where B re-publishes two of A's recordings under new ids and 5x their amplitude (the
+    Challenge 2020 `HR*` copies of PTB-XL records, whose headers say 200 units/mV): each recording is kept once, from
+    A, and each dropped copy is logged with the record kept; B's other records and a same-patient record stay."""
+    import datasets
+
+    from enecg_hf.training.arguments import TrainScriptArguments
+    from enecg_hf.training.records import load_training_dataset
+
+    built = build("ptb-xl", write_ptbxl_tree(tmp_path / "ptb-xl", rates=lambda ecg_id: (500,))).dataset
+    # The tree's records share one waveform; real recordings differ: a rhythm of each record's own rate.
+    first = built.map(lambda row, index: {"signal": (np.asarray(row["signal"]) + 0.5 * np.sin(
+        np.arange(len(row["signal"][0])) * (index + 1) / 300.0)).tolist()}, with_indices=True)
+    first.save_to_disk(str(tmp_path / "ds_a"))
+    copies = first.select([1, 3]).map(lambda row: {"signal": [[5.0 * v for v in lead] for lead in row["signal"]],
+                                                   "record_id": "HR" + row["record_id"]})
+    other = first.select([0]).map(lambda row: {"signal": [[v + 0.3 * ((i % 50) > 25) for i, v in enumerate(lead)]
+                                                          for lead in row["signal"]], "record_id": "HR_other"})
+    datasets.concatenate_datasets([copies, other]).save_to_disk(str(tmp_path / "ds_b"))
+
+    class Accelerator:  # only what loading a --dataset list uses
+        is_main_process = True
+
+    args = TrainScriptArguments(dataset=[str(tmp_path / "ds_a"), str(tmp_path / "ds_b")])
+    with caplog.at_level("WARNING", logger="enecg_hf.training.records"):
+        dataset = load_training_dataset(args, Accelerator(), tmp_path)
+    ids = dataset["record_id"]
+    assert list(ids) == list(first["record_id"]) + ["HR_other"]
+    dropped = [record.getMessage() for record in caplog.records if "is the recording of" in record.getMessage()]
+    assert len(dropped) == 2
+    for copy, kept in zip(copies["record_id"], first.select([1, 3])["record_id"]):
+        assert any(f"record {copy} of {tmp_path / 'ds_b'} is the recording of {kept} of" in message
+                   and "5.00x its amplitude" in message for message in dropped), dropped
+
+
 def test_jsonl_research_format(tmp_path):
     signal = np.stack([lead_pattern(lead, 500) for lead in STANDARD]).astype(np.float32)
     np.save(tmp_path / "a.npy", signal)
