@@ -103,14 +103,15 @@ def task_records(records: datasets.Dataset) -> dict[str, dict[str, int]]:
 
 def make_model(job, tasks, full: bool = False):
     """The variant's config for `tasks` (one: single-task; several: multi-task), random experts, research settings:
-    no head standardisation, as in the research code (and so that (1) and (2) need no extra pass of the experts)."""
+    the paper's FFN heads (`head_type="ffn"`, no linear path fitted on inner folds) and MSE, without head
+    standardisation, as in the research code (and so that (1) and (2) need no extra pass of the experts)."""
     raw = json.loads((REPO / VARIANT_CONFIGS[job.variant]).read_text())
     raw["experts"] = [e for e in raw["experts"] if not job.only_experts or e["name"] == job.only_experts]
     for expert in raw["experts"]:
         expert["pretrained"] = None  # random weights: converted/* folders do not exist and the Hub is unreachable
         if expert["type"] == "moment" and job.moment_leads:
             expert["leads"] = expert["leads"][:job.moment_leads]
-    raw.update(adaptation="full" if full else "lora", head_standardize=False)
+    raw.update(adaptation="full" if full else "lora", head_standardize=False, head_type="ffn", regression_loss="mse")
     specs = TASKS[tasks[0]] if len(tasks) == 1 else [TASKS[t] for t in tasks]
     torch.manual_seed(SEED)
     model = EnECGModel(build_config(TrainScriptArguments(), specs, raw))

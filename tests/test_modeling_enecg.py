@@ -104,8 +104,9 @@ def test_output_shapes_and_loss(tester, problem):
         own = lambda logits: F.cross_entropy(logits, labels)  # noqa: E731
     elif problem == "multi_label":
         own = lambda logits: F.binary_cross_entropy_with_logits(logits, labels)  # noqa: E731
-    else:
-        own = lambda logits: F.mse_loss(logits, labels)  # noqa: E731
+    else:  # the default regression loss: Huber on the standardised target (here mean 0, std 1), over its delta
+        assert config.regression_loss == "huber"
+        own = lambda logits: F.huber_loss(logits, labels, delta=config.huber_delta) / config.huber_delta  # noqa: E731
     per_expert = torch.stack([own(out.expert_logits[:, e]) for e in range(3)]).mean()
     torch.testing.assert_close(out.loss, own(out.logits) + per_expert)
     model.config.expert_loss_weight = 0.0
@@ -176,11 +177,15 @@ def test_training_with_unset_target_scaling_warns_once(tester, caplog):
 
 
 def test_regression_target_scaling(tester):
-    """Heads learn a standardised target; logits come back in the label's unit, and the loss is scale-free."""
-    model = tester.get_model(target_mean=800.0, target_std=100.0, expert_loss_weight=0.0).eval()
-    out = model(tester.get_inputs(), labels=torch.full((tester.batch_size,), 900.0))
-    raw = (out.logits - 800.0) / 100.0
-    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(raw, torch.ones_like(raw)))
+    """Heads learn a standardised target; logits come back in the label's unit, and the loss is scale-free (MSE, or
+    the default Huber loss over its delta, both of the standardised values)."""
+    F = torch.nn.functional
+    for loss, expected in (("mse", F.mse_loss), ("huber", lambda a, b: F.huber_loss(a, b, delta=0.05) / 0.05)):
+        model = tester.get_model(target_mean=800.0, target_std=100.0, expert_loss_weight=0.0, regression_loss=loss,
+                                 huber_delta=0.05).eval()
+        out = model(tester.get_inputs(), labels=torch.full((tester.batch_size,), 900.0))
+        raw = (out.logits - 800.0) / 100.0
+        torch.testing.assert_close(out.loss, expected(raw, torch.ones_like(raw)))
 
 
 def test_class_weights_weigh_the_cross_entropy(tester):

@@ -82,6 +82,20 @@ def metric_unit(name: str, unit: str | None) -> str:
     return {"mae": f" {unit}", "rmse": f" {unit}", "mse": f" {unit}²"}.get(name, "")
 
 
+def ensemble_versus_experts(block: dict[str, Any]) -> str:
+    """One line: the headline metric (MAE, else AUROC) of the ensemble, its best expert's own head and the heads'
+    plain average, in the same folds."""
+    name = "mae" if "mae" in block["cv"] else "auroc"
+    if name not in block["cv"]:
+        return ""
+    lower = name == "mae"
+    experts = {e: m[name]["mean"] for e, m in block["cv_experts"].items() if name in m}
+    best = (min if lower else max)(experts, key=experts.get)
+    uniform = block["cv_uniform"].get(name, {}).get("mean", float("nan"))
+    return (f"{name}: ensemble {block['cv'][name]['mean']:.4g}, best expert {best} {experts[best]:.4g}, "
+            f"uniform average {uniform:.4g}")
+
+
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     """What a run printed last: each task's CV metrics beside the baseline's, and the in-sample final scores."""
     blocks = list(metrics["tasks"].values()) if "tasks" in metrics else [metrics]
@@ -96,6 +110,8 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
             baseline = block["cv_baseline"].get(name)
             extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
             lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
+        if block.get("cv_experts") and ensemble_versus_experts(block):
+            lines.append("  " + ensemble_versus_experts(block))
         if block.get("cv_source"):
             by_source = block["cv_source"]
             lines.append(f"  leave-one-source-out ({len(by_source['groups'])} sources, {by_source['records']} "

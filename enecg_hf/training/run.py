@@ -165,8 +165,15 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
             fold_metrics = score(predictions, spec, metric)
             baseline = baseline_predictions(labels[train_idx], labels[test_idx], spec)
             baseline_metrics = score(baseline, spec, metric)
+            # Each expert's own head and the heads' plain average on the same records: what the gate must beat.
+            labels_test = predictions["labels"]
+            expert_metrics = {name: score({"logits": predictions["expert_logits"][:, i], "labels": labels_test},
+                                          spec, metric) for i, name in enumerate(expert_names)}
+            uniform_metrics = score({"logits": predictions["expert_logits"].mean(1), "labels": labels_test}, spec,
+                                    metric)
             result = {**about, "train_records": int(len(train_idx)), "test_records": int(len(test_idx)),
-                      "metrics": fold_metrics, "baseline": baseline_metrics, "fit": report.to_dict(),
+                      "metrics": fold_metrics, "baseline": baseline_metrics, "expert_metrics": expert_metrics,
+                      "uniform_metrics": uniform_metrics, "fit": report.to_dict(),
                       "test_gate_weights": dict(zip(expert_names,
                                                     np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
             if "source" in about:  # kept for the scores over every held-out record
@@ -190,6 +197,9 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
     final_predictions = predict(task.target, table)
     cv = summarize([r["metrics"] for r in fold_results]) if fold_results else {}
     cv_baseline = summarize([r["baseline"] for r in fold_results]) if fold_results else {}
+    cv_experts = ({name: summarize([r["expert_metrics"][name] for r in fold_results]) for name in expert_names}
+                  if fold_results else {})
+    cv_uniform = summarize([r["uniform_metrics"] for r in fold_results]) if fold_results else {}
     cv_source = source_summary(task, source_results, metric) if source_results else None
     verdict = None
     if fold_results or source_results:
@@ -211,6 +221,8 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
         "folds": fold_results,
         "cv": cv,
         "cv_baseline": cv_baseline,
+        "cv_experts": cv_experts,
+        "cv_uniform": cv_uniform,
         "cv_source": cv_source,
         "cv_verdict": verdict,
         "final": {"metrics": score(final_predictions, spec, metric), "fit": final_report.to_dict(),

@@ -1,4 +1,5 @@
-"""Classification metrics for EnECG: accuracy, macro precision / recall / F1 and AUROC, computed with scikit-learn.
+"""Classification metrics for EnECG: accuracy, macro precision / recall / F1 and AUROC, computed with scikit-learn, and
+the expected calibration error (scikit-learn has none: 20 lines here).
 
 A local `evaluate` module (`evaluate.load` of Hub metrics needs the network):
 
@@ -31,7 +32,9 @@ Args:
 Returns:
     `dict` with `accuracy`, `precision`, `recall`, `f1` (macro) and `auroc`: binary AUROC of the positive class with two
     classes, macro one-vs-rest AUROC over the classes present in `references` otherwise; NaN without scores or with
-    fewer than two classes present.
+    fewer than two classes present. `ece`: expected calibration error of the top class (10 equal-width confidence
+    bins; the mean over bins of |accuracy - mean confidence|, weighted by the bin's share of samples): how far the
+    stated probability of the predicted class is from how often it is right; NaN without scores.
 """
 
 
@@ -63,7 +66,23 @@ class ClassificationMetrics(evaluate.Metric):
             "recall": float(recall),
             "f1": float(f1),
             "auroc": _auroc(references, prediction_scores, labels),
+            "ece": _expected_calibration_error(references, prediction_scores, labels),
         }
+
+
+def _expected_calibration_error(references, prediction_scores, labels, bins: int = 10) -> float:
+    if prediction_scores is None:
+        return float("nan")
+    scores = np.asarray(prediction_scores, dtype=np.float64)
+    confidence = scores.max(axis=1)
+    correct = np.asarray(labels)[scores.argmax(axis=1)] == references
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of exactly 0 cannot occur for a top class.
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    error = 0.0
+    for b in np.unique(which):
+        members = which == b
+        error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)
 
 
 def _auroc(references, prediction_scores, labels):
