@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= .ci/constraints.txt
 PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c "$(CONSTRAINTS)")
 
-.PHONY: install demo test test-fast test-latest test-min bench space
+.PHONY: install demo test test-fast test-latest test-min bench space model
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(PIP_CONSTRAINTS) "$(TORCH_SPEC)"
@@ -20,6 +20,13 @@ install:
 demo: install
 	$(PYTHON) train.py
 	$(PYTHON) -m enecg_hf.tools.quickstart --model outputs/enecg-tiny-rr_interval
+
+# The model shipped with the package (enecg_hf/pretrained/enecg-base): the public ECG databases in $(DATA_DIR) read,
+# one multi-task EnECG trained on all of them with the default recipe (5-fold CV first), its Hub files copied in.
+# Datasets, run and feature store in build/model; a second run reuses the store (see docs/training.md).
+DATA_DIR ?= ../shared/data
+model: install
+	$(PYTHON) -m enecg_hf.tools.build_model --data-dir "$(DATA_DIR)"
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -10,6 +10,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_enecg import STANDARD_LEAD_NAMES, EnECGConfig, EnECGExpertConfig, EnECGTaskConfig
 from .modeling_enecg import EnECGFeatures, EnECGModel, EnECGModelOutput, EnECGTaskEnsemble, load_adapter_base
 from .pipeline_enecg import PIPELINE_TASK, EnECGPipeline
+from .shipped_models import model_path, shipped_model_names
 
 
 __version__ = "0.1.0"
@@ -35,4 +36,6 @@ __all__ = [
     "load_adapter_base",
     "EnECGPipeline",
     "PIPELINE_TASK",
+    "model_path",
+    "shipped_model_names",
 ]

@@ -31,6 +31,7 @@ from .expert_registry import build_expert
 from .denormal_enecg import flush_denormals
 from .precision_enecg import fp32_experts_in_place, set_expert_precision
 from .signal_enecg import normalize_ecg, resample_fourier
+from .shipped_models import resolve_model
 
 
 logger = logging.getLogger(__name__)
@@ -524,6 +525,10 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, which also takes the name of a model shipped with the package
+        (`enecg_hf.shipped_model_names()`, e.g. "enecg-base"), then re-freezes the experts and re-attaches the
+        backbones a light checkpoint leaves out."""
+        pretrained_model_name_or_path = resolve_model(pretrained_model_name_or_path)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         with torch.no_grad():
             # Tensors loaded from safetensors sit at the file's alignment; vectorised CPU kernels then round differently

@@ -35,12 +35,14 @@ except ImportError:  # running from a checkout without installing: use the packa
 import numpy as np
 
 from enecg_hf.data.simulate import simulate_record
+from enecg_hf.pipeline_enecg import PIPELINE_TASK
+from enecg_hf.shipped_models import DEFAULT_MODEL as DEFAULT_SHIPPED
+from enecg_hf.shipped_models import resolve_model, shipped_model_names
 from enecg_hf.tools.explain import explain, plot_ecg, plot_gate_weights
 
 
-DEFAULT_MODEL = os.environ.get("ENECG_MODEL") or (
-    "outputs/enecg-tiny-rr_interval" if Path("outputs/enecg-tiny-rr_interval/config.json").is_file() else ""
-)
+# $ENECG_MODEL, else the model shipped with the package (age, sex, rhythm and RR from real records).
+DEFAULT_MODEL = os.environ.get("ENECG_MODEL") or (DEFAULT_SHIPPED if DEFAULT_SHIPPED in shipped_model_names() else "")
 RECORD_SUFFIXES = (".hea", ".dat", ".mat", ".npy", ".csv")
 EXAMPLE_SEED = 2024
 EXAMPLES = {f"simulated #{i}": i for i in range(4)}
@@ -55,6 +57,8 @@ def load_pipeline(model: str):
     if not model:
         raise ValueError("The app was started without a model: start it with `--model FOLDER_OR_HUB_ID` (or "
                          "ENECG_MODEL), e.g. the folder `python train.py` writes")
+    if resolve_model(model) != model:  # a model shipped with the package, whose code is the installed package
+        return pipeline(PIPELINE_TASK, model=resolve_model(model))
     try:
         return pipeline(model=model, trust_remote_code=True)
     except (OSError, ValueError, RuntimeError) as error:
@@ -256,7 +260,8 @@ def build_demo(model: str = DEFAULT_MODEL):
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="EnECG demo: serve one model folder or Hub id.")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="the model to serve (default: $ENECG_MODEL, else outputs/enecg-tiny-rr_interval)")
+                        help="the model to serve: a folder, a Hub id or a shipped model's name (default: $ENECG_MODEL, "
+                        "else enecg-base, shipped with the package)")
     args = parser.parse_args(argv)
     # Before the page is built: Gradio takes its upload folder from GRADIO_TEMP_DIR when it starts.
     os.environ["GRADIO_TEMP_DIR"] = private_upload_folder()

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="predict on ECG records, one JSON line each")
     predict.add_argument("records", nargs="+", help="WFDB records (with or without .hea), Challenge .mat/.hea, .npy, .csv")
-    predict.add_argument("--model", required=True, help="model folder or Hub id (loaded with trust_remote_code)")
+    predict.add_argument("--model", required=True, help="model folder, Hub id (loaded with trust_remote_code) or the name of a model shipped with "
+                         "the package (enecg-base)")
     predict.add_argument("--sampling-rate", type=float, help="rate in Hz of .npy/.csv records")
     predict.add_argument("--lead-names", type=_comma_list,
                          help="comma-separated names of the rows, in order: of .npy/.csv records, and of WFDB records "
@@ -71,6 +72,11 @@ def _load_pipeline(model: str):
     """The model's pipeline, or `None` after printing one line that says why it cannot be loaded."""
     from transformers import pipeline
 
+    from ..pipeline_enecg import PIPELINE_TASK
+    from ..shipped_models import resolve_model
+
+    if resolve_model(model) != model:  # a shipped model: the installed package is its code
+        return pipeline(PIPELINE_TASK, model=resolve_model(model))
     path = Path(model).expanduser()
     looks_like_path = path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
     if path.exists() and not (path / "config.json").is_file():

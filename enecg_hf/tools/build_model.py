@@ -1,0 +1,103 @@
+"""Rebuild the model shipped with the package (`enecg-base`) from the public ECG databases: `make model`.
+
+    python -m enecg_hf.tools.build_model --data-dir ../shared/data            # build, train, write the shipped folder
+    python -m enecg_hf.tools.build_model --data-dir DIR --work-dir build/m    # keep the datasets and the run elsewhere
+
+Steps: every source folder under `--data-dir` that exists (LUDB, the two PTB-XL folders, the Challenge 2020/2021
+samples; see SOURCES) is read with `enecg_hf.data` into `WORK/data/<name>`; `train.py` trains one multi-task EnECG
+(RECIPE: the default training settings, 5-fold subject-wise CV, the real pretrained experts of
+`hub_configs/enecg_base.json`) on all of them together, recordings that two folders share kept once; the Hub-ready
+files of its output (`SHIPPED_FILES`: config, heads and gates, model card, metrics) are copied to
+`enecg_hf/pretrained/enecg-base/` (or `--output`). The experts' weights are not copied: they load from their wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..shipped_models import DEFAULT_MODEL, SHIPPED_FILES, SHIPPED_MODELS_DIR
+
+
+REPO = Path(__file__).resolve().parents[2]
+# Source folder under --data-dir -> (format of `python -m enecg_hf.data`, dataset name). Earlier folders win when two
+# hold the same recording (train.py keeps the first copy).
+SOURCES = {
+    "ludb": ("ludb", "ludb"),
+    "ptbxl_sample500": ("ptb-xl", "ptbxl500"),
+    "ptbxl_lr1500": ("ptb-xl", "ptbxl100"),
+    "challenge2021_sample50": ("challenge", "challenge2021"),
+    "challenge2020_awwong1": ("challenge", "challenge2020a"),
+    "challenge2020_sebgood": ("challenge", "challenge2020s"),
+}
+TASKS = ("age", "sex", "arrhythmia", "rr_interval")
+RECIPE = ["--config", "enecg_base", "--labels", ",".join(TASKS), "--folds", "5"]
+MAX_SHIPPED_MB = 20.0
+# Keys of a saved config that point at code files next to it (trust_remote_code); a shipped folder's code is the
+# installed package, so they are left out.
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def build_datasets(data_dir: Path, work: Path) -> list[Path]:
+    """Each source folder of `data_dir` as a built dataset in `work/data` (built again each time: ~1 min)."""
+    folders = []
+    for source, (fmt, name) in SOURCES.items():
+        if not (data_dir / source).is_dir():
+            print(f"[build_model] {data_dir / source} not found: left out", flush=True)
+            continue
+        output = work / "data" / name
+        shutil.rmtree(output, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "enecg_hf.data", "--format", fmt, "--input", str(data_dir / source),
+                        "--output", str(output)], check=True, stdout=subprocess.DEVNULL)
+        report = json.loads((output / "build_report.json").read_text())
+        print(f"[build_model] {source}: {report.get('records_kept', '?')} records kept", flush=True)
+        folders.append(output)
+    if not folders:
+        raise SystemExit(f"build_model: no source folder under {data_dir} (expected some of {list(SOURCES)})")
+    return folders
+
+
+def ship(run: Path, output: Path) -> float:
+    """Copy the run's shipped files to `output` (replaced), without the code keys; the folder's size in MB."""
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    for name in SHIPPED_FILES:
+        shutil.copy2(run / name, output / name)
+    config = json.loads((output / "config.json").read_text())
+    for key in REMOTE_CODE_KEYS:
+        config.pop(key, None)
+    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    size = sum(path.stat().st_size for path in output.iterdir()) / 1e6
+    if size > MAX_SHIPPED_MB:
+        raise SystemExit(f"build_model: {output} is {size:.1f} MB, over the {MAX_SHIPPED_MB} MB a shipped model may be")
+    return size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="folder holding the source folders (SOURCES)")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "build" / "model",
+                        help="datasets, training run and its feature store (default build/model)")
+    parser.add_argument("--output", type=Path, default=SHIPPED_MODELS_DIR / DEFAULT_MODEL)
+    parser.add_argument("--cache-dir", help="feature store's cache folder (train.py --cache_dir; default: WORK/cache)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    folders = build_datasets(args.data_dir, args.work_dir)
+    run = args.work_dir / "run"
+    command = [sys.executable, str(REPO / "train.py"), *RECIPE, "--dataset", *map(str, folders),
+               "--output_dir", str(run), "--cache_dir", args.cache_dir or str(args.work_dir / "cache")]
+    if (run / "checkpoints").is_dir():  # an interrupted run: its finished jobs are reused
+        command += ["--resume_from_checkpoint", "latest"]
+    print("[build_model] $ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+    size = ship(run, args.output)
+    print(f"[build_model] {args.output}: {size:.1f} MB, {time.perf_counter() - start:.0f} s in all", flush=True)
+
+
+if __name__ == "__main__":
+    main()
