@@ -197,6 +197,7 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("data_build", "TABLES", "data_build.json", "build_dataset", "data.md"),
     ("source_rate", "table", "source_rate.json", "source_rate", "data.md"),
     ("expert_speed", "table", "expert_speed.json", "expert-speed", "benchmarks.md"),
+    ("expert_speed", "options_table", "expert_speed_options.json", "expert-speed-options", "benchmarks.md"),
 ]
 
 
