@@ -154,7 +154,12 @@ class EnECGConfig(PreTrainedConfig):
             training records (stored in the head as `input_mean` / `input_std`) and clips it to +-`head_input_clip`.
             Folders saved before this option existed load with `False` (their heads never standardised).
         head_input_clip (`float`, defaults to 6.0):
-            Bound of a standardised embedding value entering the FFN (the linear path reads it unclipped).
+            Bound of a standardised embedding value entering the FFN.
+        head_linear_clip (`float`, defaults to 24.0):
+            Bound of a standardised embedding value entering a head's linear path: four times the FFN's, far beyond
+            the training records' range (a measurement keeps extrapolating: RR of 2 s is 6 standard deviations out on
+            LUDB), but finite, so that one broken embedding column of one record cannot produce an absurd prediction
+            (unbounded, an openecg age head predicted thousands of years for one PTB-XL record).
         head_type (`str`, defaults to `"linear_ffn"`):
             `"linear_ffn"`: each head is a linear map of the standardised embedding plus the FFN, whose output layer
             starts at zero: training fits the linear path as a convex problem (its L2 penalty chosen by inner
@@ -215,6 +220,7 @@ class EnECGConfig(PreTrainedConfig):
     head_dropout: float = 0.0
     head_standardize: bool = True
     head_input_clip: float = 6.0
+    head_linear_clip: float = 24.0
     head_type: str = "linear_ffn"
     regression_loss: str = "huber"
     huber_delta: float = 0.05
@@ -320,6 +326,8 @@ class EnECGConfig(PreTrainedConfig):
             fail("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
         if not float(self.head_input_clip) > 0.0:
             fail("head_input_clip", f"must be positive, got {self.head_input_clip}")
+        if not float(self.head_linear_clip) > 0.0:
+            fail("head_linear_clip", f"must be positive, got {self.head_linear_clip}")
         if not float(self.expert_loss_weight) >= 0.0:
             fail("expert_loss_weight", f"must be >= 0, got {self.expert_loss_weight}")
         if self.class_weights is not None:

@@ -120,17 +120,18 @@ class EnECGHead(nn.Module):
     prediction through it.
 
     With `linear_path` (`config.head_type="linear_ffn"`) the head adds a linear map of the standardised embedding,
-    unclipped, to the FFN's output: `linear(z) + FFN(clip(z))`. Both `linear` and the FFN's `out_proj` start at zero,
+    clipped far wider (`linear_clip`), to the FFN's output: `linear(clip_wide(z)) + FFN(clip(z))`. Both `linear` and the FFN's `out_proj` start at zero,
     so a new head outputs zero; training fits `linear` as a regularised convex problem and the FFN on what is left
     (`enecg_hf.training.linear_heads`). A measurement that is the answer (RR from R-peak intervals) then keeps its
     meaning beyond the training records' range instead of being bent by a ReLU network that never saw such values."""
 
     def __init__(self, embedding_dim: int, hidden_size: int, num_labels: int, dropout: float,
                  standardize: bool = False, input_clip: float = 6.0, linear_path: bool = False,
-                 missing_indicators: list[tuple[int, int]] | None = None):
+                 missing_indicators: list[tuple[int, int]] | None = None, linear_clip: float = 24.0):
         super().__init__()
         self.standardize = standardize
         self.input_clip = input_clip
+        self.linear_clip = linear_clip
         if standardize:
             self.register_buffer("input_mean", torch.zeros(embedding_dim))
             self.register_buffer("input_std", torch.ones(embedding_dim))
@@ -178,8 +179,13 @@ class EnECGHead(nn.Module):
         hidden = self.dropout(F.relu(self.dense2(hidden)))
         output = self.out_proj(hidden)
         if self.linear is not None:
-            output = output + self.linear(embedding)
+            output = output + self.linear(self.clip_for_linear_path(embedding))
         return output
+
+    def clip_for_linear_path(self, standardized: torch.Tensor) -> torch.Tensor:
+        """The standardised embedding as the linear path reads it: within +-`linear_clip` (unchanged without
+        standardisation)."""
+        return standardized.clamp(-self.linear_clip, self.linear_clip) if self.standardize else standardized
 
     @torch.no_grad()
     def fit_standardization(self, embedding: torch.Tensor) -> None:
@@ -344,6 +350,7 @@ class EnECGTaskEnsemble(EnECGTaskMixin, nn.Module):
                 name: EnECGHead(dim, task_config.head_hidden_size, task_config.num_labels, task_config.head_dropout,
                                 standardize=task_config.head_standardize, input_clip=task_config.head_input_clip,
                                 linear_path=task_config.head_type == "linear_ffn",
+                                linear_clip=task_config.head_linear_clip,
                                 missing_indicators=(missing_indicators or {}).get(name))
                 for name, dim in embedding_dims.items()
             }
@@ -437,6 +444,7 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
                                         config.head_dropout, standardize=config.head_standardize,
                                         input_clip=config.head_input_clip,
                                         linear_path=config.head_type == "linear_ffn",
+                                        linear_clip=config.head_linear_clip,
                                         missing_indicators=expert.missing_indicators)
                         for name, expert in self.experts.items()
                     }

@@ -219,6 +219,35 @@ def test_heads_standardize_and_clip_their_inputs(tester):
     torch.testing.assert_close(head(wild), head(clipped))
 
 
+def test_a_linear_path_extrapolates_but_stays_bounded(tester):
+    """The linear path reads standardised values up to +-`head_linear_clip` (24): a measurement 10 standard deviations
+    out still moves the prediction (the FFN's clip is 6), a broken column at 1e6 gives what 24 gives (unbounded, one
+    record made an openecg age head predict thousands of years). The stacked heads used in fitting agree."""
+    from enecg_hf.training.stacked_heads import StackedHeads
+
+    model = tester.get_model().eval()
+    features = model.compute_features(tester.get_inputs())
+    embeddings = list(features.expert_embeddings)
+    model.fit_head_standardization(embeddings)
+    name, head = next(iter(model.heads.items()))
+    with torch.no_grad():
+        head.linear.weight.fill_(0.5)
+
+    def at(sd):  # every record's first column `sd` standard deviations above the mean
+        moved = embeddings[0].clone()
+        moved[:, 0] = head.input_mean[0] + sd * head.input_std[0]
+        return head(moved)
+
+    assert not torch.allclose(at(10.0), at(6.0))
+    torch.testing.assert_close(at(1e6), at(24.0))
+    assert torch.isfinite(at(1e6)).all() and (at(1e6) - at(0.0)).abs().max() < 0.5 * 24 + 1e-3
+    wild = [e.clone() for e in embeddings]
+    wild[0][:, 0] = head.input_mean[0] + 1e6 * head.input_std[0]
+    heads = StackedHeads(model)
+    stacked = heads.forward(heads.stack_inputs(wild), training=False)
+    torch.testing.assert_close(stacked[:, 0], head(wild[0]))
+
+
 def test_folders_saved_before_head_standardization_load_as_saved(tester, tmp_path):
     """A config.json without `head_standardize` (written by enecg_hf 0.1) loads with it off and no buffers."""
     model = tester.get_model(head_standardize=False).eval()

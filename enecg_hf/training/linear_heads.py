@@ -33,8 +33,10 @@ DEFAULT_L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 def standardized_embeddings(model: EnECGTaskMixin, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Every expert's embedding as its head reads it on the linear path (`EnECGHead.standardize_input`: standardised
-    with the head's fitted statistics, unmeasured values at the mean, unclipped; unchanged without standardisation)."""
-    return [head.standardize_input(embedding.float()) for head, embedding in zip(model.heads.values(), embeddings)]
+    with the head's fitted statistics, unmeasured values at the mean, within +-`linear_clip`; unchanged without
+    standardisation)."""
+    return [head.clip_for_linear_path(head.standardize_input(embedding.float()))
+            for head, embedding in zip(model.heads.values(), embeddings)]
 
 
 def _padded(embeddings: Sequence[torch.Tensor], width: int) -> torch.Tensor:

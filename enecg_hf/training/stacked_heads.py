@@ -38,6 +38,7 @@ class StackedHeads:
         first = heads[0]
         self.standardize = first.standardize
         self.clip = first.input_clip
+        self.linear_clip = first.linear_clip
         self.head_dropout = first.dropout.p
         self.linear_path = first.linear_path
         self.tensors: dict[str, torch.Tensor] = {}
@@ -105,7 +106,8 @@ class StackedHeads:
         output = self._linear("out_proj", hidden, training)
         if self.linear_path:
             t = self.tensors
-            output = output + torch.baddbmm(t["linear.bias"].unsqueeze(1), z, t["linear.weight"].transpose(1, 2))
+            wide = z.clamp(-self.linear_clip, self.linear_clip) if self.standardize else z
+            output = output + torch.baddbmm(t["linear.bias"].unsqueeze(1), wide, t["linear.weight"].transpose(1, 2))
         return output.transpose(0, 1)
 
     def state_of(self, expert: str) -> dict[str, torch.Tensor]:
