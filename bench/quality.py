@@ -639,9 +639,12 @@ def main() -> None:
     add("--min-loso-records", type=int, default=None,
         help=f"smallest held-out group scored (default {MIN_LOSO_RECORDS}; 2 with --quick)")
     args = options.parse_args()
-    if render_only(args, docs_table, "quality"):
+    if args.render_only:  # a results file without subject-wise CV rows (--no-cv) renders only its LOSO section
+        results = json.loads(args.output.read_text())
+        if results.get("tasks"):
+            render_only(args, docs_table, "quality")
         if args.update_docs:
-            replace_section("quality_loso", loso_table(json.loads(args.output.read_text())))
+            replace_section("quality_loso", loso_table(results))
         return
     args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
     args.ablation_seeds = args.ablation_seeds or args.seeds
@@ -660,7 +663,8 @@ def main() -> None:
                  else nullcontext(args.feature_store))
         with store as folder:
             results = measure(args, folder)
-    save(results, args.output, docs_table(results), "quality" if args.update_docs else None)
+    # A run without the subject-wise CV rows (--no-cv) leaves the docs' CV section as it is.
+    save(results, args.output, docs_table(results), "quality" if args.update_docs and results.get("tasks") else None)
     print(loso_table(results))
     if args.update_docs:
         replace_section("quality_loso", loso_table(results))

@@ -186,7 +186,7 @@ def test_source_rate_quick(tmp_path):
 RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs file)
     ("efficiency", "docs_table", "efficiency.json", "efficiency", "benchmarks.md"),
     ("quality", "docs_table", "quality.json", "quality", "benchmarks.md"),
-    ("quality", "loso_table", "quality.json", "quality_loso", "benchmarks.md"),
+    ("quality", "loso_table", "quality_loso.json", "quality_loso", "benchmarks.md"),
     ("multitask", "markdown", "multitask.json", "multitask", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision.json", "expert_precision", "benchmarks.md"),
     ("expert_precision", "table", "expert_precision_moment.json", "expert_precision_moment", "benchmarks.md"),
@@ -268,3 +268,12 @@ def test_rr_references_of_the_unseen_sources(monkeypatch):
     assert table.set_index("record_id").loc["100@10s", "reference_rr"] == pytest.approx(np.diff(second).mean() * 1000)
     lead_ii = np.asarray(windows[0]["signal"])[1]
     assert np.ptp(lead_ii) > 0.5 and not np.asarray(windows[0]["signal"])[[0, 2, 6]].any()  # II read, others zero
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "ludb").is_dir(), reason=f"LUDB not found under {DATA_DIR}")
+def test_extraction_processes_quick(tmp_path):
+    """One process and two (`accelerate launch`) fill stores with the same values."""
+    result, stdout = run_quick("extraction_processes.py", tmp_path)
+    assert "| 2 processes |" in stdout and result["stores_equal"] is True
+    assert set(result["median_s"]) == {"1 process", "2 processes"} and result["speedup"] > 0
