@@ -120,9 +120,9 @@ class EnECGHead(nn.Module):
     prediction through it.
 
     With `linear_path` (`config.head_type="linear_ffn"`) the head adds a linear map of the standardised embedding,
-    clipped far wider (`linear_clip`), to the FFN's output: `linear(clip_wide(z)) + FFN(clip(z))`. Both `linear` and the FFN's `out_proj` start at zero,
-    so a new head outputs zero; training fits `linear` as a regularised convex problem and the FFN on what is left
-    (`enecg_hf.training.linear_heads`). A measurement that is the answer (RR from R-peak intervals) then keeps its
+    clipped far wider (`linear_clip`), to the FFN's output: `linear(clip_wide(z)) + FFN(clip(z))`. Both `linear` and
+    the FFN's `out_proj` start at zero, so a new head outputs zero; training fits `linear` as a regularised convex
+    problem and the FFN on what is left (`enecg_hf.training.linear_heads`). A measurement that is the answer (RR from R-peak intervals) then keeps its
     meaning beyond the training records' range instead of being bent by a ReLU network that never saw such values."""
 
     def __init__(self, embedding_dim: int, hidden_size: int, num_labels: int, dropout: float,

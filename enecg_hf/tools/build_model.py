@@ -62,12 +62,38 @@ def build_datasets(data_dir: Path, work: Path) -> list[Path]:
     return folders
 
 
+# What the card of the shipped model adds to train.py's (which describes any run).
+SHIPPED_CARD_NOTES = """
+## enecg-base: scope and known limits
+
+- **Use**: research on ECG representation learning and ensembles, and a worked example of the package; **not a
+  medical device**, not for diagnosis, triage or any clinical decision.
+- **Inputs it was trained on**: resting 12-lead ECGs of 10 s (longer Challenge records cut to their first 10 s),
+  stored at 500 Hz; 1,017 of the PTB-XL records were recorded at 100 Hz and resampled (what that costs each expert:
+  docs/data.md, "PTB-XL at 100 Hz"). Holter and single-lead recordings are outside that range (the pipeline's
+  `window_seconds` runs them window by window, with zero-filled leads; RR holds up there, the other tasks are not
+  validated).
+- **Populations**: the patients (mostly adults) of LUDB (Nizhny Novgorod), PTB-XL (Germany) and the Challenge
+  samples (China, USA); age labels above 89 are stored as 90 (PTB-XL's rule); rhythm classes other than sinus rhythm are rare
+  (atrial fibrillation 82 records, flutter 6), so their per-class scores are uncertain.
+- **Labels**: RR interval only from LUDB's annotated beats (200 records); a record's RR prediction elsewhere rests on
+  the ECG-features expert's R-peak measurement, which sparse stacking picks (docs/benchmarks.md, leave-one-source-out).
+- **Calibration**: `ece` in the tables is the expected calibration error of the out-of-fold probabilities; the
+  balanced class weights of the rhythm task (so that rare rhythms are predicted at all) make its probabilities
+  over-state the rare classes.
+- **Rebuild**: `make model` (enecg_hf/tools/build_model.py) from the databases in `../shared/data`.
+"""
+
+
 def ship(run: Path, output: Path) -> float:
-    """Copy the run's shipped files to `output` (replaced), without the code keys; the folder's size in MB."""
+    """Copy the run's shipped files to `output` (replaced), without the code keys, the card with its scope and
+    limits; the folder's size in MB."""
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     for name in SHIPPED_FILES:
         shutil.copy2(run / name, output / name)
+    with open(output / "README.md", "a") as card:
+        card.write(SHIPPED_CARD_NOTES)
     config = json.loads((output / "config.json").read_text())
     for key in REMOTE_CODE_KEYS:
         config.pop(key, None)
