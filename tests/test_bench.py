@@ -166,7 +166,7 @@ def test_median_beat_quick(tmp_path):
 @pytest.mark.skipif(not (DATA_DIR / "ptbxl_sample500").is_dir(), reason=f"PTB-XL sample not found under {DATA_DIR}")
 def test_source_rate_quick(tmp_path):
     result, stdout = run_quick("source_rate.py", tmp_path, "--feature-store", str(tmp_path / "store"))
-    assert "| **EnECG, default settings** (learned gate, LoRA heads) |" in stdout  # the table for docs/data.md
+    assert "| **EnECG, default settings** (linear + FFN-LoRA heads, learned gate) |" in stdout  # docs/data.md's table
     assert set(result["tasks"]) == {"age", "sex", "arrhythmia"} and result["data"]["records"] == 40
     experts = result["setup"]["experts"]
     assert set(result["embedding_drift"]) == set(experts)
