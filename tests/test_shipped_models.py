@@ -60,7 +60,7 @@ def test_the_shipped_folder_is_small_and_complete():
     assert sorted(p.name for p in folder.iterdir()) == sorted(SHIPPED_FILES)
     assert sum(p.stat().st_size for p in folder.iterdir()) / 1e6 <= MAX_SHIPPED_MB
     config = json.loads((folder / "config.json").read_text())
-    assert set(config["task_names"]) == TASKS
+    assert {task["name"] for task in config["tasks"]} == TASKS
     assert {e["type"] for e in config["experts"]} >= {"openecg", "deepfade", "features"}
 
 
@@ -80,8 +80,13 @@ def test_the_model_card_states_the_cross_validation_of_the_run_that_made_the_mod
 @needs_ludb
 @pytest.mark.slow
 def test_the_readme_one_liner_predicts_every_task_of_a_ludb_record_offline():
-    """The README's one-liner in a fresh process: four answers for LUDB record 1 (sinus rhythm, 51-year-old woman,
-    RR from its annotated beats about 770 ms), with no training step and no network."""
+    """The README's one-liner in a fresh process: four answers for LUDB record 1 (a 51-year-old woman in sinus
+    bradycardia, its annotated beats 1,323 ms apart on average), with no training step and no network."""
+    import numpy as np
+    import wfdb
+
+    beats = wfdb.rdann(str(LUDB_1), "ii")
+    rr = float(np.diff(beats.sample[np.array(beats.symbol) == "N"]).mean() / beats.fs * 1000)
     readme = (REPO / "README.md").read_text()
     one_liner = next(line for line in readme.splitlines() if line.startswith('python -c "import enecg_hf'))
     code = one_liner.removeprefix("python -c ").strip('"').replace("ludb/data/1", str(LUDB_1))
@@ -91,9 +96,9 @@ def test_the_readme_one_liner_predicts_every_task_of_a_ludb_record_offline():
     answer = eval(result.stdout.strip().splitlines()[-1], {"nan": float("nan")})  # the pipeline's dict, printed
     tasks = answer["tasks"]
     assert set(tasks) == TASKS
-    assert tasks["arrhythmia"]["label"] == "sinus_rhythm"
-    assert abs(tasks["rr_interval"]["value"] - 770) < 60
-    assert 20 <= tasks["age"]["value"] <= 90
+    assert tasks["arrhythmia"]["label"] == "sinus_bradycardia"
+    assert abs(tasks["rr_interval"]["value"] - rr) < 50, (tasks["rr_interval"]["value"], rr)
+    assert 20 <= tasks["age"]["value"] <= 90  # a regression's answer, not a check of its accuracy on one record
     assert tasks["sex"]["label"] in {"female", "male"}
     for task in tasks.values():
         assert abs(sum(task["gate_weights"].values()) - 1) < 1e-3
