@@ -198,6 +198,7 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("source_rate", "table", "source_rate.json", "source_rate", "data.md"),
     ("expert_speed", "table", "expert_speed.json", "expert-speed", "benchmarks.md"),
     ("expert_speed", "options_table", "expert_speed_options.json", "expert-speed-options", "benchmarks.md"),
+    ("extraction_processes", "table", "extraction_processes.json", "extraction-processes", "benchmarks.md"),
 ]
 
 
