@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import textwrap
 import threading
@@ -58,6 +59,16 @@ def hide_module(monkeypatch, module: str) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def accelerate_two_cpu_processes() -> list[str]:
+    """`accelerate launch --num_processes 2 --cpu` on a free rendezvous port: the default (29500) may be held by
+    another run on the same machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--main_process_port",
+            str(port)]
 
 
 def shared(*parts: str) -> Path:

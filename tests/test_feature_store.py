@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import accelerate_two_cpu_processes
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,7 +329,7 @@ def test_two_processes_store_exactly_what_one_process_stores(tmp_path):
     """`accelerate launch --num_processes 2 --cpu -m enecg_hf.features` deals the batches of a one-process run to two
     gloo processes: the stores hold the same keys with bit-identical values, and a rerun finds everything."""
     _run([sys.executable, *EXTRACT, "--cache_dir", str(tmp_path / "one")], tmp_path)
-    two = _run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", *EXTRACT,
+    two = _run([*accelerate_two_cpu_processes(), *EXTRACT,
                 "--cache_dir", str(tmp_path / "two")], tmp_path, MASTER_PORT=str(29500 + os.getpid() % 1000))
     assert "10 records, 2 processes" in two.stdout, two.stdout + two.stderr[-3000:]
     one, two_contents = _store_contents(tmp_path / "one" / "features"), _store_contents(tmp_path / "two" / "features")

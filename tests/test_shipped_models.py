@@ -41,6 +41,8 @@ def test_ship_copies_the_hub_files_without_code_keys_and_refuses_an_oversized_fo
     run.mkdir()
     for name in SHIPPED_FILES:
         (run / name).write_text("{}")
+    (run / "training_args.json").write_text(json.dumps({"dataset": ["/home/me/data/ludb", "/srv/ptbxl"],
+                                                        "output_dir": "/home/me/run", "seed": 42}))
     (run / "config.json").write_text(json.dumps({"model_type": "enecg", "auto_map": {"AutoModel": "x.Y"},
                                                  "custom_pipelines": {"ecg-analysis": {}}}))
     (run / "modeling_enecg.py").write_text("# a code copy: not shipped")
@@ -49,6 +51,8 @@ def test_ship_copies_the_hub_files_without_code_keys_and_refuses_an_oversized_fo
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config == {"model_type": "enecg"} and not set(REMOTE_CODE_KEYS) & set(config)
     assert size < 0.01
+    arguments = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert arguments == {"dataset": ["ludb", "ptbxl"], "output_dir": "run", "seed": 42}  # no build-machine paths
     (run / "model.safetensors").write_bytes(b"\0" * int((MAX_SHIPPED_MB + 1) * 1e6))
     with pytest.raises(SystemExit, match="over the 20.0 MB"):
         ship(run, tmp_path / "out")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BLOCK_ENECG, SHARED_DATA
+from helpers import BLOCK_ENECG, SHARED_DATA, accelerate_two_cpu_processes
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_two_cpu_processes_with_accelerate_launch(work, sim_dataset, reference_r
     """`accelerate launch --num_processes 2 --cpu train.py` runs two gloo processes (accelerate itself would start
     one: huggingface/accelerate#2741) that share the jobs of every fit and train the one-process model."""
     result = train("--dataset", str(sim_dataset), *SMALL_RUN, "--output_dir", "two_processes", cwd=work,
-                   launcher=[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"],
+                   launcher=accelerate_two_cpu_processes(),
                    MASTER_PORT=str(29500 + os.getpid() % 1000))
     one, two = metrics_of(reference_run), metrics_of(work / "two_processes")
     assert one["num_processes"] == 1 and two["num_processes"] == 2, result.stderr[-2000:]

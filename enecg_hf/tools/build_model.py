@@ -94,6 +94,15 @@ def ship(run: Path, output: Path) -> float:
         shutil.copy2(run / name, output / name)
     with open(output / "README.md", "a") as card:
         card.write(SHIPPED_CARD_NOTES)
+    # The build machine's folders mean nothing elsewhere: the arguments keep each folder's name only.
+    arguments = json.loads((output / "training_args.json").read_text())
+    for key in ("dataset", "output_dir", "cache_dir", "data_path"):
+        value = arguments.get(key)
+        if isinstance(value, list):
+            arguments[key] = [Path(v).name for v in value]
+        elif isinstance(value, str):
+            arguments[key] = Path(value).name
+    (output / "training_args.json").write_text(json.dumps(arguments, indent=2) + "\n")
     config = json.loads((output / "config.json").read_text())
     for key in REMOTE_CODE_KEYS:
         config.pop(key, None)
