@@ -12,7 +12,6 @@ stores of both must hold the same values (compared at the end).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -26,7 +25,6 @@ from harness import DATA_DIR, machine_info, markdown_table, parser, render_only,
 
 
 SECTION = "extraction-processes"
-READY = re.compile(r"ready in ([\d.]+) s")
 
 
 def run(command: list[str], cache: Path) -> float:

@@ -57,8 +57,9 @@ def load_pipeline(model: str):
     if not model:
         raise ValueError("The app was started without a model: start it with `--model FOLDER_OR_HUB_ID` (or "
                          "ENECG_MODEL), e.g. the folder `python train.py` writes")
-    if resolve_model(model) != model:  # a model shipped with the package, whose code is the installed package
-        return pipeline(PIPELINE_TASK, model=resolve_model(model))
+    resolved = resolve_model(model)
+    if resolved != model:  # a model shipped with the package, whose code is the installed package
+        return pipeline(PIPELINE_TASK, model=resolved)
     try:
         return pipeline(model=model, trust_remote_code=True)
     except (OSError, ValueError, RuntimeError) as error:

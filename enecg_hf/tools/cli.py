@@ -75,8 +75,9 @@ def _load_pipeline(model: str):
     from ..pipeline_enecg import PIPELINE_TASK
     from ..shipped_models import resolve_model
 
-    if resolve_model(model) != model:  # a shipped model: the installed package is its code
-        return pipeline(PIPELINE_TASK, model=resolve_model(model))
+    resolved = resolve_model(model)
+    if resolved != model:  # a shipped model: the installed package is its code
+        return pipeline(PIPELINE_TASK, model=resolved)
     path = Path(model).expanduser()
     looks_like_path = path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
     if path.exists() and not (path / "config.json").is_file():

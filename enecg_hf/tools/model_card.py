@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling_enecg import EnECGModel
+from ..training.scoring import best_expert
 
 
 # The repository's model_card.md, through a link in a checkout, shipped in wheels as package data.
@@ -185,18 +186,6 @@ def task_section(metrics: dict[str, Any]) -> dict[str, Any]:
         "final_metrics": metrics.get("final", {}).get("metrics") or {},
         "gate_weights": metrics.get("final", {}).get("gate_weights") or {},
     }
-
-
-def best_expert(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The expert whose own head scored best in the CV folds on the headline metric (MAE, else AUROC): its name and
-    CV summary of every metric, or None when the run kept no per-expert scores."""
-    experts = metrics.get("cv_experts") or {}
-    name = "mae" if "mae" in metrics.get("cv", {}) else "auroc"
-    scored = {e: m[name]["mean"] for e, m in experts.items() if name in m}
-    if not scored:
-        return None
-    best = (min if name == "mae" else max)(scored, key=scored.get)
-    return {"name": best, "metric": name, "cv": experts[best]}
 
 
 __all__ = ["render_model_card", "task_section", "random_weight_experts", "expert_table", "template_path"]

@@ -13,6 +13,7 @@ from ..tools.serving_export import export_serving_files
 from .arguments import TrainScriptArguments
 from .errors import TrainingSetupError
 from .files import write_json_atomic
+from .scoring import best_expert
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,14 @@ def metric_unit(name: str, unit: str | None) -> str:
 
 def ensemble_versus_experts(block: dict[str, Any]) -> str:
     """One line: the headline metric (MAE, else AUROC) of the ensemble, its best expert's own head and the heads'
-    plain average, in the same folds."""
-    name = "mae" if "mae" in block["cv"] else "auroc"
-    if name not in block["cv"]:
+    plain average, in the same folds; "" without per-expert scores."""
+    best = best_expert(block)
+    if best is None or best["metric"] not in block["cv"]:
         return ""
-    lower = name == "mae"
-    experts = {e: m[name]["mean"] for e, m in block["cv_experts"].items() if name in m}
-    best = (min if lower else max)(experts, key=experts.get)
+    name = best["metric"]
     uniform = block["cv_uniform"].get(name, {}).get("mean", float("nan"))
-    return (f"{name}: ensemble {block['cv'][name]['mean']:.4g}, best expert {best} {experts[best]:.4g}, "
-            f"uniform average {uniform:.4g}")
+    return (f"{name}: ensemble {block['cv'][name]['mean']:.4g}, best expert {best['name']} "
+            f"{best['cv'][name]['mean']:.4g}, uniform average {uniform:.4g}")
 
 
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
@@ -110,7 +109,7 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
             baseline = block["cv_baseline"].get(name)
             extra = f"   (baseline {baseline['mean']:.4g} ± {baseline['std']:.3g})" if baseline else ""
             lines.append(f"  CV {name:>9}: {summary['mean']:.4g} ± {summary['std']:.3g}{metric_unit(name, unit)}{extra}")
-        if block.get("cv_experts") and ensemble_versus_experts(block):
+        if ensemble_versus_experts(block):
             lines.append("  " + ensemble_versus_experts(block))
         if block.get("cv_source"):
             by_source = block["cv_source"]

@@ -71,3 +71,16 @@ def cross_validate(model, table, folds, label: TaskSpec, settings=None, metric=N
 
 def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def best_expert(task_metrics: dict) -> dict | None:
+    """The expert whose own head scored best in a task's CV folds on the headline metric (MAE, else AUROC): its name,
+    the metric and its CV summary of every metric (`cv_experts` of train.py's metrics); None without per-expert
+    scores."""
+    name = "mae" if "mae" in task_metrics.get("cv", {}) else "auroc"
+    experts = task_metrics.get("cv_experts") or {}
+    scored = {expert: summary[name]["mean"] for expert, summary in experts.items() if name in summary}
+    if not scored:
+        return None
+    best = (min if name == "mae" else max)(scored, key=scored.get)
+    return {"name": best, "metric": name, "cv": experts[best]}
