@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,19 +59,21 @@ class EnECGExpertConfig:
 
 
 # Fields of one entry of `EnECGConfig.tasks`; the first three are required.
-TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights", "loss_weight")
+TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights", "loss_weight",
+               "logit_temperature")
 
 
 class EnECGTaskConfig:
     """One task of a multi-task config: a live view of its entry in `EnECGConfig.tasks` (a plain dict, so the config
     saves as JSON), which reads like a single-task `EnECGConfig` (`problem_type`, `num_labels`, `id2label`,
-    `label_name`, `label_unit`, `target_mean`, `target_std`, `class_weights`) and falls back to the model config for
+    `label_name`, `label_unit`, `target_mean`, `target_std`, `class_weights`, `logit_temperature`) and falls back to the model config for
     what all tasks share (`gate_type`, `expert_loss_weight`, `adaptation`...). Setting a task field writes the entry.
 
     Entry fields: `name` (a dataset column, e.g. one of `enecg_hf.data.TASKS`), `problem_type`, `unit` (regression),
     `class_names` (classification), `target_mean` / `target_std` (regression target scaling, set by training),
-    `class_weights` (cross-entropy weights, set by training), `loss_weight` (weight of this task's loss in the sum,
-    default 1.0: every task's loss on its standardised scale, weighted equally).
+    `class_weights` (cross-entropy weights, set by training), `logit_temperature` (calibration, set by training),
+    `loss_weight` (weight of this task's loss in the sum, default 1.0: every task's loss on its standardised scale,
+    weighted equally).
     """
 
     def __init__(self, entry: dict[str, Any], config: "EnECGConfig"):
@@ -111,7 +114,7 @@ class EnECGTaskConfig:
 
 
 TASK_DEFAULTS = {"unit": None, "class_names": None, "target_mean": 0.0, "target_std": 1.0, "class_weights": None,
-                 "loss_weight": 1.0}
+                 "loss_weight": 1.0, "logit_temperature": 1.0}
 
 
 # What a saved config without the key meant when it was written (see `EnECGConfig.from_dict`).
@@ -179,6 +182,11 @@ class EnECGConfig(PreTrainedConfig):
         class_weights (`list[float]`, *optional*):
             Weights of the classes in the cross-entropy (training sets them to balance the classes of the training
             split); `None` weighs every record equally.
+        logit_temperature (`float`, defaults to 1.0):
+            Classification: the mixture's logits are divided by it before they are reported (temperature scaling, so
+            that the probabilities match how often the model is right; training fits it on out-of-fold predictions,
+            `FitSettings.calibration`). It changes no ranking and no predicted class; the heads' own `expert_logits`
+            are not scaled. 1.0 (folders saved before it existed) leaves the logits as they are.
         gate_leads (`list[str]`, defaults to `["II"]`):
             Leads the gating network reads.
         gate_input_length (`int`, defaults to 5000):
@@ -201,7 +209,7 @@ class EnECGConfig(PreTrainedConfig):
             A multi-task model: one dict per task (see [`EnECGTaskConfig`] for the fields). Every task gets its own
             head per expert and its own gate over the shared frozen experts, which run once per record for all tasks.
             The single-task fields (`label_name`, `problem_type`, `id2label`, `label_unit`, `target_mean`,
-            `target_std`, `class_weights`) are then unused: each task holds its own. `None` (the default) is a
+            `target_std`, `class_weights`, `logit_temperature`) are then unused: each task holds its own. `None` (the default) is a
             single-task model described by those fields.
     """
 
@@ -226,6 +234,7 @@ class EnECGConfig(PreTrainedConfig):
     huber_delta: float = 0.05
     expert_loss_weight: float = 1.0
     class_weights: list[float] | None = None
+    logit_temperature: float = 1.0
     gate_leads: list[str] | None = None
     gate_input_length: int = 5000
     gate_hidden_size: int = 256
@@ -324,6 +333,8 @@ class EnECGConfig(PreTrainedConfig):
             fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= float(self.head_dropout) < 1.0:
             fail("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+        if not (math.isfinite(float(self.logit_temperature)) and float(self.logit_temperature) > 0.0):
+            fail("logit_temperature", f"must be a positive number, got {self.logit_temperature}")
         if not float(self.head_input_clip) > 0.0:
             fail("head_input_clip", f"must be positive, got {self.head_input_clip}")
         if not float(self.head_linear_clip) > 0.0:
@@ -377,6 +388,9 @@ class EnECGConfig(PreTrainedConfig):
                 fail("tasks", f"{where}.class_names must list at least 2 classes, got {classes!r}")
             if not float(task["target_std"]) > 0.0:
                 fail("tasks", f"{where}.target_std must be positive, got {task['target_std']}")
+            temperature = float(task.get("logit_temperature", 1.0))
+            if not (math.isfinite(temperature) and temperature > 0.0):
+                fail("tasks", f"{where}.logit_temperature must be a positive number, got {temperature}")
             if not float(task["loss_weight"]) >= 0.0:
                 fail("tasks", f"{where}.loss_weight must be >= 0, got {task['loss_weight']}")
             weights = task["class_weights"]

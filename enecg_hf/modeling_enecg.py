@@ -260,7 +260,15 @@ class EnECGTaskMixin:
             loss = self.loss_function(scaled_logits, labels)
             if self.task_config.expert_loss_weight > 0:
                 loss = loss + self.task_config.expert_loss_weight * self.loss_function(scaled_expert_logits, labels)
-        return loss, self.to_label_units(scaled_logits), self.to_label_units(scaled_expert_logits), gate_weights
+        logits = self.to_label_units(self.calibrated(scaled_logits))
+        return loss, logits, self.to_label_units(scaled_expert_logits), gate_weights
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Classification logits divided by `logit_temperature` (temperature scaling; regression unchanged)."""
+        temperature = float(self.task_config.logit_temperature)
+        if self.task_config.problem_type == "regression" or temperature == 1.0:
+            return logits
+        return logits / temperature
 
     def _warn_if_target_scaling_is_unset(self) -> None:
         """A regression model trained with the default `target_mean=0, target_std=1` learns labels in their own unit

@@ -166,6 +166,31 @@ def test_balanced_class_weights_and_classification_fit():
     assert model.config.class_weights is not None and len(model.config.class_weights) == 2
 
 
+def test_temperature_scaling_is_fitted_out_of_fold_and_changes_no_decision():
+    """The default fit divides the mixture's logits by the temperature of lowest cross-entropy on the training records'
+    out-of-fold mixture; predicted classes and rankings stay those of the uncalibrated fit, the heads' own logits too."""
+    table = synthetic_table(classification=True)
+    train, test = split(table)
+    calibrated, plain = make_model("single_label_classification"), make_model("single_label_classification")
+    report = fit_enecg(calibrated, table, train, FitSettings(**FAST))
+    plain_report = fit_enecg(plain, table, train, FitSettings(**FAST, calibration="none"))
+    temperature = calibrated.config.logit_temperature
+    assert report.logit_temperature == temperature and plain_report.logit_temperature == 1.0
+    assert plain.config.logit_temperature == 1.0 and temperature != 1.0 and temperature > 0
+    ours, theirs = predict(calibrated, table, test), predict(plain, table, test)
+    np.testing.assert_allclose(ours["logits"] * temperature, theirs["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours["expert_logits"], theirs["expert_logits"])
+    # It is the temperature of lowest out-of-fold cross-entropy: a little hotter or colder is worse.
+    with torch.no_grad():
+        weights = calibrated.compute_gate_weights(table.gate_inputs[train], len(train))
+    mixture = (report.out_of_fold_predictions * weights[:, :, None]).sum(1).double()
+    nll = lambda t: float(torch.nn.functional.cross_entropy(mixture / t, table.labels[train]))  # noqa: E731
+    assert nll(temperature) < min(nll(temperature * 1.1), nll(temperature / 1.1), nll(1.0))
+    # A refit starts from 1 again (a fold's temperature never leaks into the next fit's out-of-fold losses).
+    prepare_targets(calibrated, table.labels[train], "balanced")
+    assert calibrated.config.logit_temperature == 1.0
+
+
 def test_joint_strategy_trains_heads_and_gate_together():
     table = synthetic_table()
     train, test = split(table)
@@ -186,6 +211,7 @@ def test_joint_strategy_trains_heads_and_gate_together():
         (dict(class_weighting="inverse"), "class_weighting must be one of"),
         (dict(epochs=0), "epochs must be at least 1"),
         (dict(gate_learning_rate=0.0), "gate_learning_rate must be positive"),
+        (dict(calibration="platt"), "calibration must be one of"),
     ],
 )
 def test_bad_fit_settings(settings, message):

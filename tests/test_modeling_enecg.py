@@ -613,6 +613,8 @@ def test_random_weights_are_logged(tester, caplog):
         ({"head_type": "mlp"}, "head_type"),
         ({"regression_loss": "l1"}, "regression_loss"),
         ({"huber_delta": 0.0}, "huber_delta"),
+        ({"logit_temperature": 0.0}, "logit_temperature"),
+        ({"logit_temperature": float("nan")}, "logit_temperature"),
         ({"experts": []}, "experts"),
         ({"experts": [{"name": "a", "type": "transformerxl", "input_length": 10}]}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "leads": ["V7"]}]}, "experts"),
@@ -741,3 +743,25 @@ def test_the_package_is_marked_typed():
     setup.read(package.parent / "setup.cfg")
     assert "py.typed" in setup["options.package_data"]["enecg_hf"]
     assert (package / "py.typed").is_file()
+
+
+def test_logit_temperature_divides_the_mixtures_logits_and_is_saved(tester, tmp_path):
+    """Temperature scaling (fitted by training, `FitSettings.calibration`): the mixture's classification logits are
+    divided by it, the heads' own are not; it is saved with the config; 1.0 leaves the logits untouched."""
+    model = tester.get_model(**PROBLEMS["single_label"], adaptation="full").eval()
+    with torch.no_grad():
+        for parameter in model.heads.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    inputs = tester.get_inputs(seed=5)
+    with torch.no_grad():
+        plain = model(inputs)
+        model.config.logit_temperature = 2.0
+        scaled = model(inputs)
+    assert plain.logits.abs().max() > 0
+    torch.testing.assert_close(scaled.logits, plain.logits / 2.0)
+    assert torch.equal(scaled.expert_logits, plain.expert_logits)
+    model.save_pretrained(tmp_path)
+    reloaded = EnECGModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.logit_temperature == 2.0
+    with torch.no_grad():
+        assert torch.equal(reloaded(inputs).logits, scaled.logits)

@@ -178,6 +178,7 @@ def test_multitask_save_load_and_peft_adapter_round_trip(tmp_path):
     ([{"name": "sex", "problem_type": "single_label_classification"}], "class_names"),
     ([{"name": "a.b", "problem_type": "regression"}], "without dots"),
     ([{"name": "age", "problem_type": "regression", "target_std": 0.0}], "target_std"),
+    ([{"name": "age", "problem_type": "regression", "logit_temperature": -1.0}], "logit_temperature"),
     ([{"name": "age", "problem_type": "regression", "colour": "red"}], "unknown keys"),
     ([], "non-empty"),
 ])

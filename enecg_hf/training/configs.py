@@ -25,7 +25,7 @@ def resolve_config_path(config: str) -> Path:
 
 # Fields of a single-task config that a multi-task one keeps per task instead.
 SINGLE_TASK_FIELDS = ("label_name", "label_unit", "problem_type", "id2label", "label2id", "num_labels", "target_mean",
-                      "target_std", "class_weights")
+                      "target_std", "class_weights", "logit_temperature")
 
 
 def build_config(args: TrainScriptArguments, label: TaskSpec | list[TaskSpec], config_dict: dict[str, Any]

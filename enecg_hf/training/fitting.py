@@ -32,12 +32,14 @@ output wherever and whenever it runs.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.splits import institution
 from ..modeling_enecg import EnECGModel, EnECGTaskMixin, init_head_or_gate, mix_experts
@@ -55,6 +57,7 @@ CLASS_WEIGHTINGS = ("balanced", "none")
 INNER_GROUPS = ("source", "subject")
 STACKINGS = ("sparse", "full")
 FFN_EPOCHS = ("one_standard_error", "lowest")
+CALIBRATIONS = ("temperature", "none")
 # The log-weight of an expert the stacking leaves out: softmax gives it exactly 0 (also in float16).
 EXCLUDED_LOG_WEIGHT = -1e4
 
@@ -93,6 +96,11 @@ class FitSettings:
         ffn_epochs: how many epochs the FFN of a linear-path head trains on top of its linear path:
             `"one_standard_error"` (default), the fewest whose out-of-fold loss over the inner folds is within one
             standard error of the lowest (0 included); `"lowest"`, the epoch count with the lowest out-of-fold loss.
+        calibration: `"temperature"` (default): classification logits are divided by a temperature fitted on the
+            training records' out-of-fold mixture (unweighted negative log-likelihood; `logit_temperature` of the
+            task's config), so that the probabilities match how often the model is right (balanced class weights and
+            averaging experts make them too soft or too sharp); no predicted class or ranking changes. `"none"`: 1.
+            The joint strategy has no out-of-fold predictions and keeps 1. Not a `train.py` flag.
         linear_l2: the L2 penalties tried for the heads' linear paths (`head_type="linear_ffn"`); each expert's is
             chosen by its out-of-fold loss over the inner folds (`linear_heads`). Not a `train.py` flag.
         seed: every job's seed derives from it.
@@ -113,6 +121,7 @@ class FitSettings:
     inner_groups: str = "subject"
     stacking: str = "sparse"
     ffn_epochs: str = "one_standard_error"
+    calibration: str = "temperature"
     linear_l2: tuple[float, ...] = DEFAULT_L2_GRID
     seed: int = 42
 
@@ -123,6 +132,8 @@ class FitSettings:
             raise ValueError(f"gate_predictions must be 'out_of_fold' or 'in_sample', got {self.gate_predictions!r}")
         if self.ffn_epochs not in FFN_EPOCHS:
             raise ValueError(f"ffn_epochs must be one of {FFN_EPOCHS}, got {self.ffn_epochs!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if self.stacking not in STACKINGS:
             raise ValueError(f"stacking must be one of {STACKINGS}, got {self.stacking!r}")
         if self.inner_groups not in INNER_GROUPS:
@@ -226,7 +237,9 @@ class InProcessRunner:
 class FitReport:
     """What a fit decided: epochs per expert (of the FFN on top of the linear path, for `linear_ffn` heads: 0 is the
     linear path alone), out-of-fold losses, the stacked gate weights and the gate's epochs, and the L2 penalty of
-    each linear path."""
+    each linear path, and the temperature of the classification logits (`logit_temperature`, 1.0 when not calibrated).
+    `out_of_fold_predictions` (`stacked`): the heads' predictions of every training record by heads
+    that never saw it, `(rows, experts, num_labels)` on the heads' scale (what the gate is fitted on; not saved)."""
 
     strategy: str
     expert_epochs: dict[str, int] = field(default_factory=dict)
@@ -234,9 +247,11 @@ class FitReport:
     stacked_weights: dict[str, float] = field(default_factory=dict)
     gate_epochs: int = 0
     linear_l2: dict[str, float] = field(default_factory=dict)
+    logit_temperature: float = 1.0
+    out_of_fold_predictions: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "out_of_fold_predictions"}
 
 
 def subject_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -280,6 +295,7 @@ def prepare_targets(model: TaskModel, labels: torch.Tensor, weighting: str) -> N
         config.target_mean, config.target_std = float(values.mean()), std if std > 1e-8 else 1.0
     elif config.problem_type == "single_label_classification":
         config.class_weights = None
+        config.logit_temperature = 1.0
         if weighting == "balanced":
             counts = torch.bincount(labels.long(), minlength=config.num_labels).double()
             present = counts > 0
@@ -382,6 +398,7 @@ class EnECGFitter:
         if not settings.early_stopping:
             best = torch.full_like(best, curves.shape[0] - 1)
         predictions = out_of_fold[best, :, torch.arange(out_of_fold.shape[2])].transpose(0, 1)  # (rows, experts, labels)
+        report.out_of_fold_predictions = predictions.detach().clone()
         epochs = [int(b) + (linear is None) for b in best]
         names = model.expert_names
         report.expert_epochs = dict(zip(names, epochs))
@@ -409,10 +426,14 @@ class EnECGFitter:
         if len(outputs) > 1:
             report.stacked_weights = dict(zip(names, outputs[1]["report.stacked_weights"].tolist()))
             report.gate_epochs = int(outputs[1]["report.gate_epochs"])
+        if settings.calibration == "temperature" and model.task_config.problem_type == "single_label_classification":
+            report.logit_temperature = self._calibrate(table, rows, predictions)
         logger.info("%s: head epochs %s; linear-path L2 %s; out-of-fold losses %s; stacked gate weights %s; gate "
                     "epochs %d", name, report.expert_epochs, report.linear_l2,
                     {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
                     {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
+        if report.logit_temperature != 1.0:
+            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name, report.logit_temperature)
         return report
 
     # ---------------------------------------------------------------------------------------------- jobs
@@ -534,6 +555,31 @@ class EnECGFitter:
         state["report.stacked_weights"] = stacked
         state["report.gate_epochs"] = torch.tensor(best_epoch)
         return state
+
+    @torch.no_grad()
+    def _calibrate(self, table: FeatureTable, rows: np.ndarray, predictions: torch.Tensor) -> float:
+        """Set the task's `logit_temperature` from the fitted gate's mixture of the out-of-fold head predictions
+        `(rows, experts, labels)` of the records `rows`: the temperature of lowest unweighted cross-entropy."""
+        model = self.model
+        weights = model.compute_gate_weights(table.gate_inputs[torch.as_tensor(rows)], len(rows)).float()
+        logits = mix_experts(predictions.float(), weights).double()
+        labels = table.labels[torch.as_tensor(rows)].long()
+        present = labels >= 0
+        log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_temperature], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits[present] / log_temperature.exp(), labels[present])
+                loss.backward()
+            return loss
+
+        if bool(present.any()):
+            optimizer.step(closure)
+        temperature = round(float(log_temperature.detach().exp()), 6)
+        model.task_config.logit_temperature = temperature if math.isfinite(temperature) and temperature > 0 else 1.0
+        return model.task_config.logit_temperature
 
     def _stacking(self, predictions: torch.Tensor, labels: torch.Tensor,
                   folds: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
