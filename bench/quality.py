@@ -113,10 +113,12 @@ FITTED_ROWS = {
                                                      "expert", without_median_beat, {}),
 }
 MAIN_ROWS = ("enecg", "enecg_offline_pretrained")  # every seed, and each expert's own head scored too
+UNIFORM_ROWS = {"enecg": "uniform_ensemble", "enecg_offline_pretrained": "uniform_ensemble:pretrained"}
 QUICK_FIT = {"epochs": 4, "gate_epochs": 4, "inner_folds": 2}
 ROW_LABELS = {"baseline:mean_or_majority": "mean / majority of the training folds",
               "baseline:neurokit_rr": "neurokit2 R-peaks, lead II, no learning",
               "uniform_ensemble": "uniform average of the same heads",
+              "uniform_ensemble:pretrained": "uniform average of the offline_pretrained EnECG's heads",
               **{name: label for name, (label, _, _) in FITTED_ROWS.items()}}
 
 
@@ -240,8 +242,9 @@ def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: 
                 if row in ("enecg", "ablation:gate_in_sample"):  # the stacked weights of the gate, kept
                     stacked = np.asarray([report.stacked_weights[n] for n in experts])
                     stacked_weights.setdefault(row, []).append(stacked)
-                if row == "enecg":  # the same heads averaged, and mixed by the stacked weights only
-                    add("uniform_ensemble", out["expert_logits"].mean(1), test)
+                if row in MAIN_ROWS:  # the same heads averaged
+                    add(UNIFORM_ROWS[row], out["expert_logits"].mean(1), test)
+                if row == "enecg":  # and mixed by the stacked weights only
                     add("ablation:stacked_gate_only", (out["expert_logits"] * stacked[None, :, None]).sum(1), test)
             params[row] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"[quality]   {task} seed {seed} {row}: {len(folds[seed])} folds fitted", flush=True)
@@ -257,7 +260,9 @@ def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: 
             "sources": list(TASK_SOURCES[task]), "class_counts": {} if spec.is_regression else {
                 c: int((y == i).sum()) for i, c in enumerate(spec.class_names)},
             "label_mean": float(y.mean()) if spec.is_regression else None, "rows": rows,
-            "verdict": verdict(rows, spec, expert_names)}
+            "verdict": verdict(rows, spec, expert_names),
+            "verdict_pretrained": verdict(rows, spec, [e["name"] for e in (configs["pretrained"] or {}).get(
+                "experts", [])], "enecg_offline_pretrained")}
 
 
 def score_rows(predictions: dict, labels: np.ndarray, spec, not_ludb: np.ndarray) -> dict:
@@ -281,17 +286,19 @@ def score_rows(predictions: dict, labels: np.ndarray, spec, not_ludb: np.ndarray
     return rows
 
 
-def verdict(rows: dict, spec, expert_names: list[str]) -> dict:
-    """The bar for the default EnECG: within 5 % (MAE) / 0.02 (AUROC) of its best single expert and of the uniform
-    average of its heads, and better than the trivial baseline."""
-    if "enecg" not in rows:
+def verdict(rows: dict, spec, expert_names: list[str], row: str = "enecg") -> dict:
+    """The bar for an EnECG row (`enecg`, or `enecg_offline_pretrained` over its own experts): within 5 % (MAE) /
+    0.02 (AUROC) of its best single expert and of the uniform average of its heads, and better than the trivial
+    baseline."""
+    uniform_row = UNIFORM_ROWS.get(row, "uniform_ensemble")
+    if row not in rows or uniform_row not in rows or not expert_names:
         return {}
     key, sign = ("mae", -1) if spec.is_regression else ("auroc", 1)
     value = lambda row: rows[row]["metrics"][key]["mean"]
     experts = {f"expert:{n}": value(f"expert:{n}") for n in expert_names if key in rows[f"expert:{n}"]["metrics"]}
     best = max(experts, key=lambda r: sign * experts[r])
     within = (lambda ours, ref: ours <= ref * 1.05) if spec.is_regression else (lambda ours, ref: ours >= ref - 0.02)
-    ours, uniform, baseline = value("enecg"), value("uniform_ensemble"), value("baseline:mean_or_majority")
+    ours, uniform, baseline = value(row), value(uniform_row), value("baseline:mean_or_majority")
     return {"metric": key, "enecg": ours, "best_expert": best, "best_expert_value": experts[best], "uniform": uniform,
             "baseline": baseline, "as_good_as_best_expert": bool(within(ours, experts[best])),
             "as_good_as_uniform": bool(within(ours, uniform)), "beats_baseline": bool(sign * (ours - baseline) > 0)}
@@ -515,7 +522,8 @@ def combine(parts: list[dict]) -> dict:
                                                for r, values in mine["rows"].items()}, task_spec(task),
                                               results["setup"]["experts"])
                 else:
-                    mine["verdict"] = mine["verdict"] or block["verdict"]
+                    for verdict_key in ("verdict", "verdict_pretrained"):
+                        mine[verdict_key] = mine.get(verdict_key) or block.get(verdict_key)
         for key in ("pretrained_config", "pretrained_experts"):
             results["setup"][key] = results["setup"][key] or part["setup"][key]
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
@@ -555,13 +563,15 @@ def docs_table(results: dict) -> str:
         extra = f"classes {block['class_counts']}" if block["class_counts"] else f"label mean {block['label_mean']:.1f}"
         lines += [f"**{task}** ({block['records']} records, {block['subjects']} subjects; {extra})", "",
                   markdown_table(header, table, "l" + "r" * (len(header) - 1))]
-        if v := block.get("verdict"):
-            yes = lambda key: "yes" if v[key] else "no"
-            lines += ["", f"Default EnECG {v['metric']} {v['enecg']:.4g}: best single expert "
-                      f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
-                      f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
-                      f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
-                      f"beats the baseline: {yes('beats_baseline')}."]
+        for key, who in (("verdict", "Default EnECG (tiny experts)"),
+                         ("verdict_pretrained", "EnECG over offline_pretrained.json")):
+            if v := block.get(key):
+                yes = lambda key: "yes" if v[key] else "no"  # noqa: E731
+                lines += ["", f"{who} {v['metric']} {v['enecg']:.4g}: best single expert "
+                          f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
+                          f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
+                          f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
+                          f"beats the baseline: {yes('beats_baseline')}."]
         lines.append("")
     lines.append(f"Run {results['created']}: {run['elapsed_s'] / 60:.0f} min on {run['cpu_count']} shared cores "
                  f"({run['torch_threads']} torch thread), load average {run['load_average_start'][0]:.2f} at start.")

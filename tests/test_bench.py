@@ -278,3 +278,21 @@ def test_extraction_processes_quick(tmp_path):
     result, stdout = run_quick("extraction_processes.py", tmp_path)
     assert "| 2 processes |" in stdout and result["stores_equal"] is True
     assert set(result["median_s"]) == {"1 process", "2 processes"} and result["speedup"] > 0
+
+
+def test_learning_curve_subsamples_whole_subjects_nested(monkeypatch):
+    """bench/enecg_base.py's learning curve: a fraction keeps whole subjects of the training fold (never a record of
+    a subject without the others), the smaller fraction's subjects are among the larger's, and 100 % is the fold."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from enecg_base import subsample_subjects
+
+    groups = np.asarray([f"s{i // 3}" for i in range(90)])  # 30 subjects of 3 records
+    train = np.arange(0, 90, 1)[np.arange(90) % 5 != 0]  # a fold's rows (some records of a subject held out)
+    quarter, half = (subsample_subjects(train, groups, f, seed=7) for f in (0.25, 0.5))
+    assert np.array_equal(subsample_subjects(train, groups, 1.0, seed=7), train)
+    assert set(quarter) <= set(half) <= set(train)
+    assert len(set(groups[quarter])) == 8 and len(set(groups[half])) == 15  # ceil(0.25 * 30), 0.5 * 30
+    for rows in (quarter, half):  # whole subjects: every training row of a chosen subject is kept
+        chosen = set(groups[rows])
+        assert set(train[np.isin(groups[train], list(chosen))]) == set(rows)
+    assert not np.array_equal(quarter, subsample_subjects(train, groups, 0.25, seed=8))
