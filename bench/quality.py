@@ -653,7 +653,7 @@ def main() -> None:
         results = json.loads(args.output.read_text())
         if results.get("tasks"):
             render_only(args, docs_table, "quality")
-        if args.update_docs:
+        if args.update_docs and results.get("loso"):  # (a CV-only run leaves the leave-one-source-out section)
             replace_section("quality_loso", loso_table(results))
         return
     args.folds, args.seeds = args.folds or (2 if args.quick else 5), args.seeds or (1 if args.quick else 3)
@@ -675,9 +675,10 @@ def main() -> None:
             results = measure(args, folder)
     # A run without the subject-wise CV rows (--no-cv) leaves the docs' CV section as it is.
     save(results, args.output, docs_table(results), "quality" if args.update_docs and results.get("tasks") else None)
-    print(loso_table(results))
-    if args.update_docs:
-        replace_section("quality_loso", loso_table(results))
+    if results.get("loso"):
+        print(loso_table(results))
+        if args.update_docs:
+            replace_section("quality_loso", loso_table(results))
 
 
 if __name__ == "__main__":
