@@ -80,7 +80,8 @@ def load_tasks(folders: list[Path], cache_dir: str | None, task_names: list[str]
     config_dict = json.loads(resolve_config_path(CONFIG).read_text())
     specs = [TaskSpec.infer(name, dataset, config_dict) for name in TASKS]
     config = build_config(args, specs, config_dict)
-    tasks = [prepare_task(dataset, spec, args) for spec in specs if spec.name in task_names]
+    by_name = {spec.name: spec for spec in specs}
+    tasks = [prepare_task(dataset, by_name[name], args) for name in task_names]
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
     features, _ = build_feature_cache(dataset, model, accelerator, feature_store_dir(cache_dir), batch_size=16)
@@ -270,8 +271,13 @@ def measure(args) -> dict:
             "setup": {"config": f"hub_configs/{CONFIG}.json", "sources": list(SOURCES), "records": records,
                       "experts": config.expert_names, "fractions": fractions, "fit_settings": settings.to_dict(),
                       "routers": list(ROUTERS), "gate_hidden_size": config.gate_hidden_size},
-            "tasks": {task.spec.name: run_task(task, fractions, settings, config, args.analyses, args.first_folds) for task in tasks},
+            "tasks": {},
         }
+        for task in tasks:  # each task's results saved as soon as they are in (a long run can be stopped)
+            results["tasks"][task.spec.name] = run_task(task, fractions, settings, config, args.analyses,
+                                                        args.first_folds)
+            partial = {**results, "run": {"elapsed_s": round(time.perf_counter() - started, 1), "partial": True}}
+            args.output.with_suffix(".partial.json").write_text(json.dumps(partial, indent=1) + "\n")
     results["run"] = {"load_average_start": list(load), "load_average_end": list(os.getloadavg()),
                       "elapsed_s": round(time.perf_counter() - started, 1), "torch_threads": 1}
     return results
