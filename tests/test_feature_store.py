@@ -274,7 +274,7 @@ def test_a_corrupt_shard_is_recomputed_with_a_logged_reason(records, tmp_path, c
 
 
 def test_command_line_arguments():
-    from enecg_hf.features.extract import parse_args
+    from enecg_hf.features.cli import parse_args
 
     args = parse_args(["--data_format", "ludb", "--data_path", "x", "--experts", "dlinear,features"])
     assert args.experts == ["dlinear", "features"] and args.torch_threads == 1 and args.seed == 42

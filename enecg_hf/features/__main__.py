@@ -1,6 +1,6 @@
-"""`python -m enecg_hf.features`: fill the record-level feature store ahead of training (see `extract`)."""
+"""`python -m enecg_hf.features`: fill the record-level feature store ahead of training (see `cli`)."""
 
-from .extract import main
+from .cli import main
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ NON_RESULT_ARGS = {
 
 
 
-def _option(help: str | None = None, **metadata: Any) -> dict[str, Any]:
+def option(help: str | None = None, **metadata: Any) -> dict[str, Any]:
     """`field(metadata=...)` of an option: its help text and argparse settings, read by `HfArgumentParser`."""
     return {"help": help, **metadata} if help else metadata
 
@@ -44,22 +44,22 @@ def _option(help: str | None = None, **metadata: Any) -> dict[str, Any]:
 class DataArguments:
     _argument_group_name = "data"
 
-    config: str = field(default="tiny", metadata=_option(
+    config: str = field(default="tiny", metadata=option(
         "EnECG config JSON, or the name of one in hub_configs/ (tiny)"))
-    dataset: list[str] | None = field(default=None, metadata=_option(
+    dataset: list[str] | None = field(default=None, metadata=option(
         "dataset folder(s) written by `Dataset.save_to_disk` / `python -m enecg_hf.data`; several (comma- or "
         "space-separated, e.g. one per source) are trained on together", metavar="DATASET"))
-    data_format: str | None = field(default=None, metadata=_option(
+    data_format: str | None = field(default=None, metadata=option(
         "build the dataset on the fly with enecg_hf.data.build_dataset", choices=DATA_FORMATS))
-    data_path: str | None = field(default=None, metadata=_option("input of --data_format (a folder of records)"))
-    num_records: int | None = field(default=None, metadata=_option("records to simulate (--data_format simulated)"))
-    limit: int | None = field(default=None, metadata=_option("use only the first N records (quick runs)"))
-    label: str | None = field(default=None, metadata=_option(
+    data_path: str | None = field(default=None, metadata=option("input of --data_format (a folder of records)"))
+    num_records: int | None = field(default=None, metadata=option("records to simulate (--data_format simulated)"))
+    limit: int | None = field(default=None, metadata=option("use only the first N records (quick runs)"))
+    label: str | None = field(default=None, metadata=option(
         "column to predict: rr_interval, age, sex, potassium_flag, arrhythmia (default: the config's label_name)"))
-    labels: list[str] | None = field(default=None, metadata=_option(
+    labels: list[str] | None = field(default=None, metadata=option(
         "several columns, one multi-task model (experts run once for all): e.g. rr_interval,age,sex,arrhythmia, or "
         "all (every task column the dataset has values for); records may have any subset of labels", metavar="LABELS"))
-    output_dir: str | None = field(default=None, metadata=_option(
+    output_dir: str | None = field(default=None, metadata=option(
         "folder to write (default outputs/enecg-<config>-<label>, or -multitask)"))
 
 
@@ -67,33 +67,33 @@ class DataArguments:
 class FitArguments:
     _argument_group_name = "training (see docs/training.md, 'How EnECG learns')"
 
-    strategy: str = field(default="stacked", metadata=_option(
+    strategy: str = field(default="stacked", metadata=option(
         "stacked (default): heads on their own losses with cross-validated early stopping, gate on their out-of-fold "
         "predictions; joint: the research code's single stage on the mixture's loss", choices=["stacked", "joint"]))
-    epochs: int = field(default=100, metadata=_option(
+    epochs: int = field(default=100, metadata=option(
         "most epochs of a head fit (stacked: early-stopped by the inner folds; joint: all)"))
     batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
-    inner_folds: int = field(default=5, metadata=_option(
+    inner_folds: int = field(default=5, metadata=option(
         "subject-wise inner folds of the training records that give out-of-fold predictions"))
-    patience: int = field(default=20, metadata=_option(
+    patience: int = field(default=20, metadata=option(
         "end an inner-fold fit once no held-out loss improved for this many epochs (0: never)"))
-    gate_epochs: int = field(default=100, metadata=_option(
+    gate_epochs: int = field(default=100, metadata=option(
         "most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)"))
     gate_learning_rate: float = 3e-3
-    class_weighting: str = field(default="balanced", metadata=_option(
+    class_weighting: str = field(default="balanced", metadata=option(
         "classification: weigh classes by inverse frequency (balanced) or records equally", choices=["balanced", "none"]))
-    folds: int = field(default=3, metadata=_option("subject-wise CV folds (0 or 1: no CV, final fit only)"))
-    cv_groups: list[str] = field(default_factory=lambda: ["subject"], metadata=_option(
+    folds: int = field(default=3, metadata=option("subject-wise CV folds (0 or 1: no CV, final fit only)"))
+    cv_groups: list[str] = field(default_factory=lambda: ["subject"], metadata=option(
         "what cross-validation holds out: subject (--folds subject-wise folds, default), source (leave-one-source-"
         "out: each source group in turn, trained on the records of every other institution), or subject,source",
         metavar="CV_GROUPS"))
-    inner_groups: str = field(default="subject", metadata=_option(
+    inner_groups: str = field(default="subject", metadata=option(
         "inner folds (heads' penalties and epochs, gate): subject (default), or source: whole institutions held out "
         "when the training records come from two or more, else subjects", choices=["subject", "source"]))
     seed: int = 42
-    mixed_precision: str = field(default="no", metadata=_option(
+    mixed_precision: str = field(default="no", metadata=option(
         "autocast of heads and gate (experts and cached features stay float32)", choices=["no", "fp16", "bf16"]))
 
 
@@ -101,13 +101,13 @@ class FitArguments:
 class ModelArguments:
     _argument_group_name = "model"
 
-    experts: list[str] | None = field(default=None, metadata=_option(
+    experts: list[str] | None = field(default=None, metadata=option(
         "comma-separated subset of the config's experts (single-expert baselines: --experts moment)",
         metavar="EXPERTS"))
-    gate: str | None = field(default=None, metadata=_option(
+    gate: str | None = field(default=None, metadata=option(
         "uniform = plain average of the experts", choices=["learned", "uniform"]))
-    adaptation: str | None = field(default=None, metadata=_option(choices=["lora", "full"]))
-    expert_precision: str = field(default="fp32", metadata=_option(
+    adaptation: str | None = field(default=None, metadata=option(choices=["lora", "full"]))
+    expert_precision: str = field(default="fp32", metadata=option(
         "precision of the frozen experts' pass: int8 (dynamic quantisation of their Linear layers, CPU), bf16/fp16 "
         "(autocast; fp16 on a GPU); the saved model keeps float32 weights (docs/training.md, 'Expert precision')",
         choices=["fp32", "bf16", "fp16", "int8"]))
@@ -117,15 +117,15 @@ class ModelArguments:
 class CacheArguments:
     _argument_group_name = "feature store and checkpoints (docs/training.md)"
 
-    cache_features: bool = field(default=True, metadata=_option(
+    cache_features: bool = field(default=True, metadata=option(
         "read the experts' outputs from the shared feature store and add what is missing (default on; "
         "--no-cache_features: compute them for this run only, in a temporary store removed at the end)"))
-    cache_dir: str | None = field(default=None, metadata=_option(
+    cache_dir: str | None = field(default=None, metadata=option(
         "cache folder: dataset builds of --data_format (default OUT/cache) and the feature store, CACHE_DIR/features "
         "(default $ENECG_HF_CACHE/features, else ~/.cache/enecg_hf/features)"))
-    feature_batch_size: int = field(default=16, metadata=_option(
+    feature_batch_size: int = field(default=16, metadata=option(
         "records per forward pass of the experts, for the features the store does not hold yet"))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_option(
+    resume_from_checkpoint: str | None = field(default=None, metadata=option(
         "'latest': reuse every finished job under OUT/checkpoints of an interrupted run", choices=["latest"]))
 
 
@@ -133,12 +133,12 @@ class CacheArguments:
 class HubArguments:
     _argument_group_name = "logging and Hub"
 
-    report_to: list[str] = field(default_factory=list, metadata=_option(
+    report_to: list[str] = field(default_factory=list, metadata=option(
         "trackers for Accelerator(log_with=...), e.g. tensorboard, wandb (must be installed); default none",
         metavar="REPORT_TO"))
     logging_steps: int = 10
     push_to_hub: bool = False
-    hub_model_id: str | None = field(default=None, metadata=_option(
+    hub_model_id: str | None = field(default=None, metadata=option(
         "repo id to push to (default: the output folder's name)"))
     hub_private: bool = False
 
@@ -182,7 +182,8 @@ def build_parser():
     return parser
 
 
-def _comma_list(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
+    """The items of one value of a list option: `"a,b"` gives `["a", "b"]` (blanks dropped)."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -198,7 +199,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
     values = {k: v for group in groups for k, v in dataclasses.asdict(group).items()}
     for name in LIST_OPTIONS:  # "--experts a,b" and "--experts a b" alike
         if values[name] is not None:
-            values[name] = [item for value in values[name] for item in _comma_list(value)]
+            values[name] = [item for value in values[name] for item in comma_list(value)]
     values["report_to"] = [r for r in values["report_to"] if r != "none"]
     args = TrainScriptArguments(**values)
     if args.report_to:

@@ -1,4 +1,5 @@
-"""Processes: CPU mode for multi-process runs, and the fix-up for `accelerate launch --cpu --num_processes N`."""
+"""Processes: CPU mode for multi-process runs, the fix-up for `accelerate launch --cpu --num_processes N`, and the
+logging of each process."""
 
 from __future__ import annotations
 
@@ -70,3 +71,22 @@ def relaunch_on_cpu(num_processes: int, argv: Sequence[str], module: str | None 
     torchrun(["--nproc_per_node", str(num_processes), "--master_addr", os.environ["MASTER_ADDR"],
               "--master_port", os.environ.get("MASTER_PORT", "29500"), *target, *argv])
     sys.exit(0)
+
+
+def setup_logging(state) -> None:
+    """Logging of one process of a run (`state`: its `Accelerator` or `PartialState`): our INFO messages and the
+    warnings of datasets and transformers on the main process, only errors (and no progress bars) on the others."""
+    import datasets
+    import transformers
+
+    level = logging.INFO if state.is_main_process else logging.ERROR
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.WARNING if state.is_main_process else logging.ERROR, force=True)
+    logging.getLogger("enecg_hf").setLevel(level)
+    if state.is_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:  # main-process-only logging
+        datasets.utils.logging.set_verbosity_error()
+        datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()

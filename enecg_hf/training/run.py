@@ -27,7 +27,7 @@ from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
 from .labels import check_class_coverage, check_repeated_records, encode_labels
-from .launch import relaunch_on_cpu, requested_cpu_processes, use_cpu
+from .launch import relaunch_on_cpu, requested_cpu_processes, setup_logging, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
 from .scoring import baseline_predictions, format_metrics, load_metric, score, summarize
@@ -42,23 +42,6 @@ def build_model_with_experts(config: EnECGConfig) -> EnECGModel:
         return EnECGModel.from_expert_sources(config)
     except (OSError, ValueError, RuntimeError) as error:
         raise TrainingSetupError(f"Could not build the model: {error}") from error
-
-
-def _setup_logging(accelerator) -> None:
-    import datasets
-    import transformers
-
-    level = logging.INFO if accelerator.is_main_process else logging.ERROR
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.WARNING if accelerator.is_main_process else logging.ERROR, force=True)
-    logging.getLogger("enecg_hf").setLevel(level)
-    if accelerator.is_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-    else:  # main-process-only logging
-        datasets.utils.logging.set_verbosity_error()
-        datasets.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
 
 
 def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: dict[str, Any]) -> None:
@@ -304,7 +287,7 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    _setup_logging(accelerator)
+    setup_logging(accelerator)
     logger.info("Arguments: %s", json.dumps(args.to_dict()))
 
     # ---- data and checks, before any training time is spent

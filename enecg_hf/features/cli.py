@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from ..training.arguments import DATA_FORMATS, _comma_list, _option
+from ..training.arguments import DATA_FORMATS, comma_list, option
 from .store import CACHE_ENV, build_features, feature_store_dir
 
 
@@ -37,32 +37,32 @@ logger = logging.getLogger(__name__)
 class FeatureScriptArguments:
     """The options of `python -m enecg_hf.features` (the data and model options mean what they mean in train.py)."""
 
-    config: str = field(default="tiny", metadata=_option(
+    config: str = field(default="tiny", metadata=option(
         "EnECG config JSON, or the name of one in hub_configs/ (tiny)"))
-    dataset: list[str] | None = field(default=None, metadata=_option(
+    dataset: list[str] | None = field(default=None, metadata=option(
         "dataset folder(s) written by `Dataset.save_to_disk` / `python -m enecg_hf.data` (several, as train.py "
         "takes them)", metavar="DATASET"))
-    data_format: str | None = field(default=None, metadata=_option(
+    data_format: str | None = field(default=None, metadata=option(
         "build the dataset on the fly with enecg_hf.data.build_dataset", choices=DATA_FORMATS))
-    data_path: str | None = field(default=None, metadata=_option("input of --data_format (a folder of records)"))
-    num_records: int | None = field(default=None, metadata=_option("records to simulate (--data_format simulated)"))
-    limit: int | None = field(default=None, metadata=_option("use only the first N records"))
-    experts: list[str] | None = field(default=None, metadata=_option(
+    data_path: str | None = field(default=None, metadata=option("input of --data_format (a folder of records)"))
+    num_records: int | None = field(default=None, metadata=option("records to simulate (--data_format simulated)"))
+    limit: int | None = field(default=None, metadata=option("use only the first N records"))
+    experts: list[str] | None = field(default=None, metadata=option(
         "comma-separated subset of the config's experts (default: all)", metavar="EXPERTS"))
-    expert_precision: str = field(default="fp32", metadata=_option(
+    expert_precision: str = field(default="fp32", metadata=option(
         "precision of the experts' pass, as train.py --expert_precision (its values are stored apart from fp32 ones)",
         choices=["fp32", "bf16", "fp16", "int8"]))
-    seed: int = field(default=42, metadata=_option(
+    seed: int = field(default=42, metadata=option(
         "seed of train.py's run: random-weight experts are initialised from it (and simulated records made with it)"))
-    cache_dir: str | None = field(default=None, metadata=_option(
+    cache_dir: str | None = field(default=None, metadata=option(
         f"cache folder; the store is CACHE_DIR/features (default ${CACHE_ENV}/features, else ~/.cache/enecg_hf/features)"))
-    feature_batch_size: int = field(default=16, metadata=_option("records per forward pass of the experts"))
-    shard_size: int = field(default=256, metadata=_option(
+    feature_batch_size: int = field(default=16, metadata=option("records per forward pass of the experts"))
+    shard_size: int = field(default=256, metadata=option(
         "each process writes a shard file every N records of an expert (a killed run loses at most this many)..."))
-    shard_seconds: float = field(default=60.0, metadata=_option(
+    shard_seconds: float = field(default=60.0, metadata=option(
         "... or every N seconds of computing, whichever comes first (a killed run of a slow expert loses at most "
         "this much work)"))
-    torch_threads: int = field(default=1, metadata=_option(
+    torch_threads: int = field(default=1, metadata=option(
         "torch threads per process on the CPU (parallelism comes from processes: accelerate launch --num_processes N)"))
 
 
@@ -84,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FeatureScriptArguments:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     for name in ("experts", "dataset"):  # "a,b" and "a b" alike, as train.py
         if getattr(args, name) is not None:
-            setattr(args, name, [item for value in getattr(args, name) for item in _comma_list(value)])
+            setattr(args, name, [item for value in getattr(args, name) for item in comma_list(value)])
     if args.dataset and args.data_format:
         parser.error("pass either --dataset or --data_format/--data_path, not both")
     if not args.dataset and not args.data_format:
@@ -106,13 +106,13 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
 
     from ..data.tasks import TASKS
     from ..training.configs import build_config, resolve_config_path
-    from ..training.launch import use_cpu
+    from ..training.launch import setup_logging, use_cpu
     from ..training.records import check_signal_compatibility, load_training_dataset
-    from ..training.run import _setup_logging, build_model_with_experts
+    from ..training.run import build_model_with_experts
 
     start = time.perf_counter()
     state = PartialState(cpu=use_cpu())
-    _setup_logging(state)
+    setup_logging(state)
     if state.device.type == "cpu":
         torch.set_num_threads(args.torch_threads)
     store_dir = feature_store_dir(args.cache_dir)
