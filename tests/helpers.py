@@ -82,7 +82,7 @@ def shared(*parts: str) -> Path:
 def build_model_folder(folder: Path, experts: list[str], **overrides) -> Path:
     """A tiny EnECG model (random experts, random heads) saved and made serving-ready, as train.py leaves it."""
     from enecg_hf import EnECGConfig, EnECGModel
-    from enecg_hf.tools.serving_export import export_serving_files
+    from enecg_hf.training.serving_export import export_serving_files
 
     config = json.loads((REPO / "hub_configs" / "tiny.json").read_text())
     config["experts"] = [e for e in config["experts"] if e["name"] in experts]

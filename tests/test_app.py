@@ -394,7 +394,7 @@ def test_declared_lower_bounds_are_the_tested_ones():
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    from enecg_hf.tools.serving_export import ENDPOINT_REQUIREMENTS
+    from enecg_hf.training.serving_export import ENDPOINT_REQUIREMENTS
 
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")

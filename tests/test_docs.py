@@ -39,7 +39,7 @@ HUB_TASK_IDS = {"tabular-regression", "tabular-classification"}
 def render_card(folder, problem_type: str = "regression", sources=("simulated", "ludb")) -> str:
     from transformers import AutoModel
 
-    from enecg_hf.tools.model_card import random_weight_experts, render_model_card
+    from enecg_hf.training.model_card import random_weight_experts, render_model_card
 
     model = AutoModel.from_pretrained(folder)
     summary = {"mae": {"mean": 10.0, "std": 1.0}} if problem_type == "regression" else {

@@ -136,7 +136,7 @@ def test_frozen_and_round_trip(tmp_path, save_backbones):
     assert any(p.requires_grad for p in model.parameters())  # LoRA adapters train
     model.save_pretrained(tmp_path)
     assert (tmp_path / "expert_openecg.py").is_file()
-    from enecg_hf.tools.serving_export import export_serving_files
+    from enecg_hf.training.serving_export import export_serving_files
 
     export_serving_files(model, tmp_path)  # the endpoint installs the wheel that carries the network
     assert "openecg==0.11.0" in (tmp_path / "requirements.txt").read_text().splitlines()
@@ -249,7 +249,7 @@ def test_tiny_preset_shapes():
 
 @needs_openecg
 def test_model_card_names_the_licence_and_training_data():
-    from enecg_hf.tools.model_card import random_weight_experts, render_model_card
+    from enecg_hf.training.model_card import random_weight_experts, render_model_card
 
     dlinear = {"name": "dlinear", "type": "dlinear", "input_length": 500, "leads": ["II"], "settings": {"preset": "tiny"}}
     config = model_config(experts=[model_config().experts[0], dlinear])

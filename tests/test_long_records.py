@@ -66,7 +66,7 @@ def multitask_ecg(tmp_path_factory):
     from transformers import pipeline
 
     from enecg_hf import EnECGConfig, EnECGModel
-    from enecg_hf.tools.serving_export import export_serving_files
+    from enecg_hf.training.serving_export import export_serving_files
 
     experts = [{"name": "dlinear", "type": "dlinear", "input_length": 500, "leads": ["II"],
                 "settings": {"preset": "tiny"}},

@@ -697,7 +697,7 @@ def test_a_wheel_ships_the_hub_configs_and_the_model_card_template(tmp_path):
     for shipped in (REPO / "enecg_hf" / "pretrained").glob("*/*"):  # the trained model of `make model`
         assert (site / "pretrained" / shipped.parent.name / shipped.name).read_bytes() == shipped.read_bytes()
     script = ("from enecg_hf.training.configs import resolve_config_path\n"
-              "from enecg_hf.tools.model_card import template_path\n"
+              "from enecg_hf.training.model_card import template_path\n"
               "print(resolve_config_path('tiny')); print(template_path())\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,

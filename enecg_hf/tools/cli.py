@@ -145,7 +145,7 @@ def predict(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from transformers import AutoModel
 
-    from .serving_export import export_serving_files
+    from ..training.serving_export import export_serving_files
 
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModel
 
 from .. import EnECGConfig, EnECGModel
-from .serving_export import export_serving_files
 from ..training.configs import HUB_CONFIGS_DIR
+from ..training.serving_export import export_serving_files
 
 
 def simulated_ecg(heart_rate: float, seed: int, sampling_rate: int = 500, seconds: int = 10) -> np.ndarray:

@@ -30,7 +30,8 @@ Modules: `arguments` (command line), `errors` (`TrainingSetupError`: the library
 message), `configs` (the run's config: hub_configs/, task, overrides), `labels` (which records have a label, class
 coverage), `records` (data checks and folds), `features` (expert features from the feature store), `fitting` (how
 heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and processes), `scoring` (metrics and
-baselines), `output` (folder, model card, Hub), `launch` (processes), `run` (a whole run), `trainer` (training with
+baselines), `output` (folder, Hub, summary), `model_card` (the folder's README.md), `serving_export` (its handler.py and
+requirements.txt), `launch` (processes and their logging), `run` (a whole run), `trainer` (training with
 `transformers.Trainer` instead: dataset columns and a callback).
 """
 

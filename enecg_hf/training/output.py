@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling_enecg import EnECGModel
-from ..tools.serving_export import export_serving_files
 from .arguments import TrainScriptArguments
 from .errors import TrainingSetupError
 from .files import write_json_atomic
+from .model_card import random_weight_experts, render_model_card
 from .scoring import best_expert
+from .serving_export import export_serving_files
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,6 @@ logger = logging.getLogger(__name__)
 def save_output_folder(model: EnECGModel, output_dir: Path, args: TrainScriptArguments, metrics: dict[str, Any],
                        records) -> None:
     """The Hub-ready folder: model (safetensors with the un-merged adapter, code, adapter/), metrics, arguments, model card, serving."""
-    from ..tools.model_card import random_weight_experts, render_model_card
-
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir))
     write_json_atomic(output_dir / "metrics.json", metrics)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling_enecg import EnECGModel
-from ..training.scoring import best_expert
+from .scoring import best_expert
 
 
 # The repository's model_card.md, through a link in a checkout, shipped in wheels as package data.

@@ -2,7 +2,7 @@
 (and, for folders saved before `EnECGModel.save_pretrained` did it, the pipeline with `custom_pipelines` in
 `config.json`).
 
-    from enecg_hf.tools.serving_export import export_serving_files
+    from enecg_hf.training.serving_export import export_serving_files
     model.save_pretrained("my-enecg")             # already serves `pipeline(model="my-enecg", trust_remote_code=True)`
     export_serving_files(model, "my-enecg")       # or: enecg export my-enecg
 
