@@ -858,3 +858,42 @@ def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
         with pytest.raises(SystemExit) as error:
             parse_args(argv)
         assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_options_of_a_fit_take_their_defaults_from_fit_settings(monkeypatch):
+    """train.py's options that set a `FitSettings` field read its default from `FitSettings` (written once): changing
+    a `FitSettings` default changes the option's default, in the parser and in `TrainScriptArguments`."""
+    import dataclasses
+    import importlib.util
+
+    from enecg_hf.features import cli as feature_cli
+    from enecg_hf.training import arguments
+    from enecg_hf.training.fitting import FitSettings
+
+    settings = {f.name: f for f in dataclasses.fields(FitSettings)}
+    options = [f.name for f in dataclasses.fields(arguments.TrainScriptArguments) if f.name in settings]
+    # The other settings (early_stopping, gate_predictions, stacking, ffn_epochs, calibration, linear_l2) are no flags.
+    assert options == ["strategy", "epochs", "batch_size", "learning_rate", "weight_decay", "inner_folds", "patience",
+                       "gate_epochs", "gate_learning_rate", "class_weighting", "inner_groups", "seed"]
+    assert arguments.TrainScriptArguments().fit_settings() == FitSettings()
+    for name in ("strategy", "class_weighting", "inner_groups"):  # choices: the values FitSettings accepts
+        choices = next(f for f in dataclasses.fields(arguments.FitArguments) if f.name == name).metadata["choices"]
+        for value in choices:
+            FitSettings(**{name: value})
+        with pytest.raises(ValueError, match=name):
+            FitSettings(**{name: "other"})
+
+    def rebuilt(module):
+        """The module executed again, now that the defaults of FitSettings changed (not put in sys.modules)."""
+        spec = importlib.util.spec_from_file_location(module.__name__, module.__file__)
+        copy = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copy)
+        return copy
+
+    for name in options:
+        monkeypatch.setattr(settings[name], "default", f"changed {name}")
+    changed = rebuilt(arguments)
+    fields = {f.name: f.default for f in dataclasses.fields(changed.TrainScriptArguments)}
+    parser = {action.dest: action.default for action in changed.build_parser()._actions}
+    assert [fields[name] for name in options] == [parser[name] for name in options] == [f"changed {n}" for n in options]
+    assert dataclasses.asdict(rebuilt(feature_cli).FeatureScriptArguments())["seed"] == "changed seed"  # train.py's

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from ..training.arguments import DATA_FORMATS, comma_list, option
+from ..training.arguments import DATA_FORMATS, comma_list, fit_setting, option
 from .store import CACHE_ENV, build_features, feature_store_dir
 
 
@@ -52,7 +52,7 @@ class FeatureScriptArguments:
     expert_precision: str = field(default="fp32", metadata=option(
         "precision of the experts' pass, as train.py --expert_precision (its values are stored apart from fp32 ones)",
         choices=["fp32", "bf16", "fp16", "int8"]))
-    seed: int = field(default=42, metadata=option(
+    seed: int = fit_setting("seed", help=(
         "seed of train.py's run: random-weight experts are initialised from it (and simulated records made with it)"))
     cache_dir: str | None = field(default=None, metadata=option(
         f"cache folder; the store is CACHE_DIR/features (default ${CACHE_ENV}/features, else ~/.cache/enecg_hf/features)"))

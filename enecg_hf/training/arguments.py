@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .fitting import FitSettings
+
 DATA_FORMATS = ("mimic-iv-ecg", "ptb-xl", "challenge", "ludb", "jsonl", "simulated")  # enecg_hf.data.FORMATS
 
 
@@ -32,14 +34,23 @@ NON_RESULT_ARGS = {
 }
 
 
-
 def option(help: str | None = None, **metadata: Any) -> dict[str, Any]:
     """`field(metadata=...)` of an option: its help text and argparse settings, read by `HfArgumentParser`."""
     return {"help": help, **metadata} if help else metadata
 
 
-# One dataclass per group of `python train.py --help`; `TrainScriptArguments` holds them all. The defaults live here
-# only: `HfArgumentParser` builds the command line from these fields.
+def fit_setting(name: str, help: str | None = None, **metadata: Any) -> Any:
+    """`field(...)` of the option that sets the `FitSettings` field `name`: its default is that field's (read from
+    `FitSettings`, which holds the defaults of a fit), its help and argparse settings are given here."""
+    setting = {f.name: f for f in dataclasses.fields(FitSettings)}[name]
+    if setting.default_factory is not dataclasses.MISSING:
+        return field(default_factory=setting.default_factory, metadata=option(help, **metadata))
+    return field(default=setting.default, metadata=option(help, **metadata))
+
+
+# One dataclass per group of `python train.py --help`; `TrainScriptArguments` holds them all. `HfArgumentParser` builds
+# the command line from these fields. Each default is written once: here, or for the options of a fit (`fit_setting`)
+# in `FitSettings`.
 @dataclass
 class DataArguments:
     _argument_group_name = "data"
@@ -67,32 +78,33 @@ class DataArguments:
 class FitArguments:
     _argument_group_name = "training (see docs/training.md, 'How EnECG learns')"
 
-    strategy: str = field(default="stacked", metadata=option(
+    strategy: str = fit_setting("strategy", help=(
         "stacked (default): heads on their own losses with cross-validated early stopping, gate on their out-of-fold "
-        "predictions; joint: the research code's single stage on the mixture's loss", choices=["stacked", "joint"]))
-    epochs: int = field(default=100, metadata=option(
+        "predictions; joint: the research code's single stage on the mixture's loss"), choices=["stacked", "joint"])
+    epochs: int = fit_setting("epochs", help=(
         "most epochs of a head fit (stacked: early-stopped by the inner folds; joint: all)"))
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.01
-    inner_folds: int = field(default=5, metadata=option(
+    batch_size: int = fit_setting("batch_size")
+    learning_rate: float = fit_setting("learning_rate")
+    weight_decay: float = fit_setting("weight_decay")
+    inner_folds: int = fit_setting("inner_folds", help=(
         "subject-wise inner folds of the training records that give out-of-fold predictions"))
-    patience: int = field(default=20, metadata=option(
+    patience: int = fit_setting("patience", help=(
         "end an inner-fold fit once no held-out loss improved for this many epochs (0: never)"))
-    gate_epochs: int = field(default=100, metadata=option(
+    gate_epochs: int = fit_setting("gate_epochs", help=(
         "most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)"))
-    gate_learning_rate: float = 3e-3
-    class_weighting: str = field(default="balanced", metadata=option(
-        "classification: weigh classes by inverse frequency (balanced) or records equally", choices=["balanced", "none"]))
+    gate_learning_rate: float = fit_setting("gate_learning_rate")
+    class_weighting: str = fit_setting("class_weighting", help=(
+        "classification: weigh classes by inverse frequency (balanced) or records equally"),
+        choices=["balanced", "none"])
     folds: int = field(default=3, metadata=option("subject-wise CV folds (0 or 1: no CV, final fit only)"))
     cv_groups: list[str] = field(default_factory=lambda: ["subject"], metadata=option(
         "what cross-validation holds out: subject (--folds subject-wise folds, default), source (leave-one-source-"
         "out: each source group in turn, trained on the records of every other institution), or subject,source",
         metavar="CV_GROUPS"))
-    inner_groups: str = field(default="subject", metadata=option(
+    inner_groups: str = fit_setting("inner_groups", help=(
         "inner folds (heads' penalties and epochs, gate): subject (default), or source: whole institutions held out "
-        "when the training records come from two or more, else subjects", choices=["subject", "source"]))
-    seed: int = 42
+        "when the training records come from two or more, else subjects"), choices=["subject", "source"])
+    seed: int = fit_setting("seed")
     mixed_precision: str = field(default="no", metadata=option(
         "autocast of heads and gate (experts and cached features stay float32)", choices=["no", "fp16", "bf16"]))
 
@@ -157,10 +169,8 @@ class TrainScriptArguments(HubArguments, CacheArguments, ModelArguments, FitArgu
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fit_settings(self):
-        """The `fitting.FitSettings` these arguments name."""
-        from .fitting import FitSettings
-
+    def fit_settings(self) -> FitSettings:
+        """The `fitting.FitSettings` these arguments name (the settings without an option keep their defaults)."""
         names = {f.name for f in dataclasses.fields(FitSettings)}
         return FitSettings(**{k: v for k, v in self.to_dict().items() if k in names})
 
