@@ -825,7 +825,7 @@ def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
 
     from transformers import HfArgumentParser
 
-    from enecg_hf.training import TrainScriptArguments, build_parser, parse_args
+    from enecg_hf.training import TrainingSetupError, TrainScriptArguments, build_parser, parse_args
 
     parser = build_parser()
     assert isinstance(parser, HfArgumentParser)
@@ -843,7 +843,7 @@ def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
     assert parse_args(["--dataset", "d", "--no_cache_features"]).cache_features is False
     assert parse_args(["--dataset", "d"]).cv_groups == ["subject"]
     assert parse_args(["--dataset", "d", "--cv_groups", "subject,source"]).cv_groups == ["subject", "source"]
-    with pytest.raises(SystemExit, match="--cv_groups takes subject, source or subject,source"):
+    with pytest.raises(TrainingSetupError, match="--cv_groups takes subject, source or subject,source"):
         parse_args(["--dataset", "d", "--cv_groups", "hospital"])
     assert parse_args([]).num_records == 300  # no arguments: the main job
 
@@ -858,6 +858,40 @@ def test_command_line_is_parsed_by_hf_argument_parser_with_every_flag(capsys):
         with pytest.raises(SystemExit) as error:
             parse_args(argv)
         assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+# Each way `parse_args` refuses arguments argparse accepts.
+ARGUMENTS_THAT_CANNOT_GO_TOGETHER = [
+    (["--dataset", "d", "--report_to", "aim"], "--report_to aim: not installed"),
+    (["--dataset", "d", "--label", "age", "--labels", "sex"], "Pass either --label (one task) or --labels"),
+    (["--dataset", "d", "--labels", "all,age"], "--labels all stands alone"),
+    (["--dataset", "d", "--data_format", "ludb"], "Pass either --dataset or --data_format/--data_path, not both"),
+    (["--label", "age"], "No data: pass --dataset DIR, or --data_format FORMAT"),
+    (["--dataset", "d", "--feature_batch_size", "0"], "--feature_batch_size must be at least 1"),
+    (["--dataset", "d", "--inner_folds", "1"], "--inner_folds must be at least 2, got 1"),  # FitSettings' check
+    (["--dataset", "d", "--folds", "-1"], "--folds must be >= 0"),
+    (["--dataset", "d", "--cv_groups", "subject,subject"], "--cv_groups takes subject, source or subject,source"),
+    (["--data_format", "ludb", "--num_records", "3"], "--num_records is for --data_format simulated"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ARGUMENTS_THAT_CANNOT_GO_TOGETHER)
+def test_arguments_that_cannot_go_together_raise_the_typed_error_and_only_main_exits(argv, message):
+    from enecg_hf.training import TrainingSetupError, main, parse_args
+
+    with pytest.raises(TrainingSetupError) as error:  # a ValueError a notebook can catch
+        parse_args(argv)
+    assert message in str(error.value)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == str(error.value)  # the message, exit status 1
+
+
+@pytest.mark.slow
+def test_train_py_prints_the_error_in_the_arguments_as_one_line(tmp_path):
+    argv, message = ARGUMENTS_THAT_CANNOT_GO_TOGETHER[7]
+    result = train(*argv, cwd=tmp_path, expect=1)
+    assert result.stderr.strip() == message and result.stdout == ""
 
 
 def test_the_options_of_a_fit_take_their_defaults_from_fit_settings(monkeypatch):

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .errors import TrainingSetupError
 from .fitting import FitSettings
 
 DATA_FORMATS = ("mimic-iv-ecg", "ptb-xl", "challenge", "ludb", "jsonl", "simulated")  # enecg_hf.data.FORMATS
@@ -198,6 +199,9 @@ def comma_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
+    """`train.py`'s arguments (`sys.argv` by default; none: the main job). Argparse's own errors (an unknown option, a
+    value of the wrong type or not among the choices) and `--help` exit as argparse does; arguments that cannot go
+    together, or values a fit does not accept, raise `TrainingSetupError`, which `main()` turns into an exit message."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = list(MAIN_JOB_ARGS)
@@ -218,28 +222,31 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
         available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
         missing = [name for name in args.report_to if name != "all" and name not in available]
         if missing:
-            raise SystemExit(f"--report_to {','.join(missing)}: not installed (installed trackers: "
-                             f"{sorted(available) or 'none'}); e.g. pip install tensorboard")
+            raise TrainingSetupError(f"--report_to {','.join(missing)}: not installed (installed trackers: "
+                                     f"{sorted(available) or 'none'}); e.g. pip install tensorboard")
     if args.label and args.labels:
-        raise SystemExit("Pass either --label (one task) or --labels (a multi-task model), not both")
+        raise TrainingSetupError("Pass either --label (one task) or --labels (a multi-task model), not both")
     if args.labels and "all" in args.labels and len(args.labels) > 1:
-        raise SystemExit("--labels all stands alone (it means every task column the dataset has)")
+        raise TrainingSetupError("--labels all stands alone (it means every task column the dataset has)")
     if args.dataset and args.data_format:
-        raise SystemExit("Pass either --dataset or --data_format/--data_path, not both")
+        raise TrainingSetupError("Pass either --dataset or --data_format/--data_path, not both")
     if not args.dataset and not args.data_format:
-        raise SystemExit("No data: pass --dataset DIR, or --data_format FORMAT [--data_path PATH] (e.g. simulated)")
+        raise TrainingSetupError("No data: pass --dataset DIR, or --data_format FORMAT [--data_path PATH] "
+                                 "(e.g. simulated)")
     for name in ("epochs", "batch_size", "feature_batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1")
+            raise TrainingSetupError(f"--{name} must be at least 1")
     try:
         args.fit_settings()
     except ValueError as err:
-        raise SystemExit(f"--{err}") from None
+        raise TrainingSetupError(f"--{err}") from None
     if args.folds < 0:
-        raise SystemExit("--folds must be >= 0")
+        raise TrainingSetupError("--folds must be >= 0")
     unknown = [g for g in args.cv_groups if g not in CV_GROUPS]
     if unknown or not args.cv_groups or len(set(args.cv_groups)) != len(args.cv_groups):
-        raise SystemExit(f"--cv_groups takes subject, source or subject,source; got {','.join(args.cv_groups)}")
+        raise TrainingSetupError("--cv_groups takes subject, source or subject,source; got "
+                                 f"{','.join(args.cv_groups)}")
     if args.num_records is not None and args.data_format != "simulated":
-        raise SystemExit("--num_records is for --data_format simulated; use --limit to read fewer real records")
+        raise TrainingSetupError("--num_records is for --data_format simulated; use --limit to read fewer real "
+                                 "records")
     return args

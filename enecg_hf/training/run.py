@@ -370,11 +370,11 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)  # errors in the arguments show before any process is started
-    processes = requested_cpu_processes()
-    if processes and processes > 1:
-        relaunch_on_cpu(processes, argv)
     try:
+        args = parse_args(argv)  # errors in the arguments show before any process is started
+        processes = requested_cpu_processes()
+        if processes and processes > 1:
+            relaunch_on_cpu(processes, argv)
         return run(args)
     except TrainingSetupError as error:  # a message for the command line, not a traceback
         raise SystemExit(str(error)) from None
