@@ -127,11 +127,60 @@ def prepare_task(dataset, spec: TaskSpec, args: TrainScriptArguments) -> TaskDat
     return TaskData(spec, np.asarray(keep), labels, records, folds, warnings_, source_folds)
 
 
+def gate_weights_by_expert(predictions: dict[str, Any], expert_names: list[str]) -> dict[str, float]:
+    """The mean gate weight of each expert over the predicted records, rounded to 4 digits."""
+    return dict(zip(expert_names, np.round(predictions["gate_weights"].mean(0), 4).tolist()))
+
+
+def score_held_out(task: TaskData, predictions: dict[str, Any], train_idx: np.ndarray, test_idx: np.ndarray, metric,
+                   expert_names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scores of a fold's held-out records (`metrics`, `baseline`, `expert_metrics`, `uniform_metrics`), and the
+    trivial baseline's predictions (fitted on the fold's training labels). Each expert's own head and the heads' plain
+    average are scored on the same records: what the gate must beat."""
+    spec, labels_test = task.spec, predictions["labels"]
+    baseline = baseline_predictions(task.labels[train_idx], task.labels[test_idx], spec)
+    scores = {
+        "metrics": score(predictions, spec, metric),
+        "baseline": score(baseline, spec, metric),
+        "expert_metrics": {name: score({"logits": predictions["expert_logits"][:, i], "labels": labels_test}, spec,
+                                       metric) for i, name in enumerate(expert_names)},
+        "uniform_metrics": score({"logits": predictions["expert_logits"].mean(1), "labels": labels_test}, spec, metric),
+    }
+    return scores, baseline
+
+
+def cross_validation_summary(task: TaskData, fold_results: list[dict[str, Any]], source_results: list[dict[str, Any]],
+                             metric, expert_names: list[str]) -> dict[str, Any]:
+    """A task's scores over its folds (`cv`, beside the baseline's, each expert's and the uniform average's), over its
+    held-out sources (`cv_source`), and whether they beat the trivial baseline (`cv_verdict`; a warning when not)."""
+    spec = task.spec
+    summary = {
+        "cv": summarize([r["metrics"] for r in fold_results]) if fold_results else {},
+        "cv_baseline": summarize([r["baseline"] for r in fold_results]) if fold_results else {},
+        "cv_experts": ({name: summarize([r["expert_metrics"][name] for r in fold_results]) for name in expert_names}
+                       if fold_results else {}),
+        "cv_uniform": summarize([r["uniform_metrics"] for r in fold_results]) if fold_results else {},
+        "cv_source": source_summary(task, source_results, metric) if source_results else None,
+        "cv_verdict": None,
+    }
+    if fold_results or source_results:
+        which = "cross-validation" if fold_results else "leave-one-source-out cross-validation"
+        by_source = summary["cv_source"]
+        better, detail = (beats_baseline(summary["cv"], summary["cv_baseline"], spec) if fold_results
+                          else beats_baseline(by_source["mean"], by_source["baseline_mean"], spec))
+        summary["cv_verdict"] = {"beats_baseline": better, "detail": detail}
+        if not better:
+            task.warnings.append(f"NO BETTER THAN THE TRIVIAL BASELINE in {which} ({detail}): this model has "
+                                 f"not learned {spec.name!r} from these records; see docs/training.md before using it")
+            logger.warning(task.warnings[-1])
+    return summary
+
+
 def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJobRunner, accelerator,
              expert_names: list[str], log_prefix: str = "") -> dict[str, Any] | None:
     """Cross-validation folds (subject-wise, and leave-one-source-out with `--cv_groups source`), then the final fit
     on every record, of one task; its metrics (main process)."""
-    spec, table, labels = task.spec, task.table, task.labels
+    spec, table = task.spec, task.table
     fitter = EnECGFitter(task.target, args.fit_settings(), runner, autocast=accelerator.autocast)
     metric = load_metric(spec.problem_type) if accelerator.is_main_process else None
 
@@ -145,27 +194,16 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
         result = None
         if accelerator.is_main_process:
             predictions = predict(task.target, table, test_idx)
-            fold_metrics = score(predictions, spec, metric)
-            baseline = baseline_predictions(labels[train_idx], labels[test_idx], spec)
-            baseline_metrics = score(baseline, spec, metric)
-            # Each expert's own head and the heads' plain average on the same records: what the gate must beat.
-            labels_test = predictions["labels"]
-            expert_metrics = {name: score({"logits": predictions["expert_logits"][:, i], "labels": labels_test},
-                                          spec, metric) for i, name in enumerate(expert_names)}
-            uniform_metrics = score({"logits": predictions["expert_logits"].mean(1), "labels": labels_test}, spec,
-                                    metric)
-            result = {**about, "train_records": int(len(train_idx)), "test_records": int(len(test_idx)),
-                      "metrics": fold_metrics, "baseline": baseline_metrics, "expert_metrics": expert_metrics,
-                      "uniform_metrics": uniform_metrics, "fit": report.to_dict(),
-                      "test_gate_weights": dict(zip(expert_names,
-                                                    np.round(predictions["gate_weights"].mean(0), 4).tolist()))}
+            scores, baseline = score_held_out(task, predictions, train_idx, test_idx, metric, expert_names)
+            result = {**about, "train_records": int(len(train_idx)), "test_records": int(len(test_idx)), **scores,
+                      "fit": report.to_dict(), "test_gate_weights": gate_weights_by_expert(predictions, expert_names)}
             if "source" in about:  # kept for the scores over every held-out record
                 result["test_logits"] = predictions["logits"].tolist()
                 result["baseline_logits"] = baseline["logits"].tolist()
             runner.write_result(stage, result)
-            logger.info("%s%s: %s (baseline %s)", log_prefix, stage, format_metrics(fold_metrics),
-                        format_metrics(baseline_metrics))
-            accelerator.log({f"{log_prefix}{stage}/{k}": v for k, v in fold_metrics.items()})
+            logger.info("%s%s: %s (baseline %s)", log_prefix, stage, format_metrics(scores["metrics"]),
+                        format_metrics(scores["baseline"]))
+            accelerator.log({f"{log_prefix}{stage}/{k}": v for k, v in scores["metrics"].items()})
         accelerator.wait_for_everyone()
         return result
 
@@ -178,22 +216,6 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
     if not accelerator.is_main_process:
         return None
     final_predictions = predict(task.target, table)
-    cv = summarize([r["metrics"] for r in fold_results]) if fold_results else {}
-    cv_baseline = summarize([r["baseline"] for r in fold_results]) if fold_results else {}
-    cv_experts = ({name: summarize([r["expert_metrics"][name] for r in fold_results]) for name in expert_names}
-                  if fold_results else {})
-    cv_uniform = summarize([r["uniform_metrics"] for r in fold_results]) if fold_results else {}
-    cv_source = source_summary(task, source_results, metric) if source_results else None
-    verdict = None
-    if fold_results or source_results:
-        which = "cross-validation" if fold_results else "leave-one-source-out cross-validation"
-        better, detail = (beats_baseline(cv, cv_baseline, spec) if fold_results
-                          else beats_baseline(cv_source["mean"], cv_source["baseline_mean"], spec))
-        verdict = {"beats_baseline": better, "detail": detail}
-        if not better:
-            task.warnings.append(f"NO BETTER THAN THE TRIVIAL BASELINE in {which} ({detail}): this model has "
-                                 f"not learned {spec.name!r} from these records; see docs/training.md before using it")
-            logger.warning(task.warnings[-1])
     return {
         "label": spec.name,
         "problem_type": spec.problem_type,
@@ -202,15 +224,9 @@ def fit_task(task: TaskData, args: TrainScriptArguments, runner: CheckpointedJob
         "records": len(task.records),
         "strategy": args.strategy,
         "folds": fold_results,
-        "cv": cv,
-        "cv_baseline": cv_baseline,
-        "cv_experts": cv_experts,
-        "cv_uniform": cv_uniform,
-        "cv_source": cv_source,
-        "cv_verdict": verdict,
+        **cross_validation_summary(task, fold_results, source_results, metric, expert_names),
         "final": {"metrics": score(final_predictions, spec, metric), "fit": final_report.to_dict(),
-                  "gate_weights": dict(zip(expert_names,
-                                           np.round(final_predictions["gate_weights"].mean(0), 4).tolist())),
+                  "gate_weights": gate_weights_by_expert(final_predictions, expert_names),
                   "note": "the saved model scored on all its training records (in-sample)"},
         "warnings": task.warnings,
     }
@@ -255,12 +271,10 @@ def task_names(args: TrainScriptArguments, config_dict: dict[str, Any], dataset)
     return names
 
 
-def run(args: TrainScriptArguments) -> dict[str, Any]:
-    """Run a whole training job (see the module docstring); returns the content of `metrics.json`."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
-
-    start_time = time.perf_counter()
+def resolve_run_config(args: TrainScriptArguments) -> tuple[dict[str, Any], bool]:
+    """The run's config (the content of its JSON file), and whether the run trains a multi-task model (`--labels`, or
+    a config with tasks and no `--label`). Fills in `args.label` (one task: default the config's `label_name`) and
+    `args.output_dir` (default outputs/enecg-<config>-<label>, or -multitask)."""
     config_path = resolve_config_path(args.config)
     config_dict = json.loads(config_path.read_text())
     multitask = bool(args.labels) or bool(config_dict.get("tasks") and not args.label)
@@ -271,13 +285,34 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     if args.output_dir is None:
         run_name = "multitask" if multitask else args.label
         args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{run_name}")
-    output_dir = Path(args.output_dir)
-    # Dataset builds (--data_format) go to --cache_dir or OUT/cache. Expert features go to the shared feature store
-    # (feature_store_dir: --cache_dir/features, else $ENECG_HF_CACHE/features or ~/.cache/enecg_hf/features); with
-    # --no-cache_features to a temporary store under OUT/.features that is removed at the end.
-    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / ("cache" if args.cache_features else ".features")
-    store_dir = feature_store_dir(args.cache_dir) if args.cache_features else output_dir / ".features" / "features"
-    checkpoint_root = output_dir / "checkpoints"
+    return config_dict, multitask
+
+
+@dataclass
+class RunFolders:
+    """Where a run writes. Dataset builds (--data_format) go to --cache_dir or OUT/cache. Expert features go to the
+    shared feature store (feature_store_dir: --cache_dir/features, else $ENECG_HF_CACHE/features or
+    ~/.cache/enecg_hf/features); with --no-cache_features to a temporary store under OUT/.features that is removed at
+    the end."""
+
+    output: Path
+    cache: Path
+    store: Path
+    checkpoints: Path
+
+    @classmethod
+    def from_args(cls, args: TrainScriptArguments) -> "RunFolders":
+        output = Path(args.output_dir)
+        cache = Path(args.cache_dir) if args.cache_dir else output / ("cache" if args.cache_features else ".features")
+        store = feature_store_dir(args.cache_dir) if args.cache_features else output / ".features" / "features"
+        return cls(output, cache, store, output / "checkpoints")
+
+
+def start_accelerator(args: TrainScriptArguments, output_dir: Path):
+    """The run's `Accelerator` (on the CPU for multi-process CPU runs, trackers of --report_to logging to OUT/logs),
+    with each process's logging set up and the arguments logged."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration
 
     cpu = use_cpu()
     PartialState(cpu=cpu)
@@ -289,8 +324,13 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     )
     setup_logging(accelerator)
     logger.info("Arguments: %s", json.dumps(args.to_dict()))
+    return accelerator
 
-    # ---- data and checks, before any training time is spent
+
+def load_tasks(args: TrainScriptArguments, accelerator, cache_dir: Path, config_dict: dict[str, Any],
+               multitask: bool) -> tuple[Any, EnECGConfig, list[TaskData]]:
+    """The dataset, the run's config and each task's labelled records and folds: all checked before any training
+    time is spent."""
     dataset = load_training_dataset(args, accelerator, cache_dir)
     names = task_names(args, config_dict, dataset) if multitask else [args.label]
     try:
@@ -303,8 +343,12 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     for task in tasks:
         logger.info("Label %r (%s), %d records, %d folds, experts %s, strategy %s", task.spec.name,
                     task.spec.problem_type, len(task.records), len(task.folds), config.expert_names, args.strategy)
+    return dataset, config, tasks
 
-    # ---- checkpoints: a fresh run starts clean; a resumed one must be the same run
+
+def start_checkpoints(args: TrainScriptArguments, accelerator, checkpoint_root: Path) -> None:
+    """A fresh run starts with no checkpoints; a resumed one must be the same run. Either way `run.json` holds the
+    arguments that change the result."""
     # As stored in run.json (JSON types), so a resumed run compares like with like.
     run_info = json.loads(json.dumps({k: v for k, v in args.to_dict().items() if k not in NON_RESULT_ARGS}, default=str))
     if accelerator.is_main_process:
@@ -315,7 +359,11 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
         write_json_atomic(checkpoint_root / "run.json", run_info)
     accelerator.wait_for_everyone()
 
-    # ---- the model (frozen experts loaded once) and its features, computed once per record for every task
+
+def build_model_and_features(args: TrainScriptArguments, config: EnECGConfig, dataset, tasks: list[TaskData],
+                             accelerator, store_dir: Path, multitask: bool) -> EnECGModel:
+    """The model (its frozen experts loaded once) on the run's device, and each task's `target` (the model, or its
+    `model.tasks[name]`) and `table` (its records' features, computed once per record for every task)."""
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
     model.set_expert_precision(args.expert_precision)
@@ -325,46 +373,72 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
     for task in tasks:
         task.target = ensembles[task.spec.name] if multitask else model
         task.table = load_feature_table(features, task.keep, task.labels, task.records, config.expert_names)
-    model.to(accelerator.device)
-    if args.report_to:
-        accelerator.init_trackers("enecg", config={k: str(v) for k, v in args.to_dict().items()})
+    return model.to(accelerator.device)
 
-    # ---- per task: CV folds, then the final fit on every record. A multi-task run keeps each task's jobs in its own
-    # checkpoint folder, under the names (and so the seeds) of a single-task run: each task's heads and gate learn
-    # exactly what a single-task run on the same records would.
+
+def fit_tasks(args: TrainScriptArguments, tasks: list[TaskData], accelerator, checkpoint_root: Path,
+              expert_names: list[str], multitask: bool) -> dict[str, Any]:
+    """Each task's CV folds, then its final fit on every record; its metrics by name (main process). A multi-task run
+    keeps each task's jobs in its own checkpoint folder, under the names (and so the seeds) of a single-task run:
+    each task's heads and gate learn exactly what a single-task run on the same records would."""
     task_metrics = {}
     runners = []
     for task in tasks:
         runner = CheckpointedJobRunner(checkpoint_root / task.spec.name if multitask else checkpoint_root, accelerator)
         runners.append(runner)
-        task_metrics[task.spec.name] = fit_task(task, args, runner, accelerator, config.expert_names,
+        task_metrics[task.spec.name] = fit_task(task, args, runner, accelerator, expert_names,
                                                 log_prefix=f"{task.spec.name}/" if multitask else "")
     logger.info("Jobs of this process: %d run, %d reused from checkpoints", sum(r.jobs_run for r in runners),
                 sum(r.jobs_reused for r in runners))
+    return task_metrics
+
+
+def run_metrics(args: TrainScriptArguments, dataset, task_metrics: dict[str, Any], accelerator, train_seconds: float,
+                multitask: bool) -> dict[str, Any]:
+    """The content of `metrics.json`: the task's metrics (a multi-task run: every task's, under `tasks`), with the
+    run's processes, feature caching and time."""
+    run_fields = {"num_processes": accelerator.num_processes, "cache_features": args.cache_features,
+                  "train_seconds": train_seconds}
+    if not multitask:
+        return {**next(iter(task_metrics.values())), **run_fields}
+    return {"labels": list(task_metrics), "records": len(dataset), "strategy": args.strategy, "tasks": task_metrics,
+            "warnings": [f"{name}: {w}" for name, m in task_metrics.items() for w in m["warnings"]], **run_fields}
+
+
+def training_records(dataset, tasks: list[TaskData]):
+    """The records some task trained on (the model card's data section describes these)."""
+    used = sorted({int(i) for task in tasks for i in task.keep})
+    return dataset if len(used) == len(dataset) else dataset.select(used)
+
+
+def run(args: TrainScriptArguments) -> dict[str, Any]:
+    """Run a whole training job (see the module docstring); returns the content of `metrics.json`."""
+    start_time = time.perf_counter()
+    config_dict, multitask = resolve_run_config(args)
+    folders = RunFolders.from_args(args)
+    accelerator = start_accelerator(args, folders.output)
+    dataset, config, tasks = load_tasks(args, accelerator, folders.cache, config_dict, multitask)
+    start_checkpoints(args, accelerator, folders.checkpoints)
+    model = build_model_and_features(args, config, dataset, tasks, accelerator, folders.store, multitask)
+    if args.report_to:
+        accelerator.init_trackers("enecg", config={k: str(v) for k, v in args.to_dict().items()})
+    task_metrics = fit_tasks(args, tasks, accelerator, folders.checkpoints, config.expert_names, multitask)
 
     # ---- output folder (main process), then the Hub
     metrics = None
     if accelerator.is_main_process:
-        run_fields = {"num_processes": accelerator.num_processes, "cache_features": args.cache_features,
-                      "train_seconds": round(time.perf_counter() - start_time, 1)}
-        if multitask:
-            metrics = {"labels": names, "records": len(dataset), "strategy": args.strategy, "tasks": task_metrics,
-                       "warnings": [f"{name}: {w}" for name, m in task_metrics.items() for w in m["warnings"]],
-                       **run_fields}
-        else:
-            metrics = {**task_metrics[names[0]], **run_fields}
-        used = sorted({int(i) for task in tasks for i in task.keep})
-        records = dataset if len(used) == len(dataset) else dataset.select(used)
-        save_output_folder(model.cpu(), output_dir, args, metrics, records)
-        logger.info("Saved the model folder %s", output_dir.resolve())
+        metrics = run_metrics(args, dataset, task_metrics, accelerator,
+                              round(time.perf_counter() - start_time, 1), multitask)
+        save_output_folder(model.cpu(), folders.output, args, metrics, training_records(dataset, tasks))
+        logger.info("Saved the model folder %s", folders.output.resolve())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.is_main_process:
         if not args.cache_features:
-            shutil.rmtree(output_dir / ".features", ignore_errors=True)
-        print_summary(metrics, output_dir)
+            shutil.rmtree(folders.output / ".features", ignore_errors=True)
+        print_summary(metrics, folders.output)
         if args.push_to_hub:
-            push_folder(output_dir, args)
+            push_folder(folders.output, args)
     return metrics
 
 
