@@ -172,6 +172,7 @@ def test_second_run_another_label_and_a_subset_hit_the_store_for_every_record(re
     full = columns_of(first)
 
     # Another task (a classification label) builds another model with the same experts: every value is found.
+    caplog.clear()  # the first build's lines are captured too once an in-process train.py run set enecg_hf to INFO
     with caplog.at_level(logging.INFO, logger="enecg_hf.features"):
         again, stats = build(records, tiny_model(["dlinear", "timesnet"], label_name="sex", num_labels=2,
                                                  problem_type="single_label_classification"), store)
