@@ -394,31 +394,66 @@ def run_loso(task: str, records, labels: pd.DataFrame, features: dict, configs: 
                          torch.zeros(len(labels)), labels["subject"].to_numpy(), labels["group"].to_numpy())
     if task == "rr_interval":  # train on LUDB; score the Challenge records against their R-peak reference and
         # the MIT-BIH windows against their beat annotations
-        challenge = labels.index[labels["folder"].str.startswith("challenge")].to_numpy()
-        reference = np.full(len(labels), np.nan)
-        reference[challenge], agree = reference_rr(records.select(challenge).with_format("numpy")["signal"])
-        agreeing = np.zeros(len(labels), dtype=bool)
-        agreeing[challenge] = agree
-        if "reference_rr" in labels:  # annotated beats: a reference no detector has to vouch for
-            annotated = labels.index[labels["folder"] == "mitdb"].to_numpy()
-            reference[annotated] = labels["reference_rr"].to_numpy()[annotated]
-            agreeing[annotated] = True
-        test_rows = np.flatnonzero(np.isfinite(reference))
-        table.labels[torch.as_tensor(test_rows)] = torch.as_tensor(reference[test_rows], dtype=torch.float32)
-        folds = [(group, np.arange(len(rows)), test_rows[labels["group"].to_numpy()[test_rows] == group])
-                 for group in sorted(set(labels["group"].to_numpy()[test_rows]))]
-        extra = {"reference": "neurokit2 R-peaks on lead II at 500 Hz (Challenge), the annotated beats (MIT-BIH "
-                              "windows)", "reference_agreeing_records": int(agreeing[test_rows].sum()),
-                 "challenge_records": int(labels["group"].str.startswith("challenge/").to_numpy()[test_rows].sum())}
+        folds, agreeing, extra = rr_reference_folds(records, labels, table, len(rows))
     else:
         folds = [(group, train, rows[test]) for group, train, test in leave_one_source_out(groups)]
-        extra = {}
+        agreeing, extra = None, {}
     table.labels[torch.as_tensor(rows)] = torch.from_numpy(y).float()
     if not spec.is_regression:
         table.labels = table.labels.long()
     folds = [(group, rows[train], test) for group, train, test in folds if len(test) >= args.min_loso_records]
     print(f"[quality] {task}: leave-one-source-out over {[(g, len(t)) for g, _, t in folds]}", flush=True)
-    predictions: dict[str, dict[str, np.ndarray]] = {}  # row -> group -> logits
+    predictions = loso_predictions(task, spec, table, folds, experts, configs, args)
+    every = np.concatenate([test for _, _, test in folds])
+    result_rows = loso_scores(predictions, folds, every, table, spec, metric, labels, agreeing)
+    block = {"problem_type": spec.problem_type, "metric": HEADLINE[spec.problem_type][0],
+             "groups": {group: {"records": int(len(test)), "train_records": int(len(train)),
+                                "institution": institution(group)} for group, train, test in folds},
+             "records": int(len(every)), "rows": result_rows, **extra}
+    block["verdict"] = verdict({r: {"metrics": {k: {"mean": v} for k, v in values["pooled"].items()}}
+                                for r, values in result_rows.items()}, spec, experts)
+    return block
+
+
+def rr_reference_folds(records, labels: pd.DataFrame, table: FeatureTable,
+                       train_records: int) -> tuple[list[tuple], np.ndarray, dict]:
+    """RR's leave-one-source-out folds: trained on LUDB's `train_records` labelled records, and scored on each group of
+    records with a reference RR, written into `table.labels`: the Challenge records (`reference_rr`) and the MIT-BIH
+    windows (their annotated beats, `labels["reference_rr"]`, when `labels` has them).
+
+    Returns:
+        The folds (group, positions among the training records, rows of the held-out records), whether each row's
+        reference is confirmed (two detectors agree, or annotated beats), and what the result block says of them.
+    """
+    challenge = labels.index[labels["folder"].str.startswith("challenge")].to_numpy()
+    reference = np.full(len(labels), np.nan)
+    reference[challenge], agree = reference_rr(records.select(challenge).with_format("numpy")["signal"])
+    agreeing = np.zeros(len(labels), dtype=bool)
+    agreeing[challenge] = agree
+    if "reference_rr" in labels:  # annotated beats: a reference no detector has to vouch for
+        annotated = labels.index[labels["folder"] == "mitdb"].to_numpy()
+        reference[annotated] = labels["reference_rr"].to_numpy()[annotated]
+        agreeing[annotated] = True
+    test_rows = np.flatnonzero(np.isfinite(reference))
+    table.labels[torch.as_tensor(test_rows)] = torch.as_tensor(reference[test_rows], dtype=torch.float32)
+    folds = [(group, np.arange(train_records), test_rows[labels["group"].to_numpy()[test_rows] == group])
+             for group in sorted(set(labels["group"].to_numpy()[test_rows]))]
+    extra = {"reference": "neurokit2 R-peaks on lead II at 500 Hz (Challenge), the annotated beats (MIT-BIH "
+                          "windows)", "reference_agreeing_records": int(agreeing[test_rows].sum()),
+             "challenge_records": int(labels["group"].str.startswith("challenge/").to_numpy()[test_rows].sum())}
+    return folds, agreeing, extra
+
+
+def loso_predictions(task: str, spec, table: FeatureTable, folds: list[tuple], experts: list[str], configs: dict,
+                     args) -> dict[str, dict[str, np.ndarray]]:
+    """Each `LOSO_ROWS` row (those of `--loso-rows`) fitted on each fold's training rows (once when every fold trains
+    on the same rows) and its logits on the held-out rows; the default's fit also gives each expert's row, the
+    uniform average and the training records' mean / majority (`baseline:mean_or_majority`).
+
+    Returns:
+        Row -> held-out group -> logits (records, outputs).
+    """
+    predictions: dict[str, dict[str, np.ndarray]] = {}
     for row, (_, overrides, fit) in LOSO_ROWS.items():
         if args.loso_rows and row not in args.loso_rows:
             continue
@@ -439,12 +474,19 @@ def run_loso(task: str, records, labels: pd.DataFrame, features: dict, configs: 
                 base = baseline_predictions(table.labels[train].numpy(), table.labels[test].numpy(), spec)
                 predictions.setdefault("baseline:mean_or_majority", {})[group] = base["logits"]
         print(f"[quality]   {task} leave-one-source-out {row}: {len(folds)} groups fitted", flush=True)
+    return predictions
+
+
+def loso_scores(predictions: dict[str, dict[str, np.ndarray]], folds: list[tuple], every: np.ndarray,
+                table: FeatureTable, spec, metric, labels: pd.DataFrame, agreeing: np.ndarray | None) -> dict:
+    """Each row's scores on every held-out group (`groups`), over all held-out records at once (`pooled`; `every`:
+    their rows in fold order) and as a mean ± std over groups; undefined scores (NaN) left out. With `agreeing` (RR),
+    also pooled over the Challenge records alone and over the records whose reference is confirmed."""
 
     def scores(logits: np.ndarray, test: np.ndarray) -> dict[str, float]:  # NaN where undefined (one class)
         return score({"logits": np.asarray(logits, np.float64), "labels": table.labels[test].numpy()}, spec, metric)
 
     finite = lambda values: {k: v for k, v in values.items() if math.isfinite(v)}  # noqa: E731
-    every = np.concatenate([test for _, _, test in folds])
     result_rows = {}
     for row, by_group in predictions.items():
         per_group = {group: scores(by_group[group], test) for group, _, test in folds}
@@ -453,17 +495,11 @@ def run_loso(task: str, records, labels: pd.DataFrame, features: dict, configs: 
                             "groups": {g: finite(v) for g, v in per_group.items()},
                             "pooled": finite(scores(pooled, every)),
                             "mean_over_groups": summarize(list(per_group.values()))}
-        if task == "rr_interval":  # the Challenge records alone, and the records whose reference is confirmed
+        if agreeing is not None:  # RR: the Challenge records alone, and the records whose reference is confirmed
             confirmed, challenge = agreeing[every], labels["group"].str.startswith("challenge/").to_numpy()[every]
             result_rows[row]["pooled_reference_agreeing"] = finite(scores(pooled[confirmed], every[confirmed]))
             result_rows[row]["pooled_challenge"] = finite(scores(pooled[challenge], every[challenge]))
-    block = {"problem_type": spec.problem_type, "metric": HEADLINE[spec.problem_type][0],
-             "groups": {group: {"records": int(len(test)), "train_records": int(len(train)),
-                                "institution": institution(group)} for group, train, test in folds},
-             "records": int(len(every)), "rows": result_rows, **extra}
-    block["verdict"] = verdict({r: {"metrics": {k: {"mean": v} for k, v in values["pooled"].items()}}
-                                for r, values in result_rows.items()}, spec, experts)
-    return block
+    return result_rows
 
 
 def measure(args, store: str | None) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,44 @@ def test_tempo_converter_names_bad_keys(tmp_path, change):
     torch.save(state, tmp_path / "t.pth")
     with pytest.raises(CheckpointError, match=expected.replace(".", r"\.")):
         convert_tempo(str(tmp_path / "t.pth"), str(tmp_path / "out"), preset="tiny", lora_alpha=LORA_ALPHA)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tempo_converter_reads_data_parallel_keys_and_drops_old_causal_mask_buffers(tmp_path):
+    """A state dict saved from `nn.DataParallel` (every key under `module.`) holding the causal-mask buffers older
+    transformers kept in GPT-2's attention converts as the plain one, saying what it stripped and dropped."""
+    state, _ = upstream_tempo_checkpoint()
+    torch.save(state, tmp_path / "plain.pth")
+    plain = convert_tempo(str(tmp_path / "plain.pth"), str(tmp_path / "plain"), preset="tiny", lora_alpha=LORA_ALPHA)
+    assert plain.notes[0].startswith(f"LoRA scaling alpha/r = {LORA_ALPHA}/r (alpha is not stored")
+    buffers = {f"gpt2_trend.base_model.model.h.{i}.attn.{name}": torch.ones(1, 1, 4, 4)
+               for i in range(2) for name in ("bias", "masked_bias")}
+    torch.save({f"module.{k}": v for k, v in {**state, **buffers}.items()}, tmp_path / "parallel.pth")
+    report = convert_tempo(str(tmp_path / "parallel.pth"), str(tmp_path / "parallel"), preset="tiny",
+                           lora_alpha=LORA_ALPHA, n_head=4)
+    assert report.notes[0] == "stripped the DataParallel prefix 'module.'"
+    assert report.converted == plain.converted and report.merged_lora == plain.merged_lora
+    assert {k: report.dropped[k] for k in buffers} == {
+        k: "GPT-2 causal-mask buffer of older transformers, rebuilt at run time" for k in buffers}
+    assert report.settings == {**plain.settings, "n_head": 4} and "n_head 4 (preset 2)" in report.notes[-1]
+
+
+def test_tempo_converter_refuses_what_is_not_tempo_or_a_lora_that_does_not_fit(tmp_path):
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other\.pth is not a TEMPO state dict: cannot find .*encoder\.weight"):
+        convert_tempo(str(tmp_path / "other.pth"), str(tmp_path / "out"), preset="tiny")
+    state, _ = upstream_tempo_checkpoint()
+    key_a = "gpt2_trend.base_model.model.h.0.attn.c_attn.lora_A.default.weight"
+    state[key_a] = torch.zeros(LORA_R, TEMPO_SETTINGS["d_model"] + 1)
+    torch.save(state, tmp_path / "bad_lora.pth")
+    with pytest.raises(CheckpointError, match=r"LoRA .*lora_A\.default\.weight / .*lora_B\.default\.weight: "
+                                              r"delta \(48, 17\) does not fit \(16, 48\)"):
+        convert_tempo(str(tmp_path / "bad_lora.pth"), str(tmp_path / "out"), preset="tiny", lora_alpha=LORA_ALPHA)
+    state, _ = upstream_tempo_checkpoint()
+    del state["gpt2_trend.base_model.model.h.1.attn.c_attn.base_layer.weight"]  # a LoRA pair without its base weight
+    torch.save(state, tmp_path / "no_base.pth")
+    with pytest.raises(CheckpointError, match=r"h\.1\.attn\.c_attn\.lora_A\.default\.weight"):
+        convert_tempo(str(tmp_path / "no_base.pth"), str(tmp_path / "out"), preset="tiny", lora_alpha=LORA_ALPHA)
     assert not (tmp_path / "out").exists()
 
 
@@ -404,6 +443,53 @@ def test_ecgfm_checkpoint_with_quantized_inputs_is_refused_with_the_reason(tmp_p
     torch.save(checkpoint, tmp_path / "quantized.pt")
     with pytest.raises(CheckpointError, match=r"quantize_input=True.*input_quantizer.*input_quantizer\.vars"):
         convert_ecgfm(str(tmp_path / "quantized.pt"), str(tmp_path / "out"), preset="tiny")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ecgfm_settings_missing_from_the_cfg_come_from_the_preset_saying_so(tmp_path):
+    """Without `conv_feature_layers` and `encoder_attention_heads` in the cfg, the strides and the head count are the
+    preset's; without `preset`, a checkpoint with a classifier is checked against "ecg-fm"."""
+    checkpoint = upstream_ecgfm_checkpoint("parametrizations")
+    for key in ("conv_feature_layers", "encoder_attention_heads"):
+        del checkpoint["cfg"]["model"][key]
+    torch.save(checkpoint, tmp_path / "sparse_cfg.pt")
+    report = convert_ecgfm(str(tmp_path / "sparse_cfg.pt"), str(tmp_path / "out"), preset="tiny")
+    assert report.notes == ["conv strides not in cfg; taken from the preset: [2, 2, 2, 2]",
+                            "encoder_attention_heads not in cfg; 2 from the preset"]
+    assert report.settings["conv_layers"] == [[16, 2, 2]] * 4 and report.settings["num_heads"] == 2
+    torch.save(upstream_ecgfm_checkpoint("parametrizations"), tmp_path / "ecg_fm.pt")
+    report = convert_ecgfm(str(tmp_path / "ecg_fm.pt"), str(tmp_path / "default"))
+    assert report.notes == ["checkpoint differs from the preset: conv_layers [[16, 2, 2], [16, 2, 2], [16, 2, 2], "
+                            "[16, 2, 2]] (preset [[256, 2, 2], [256, 2, 2], [256, 2, 2], [256, 2, 2]]), conv_pos 16 "
+                            "(preset 128), conv_pos_groups 4 (preset 16), hidden_size 32 (preset 768), "
+                            "intermediate_size 64 (preset 3072), num_heads 2 (preset 12), num_layers 2 (preset 12)"]
+    assert report.settings == {**EnECGEcgFmExpert.PRESETS["tiny"], "conv_layers": [[16, 2, 2]] * 4}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("not_fairseq", "is not a fairseq checkpoint: expected a dict with a 'model' entry"),
+    ("extractor_mode", "extractor_mode 'layer_norm' is not supported"),
+    ("in_d", "cfg in_d 8 but the first conv reads 12"),
+    ("two_layouts", "encoder.conv_pos.pos_conv.0.parametrizations.weight.original0 and encoder.conv_pos.pos_conv.0."
+                    "weight_g both give wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
+    ("no_encoder_norm", "does not look like an ECG-FM checkpoint: cannot find 'wav2vec2.encoder.layer_norm.weight'"),
+])
+def test_ecgfm_converter_refuses_checkpoints_it_cannot_convert_faithfully(tmp_path, change, expected):
+    checkpoint = upstream_ecgfm_checkpoint("parametrizations")
+    model_cfg = checkpoint["cfg"]["model"]
+    if change == "not_fairseq":
+        checkpoint = checkpoint["model"]
+    elif change == "extractor_mode":
+        model_cfg["extractor_mode"] = "layer_norm"
+    elif change == "in_d":
+        model_cfg["in_d"] = 8
+    elif change == "two_layouts":  # the old weight-norm key beside the new one
+        checkpoint["model"] = {"encoder.conv_pos.pos_conv.0.weight_g": torch.ones(1, 1, 16), **checkpoint["model"]}
+    else:
+        del checkpoint["model"]["encoder.encoder.layer_norm.weight"]
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        convert_ecgfm(str(tmp_path / "bad.pt"), str(tmp_path / "out"), preset="tiny")
     assert not (tmp_path / "out").exists()
 
 

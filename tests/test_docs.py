@@ -76,6 +76,62 @@ def test_model_card_metadata_is_what_the_hub_reads(tmp_path):
     assert data["model-index"][0]["results"][0]["task"]["type"] in HUB_TASK_IDS
 
 
+def test_a_multi_task_card_has_a_section_and_results_per_task_without_undefined_scores():
+    """A multi-task card: every task's CV results, and the leave-one-source-out ones under a split of their own, in
+    the metadata (scores that are NaN, e.g. F1 of a fold set with one class, left out); a section per task; the
+    adaptation and gate as configured."""
+    from huggingface_hub import ModelCard
+
+    from enecg_hf import EnECGModel
+    from enecg_hf.tools.model_card import random_weight_experts, render_model_card
+    from test_multitask import multitask_config
+
+    nan = float("nan")
+    model = EnECGModel(multitask_config(adaptation="full", gate_type="uniform"))
+
+    def block(label, problem_type, cv, **extra):
+        return {"label": label, "problem_type": problem_type, "records": 12, "folds": [{}, {}], "cv": cv,
+                "cv_baseline": cv, "final": {"metrics": {name: value["mean"] for name, value in cv.items()}}, **extra}
+
+    by_source = {"groups": [{"source": "ludb", "test_records": 4, "train_records": 8, "metrics": {"mae": 21.0},
+                             "baseline": {"mae": 30.0}},
+                            {"source": "ptb-xl", "test_records": 8, "train_records": 4, "metrics": {"mae": nan},
+                             "baseline": {"mae": 33.0}}],
+                 "pooled": {"mae": 22.0, "rmse": nan}, "baseline_pooled": {"mae": 31.0, "rmse": 40.0}, "records": 12}
+    metrics = {"records": 12, "tasks": {
+        "rr_interval": block("rr_interval", "regression", {"mae": {"mean": 20.0, "std": 2.0}}, unit="ms",
+                             cv_source=by_source),
+        "sex": block("sex", "single_label_classification", {"auroc": {"mean": 0.8, "std": 0.05},
+                                                            "f1": {"mean": nan, "std": nan}},
+                     classes=["female", "male"]),
+        "arrhythmia": block("arrhythmia", "single_label_classification", {"auroc": {"mean": 0.7, "std": 0.1}},
+                            classes=["sinus", "other"])}}
+    training_args = {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "weight_decay": 0.0, "seed": 0,
+                     "cache_features": True}
+    card = ModelCard(render_model_card(model, metrics, training_args, ["ludb", "ptb-xl"], random_weight_experts(model),
+                                       "me/multi"))
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "tabular-regression" and data["metrics"] == ["mae", "auroc", "f1"]
+    assert {"multi-task", "time-series-regression", "time-series-classification"} <= set(data["tags"])
+    # (The Hub keeps one task name per task type and dataset: the names are not compared.)
+    results = [(r["task"]["type"], r["dataset"]["name"], r["dataset"].get("split"), m["type"], m["name"], m["value"])
+               for r in data["model-index"][0]["results"] for m in r["metrics"]]
+    cv = "ludb, ptb-xl (2-fold subject-wise CV)"
+    assert sorted(results, key=str) == sorted([
+        ("tabular-regression", cv, None, "mae", "MAE (CV mean)", 20.0),
+        ("tabular-classification", cv, None, "auroc", "AUROC (CV mean)", 0.8),
+        ("tabular-classification", cv, None, "auroc", "AUROC (CV mean)", 0.7),
+        ("tabular-regression", "ludb, ptb-xl (leave-one-source-out CV)", "held-out sources", "mae",
+         "MAE (held-out sources, pooled)", 22.0)], key=str)
+    assert all(r["dataset"]["type"] == "ludb+ptb-xl" for r in data["model-index"][0]["results"])
+    text = card.text
+    assert ("EnECG multi-task ensemble for **rr_interval, sex, arrhythmia** (3 tasks from one pass of the experts)"
+            in text)
+    assert "small FFN head (trained fully); a uniform average (no learned gate) per task mixes" in text
+    assert '{"tasks": {"rr_interval": {...}, "sex": {...}, "arrhythmia": {...}}}' in text
+    assert "### sex (classification, 12 records)" in text and "| ptb-xl | 8 | 4 | n/a | n/a | 33 |" in text
+
+
 def test_model_card_usage_snippets_run_as_written(tmp_path, monkeypatch):
     """The card's snippets, in order, on the model folder: the first reads LUDB record 1 from PhysioNet, which the
     test serves from the local copy (no network here)."""

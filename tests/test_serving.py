@@ -609,6 +609,43 @@ def test_integrated_gradients_completeness_on_a_differentiable_model(classificat
     assert fine.convergence_delta[0] < coarse.convergence_delta[0] / 4
 
 
+def test_explain_takes_one_task_of_a_multi_task_model_and_refuses_a_task_the_model_lacks(classification_folder):
+    """A multi-task model is explained one task at a time (its first by default; the target class and the gate of
+    that task), a single-task model only for its own label; a 2-D record is a batch of one."""
+    from transformers import AutoModel
+
+    from enecg_hf import EnECGModel
+    from enecg_hf.tools.explain import explain
+    from test_multitask import fixture_input, multitask_config
+
+    torch.manual_seed(0)
+    model = EnECGModel(multitask_config()).eval()
+    inputs = fixture_input()[:1]
+    with torch.no_grad():
+        output = model(inputs)
+    default = explain(model, inputs, n_steps=4, experts=False)
+    np.testing.assert_array_equal(default.saliency, explain(model, inputs, n_steps=4, experts=False,
+                                                            task="rr_interval").saliency)
+    assert default.target.tolist() == [0] and default.saliency.shape == tuple(inputs.shape)
+    sex = explain(model, inputs, n_steps=4, task="sex")
+    assert sex.target.tolist() == output.logits["sex"].argmax(-1).tolist() and sex.expert_names == ["dlinear", "timesnet"]
+    np.testing.assert_array_equal(sex.prediction, output.logits["sex"][0, sex.target].numpy())
+    np.testing.assert_array_equal(sex.gate_weights, output.gate_weights["sex"].numpy())
+    np.testing.assert_array_equal(sex.expert_predictions, output.expert_logits["sex"][0, :, sex.target].T.numpy())
+    assert all(saliency.shape == tuple(inputs.shape) for saliency in sex.expert_saliency.values()) and not sex.notes
+    chosen = explain(model, inputs, n_steps=4, experts=False, task="arrhythmia", target=2)
+    assert chosen.target.tolist() == [2] and chosen.expert_saliency == {}
+    np.testing.assert_array_equal(chosen.prediction, output.logits["arrhythmia"][:, 2].numpy())
+    with pytest.raises(ValueError, match=r"task 'age' is not one of the model's tasks \['rr_interval', 'sex', "):
+        explain(model, inputs, task="age")
+
+    single = AutoModel.from_pretrained(classification_folder).eval()
+    with pytest.raises(ValueError, match="task 'age': this single-task model predicts 'sex'"):
+        explain(single, inputs, task="age")
+    own = explain(single, inputs[0], n_steps=4, experts=False, task="sex")
+    np.testing.assert_array_equal(own.saliency, explain(single, inputs, n_steps=4, experts=False).saliency)
+
+
 @pytest.mark.slow
 def test_plots_are_written_and_decodable(regression_folder, tmp_path):
     import matplotlib.image

@@ -175,6 +175,155 @@ def _rows(table: pd.DataFrame) -> list[dict]:
     return table.astype(object).where(table.notna(), None).to_dict("records")
 
 
+def _reader(format: str, input: str | Path | None, ptbxl_rate: str | int):
+    """The reader module of `format` (one of `FORMATS`), once the arguments every build checks first are valid.
+
+    Raises:
+        ValueError: an unknown format or `ptbxl_rate`, or no `input` for a format that reads one.
+        LayoutError: `input` does not exist.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
+    if format != "simulated":
+        if input is None:
+            raise ValueError(f"format {format!r} needs an input path")
+        if not Path(input).exists():
+            raise LayoutError(f"input {input} does not exist")
+    if str(ptbxl_rate) not in ptbxl.RATES:
+        raise ValueError(f"ptbxl_rate must be one of {ptbxl.RATES}, got {ptbxl_rate!r}")
+    return FORMATS[format]
+
+
+def _listed_records(module, format: str, input: str | Path | None,
+                    options: BuildOptions) -> tuple[pd.DataFrame, BuildReport]:
+    """The reader's table of records (the first `options.limit` of them) with each record id once, and a new report
+    counting them in `records_read` and listing the repeated ids as skipped.
+
+    Raises:
+        DatasetBuildError: the reader lists no record.
+    """
+    table = module.list_records(Path(input) if input is not None else None, options)
+    if options.limit is not None:
+        table = table.iloc[: options.limit]
+    report = BuildReport(format, str(input) if input is not None else None, None, options.sampling_rate, options.seconds)
+    report.records_read = len(table)
+    if report.records_read == 0:
+        raise DatasetBuildError(f"no records found in {input} ({format})")
+    table, duplicates = _drop_duplicate_ids(table)
+    report.skipped.extend(duplicates)
+    return table, report
+
+
+def _shard_plan(table: pd.DataFrame, num_proc: int | None, shard_size: int) -> tuple[int, list[dict]]:
+    """The worker count (at least 1, at most one per shard of `shard_size`) and the shards of `table` they read."""
+    num_proc = max(1, min(num_proc or 1, math.ceil(len(table) / shard_size)))
+    # Enough shards to balance the workers, each small enough that a worker holds little at once.
+    shard_size = max(1, min(shard_size, math.ceil(len(table) / num_proc)))
+    return num_proc, _shards(table, shard_size)
+
+
+def _work_folder(output: Path | None, cache_dir: str | Path | None) -> Path:
+    """A new folder for the build's Arrow cache (`cache/`) and the workers' side files (`skipped/`, `side/`): beside
+    `output` when the build saves there, else a temporary folder (under `cache_dir` if given)."""
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".enecg-build-", dir=output.parent))
+    else:
+        # The random fingerprint of `_generate_dataset` is never reused, so the datasets cache would only pile up:
+        # use a fresh folder.
+        work = Path(tempfile.mkdtemp(prefix="enecg-dataset-", dir=cache_dir))
+    (work / "skipped").mkdir()
+    (work / "side").mkdir()
+    return work
+
+
+def _generate_dataset(module, shards: list[dict], format: str, options: BuildOptions, work: Path, num_proc: int,
+                      to_read: int) -> datasets.Dataset | None:
+    """The examples of `shards` (`_generate_examples`, in `num_proc` processes) as a dataset in Arrow files under
+    `work/cache`; the workers' side files go to `work/skipped` and `work/side`.
+
+    Returns:
+        The dataset, or `None` when all `to_read` records were skipped.
+    """
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_examples,
+            features=ecg_features(options.num_samples, module.EXTRA_FEATURES),
+            gen_kwargs={"shards": shards, "format": format, "options": options, "skip_folder": str(work / "skipped"),
+                        "side_folder": str(work / "side")},
+            num_proc=num_proc if num_proc > 1 else None,
+            cache_dir=str(work / "cache"),
+            # A fresh fingerprint: always run the generator, so the skip files match this build.
+            fingerprint=uuid.uuid4().hex,
+            # Flush to Arrow every few records: a worker's buffer holds writer_batch_size signals.
+            writer_batch_size=WRITER_BATCH_SIZE,
+        )
+    except Exception:
+        # `datasets` cannot make a dataset of zero examples; any other failure is not ours to hide.
+        if _count_skips(work / "skipped") != to_read:
+            raise
+        return None
+
+
+def _collect_side_files(work: Path, report: BuildReport) -> dict[str, str]:
+    """Add the records the workers skipped and their label notes to `report`, in shard order.
+
+    Returns:
+        Record id -> hash of its stored signal (`_signal_hash`), for every record stored.
+    """
+    for path in sorted((work / "skipped").glob("*.jsonl")):
+        report.skipped.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    hashes = {}
+    for path in sorted((work / "side").glob("*.json")):
+        side = json.loads(path.read_text())
+        hashes.update(side["hashes"])
+        report.label_notes.extend(side["notes"])
+    return hashes
+
+
+def _nothing_usable(report: BuildReport, input: str | Path | None, format: str) -> DatasetBuildError:
+    """The error of a build that kept no record: the skip reasons with their counts, and the first skipped record."""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in report.skipped_by_reason.items())
+    first = f"; first: {report.skipped[0]['record_id']}: {report.skipped[0]['detail']}" if report.skipped else ""
+    return DatasetBuildError(
+        f"nothing usable was read from {input} ({format}): all {report.records_read} records were skipped"
+        f" ({reasons}){first}"
+    )
+
+
+def _save(dataset: datasets.Dataset, output: Path) -> datasets.Dataset:
+    """`dataset` saved to `output` (replacing what was there) and memory-mapped back from it."""
+    if output.exists():
+        shutil.rmtree(output)
+    dataset.save_to_disk(str(output))
+    return datasets.load_from_disk(str(output))
+
+
+def _remove_work_folder(work: Path, output: Path | None) -> None:
+    """Remove the build's work folder; without `output`, only its side files: its Arrow cache is the dataset."""
+    if output is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        shutil.rmtree(work / "skipped", ignore_errors=True)
+        shutil.rmtree(work / "side", ignore_errors=True)
+
+
+def _complete_report(report: BuildReport, dataset: datasets.Dataset, started: float) -> None:
+    """Fill the report's kept count, label counts and speed (`started`: `time.perf_counter()` at the build's start).
+
+    Raises:
+        RuntimeError: the kept and skipped records do not add up to the records read (a builder bug).
+    """
+    report.records_kept = len(dataset)
+    if report.records_kept + len(report.skipped) != report.records_read:
+        raise RuntimeError(
+            f"{report.records_read} records read but {report.records_kept} kept + {len(report.skipped)} skipped"
+        )
+    report.count_labels(dataset)
+    report.seconds_elapsed = time.perf_counter() - started
+    report.records_per_second = report.records_read / report.seconds_elapsed
+
+
 def build(
     format: str,
     input: str | Path | None = None,
@@ -198,16 +347,7 @@ def build(
     Returns:
         A [`DatasetBuild`] with the dataset and its [`BuildReport`].
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
-    module = FORMATS[format]
-    if format != "simulated":
-        if input is None:
-            raise ValueError(f"format {format!r} needs an input path")
-        if not Path(input).exists():
-            raise LayoutError(f"input {input} does not exist")
-    if str(ptbxl_rate) not in ptbxl.RATES:
-        raise ValueError(f"ptbxl_rate must be one of {ptbxl.RATES}, got {ptbxl_rate!r}")
+    module = _reader(format, input, ptbxl_rate)
     options = BuildOptions(
         sampling_rate=int(sampling_rate),
         seconds=float(seconds),
@@ -221,91 +361,27 @@ def build(
         ptbxl_rate=str(ptbxl_rate),
     )
     started = time.perf_counter()
-    table = module.list_records(Path(input) if input is not None else None, options)
-    if limit is not None:
-        table = table.iloc[:limit]
-    report = BuildReport(format, str(input) if input is not None else None, None, options.sampling_rate, options.seconds)
-    report.records_read = len(table)
-    if report.records_read == 0:
-        raise DatasetBuildError(f"no records found in {input} ({format})")
-    table, duplicates = _drop_duplicate_ids(table)
-    report.skipped.extend(duplicates)
+    table, report = _listed_records(module, format, input, options)
     to_read = len(table)
-
-    num_proc = max(1, min(num_proc or 1, math.ceil(len(table) / shard_size)))
-    # Enough shards to balance the workers, each small enough that a worker holds little at once.
-    shard_size = max(1, min(shard_size, math.ceil(len(table) / num_proc)))
-    shards = _shards(table, shard_size)
+    num_proc, shards = _shard_plan(table, num_proc, shard_size)
     del table
 
     output = Path(output) if output is not None else None
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".enecg-build-", dir=output.parent))
-    else:
-        # The random fingerprint below is never reused, so the datasets cache would only pile up: use a fresh folder.
-        work = Path(tempfile.mkdtemp(prefix="enecg-dataset-", dir=cache_dir))
-    skip_folder, side_folder = work / "skipped", work / "side"
-    skip_folder.mkdir()
-    side_folder.mkdir()
-    features = ecg_features(options.num_samples, module.EXTRA_FEATURES)
+    work = _work_folder(output, cache_dir)
     try:
-        try:
-            dataset = datasets.Dataset.from_generator(
-                _generate_examples,
-                features=features,
-                gen_kwargs={"shards": shards, "format": format, "options": options, "skip_folder": str(skip_folder),
-                            "side_folder": str(side_folder)},
-                num_proc=num_proc if num_proc > 1 else None,
-                cache_dir=str(work / "cache"),
-                # A fresh fingerprint: always run the generator, so the skip files match this build.
-                fingerprint=uuid.uuid4().hex,
-                # Flush to Arrow every few records: a worker's buffer holds writer_batch_size signals.
-                writer_batch_size=WRITER_BATCH_SIZE,
-            )
-        except Exception:
-            # `datasets` cannot make a dataset of zero examples; any other failure is not ours to hide.
-            if _count_skips(skip_folder) != to_read:
-                raise
-            dataset = None
-        for path in sorted(skip_folder.glob("*.jsonl")):
-            report.skipped.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        hashes = {}
-        for path in sorted(side_folder.glob("*.json")):
-            side = json.loads(path.read_text())
-            hashes.update(side["hashes"])
-            report.label_notes.extend(side["notes"])
+        dataset = _generate_dataset(module, shards, format, options, work, num_proc, to_read)
+        hashes = _collect_side_files(work, report)
         if dataset is not None:
             dataset, copies = _drop_identical_signals(dataset, hashes)
             report.skipped.extend(copies)
-        kept = 0 if dataset is None else len(dataset)
-        if kept == 0:
-            reasons = ", ".join(f"{reason} {count}" for reason, count in report.skipped_by_reason.items())
-            first = f"; first: {report.skipped[0]['record_id']}: {report.skipped[0]['detail']}" if report.skipped else ""
-            raise DatasetBuildError(
-                f"nothing usable was read from {input} ({format}): all {report.records_read} records were skipped"
-                f" ({reasons}){first}"
-            )
+        if dataset is None or len(dataset) == 0:
+            raise _nothing_usable(report, input, format)
         if output is not None:
-            if output.exists():
-                shutil.rmtree(output)
-            dataset.save_to_disk(str(output))
-            dataset = datasets.load_from_disk(str(output))
+            dataset = _save(dataset, output)
             report.output = str(output)
     finally:
-        if output is not None:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            shutil.rmtree(skip_folder, ignore_errors=True)
-            shutil.rmtree(side_folder, ignore_errors=True)
-    report.records_kept = len(dataset)
-    if report.records_kept + len(report.skipped) != report.records_read:
-        raise RuntimeError(
-            f"{report.records_read} records read but {report.records_kept} kept + {len(report.skipped)} skipped"
-        )
-    report.count_labels(dataset)
-    report.seconds_elapsed = time.perf_counter() - started
-    report.records_per_second = report.records_read / report.seconds_elapsed
+        _remove_work_folder(work, output)
+    _complete_report(report, dataset, started)
     if output is not None:
         report.save(output)
         write_checksums(output)  # last: it covers every file, and a folder without it is an unfinished build

@@ -123,9 +123,27 @@ def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
     return dict(checkpoint)
 
 
-def _raise_on_mismatch(what: str, unknown: list[str], expected: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor],
-                       origin: dict[str, str]) -> None:
-    """Fail listing upstream keys nothing maps (`unknown`), our keys nothing fills, and mis-shaped tensors."""
+@dataclass
+class _KeyMapping:
+    """Upstream tensors under our key names, while a converter sorts a state dict.
+
+    Attributes:
+        tensors: our key -> tensor.
+        origin: our key -> the upstream key it came from (`"<identity>"` for a tensor the converter made).
+        unknown: upstream keys nothing maps.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+
+    def add(self, ours: str, tensor: torch.Tensor, upstream: str) -> None:
+        self.tensors[ours], self.origin[ours] = tensor, upstream
+
+
+def _raise_on_mismatch(what: str, mapping: _KeyMapping, expected: dict[str, torch.Tensor]) -> None:
+    """Fail listing upstream keys nothing maps (`mapping.unknown`), our keys nothing fills, and mis-shaped tensors."""
+    unknown, mapped, origin = mapping.unknown, mapping.tensors, mapping.origin
     missing = sorted(set(expected) - set(mapped))
     unexpected = sorted(unknown) + sorted(origin[k] for k in set(mapped) - set(expected))
     mis_shaped = sorted(
@@ -135,6 +153,12 @@ def _raise_on_mismatch(what: str, unknown: list[str], expected: dict[str, torch.
     message = state_dict_mismatch(what, missing, unexpected, mis_shaped)
     if message:
         raise CheckpointError(message)
+
+
+def _preset_differences(preset_settings: dict[str, Any], inferred: dict[str, Any]) -> str:
+    """`"key value (preset p), ..."` for each inferred setting that differs from the preset's (empty if none)."""
+    changed = {k: (preset_settings[k], v) for k, v in inferred.items() if preset_settings.get(k) != v}
+    return ", ".join(f"{k} {v} (preset {p})" for k, (p, v) in sorted(changed.items()))
 
 
 def _finish(expert: EnECGExpert, mapped: dict[str, torch.Tensor], report: ConversionReport, destination: str) -> None:
@@ -170,15 +194,52 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
     from ..expert_tempo import EnECGTempoExpert
 
     report = ConversionReport("tempo", str(source), str(destination), {})
-    state = _state_dict_of(load_torch_checkpoint(source), source)
+    state = _without_data_parallel_prefix(_state_dict_of(load_torch_checkpoint(source), source), report)
+    mapping, lora = _sort_tempo_keys(state, report)
+    _merge_tempo_lora(mapping, lora, lora_alpha, report)
+    mapped = mapping.tensors
+
+    settings = dict(EnECGTempoExpert.PRESETS[preset])
+    inferred = _tempo_shapes(source, state, mapped)
+    if seq_len is not None and seq_len != inferred["seq_len"]:
+        raise CheckpointError(f"{source}: --seq-len {seq_len}, but map_trend is {inferred['seq_len']} x "
+                              f"{inferred['seq_len']} (the checkpoint's seq_len)")
+    inferred["stride"] = _tempo_stride(source, mapped["out_layer_trend.weight"].shape[1] // inferred["d_model"],
+                                       inferred, settings, preset, stride, report)
+    if n_head is not None:
+        inferred["n_head"] = n_head
+    if differences := _preset_differences(settings, inferred):
+        report.notes.append(f"checkpoint differs from preset {preset!r}: {differences}; use these settings in the "
+                            "expert config")
+    settings.update(inferred)
+    expert = EnECGTempoExpert(
+        EnECGExpertConfig("tempo", "tempo", settings["seq_len"], ["II"], settings=settings), ["II"]
+    )
+    _raise_on_mismatch(f"TEMPO checkpoint {source}", mapping, expert.state_dict())
+    report.converted = sorted(mapping.origin.values())
+    _finish(expert, mapped, report, destination)
+    return report
+
+
+def _without_data_parallel_prefix(state: dict[str, torch.Tensor], report: ConversionReport) -> dict[str, torch.Tensor]:
+    """`state` with the `module.` prefix `nn.DataParallel` puts before every key removed (noted in `report`)."""
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
         report.notes.append("stripped the DataParallel prefix 'module.'")
+    return state
 
-    mapped: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+
+def _sort_tempo_keys(state: dict[str, torch.Tensor],
+                     report: ConversionReport) -> tuple[_KeyMapping, dict[str, dict[str, tuple[str, torch.Tensor]]]]:
+    """Sort every key of a TEMPO state dict: modules `TEMPO.forward` never uses and GPT-2's old causal-mask buffers
+    are dropped (with the reason, in `report.dropped`); GPT-2, RevIN and projection tensors get our names; LoRA
+    factors are set aside for `_merge_tempo_lora`; anything else is unknown.
+
+    Returns:
+        The mapping, and the LoRA factors: our module name -> {"lora_A" / "lora_B": (upstream key, tensor)}.
+    """
+    mapping = _KeyMapping()
     lora: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    unknown: list[str] = []
     for key, tensor in state.items():
         gpt2 = _GPT2_KEY.match(key)
         if key in TEMPO_UNUSED:
@@ -194,41 +255,56 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
                 lora.setdefault(f"gpt2_{stack}.{module}", {})[which] = (key, tensor)
                 continue
             inner = inner.replace(".base_layer.", ".")
-            mapped[f"gpt2_{stack}.{inner}"], origin[f"gpt2_{stack}.{inner}"] = tensor, key
+            mapping.add(f"gpt2_{stack}.{inner}", tensor, key)
         elif key.startswith("rev_in_trend."):
-            ours = "rev_in." + key[len("rev_in_trend."):]
-            mapped[ours], origin[ours] = tensor, key
+            mapping.add("rev_in." + key[len("rev_in_trend."):], tensor, key)
         elif re.match(r"^(map_trend|map_season|(in|out|prompt)_layer_(trend|season|noise))\.", key):
-            mapped[key], origin[key] = tensor, key
+            mapping.add(key, tensor, key)
         else:
-            unknown.append(key)
+            mapping.unknown.append(key)
+    return mapping, lora
 
-    # Fold every LoRA pair into its base weight: W += (B @ A)^T * alpha / r (GPT-2's Conv1D stores W as (in, out)).
+
+def _merge_tempo_lora(mapping: _KeyMapping, lora: dict[str, dict[str, tuple[str, torch.Tensor]]], lora_alpha: float,
+                      report: ConversionReport) -> None:
+    """Fold every LoRA pair of `lora` (from `_sort_tempo_keys`) into its base weight in `mapping`, listing the merged
+    modules in `report.merged_lora`; a lone factor, or a pair without its base weight, is unknown.
+
+    Raises:
+        CheckpointError: a pair's product does not have its base weight's shape.
+    """
+    # W += (B @ A)^T * alpha / r (GPT-2's Conv1D stores W as (in, out)).
     for module, pair in sorted(lora.items()):
         if set(pair) != {"lora_A", "lora_B"}:
-            unknown.extend(k for k, _ in pair.values())
+            mapping.unknown.extend(k for k, _ in pair.values())
             continue
         (key_a, a), (key_b, b) = pair["lora_A"], pair["lora_B"]
         base_key = f"{module}.weight"
-        if base_key not in mapped:
-            unknown.extend([key_a, key_b])
+        if base_key not in mapping.tensors:
+            mapping.unknown.extend([key_a, key_b])
             continue
         delta = (b.double() @ a.double()) * (lora_alpha / a.shape[0])
-        base = mapped[base_key]
+        base = mapping.tensors[base_key]
         if delta.T.shape == base.shape:
             delta = delta.T
         elif delta.shape != base.shape:
             raise CheckpointError(f"LoRA {key_a} / {key_b}: delta {tuple(delta.shape)} does not fit {tuple(base.shape)}")
-        mapped[base_key] = (base.double() + delta).to(base.dtype)
+        mapping.tensors[base_key] = (base.double() + delta).to(base.dtype)
         report.merged_lora.append(module)
     if lora:
         report.notes.append(f"LoRA scaling alpha/r = {lora_alpha:g}/r (alpha is not stored in the state dict; "
                             "upstream LoraConfig uses r=16, lora_alpha=16)")
 
-    settings = dict(EnECGTempoExpert.PRESETS[preset])
+
+def _tempo_shapes(source: str, state: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The TEMPO settings the converted weights (`mapped`) determine: sizes, GPT-2 layers, one or three backbones.
+
+    Raises:
+        CheckpointError: a tensor every TEMPO checkpoint has is missing (`state` is listed in the message).
+    """
     stacks = sorted({k.split(".")[0][len("gpt2_"):] for k in mapped if k.startswith("gpt2_")})
     try:
-        inferred = {
+        return {
             "shared_backbone": stacks == ["trend"],
             "gpt_layers": 1 + max(int(k.split(".")[2]) for k in mapped if re.match(r"^gpt2_\w+\.h\.\d+\.", k)),
             "vocab_size": mapped["gpt2_trend.wte.weight"].shape[0],
@@ -240,28 +316,6 @@ def convert_tempo(source: str, destination: str, preset: str = "tempo-80m", lora
         }
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source} is not a TEMPO state dict: cannot find {err}; keys: {sorted(state)[:20]}...")
-    if seq_len is not None and seq_len != inferred["seq_len"]:
-        raise CheckpointError(f"{source}: --seq-len {seq_len}, but map_trend is {inferred['seq_len']} x "
-                              f"{inferred['seq_len']} (the checkpoint's seq_len)")
-    inferred["stride"] = _tempo_stride(source, mapped["out_layer_trend.weight"].shape[1] // inferred["d_model"],
-                                       inferred, settings, preset, stride, report)
-    if n_head is not None:
-        inferred["n_head"] = n_head
-    changed = {k: (settings[k], v) for k, v in inferred.items() if settings.get(k) != v}
-    if changed:
-        report.notes.append(
-            f"checkpoint differs from preset {preset!r}: "
-            + ", ".join(f"{k} {v} (preset {p})" for k, (p, v) in sorted(changed.items()))
-            + "; use these settings in the expert config"
-        )
-    settings.update(inferred)
-    expert = EnECGTempoExpert(
-        EnECGExpertConfig("tempo", "tempo", settings["seq_len"], ["II"], settings=settings), ["II"]
-    )
-    _raise_on_mismatch(f"TEMPO checkpoint {source}", unknown, expert.state_dict(), mapped, origin)
-    report.converted = sorted(origin.values())
-    _finish(expert, mapped, report, destination)
-    return report
 
 
 def _tempo_stride(source: str, num_patches: int, inferred: dict, preset_settings: dict, preset: str,
@@ -354,7 +408,42 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
     from ..expert_ecgfm import EnECGEcgFmExpert
 
     report = ConversionReport("ecgfm", str(source), str(destination), {})
-    checkpoint = load_torch_checkpoint(source)
+    state, model_cfg = _ecgfm_weights_and_config(load_torch_checkpoint(source), source, report)
+    prefix = "encoder." if any(k.startswith("encoder.feature_extractor.") for k in state) else ""
+    _refuse_quantized_input(state, prefix, model_cfg, source)
+    mapping = _sort_ecgfm_keys(state, prefix, source, report)
+    try:
+        base, inferred = _ecgfm_preset_and_shapes(mapping, model_cfg, preset, report)
+    except (KeyError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{source} does not look like an ECG-FM checkpoint: cannot find {err}") from err
+    if model_cfg.get("encoder_attention_heads"):
+        inferred["num_heads"] = int(model_cfg["encoder_attention_heads"])
+    else:
+        report.notes.append(f"encoder_attention_heads not in cfg; {base['num_heads']} from the preset")
+    if model_cfg.get("in_d") not in (None, inferred["in_channels"]):
+        raise CheckpointError(f"{source}: cfg in_d {model_cfg['in_d']} but the first conv reads {inferred['in_channels']}")
+    if differences := _preset_differences(base, inferred):
+        report.notes.append(f"checkpoint differs from the preset: {differences}")
+    settings = {**base, **inferred}
+    expert = EnECGEcgFmExpert(
+        EnECGExpertConfig("ecgfm", "ecgfm", 2500, [f"lead{i}" for i in range(settings["in_channels"])], settings=settings),
+        [f"lead{i}" for i in range(settings["in_channels"])],
+    )
+    _raise_on_mismatch(f"ECG-FM checkpoint {source}", mapping, expert.state_dict())
+    report.converted = sorted(k for k in mapping.origin.values() if k != "<identity>")
+    _finish(expert, mapping.tensors, report, destination)
+    return report
+
+
+def _ecgfm_weights_and_config(checkpoint: Any, source: str,
+                              report: ConversionReport) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model state dict and model settings of a fairseq checkpoint; its other entries (config, optimizer, training
+    state) are listed in `report.dropped`.
+
+    Raises:
+        CheckpointError: not a fairseq checkpoint, or an architecture this expert does not have (pre-LN, another
+            feature extractor mode).
+    """
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(f"{source} is not a fairseq checkpoint: expected a dict with a 'model' entry")
     for entry in sorted(set(checkpoint) - {"model"}):
@@ -365,8 +454,11 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
         raise CheckpointError(f"{source}: layer_norm_first=True (pre-LN) is not the ECG-FM architecture this expert has")
     if model_cfg.get("extractor_mode", "default") != "default":
         raise CheckpointError(f"{source}: extractor_mode {model_cfg['extractor_mode']!r} is not supported (need 'default')")
+    return state, model_cfg
 
-    prefix = "encoder." if any(k.startswith("encoder.feature_extractor.") for k in state) else ""
+
+def _refuse_quantized_input(state: dict[str, torch.Tensor], prefix: str, model_cfg: dict[str, Any], source: str) -> None:
+    """Raise `CheckpointError` for a checkpoint trained with `quantize_input=True` (see `ECGFM_QUANTIZED_INPUT`)."""
     quantized = sorted(k for k in state if k[len(prefix):].startswith(ECGFM_QUANTIZED_INPUT)
                        or k.startswith(ECGFM_QUANTIZED_INPUT))
     if model_cfg.get("quantize_input") or quantized:
@@ -374,12 +466,20 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
             f"{source} was trained with quantize_input=True: upstream wav2vec 2.0 feeds the transformer quantized "
             "features (input_quantizer, then project_inp) also when it embeds, and this expert has no input quantizer, "
             f"so a conversion would not compute what the checkpoint does. Keys: {', '.join(quantized[:6]) or 'none'}")
-    mapped: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    unknown: list[str] = []
+
+
+def _sort_ecgfm_keys(state: dict[str, torch.Tensor], prefix: str, source: str, report: ConversionReport) -> _KeyMapping:
+    """Sort every key of a fairseq-signals state dict (`prefix`: `"encoder."` for fine-tuned models): the classifier
+    `proj` is kept, pretraining-only modules are dropped (in `report.dropped`), the encoder is renamed by
+    `ECGFM_RENAMES`; anything else is unknown.
+
+    Raises:
+        CheckpointError: two upstream keys give the same key of ours.
+    """
+    mapping = _KeyMapping()
     for key, tensor in state.items():
         if key in ("proj.weight", "proj.bias"):
-            mapped[key], origin[key] = tensor, key
+            mapping.add(key, tensor, key)
             continue
         inner = key[len(prefix):] if key.startswith(prefix) else None
         if inner is not None and inner.startswith(ECGFM_PRETRAINING_ONLY) or key.startswith(ECGFM_PRETRAINING_ONLY):
@@ -388,66 +488,62 @@ def convert_ecgfm(source: str, destination: str, preset: str | None = None) -> C
         for pattern, replacement in ECGFM_RENAMES:
             if inner is not None and re.match(pattern, inner):
                 ours = re.sub(pattern, replacement, inner)
-                if ours in mapped:
-                    raise CheckpointError(f"{source}: {key} and {origin[ours]} both give {ours}")
-                mapped[ours], origin[ours] = tensor, key
+                if ours in mapping.tensors:
+                    raise CheckpointError(f"{source}: {key} and {mapping.origin[ours]} both give {ours}")
+                mapping.add(ours, tensor, key)
                 break
         else:
-            unknown.append(key)
-    if any(k.endswith(("weight_g", "weight_v")) for k in origin.values()):
+            mapping.unknown.append(key)
+    if any(k.endswith(("weight_g", "weight_v")) for k in mapping.origin.values()):
         report.notes.append("positional conv in the older weight_g/weight_v layout, mapped to original0/original1")
+    return mapping
 
-    try:
-        conv_keys = sorted((k for k in mapped if k.endswith(".conv.weight") and "feature_extractor" in k),
-                           key=lambda k: int(k.split(".")[3]))
-        conv_weights = [mapped[k] for k in conv_keys]
-        strides = [c[2] for c in _parse_conv_layers(model_cfg.get("conv_feature_layers")) or []]
-        base = dict(EnECGEcgFmExpert.PRESETS[preset or ("ecg-fm" if "proj.weight" in mapped else "ecg-fm-pretrained")])
-        if len(strides) != len(conv_weights):
-            strides = [c[2] for c in base["conv_layers"]]
-            report.notes.append(f"conv strides not in cfg; taken from the preset: {strides}")
-        pos_v = mapped["wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
-        hidden = mapped["wav2vec2.encoder.layer_norm.weight"].shape[0]
-        width = conv_weights[-1].shape[0]
-        if "wav2vec2.feature_projection.projection.weight" not in mapped and width == hidden:
-            # Upstream builds post_extract_proj only when the conv width differs from encoder_embed_dim.
-            mapped["wav2vec2.feature_projection.projection.weight"] = torch.eye(hidden, dtype=pos_v.dtype)
-            mapped["wav2vec2.feature_projection.projection.bias"] = torch.zeros(hidden, dtype=pos_v.dtype)
-            for key in ("wav2vec2.feature_projection.projection.weight", "wav2vec2.feature_projection.projection.bias"):
-                origin[key] = "<identity>"
-            report.notes.append(f"no post_extract_proj: the conv width equals the hidden width ({hidden}), upstream "
-                                "passes the features on unprojected (identity projection)")
-        inferred = {
-            "in_channels": conv_weights[0].shape[1],
-            "conv_layers": [[w.shape[0], w.shape[2], s] for w, s in zip(conv_weights, strides)],
-            "hidden_size": hidden,
-            "num_layers": 1 + max(int(k.split(".")[3]) for k in mapped if ".encoder.layers." in k),
-            "intermediate_size": mapped["wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
-            "conv_pos": pos_v.shape[2],
-            "conv_pos_groups": hidden // pos_v.shape[1],
-            "num_labels": mapped["proj.weight"].shape[0] if "proj.weight" in mapped else 0,
-        }
-    except (KeyError, ValueError, IndexError) as err:
-        raise CheckpointError(f"{source} does not look like an ECG-FM checkpoint: cannot find {err}") from err
-    if model_cfg.get("encoder_attention_heads"):
-        inferred["num_heads"] = int(model_cfg["encoder_attention_heads"])
-    else:
-        report.notes.append(f"encoder_attention_heads not in cfg; {base['num_heads']} from the preset")
-    if model_cfg.get("in_d") not in (None, inferred["in_channels"]):
-        raise CheckpointError(f"{source}: cfg in_d {model_cfg['in_d']} but the first conv reads {inferred['in_channels']}")
-    changed = {k: (base[k], v) for k, v in inferred.items() if base.get(k) != v}
-    if changed:
-        report.notes.append("checkpoint differs from the preset: "
-                            + ", ".join(f"{k} {v} (preset {p})" for k, (p, v) in sorted(changed.items())))
-    settings = {**base, **inferred}
-    expert = EnECGEcgFmExpert(
-        EnECGExpertConfig("ecgfm", "ecgfm", 2500, [f"lead{i}" for i in range(settings["in_channels"])], settings=settings),
-        [f"lead{i}" for i in range(settings["in_channels"])],
-    )
-    _raise_on_mismatch(f"ECG-FM checkpoint {source}", unknown, expert.state_dict(), mapped, origin)
-    report.converted = sorted(k for k in origin.values() if k != "<identity>")
-    _finish(expert, mapped, report, destination)
-    return report
+
+def _ecgfm_preset_and_shapes(mapping: _KeyMapping, model_cfg: dict[str, Any], preset: str | None,
+                             report: ConversionReport) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The preset's settings (`preset`, by default "ecg-fm" for a checkpoint with a classifier, else
+    "ecg-fm-pretrained"), and the settings the converted weights determine (conv strides from the cfg, else from the
+    preset, saying so). Adds the identity projection upstream implies when it has none (`_add_identity_projection`).
+
+    Raises:
+        KeyError, ValueError, IndexError: a tensor every ECG-FM checkpoint has is missing.
+    """
+    from ..expert_ecgfm import EnECGEcgFmExpert
+
+    mapped = mapping.tensors
+    conv_keys = sorted((k for k in mapped if k.endswith(".conv.weight") and "feature_extractor" in k),
+                       key=lambda k: int(k.split(".")[3]))
+    conv_weights = [mapped[k] for k in conv_keys]
+    strides = [c[2] for c in _parse_conv_layers(model_cfg.get("conv_feature_layers")) or []]
+    base = dict(EnECGEcgFmExpert.PRESETS[preset or ("ecg-fm" if "proj.weight" in mapped else "ecg-fm-pretrained")])
+    if len(strides) != len(conv_weights):
+        strides = [c[2] for c in base["conv_layers"]]
+        report.notes.append(f"conv strides not in cfg; taken from the preset: {strides}")
+    pos_v = mapped["wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1"]
+    hidden = mapped["wav2vec2.encoder.layer_norm.weight"].shape[0]
+    _add_identity_projection(mapping, conv_weights[-1].shape[0], hidden, pos_v.dtype, report)
+    inferred = {
+        "in_channels": conv_weights[0].shape[1],
+        "conv_layers": [[w.shape[0], w.shape[2], s] for w, s in zip(conv_weights, strides)],
+        "hidden_size": hidden,
+        "num_layers": 1 + max(int(k.split(".")[3]) for k in mapped if ".encoder.layers." in k),
+        "intermediate_size": mapped["wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
+        "conv_pos": pos_v.shape[2],
+        "conv_pos_groups": hidden // pos_v.shape[1],
+        "num_labels": mapped["proj.weight"].shape[0] if "proj.weight" in mapped else 0,
+    }
+    return base, inferred
+
+
+def _add_identity_projection(mapping: _KeyMapping, width: int, hidden: int, dtype: torch.dtype,
+                             report: ConversionReport) -> None:
+    """Without `post_extract_proj`, and with the conv `width` equal to the `hidden` width, add an identity projection:
+    upstream builds post_extract_proj only when the conv width differs from encoder_embed_dim."""
+    if "wav2vec2.feature_projection.projection.weight" not in mapping.tensors and width == hidden:
+        mapping.add("wav2vec2.feature_projection.projection.weight", torch.eye(hidden, dtype=dtype), "<identity>")
+        mapping.add("wav2vec2.feature_projection.projection.bias", torch.zeros(hidden, dtype=dtype), "<identity>")
+        report.notes.append(f"no post_extract_proj: the conv width equals the hidden width ({hidden}), upstream "
+                            "passes the features on unprojected (identity projection)")
 
 
 # ---------------------------------------------------------------------------------------------------- MOMENT

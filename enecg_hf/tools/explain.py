@@ -118,48 +118,18 @@ def explain(
     inputs = torch.as_tensor(input_values, dtype=torch.float32)
     if inputs.dim() == 2:
         inputs = inputs[None]
-    if model.config.is_multitask:
-        task = task or model.config.task_names[0]
-        if task not in model.config.task_names:
-            raise ValueError(f"task {task!r} is not one of the model's tasks {model.config.task_names}")
-    elif task is not None and task != model.config.label_name:
-        raise ValueError(f"task {task!r}: this single-task model predicts {model.config.label_name!r}")
-    else:
-        task = None
-    with torch.no_grad():
-        output = model(input_values=inputs)
-    if task is not None:  # one task's view of a multi-task output
-        output = type(output)(**{key: getattr(output, key)[task] for key in ("logits", "expert_logits", "gate_weights")})
-    problem_type = (model.tasks[task].task_config if task is not None else model.config).problem_type
+    task = _task_to_explain(model, task)
+    output = _task_output(model, inputs, task)
     batch = inputs.shape[0]
-    if target is None:
-        targets = torch.zeros(batch, dtype=torch.long) if problem_type == "regression" else output.logits.argmax(-1)
-    else:
-        targets = torch.as_tensor(target, dtype=torch.long).expand(batch).clone()
+    targets = _targets(model, task, output.logits, target, batch)
     normalized = normalize_ecg(inputs, model.config.normalization)
-    baseline = torch.zeros_like(normalized)
     ig = attr.IntegratedGradients(_EnsembleFromNormalized(model, task))
     with flush_denormals():  # the backward passes too (the experts' forward sets it for their own part only)
-        saliency, delta = ig.attribute(normalized, baselines=baseline, target=targets, n_steps=n_steps,
-                                       internal_batch_size=internal_batch_size, return_convergence_delta=True)
-    notes = {}
-    expert_saliency: dict[str, np.ndarray | None] = {}
-    for name, expert in model.experts.items():
-        # An expert whose embedding is not a differentiable function of the input (`EnECGExpert.DIFFERENTIABLE`) has
-        # its saliency reported as missing, with the expert's reason, rather than as zeros.
-        if not expert.DIFFERENTIABLE:
-            expert_saliency[name] = None
-            notes[name] = expert.NOT_DIFFERENTIABLE_REASON
-        elif experts:
-            path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name, task))
-            with flush_denormals():
-                expert_saliency[name] = path_ig.attribute(normalized, baselines=baseline, target=targets,
-                                                          n_steps=n_steps,
-                                                          internal_batch_size=internal_batch_size).detach().numpy()
-    if any(saliency is None for saliency in expert_saliency.values()):
-        notes["ensemble"] = ("the ensemble saliency covers the differentiable experts and the gate; "
-                             f"{sorted(n for n, s in expert_saliency.items() if s is None)} add to the prediction "
-                             "without attribution")
+        saliency, delta = ig.attribute(normalized, baselines=torch.zeros_like(normalized), target=targets,
+                                       n_steps=n_steps, internal_batch_size=internal_batch_size,
+                                       return_convergence_delta=True)
+    expert_saliency, notes = _expert_saliency(attr, model, task, normalized, targets, n_steps, internal_batch_size,
+                                              experts)
     rows = torch.arange(batch)
     return EnECGExplanation(
         saliency=saliency.detach().numpy(),
@@ -172,6 +142,74 @@ def explain(
         expert_names=list(model.expert_names),
         notes=notes,
     )
+
+
+def _task_to_explain(model, task: str | None) -> str | None:
+    """The task of a multi-task model to explain (its first by default); `None` for a single-task model.
+
+    Raises:
+        ValueError: `task` is not one of the model's tasks (or, single-task, not its label).
+    """
+    if model.config.is_multitask:
+        task = task or model.config.task_names[0]
+        if task not in model.config.task_names:
+            raise ValueError(f"task {task!r} is not one of the model's tasks {model.config.task_names}")
+        return task
+    if task is not None and task != model.config.label_name:
+        raise ValueError(f"task {task!r}: this single-task model predicts {model.config.label_name!r}")
+    return None
+
+
+def _task_output(model, inputs: torch.Tensor, task: str | None):
+    """The model's output on `inputs` (batch, leads, samples), without gradients; for a multi-task model, the
+    `task`'s `logits`, `expert_logits` and `gate_weights` alone, in the output class of a single-task model."""
+    with torch.no_grad():
+        output = model(input_values=inputs)
+    if task is not None:  # one task's view of a multi-task output
+        output = type(output)(**{key: getattr(output, key)[task] for key in ("logits", "expert_logits", "gate_weights")})
+    return output
+
+
+def _targets(model, task: str | None, logits: torch.Tensor, target: int | Sequence[int] | None,
+             batch: int) -> torch.Tensor:
+    """(batch,) output index to explain per record: `target` if given, else 0 for regression and the class of the
+    highest logit (`logits`: (batch, classes)) for classification."""
+    if target is not None:
+        return torch.as_tensor(target, dtype=torch.long).expand(batch).clone()
+    problem_type = (model.tasks[task].task_config if task is not None else model.config).problem_type
+    return torch.zeros(batch, dtype=torch.long) if problem_type == "regression" else logits.argmax(-1)
+
+
+def _expert_saliency(attr, model, task: str | None, normalized: torch.Tensor, targets: torch.Tensor, n_steps: int,
+                     internal_batch_size: int, experts: bool) -> tuple[dict[str, np.ndarray | None], dict[str, str]]:
+    """Integrated gradients of each differentiable expert head's own output (only when `experts`), from the flat
+    record to `normalized` (batch, leads, samples).
+
+    Returns:
+        Expert name -> (batch, leads, samples) saliency, or `None` for an expert that is not differentiable; and the
+        notes: each such expert's reason, and under "ensemble" which experts the ensemble saliency leaves out.
+    """
+    from ..denormal_enecg import flush_denormals
+
+    notes = {}
+    expert_saliency: dict[str, np.ndarray | None] = {}
+    for name, expert in model.experts.items():
+        # An expert whose embedding is not a differentiable function of the input (`EnECGExpert.DIFFERENTIABLE`) has
+        # its saliency reported as missing, with the expert's reason, rather than as zeros.
+        if not expert.DIFFERENTIABLE:
+            expert_saliency[name] = None
+            notes[name] = expert.NOT_DIFFERENTIABLE_REASON
+        elif experts:
+            path_ig = attr.IntegratedGradients(_ExpertFromNormalized(model, name, task))
+            with flush_denormals():
+                expert_saliency[name] = path_ig.attribute(normalized, baselines=torch.zeros_like(normalized),
+                                                          target=targets, n_steps=n_steps,
+                                                          internal_batch_size=internal_batch_size).detach().numpy()
+    if any(saliency is None for saliency in expert_saliency.values()):
+        notes["ensemble"] = ("the ensemble saliency covers the differentiable experts and the gate; "
+                             f"{sorted(n for n, s in expert_saliency.items() if s is None)} add to the prediction "
+                             "without attribution")
+    return expert_saliency, notes
 
 
 # ------------------------------------------------------------------------------------------------ plots

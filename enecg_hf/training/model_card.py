@@ -79,20 +79,59 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     """The README.md of a trained model folder: YAML metadata (license, `pipeline_tag`, tags, Hub datasets, metrics,
     model-index with the cross-validation results under a task the Hub knows) and the sections of the template
     (first a pipeline snippet on a real PhysioNet record, the evaluation, the citation)."""
-    import math
-
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     from .. import __version__
 
-    config = model.config
     # A multi-task run's metrics hold one single-task block per task; the card has a section per task.
     tasks = [task_section(m) for m in (metrics["tasks"].values() if "tasks" in metrics else [metrics])]
     multitask = "tasks" in metrics
-    regression = tasks[0]["regression"]
-    task_type = HUB_TASKS["regression" if regression else "classification"]
-    dataset_name = ", ".join(dataset_sources) or "custom"
+    card = ModelCard.from_template(
+        _card_data(tasks, dataset_sources, multitask, model_id),
+        template_path=str(template or template_path()),
+        model_id=model_id,
+        version=__version__,
+        multitask=multitask,
+        tasks=tasks,
+        **_task_descriptions(tasks, multitask),
+        **_model_descriptions(model, multitask),
+        random_experts=random_experts,
+        records=metrics["records"], dataset_sources=dataset_sources, dataset_links=SOURCE_PAGES,
+        dataset_licenses=SOURCE_LICENSES,
+        **_training_settings(training_args),
+    )
+    return str(card).rstrip("\n") + "\n"
+
+
+def _card_data(tasks: list[dict[str, Any]], dataset_sources: list[str], multitask: bool, model_id: str):
+    """The card's YAML metadata (`huggingface_hub.ModelCardData`) for the `task_section`s `tasks`: the Hub task of
+    the first task, tags, Hub datasets, metric names and the evaluation results (`_eval_results`)."""
+    from huggingface_hub import ModelCardData
+
     hub_datasets = [HUB_DATASET_IDS[s] for s in dataset_sources if s in HUB_DATASET_IDS]
+    kinds = sorted({"regression" if task["regression"] else "classification" for task in tasks})
+    return ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag=HUB_TASKS["regression" if tasks[0]["regression"] else "classification"],
+        tags=["ecg", "time-series", *[f"time-series-{kind}" for kind in kinds], "medical",
+              "enecg", "mixture-of-experts", "peft", "lora", *(["multi-task"] if multitask else [])],
+        datasets=hub_datasets or None,
+        metrics=list(dict.fromkeys(name for task in tasks for name in (task["cv"] or task["final_metrics"]))),
+        model_name=model_id,
+        eval_results=_eval_results(tasks, dataset_sources, hub_datasets) or None,
+    )
+
+
+def _eval_results(tasks: list[dict[str, Any]], dataset_sources: list[str], hub_datasets: list[str]) -> list:
+    """The model-index results (`huggingface_hub.EvalResult`) of the `task_section`s `tasks`: each CV metric's mean
+    over folds, and each leave-one-source-out metric pooled over the held-out sources; scores that are NaN are left
+    out."""
+    import math
+
+    from huggingface_hub import EvalResult
+
+    dataset_name = ", ".join(dataset_sources) or "custom"
     dataset_type = ("+".join(hub_datasets) if len(hub_datasets) == len(dataset_sources) and hub_datasets
                     else dataset_name.replace(", ", "+"))
     scores = [(task, f"{task['folds']}-fold subject-wise CV", None, name, summary["mean"], "CV mean")
@@ -100,7 +139,7 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
     # Under a split of their own: the Hub groups results by dataset and split, and keeps one name per group.
     scores += [(task, "leave-one-source-out CV", "held-out sources", name, value, "held-out sources, pooled")
                for task in tasks if task["cv_source"] for name, value in task["cv_source"]["pooled"].items()]
-    eval_results = [
+    return [
         EvalResult(
             task_type=HUB_TASKS["regression" if task["regression"] else "classification"],
             task_name=f"ECG {task['label']} {'regression' if task['regression'] else 'classification'}",
@@ -112,57 +151,51 @@ def render_model_card(model: EnECGModel, metrics: dict[str, Any], training_args:
         for task, protocol, split, name, value, what in scores
         if not math.isnan(value)
     ]
-    kinds = sorted({"regression" if task["regression"] else "classification" for task in tasks})
-    card_data = ModelCardData(
-        license="apache-2.0",
-        library_name="transformers",
-        pipeline_tag=task_type,
-        tags=["ecg", "time-series", *[f"time-series-{kind}" for kind in kinds], "medical",
-              "enecg", "mixture-of-experts", "peft", "lora", *(["multi-task"] if multitask else [])],
-        datasets=hub_datasets or None,
-        metrics=list(dict.fromkeys(name for task in tasks for name in (task["cv"] or task["final_metrics"]))),
-        model_name=model_id,
-        eval_results=eval_results or None,
-    )
-    if multitask:
-        label = ", ".join(task["label"] for task in tasks)
-        output_description = "dict by task: " + "; ".join(f"{t['label']} {t['output_description']}" for t in tasks)
-        pipeline_output_description = ('{"tasks": {' + ", ".join(f'"{t["label"]}": {{...}}' for t in tasks)
-                                       + '}}, each task\'s prediction with its unit or class scores')
-        task_description = f"{len(tasks)} tasks from one pass of the experts"
-    else:
-        label, output_description = tasks[0]["label"], tasks[0]["output_description"]
-        pipeline_output_description, task_description = tasks[0]["pipeline_output"], tasks[0]["task_description"]
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(template or template_path()),
-        model_id=model_id,
-        version=__version__,
-        label=label,
-        multitask=multitask,
-        tasks=tasks,
-        task_description=task_description,
-        experts=config.expert_names,
-        expert_sources={e.name: e.pretrained for e in config.expert_configs if e.pretrained},
-        expert_table=expert_table(model),
-        random_experts=random_experts,
-        adaptation_description=(f"LoRA r={config.lora_r}, alpha={config.lora_alpha}" if config.adaptation == "lora"
-                                else "trained fully"),
-        gate_description=("learned softmax gate reading " + ", ".join(config.gate_leads) if config.gate_type == "learned"
-                          else "uniform average (no learned gate)") + (" per task" if multitask else ""),
-        leads=len(config.lead_names), lead_names=config.lead_names, input_length=config.input_length,
-        sampling_rate=config.sampling_rate, seconds=f"{config.input_length / config.sampling_rate:g}",
-        normalization=config.normalization, output_description=output_description,
-        pipeline_output_description=pipeline_output_description,
-        records=metrics["records"], dataset_sources=dataset_sources, dataset_links=SOURCE_PAGES,
-        dataset_licenses=SOURCE_LICENSES,
-        epochs=training_args["epochs"], batch_size=training_args["batch_size"],
-        learning_rate=training_args["learning_rate"], weight_decay=training_args["weight_decay"],
-        seed=training_args["seed"], cache_features=training_args["cache_features"],
-        strategy=training_args.get("strategy", "joint"), inner_folds=training_args.get("inner_folds"),
-        inner_groups=training_args.get("inner_groups", "subject"), head_type=getattr(config, "head_type", "ffn"),
-    )
-    return str(card).rstrip("\n") + "\n"
+
+
+def _task_descriptions(tasks: list[dict[str, Any]], multitask: bool) -> dict[str, str]:
+    """What the card's first lines and snippets say the model predicts (`label`, `task_description`,
+    `output_description`, `pipeline_output_description`): the one task's words, or every task's."""
+    if not multitask:
+        return {"label": tasks[0]["label"], "output_description": tasks[0]["output_description"],
+                "pipeline_output_description": tasks[0]["pipeline_output"],
+                "task_description": tasks[0]["task_description"]}
+    return {
+        "label": ", ".join(task["label"] for task in tasks),
+        "output_description": "dict by task: " + "; ".join(f"{t['label']} {t['output_description']}" for t in tasks),
+        "pipeline_output_description": ('{"tasks": {' + ", ".join(f'"{t["label"]}": {{...}}' for t in tasks)
+                                        + '}}, each task\'s prediction with its unit or class scores'),
+        "task_description": f"{len(tasks)} tasks from one pass of the experts",
+    }
+
+
+def _model_descriptions(model: EnECGModel, multitask: bool) -> dict[str, Any]:
+    """The template's words on the model itself: experts and their sources, heads, gate, input layout."""
+    config = model.config
+    return {
+        "experts": config.expert_names,
+        "expert_sources": {e.name: e.pretrained for e in config.expert_configs if e.pretrained},
+        "expert_table": expert_table(model),
+        "adaptation_description": (f"LoRA r={config.lora_r}, alpha={config.lora_alpha}" if config.adaptation == "lora"
+                                   else "trained fully"),
+        "gate_description": ("learned softmax gate reading " + ", ".join(config.gate_leads)
+                             if config.gate_type == "learned" else "uniform average (no learned gate)")
+                            + (" per task" if multitask else ""),
+        "leads": len(config.lead_names), "lead_names": config.lead_names, "input_length": config.input_length,
+        "sampling_rate": config.sampling_rate, "seconds": f"{config.input_length / config.sampling_rate:g}",
+        "normalization": config.normalization, "head_type": getattr(config, "head_type", "ffn"),
+    }
+
+
+def _training_settings(training_args: dict[str, Any]) -> dict[str, Any]:
+    """The training arguments the template states (`training_args.json` of the run)."""
+    return {
+        "epochs": training_args["epochs"], "batch_size": training_args["batch_size"],
+        "learning_rate": training_args["learning_rate"], "weight_decay": training_args["weight_decay"],
+        "seed": training_args["seed"], "cache_features": training_args["cache_features"],
+        "strategy": training_args.get("strategy", "joint"), "inner_folds": training_args.get("inner_folds"),
+        "inner_groups": training_args.get("inner_groups", "subject"),
+    }
 
 
 def task_section(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ and the command line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -346,6 +347,53 @@ def test_nothing_usable_and_unknown_layouts_fail_clearly(tmp_path, corrupted_fol
         build_dataset("mimic-iv-ecg", tmp_path / "empty")
     with pytest.raises(LayoutError, match="does not exist"):
         build_dataset("ludb", tmp_path / "nowhere")
+
+
+def test_bad_build_arguments_and_an_empty_listing_fail_before_any_record_is_read():
+    with pytest.raises(ValueError, match=r"unknown format 'edf'; expected one of \['challenge', "):
+        build("edf", "anywhere")
+    with pytest.raises(ValueError, match="format 'ludb' needs an input path"):
+        build("ludb")
+    with pytest.raises(ValueError, match="ptbxl_rate must be one of"):
+        build("simulated", ptbxl_rate=250)
+    with pytest.raises(DatasetBuildError, match=r"no records found in None \(simulated\)"):
+        build("simulated", limit=0)
+
+
+def test_a_build_without_output_leaves_only_its_arrow_files_in_a_folder_of_its_own(tmp_path):
+    result = build("simulated", limit=3, cache_dir=tmp_path)
+    (work,) = tmp_path.iterdir()
+    assert work.name.startswith("enecg-dataset-") and sorted(p.name for p in work.iterdir()) == ["cache"]
+    assert all(Path(f["filename"]).is_relative_to(work) for f in result.dataset.cache_files)
+    report = result.report
+    assert (report.output, report.records_read, report.records_kept) == (None, 3, 3)
+    assert report.seconds_elapsed > 0 and report.records_per_second == pytest.approx(3 / report.seconds_elapsed)
+
+
+def test_a_build_into_an_existing_output_replaces_it_and_cleans_its_work_folder(tmp_path):
+    output = tmp_path / "out"
+    build("simulated", limit=4, output=output)
+    (output / "stale.txt").write_text("from an earlier build")
+    result = build("simulated", limit=2, output=output, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .enecg-build-* left beside it
+    assert not (output / "stale.txt").exists() and {"build_report.json", "checksums.json"} <= {
+        p.name for p in output.iterdir()}
+    assert result.report.output == str(output) and list(result.dataset["record_id"]) == ["sim-1-000000", "sim-1-000001"]
+    assert all(Path(f["filename"]).is_relative_to(output) for f in result.dataset.cache_files)  # memory-mapped from it
+
+
+def test_a_failure_of_datasets_is_raised_not_taken_for_an_empty_build(tmp_path, monkeypatch):
+    """`datasets` cannot make a dataset of zero examples, so the builder reads a failure with every record skipped as
+    "nothing usable"; any other failure is raised as it is, and the work folder is removed."""
+    import datasets
+
+    def from_generator(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "from_generator", from_generator)
+    with pytest.raises(OSError, match="disk full"):
+        build("simulated", limit=2, output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_command_line_saves_dataset_and_report(corrupted_folder, tmp_path, capsys):
