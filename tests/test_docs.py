@@ -83,7 +83,7 @@ def test_a_multi_task_card_has_a_section_and_results_per_task_without_undefined_
     from huggingface_hub import ModelCard
 
     from enecg_hf import EnECGModel
-    from enecg_hf.tools.model_card import random_weight_experts, render_model_card
+    from enecg_hf.training.model_card import random_weight_experts, render_model_card
     from test_multitask import multitask_config
 
     nan = float("nan")
