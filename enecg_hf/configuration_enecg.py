@@ -185,7 +185,7 @@ class EnECGConfig(PreTrainedConfig):
         logit_temperature (`float`, defaults to 1.0):
             Classification: the mixture's logits are divided by it before they are reported (temperature scaling, so
             that the probabilities match how often the model is right; training fits it on out-of-fold predictions,
-            `FitSettings.calibration`). It changes no ranking and no predicted class; the heads' own `expert_logits`
+            `FitSettings.calibration`). It changes no predicted class (nor a binary ranking); the heads' own `expert_logits`
             are not scaled. 1.0 (folders saved before it existed) leaves the logits as they are.
         gate_leads (`list[str]`, defaults to `["II"]`):
             Leads the gating network reads.

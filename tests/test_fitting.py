@@ -168,7 +168,7 @@ def test_balanced_class_weights_and_classification_fit():
 
 def test_temperature_scaling_is_fitted_out_of_fold_and_changes_no_decision():
     """The default fit divides the mixture's logits by the temperature of lowest cross-entropy on the training records'
-    out-of-fold mixture; predicted classes and rankings stay those of the uncalibrated fit, the heads' own logits too."""
+    out-of-fold mixture; predicted classes stay those of the uncalibrated fit, and so do the heads' own logits."""
     table = synthetic_table(classification=True)
     train, test = split(table)
     calibrated, plain = make_model("single_label_classification"), make_model("single_label_classification")

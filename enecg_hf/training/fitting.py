@@ -99,7 +99,7 @@ class FitSettings:
         calibration: `"temperature"` (default): classification logits are divided by a temperature fitted on the
             training records' out-of-fold mixture (unweighted negative log-likelihood; `logit_temperature` of the
             task's config), so that the probabilities match how often the model is right (balanced class weights and
-            averaging experts make them too soft or too sharp); no predicted class or ranking changes. `"none"`: 1.
+            averaging experts make them too soft or too sharp); no predicted class changes. `"none"`: 1.
             The joint strategy has no out-of-fold predictions and keeps 1. Not a `train.py` flag.
         linear_l2: the L2 penalties tried for the heads' linear paths (`head_type="linear_ffn"`); each expert's is
             chosen by its out-of-fold loss over the inner folds (`linear_heads`). Not a `train.py` flag.
