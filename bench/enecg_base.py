@@ -1,4 +1,4 @@
-"""The shipped model's recipe (`enecg-base`, `make model`) on ../shared/data: learning curve, routing, calibration.
+"""The shipped model's recipe (`enecg-base`, `make model`) on ../shared/data: learning curve and routing.
 
     python bench/enecg_base.py --update-docs                              # every part (~2 h on one core)
     python bench/enecg_base.py --fractions 1 --output a.json              # a part per core...
@@ -19,9 +19,8 @@ that the 100 % rows repeat the shipped model's CV (checked against its metrics.j
    the training records (`FitReport.out_of_fold_predictions`, what train.py's gate is fitted on), its epoch count
    chosen by subject-wise inner cross-validation with the one-standard-error rule (train.py's) and, to give routing
    its best chance, the lowest held-out loss; reported: the inner-CV loss and the score on the outer test fold.
-3. Calibration (classification, 100 %): temperature scaling, and a temperature with per-class biases, fitted on the
-   training records' out-of-fold mixture (unweighted negative log-likelihood: the class weights of training shift the
-   probabilities); ECE and AUROC of the test folds before and after.
+Calibration is train.py's own (`FitSettings.calibration`): its effect is in the shipped model's metrics.json
+(docs/training.md, "The model shipped with the package").
 """
 
 from __future__ import annotations
@@ -62,7 +61,8 @@ BATCH, PATIENCE = 128, 20
 # (from exactly 0 the softmax gives it no gradient).
 WEIGHT_FLOOR = 0.01
 ROUTERS = ("lead_ii", "predictions", "embeddings")  # what the gate network reads
-ROUTER_LABELS = {"stacked": "stacked weights only (default)", "lead_ii": "gate on lead II (500 samples)",
+ROUTER_LABELS = {"stacked": "stacked weights only (default)",
+                 "stacked_with_floor": f"stacked weights, each at least {WEIGHT_FLOOR:.0%} (where the gates start)", "lead_ii": "gate on lead II (500 samples)",
                  "predictions": "gate on the heads' predictions", "embeddings": "gate on the experts' embeddings"}
 
 
@@ -190,39 +190,6 @@ def routing(task, train: np.ndarray, test: np.ndarray, report, settings, config,
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------- calibration
-def calibration(task, train: np.ndarray, test: np.ndarray, report, test_logits: np.ndarray, metric) -> dict:
-    """Temperature (and temperature + per-class bias) fitted on the out-of-fold mixture of the training records,
-    applied to the test fold's logits: ECE / AUROC before and after."""
-    stacked = torch.tensor([report.stacked_weights[n] for n in task.target.expert_names])
-    train_logits = mix_experts(report.out_of_fold_predictions.float(), stacked.expand(len(train), -1)).double()
-    labels = task.table.labels[train].long()
-
-    def fitted(with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(train_logits.shape[1], dtype=torch.float64, requires_grad=with_bias)
-        optimizer = torch.optim.LBFGS([log_t, bias] if with_bias else [log_t], max_iter=200,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(train_logits / log_t.exp() + bias, labels)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return log_t.detach().exp(), bias.detach()
-
-    references = task.table.labels[test].numpy()
-    result = {"before": score({"logits": test_logits, "labels": references}, task.spec, metric)}
-    for name, with_bias in (("temperature", False), ("temperature_and_bias", True)):
-        temperature, bias = fitted(with_bias)
-        logits = (torch.from_numpy(test_logits).double() / temperature + bias).numpy()
-        result[name] = {**score({"logits": logits, "labels": references}, task.spec, metric),
-                        "temperature": float(temperature)}
-    return result
-
-
 # ---------------------------------------------------------------------------------------------------------- the run
 def run_task(task, fractions, settings, config, analyses: bool, first_folds: int | None = None) -> dict:
     spec, table = task.spec, task.table
@@ -248,8 +215,6 @@ def run_task(task, fractions, settings, config, analyses: bool, first_folds: int
             }
             if fraction == 1.0 and analyses:
                 fold["routing"] = routing(task, rows, test, report, settings, config, metric)
-                if not spec.is_regression:
-                    fold["calibration"] = calibration(task, rows, test, report, out["logits"], metric)
             print(f"[enecg_base] {spec.name} fold {i + 1} {fraction:.0%}: {len(rows)} records, "
                   f"{HEADLINE[spec.problem_type]} {fold['fractions'][str(fraction)]['enecg'][HEADLINE[spec.problem_type]]:.4g}"
                   f" ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -293,12 +258,14 @@ def combine(parts: list[dict]) -> dict:
                 continue
             for fold, other in zip(mine["folds"], block["folds"]):
                 fold["fractions"].update(other["fractions"])
-                for key in ("routing", "calibration"):
-                    if key in other:
-                        fold[key] = other[key]
+                if "routing" in other:
+                    fold["routing"] = other["routing"]
         results["setup"]["fractions"] = sorted(set(results["setup"]["fractions"]) | set(part["setup"]["fractions"]))
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
     results["tasks"] = {t: results["tasks"][t] for t in TASKS if t in results["tasks"]}
+    for block in results["tasks"].values():  # runs of the first version also scaled the (already calibrated) test
+        for fold in block["folds"]:          # logits by a second temperature: not a result, left out
+            fold.pop("calibration", None)
     return results
 
 
@@ -327,11 +294,14 @@ def shipped_check(results: dict) -> str:
 
 def docs_table(results: dict) -> str:
     s = results["setup"]
+    folds = sorted({f["fold"] for block in results["tasks"].values() for f in block["folds"]})
+    which = "all 5" if len(folds) == 5 else f"folds {', '.join(map(str, folds))} of the 5"
     lines = [f"Setup: `{s['config']}` (experts {', '.join(s['experts'])}), {s['records']} records of "
-             f"{', '.join(s['sources'])}; train.py's default fit settings and folds (5, subject-wise, seed 42); "
-             f"{results['created'][:10]}, {results['run']['elapsed_s'] / 60:.0f} min on one thread.", ""]
+             f"{', '.join(s['sources'])}; train.py's default fit settings and outer folds (5, subject-wise, seed 42; "
+             f"{which} here); {results['created'][:10]}, {results['run']['elapsed_s'] / 60:.0f} min on one thread "
+             "(the slowest part).", ""]
     lines += ["**Learning curve** (training subjects of each outer fold subsampled, test folds unchanged; mean ± std "
-              "over the 5 folds; best expert: the best head at that size):", ""]
+              f"over {len(folds)} outer folds; best expert: the best head at that size):", ""]
     header = ["task (metric)", "training subjects", "records per fit", "EnECG", "best single expert", "uniform average",
               "baseline"]
     table = []
@@ -360,6 +330,8 @@ def docs_table(results: dict) -> str:
         key = HEADLINE[block["problem_type"]]
         table.append([f"{name} ({key})", ROUTER_LABELS["stacked"], "0", "-",
                       f"**{np.mean([f['stacked']['test'] for f in folds]):.4g}**", "-"])
+        table.append(["", ROUTER_LABELS["stacked_with_floor"], "0", "-",
+                      f"{np.mean([f['stacked_with_floor']['test'] for f in folds]):.4g}", "-"])
         for router in ROUTERS:
             rows = [f[router] for f in folds]
             table.append(["", ROUTER_LABELS[router],
@@ -374,20 +346,6 @@ def docs_table(results: dict) -> str:
                                   "inner-CV loss gain at the best epoch", "test (1-SE epochs)",
                                   "test (lowest-loss epochs)"], table, "llrrrr"), ""]
 
-    table = []
-    for name, block in results["tasks"].items():
-        folds = [f["calibration"] for f in block["folds"] if "calibration" in f]
-        if not folds:
-            continue
-        mean = lambda part, key: np.mean([f[part][key] for f in folds])  # noqa: E731
-        table.append([name, f"{mean('before', 'ece'):.3f}", f"{mean('temperature', 'ece'):.3f}",
-                      f"{mean('temperature', 'temperature'):.2f}", f"{mean('temperature_and_bias', 'ece'):.3f}",
-                      f"{mean('before', 'auroc'):.3f} / {mean('temperature_and_bias', 'auroc'):.3f}"])
-    if table:
-        lines += ["**Calibration** (expected calibration error, 10 bins, on the test folds; fitted on the training "
-                  "records' out-of-fold mixture):", "",
-                  markdown_table(["task", "ECE as trained", "ECE, temperature", "temperature", "ECE, temperature + "
-                                  "class biases", "AUROC before / after biases"], table, "lrrrrr")]
     return "\n".join(lines).rstrip("\n")
 
 
@@ -399,7 +357,8 @@ def main() -> None:
     add("--cache-dir", default=None, help="train.py's --cache_dir (the feature store is its features/ folder)")
     add("--tasks", default=",".join(TASKS))
     add("--fractions", default=",".join(str(f) for f in FRACTIONS))
-    add("--analyses", action=argparse.BooleanOptionalAction, default=True, help="routing and calibration at 100 % (default on)")
+    add("--analyses", action=argparse.BooleanOptionalAction, default=True,
+        help="the routing comparison at 100 %% (default on)")
     add("--first-folds", type=int, default=None, help="only the first N outer folds (a quick look)")
     add("--combine", nargs="+", type=Path, metavar="JSON", help="merge runs into --output")
     args = options.parse_args()
