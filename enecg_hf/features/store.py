@@ -5,14 +5,15 @@ Layout (see docs/training.md, "The feature store"):
     <root>/<kind>-<fingerprint>/info.json             what the fingerprint covers (written once)
     <root>/<kind>-<fingerprint>/shard-<digest>.arrow  Arrow IPC stream files: `key` (string), `values` (float32[dim])
 
-One folder per *column*: each expert's embedding (`<expert type>-<fingerprint>`) and the gate's input
-(`gate-<fingerprint>`). A column's fingerprint covers everything its values are computed from - for an expert its
-config dict (without its name), the dtype, shape and bytes of its float32 weights, the precision it runs at
-unless float32 (`model.set_expert_precision`) and the global config fields it reads; for
-the gate input the fields that select and resample its leads - so `--experts a,b`, adding or renaming an expert, or
-another label or task reuse every column that exists. A row's key is the record's identity: `source`, `record_id`
-and a hash of its stored float32 signal (so an edited record is recomputed); never the dataset's fingerprint, the
-number of processes, the label or the subset.
+One folder per *column* of the model's frozen pass (`EnECGModel.frozen_columns`): each expert's embedding
+(`<expert type>-<fingerprint>`) and the gate's input (`gate-<fingerprint>`). A column's fingerprint covers what the
+model says its values are computed from - the config fields its code declares it reads (an expert's entry without its
+name, the fields that pick, resample and normalise its leads), the precision it runs at unless float32
+(`model.set_expert_precision`) and its computation version from 2 on - and the dtype, shape and bytes of its float32
+weights; so `--experts a,b`, adding or renaming an expert, or another label or task reuse every column that exists.
+The values are what `model.compute_frozen_columns` returns, the same function `EnECGModel.compute_features` runs. A
+row's key is the record's identity: `source`, `record_id` and a hash of its stored float32 signal (so an edited record
+is recomputed); never the dataset's fingerprint, the number of processes, the label or the subset.
 
 A shard is serialised in memory, written under a temporary name (`.tmp-…`) and renamed to `shard-<digest>.arrow`
 where the digest is a hash of the file's bytes: a killed writer leaves at most a temporary file that readers ignore,
@@ -34,14 +35,15 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..data.checksums import content_digest, file_digest
+from ..modeling_enecg import embedding_column
 
 
 logger = logging.getLogger(__name__)
@@ -54,9 +56,6 @@ SHARD_SUFFIX = ".arrow"
 TMP_PREFIX = ".tmp-"
 # Temporary files older than this are left-overs of killed writers; the main process removes them when it scans.
 STALE_TMP_SECONDS = 24 * 3600
-# Config fields every expert reads (the model normalises and hands the experts the record at this rate and length).
-EXPERT_GLOBAL_FIELDS = ("lead_names", "normalization", "input_length", "sampling_rate")
-GATE_FIELDS = ("lead_names", "normalization", "input_length", "sampling_rate", "gate_leads", "gate_input_length")
 
 
 def default_cache_root() -> Path:
@@ -72,10 +71,6 @@ def feature_store_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser() / "features" if cache_dir else default_cache_root() / "features"
 
 
-def embedding_column(expert_name: str) -> str:
-    return f"embedding_{expert_name}"
-
-
 def _hash(*parts: bytes) -> str:
     hasher = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -88,29 +83,6 @@ def _json_bytes(data: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------- fingerprints
-def expert_description(model, name: str) -> dict[str, Any]:
-    """What expert `name`'s embedding is computed from, apart from its weights (which `column_fingerprints` hashes)."""
-    from .. import __version__
-
-    config = model.config
-    expert_config = next(dict(e) for e in config.experts if e["name"] == name)
-    expert_config.pop("name", None)  # a renamed expert computes the same values
-    expert = model.experts[name]
-    description = {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
-                   "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
-                   **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
-    if expert.COMPUTATION_VERSION > 1:  # left out at 1, so that the columns of every other expert keep their folders
-        description["computation"] = expert.COMPUTATION_VERSION
-    return description
-
-
-def gate_description(config) -> dict[str, Any]:
-    from .. import __version__
-
-    return {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "gate_inputs",
-            **{k: getattr(config, k) for k in GATE_FIELDS}}
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """Hash of a module's state dict: names, dtypes, shapes and bytes."""
     return tensors_digest(module.state_dict())
@@ -129,38 +101,28 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class Column:
-    """One stored column: its name in the table handed to training, its store folder and how to compute it."""
+    """One stored column: its name in the table handed to training (the model's name of the frozen column), its store
+    folder and what its fingerprint covers."""
 
     column: str
     folder: str                     # "<kind>-<fingerprint>"
     dim: int
     description: dict[str, Any]
-    compute: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # normalised records -> (batch, dim)
 
 
 def model_columns(model) -> list[Column]:
-    """The columns of `model`'s frozen part: one per expert (in the model's order), then the gate input."""
-    from ..expert_base import resample_fourier
-    from ..precision_enecg import expert_precision, fp32_expert
+    """The columns of `model`'s frozen part, as `model.frozen_columns()` lists them (each expert's embedding in the
+    model's order, then the gate input), with their fingerprints: a hash of what each is computed from, of its weights
+    (hashed as float32: an int8 expert is a runtime copy of them), of the store format and of the package version."""
+    from .. import __version__
 
-    config = model.config
     columns = []
-    for name, expert in model.experts.items():
-        # Weights are hashed as float32 (an int8 expert is a runtime copy of them); the precision the expert runs at
-        # is part of the description unless float32, so float32 fingerprints are those of stores written before.
-        description = {**expert_description(model, name), "weights": weights_digest(fp32_expert(model, name))}
-        if expert_precision(model, name) != "fp32":
-            description["precision"] = expert_precision(model, name)
-        columns.append(Column(embedding_column(name), f"{description['expert']['type']}-{_hash(_json_bytes(description))[:16]}",
-                              expert.embedding_dim, description, expert))
-    description = gate_description(config)
-    indices = list(model.gate_lead_indices)
-
-    def gate(normalized: torch.Tensor) -> torch.Tensor:
-        return resample_fourier(normalized[:, indices, :], config.gate_input_length).flatten(start_dim=1)
-
-    columns.append(Column("gate_inputs", f"gate-{_hash(_json_bytes(description))[:16]}",
-                          len(config.gate_leads) * config.gate_input_length, description, gate))
+    for frozen in model.frozen_columns():
+        description = {"store_format": STORE_FORMAT, "enecg_hf": __version__, **frozen.depends_on}
+        if frozen.weights is not None:
+            description["weights"] = weights_digest(frozen.weights)
+        columns.append(Column(frozen.name, f"{frozen.kind}-{_hash(_json_bytes(description))[:16]}", frozen.dim,
+                              description))
     return columns
 
 
@@ -320,20 +282,16 @@ class FeatureStore:
 # --------------------------------------------------------------------------------------------------- building
 @torch.no_grad()
 def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarray]:
-    """The values of `columns` for a batch of raw records, as `EnECGModel.compute_features` computes them, without
-    touching the global RNG."""
-    from ..denormal_enecg import flush_denormals
-    from ..modeling_enecg import normalize_ecg
-
+    """The values of `columns` for a batch of raw records, as float32 arrays: `model.compute_frozen_columns`, the
+    frozen pass of `EnECGModel.compute_features`, run without touching the global RNG."""
     signal = np.array(signal, dtype=np.float32)
     # Records with NaN/inf are left out of training (training.records.drop_unusable_signals): their values are never
     # read, so they are computed on zeros rather than ending the run.
     signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
     device = next(model.parameters()).device
-    # One flush-to-zero scope for all columns (each expert's own call would otherwise set and restore it).
-    with torch.random.fork_rng(devices=[]), flush_denormals():
-        normalized = normalize_ecg(torch.as_tensor(signal, device=device), model.config.normalization)
-        return [c.compute(normalized).float().cpu().numpy() for c in columns]
+    with torch.random.fork_rng(devices=[]):
+        values = model.compute_frozen_columns(torch.as_tensor(signal, device=device), [c.column for c in columns])
+    return [values[c.column].float().cpu().numpy() for c in columns]
 
 
 def _plan(keys: list[str], missing: list[set[str]], batch_size: int) -> list[tuple[list[int], list[int]]]:
