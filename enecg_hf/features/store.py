@@ -328,28 +328,45 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         `(table, stats)`: a `datasets.Dataset` with a column per expert (`embedding_<name>`) and `gate_inputs`, one
         row per dataset row in the dataset's order; and `{column: {"folder", "found", "computed"}}`.
     """
-    import datasets
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     store = FeatureStore(store_dir if store_dir is not None else feature_store_dir())
     index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
     main = index == 0
     columns = model_columns(model)
+    keys = _all_record_keys(dataset, index, count)
+    plan, stats = _plan_missing(store, columns, keys, batch_size, main, count)
+    # Each process computes every count-th batch of the plan.
+    mine = plan[index::count]
+    if mine:
+        description = f"Expert features (process 1 of {count}: its share)" if count > 1 else "Expert features"
+        writer = _ShardWriter(store, columns, shard_size, shard_seconds)
+        _compute_share(dataset, model, columns, keys, mine, writer, description if main and progress else None)
+    if state is not None:
+        state.wait_for_everyone()
+    table = _read_table(store, columns, keys)
+    if main:
+        _log_summary(store, columns, keys, stats, count, time.perf_counter() - start)
+    return table, stats
 
-    # Record keys: each process hashes a contiguous part of the records, then all get all.
+
+def _all_record_keys(dataset, index: int, count: int) -> list[str]:
+    """Every row's record key: process `index` of `count` hashes a contiguous part of the records, then all get all."""
     bounds = np.linspace(0, len(dataset), count + 1).astype(int)
     keys = record_keys(dataset, range(bounds[index], bounds[index + 1]))
     if count > 1:
         from accelerate.utils import gather_object
 
         keys = gather_object(keys)
-    unique = set(keys)
+    return keys
 
-    # The main process looks up what is stored and plans the missing batches; the others follow its plan.
+
+def _plan_missing(store: FeatureStore, columns: list[Column], keys: list[str], batch_size: int, main: bool,
+                  count: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, dict[str, Any]]]:
+    """`(plan, stats)`: the batches of missing values (`_plan`) and `{column: {"folder", "found", "computed"}}`. The
+    main process looks up what is stored (preparing each column's folder) and plans; the others follow its plan."""
     plan_and_stats: list[Any] = [None]
     if main:
+        unique = set(keys)
         missing, stats = [], {}
         for column in columns:
             store.prepare(column)
@@ -364,43 +381,63 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(plan_and_stats, from_process=0)
-    plan, stats = plan_and_stats[0]
+    return plan_and_stats[0]
 
-    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records or
-    # `shard_seconds` seconds.
+
+class _ShardWriter:
+    """Computed values of each column, written as a shard every `shard_size` records or `shard_seconds` seconds
+    since the column's last shard, whichever comes first (so a kill loses at most that much work)."""
+
+    def __init__(self, store: FeatureStore, columns: list[Column], shard_size: int, shard_seconds: float):
+        self.store, self.columns = store, columns
+        self.shard_size, self.shard_seconds = shard_size, shard_seconds
+        self.pending: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
+        self.last_written = {i: time.monotonic() for i in range(len(columns))}
+
+    def add(self, i: int, keys: list[str], values: np.ndarray) -> None:
+        self.pending[i][0].extend(keys)
+        self.pending[i][1].append(values)
+        if len(self.pending[i][0]) >= self.shard_size or time.monotonic() - self.last_written[i] >= self.shard_seconds:
+            self.flush(i)
+
+    def flush(self, i: int) -> None:
+        keys, values = self.pending[i]
+        if keys:
+            self.store.write_shard(self.columns[i], keys, np.concatenate(values))
+            self.pending[i] = ([], [])
+        self.last_written[i] = time.monotonic()
+
+    def flush_all(self) -> None:
+        for i in range(len(self.columns)):
+            self.flush(i)
+
+
+def _compute_share(dataset, model, columns: list[Column], keys: list[str], batches: list[tuple[list[int], list[int]]],
+                   writer: _ShardWriter, progress: str | None) -> None:
+    """Compute `batches` (`(column numbers, rows)`) of the plan with `model` in eval mode, handing every column's
+    values to `writer`; `progress` is the progress bar's title (None: no bar)."""
+    from tqdm.auto import tqdm
+
     signals = dataset.select_columns(["signal"]).with_format("numpy")
-    buffers: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
-    last_written = {i: time.monotonic() for i in range(len(columns))}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=sum(len(rows) for _, rows in batches), unit="record", disable=progress is None, desc=progress)
+    for column_ids, rows in batches:
+        values = _compute(model, [columns[i] for i in column_ids], signals[rows]["signal"])
+        for i, v in zip(column_ids, values):
+            writer.add(i, [keys[r] for r in rows], v)
+        bar.update(len(rows))
+    writer.flush_all()
+    bar.close()
+    model.train(was_training)
 
-    def flush(i: int) -> None:
-        pending_keys, pending_values = buffers[i]
-        if pending_keys:
-            store.write_shard(columns[i], pending_keys, np.concatenate(pending_values))
-            buffers[i] = ([], [])
-        last_written[i] = time.monotonic()
 
-    mine = plan[index::count]
-    if mine:
-        was_training = model.training
-        model.eval()
-        bar = tqdm(total=sum(len(rows) for _, rows in mine), unit="record", disable=not (main and progress),
-                   desc=f"Expert features (process 1 of {count}: its share)" if count > 1 else "Expert features")
-        for column_ids, rows in mine:
-            values = _compute(model, [columns[i] for i in column_ids], signals[rows]["signal"])
-            for i, v in zip(column_ids, values):
-                buffers[i][0].extend(keys[r] for r in rows)
-                buffers[i][1].append(v)
-                if len(buffers[i][0]) >= shard_size or time.monotonic() - last_written[i] >= shard_seconds:
-                    flush(i)
-            bar.update(len(rows))
-        for i in range(len(columns)):
-            flush(i)
-        bar.close()
-        model.train(was_training)
-    if state is not None:
-        state.wait_for_everyone()
+def _read_table(store: FeatureStore, columns: list[Column], keys: list[str]):
+    """The stored values of `keys` as a `datasets.Dataset`, a column per store column, a row per key in order."""
+    import datasets
+    import pyarrow as pa
 
-    # Every process reads the whole table, in dataset order.
+    unique = set(keys)
     arrays = {}
     for column in columns:
         locations, tables = store.index(column, wanted=unique, quarantine=False)
@@ -415,13 +452,15 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         rows = np.fromiter((offsets[locations[k][0]] + locations[k][1] for k in keys), dtype=np.int64, count=len(keys))
         values = pa.chunked_array([c for t in tables for c in t.column("values").chunks])
         arrays[column.column] = values.take(pa.array(rows)).combine_chunks()
-    table = datasets.Dataset(datasets.table.InMemoryTable(pa.table(arrays)))
-    if main:
-        for column in columns:
-            s = stats[column.column]
-            logger.info("Feature store: %s (%s): %d records: %d found in the store, %d computed", column.column,
-                        column.folder, len(keys), s["found"], s["computed"])
-        logger.info("Expert features of %d records ready in %.1f s: %d of %d columns computed for some records "
-                    "(%d processes; store %s)", len(keys), time.perf_counter() - start,
-                    sum(1 for s in stats.values() if s["computed"]), len(columns), count, store.root)
-    return table, stats
+    return datasets.Dataset(datasets.table.InMemoryTable(pa.table(arrays)))
+
+
+def _log_summary(store: FeatureStore, columns: list[Column], keys: list[str], stats: dict[str, dict[str, Any]],
+                 count: int, seconds: float) -> None:
+    for column in columns:
+        s = stats[column.column]
+        logger.info("Feature store: %s (%s): %d records: %d found in the store, %d computed", column.column,
+                    column.folder, len(keys), s["found"], s["computed"])
+    logger.info("Expert features of %d records ready in %.1f s: %d of %d columns computed for some records "
+                "(%d processes; store %s)", len(keys), seconds, sum(1 for s in stats.values() if s["computed"]),
+                len(columns), count, store.root)
