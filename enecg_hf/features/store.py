@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..data.checksums import content_digest, file_digest
-from ..modeling_enecg import embedding_column
+from ..modeling_enecg import embedding_column  # the names of the columns training reads (re-exported)
 
 
 logger = logging.getLogger(__name__)
