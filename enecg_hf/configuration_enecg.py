@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Sequence
 
 from transformers import PreTrainedConfig
 
@@ -403,4 +404,14 @@ class EnECGConfig(PreTrainedConfig):
             fail("tasks", f"task names must be unique, got {names}")
 
 
-__all__ = ["EnECGConfig", "EnECGExpertConfig", "EnECGTaskConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES"]
+def declared_fields(config: EnECGConfig, names: Sequence[str]) -> SimpleNamespace:
+    """The fields `names` of `config` and nothing else: reading another one is an `AttributeError`.
+
+    Code whose output is stored under a fingerprint of the fields it reads (the frozen pass, `EnECGModel.frozen_columns`)
+    reads the config through this view of its declared fields, so that a field it reads is a field the fingerprint
+    covers."""
+    return SimpleNamespace(**{name: getattr(config, name) for name in names})
+
+
+__all__ = ["EnECGConfig", "EnECGExpertConfig", "EnECGTaskConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES",
+           "declared_fields"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .configuration_enecg import EnECGExpertConfig
+from .configuration_enecg import EnECGExpertConfig, declared_fields
 from .denormal_enecg import flush_denormals
 from .signal_enecg import resample_fourier
 
@@ -65,6 +65,14 @@ class EnECGExpert(nn.Module):
     # Raised when the expert's code computes its embedding differently (even in the last bits) from the same weights
     # and settings: its feature-store fingerprint changes, so values of the old code are not mixed with new ones.
     COMPUTATION_VERSION: ClassVar[int] = 1
+    # What the embedding is computed from besides the record and the weights (`frozen_dependencies`, which the feature
+    # store's fingerprint of the expert's column hashes): every field of the expert's entry in `EnECGConfig.experts`
+    # but `ENTRY_FIELDS_NOT_READ` (a renamed expert computes the same values), and the model config fields
+    # `MODEL_CONFIG_FIELDS`: the base picks its leads by their index in `lead_names`, and `input_length /
+    # sampling_rate` is the record's length that experts measuring in seconds check their `record_seconds` against.
+    # An expert whose code reads another field of the model config lists it here, or its stored values go stale.
+    ENTRY_FIELDS_NOT_READ: ClassVar[tuple[str, ...]] = ("name",)
+    MODEL_CONFIG_FIELDS: ClassVar[tuple[str, ...]] = ("lead_names", "input_length", "sampling_rate")
     # Set per instance by `set_expert_precision` (precision_enecg.py): the backbone runs under `torch.autocast` in this
     # dtype (its weights stay float32). None: no autocast.
     autocast_dtype: torch.dtype | None = None
@@ -116,6 +124,17 @@ class EnECGExpert(nn.Module):
             )
         resolved.update(settings)
         return resolved
+
+    def frozen_dependencies(self, config: EnECGConfig) -> dict[str, Any]:
+        """What the embedding is computed from besides the record and the weights, as JSON-able data: the class, the
+        expert's entry but `ENTRY_FIELDS_NOT_READ`, the model `config`'s `MODEL_CONFIG_FIELDS` and, from 2 on, the
+        `COMPUTATION_VERSION` (left out at 1, so that the stores written before it existed stay valid)."""
+        entry = {k: v for k, v in self.expert_config.to_dict().items() if k not in self.ENTRY_FIELDS_NOT_READ}
+        dependencies = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "expert": entry,
+                        **vars(declared_fields(config, self.MODEL_CONFIG_FIELDS))}
+        if self.COMPUTATION_VERSION > 1:
+            dependencies["computation"] = self.COMPUTATION_VERSION
+        return dependencies
 
     def prepare_inputs(self, input_values: torch.Tensor) -> torch.Tensor:
         """(batch, all_leads, samples) -> (batch, expert_leads, expert input_length)."""

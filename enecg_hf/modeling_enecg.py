@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -26,10 +26,10 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_enecg import EnECGConfig, EnECGTaskConfig
+from .configuration_enecg import EnECGConfig, EnECGTaskConfig, declared_fields
 from .expert_registry import build_expert
 from .denormal_enecg import flush_denormals
-from .precision_enecg import fp32_experts_in_place, set_expert_precision
+from .precision_enecg import expert_precision, fp32_expert, fp32_experts_in_place, set_expert_precision
 from .signal_enecg import normalize_ecg, resample_fourier
 from .shipped_models import resolve_model
 
@@ -84,6 +84,47 @@ class EnECGFeatures(ModelOutput):
 
     expert_embeddings: tuple[torch.FloatTensor, ...] | None = None
     gate_inputs: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- the frozen pass
+# What the frozen pass reads of the config, declared next to the code that reads it (which reads the config only
+# through `declared_fields` of these): the feature store's fingerprint of a column hashes exactly its declared fields,
+# its expert's entry and weights, and the computation version, so a field read but not declared would serve values
+# computed under another config. Experts declare theirs themselves (`EnECGExpert.MODEL_CONFIG_FIELDS`).
+# Every column: the record as the model takes it (`lead_names` rows of `input_length` samples at `sampling_rate`),
+# normalised as `normalization` says.
+RECORD_FIELDS = ("lead_names", "input_length", "sampling_rate", "normalization")
+# The gate input: the gate leads, by their index in `lead_names`, resampled to `gate_input_length` samples.
+GATE_INPUT_FIELDS = ("lead_names", "gate_leads", "gate_input_length")
+# Raised when the gate input is computed differently from the same record and fields (as an expert's).
+GATE_INPUT_COMPUTATION_VERSION = 1
+GATE_INPUTS_COLUMN = "gate_inputs"
+
+
+def embedding_column(expert_name: str) -> str:
+    """The column of the frozen pass that holds expert `expert_name`'s embedding."""
+    return f"embedding_{expert_name}"
+
+
+@dataclass
+class EnECGFrozenColumn:
+    """One column of the frozen pass ([`EnECGModel.frozen_columns`]): an expert's embedding or the gate input.
+
+    Args:
+        name: `embedding_<expert name>` or `gate_inputs`.
+        kind: the expert's type, or `gate` (the prefix of the column's folder in the feature store).
+        dim: values per record.
+        depends_on: what the values are computed from besides the record and the weights, as JSON-able data: the
+            config fields the column's code declares, the expert's entry, the computation version (from 2 on) and the
+            precision the expert runs at (unless float32).
+        weights: the module with the float32 weights the values are computed from (None for the gate input).
+    """
+
+    name: str
+    kind: str
+    dim: int
+    depends_on: dict[str, Any]
+    weights: nn.Module | None = None
 
 
 def labels_present(labels: torch.Tensor) -> torch.Tensor:
@@ -431,9 +472,7 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
 
     def __init__(self, config: EnECGConfig):
         super().__init__(config)
-        lead_names = list(config.lead_names)
         self.experts = nn.ModuleDict({e.name: build_expert(e, config) for e in config.expert_configs})
-        self.gate_lead_indices = [lead_names.index(lead) for lead in config.gate_leads]
         gate_input_size = len(config.gate_leads) * config.gate_input_length
         # Heads and gate get their initial values in `post_init` (`_init_weights`), so building them must not move the
         # global RNG: transformers re-initialises an expert that nests a transformers model (ECG-FM's wav2vec 2.0) in
@@ -598,25 +637,78 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
             input_values: (batch, leads, samples) at `config.sampling_rate`, leads in `config.lead_names` order.
         """
         self._check_input(input_values)
-        return self.compute_normalized_features(normalize_ecg(input_values.float(), self.config.normalization))
+        return self._features(self.compute_frozen_columns(input_values))
 
     def compute_normalized_features(self, normalized: torch.Tensor) -> EnECGFeatures:
         """[`compute_features`] after normalisation: `normalized` is (batch, leads, samples) as the experts see it
         (saliency maps attribute to this view; a straight path from zero to a z-scored record is well-defined, one
         to the raw record is not, because z-scoring makes the model blind to the signal's scale)."""
+        return self._features(self.compute_frozen_columns(normalized, normalized=True))
+
+    def _features(self, values: dict[str, torch.Tensor]) -> EnECGFeatures:
+        return EnECGFeatures(expert_embeddings=tuple(values[embedding_column(name)] for name in self.experts),
+                             gate_inputs=values[GATE_INPUTS_COLUMN])
+
+    def compute_gate_inputs(self, normalized: torch.Tensor) -> torch.Tensor:
+        """(batch, leads, samples) normalised -> the gate's input (batch, gate_leads * gate_input_length): the gate
+        leads resampled to `gate_input_length` samples, one lead after the other."""
+        fields = declared_fields(self.config, GATE_INPUT_FIELDS)
+        indices = [list(fields.lead_names).index(lead) for lead in fields.gate_leads]
+        return resample_fourier(normalized[:, indices, :], fields.gate_input_length).flatten(start_dim=1)
+
+    def frozen_columns(self) -> list[EnECGFrozenColumn]:
+        """The columns of the frozen pass: each expert's embedding (in the model's order), then the gate input, with
+        what each is computed from (what the feature store fingerprints, `enecg_hf.features`)."""
+        record = vars(declared_fields(self.config, RECORD_FIELDS))
+        columns = []
+        for name, expert in self.experts.items():
+            depends_on = {"kind": "expert", **record, **expert.frozen_dependencies(self.config)}
+            if expert_precision(self, name) != "fp32":  # left out at float32: the stores written before keep serving
+                depends_on["precision"] = expert_precision(self, name)
+            columns.append(EnECGFrozenColumn(embedding_column(name), expert.expert_config.type, expert.embedding_dim,
+                                             depends_on, weights=fp32_expert(self, name)))
+        gate = declared_fields(self.config, GATE_INPUT_FIELDS)
+        depends_on = {"kind": "gate_inputs", **record, **vars(gate)}
+        if GATE_INPUT_COMPUTATION_VERSION > 1:  # left out at 1, as an expert's
+            depends_on["computation"] = GATE_INPUT_COMPUTATION_VERSION
+        columns.append(EnECGFrozenColumn(GATE_INPUTS_COLUMN, "gate", len(gate.gate_leads) * gate.gate_input_length,
+                                         depends_on))
+        return columns
+
+    def compute_frozen_columns(self, input_values: torch.Tensor, names: Sequence[str] | None = None,
+                               normalized: bool = False) -> dict[str, torch.Tensor]:
+        """The frozen pass of a batch: `{column name: (batch, dim)}` for the columns `names` (default: all, in the
+        order of [`frozen_columns`]). What [`compute_features`] runs, and what the feature store stores.
+
+        Args:
+            input_values: (batch, leads, samples) as [`forward`] takes them (not checked here), normalised first as
+                `config.normalization` says; with `normalized=True`, already normalised.
+
+        Returns:
+            Embeddings in their expert's compute dtype, the gate input in float32.
+        """
+        experts = {embedding_column(name): expert for name, expert in self.experts.items()}
+        names = [*experts, GATE_INPUTS_COLUMN] if names is None else list(names)
+        unknown = [name for name in names if name not in experts and name != GATE_INPUTS_COLUMN]
+        if unknown:
+            raise KeyError(f"No frozen columns {unknown}; the model's are {[*experts, GATE_INPUTS_COLUMN]}")
         # No `torch.no_grad()` here: frozen parameters build no graph anyway, and saliency maps need gradients with
-        # respect to the input through the experts.
-        with flush_denormals():  # once for all experts (each expert's call also sets it, for callers like the store)
-            embeddings = tuple(expert(normalized) for expert in self.experts.values())
-        gate_inputs = resample_fourier(normalized[:, self.gate_lead_indices, :], self.config.gate_input_length)
-        return EnECGFeatures(expert_embeddings=embeddings, gate_inputs=gate_inputs.flatten(start_dim=1))
+        # respect to the input through the experts. One flush-to-zero scope for the whole pass (each expert's own
+        # call would otherwise set and restore it).
+        with flush_denormals():
+            if not normalized:
+                normalization = declared_fields(self.config, RECORD_FIELDS).normalization
+                input_values = normalize_ecg(input_values.float(), normalization)
+            return {name: experts[name](input_values) if name in experts else self.compute_gate_inputs(input_values)
+                    for name in names}
 
     def _check_input(self, input_values: torch.Tensor) -> None:
-        expected = (len(self.config.lead_names), self.config.input_length)
+        fields = declared_fields(self.config, RECORD_FIELDS)
+        expected = (len(fields.lead_names), fields.input_length)
         if input_values.dim() != 3 or tuple(input_values.shape[1:]) != expected:
             raise ValueError(
                 f"input_values must have shape (batch, {expected[0]}, {expected[1]}): {expected[0]} leads "
-                f"({', '.join(self.config.lead_names)}) x {expected[1]} samples at {self.config.sampling_rate} Hz; "
+                f"({', '.join(fields.lead_names)}) x {expected[1]} samples at {fields.sampling_rate} Hz; "
                 f"got {tuple(input_values.shape)}"
             )
         if not torch.isfinite(input_values).all():
@@ -770,5 +862,5 @@ def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
     return model.eval()
 
 
-__all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "EnECGTaskEnsemble",
-           "load_adapter_base"]
+__all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "EnECGFrozenColumn",
+           "EnECGTaskEnsemble", "load_adapter_base", "embedding_column"]

@@ -260,7 +260,7 @@ def test_a_corrupt_shard_is_recomputed_with_a_logged_reason(records, tmp_path, c
         shard.write_bytes(bytes(data))
     else:  # a well-formed shard of the wrong width in the column's folder, instead of the real one
         bad = FeatureStore(store).write_shard(
-            type(column)(column.column, column.folder, 3, {}, None), ["x"], np.zeros((1, 3), np.float32))
+            type(column)(column.column, column.folder, 3, {}), ["x"], np.zeros((1, 3), np.float32))
         shard.unlink()
     bad = shard if damage != "schema" else bad
     with caplog.at_level(logging.WARNING, logger="enecg_hf.features"):

@@ -5,14 +5,15 @@ Layout (see docs/training.md, "The feature store"):
     <root>/<kind>-<fingerprint>/info.json             what the fingerprint covers (written once)
     <root>/<kind>-<fingerprint>/shard-<digest>.arrow  Arrow IPC stream files: `key` (string), `values` (float32[dim])
 
-One folder per *column*: each expert's embedding (`<expert type>-<fingerprint>`) and the gate's input
-(`gate-<fingerprint>`). A column's fingerprint covers everything its values are computed from - for an expert its
-config dict (without its name), the dtype, shape and bytes of its float32 weights, the precision it runs at
-unless float32 (`model.set_expert_precision`) and the global config fields it reads; for
-the gate input the fields that select and resample its leads - so `--experts a,b`, adding or renaming an expert, or
-another label or task reuse every column that exists. A row's key is the record's identity: `source`, `record_id`
-and a hash of its stored float32 signal (so an edited record is recomputed); never the dataset's fingerprint, the
-number of processes, the label or the subset.
+One folder per *column* of the model's frozen pass (`EnECGModel.frozen_columns`): each expert's embedding
+(`<expert type>-<fingerprint>`) and the gate's input (`gate-<fingerprint>`). A column's fingerprint covers what the
+model says its values are computed from - the config fields its code declares it reads (an expert's entry without its
+name, the fields that pick, resample and normalise its leads), the precision it runs at unless float32
+(`model.set_expert_precision`) and its computation version from 2 on - and the dtype, shape and bytes of its float32
+weights; so `--experts a,b`, adding or renaming an expert, or another label or task reuse every column that exists.
+The values are what `model.compute_frozen_columns` returns, the same function `EnECGModel.compute_features` runs. A
+row's key is the record's identity: `source`, `record_id` and a hash of its stored float32 signal (so an edited record
+is recomputed); never the dataset's fingerprint, the number of processes, the label or the subset.
 
 A shard is serialised in memory, written under a temporary name (`.tmp-…`) and renamed to `shard-<digest>.arrow`
 where the digest is a hash of the file's bytes: a killed writer leaves at most a temporary file that readers ignore,
@@ -34,14 +35,15 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..data.checksums import content_digest, file_digest
+from ..modeling_enecg import embedding_column  # the names of the columns training reads (re-exported)
 
 
 logger = logging.getLogger(__name__)
@@ -54,9 +56,6 @@ SHARD_SUFFIX = ".arrow"
 TMP_PREFIX = ".tmp-"
 # Temporary files older than this are left-overs of killed writers; the main process removes them when it scans.
 STALE_TMP_SECONDS = 24 * 3600
-# Config fields every expert reads (the model normalises and hands the experts the record at this rate and length).
-EXPERT_GLOBAL_FIELDS = ("lead_names", "normalization", "input_length", "sampling_rate")
-GATE_FIELDS = ("lead_names", "normalization", "input_length", "sampling_rate", "gate_leads", "gate_input_length")
 
 
 def default_cache_root() -> Path:
@@ -72,10 +71,6 @@ def feature_store_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser() / "features" if cache_dir else default_cache_root() / "features"
 
 
-def embedding_column(expert_name: str) -> str:
-    return f"embedding_{expert_name}"
-
-
 def _hash(*parts: bytes) -> str:
     hasher = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -88,29 +83,6 @@ def _json_bytes(data: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------- fingerprints
-def expert_description(model, name: str) -> dict[str, Any]:
-    """What expert `name`'s embedding is computed from, apart from its weights (which `column_fingerprints` hashes)."""
-    from .. import __version__
-
-    config = model.config
-    expert_config = next(dict(e) for e in config.experts if e["name"] == name)
-    expert_config.pop("name", None)  # a renamed expert computes the same values
-    expert = model.experts[name]
-    description = {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "expert",
-                   "class": f"{type(expert).__module__}.{type(expert).__qualname__}", "expert": expert_config,
-                   **{k: getattr(config, k) for k in EXPERT_GLOBAL_FIELDS}}
-    if expert.COMPUTATION_VERSION > 1:  # left out at 1, so that the columns of every other expert keep their folders
-        description["computation"] = expert.COMPUTATION_VERSION
-    return description
-
-
-def gate_description(config) -> dict[str, Any]:
-    from .. import __version__
-
-    return {"store_format": STORE_FORMAT, "enecg_hf": __version__, "kind": "gate_inputs",
-            **{k: getattr(config, k) for k in GATE_FIELDS}}
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """Hash of a module's state dict: names, dtypes, shapes and bytes."""
     return tensors_digest(module.state_dict())
@@ -129,38 +101,28 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class Column:
-    """One stored column: its name in the table handed to training, its store folder and how to compute it."""
+    """One stored column: its name in the table handed to training (the model's name of the frozen column), its store
+    folder and what its fingerprint covers."""
 
     column: str
     folder: str                     # "<kind>-<fingerprint>"
     dim: int
     description: dict[str, Any]
-    compute: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # normalised records -> (batch, dim)
 
 
 def model_columns(model) -> list[Column]:
-    """The columns of `model`'s frozen part: one per expert (in the model's order), then the gate input."""
-    from ..expert_base import resample_fourier
-    from ..precision_enecg import expert_precision, fp32_expert
+    """The columns of `model`'s frozen part, as `model.frozen_columns()` lists them (each expert's embedding in the
+    model's order, then the gate input), with their fingerprints: a hash of what each is computed from, of its weights
+    (hashed as float32: an int8 expert is a runtime copy of them), of the store format and of the package version."""
+    from .. import __version__
 
-    config = model.config
     columns = []
-    for name, expert in model.experts.items():
-        # Weights are hashed as float32 (an int8 expert is a runtime copy of them); the precision the expert runs at
-        # is part of the description unless float32, so float32 fingerprints are those of stores written before.
-        description = {**expert_description(model, name), "weights": weights_digest(fp32_expert(model, name))}
-        if expert_precision(model, name) != "fp32":
-            description["precision"] = expert_precision(model, name)
-        columns.append(Column(embedding_column(name), f"{description['expert']['type']}-{_hash(_json_bytes(description))[:16]}",
-                              expert.embedding_dim, description, expert))
-    description = gate_description(config)
-    indices = list(model.gate_lead_indices)
-
-    def gate(normalized: torch.Tensor) -> torch.Tensor:
-        return resample_fourier(normalized[:, indices, :], config.gate_input_length).flatten(start_dim=1)
-
-    columns.append(Column("gate_inputs", f"gate-{_hash(_json_bytes(description))[:16]}",
-                          len(config.gate_leads) * config.gate_input_length, description, gate))
+    for frozen in model.frozen_columns():
+        description = {"store_format": STORE_FORMAT, "enecg_hf": __version__, **frozen.depends_on}
+        if frozen.weights is not None:
+            description["weights"] = weights_digest(frozen.weights)
+        columns.append(Column(frozen.name, f"{frozen.kind}-{_hash(_json_bytes(description))[:16]}", frozen.dim,
+                              description))
     return columns
 
 
@@ -320,20 +282,16 @@ class FeatureStore:
 # --------------------------------------------------------------------------------------------------- building
 @torch.no_grad()
 def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarray]:
-    """The values of `columns` for a batch of raw records, as `EnECGModel.compute_features` computes them, without
-    touching the global RNG."""
-    from ..denormal_enecg import flush_denormals
-    from ..modeling_enecg import normalize_ecg
-
+    """The values of `columns` for a batch of raw records, as float32 arrays: `model.compute_frozen_columns`, the
+    frozen pass of `EnECGModel.compute_features`, run without touching the global RNG."""
     signal = np.array(signal, dtype=np.float32)
     # Records with NaN/inf are left out of training (training.records.drop_unusable_signals): their values are never
     # read, so they are computed on zeros rather than ending the run.
     signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
     device = next(model.parameters()).device
-    # One flush-to-zero scope for all columns (each expert's own call would otherwise set and restore it).
-    with torch.random.fork_rng(devices=[]), flush_denormals():
-        normalized = normalize_ecg(torch.as_tensor(signal, device=device), model.config.normalization)
-        return [c.compute(normalized).float().cpu().numpy() for c in columns]
+    with torch.random.fork_rng(devices=[]):
+        values = model.compute_frozen_columns(torch.as_tensor(signal, device=device), [c.column for c in columns])
+    return [values[c.column].float().cpu().numpy() for c in columns]
 
 
 def _plan(keys: list[str], missing: list[set[str]], batch_size: int) -> list[tuple[list[int], list[int]]]:
@@ -370,28 +328,45 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         `(table, stats)`: a `datasets.Dataset` with a column per expert (`embedding_<name>`) and `gate_inputs`, one
         row per dataset row in the dataset's order; and `{column: {"folder", "found", "computed"}}`.
     """
-    import datasets
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     store = FeatureStore(store_dir if store_dir is not None else feature_store_dir())
     index, count = (state.process_index, state.num_processes) if state is not None else (0, 1)
     main = index == 0
     columns = model_columns(model)
+    keys = _all_record_keys(dataset, index, count)
+    plan, stats = _plan_missing(store, columns, keys, batch_size, main, count)
+    # Each process computes every count-th batch of the plan.
+    mine = plan[index::count]
+    if mine:
+        description = f"Expert features (process 1 of {count}: its share)" if count > 1 else "Expert features"
+        writer = _ShardWriter(store, columns, shard_size, shard_seconds)
+        _compute_share(dataset, model, columns, keys, mine, writer, description if main and progress else None)
+    if state is not None:
+        state.wait_for_everyone()
+    table = _read_table(store, columns, keys)
+    if main:
+        _log_summary(store, columns, keys, stats, count, time.perf_counter() - start)
+    return table, stats
 
-    # Record keys: each process hashes a contiguous part of the records, then all get all.
+
+def _all_record_keys(dataset, index: int, count: int) -> list[str]:
+    """Every row's record key: process `index` of `count` hashes a contiguous part of the records, then all get all."""
     bounds = np.linspace(0, len(dataset), count + 1).astype(int)
     keys = record_keys(dataset, range(bounds[index], bounds[index + 1]))
     if count > 1:
         from accelerate.utils import gather_object
 
         keys = gather_object(keys)
-    unique = set(keys)
+    return keys
 
-    # The main process looks up what is stored and plans the missing batches; the others follow its plan.
+
+def _plan_missing(store: FeatureStore, columns: list[Column], keys: list[str], batch_size: int, main: bool,
+                  count: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, dict[str, Any]]]:
+    """`(plan, stats)`: the batches of missing values (`_plan`) and `{column: {"folder", "found", "computed"}}`. The
+    main process looks up what is stored (preparing each column's folder) and plans; the others follow its plan."""
     plan_and_stats: list[Any] = [None]
     if main:
+        unique = set(keys)
         missing, stats = [], {}
         for column in columns:
             store.prepare(column)
@@ -406,43 +381,63 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(plan_and_stats, from_process=0)
-    plan, stats = plan_and_stats[0]
+    return plan_and_stats[0]
 
-    # Compute this process's batches (every count-th), writing a shard of a column every `shard_size` records or
-    # `shard_seconds` seconds.
+
+class _ShardWriter:
+    """Computed values of each column, written as a shard every `shard_size` records or `shard_seconds` seconds
+    since the column's last shard, whichever comes first (so a kill loses at most that much work)."""
+
+    def __init__(self, store: FeatureStore, columns: list[Column], shard_size: int, shard_seconds: float):
+        self.store, self.columns = store, columns
+        self.shard_size, self.shard_seconds = shard_size, shard_seconds
+        self.pending: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
+        self.last_written = {i: time.monotonic() for i in range(len(columns))}
+
+    def add(self, i: int, keys: list[str], values: np.ndarray) -> None:
+        self.pending[i][0].extend(keys)
+        self.pending[i][1].append(values)
+        if len(self.pending[i][0]) >= self.shard_size or time.monotonic() - self.last_written[i] >= self.shard_seconds:
+            self.flush(i)
+
+    def flush(self, i: int) -> None:
+        keys, values = self.pending[i]
+        if keys:
+            self.store.write_shard(self.columns[i], keys, np.concatenate(values))
+            self.pending[i] = ([], [])
+        self.last_written[i] = time.monotonic()
+
+    def flush_all(self) -> None:
+        for i in range(len(self.columns)):
+            self.flush(i)
+
+
+def _compute_share(dataset, model, columns: list[Column], keys: list[str], batches: list[tuple[list[int], list[int]]],
+                   writer: _ShardWriter, progress: str | None) -> None:
+    """Compute `batches` (`(column numbers, rows)`) of the plan with `model` in eval mode, handing every column's
+    values to `writer`; `progress` is the progress bar's title (None: no bar)."""
+    from tqdm.auto import tqdm
+
     signals = dataset.select_columns(["signal"]).with_format("numpy")
-    buffers: dict[int, tuple[list[str], list[np.ndarray]]] = {i: ([], []) for i in range(len(columns))}
-    last_written = {i: time.monotonic() for i in range(len(columns))}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=sum(len(rows) for _, rows in batches), unit="record", disable=progress is None, desc=progress)
+    for column_ids, rows in batches:
+        values = _compute(model, [columns[i] for i in column_ids], signals[rows]["signal"])
+        for i, v in zip(column_ids, values):
+            writer.add(i, [keys[r] for r in rows], v)
+        bar.update(len(rows))
+    writer.flush_all()
+    bar.close()
+    model.train(was_training)
 
-    def flush(i: int) -> None:
-        pending_keys, pending_values = buffers[i]
-        if pending_keys:
-            store.write_shard(columns[i], pending_keys, np.concatenate(pending_values))
-            buffers[i] = ([], [])
-        last_written[i] = time.monotonic()
 
-    mine = plan[index::count]
-    if mine:
-        was_training = model.training
-        model.eval()
-        bar = tqdm(total=sum(len(rows) for _, rows in mine), unit="record", disable=not (main and progress),
-                   desc=f"Expert features (process 1 of {count}: its share)" if count > 1 else "Expert features")
-        for column_ids, rows in mine:
-            values = _compute(model, [columns[i] for i in column_ids], signals[rows]["signal"])
-            for i, v in zip(column_ids, values):
-                buffers[i][0].extend(keys[r] for r in rows)
-                buffers[i][1].append(v)
-                if len(buffers[i][0]) >= shard_size or time.monotonic() - last_written[i] >= shard_seconds:
-                    flush(i)
-            bar.update(len(rows))
-        for i in range(len(columns)):
-            flush(i)
-        bar.close()
-        model.train(was_training)
-    if state is not None:
-        state.wait_for_everyone()
+def _read_table(store: FeatureStore, columns: list[Column], keys: list[str]):
+    """The stored values of `keys` as a `datasets.Dataset`, a column per store column, a row per key in order."""
+    import datasets
+    import pyarrow as pa
 
-    # Every process reads the whole table, in dataset order.
+    unique = set(keys)
     arrays = {}
     for column in columns:
         locations, tables = store.index(column, wanted=unique, quarantine=False)
@@ -457,13 +452,15 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
         rows = np.fromiter((offsets[locations[k][0]] + locations[k][1] for k in keys), dtype=np.int64, count=len(keys))
         values = pa.chunked_array([c for t in tables for c in t.column("values").chunks])
         arrays[column.column] = values.take(pa.array(rows)).combine_chunks()
-    table = datasets.Dataset(datasets.table.InMemoryTable(pa.table(arrays)))
-    if main:
-        for column in columns:
-            s = stats[column.column]
-            logger.info("Feature store: %s (%s): %d records: %d found in the store, %d computed", column.column,
-                        column.folder, len(keys), s["found"], s["computed"])
-        logger.info("Expert features of %d records ready in %.1f s: %d of %d columns computed for some records "
-                    "(%d processes; store %s)", len(keys), time.perf_counter() - start,
-                    sum(1 for s in stats.values() if s["computed"]), len(columns), count, store.root)
-    return table, stats
+    return datasets.Dataset(datasets.table.InMemoryTable(pa.table(arrays)))
+
+
+def _log_summary(store: FeatureStore, columns: list[Column], keys: list[str], stats: dict[str, dict[str, Any]],
+                 count: int, seconds: float) -> None:
+    for column in columns:
+        s = stats[column.column]
+        logger.info("Feature store: %s (%s): %d records: %d found in the store, %d computed", column.column,
+                    column.folder, len(keys), s["found"], s["computed"])
+    logger.info("Expert features of %d records ready in %.1f s: %d of %d columns computed for some records "
+                "(%d processes; store %s)", len(keys), seconds, sum(1 for s in stats.values() if s["computed"]),
+                len(columns), count, store.root)
