@@ -9,7 +9,7 @@ The default strategy, `"stacked"`, is the paper's method made to work on a few h
    all training records for that many epochs.
 2. **Gate** (steps 2-3). It is fitted on the heads' *out-of-fold* predictions: in-sample predictions of a head that
    memorised its training records say nothing about which expert to trust. First its input-independent log-weights
-   (`gate.out_proj.bias`: stacking on the simplex), then its input-dependent part, which starts at zero and trains
+   (`EnECGGate.set_stacked_log_weights`: stacking on the simplex), then its input-dependent part, which starts at zero and trains
    for a number of epochs cross-validated over those records with the one-standard-error rule (0 included): it moves
    away from the stacked weights only as far as held-out records clearly confirm.
 3. The prediction is `sum_i W_i(x) * head_i(x)`, the model's forward.
@@ -42,9 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.splits import institution
-from ..modeling_enecg import EnECGModel, EnECGTaskMixin, init_head_or_gate, mix_experts
-from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths, set_linear_paths
-from .stacked_heads import StackedHeads
+from ..modeling_enecg import EnECGModel, EnECGTaskMixin, mix_experts
+from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths
 
 
 logger = logging.getLogger(__name__)
@@ -269,12 +268,7 @@ def subject_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
 def reset_heads_and_gate(model: TaskModel, seed: int) -> None:
     """Draw the heads' and gate's initial weights again from `seed` (LoRA adapters: A random, B zero)."""
     torch.manual_seed(seed)
-    for module in [*model.heads.values(), model.gate]:
-        init_head_or_gate(module)
-        for layer in module.modules():
-            if hasattr(layer, "reset_lora_parameters"):  # a peft LoRA layer (its A and B are nn.Linear too)
-                for adapter in layer.lora_A:
-                    layer.reset_lora_parameters(adapter, init_lora_weights=True)
+    model.init_heads_and_gate()
 
 
 def head_and_gate_state(model: TaskModel) -> dict[str, torch.Tensor]:
@@ -447,8 +441,8 @@ class EnECGFitter:
         model = self._start_job(name)
         model.fit_head_standardization([e[train_rows] for e in table.expert_embeddings])
         if linear is not None:
-            set_linear_paths(model, *linear)
-        heads = StackedHeads(model)  # all heads in one batched pass (same arithmetic as the modules, far faster)
+            model.set_linear_paths(*linear)
+        heads = model.stacked_heads()  # all heads in one batched pass (same arithmetic as the modules, far faster)
         optimizer = torch.optim.AdamW(heads.parameters, lr=self.settings.learning_rate,
                                       weight_decay=self.settings.weight_decay, foreach=True)
         eval_inputs = heads.stack_inputs([e[eval_rows] for e in table.expert_embeddings]) if eval_rows is not None else None
@@ -465,7 +459,7 @@ class EnECGFitter:
         def keep(epoch: int) -> None:
             for expert, count in zip(model.expert_names, expert_epochs):
                 if count == epoch:
-                    kept.update(heads.state_of(expert))
+                    kept.update(heads.head_state(expert))
 
         patience = Patience(self.settings.patience)
         if heads.linear_path:  # epoch 0, the linear path alone, is a candidate too
@@ -528,9 +522,7 @@ class EnECGFitter:
         labels = table.labels[rows]
         # 1. Input-independent log-weights (stacking), on the fewest experts that held-out records allow.
         log_weights = self._stacking(predictions, labels, folds)
-        out_proj = model.gate.out_proj
-        with torch.no_grad():
-            getattr(out_proj, "base_layer", out_proj).bias.copy_(log_weights)
+        model.gate.set_stacked_log_weights(log_weights)
         stacked = torch.softmax(log_weights, 0)
 
         # 2. The input-dependent part, from zero. Its number of epochs is cross-validated over these records (by
@@ -664,7 +656,7 @@ class EnECGFitter:
         model = self._start_job(f"{name}/joint")
         model.fit_head_standardization([e[rows] for e in table.expert_embeddings])
         if linear is not None:
-            set_linear_paths(model, linear["weight"], linear["bias"])
+            model.set_linear_paths(linear["weight"], linear["bias"])
         optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad and ".linear." not in n],
                                       lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay, foreach=True)
         for epoch in range(1, self.settings.epochs + 1):
