@@ -370,6 +370,26 @@ class EnECGFitter:
                                          linear=self._fold_linear(linear, fold[0])),
             list(enumerate(folds)),
         )
+        predictions = self._choose_head_epochs(table, rows, folds, histories, linear is not None, report)
+        final_linear = None if linear is None else (linear["weight"], linear["bias"])
+        predictions = self._fit_final(table, rows, folds, predictions, final_linear, name, report)
+        if settings.calibration == "temperature" and model.task_config.problem_type == "single_label_classification":
+            report.logit_temperature = self._calibrate(table, rows, predictions)
+        logger.info("%s: head epochs %s; linear-path L2 %s; out-of-fold losses %s; stacked gate weights %s; gate "
+                    "epochs %d", name, report.expert_epochs, report.linear_l2,
+                    {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
+                    {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
+        if report.logit_temperature != 1.0:
+            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name, report.logit_temperature)
+        return report
+
+    def _choose_head_epochs(self, table: FeatureTable, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                            histories: Sequence[dict[str, torch.Tensor]], linear_path: bool, report: FitReport
+                            ) -> torch.Tensor:
+        """Each expert's epoch count from the inner-fold heads' predictions of their held-out records after every
+        epoch (`histories`, one per fold of `folds`); sets the report's `expert_epochs`, `out_of_fold_loss` and
+        `out_of_fold_predictions`, and returns those predictions at the chosen epochs, `(rows, experts, labels)`."""
+        settings, model = self.settings, self.model
         # Out-of-fold predictions of every epoch: (epochs, rows, experts, labels); with linear paths epoch 0 (the
         # linear path alone) is the first.
         first = histories[0]["predictions"]
@@ -380,7 +400,7 @@ class EnECGFitter:
         experts = range(out_of_fold.shape[2])
         curves = torch.stack([torch.stack([model.loss_function(out_of_fold[epoch, :, e], labels) for e in experts])
                               for epoch in range(out_of_fold.shape[0])])  # (epochs, experts)
-        if linear is None or settings.ffn_epochs == "lowest":  # the epoch with the lowest out-of-fold loss
+        if not linear_path or settings.ffn_epochs == "lowest":  # the epoch with the lowest out-of-fold loss
             best = curves.argmin(dim=0)  # epoch index per expert (epoch count = index + 1 without linear paths)
         else:  # the FFN on top of a linear path: only as many epochs as held-out records clearly confirm
             fold_curves = torch.stack([  # (folds, epochs + 1, experts)
@@ -393,23 +413,31 @@ class EnECGFitter:
             best = torch.full_like(best, curves.shape[0] - 1)
         predictions = out_of_fold[best, :, torch.arange(out_of_fold.shape[2])].transpose(0, 1)  # (rows, experts, labels)
         report.out_of_fold_predictions = predictions.detach().clone()
-        epochs = [int(b) + (linear is None) for b in best]
         names = model.expert_names
-        report.expert_epochs = dict(zip(names, epochs))
+        report.expert_epochs = dict(zip(names, [int(b) + (not linear_path) for b in best]))
         report.out_of_fold_loss = {n: float(curves[b, e]) for e, (n, b) in enumerate(zip(names, best.tolist()))}
-        final_linear = None if linear is None else (linear["weight"], linear["bias"])
+        return predictions
 
+    def _fit_final(self, table: FeatureTable, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   predictions: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor] | None, name: str,
+                   report: FitReport) -> torch.Tensor:
+        """The final heads (each expert for its `report.expert_epochs`, on the fitted `linear` paths) and the gate, on
+        all `rows`, loaded into the model; sets the report's `stacked_weights` and `gate_epochs`. The gate is fitted on
+        `predictions` `(rows, experts, labels)`, or with `gate_predictions="in_sample"` on the final heads' own: returns
+        what it was fitted on."""
+        model = self.model
+        epochs = list(report.expert_epochs.values())
         jobs = [("heads", None)]
         if model.task_config.gate_type == "learned":
             jobs.append(("gate", None))
-        if settings.gate_predictions == "in_sample" and len(jobs) > 1:
+        if self.settings.gate_predictions == "in_sample" and len(jobs) > 1:
             heads = self.runner.map(f"{name}/final-heads", lambda _: self._heads_job(
-                table, rows, None, f"{name}/heads", epochs, final_linear), [None])[0]
+                table, rows, None, f"{name}/heads", epochs, linear), [None])[0]
             self._reset(heads)
             predictions = self._expert_logits(table, rows)
         outputs = self.runner.map(
             f"{name}/final",
-            lambda job: (self._heads_job(table, rows, None, f"{name}/heads", epochs, final_linear) if job[0] == "heads"
+            lambda job: (self._heads_job(table, rows, None, f"{name}/heads", epochs, linear) if job[0] == "heads"
                          else self._gate_job(table, rows, predictions, f"{name}/gate", folds)),
             jobs,
         )
@@ -418,17 +446,9 @@ class EnECGFitter:
             state.update({k: v for k, v in output.items() if not k.startswith("report.")})
         self._reset(state)
         if len(outputs) > 1:
-            report.stacked_weights = dict(zip(names, outputs[1]["report.stacked_weights"].tolist()))
+            report.stacked_weights = dict(zip(model.expert_names, outputs[1]["report.stacked_weights"].tolist()))
             report.gate_epochs = int(outputs[1]["report.gate_epochs"])
-        if settings.calibration == "temperature" and model.task_config.problem_type == "single_label_classification":
-            report.logit_temperature = self._calibrate(table, rows, predictions)
-        logger.info("%s: head epochs %s; linear-path L2 %s; out-of-fold losses %s; stacked gate weights %s; gate "
-                    "epochs %d", name, report.expert_epochs, report.linear_l2,
-                    {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
-                    {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
-        if report.logit_temperature != 1.0:
-            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name, report.logit_temperature)
-        return report
+        return predictions
 
     # ---------------------------------------------------------------------------------------------- jobs
     def _heads_job(self, table: FeatureTable, train_rows: np.ndarray, eval_rows: np.ndarray | None, name: str,
