@@ -236,8 +236,6 @@ def test_feature_table_checks_its_rows():
 def test_stacked_heads_compute_what_the_head_modules_compute(adaptation, head_type):
     """Fitting trains all heads at once as stacked tensors; they must be the heads, padding, linear paths and mean
     imputation of unmeasured values (the features expert's flags) and all."""
-    from enecg_hf.training.stacked_heads import StackedHeads
-
     # Heads of three widths: the tiny DLinear, TimesNet and ECG-features experts.
     config = make_model(adaptation=adaptation, head_type=head_type).config.to_dict()
     config["experts"] = [
@@ -259,13 +257,13 @@ def test_stacked_heads_compute_what_the_head_modules_compute(adaptation, head_ty
             param.data.normal_()
         elif ".linear." in name or "out_proj" in name:
             param.data.normal_(0.0, 0.1)
-    stacked = StackedHeads(model)
+    stacked = model.stacked_heads()
     with torch.no_grad():
         expected = model.eval().compute_expert_logits(embeddings)
         actual = stacked.forward(stacked.stack_inputs(embeddings))
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # Writing the stacked tensors back gives the same heads.
-    state = {k: v for name in model.expert_names for k, v in stacked.state_of(name).items()}
+    state = {k: v for name in model.expert_names for k, v in stacked.head_state(name).items()}
     own = {k: v for k, v in model.state_dict().items() if k.startswith("heads.")}
     assert state.keys() == own.keys()
     for key in state:

@@ -223,8 +223,6 @@ def test_a_linear_path_extrapolates_but_stays_bounded(tester):
     """The linear path reads standardised values up to +-`head_linear_clip` (24): a measurement 10 standard deviations
     out still moves the prediction (the FFN's clip is 6), a broken column at 1e6 gives what 24 gives (unbounded, one
     record made an openecg age head predict thousands of years). The stacked heads used in fitting agree."""
-    from enecg_hf.training.stacked_heads import StackedHeads
-
     model = tester.get_model().eval()
     features = model.compute_features(tester.get_inputs())
     embeddings = list(features.expert_embeddings)
@@ -243,7 +241,7 @@ def test_a_linear_path_extrapolates_but_stays_bounded(tester):
     assert torch.isfinite(at(1e6)).all() and (at(1e6) - at(0.0)).abs().max() < 0.5 * 24 + 1e-3
     wild = [e.clone() for e in embeddings]
     wild[0][:, 0] = head.input_mean[0] + 1e6 * head.input_std[0]
-    heads = StackedHeads(model)
+    heads = model.stacked_heads()
     stacked = heads.forward(heads.stack_inputs(wild), training=False)
     torch.testing.assert_close(stacked[:, 0], head(wild[0]))
 

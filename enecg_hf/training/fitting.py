@@ -9,7 +9,7 @@ The default strategy, `"stacked"`, is the paper's method made to work on a few h
    all training records for that many epochs.
 2. **Gate** (steps 2-3). It is fitted on the heads' *out-of-fold* predictions: in-sample predictions of a head that
    memorised its training records say nothing about which expert to trust. First its input-independent log-weights
-   (`gate.out_proj.bias`: stacking on the simplex), then its input-dependent part, which starts at zero and trains
+   (`EnECGGate.set_stacked_log_weights`: stacking on the simplex), then its input-dependent part, which starts at zero and trains
    for a number of epochs cross-validated over those records with the one-standard-error rule (0 included): it moves
    away from the stacked weights only as far as held-out records clearly confirm.
 3. The prediction is `sum_i W_i(x) * head_i(x)`, the model's forward.
@@ -42,9 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.splits import institution
-from ..modeling_enecg import EnECGModel, EnECGTaskMixin, init_head_or_gate, mix_experts
-from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths, set_linear_paths
-from .stacked_heads import StackedHeads
+from ..modeling_enecg import EnECGModel, EnECGTaskMixin, mix_experts
+from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths
 
 
 logger = logging.getLogger(__name__)
@@ -269,12 +268,7 @@ def subject_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
 def reset_heads_and_gate(model: TaskModel, seed: int) -> None:
     """Draw the heads' and gate's initial weights again from `seed` (LoRA adapters: A random, B zero)."""
     torch.manual_seed(seed)
-    for module in [*model.heads.values(), model.gate]:
-        init_head_or_gate(module)
-        for layer in module.modules():
-            if hasattr(layer, "reset_lora_parameters"):  # a peft LoRA layer (its A and B are nn.Linear too)
-                for adapter in layer.lora_A:
-                    layer.reset_lora_parameters(adapter, init_lora_weights=True)
+    model.init_heads_and_gate()
 
 
 def head_and_gate_state(model: TaskModel) -> dict[str, torch.Tensor]:
@@ -376,6 +370,26 @@ class EnECGFitter:
                                          linear=self._fold_linear(linear, fold[0])),
             list(enumerate(folds)),
         )
+        predictions = self._choose_head_epochs(table, rows, folds, histories, linear is not None, report)
+        final_linear = None if linear is None else (linear["weight"], linear["bias"])
+        predictions = self._fit_final(table, rows, folds, predictions, final_linear, name, report)
+        if settings.calibration == "temperature" and model.task_config.problem_type == "single_label_classification":
+            report.logit_temperature = self._calibrate(table, rows, predictions)
+        logger.info("%s: head epochs %s; linear-path L2 %s; out-of-fold losses %s; stacked gate weights %s; gate "
+                    "epochs %d", name, report.expert_epochs, report.linear_l2,
+                    {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
+                    {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
+        if report.logit_temperature != 1.0:
+            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name, report.logit_temperature)
+        return report
+
+    def _choose_head_epochs(self, table: FeatureTable, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                            histories: Sequence[dict[str, torch.Tensor]], linear_path: bool, report: FitReport
+                            ) -> torch.Tensor:
+        """Each expert's epoch count from the inner-fold heads' predictions of their held-out records after every
+        epoch (`histories`, one per fold of `folds`); sets the report's `expert_epochs`, `out_of_fold_loss` and
+        `out_of_fold_predictions`, and returns those predictions at the chosen epochs, `(rows, experts, labels)`."""
+        settings, model = self.settings, self.model
         # Out-of-fold predictions of every epoch: (epochs, rows, experts, labels); with linear paths epoch 0 (the
         # linear path alone) is the first.
         first = histories[0]["predictions"]
@@ -386,7 +400,7 @@ class EnECGFitter:
         experts = range(out_of_fold.shape[2])
         curves = torch.stack([torch.stack([model.loss_function(out_of_fold[epoch, :, e], labels) for e in experts])
                               for epoch in range(out_of_fold.shape[0])])  # (epochs, experts)
-        if linear is None or settings.ffn_epochs == "lowest":  # the epoch with the lowest out-of-fold loss
+        if not linear_path or settings.ffn_epochs == "lowest":  # the epoch with the lowest out-of-fold loss
             best = curves.argmin(dim=0)  # epoch index per expert (epoch count = index + 1 without linear paths)
         else:  # the FFN on top of a linear path: only as many epochs as held-out records clearly confirm
             fold_curves = torch.stack([  # (folds, epochs + 1, experts)
@@ -399,23 +413,31 @@ class EnECGFitter:
             best = torch.full_like(best, curves.shape[0] - 1)
         predictions = out_of_fold[best, :, torch.arange(out_of_fold.shape[2])].transpose(0, 1)  # (rows, experts, labels)
         report.out_of_fold_predictions = predictions.detach().clone()
-        epochs = [int(b) + (linear is None) for b in best]
         names = model.expert_names
-        report.expert_epochs = dict(zip(names, epochs))
+        report.expert_epochs = dict(zip(names, [int(b) + (not linear_path) for b in best]))
         report.out_of_fold_loss = {n: float(curves[b, e]) for e, (n, b) in enumerate(zip(names, best.tolist()))}
-        final_linear = None if linear is None else (linear["weight"], linear["bias"])
+        return predictions
 
+    def _fit_final(self, table: FeatureTable, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   predictions: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor] | None, name: str,
+                   report: FitReport) -> torch.Tensor:
+        """The final heads (each expert for its `report.expert_epochs`, on the fitted `linear` paths) and the gate, on
+        all `rows`, loaded into the model; sets the report's `stacked_weights` and `gate_epochs`. The gate is fitted on
+        `predictions` `(rows, experts, labels)`, or with `gate_predictions="in_sample"` on the final heads' own: returns
+        what it was fitted on."""
+        model = self.model
+        epochs = list(report.expert_epochs.values())
         jobs = [("heads", None)]
         if model.task_config.gate_type == "learned":
             jobs.append(("gate", None))
-        if settings.gate_predictions == "in_sample" and len(jobs) > 1:
+        if self.settings.gate_predictions == "in_sample" and len(jobs) > 1:
             heads = self.runner.map(f"{name}/final-heads", lambda _: self._heads_job(
-                table, rows, None, f"{name}/heads", epochs, final_linear), [None])[0]
+                table, rows, None, f"{name}/heads", epochs, linear), [None])[0]
             self._reset(heads)
             predictions = self._expert_logits(table, rows)
         outputs = self.runner.map(
             f"{name}/final",
-            lambda job: (self._heads_job(table, rows, None, f"{name}/heads", epochs, final_linear) if job[0] == "heads"
+            lambda job: (self._heads_job(table, rows, None, f"{name}/heads", epochs, linear) if job[0] == "heads"
                          else self._gate_job(table, rows, predictions, f"{name}/gate", folds)),
             jobs,
         )
@@ -424,17 +446,9 @@ class EnECGFitter:
             state.update({k: v for k, v in output.items() if not k.startswith("report.")})
         self._reset(state)
         if len(outputs) > 1:
-            report.stacked_weights = dict(zip(names, outputs[1]["report.stacked_weights"].tolist()))
+            report.stacked_weights = dict(zip(model.expert_names, outputs[1]["report.stacked_weights"].tolist()))
             report.gate_epochs = int(outputs[1]["report.gate_epochs"])
-        if settings.calibration == "temperature" and model.task_config.problem_type == "single_label_classification":
-            report.logit_temperature = self._calibrate(table, rows, predictions)
-        logger.info("%s: head epochs %s; linear-path L2 %s; out-of-fold losses %s; stacked gate weights %s; gate "
-                    "epochs %d", name, report.expert_epochs, report.linear_l2,
-                    {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
-                    {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
-        if report.logit_temperature != 1.0:
-            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name, report.logit_temperature)
-        return report
+        return predictions
 
     # ---------------------------------------------------------------------------------------------- jobs
     def _heads_job(self, table: FeatureTable, train_rows: np.ndarray, eval_rows: np.ndarray | None, name: str,
@@ -447,8 +461,8 @@ class EnECGFitter:
         model = self._start_job(name)
         model.fit_head_standardization([e[train_rows] for e in table.expert_embeddings])
         if linear is not None:
-            set_linear_paths(model, *linear)
-        heads = StackedHeads(model)  # all heads in one batched pass (same arithmetic as the modules, far faster)
+            model.set_linear_paths(*linear)
+        heads = model.stacked_heads()  # all heads in one batched pass (same arithmetic as the modules, far faster)
         optimizer = torch.optim.AdamW(heads.parameters, lr=self.settings.learning_rate,
                                       weight_decay=self.settings.weight_decay, foreach=True)
         eval_inputs = heads.stack_inputs([e[eval_rows] for e in table.expert_embeddings]) if eval_rows is not None else None
@@ -465,7 +479,7 @@ class EnECGFitter:
         def keep(epoch: int) -> None:
             for expert, count in zip(model.expert_names, expert_epochs):
                 if count == epoch:
-                    kept.update(heads.state_of(expert))
+                    kept.update(heads.head_state(expert))
 
         patience = Patience(self.settings.patience)
         if heads.linear_path:  # epoch 0, the linear path alone, is a candidate too
@@ -528,9 +542,7 @@ class EnECGFitter:
         labels = table.labels[rows]
         # 1. Input-independent log-weights (stacking), on the fewest experts that held-out records allow.
         log_weights = self._stacking(predictions, labels, folds)
-        out_proj = model.gate.out_proj
-        with torch.no_grad():
-            getattr(out_proj, "base_layer", out_proj).bias.copy_(log_weights)
+        model.gate.set_stacked_log_weights(log_weights)
         stacked = torch.softmax(log_weights, 0)
 
         # 2. The input-dependent part, from zero. Its number of epochs is cross-validated over these records (by
@@ -664,7 +676,7 @@ class EnECGFitter:
         model = self._start_job(f"{name}/joint")
         model.fit_head_standardization([e[rows] for e in table.expert_embeddings])
         if linear is not None:
-            set_linear_paths(model, linear["weight"], linear["bias"])
+            model.set_linear_paths(linear["weight"], linear["bias"])
         optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad and ".linear." not in n],
                                       lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay, foreach=True)
         for epoch in range(1, self.settings.epochs + 1):

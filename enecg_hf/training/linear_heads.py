@@ -144,13 +144,4 @@ def fit_linear_paths(model: EnECGTaskMixin, embeddings: Sequence[torch.Tensor], 
     return result
 
 
-@torch.no_grad()
-def set_linear_paths(model: EnECGTaskMixin, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Load padded `(experts, num_labels, width)` / `(experts, num_labels)` linear-path weights into the heads."""
-    for e, head in enumerate(model.heads.values()):
-        dim = head.linear.in_features
-        head.linear.weight.copy_(weight[e, :, :dim])
-        head.linear.bias.copy_(bias[e])
-
-
-__all__ = ["DEFAULT_L2_GRID", "fit_linear_paths", "set_linear_paths", "solve_linear_paths", "standardized_embeddings"]
+__all__ = ["DEFAULT_L2_GRID", "fit_linear_paths", "solve_linear_paths", "standardized_embeddings"]

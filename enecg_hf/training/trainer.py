@@ -196,11 +196,11 @@ def fit_linear_paths_in_place(model: EnECGModel, embeddings: list[torch.Tensor],
     them, records shuffled with `seed`) and load it into the heads."""
     from sklearn.model_selection import KFold
 
-    from .linear_heads import fit_linear_paths, set_linear_paths
+    from .linear_heads import fit_linear_paths
 
     splits = list(KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(np.arange(len(labels))))
     result = fit_linear_paths(model, embeddings, torch.as_tensor(labels), splits)
-    set_linear_paths(model, result["weight"], result["bias"])
+    model.set_linear_paths(result["weight"], result["bias"])
 
 
 def _enecg_model(model) -> EnECGModel:
