@@ -199,6 +199,7 @@ RENDERED_SECTIONS = [  # (script, renderer, results file, docs section, docs fil
     ("expert_speed", "table", "expert_speed.json", "expert-speed", "benchmarks.md"),
     ("expert_speed", "options_table", "expert_speed_options.json", "expert-speed-options", "benchmarks.md"),
     ("extraction_processes", "table", "extraction_processes.json", "extraction-processes", "benchmarks.md"),
+    ("enecg_base", "docs_table", "enecg_base.json", "enecg_base", "benchmarks.md"),
 ]
 
 
