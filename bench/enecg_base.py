@@ -19,6 +19,8 @@ that the 100 % rows repeat the shipped model's CV (checked against its metrics.j
    the training records (`FitReport.out_of_fold_predictions`, what train.py's gate is fitted on), its epoch count
    chosen by subject-wise inner cross-validation with the one-standard-error rule (train.py's) and, to give routing
    its best chance, the lowest held-out loss; reported: the inner-CV loss and the score on the outer test fold.
+   Routing rows score the mixture before the temperature train.py fits afterwards (the same for every router), so a
+   multi-class AUROC there can differ a little from the learning curve's calibrated EnECG (rhythm 0.910 vs 0.912).
 Calibration is train.py's own (`FitSettings.calibration`): its effect is in the shipped model's metrics.json
 (docs/training.md, "The model shipped with the package").
 """
@@ -36,16 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enecg_hf.data.tasks import TaskSpec
 from enecg_hf.features import feature_store_dir
 from enecg_hf.modeling_enecg import EnECGGate, mix_experts
 from enecg_hf.tools.build_model import SOURCES, TASKS, build_datasets
 from enecg_hf.training import TrainScriptArguments, baseline_predictions, fit_enecg, load_metric, predict, score
-from enecg_hf.training.configs import build_config, resolve_config_path
-from enecg_hf.training.features import build_feature_cache
+from enecg_hf.training.configs import resolve_config_path
 from enecg_hf.training.fitting import one_standard_error_epoch, subject_folds
-from enecg_hf.training.records import load_training_dataset
-from enecg_hf.training.run import build_model_with_experts, load_feature_table, prepare_task
+from enecg_hf.training.run import build_model_and_features, load_tasks
 from enecg_hf.training.scoring import summarize
 from harness import DATA_DIR, REPO, machine_info, markdown_table, parser, save
 
@@ -62,34 +61,27 @@ BATCH, PATIENCE = 128, 20
 WEIGHT_FLOOR = 0.01
 ROUTERS = ("lead_ii", "predictions", "embeddings")  # what the gate network reads
 ROUTER_LABELS = {"stacked": "stacked weights only (default)",
-                 "stacked_with_floor": f"stacked weights, each at least {WEIGHT_FLOOR:.0%} (where the gates start)", "lead_ii": "gate on lead II (500 samples)",
-                 "predictions": "gate on the heads' predictions", "embeddings": "gate on the experts' embeddings"}
+                 "stacked_with_floor": f"stacked weights, each at least {WEIGHT_FLOOR:.0%} (where the gates start)",
+                 "lead_ii": "gate on lead II (500 samples)", "predictions": "gate on the heads' predictions",
+                 "embeddings": "gate on the experts' embeddings"}
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
-def load_tasks(folders: list[Path], cache_dir: str | None, task_names: list[str]):
-    """train.py's data path for the shipped recipe: the tasks (records, folds, the fit target of the multi-task model,
-    the feature table from the feature store under `cache_dir`) and the fit settings."""
+def recipe_tasks(folders: list[Path], cache_dir: str | None, task_names: list[str]):
+    """train.py's own steps for the shipped recipe (`training.run.load_tasks`, `build_model_and_features`): the tasks
+    `task_names` in that order (records, folds, the fit target of the multi-task model, the feature table from the
+    feature store under `cache_dir`), the fit settings, the config and the number of records."""
     from accelerate import Accelerator
 
     args = TrainScriptArguments(config=CONFIG, dataset=[str(f) for f in folders], labels=list(TASKS), folds=5,
                                 cache_dir=cache_dir)
     accelerator = Accelerator(cpu=True)
-    with tempfile.TemporaryDirectory(prefix="enecg-base-bench-") as scratch:
-        dataset = load_training_dataset(args, accelerator, Path(scratch))
     config_dict = json.loads(resolve_config_path(CONFIG).read_text())
-    specs = [TaskSpec.infer(name, dataset, config_dict) for name in TASKS]
-    config = build_config(args, specs, config_dict)
-    by_name = {spec.name: spec for spec in specs}
-    tasks = [prepare_task(dataset, by_name[name], args) for name in task_names]
-    torch.manual_seed(args.seed)
-    model = build_model_with_experts(config)
-    features, _ = build_feature_cache(dataset, model, accelerator, feature_store_dir(cache_dir), batch_size=16)
-    ensembles = model.task_ensembles()
-    for task in tasks:
-        task.target = ensembles[task.spec.name]
-        task.table = load_feature_table(features, task.keep, task.labels, task.records, config.expert_names)
-    return tasks, args.fit_settings(), config, len(dataset)
+    with tempfile.TemporaryDirectory(prefix="enecg-base-bench-") as scratch:  # (builds only; --dataset folders here)
+        dataset, config, tasks = load_tasks(args, accelerator, Path(scratch), config_dict, multitask=True)
+    build_model_and_features(args, config, dataset, tasks, accelerator, feature_store_dir(cache_dir), multitask=True)
+    by_name = {task.spec.name: task for task in tasks}
+    return [by_name[name] for name in task_names], args.fit_settings(), config, len(dataset)
 
 
 def subsample_subjects(train: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -113,8 +105,7 @@ def train_router(inputs: torch.Tensor, predictions: torch.Tensor, labels: torch.
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     router = EnECGGate(inputs.shape[1], hidden, predictions.shape[1])
-    with torch.no_grad():
-        router.out_proj.bias.copy_(log_weights)
+    router.set_stacked_log_weights(log_weights)
     optimizer = torch.optim.AdamW(router.parameters(), lr=3e-3, weight_decay=0.01)
     fit = np.arange(len(inputs)) if fit is None else fit
     curve = []
@@ -157,7 +148,7 @@ def routing(task, train: np.ndarray, test: np.ndarray, report, settings, config,
     train_predictions = report.out_of_fold_predictions.float()
     stacked = torch.tensor([report.stacked_weights[n] for n in target.expert_names])
     log_weights = torch.log(stacked.clamp_min(WEIGHT_FLOOR))
-    labels_train = table.labels[train]
+    labels_train, labels_test = table.labels[train], table.labels[test].numpy()
     inputs = {
         "lead_ii": (table.gate_inputs[train].float(), table.gate_inputs[test].float()),
         "predictions": tuple(standardized(train_predictions.flatten(1), test_predictions.flatten(1))),
@@ -166,9 +157,9 @@ def routing(task, train: np.ndarray, test: np.ndarray, report, settings, config,
     }
     inner = subject_folds(table.groups[train], settings.inner_folds, settings.seed)
 
-    def test_score(weights: torch.Tensor) -> float:
+    def test_score(weights: torch.Tensor) -> float:  # the mixture before any temperature (see the module docstring)
         logits = target.to_label_units(mix_experts(test_predictions, weights)).numpy()
-        return score({"logits": logits, "labels": table.labels[test].numpy()}, spec, metric)[HEADLINE[spec.problem_type]]
+        return score({"logits": logits, "labels": labels_test}, spec, metric)[HEADLINE[spec.problem_type]]
 
     floored = torch.softmax(log_weights, 0)
     result = {"stacked": {"test": test_score(stacked.expand(len(test), -1))},
@@ -215,9 +206,10 @@ def run_task(task, fractions, settings, config, analyses: bool, first_folds: int
             }
             if fraction == 1.0 and analyses:
                 fold["routing"] = routing(task, rows, test, report, settings, config, metric)
-            print(f"[enecg_base] {spec.name} fold {i + 1} {fraction:.0%}: {len(rows)} records, "
-                  f"{HEADLINE[spec.problem_type]} {fold['fractions'][str(fraction)]['enecg'][HEADLINE[spec.problem_type]]:.4g}"
-                  f" ({time.perf_counter() - started:.0f} s)", flush=True)
+            key = HEADLINE[spec.problem_type]
+            print(f"[enecg_base] {spec.name} fold {i + 1} {fraction:.0%}: {len(rows)} records, {key} "
+                  f"{fold['fractions'][str(fraction)]['enecg'][key]:.4g} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
         folds.append(fold)
     return {"problem_type": spec.problem_type, "records": int(len(task.records)), "experts": task.target.expert_names,
             "folds": folds}
@@ -228,7 +220,7 @@ def measure(args) -> dict:
     started, load = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="enecg-base-data-") as work:
         folders = [Path(f) for f in args.datasets] if args.datasets else build_datasets(DATA_DIR, Path(work))
-        tasks, settings, config, records = load_tasks(folders, args.cache_dir, args.tasks.split(","))
+        tasks, settings, config, records = recipe_tasks(folders, args.cache_dir, args.tasks.split(","))
         fractions = [float(f) for f in args.fractions.split(",")]
         results = {
             "benchmark": "enecg_base", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -263,9 +255,6 @@ def combine(parts: list[dict]) -> dict:
         results["setup"]["fractions"] = sorted(set(results["setup"]["fractions"]) | set(part["setup"]["fractions"]))
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
     results["tasks"] = {t: results["tasks"][t] for t in TASKS if t in results["tasks"]}
-    for block in results["tasks"].values():  # runs of the first version also scaled the (already calibrated) test
-        for fold in block["folds"]:          # logits by a second temperature: not a result, left out
-            fold.pop("calibration", None)
     return results
 
 

@@ -568,6 +568,16 @@ def combine(parts: list[dict]) -> dict:
     return results
 
 
+def verdict_sentence(who: str, colon: str, v: dict) -> str:
+    """One `verdict` as the docs' sentence: `who` and the metric, then the best expert, the uniform average and the
+    baseline, and the three answers."""
+    yes = lambda key: "yes" if v[key] else "no"  # noqa: E731
+    return (f"{who}{v['metric']} {v['enecg']:.4g}{colon} best single expert ({v['best_expert'].split(':', 1)[1]}) "
+            f"{v['best_expert_value']:.4g}, uniform average {v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} "
+            f"— as good as the best expert: {yes('as_good_as_best_expert')}; as the uniform average: "
+            f"{yes('as_good_as_uniform')}; beats the baseline: {yes('beats_baseline')}.")
+
+
 def docs_table(results: dict) -> str:
     s, data, run = results["setup"], results["data"], results["run"]
     per_source = ", ".join(f"{k} {v}" for k, v in data["records_per_source"].items())
@@ -602,12 +612,7 @@ def docs_table(results: dict) -> str:
         for key, who in (("verdict", "Default EnECG (tiny experts)"),
                          ("verdict_pretrained", "EnECG over offline_pretrained.json")):
             if v := block.get(key):
-                yes = lambda key: "yes" if v[key] else "no"  # noqa: E731
-                lines += ["", f"{who} {v['metric']} {v['enecg']:.4g}: best single expert "
-                          f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
-                          f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
-                          f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
-                          f"beats the baseline: {yes('beats_baseline')}."]
+                lines += ["", verdict_sentence(f"{who} ", ":", v)]
         lines.append("")
     lines.append(f"Run {results['created']}: {run['elapsed_s'] / 60:.0f} min on {run['cpu_count']} shared cores "
                  f"({run['torch_threads']} torch thread), load average {run['load_average_start'][0]:.2f} at start.")
@@ -654,12 +659,7 @@ def loso_table(results: dict) -> str:
                  f"{block['reference']}" if rr else "trained on every other institution")
         lines += [f"**{task}** ({metric}; {about})", "", markdown_table(header, table, "l" + "r" * (len(header) - 1))]
         if v := block.get("verdict"):
-            yes = lambda key: "yes" if v[key] else "no"  # noqa: E731
-            lines += ["", f"Pooled: default EnECG {v['metric']} {v['enecg']:.4g}, best single expert "
-                      f"({v['best_expert'].split(':', 1)[1]}) {v['best_expert_value']:.4g}, uniform average "
-                      f"{v['uniform']:.4g}, trivial baseline {v['baseline']:.4g} — as good as the best expert: "
-                      f"{yes('as_good_as_best_expert')}; as the uniform average: {yes('as_good_as_uniform')}; "
-                      f"beats the baseline: {yes('beats_baseline')}."]
+            lines += ["", verdict_sentence("Pooled: default EnECG ", ",", v)]
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 

@@ -60,15 +60,16 @@ class EnECGExpertConfig:
 
 
 # Fields of one entry of `EnECGConfig.tasks`; the first three are required.
-TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights", "loss_weight",
-               "logit_temperature")
+TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights",
+               "loss_weight", "logit_temperature")
 
 
 class EnECGTaskConfig:
     """One task of a multi-task config: a live view of its entry in `EnECGConfig.tasks` (a plain dict, so the config
     saves as JSON), which reads like a single-task `EnECGConfig` (`problem_type`, `num_labels`, `id2label`,
-    `label_name`, `label_unit`, `target_mean`, `target_std`, `class_weights`, `logit_temperature`) and falls back to the model config for
-    what all tasks share (`gate_type`, `expert_loss_weight`, `adaptation`...). Setting a task field writes the entry.
+    `label_name`, `label_unit`, `target_mean`, `target_std`, `class_weights`, `logit_temperature`) and falls back to
+    the model config for what all tasks share (`gate_type`, `expert_loss_weight`, `adaptation`...). Setting a task
+    field writes the entry.
 
     Entry fields: `name` (a dataset column, e.g. one of `enecg_hf.data.TASKS`), `problem_type`, `unit` (regression),
     `class_names` (classification), `target_mean` / `target_std` (regression target scaling, set by training),
@@ -186,8 +187,8 @@ class EnECGConfig(PreTrainedConfig):
         logit_temperature (`float`, defaults to 1.0):
             Classification: the mixture's logits are divided by it before they are reported (temperature scaling, so
             that the probabilities match how often the model is right; training fits it on out-of-fold predictions,
-            `FitSettings.calibration`). It changes no predicted class (nor a binary ranking); the heads' own `expert_logits`
-            are not scaled. 1.0 (folders saved before it existed) leaves the logits as they are.
+            `FitSettings.calibration`). It changes no predicted class (nor a binary ranking); the heads' own
+            `expert_logits` are not scaled. 1.0 (folders saved before it existed) leaves the logits as they are.
         gate_leads (`list[str]`, defaults to `["II"]`):
             Leads the gating network reads.
         gate_input_length (`int`, defaults to 5000):
@@ -210,8 +211,8 @@ class EnECGConfig(PreTrainedConfig):
             A multi-task model: one dict per task (see [`EnECGTaskConfig`] for the fields). Every task gets its own
             head per expert and its own gate over the shared frozen experts, which run once per record for all tasks.
             The single-task fields (`label_name`, `problem_type`, `id2label`, `label_unit`, `target_mean`,
-            `target_std`, `class_weights`, `logit_temperature`) are then unused: each task holds its own. `None` (the default) is a
-            single-task model described by those fields.
+            `target_std`, `class_weights`, `logit_temperature`) are then unused: each task holds its own. `None` (the
+            default) is a single-task model described by those fields.
     """
 
     model_type = "enecg"
@@ -407,9 +408,9 @@ class EnECGConfig(PreTrainedConfig):
 def declared_fields(config: EnECGConfig, names: Sequence[str]) -> SimpleNamespace:
     """The fields `names` of `config` and nothing else: reading another one is an `AttributeError`.
 
-    Code whose output is stored under a fingerprint of the fields it reads (the frozen pass, `EnECGModel.frozen_columns`)
-    reads the config through this view of its declared fields, so that a field it reads is a field the fingerprint
-    covers."""
+    Code whose output is stored under a fingerprint of the fields it reads (the frozen pass,
+    `EnECGModel.frozen_columns`) reads the config through this view of its declared fields, so that a field it reads
+    is a field the fingerprint covers."""
     return SimpleNamespace(**{name: getattr(config, name) for name in names})
 
 

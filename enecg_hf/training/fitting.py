@@ -9,9 +9,9 @@ The default strategy, `"stacked"`, is the paper's method made to work on a few h
    all training records for that many epochs.
 2. **Gate** (steps 2-3). It is fitted on the heads' *out-of-fold* predictions: in-sample predictions of a head that
    memorised its training records say nothing about which expert to trust. First its input-independent log-weights
-   (`EnECGGate.set_stacked_log_weights`: stacking on the simplex), then its input-dependent part, which starts at zero and trains
-   for a number of epochs cross-validated over those records with the one-standard-error rule (0 included): it moves
-   away from the stacked weights only as far as held-out records clearly confirm.
+   (`EnECGGate.set_stacked_log_weights`: stacking on the simplex), then its input-dependent part, which starts at
+   zero and trains for a number of epochs cross-validated over those records with the one-standard-error rule (0
+   included): it moves away from the stacked weights only as far as held-out records clearly confirm.
 3. The prediction is `sum_i W_i(x) * head_i(x)`, the model's forward.
 
 `"joint"` is the research code's single stage: heads and gate trained together for `epochs` epochs on the model's
@@ -380,7 +380,8 @@ class EnECGFitter:
                     {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
                     {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
         if report.logit_temperature != 1.0:
-            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name, report.logit_temperature)
+            logger.info("%s: logit temperature %.4g (fitted on the out-of-fold mixture)", name,
+                        report.logit_temperature)
         return report
 
     def _choose_head_epochs(self, table: FeatureTable, rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
