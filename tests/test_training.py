@@ -792,7 +792,8 @@ def test_class_label_columns_encode_by_class_name():
     built = datasets.Dataset.from_dict({"arrhythmia": ["other", None, "sinus_rhythm"], "sex": [1, 0, None]},
                                        features=datasets.Features({"arrhythmia": datasets.ClassLabel(names=names),
                                                                    "sex": datasets.ClassLabel(names=["female", "male"])}))
-    config = {"label_name": "arrhythmia", "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
+    config = {"label_name": "arrhythmia", "problem_type": "single_label_classification",
+              "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
     spec = TaskSpec.infer("arrhythmia", built, config)
     assert [spec.encode(v) for v in built["arrhythmia"]] == [0, None, 1]
     assert [TaskSpec.infer("sex", built, {}).encode(v) for v in built["sex"]] == [1, 0, None]
