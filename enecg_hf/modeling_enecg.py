@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_enecg import EnECGConfig, EnECGTaskConfig, declared_fields
@@ -149,8 +150,6 @@ def single_task_key_mapping(config: EnECGConfig) -> dict[str, str]:
 
 def map_single_task_keys(state: dict[str, torch.Tensor], config: EnECGConfig) -> dict[str, torch.Tensor]:
     """`state` (read from a saved `model.safetensors`) with [`single_task_key_mapping`] applied."""
-    import re
-
     mapping = single_task_key_mapping(config).items()
     renamed = {}
     for key, value in state.items():
@@ -761,7 +760,7 @@ class EnECGModel(EnECGPreTrainedModel):
         legacy_mapping = {}
         if kwargs.get("key_mapping") is None and pretrained_model_name_or_path is not None:
             config = kwargs.get("config")
-            if not isinstance(config, EnECGConfig):
+            if not isinstance(config, PreTrainedConfig):  # (a remote-code copy's config is another EnECGConfig class)
                 config = cls.config_class.from_pretrained(
                     config or pretrained_model_name_or_path,
                     **{k: kwargs[k] for k in CONFIG_LOCATION_KWARGS if k in kwargs})

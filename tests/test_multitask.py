@@ -66,7 +66,7 @@ def test_a_single_task_folder_saved_before_predicts_its_saved_outputs(tmp_path, 
     (`ACROSS_ENVIRONMENTS`; in this environment bit for bit). Saved again it is written in today's layout, and
     reloads bit for bit."""
     from safetensors.torch import load_file
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     folder = FIXTURES / fixture
     model = AutoModel.from_pretrained(folder).eval()
@@ -85,6 +85,10 @@ def test_a_single_task_folder_saved_before_predicts_its_saved_outputs(tmp_path, 
         saved = torch.tensor([float.fromhex(v) for v in values], dtype=torch.float64)
         torch.testing.assert_close(getattr(output, key).flatten().double(), saved, **ACROSS_ENVIRONMENTS,
                                    msg=lambda message, key=key: f"{key}: {message}")
+
+    with torch.no_grad():  # the config given, as pipelines do: the weights are mapped all the same
+        given = AutoModel.from_pretrained(folder, config=AutoConfig.from_pretrained(folder)).eval()(fixture_input())
+    assert all(torch.equal(getattr(given, key), getattr(output, key)) for key in expected)
 
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())

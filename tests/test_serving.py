@@ -333,7 +333,7 @@ def test_a_model_that_computes_nan_gives_an_error_not_a_nan_value(regression_fol
 
     model = AutoModel.from_pretrained(regression_folder)
     with torch.no_grad():
-        model.gate.out_proj.base_layer.bias.fill_(float("nan"))
+        model.tasks["rr_interval"].gate.out_proj.base_layer.bias.fill_(float("nan"))
     broken = tmp_path / "broken"
     shutil.copytree(regression_folder, broken)
     model.save_pretrained(broken)
