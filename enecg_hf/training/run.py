@@ -22,7 +22,7 @@ from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
 from .configs import build_config, resolve_config_path
 from .errors import TrainingSetupError
 from ..features.store import feature_store_dir
-from .features import build_feature_cache, embedding_column
+from ..features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
