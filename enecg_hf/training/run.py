@@ -75,8 +75,7 @@ def load_feature_table(features, keep: np.ndarray, labels: np.ndarray, records, 
     groups = None
     if "subject_id" in records.column_names:
         groups = np.asarray([f"subject:{s}" if s is not None else f"row:{i}" for i, s in enumerate(records["subject_id"])])
-    return FeatureTable([table[embedding_column(n)].float() for n in expert_names], table["gate_inputs"].float(),
-                        torch.from_numpy(labels), groups, source_groups(records))
+    return FeatureTable.from_columns(table, expert_names, torch.from_numpy(labels), groups, source_groups(records))
 
 
 def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec) -> tuple[bool, str]:
