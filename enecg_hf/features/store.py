@@ -11,9 +11,10 @@ model says its values are computed from - the config fields its code declares it
 name, the fields that pick, resample and normalise its leads), the precision it runs at unless float32
 (`model.set_expert_precision`) and its computation version from 2 on - and the dtype, shape and bytes of its float32
 weights; so `--experts a,b`, adding or renaming an expert, or another label or task reuse every column that exists.
-The values are what `model.compute_frozen_columns` returns, the same function `EnECGModel.compute_features` runs. A
-row's key is the record's identity: `source`, `record_id` and a hash of its stored float32 signal (so an edited record
-is recomputed); never the dataset's fingerprint, the number of processes, the label or the subset.
+The values are what `model.compute_frozen_columns` returns, the same function `EnECGModel.compute_features` runs, run
+by `compute.compute_feature_batch` as for `FeatureTable.from_model` (`table`). A row's key is the record's identity:
+`source`, `record_id` and a hash of its stored float32 signal (so an edited record is recomputed); never the dataset's
+fingerprint, the number of processes, the label or the subset.
 
 A shard is serialised in memory, written under a temporary name (`.tmp-…`) and renamed to `shard-<digest>.arrow`
 where the digest is a hash of the file's bytes: a killed writer leaves at most a temporary file that readers ignore,
