@@ -19,7 +19,8 @@ import torch
 
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.data import TASKS, subject_kfold
-from enecg_hf.training import FeatureTable, FitSettings, cross_validate, summarize
+from enecg_hf.features import FeatureTable
+from enecg_hf.training import FitSettings, cross_validate, summarize
 from enecg_hf.training.labels import encode_labels
 from harness import REPO, interleaved, ludb, markdown_table, parser, render_only, save
 

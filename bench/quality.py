@@ -40,10 +40,10 @@ from enecg_hf import EnECGModel
 from enecg_hf.configuration_enecg import EnECGExpertConfig
 from enecg_hf.data import TASKS, build_dataset, institution, leave_one_source_out, source_groups
 from enecg_hf.expert_features import EnECGFeaturesExpert
-from enecg_hf.features import build_features, embedding_column
+from enecg_hf.features import FeatureTable, build_features, embedding_column
 from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
-from enecg_hf.training import (FeatureTable, FitSettings, TrainScriptArguments, baseline_predictions, fit_enecg,
-                               load_metric, predict, score, summarize)
+from enecg_hf.training import (FitSettings, TrainScriptArguments, baseline_predictions, fit_enecg, load_metric, predict,
+                               score, summarize)
 from enecg_hf.training.configs import build_config
 from enecg_hf.training.fitting import subject_folds
 from enecg_hf.training.labels import encode_labels

@@ -68,7 +68,7 @@ def computed(stats) -> dict[str, int]:
 def test_store_values_are_the_models_own_features_in_dataset_order(records, tmp_path):
     """A fresh store computes in the batches the model would, so the table is bit-identical to
     `model.compute_features` on those batches, with the columns and types training reads."""
-    from enecg_hf.training.features import compute_features
+    from enecg_hf.features import compute_features
 
     model = tiny_model(["dlinear", "timesnet", "tempo"])
     table, stats = build(records, model, tmp_path / "store")
@@ -82,6 +82,30 @@ def test_store_values_are_the_models_own_features_in_dataset_order(records, tmp_
         for name, e in zip(model.expert_names, embeddings):
             assert got[f"embedding_{name}"][start : start + 4].tobytes() == e.numpy().tobytes(), name
         assert got["gate_inputs"][start : start + 4].tobytes() == gate.numpy().tobytes()
+
+
+def test_a_feature_table_from_the_model_holds_the_stores_values(records, tmp_path, monkeypatch):
+    """`FeatureTable.from_model` (records in memory) and the store (records of a dataset) run the same frozen pass:
+    computed in the same batches, the table's embeddings and gate inputs are bit-identical to the store's. The pass
+    leaves the global RNG as it was, even with an expert that draws random numbers (so dropout masks downstream do
+    not depend on where the features came from)."""
+    from enecg_hf.features import FeatureTable
+
+    model = tiny_model(["dlinear", "timesnet", "tempo"])
+    table, _ = build(records, model, tmp_path / "store")
+    expert = model.experts["timesnet"]
+    monkeypatch.setattr(expert, "forward", lambda x, forward=expert.forward: (torch.rand(1), forward(x))[1])
+    signals = torch.from_numpy(np.asarray(records.with_format("numpy")["signal"], dtype=np.float32))
+    torch.manual_seed(3)
+    from_model = FeatureTable.from_model(model, signals, torch.zeros(12), batch_size=4)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))
+    stored = FeatureTable.from_columns(table.with_format("torch")[:], model.expert_names, torch.zeros(12))
+    assert [e.dtype for e in from_model.expert_embeddings] == [torch.float32] * 3
+    for name, a, b in zip(model.expert_names, from_model.expert_embeddings, stored.expert_embeddings):
+        assert a.numpy().tobytes() == b.numpy().tobytes(), name
+    assert from_model.gate_inputs.numpy().tobytes() == stored.gate_inputs.numpy().tobytes()
 
 
 def test_record_keys_follow_the_records_not_the_dataset(records):

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from enecg_hf import EnECGConfig, EnECGModel
+from enecg_hf.features import FeatureTable
 from enecg_hf.training.fitting import (
-    EnECGFitter, FeatureTable, FitSettings, InProcessRunner, fit_enecg, job_seed, predict, prepare_targets,
-    reset_heads_and_gate, subject_folds, task_of,
+    EnECGFitter, FitSettings, InProcessRunner, fit_enecg, job_seed, predict, prepare_targets, reset_heads_and_gate,
+    subject_folds, task_of,
 )
 
 

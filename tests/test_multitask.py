@@ -194,7 +194,8 @@ def test_missing_labels_are_left_out_of_each_tasks_loss():
 def test_a_task_of_a_multitask_model_learns_what_a_single_task_model_learns():
     """The training core fits one task of a multi-task model exactly as it fits a single-task model on the same
     features: the five-task model is not worse than five single-task models, it is the same per task."""
-    from enecg_hf.training import FeatureTable, FitSettings, fit_enecg, predict
+    from enecg_hf.features import FeatureTable
+    from enecg_hf.training import FitSettings, fit_enecg, predict
 
     multi = EnECGModel(multitask_config())
     single_config = EnECGConfig(experts=EXPERTS, label_name="sex", problem_type="single_label_classification",

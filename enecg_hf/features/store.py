@@ -11,9 +11,10 @@ model says its values are computed from - the config fields its code declares it
 name, the fields that pick, resample and normalise its leads), the precision it runs at unless float32
 (`model.set_expert_precision`) and its computation version from 2 on - and the dtype, shape and bytes of its float32
 weights; so `--experts a,b`, adding or renaming an expert, or another label or task reuse every column that exists.
-The values are what `model.compute_frozen_columns` returns, the same function `EnECGModel.compute_features` runs. A
-row's key is the record's identity: `source`, `record_id` and a hash of its stored float32 signal (so an edited record
-is recomputed); never the dataset's fingerprint, the number of processes, the label or the subset.
+The values are what `model.compute_frozen_columns` returns, the same function `EnECGModel.compute_features` runs, run
+by `compute.compute_feature_batch` as for `FeatureTable.from_model` (`table`). A row's key is the record's identity:
+`source`, `record_id` and a hash of its stored float32 signal (so an edited record is recomputed); never the dataset's
+fingerprint, the number of processes, the label or the subset.
 
 A shard is serialised in memory, written under a temporary name (`.tmp-…`) and renamed to `shard-<digest>.arrow`
 where the digest is a hash of the file's bytes: a killed writer leaves at most a temporary file that readers ignore,
@@ -44,6 +45,7 @@ import torch
 
 from ..data.checksums import content_digest, file_digest
 from ..modeling_enecg import embedding_column  # the names of the columns training reads (re-exported)
+from .compute import compute_feature_batch
 
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,13 @@ def model_columns(model) -> list[Column]:
 def column_fingerprints(model) -> dict[str, str]:
     """`{column: "<kind>-<fingerprint>"}` of every expert embedding and of the gate input."""
     return {c.column: c.folder for c in model_columns(model)}
+
+
+def expert_fingerprint(model) -> str:
+    """One hash of the whole frozen part: the fingerprints of every expert's embedding and of the gate input
+    (`column_fingerprints`; each covers that column's config, weights and the global config fields it reads)."""
+    folders = column_fingerprints(model)
+    return hashlib.sha256("\n".join(f"{k}={v}" for k, v in folders.items()).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------- record keys
@@ -280,18 +289,16 @@ class FeatureStore:
 
 
 # --------------------------------------------------------------------------------------------------- building
-@torch.no_grad()
 def _compute(model, columns: list[Column], signal: np.ndarray) -> list[np.ndarray]:
-    """The values of `columns` for a batch of raw records, as float32 arrays: `model.compute_frozen_columns`, the
-    frozen pass of `EnECGModel.compute_features`, run without touching the global RNG."""
+    """The values of `columns` for a batch of raw records, as float32 arrays (`compute.compute_feature_batch`: the
+    frozen pass of `EnECGModel.compute_features`, without gradients and without touching the global RNG)."""
     signal = np.array(signal, dtype=np.float32)
     # Records with NaN/inf are left out of training (training.records.drop_unusable_signals): their values are never
     # read, so they are computed on zeros rather than ending the run.
     signal[~np.isfinite(signal).all(axis=(1, 2))] = 0.0
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
-        values = model.compute_frozen_columns(torch.as_tensor(signal, device=device), [c.column for c in columns])
-    return [values[c.column].float().cpu().numpy() for c in columns]
+    values = compute_feature_batch(model, torch.as_tensor(signal, device=device), [c.column for c in columns])
+    return [values[c.column].cpu().numpy() for c in columns]
 
 
 def _plan(keys: list[str], missing: list[set[str]], batch_size: int) -> list[tuple[list[int], list[int]]]:
@@ -347,6 +354,14 @@ def build_features(dataset, model, state=None, store_dir: str | Path | None = No
     if main:
         _log_summary(store, columns, keys, stats, count, time.perf_counter() - start)
     return table, stats
+
+
+def build_feature_cache(dataset, model, accelerator, cache_dir: Path, batch_size: int, shard_size: int = 256):
+    """`build_features`'s table (every record's expert embeddings and gate input, in dataset order) with the model's
+    `expert_fingerprint`, as `train.py` reads them: `cache_dir` is the store's folder, `accelerator` the processes
+    that share the missing batches."""
+    features, _ = build_features(dataset, model, accelerator, cache_dir, batch_size=batch_size, shard_size=shard_size)
+    return features, expert_fingerprint(model)
 
 
 def _all_record_keys(dataset, index: int, count: int) -> list[str]:

@@ -28,17 +28,19 @@ latest` reuses the finished jobs of a killed run and reaches the same result as 
 
 Modules: `arguments` (command line), `errors` (`TrainingSetupError`: the library raises it, `main()` makes it an exit
 message), `configs` (the run's config: hub_configs/, task, overrides), `labels` (which records have a label, class
-coverage), `records` (data checks and folds), `features` (expert features from the feature store), `fitting` (how
-heads and gate learn: the core, usable in a notebook), `jobs` (checkpoints and processes), `scoring` (metrics and
-baselines), `output` (folder, Hub, summary), `model_card` (the folder's README.md), `serving_export` (its handler.py and
-requirements.txt), `launch` (processes and their logging), `run` (a whole run), `trainer` (training with
-`transformers.Trainer` instead: dataset columns and a callback).
+coverage), `records` (data checks and folds), `fitting` (how heads and gate learn: the core, usable in a notebook),
+`jobs` (checkpoints and processes), `scoring` (metrics and baselines), `output` (folder, Hub, summary), `model_card`
+(the folder's README.md), `serving_export` (its handler.py and requirements.txt), `launch` (processes and their
+logging), `run` (a whole run), `trainer` (training with `transformers.Trainer` instead: dataset columns and a
+callback). The expert features training reads (the feature store, `FeatureTable`) live one layer down, in
+`enecg_hf.features`; `FeatureTable`, `compute_features`, `expert_fingerprint` and `build_feature_cache` are
+re-exported here.
 """
 
 from .arguments import DATA_FORMATS, MAIN_JOB_ARGS, TrainScriptArguments, build_parser, parse_args
 from .errors import TrainingSetupError
-from .features import build_feature_cache, compute_features, expert_fingerprint
-from .fitting import EnECGFitter, FeatureTable, FitReport, FitSettings, fit_enecg, predict
+from ..features import FeatureTable, build_feature_cache, compute_features, expert_fingerprint  # their home
+from .fitting import EnECGFitter, FitReport, FitSettings, fit_enecg, predict
 from .jobs import CheckpointedJobRunner
 from .labels import check_class_coverage
 from .run import main, run

@@ -23,7 +23,8 @@ safetensors checkpoints (`training.jobs`). Every job re-initialises the heads an
 the model learned before: a fit never starts from another fold's weights) and seeds itself, so a job gives the same
 output wherever and whenever it runs.
 
-    from enecg_hf.training.fitting import FeatureTable, FitSettings, fit_enecg, predict
+    from enecg_hf.features import FeatureTable
+    from enecg_hf.training.fitting import FitSettings, fit_enecg, predict
     table = FeatureTable.from_model(model, signals, labels, groups)   # runs the frozen experts once
     report = fit_enecg(model, table, train_rows, FitSettings())
     out = predict(model, table, test_rows)                             # logits in the label's unit
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.splits import institution
+from ..features.table import FeatureTable  # the table a fit reads (re-exported: its home is enecg_hf.features)
 from ..modeling_enecg import EnECGModel, EnECGTaskEnsemble, mix_experts
 from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths
 
@@ -157,65 +159,6 @@ class FitSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class FeatureTable:
-    """What the frozen part computed for n records, in memory, with their labels.
-
-    Args:
-        expert_embeddings: one `(n, embedding_dim)` tensor per expert, in the model's expert order.
-        gate_inputs: `(n, gate_leads * gate_input_length)`.
-        labels: `(n,)` floats (regression, in the label's unit) or class indices.
-        groups: subject of each record (inner folds keep a subject on one side); `None`: each record its own.
-        sources: source group of each record (`enecg_hf.data.source_groups`): with records of two or more
-            institutions, inner folds hold out whole institutions (`FitSettings.inner_groups`); `None`: unknown.
-    """
-
-    expert_embeddings: list[torch.Tensor]
-    gate_inputs: torch.Tensor
-    labels: torch.Tensor
-    groups: np.ndarray | None = None
-    sources: np.ndarray | None = None
-
-    def __post_init__(self):
-        n = len(self.labels)
-        sizes = {len(e) for e in self.expert_embeddings} | {len(self.gate_inputs)}
-        if sizes != {n}:
-            raise ValueError(f"Feature table rows differ: {sorted(sizes)} feature rows for {n} labels")
-        if self.groups is not None and len(self.groups) != n:
-            raise ValueError(f"{len(self.groups)} groups for {n} records")
-        if self.sources is not None and len(self.sources) != n:
-            raise ValueError(f"{len(self.sources)} sources for {n} records")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def group_of(self, rows: np.ndarray) -> np.ndarray:
-        return self.groups[rows] if self.groups is not None else rows.astype(str)
-
-    def select(self, rows, labels=None, groups=None) -> "FeatureTable":
-        """The table of `rows` (e.g. the records that carry a task's label), with new `labels` / `groups` if given."""
-        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-        groups = groups if groups is not None else (None if self.groups is None else self.groups[rows.numpy()])
-        sources = None if self.sources is None else self.sources[rows.numpy()]
-        return FeatureTable([e[rows] for e in self.expert_embeddings], self.gate_inputs[rows],
-                            self.labels[rows] if labels is None else torch.as_tensor(labels), groups, sources)
-
-    @classmethod
-    @torch.no_grad()
-    def from_model(cls, model: EnECGModel, input_values: torch.Tensor, labels, groups=None,
-                   batch_size: int = 16, sources=None) -> "FeatureTable":
-        """Run the frozen experts once over `input_values` (records, leads, samples)."""
-        embeddings, gates = [], []
-        model.eval()
-        for start in range(0, len(input_values), batch_size):
-            features = model.compute_features(torch.as_tensor(input_values[start : start + batch_size]))
-            embeddings.append([e.float() for e in features.expert_embeddings])
-            gates.append(features.gate_inputs.float())
-        return cls([torch.cat([b[i] for b in embeddings]) for i in range(len(model.experts))], torch.cat(gates),
-                   torch.as_tensor(labels), None if groups is None else np.asarray(groups),
-                   None if sources is None else np.asarray(sources))
 
 
 class JobRunner(Protocol):

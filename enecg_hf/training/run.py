@@ -22,7 +22,7 @@ from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
 from .configs import build_config, resolve_config_path
 from .errors import TrainingSetupError
 from ..features.store import feature_store_dir
-from .features import build_feature_cache, embedding_column
+from ..features import build_feature_cache, embedding_column
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
@@ -75,8 +75,7 @@ def load_feature_table(features, keep: np.ndarray, labels: np.ndarray, records, 
     groups = None
     if "subject_id" in records.column_names:
         groups = np.asarray([f"subject:{s}" if s is not None else f"row:{i}" for i, s in enumerate(records["subject_id"])])
-    return FeatureTable([table[embedding_column(n)].float() for n in expert_names], table["gate_inputs"].float(),
-                        torch.from_numpy(labels), groups, source_groups(records))
+    return FeatureTable.from_columns(table, expert_names, torch.from_numpy(labels), groups, source_groups(records))
 
 
 def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec) -> tuple[bool, str]:
