@@ -134,7 +134,8 @@ class EnECGFrozenColumn:
 
 
 # Hub and cache arguments of `from_pretrained`, which also locate the config it reads first.
-CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
+                          "subfolder")
 
 
 def single_task_key_mapping(config: EnECGConfig) -> dict[str, str]:
@@ -933,7 +934,8 @@ class EnECGModel(EnECGPreTrainedModel):
         outputs = self.forward_tasks(expert_embeddings=expert_embeddings, gate_inputs=gate_inputs,
                                      labels=self._labels_by_task(labels))
         losses = {name: output.loss for name, output in outputs.items() if output.loss is not None}
-        loss = sum(self.tasks[name].task_config.loss_weight * value for name, value in losses.items()) if losses else None
+        loss = (sum(self.tasks[name].task_config.loss_weight * value for name, value in losses.items())
+                if losses else None)
         if len(outputs) == 1:  # a single-task model answers as one: its task's tensors
             (only,) = outputs.values()
             logits, expert_logits, gate_weights, task_losses = only.logits, only.expert_logits, only.gate_weights, None

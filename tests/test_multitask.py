@@ -322,15 +322,16 @@ TASK_FIELDS_OFF_THE_MODEL_CONFIG = {"label_name", "label_unit", "problem_type", 
 
 
 def test_every_model_takes_one_code_path():
-    """Every model is a list of tasks, with one code path: no code of the package, train.py, the Space or bench asks
-    whether a model has one task or several (`is_multitask`), keeps heads and a gate outside `model.tasks` (the mixin
-    a single-task model shared with its tasks, `task_ensembles`), or reads a task's fields off a model config
-    (`model.config.label_name`: each task's are in `config.tasks`). Read with `ast`; configuration_enecg.py maps the
-    single-task fields of old configs (`single_task_entry`) and is left out of the last check."""
+    """Every model is a list of tasks, with one code path: no code of the package, train.py, the Space, bench or the
+    tests asks whether a model has one task or several (`is_multitask`), keeps heads and a gate outside
+    `model.tasks` (the mixin a single-task model shared with its tasks, `task_ensembles`), or reads a task's fields
+    off a model config (`model.config.label_name`: each task's are in `config.tasks`). Read with `ast`;
+    configuration_enecg.py maps the single-task fields of old configs (`single_task_entry`) and is left out of the
+    last check."""
     import ast
 
     files = [*(REPO / "enecg_hf").rglob("*.py"), REPO / "train.py", *(REPO / "space").glob("*.py"),
-             *(REPO / "bench").glob("*.py")]
+             *(REPO / "bench").glob("*.py"), *(REPO / "tests").rglob("*.py")]
     found = []
     for path in files:
         tree = ast.parse(path.read_text(), str(path))
