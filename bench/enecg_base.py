@@ -78,8 +78,8 @@ def recipe_tasks(folders: list[Path], cache_dir: str | None, task_names: list[st
     accelerator = Accelerator(cpu=True)
     config_dict = json.loads(resolve_config_path(CONFIG).read_text())
     with tempfile.TemporaryDirectory(prefix="enecg-base-bench-") as scratch:  # (builds only; --dataset folders here)
-        dataset, config, tasks = load_tasks(args, accelerator, Path(scratch), config_dict, multitask=True)
-    build_model_and_features(args, config, dataset, tasks, accelerator, feature_store_dir(cache_dir), multitask=True)
+        dataset, config, tasks = load_tasks(args, accelerator, Path(scratch), config_dict)
+    build_model_and_features(args, config, dataset, tasks, accelerator, feature_store_dir(cache_dir))
     by_name = {task.spec.name: task for task in tasks}
     return [by_name[name] for name in task_names], args.fit_settings(), config, len(dataset)
 

@@ -59,17 +59,25 @@ class EnECGExpertConfig:
         return asdict(self)
 
 
-# Fields of one entry of `EnECGConfig.tasks`; the first three are required.
+# Fields of one entry of `EnECGConfig.tasks`; `name` and `problem_type` are required (and `class_names` for a
+# classification). `num_labels` is only written for a regression with several outputs (a folder of an earlier release).
 TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights",
-               "loss_weight", "logit_temperature")
+               "loss_weight", "logit_temperature", "num_labels")
+# The fields of a config saved before every model was a list of tasks (its one task at the top level), with their
+# defaults; `EnECGConfig` maps them into its one task (`single_task_entry`). `PreTrainedConfig`'s own `problem_type`,
+# `id2label`, `label2id` and `num_labels` are read for it too, and otherwise unused.
+SINGLE_TASK_DEFAULTS = {"label_name": None, "label_unit": None, "target_mean": 0.0, "target_std": 1.0,
+                        "class_weights": None, "logit_temperature": 1.0}
+# The name of the one task of an earlier single-task config that named no label.
+UNNAMED_TASK = "label"
 
 
 class EnECGTaskConfig:
-    """One task of a multi-task config: a live view of its entry in `EnECGConfig.tasks` (a plain dict, so the config
-    saves as JSON), which reads like a single-task `EnECGConfig` (`problem_type`, `num_labels`, `id2label`,
-    `label_name`, `label_unit`, `target_mean`, `target_std`, `class_weights`, `logit_temperature`) and falls back to
-    the model config for what all tasks share (`gate_type`, `expert_loss_weight`, `adaptation`...). Setting a task
-    field writes the entry.
+    """One task of a model: a live view of its entry in `EnECGConfig.tasks` (a plain dict, so the config saves as
+    JSON), which reads the task's own fields (`problem_type`, `num_labels`, `id2label`, `label_name`, `label_unit`,
+    `target_mean`, `target_std`, `class_weights`, `logit_temperature`, `loss_weight`) and falls back to the model
+    config for what all tasks share (`gate_type`, `expert_loss_weight`, `adaptation`...). Setting a task field writes
+    the entry.
 
     Entry fields: `name` (a dataset column, e.g. one of `enecg_hf.data.TASKS`), `problem_type`, `unit` (regression),
     `class_names` (classification), `target_mean` / `target_std` (regression target scaling, set by training),
@@ -92,7 +100,9 @@ class EnECGTaskConfig:
 
     @property
     def num_labels(self) -> int:
-        return 1 if self._entry["problem_type"] == "regression" else len(self._entry["class_names"])
+        if self._entry["problem_type"] == "regression":
+            return int(self._entry.get("num_labels", 1))
+        return len(self._entry["class_names"])
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -123,6 +133,32 @@ TASK_DEFAULTS = {"unit": None, "class_names": None, "target_mean": 0.0, "target_
 SAVED_BEFORE_DEFAULTS = {"head_standardize": False, "head_type": "ffn", "regression_loss": "mse"}
 
 
+def single_task_entry(fields: dict[str, Any]) -> dict[str, Any]:
+    """The `tasks` entry of a config written before every model was a list of tasks, from its top-level
+    `label_name`, `problem_type`, `label_unit`, `id2label` (or `num_labels`), `target_mean`, `target_std`,
+    `class_weights` and `logit_temperature` (a task named `label` if it named none). Also what
+    `EnECGConfig(label_name=..., problem_type=...)` builds."""
+    get = {**SINGLE_TASK_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}.get
+    problem_type = get("problem_type") or "regression"
+    entry = {"name": get("label_name") or UNNAMED_TASK, "problem_type": problem_type}
+    id2label = get("id2label")
+    count = len(id2label) if id2label else get("num_labels")
+    if problem_type == "regression":
+        entry["unit"] = get("label_unit")
+        if count is not None and int(count) != 1:
+            entry["num_labels"] = int(count)
+    else:
+        names = {int(k): v for k, v in id2label.items()} if id2label else {}
+        entry["class_names"] = [names.get(i, f"LABEL_{i}") for i in range(int(count if count is not None else 2))]
+    entry.update({k: get(k) for k in ("target_mean", "target_std", "class_weights", "logit_temperature")})
+    return entry
+
+
+def task_entries(config_dict: dict[str, Any]) -> list[dict[str, Any]]:
+    """The task entries of a config dict of either shape: its `tasks`, or its one task at the top level."""
+    return list(config_dict.get("tasks") or [single_task_entry(config_dict)])
+
+
 class EnECGConfig(PreTrainedConfig):
     r"""
     Configuration of an [`EnECGModel`]: frozen expert backbones, one FFN head per expert and a gating network.
@@ -140,16 +176,6 @@ class EnECGConfig(PreTrainedConfig):
         normalization (`str`, defaults to `"record"`):
             Applied by the model to every input: `"record"` z-scores the whole record at once (the research code),
             `"lead"` z-scores each lead, `"none"` leaves it alone.
-        problem_type (`str`, defaults to `"regression"`):
-            `"regression"` (MSE), `"single_label_classification"` (cross-entropy) or
-            `"multi_label_classification"` (BCE).
-        label_name (`str`, *optional*):
-            Dataset column the model predicts (`rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`).
-        label_unit (`str`, *optional*):
-            Unit of a regression target, shown by the pipeline (e.g. `"ms"`).
-        target_mean, target_std (`float`, defaults to 0.0 and 1.0):
-            Regression heads learn `(label - target_mean) / target_std` (training sets them from the training split);
-            the model reports predictions in the label's unit.
         head_hidden_size (`int`, defaults to 256):
             Width of the two hidden layers of each expert head.
         head_dropout (`float`, defaults to 0.0):
@@ -181,14 +207,6 @@ class EnECGConfig(PreTrainedConfig):
         expert_loss_weight (`float`, defaults to 1.0):
             `forward`'s loss is the mixture's loss plus this weight times the mean of every head's own loss on its
             prediction (the paper's step 1: each head is a predictor by itself); 0 supervises only the mixture.
-        class_weights (`list[float]`, *optional*):
-            Weights of the classes in the cross-entropy (training sets them to balance the classes of the training
-            split); `None` weighs every record equally.
-        logit_temperature (`float`, defaults to 1.0):
-            Classification: the mixture's logits are divided by it before they are reported (temperature scaling, so
-            that the probabilities match how often the model is right; training fits it on out-of-fold predictions,
-            `FitSettings.calibration`). It changes no predicted class (nor a binary ranking); the heads' own
-            `expert_logits` are not scaled. 1.0 (folders saved before it existed) leaves the logits as they are.
         gate_leads (`list[str]`, defaults to `["II"]`):
             Leads the gating network reads.
         gate_input_length (`int`, defaults to 5000):
@@ -207,12 +225,21 @@ class EnECGConfig(PreTrainedConfig):
             a `pretrained` source are left out and re-attached from it on load.
         max_input_seconds (`float`, defaults to 60.0):
             Longest record the serving code accepts before cropping.
-        tasks (`list[dict]`, *optional*):
-            A multi-task model: one dict per task (see [`EnECGTaskConfig`] for the fields). Every task gets its own
-            head per expert and its own gate over the shared frozen experts, which run once per record for all tasks.
-            The single-task fields (`label_name`, `problem_type`, `id2label`, `label_unit`, `target_mean`,
-            `target_std`, `class_weights`, `logit_temperature`) are then unused: each task holds its own. `None` (the
-            default) is a single-task model described by those fields.
+        tasks (`list[dict]`):
+            What the model predicts: one dict per task, with its `name` (the dataset column), `problem_type`
+            (`"regression"` (Huber or MSE), `"single_label_classification"` (cross-entropy) or
+            `"multi_label_classification"` (BCE)), `unit` (regression) or `class_names` (classification), and what
+            training sets: `target_mean` / `target_std` (a regression's heads learn `(label - target_mean) /
+            target_std`; the model reports predictions in the label's unit), `class_weights` (cross-entropy
+            weights), `logit_temperature` (temperature scaling: a classification's mixed logits are divided by it;
+            it changes no predicted class, and the heads' own `expert_logits` are not scaled), and `loss_weight`
+            (see [`EnECGTaskConfig`]). Every task has its own head per expert and its own gate over the shared
+            frozen experts, which run once per record for all tasks; a single-task model is a model with one task.
+
+            A config of an earlier release, which held its one task at the top level (`label_name`, `problem_type`,
+            `label_unit`, `id2label` / `num_labels`, `target_mean`, `target_std`, `class_weights`,
+            `logit_temperature`), loads as a one-task model, and `EnECGConfig(label_name=..., problem_type=...)`
+            still builds one; both save as `tasks`. With neither, the model has one regression task named `label`.
     """
 
     model_type = "enecg"
@@ -222,10 +249,6 @@ class EnECGConfig(PreTrainedConfig):
     input_length: int = 5000
     lead_names: list[str] | None = None
     normalization: str = "record"
-    label_name: str | None = None
-    label_unit: str | None = None
-    target_mean: float = 0.0
-    target_std: float = 1.0
     head_hidden_size: int = 256
     head_dropout: float = 0.0
     head_standardize: bool = True
@@ -235,8 +258,6 @@ class EnECGConfig(PreTrainedConfig):
     regression_loss: str = "huber"
     huber_delta: float = 0.05
     expert_loss_weight: float = 1.0
-    class_weights: list[float] | None = None
-    logit_temperature: float = 1.0
     gate_leads: list[str] | None = None
     gate_input_length: int = 5000
     gate_hidden_size: int = 256
@@ -258,16 +279,28 @@ class EnECGConfig(PreTrainedConfig):
             self.lead_names = list(STANDARD_LEAD_NAMES)
         if self.gate_leads is None:
             self.gate_leads = ["II"]
-        if self.tasks:  # each task has its own problem type
-            self.tasks = [{**TASK_DEFAULTS, **dict(task)} if isinstance(task, dict) else task for task in self.tasks]
-        elif kwargs.get("problem_type") is None and getattr(self, "problem_type", None) is None:
-            kwargs["problem_type"] = "regression"
-        if kwargs.get("problem_type", getattr(self, "problem_type", None)) == "regression" and "num_labels" not in kwargs:
-            if kwargs.get("id2label") is None and getattr(self, "id2label", None) is None:
-                kwargs["num_labels"] = 1
+        self._tasks_from_single_task_fields(kwargs)
         super().__post_init__(**kwargs)
         self.experts = [EnECGExpertConfig.from_dict(e, i).to_dict() for i, e in enumerate(self.experts)]
         self._validate()
+
+    def _tasks_from_single_task_fields(self, kwargs: dict[str, Any]) -> None:
+        """Map the single-task fields of an earlier release (in `kwargs`, and `PreTrainedConfig`'s `problem_type`
+        and `id2label`) into `tasks` (`single_task_entry`); `PreTrainedConfig`'s label fields are then left at
+        their defaults, which are not saved."""
+        fields = {name: kwargs.pop(name) for name in [*SINGLE_TASK_DEFAULTS, "num_labels", "label2id"]
+                  if name in kwargs}
+        fields.update(problem_type=self.problem_type, id2label=self.id2label)
+        if self.tasks is None:
+            self.tasks = [single_task_entry(fields)]
+        else:
+            given = [name for name, default in {**SINGLE_TASK_DEFAULTS, "problem_type": None}.items()
+                     if fields.get(name, default) != default]
+            if given:
+                raise ValueError(f"EnECGConfig.{given[0]}: the config has `tasks`, which hold each task's fields "
+                                 f"(the single-task fields {given} would be ignored)")
+        self.tasks = [{**TASK_DEFAULTS, **dict(task)} if isinstance(task, dict) else task for task in self.tasks]
+        self.problem_type, self.id2label, self.label2id = None, None, None
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "EnECGConfig":
@@ -285,13 +318,9 @@ class EnECGConfig(PreTrainedConfig):
         return [e["name"] for e in self.experts]
 
     @property
-    def is_multitask(self) -> bool:
-        return self.tasks is not None
-
-    @property
-    def task_configs(self) -> list["EnECGTaskConfig"] | list["EnECGConfig"]:
-        """One config view per task; a single-task config is its own task."""
-        return [EnECGTaskConfig(task, self) for task in self.tasks] if self.is_multitask else [self]
+    def task_configs(self) -> list[EnECGTaskConfig]:
+        """One config view per task (a single-task model has one)."""
+        return [EnECGTaskConfig(task, self) for task in self.tasks]
 
     @property
     def task_names(self) -> list[str]:
@@ -305,14 +334,7 @@ class EnECGConfig(PreTrainedConfig):
 
         if not self.experts:
             fail("experts", "at least one expert is required")
-        if self.tasks is not None:
-            self._validate_tasks(fail)
-        elif self.problem_type not in PROBLEM_TYPES:
-            fail("problem_type", f"must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
-        if self.tasks is None and self.problem_type == "regression" and self.num_labels < 1:
-            fail("num_labels", "regression needs at least one output")
-        if self.tasks is None and self.problem_type != "regression" and self.num_labels < 2:
-            fail("num_labels", f"{self.problem_type} needs at least 2 labels, got {self.num_labels}")
+        self._validate_tasks(fail)
         if self.adaptation not in ADAPTATIONS:
             fail("adaptation", f"must be one of {ADAPTATIONS}, got {self.adaptation!r}")
         if self.normalization not in NORMALIZATIONS:
@@ -329,26 +351,16 @@ class EnECGConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, f"must be a positive integer, got {value!r}")
-        if not float(self.target_std) > 0.0:
-            fail("target_std", f"must be positive, got {self.target_std}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= float(self.head_dropout) < 1.0:
             fail("head_dropout", f"must be in [0, 1), got {self.head_dropout}")
-        if not (math.isfinite(float(self.logit_temperature)) and float(self.logit_temperature) > 0.0):
-            fail("logit_temperature", f"must be a positive number, got {self.logit_temperature}")
         if not float(self.head_input_clip) > 0.0:
             fail("head_input_clip", f"must be positive, got {self.head_input_clip}")
         if not float(self.head_linear_clip) > 0.0:
             fail("head_linear_clip", f"must be positive, got {self.head_linear_clip}")
         if not float(self.expert_loss_weight) >= 0.0:
             fail("expert_loss_weight", f"must be >= 0, got {self.expert_loss_weight}")
-        if self.class_weights is not None:
-            if self.problem_type != "single_label_classification" or len(self.class_weights) != self.num_labels:
-                fail("class_weights", f"needs single-label classification and one weight per label "
-                     f"({self.num_labels}), got {self.class_weights}")
-            if not all(float(w) > 0.0 for w in self.class_weights):
-                fail("class_weights", f"weights must be positive, got {self.class_weights}")
         if len(set(self.lead_names)) != len(self.lead_names):
             fail("lead_names", f"duplicate lead names in {self.lead_names}")
         unknown_gate = [lead for lead in self.gate_leads if lead not in self.lead_names]
@@ -388,6 +400,11 @@ class EnECGConfig(PreTrainedConfig):
             classes = task.get("class_names")
             if task["problem_type"] != "regression" and (not isinstance(classes, list) or len(classes) < 2):
                 fail("tasks", f"{where}.class_names must list at least 2 classes, got {classes!r}")
+            outputs = task.get("num_labels", 1)
+            if "num_labels" in task and (task["problem_type"] != "regression" or not isinstance(outputs, int)
+                                         or isinstance(outputs, bool) or outputs < 1):
+                fail("tasks", f"{where}.num_labels is a regression's number of outputs (a positive integer; a "
+                     f"classification's are its class_names), got {outputs!r}")
             if not float(task["target_std"]) > 0.0:
                 fail("tasks", f"{where}.target_std must be positive, got {task['target_std']}")
             temperature = float(task.get("logit_temperature", 1.0))
@@ -415,4 +432,4 @@ def declared_fields(config: EnECGConfig, names: Sequence[str]) -> SimpleNamespac
 
 
 __all__ = ["EnECGConfig", "EnECGExpertConfig", "EnECGTaskConfig", "STANDARD_LEAD_NAMES", "EXPERT_TYPES",
-           "declared_fields"]
+           "declared_fields", "single_task_entry", "task_entries"]

@@ -160,7 +160,7 @@ class EnECGExpert(nn.Module):
             raise ValueError(
                 f"Expert {self.name!r} ({self.expert_type}) runs in float32 only, but its weights are {dtype}. Load the "
                 "model with from_pretrained(..., dtype=...), which keeps such experts in float32, or cast only the heads "
-                "and gate (model.heads.to(dtype), model.gate.to(dtype))."
+                "and gates (model.tasks.to(dtype))."
             )
         # Subnormal floats are flushed to zero in every thread of the pass (denormal_enecg.py): pretrained weights
         # full of them would otherwise run up to 100x slower on many x86 CPUs, for the same values.

@@ -7,8 +7,9 @@ Data flow for a batch of records `input_values` (batch, leads, samples):
                ├─> expert_E (frozen) ─> embedding_E ─> head_E ─┘
                └─> gate leads ─> gate MLP ─> softmax weights (batch, E)
 
-A multi-task model (`config.tasks`) runs the experts once and gives every task its own heads and gate
-([`EnECGTaskEnsemble`], under `model.tasks[name]`); a single-task model holds them as `model.heads` and `model.gate`.
+Every model is a list of tasks (`config.tasks`; a single-task model has one): the experts run once, and every task
+has its own heads and gate ([`EnECGTaskEnsemble`], under `model.tasks[name]`). Folders saved before, whose one task's
+heads and gate were `heads.*` and `gate.*`, load into `tasks.<name>.*` (`single_task_key_mapping`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_enecg import EnECGConfig, EnECGTaskConfig, declared_fields
@@ -49,19 +51,21 @@ class EnECGModelOutput(ModelOutput):
     Output of [`EnECGModel`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): returned when `labels` are given; MSE, cross-entropy or
-            BCE according to `config.problem_type`.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): returned when `labels` are given; Huber or MSE,
+            cross-entropy or BCE according to the task's `problem_type` (several tasks: the sum of each task's loss
+            times its `loss_weight`).
         logits (`torch.FloatTensor` of shape `(batch, num_labels)`): the gate-weighted sum of the experts' outputs
             (regression values in the label's unit; classification logits).
         expert_logits (`torch.FloatTensor` of shape `(batch, num_experts, num_labels)`): each expert head's own output.
         gate_weights (`torch.FloatTensor` of shape `(batch, num_experts)`): softmax weights of the gate (rows sum to 1).
         hidden_states (`tuple` of `torch.FloatTensor` of shape `(batch, embedding_dim_e)`, *optional*): returned with
             `output_hidden_states=True`: every expert's embedding (what its head reads), in expert order.
-        task_losses (`dict[str, torch.FloatTensor]`, *optional*): a multi-task model's loss of each task that had
-            labels in the batch (`loss` is their sum weighted by each task's `loss_weight`).
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*): a model with several tasks: the loss of each task
+            that had labels in the batch (`loss` is their sum weighted by each task's `loss_weight`).
 
-    A multi-task model (`config.tasks`) returns `logits`, `expert_logits` and `gate_weights` as dicts keyed by task
-    name, each value shaped as above with that task's `num_labels`.
+    A model with one task (a single-task model) returns its task's tensors, as above. A model with several tasks
+    returns `logits`, `expert_logits` and `gate_weights` as dicts keyed by task name, each value shaped as above with
+    that task's `num_labels` ([`EnECGModel.forward_tasks`] gives every model's outputs that way).
 
     Outputs are float32 whatever the model's dtype (heads and gate may run in bfloat16; label units need the
     precision: bfloat16 resolves 800 ms to 4 ms).
@@ -127,6 +131,33 @@ class EnECGFrozenColumn:
     dim: int
     depends_on: dict[str, Any]
     weights: nn.Module | None = None
+
+
+# Hub and cache arguments of `from_pretrained`, which also locate the config it reads first.
+CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
+                          "subfolder")
+
+
+def single_task_key_mapping(config: EnECGConfig) -> dict[str, str]:
+    """How the weights of a folder saved before every model was a list of tasks load: its one task's heads and gate
+    were `heads.<expert>.*` and `gate.*`, and are now `tasks.<name>.heads.<expert>.*` and `tasks.<name>.gate.*`. As
+    `from_pretrained`'s `key_mapping` (regex -> replacement; it matches no key of a folder saved since). Empty for a
+    model with several tasks, which were always saved under `tasks.`."""
+    if len(config.tasks) != 1:
+        return {}
+    name = config.task_names[0]
+    return {r"^heads\.": f"tasks.{name}.heads.", r"^gate\.": f"tasks.{name}.gate."}
+
+
+def map_single_task_keys(state: dict[str, torch.Tensor], config: EnECGConfig) -> dict[str, torch.Tensor]:
+    """`state` (read from a saved `model.safetensors`) with [`single_task_key_mapping`] applied."""
+    mapping = single_task_key_mapping(config).items()
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in mapping:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
 
 
 def labels_present(labels: torch.Tensor) -> torch.Tensor:
@@ -298,7 +329,7 @@ class EnECGStackedHeads:
     layers' weights and biases (`full`); the base weights of a LoRA head stay as they are. A head's linear path
     (`head_type="linear_ffn"`) is fitted before and stays as it is: the FFN learns what it leaves.
 
-    Made by [`EnECGTaskMixin.stacked_heads`], from copies of the heads' weights: training it leaves the heads as they
+    Made by [`EnECGTaskEnsemble.stacked_heads`], from copies of the heads' weights: training it leaves the heads as they
     are until `head_state(name)` is loaded into the task (`load_state_dict(..., strict=False)`).
     """
 
@@ -412,21 +443,42 @@ class EnECGStackedHeads:
         return {k: v.detach().clone() for k, v in state.items()}
 
 
-class EnECGTaskMixin:
-    """What one task computes from the experts' embeddings: every head's output, the gate's weights, their mixture,
-    the loss and the label units. Shared by a single-task [`EnECGModel`] (its own `heads`, `gate` and config) and each
-    [`EnECGTaskEnsemble`] of a multi-task one (whose `task_config` is its entry of `config.tasks`)."""
+class EnECGTaskEnsemble(nn.Module):
+    """One task of an [`EnECGModel`] (`model.tasks[name]`): a head per expert and a gate over the shared experts'
+    embeddings, and what the task computes from them: every head's output, the gate's weights, their mixture, the loss
+    and the label units. Its `task_config` is its entry of `config.tasks` ([`EnECGTaskConfig`]).
 
-    heads: nn.ModuleDict
-    gate: EnECGGate
+    `forward(expert_embeddings, gate_inputs, labels=None)` returns an [`EnECGModelOutput`] of this task alone
+    (`logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`, `gate_weights` `(batch, experts)`);
+    the training core fits it on cached features (`enecg_hf.training.fit_enecg(model.tasks[name], ...)`)."""
+
+    def __init__(self, task_config: EnECGTaskConfig, embedding_dims: dict[str, int], gate_input_size: int,
+                 missing_indicators: dict[str, list[tuple[int, int]]] | None = None):
+        super().__init__()
+        self._task_config = task_config
+        self.heads = nn.ModuleDict(
+            {
+                name: EnECGHead(dim, task_config.head_hidden_size, task_config.num_labels, task_config.head_dropout,
+                                standardize=task_config.head_standardize, input_clip=task_config.head_input_clip,
+                                linear_path=task_config.head_type == "linear_ffn",
+                                linear_clip=task_config.head_linear_clip,
+                                missing_indicators=(missing_indicators or {}).get(name))
+                for name, dim in embedding_dims.items()
+            }
+        )
+        self.gate = EnECGGate(gate_input_size, task_config.gate_hidden_size, len(embedding_dims))
 
     @property
-    def task_config(self) -> EnECGConfig | EnECGTaskConfig:
-        raise NotImplementedError
+    def task_config(self) -> EnECGTaskConfig:
+        return self._task_config
 
     @property
     def expert_names(self) -> list[str]:
         return list(self.heads.keys())
+
+    def forward(self, expert_embeddings, gate_inputs=None, labels=None) -> EnECGModelOutput:
+        loss, logits, expert_logits, gate_weights = self.predict_task(expert_embeddings, gate_inputs, labels)
+        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
 
     def predict_task(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor],
                      gate_inputs: torch.Tensor | None, labels: torch.Tensor | None = None
@@ -552,38 +604,6 @@ class EnECGTaskMixin:
 
 
 
-class EnECGTaskEnsemble(EnECGTaskMixin, nn.Module):
-    """One task of a multi-task [`EnECGModel`]: a head per expert and a gate, over the shared experts' embeddings.
-
-    `forward(expert_embeddings, gate_inputs, labels=None)` returns an [`EnECGModelOutput`] of this task alone
-    (`logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`, `gate_weights` `(batch, experts)`),
-    so the training core fits it as it fits a single-task model."""
-
-    def __init__(self, task_config: EnECGTaskConfig, embedding_dims: dict[str, int], gate_input_size: int,
-                 missing_indicators: dict[str, list[tuple[int, int]]] | None = None):
-        super().__init__()
-        self._task_config = task_config
-        self.heads = nn.ModuleDict(
-            {
-                name: EnECGHead(dim, task_config.head_hidden_size, task_config.num_labels, task_config.head_dropout,
-                                standardize=task_config.head_standardize, input_clip=task_config.head_input_clip,
-                                linear_path=task_config.head_type == "linear_ffn",
-                                linear_clip=task_config.head_linear_clip,
-                                missing_indicators=(missing_indicators or {}).get(name))
-                for name, dim in embedding_dims.items()
-            }
-        )
-        self.gate = EnECGGate(gate_input_size, task_config.gate_hidden_size, len(embedding_dims))
-
-    @property
-    def task_config(self) -> EnECGTaskConfig:
-        return self._task_config
-
-    def forward(self, expert_embeddings, gate_inputs=None, labels=None) -> EnECGModelOutput:
-        loss, logits, expert_logits, gate_weights = self.predict_task(expert_embeddings, gate_inputs, labels)
-        return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights)
-
-
 class EnECGPreTrainedModel(PreTrainedModel):
     config_class = EnECGConfig
     base_model_prefix = "enecg"
@@ -630,10 +650,9 @@ def init_head_or_gate(module: nn.Module) -> None:
         module.input_std.fill_(1.0)
 
 
-class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
-    """The EnECG ensemble: frozen experts, one FFN head per expert (adapted with LoRA or trained fully) and a gate.
-    A multi-task config (`config.tasks`) gives every task its own heads and gate ([`EnECGTaskEnsemble`] in
-    `model.tasks`) over one pass of the experts.
+class EnECGModel(EnECGPreTrainedModel):
+    """The EnECG ensemble: frozen experts, and for every task of `config.tasks` one FFN head per expert (adapted with
+    LoRA or trained fully) and a gate ([`EnECGTaskEnsemble`], in `model.tasks`), over one pass of the experts.
 
     Create one with random expert weights with `EnECGModel(config)`, with each expert's pretrained weights with
     `EnECGModel.from_expert_sources(config)`, or load a saved one with `from_pretrained`.
@@ -648,24 +667,10 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
         # `post_init` too, and its random weights would otherwise depend on the tasks' head shapes (a model for
         # another label would have other experts and miss the feature store).
         with torch.random.fork_rng(devices=[]):
-            if config.is_multitask:
-                dims = {name: expert.embedding_dim for name, expert in self.experts.items()}
-                missing = {name: expert.missing_indicators for name, expert in self.experts.items()}
-                self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size, missing)
-                                            for task in config.task_configs})
-            else:  # the layout of every single-task folder ever saved: `heads.<expert>.*` and `gate.*`
-                self.heads = nn.ModuleDict(
-                    {
-                        name: EnECGHead(expert.embedding_dim, config.head_hidden_size, config.num_labels,
-                                        config.head_dropout, standardize=config.head_standardize,
-                                        input_clip=config.head_input_clip,
-                                        linear_path=config.head_type == "linear_ffn",
-                                        linear_clip=config.head_linear_clip,
-                                        missing_indicators=expert.missing_indicators)
-                        for name, expert in self.experts.items()
-                    }
-                )
-                self.gate = EnECGGate(gate_input_size, config.gate_hidden_size, len(self.experts))
+            dims = {name: expert.embedding_dim for name, expert in self.experts.items()}
+            missing = {name: expert.missing_indicators for name, expert in self.experts.items()}
+            self.tasks = nn.ModuleDict({task.label_name: EnECGTaskEnsemble(task, dims, gate_input_size, missing)
+                                        for task in config.task_configs})
         # Experts that need float32 stay float32 under `from_pretrained(..., dtype=torch.bfloat16 / float16)`; the
         # other experts, the heads and the gate take the requested dtype.
         self._keep_in_fp32_modules_strict = {rf"^experts\.{name}\." for name in self._fp32_expert_names()}
@@ -687,7 +692,7 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
             lora_alpha=self.config.lora_alpha,
             lora_dropout=self.config.lora_dropout,
             bias="none",
-            target_modules=r"^((tasks\.[^.]+\.)?heads\.[^.]+\.(dense1|dense2|out_proj)|(tasks\.[^.]+\.)?gate\.(dense|out_proj))$",
+            target_modules=r"^tasks\.[^.]+\.(heads\.[^.]+\.(dense1|dense2|out_proj)|gate\.(dense|out_proj))$",
         )
         inject_adapter_in_model(lora_config, self, adapter_name=LORA_ADAPTER)
 
@@ -753,7 +758,18 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
         (`enecg_hf.shipped_model_names()`, e.g. "enecg-base"), then re-freezes the experts and re-attaches the
         backbones a light checkpoint leaves out."""
         pretrained_model_name_or_path = resolve_model(pretrained_model_name_or_path)
+        legacy_mapping = {}
+        if kwargs.get("key_mapping") is None and pretrained_model_name_or_path is not None:
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):  # (a remote-code copy's config is another EnECGConfig class)
+                config = cls.config_class.from_pretrained(
+                    config or pretrained_model_name_or_path,
+                    **{k: kwargs[k] for k in CONFIG_LOCATION_KWARGS if k in kwargs})
+            legacy_mapping = kwargs["key_mapping"] = single_task_key_mapping(config)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # transformers keeps a used `key_mapping` and reverses it when saving: a folder is saved in today's layout.
+        model._weight_conversions = [conversion for conversion in getattr(model, "_weight_conversions", None) or []
+                                     if not set(conversion._original_source_patterns) & set(legacy_mapping)] or None
         with torch.no_grad():
             # Tensors loaded from safetensors sit at the file's alignment; vectorised CPU kernels then round differently
             # from freshly allocated ones. Own copies make a loaded model compute bit-identically to the saved one.
@@ -778,26 +794,12 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
     def expert_names(self) -> list[str]:
         return list(self.experts.keys())
 
-    @property
-    def task_config(self) -> EnECGConfig:
-        if self.config.is_multitask:
-            raise AttributeError(f"A multi-task model has one config per task: use model.tasks[name].task_config "
-                                 f"(tasks: {self.config.task_names})")
-        return self.config
-
-    def task_ensembles(self) -> dict[str, "EnECGTaskMixin"]:
-        """Heads and gate of every task, by task name: `model.tasks` of a multi-task model, the model itself (under
-        its `label_name`) for a single task. The training core fits each of them on the shared expert features."""
-        if self.config.is_multitask:
-            return dict(self.tasks.items())
-        return {self.config.label_name or "label": self}
-
     @torch.no_grad()
     def fit_head_standardization(self, expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> None:
         """Set every head's input mean and standard deviation (of every task) from the training records' embeddings
         (`(records, embedding_dim)` per expert). A constant column keeps a standard deviation of 1."""
-        for ensemble in self.task_ensembles().values():
-            EnECGTaskMixin.fit_head_standardization(ensemble, expert_embeddings)
+        for task in self.tasks.values():
+            task.fit_head_standardization(expert_embeddings)
 
     def compute_features(self, input_values: torch.Tensor) -> EnECGFeatures:
         """Run the frozen part: normalisation, experts and the gate's input selection.
@@ -900,8 +902,9 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
                 `config.sampling_rate`, leads ordered as `config.lead_names`. The model normalises it.
             labels (`torch.Tensor`, *optional*): `(batch,)` or `(batch, num_labels)` floats for regression, `(batch,)`
                 class indices for single-label, `(batch, num_labels)` 0/1 for multi-label classification. A record
-                without a label is NaN (floats) or -100 (class indices) and is left out of the loss. A multi-task
-                model takes a dict `{task name: tensor}` (tasks without labels may be left out).
+                without a label is NaN (floats) or -100 (class indices) and is left out of the loss. A model with
+                several tasks takes a dict `{task name: tensor}` (tasks without labels may be left out); a
+                single-task model takes its tensor (or such a dict).
             expert_embeddings, gate_inputs (*optional*): precomputed [`EnECGFeatures`] instead of `input_values`
                 (training on cached features skips the frozen experts).
             output_hidden_states (`bool`, *optional*): also return every expert's embedding as `hidden_states`.
@@ -909,8 +912,9 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
 
         Returns:
             [`EnECGModelOutput`] with `logits` `(batch, num_labels)`, `expert_logits` `(batch, experts, num_labels)`,
-            `gate_weights` `(batch, experts)` and `loss` when labels are given; for a multi-task model the first three
-            are dicts by task name, and `loss` is the sum of each task's loss times its `loss_weight`.
+            `gate_weights` `(batch, experts)` and `loss` when labels are given (times the task's `loss_weight`); for a
+            model with several tasks the first three are dicts by task name, `task_losses` each task's loss, and
+            `loss` the sum of each task's loss times its `loss_weight`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
@@ -927,28 +931,51 @@ class EnECGModel(EnECGTaskMixin, EnECGPreTrainedModel):
             features = self.compute_features(input_values)
             expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
         hidden_states = tuple(expert_embeddings) if output_hidden_states else None
-        task_losses = None
-        if self.config.is_multitask:
-            if labels is not None and not isinstance(labels, dict):
-                raise ValueError(f"A multi-task model takes labels as a dict {{task: tensor}} (tasks: "
-                                 f"{self.config.task_names}); a missing label is NaN or -100")
-            unknown = sorted(set(labels or {}) - set(self.tasks))
-            if unknown:
-                raise ValueError(f"labels for unknown tasks {unknown}; the model's tasks are {self.config.task_names}")
-            results = {name: ensemble.predict_task(expert_embeddings, gate_inputs, (labels or {}).get(name))
-                       for name, ensemble in self.tasks.items()}
-            logits, expert_logits, gate_weights = ({name: result[i] for name, result in results.items()}
-                                                   for i in (1, 2, 3))
-            task_losses = {name: result[0] for name, result in results.items() if result[0] is not None}
-            loss = (sum(self.tasks[name].task_config.loss_weight * value for name, value in task_losses.items())
-                    if task_losses else None)
+        outputs = self.forward_tasks(expert_embeddings=expert_embeddings, gate_inputs=gate_inputs,
+                                     labels=self._labels_by_task(labels))
+        losses = {name: output.loss for name, output in outputs.items() if output.loss is not None}
+        loss = (sum(self.tasks[name].task_config.loss_weight * value for name, value in losses.items())
+                if losses else None)
+        if len(outputs) == 1:  # a single-task model answers as one: its task's tensors
+            (only,) = outputs.values()
+            logits, expert_logits, gate_weights, task_losses = only.logits, only.expert_logits, only.gate_weights, None
         else:
-            loss, logits, expert_logits, gate_weights = self.predict_task(expert_embeddings, gate_inputs, labels)
+            logits, expert_logits, gate_weights = ({name: getattr(output, key) for name, output in outputs.items()}
+                                                   for key in ("logits", "expert_logits", "gate_weights"))
+            task_losses = losses
         if not return_dict:
             return tuple(v for v in (loss, logits, expert_logits, gate_weights, hidden_states, task_losses)
                          if v is not None)
         return EnECGModelOutput(loss=loss, logits=logits, expert_logits=expert_logits, gate_weights=gate_weights,
                                 hidden_states=hidden_states, task_losses=task_losses)
+
+    def forward_tasks(self, input_values: torch.Tensor | None = None, labels: dict[str, torch.Tensor] | None = None,
+                      expert_embeddings: tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
+                      gate_inputs: torch.Tensor | None = None) -> dict[str, EnECGModelOutput]:
+        """Every task's output, `{task name: EnECGModelOutput}` (a single-task model's too: one entry), from
+        `input_values` or precomputed `expert_embeddings` and `gate_inputs` (see [`forward`]); `labels` by task name
+        (tasks without labels may be left out). What [`forward`] returns, before a single task's is unwrapped."""
+        if expert_embeddings is None or gate_inputs is None:
+            if input_values is None:
+                raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
+            features = self.compute_features(input_values)
+            expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
+        labels = labels or {}
+        return {name: task(expert_embeddings, gate_inputs, labels.get(name)) for name, task in self.tasks.items()}
+
+    def _labels_by_task(self, labels: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """`forward`'s labels by task name: a dict as given, or a single-task model's tensor under its task's name."""
+        if labels is None:
+            return {}
+        if not isinstance(labels, dict):
+            if len(self.tasks) > 1:
+                raise ValueError(f"A model with several tasks takes labels as a dict {{task: tensor}} (tasks: "
+                                 f"{self.config.task_names}); a missing label is NaN or -100")
+            labels = {self.config.task_names[0]: labels}
+        unknown = sorted(set(labels) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"labels for unknown tasks {unknown}; the model's tasks are {self.config.task_names}")
+        return labels
 
     # ------------------------------------------------------------------------------------------------ saving
     def lora_layers(self) -> dict[str, nn.Module]:
@@ -1020,6 +1047,7 @@ def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
     legacy = folder / ADAPTER_FOLDER / LEGACY_ADAPTER_BASE_WEIGHTS
     if legacy.is_file():  # folders saved merged (before 0.1.0 kept adapters un-merged): the pre-adaptation weights
         state.update(load_file(str(legacy)))
+    state = map_single_task_keys(state, config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     left_out = tuple(f"experts.{name}." for name in model._left_out_expert_names())
     missing = [k for k in missing if not (left_out and k.startswith(left_out))]
@@ -1032,4 +1060,4 @@ def load_adapter_base(model_directory: str | os.PathLike) -> EnECGModel:
 
 
 __all__ = ["EnECGModel", "EnECGPreTrainedModel", "EnECGModelOutput", "EnECGFeatures", "EnECGFrozenColumn",
-           "EnECGTaskEnsemble", "EnECGStackedHeads", "load_adapter_base", "embedding_column"]
+           "EnECGTaskEnsemble", "EnECGStackedHeads", "load_adapter_base", "embedding_column", "single_task_key_mapping"]

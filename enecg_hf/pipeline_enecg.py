@@ -387,7 +387,7 @@ class EnECGPipeline(ChunkPipeline):
     Each result is a dict: for regression `{"value", "unit", "label"}` (the label's name); for classification
     `{"label", "score", "scores": [{"label", "score"}, ... top_k]}`; always `"gate_weights"` `{expert: weight}`,
     `"expert_predictions"` (each expert head's own value, or its top class and score), `"warnings"` and `"source"`.
-    A multi-task model's result holds one such prediction per task under `"tasks"` (`{task: {"label", "value",
+    A model with several tasks gives one such prediction per task under `"tasks"` (`{task: {"label", "value",
     "unit", "gate_weights", "expert_predictions", ...}}`), beside the record's `"warnings"` and `"source"`.
 
     With `window_seconds` (and `hop_seconds`, `max_windows`), the result of a record is `{"windows": [...],
@@ -499,16 +499,14 @@ class EnECGPipeline(ChunkPipeline):
         return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
 
     def _forward(self, model_inputs):
-        output = self.model(input_values=model_inputs["input_values"])
-        config = self.model.config
-        # Flat keys of arrays, one per task (a single-task model is one task): transformers' batching hands each
-        # input its row of every array value, not of dicts. Numpy, not tensors: a record's outputs are held until its
-        # last window, and a tensor costs ~1 kB of bookkeeping per window, an array a tenth of that.
+        task_outputs = self.model.forward_tasks(input_values=model_inputs["input_values"])
+        # Flat keys of arrays, one per task: transformers' batching hands each input its row of every array value,
+        # not of dicts. Numpy, not tensors: a record's outputs are held until its last window, and a tensor costs
+        # ~1 kB of bookkeeping per window, an array a tenth of that.
         outputs = {}
         for key in ("logits", "expert_logits", "gate_weights"):
-            value = getattr(output, key)
-            for task in config.task_names:
-                outputs[f"{key}/{task}"] = (value[task] if config.is_multitask else value).float().numpy().copy()
+            for task, output in task_outputs.items():
+                outputs[f"{key}/{task}"] = getattr(output, key).float().numpy().copy()
         outputs.update({key: model_inputs[key] for key in ("warnings", "source", "window", "is_last")})
         return outputs
 
@@ -520,13 +518,13 @@ class EnECGPipeline(ChunkPipeline):
         return self._windowed_result(model_outputs, top_k)
 
     def _prediction(self, output: dict[str, Any], top_k=None) -> dict[str, Any]:
-        """The prediction of one model input: a task result (single task) or `{"tasks": {task: result}}`."""
+        """The prediction of one model input: `{"tasks": {task: result}}`, or a single-task model's task result."""
         config = self.model.config
         results = {task.label_name: self._task_result(task, *(output[f"{key}/{task.label_name}"] for key in
                                                               ("logits", "expert_logits", "gate_weights")),
                                                       output["source"], top_k)
                    for task in config.task_configs}
-        return {"tasks": results} if config.is_multitask else results[config.label_name]
+        return {"tasks": results} if len(results) > 1 else next(iter(results.values()))
 
     def _windowed_result(self, model_outputs: list[dict[str, Any]], top_k=None) -> dict[str, Any]:
         """A record's windows (each window's prediction, or why it was skipped) and the summary per task."""
@@ -572,7 +570,7 @@ class EnECGPipeline(ChunkPipeline):
 
     def _task_result(self, task, logits, expert_logits, gate_weights, source, top_k=None) -> dict[str, Any]:
         """One task's prediction of one record: the value or classes, each expert's gate weight and own prediction.
-        `task` is the model config (single task) or one of `config.task_configs`."""
+        `task` is one of `config.task_configs`."""
         names = list(self.model.expert_names)
         logits, expert_logits, gate_weights = (torch.as_tensor(value[0]).float()
                                                for value in (logits, expert_logits, gate_weights))

@@ -168,7 +168,7 @@ def analyse(model: str, files: Sequence[str] | None = None, example: str | None 
         prepared = model_inputs["input_values"]
         result = ecg.postprocess([ecg.forward(model_inputs)])
     # One prediction per task, side by side (a single-task model is one task).
-    tasks = result["tasks"] if "tasks" in result else {config.label_name: result}
+    tasks = result["tasks"] if "tasks" in result else {config.task_names[0]: result}
     explanation = explain(ecg.model, prepared, n_steps=16, experts=False) if with_saliency else None
     signal = prepared[0].numpy()
     ecg_figure = plot_ecg(signal, config.lead_names, config.sampling_rate,

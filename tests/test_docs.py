@@ -44,8 +44,9 @@ def render_card(folder, problem_type: str = "regression", sources=("simulated", 
     model = AutoModel.from_pretrained(folder)
     summary = {"mae": {"mean": 10.0, "std": 1.0}} if problem_type == "regression" else {
         "accuracy": {"mean": 0.7, "std": 0.1}}
-    metrics = {"problem_type": problem_type, "label": model.config.label_name, "unit": model.config.label_unit,
-               "classes": None if problem_type == "regression" else list(model.config.id2label.values()),
+    task = model.config.task_configs[0]
+    metrics = {"problem_type": problem_type, "label": task.label_name, "unit": task.label_unit,
+               "classes": None if problem_type == "regression" else list(task.id2label.values()),
                "records": 10, "folds": [{}, {}], "cv": summary, "cv_baseline": summary,
                "final": {"metrics": {k: v["mean"] for k, v in summary.items()}}}
     training_args = {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "weight_decay": 0.0, "seed": 0,

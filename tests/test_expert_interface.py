@@ -101,7 +101,7 @@ def test_embedding_has_the_declared_dim_and_ignores_the_rest_of_the_batch(expert
         together = expert(x)
         alone = torch.cat([expert(x[i : i + 1]) for i in range(len(x))])
     assert together.shape == (2, expert.embedding_dim)
-    assert model.heads[expert_type].dense1.in_features == expert.embedding_dim
+    assert model.tasks["label"].heads[expert_type].dense1.in_features == expert.embedding_dim
     assert torch.isfinite(together).all()
     torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-6)
 
@@ -131,7 +131,7 @@ def test_frozen_inside_the_model(expert_type):
         labels = torch.tensor([[800.0], [900.0]])
         model(input_values=records(), labels=labels).loss.backward()
         assert all(p.grad is None for p in expert.parameters())
-        assert any(p.grad is not None for p in model.heads.parameters())
+        assert any(p.grad is not None for p in model.tasks["label"].heads.parameters())
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()

@@ -14,7 +14,7 @@ from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.features import FeatureTable
 from enecg_hf.training.fitting import (
     EnECGFitter, FitSettings, InProcessRunner, fit_enecg, job_seed, predict, prepare_targets, reset_heads_and_gate,
-    subject_folds,
+    subject_folds, task_of,
 )
 
 
@@ -72,7 +72,7 @@ def test_stacked_fit_finds_the_informative_expert_and_beats_the_mean():
     assert all(0 <= e <= FAST["epochs"] for e in report.expert_epochs.values())
     assert set(report.linear_l2) == {"signal", "memorizer", "noise"}
     # Predictions are in the label's unit, and the target scaling came from the training records.
-    assert model.config.target_mean == pytest.approx(float(table.labels[train].double().mean()), rel=1e-6)
+    assert task_of(model).task_config.target_mean == pytest.approx(float(table.labels[train].double().mean()), rel=1e-6)
 
 
 def test_gate_on_in_sample_predictions_trusts_the_memorizer():
@@ -133,11 +133,11 @@ def test_lora_heads_train_only_adapters_and_learn():
     fit_enecg(model, table, train, FitSettings(**FAST))
     mae = np.abs(predict(model, table, test)["logits"][:, 0] - table.labels[test].numpy()).mean()
     assert mae < 0.6 * np.abs(table.labels[train].numpy().mean() - table.labels[test].numpy()).mean()
-    after = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k and k.startswith("heads.")}
-    assert after and any("lora_B" in n and p.abs().sum() > 0 for n, p in model.heads.named_parameters())
-    reset_heads_and_gate(model, job_seed(42, "initial-weights"))  # the initial weights every job starts from
+    after = {k: v.clone() for k, v in task_of(model).state_dict().items() if "base_layer" in k and k.startswith("heads.")}
+    assert after and any("lora_B" in n and p.abs().sum() > 0 for n, p in task_of(model).heads.named_parameters())
+    reset_heads_and_gate(task_of(model), job_seed(42, "initial-weights"))  # the initial weights every job starts from
     for key, value in after.items():  # frozen base weights of the heads stay where they started
-        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(task_of(model).state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_heads_standardize_their_inputs_from_the_training_records():
@@ -145,7 +145,7 @@ def test_heads_standardize_their_inputs_from_the_training_records():
     train, _ = split(table)
     model = make_model()
     fit_enecg(model, table, train, FitSettings(**FAST))
-    head = model.heads["signal"]
+    head = task_of(model).heads["signal"]
     torch.testing.assert_close(head.input_mean, table.expert_embeddings[0][train].mean(0))
     torch.testing.assert_close(head.input_std, table.expert_embeddings[0][train].std(0))
 
@@ -156,15 +156,15 @@ def test_balanced_class_weights_and_classification_fit():
     model = make_model("single_label_classification")
     labels = torch.tensor([0] * 30 + [1] * 10)
     prepare_targets(model, labels, "balanced")
-    assert model.config.class_weights == pytest.approx([40 / 60, 40 / 20])
+    assert task_of(model).task_config.class_weights == pytest.approx([40 / 60, 40 / 20])
     prepare_targets(model, labels, "none")
-    assert model.config.class_weights is None
+    assert task_of(model).task_config.class_weights is None
     fit_enecg(model, table, train, FitSettings(**FAST))
     from sklearn.metrics import roc_auc_score
 
     logits = predict(model, table, test)["logits"]
     assert roc_auc_score(table.labels[test].numpy(), logits[:, 1] - logits[:, 0]) > 0.8
-    assert model.config.class_weights is not None and len(model.config.class_weights) == 2
+    assert task_of(model).task_config.class_weights is not None and len(task_of(model).task_config.class_weights) == 2
 
 
 def test_temperature_scaling_is_fitted_out_of_fold_and_changes_no_decision():
@@ -175,21 +175,21 @@ def test_temperature_scaling_is_fitted_out_of_fold_and_changes_no_decision():
     calibrated, plain = make_model("single_label_classification"), make_model("single_label_classification")
     report = fit_enecg(calibrated, table, train, FitSettings(**FAST))
     plain_report = fit_enecg(plain, table, train, FitSettings(**FAST, calibration="none"))
-    temperature = calibrated.config.logit_temperature
+    temperature = task_of(calibrated).task_config.logit_temperature
     assert report.logit_temperature == temperature and plain_report.logit_temperature == 1.0
-    assert plain.config.logit_temperature == 1.0 and temperature != 1.0 and temperature > 0
+    assert task_of(plain).task_config.logit_temperature == 1.0 and temperature != 1.0 and temperature > 0
     ours, theirs = predict(calibrated, table, test), predict(plain, table, test)
     np.testing.assert_allclose(ours["logits"] * temperature, theirs["logits"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ours["expert_logits"], theirs["expert_logits"])
     # It is the temperature of lowest out-of-fold cross-entropy: a little hotter or colder is worse.
     with torch.no_grad():
-        weights = calibrated.compute_gate_weights(table.gate_inputs[train], len(train))
+        weights = task_of(calibrated).compute_gate_weights(table.gate_inputs[train], len(train))
     mixture = (report.out_of_fold_predictions * weights[:, :, None]).sum(1).double()
     nll = lambda t: float(torch.nn.functional.cross_entropy(mixture / t, table.labels[train]))  # noqa: E731
     assert nll(temperature) < min(nll(temperature * 1.1), nll(temperature / 1.1), nll(1.0))
     # A refit starts from 1 again (a fold's temperature never leaks into the next fit's out-of-fold losses).
     prepare_targets(calibrated, table.labels[train], "balanced")
-    assert calibrated.config.logit_temperature == 1.0
+    assert task_of(calibrated).task_config.logit_temperature == 1.0
 
 
 def test_joint_strategy_trains_heads_and_gate_together():
@@ -199,7 +199,7 @@ def test_joint_strategy_trains_heads_and_gate_together():
     runner = ReversedRunner()
     fit_enecg(model, table, train, FitSettings(**dict(FAST, strategy="joint", epochs=30)), runner=runner)
     assert runner.calls == [("fit/linear-paths", 1), ("fit/joint", 1)]
-    assert model.gate.out_proj.weight.abs().sum() > 0  # the gate moved off its uniform start
+    assert task_of(model).gate.out_proj.weight.abs().sum() > 0  # the gate moved off its uniform start
     mae = np.abs(predict(model, table, test)["logits"][:, 0] - table.labels[test].numpy()).mean()
     assert mae < np.abs(table.labels[train].numpy().mean() - table.labels[test].numpy()).mean()
 
@@ -252,20 +252,20 @@ def test_stacked_heads_compute_what_the_head_modules_compute(adaptation, head_ty
     flags = [column for _, column in model.experts["c"].missing_indicators]
     embeddings[2][:, flags] = (torch.rand(7, len(flags)) < 0.3).float()  # some values of "c" not measured
     model.fit_head_standardization([e * 0.5 for e in embeddings])
-    assert bool(model.heads["c"].impute_columns) == (head_type == "linear_ffn")
-    for name, param in model.heads.named_parameters():  # move LoRA B (and zero-started layers) off zero
+    assert bool(task_of(model).heads["c"].impute_columns) == (head_type == "linear_ffn")
+    for name, param in task_of(model).heads.named_parameters():  # move LoRA B (and zero-started layers) off zero
         if "lora_B" in name:
             param.data.normal_()
         elif ".linear." in name or "out_proj" in name:
             param.data.normal_(0.0, 0.1)
-    stacked = model.stacked_heads()
+    stacked = task_of(model).stacked_heads()
     with torch.no_grad():
-        expected = model.eval().compute_expert_logits(embeddings)
+        expected = task_of(model.eval()).compute_expert_logits(embeddings)
         actual = stacked.forward(stacked.stack_inputs(embeddings))
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # Writing the stacked tensors back gives the same heads.
     state = {k: v for name in model.expert_names for k, v in stacked.head_state(name).items()}
-    own = {k: v for k, v in model.state_dict().items() if k.startswith("heads.")}
+    own = {k: v for k, v in task_of(model).state_dict().items() if k.startswith("heads.")}
     assert state.keys() == own.keys()
     for key in state:
         torch.testing.assert_close(state[key], own[key], rtol=0, atol=0, msg=key)
@@ -394,9 +394,9 @@ def test_linear_paths_are_ridge_and_logistic_regression(problem_type):
         labels = torch.tensor((score_ + rng.normal(0, 1, n) > 0).astype(np.int64))
     prepare_targets(model, labels, "none")
     inputs = torch.tensor(x, dtype=torch.float32)[:, None, :].expand(-1, 3, -1)  # the same problem for 3 experts
-    weight, bias = solve_linear_paths(model, inputs, labels, l2, max_iter=500)
+    weight, bias = solve_linear_paths(task_of(model), inputs, labels, l2, max_iter=500)
     if problem_type == "regression":
-        target = (labels.numpy() - model.config.target_mean) / model.config.target_std
+        target = (labels.numpy() - task_of(model).task_config.target_mean) / task_of(model).task_config.target_std
         reference = Ridge(alpha=l2 * n / 2).fit(x, target)
         expected_weight, expected_bias = reference.coef_[None], np.atleast_1d(reference.intercept_)
     else:
@@ -417,7 +417,7 @@ def test_each_linear_path_keeps_the_penalty_with_the_lowest_out_of_fold_loss():
     prepare_targets(model, table.labels, "balanced")
     folds = subject_folds(table.groups, 3, 0)
     grid = (1e-3, 0.1, 10.0)
-    result = fit_linear_paths(model, table.expert_embeddings, table.labels, folds, grid)
+    result = fit_linear_paths(task_of(model), table.expert_embeddings, table.labels, folds, grid)
     assert result["out_of_fold_loss"].shape == (3, 3)
     chosen = [grid[int(i)] for i in result["out_of_fold_loss"].argmin(dim=0)]
     assert result["l2"].tolist() == pytest.approx(chosen)

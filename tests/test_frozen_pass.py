@@ -102,6 +102,9 @@ INHERITED_NOT_READ = ("base_config_key", "sub_configs_defaults", "attribute_map"
                       "chunk_size_feed_forward", "is_encoder_decoder", "label2id")
 
 
+SINGLE_TASK_FIELDS = ("label_name", "label_unit", "problem_type", "id2label")
+
+
 def build(config: dict):
     from enecg_hf import EnECGConfig, EnECGModel
 
@@ -144,7 +147,9 @@ def problems(change: str, base: dict, variant: dict) -> list[str]:
 def variants(tmp_path: Path):
     """`(change name, config)` of every change of `MODEL_CHANGES` and `ENTRY_CHANGES`."""
     for field, value in MODEL_CHANGES.items():
-        yield field, {**BASE, field: value}
+        # BASE describes its one task in the single-task fields of earlier releases; `tasks` replaces them.
+        base = {k: v for k, v in BASE.items() if k not in SINGLE_TASK_FIELDS} if field == "tasks" else BASE
+        yield field, {**base, field: value}
     weights = build(BASE).experts["dlinear"].save_pretrained(tmp_path / "dlinear")
     for name, change in ENTRY_CHANGES.items():
         change = {"pretrained": str(weights)} if name == "pretrained" else change

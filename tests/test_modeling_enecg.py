@@ -20,6 +20,7 @@ import enecg_hf
 from enecg_hf import EnECGConfig, EnECGModel, load_adapter_base
 from enecg_hf.signal_enecg import resample_fourier
 from enecg_hf.expert_registry import EXPERT_TYPES, expert_class
+from enecg_hf.training.fitting import task_of
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,7 @@ PROBLEMS = {
 
 
 def labels_for(config: EnECGConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    config = config.task_configs[0]
     if config.problem_type == "regression":
         return torch.randn(batch, config.num_labels, generator=generator) * 100 + 800
     if config.problem_type == "single_label_classification":
@@ -90,8 +92,9 @@ def test_output_shapes_and_loss(tester, problem):
     inputs = tester.get_inputs()
     labels = labels_for(config, tester.batch_size, torch.Generator().manual_seed(1))
     out = model(inputs, labels=labels)
-    assert out.logits.shape == (tester.batch_size, config.num_labels)
-    assert out.expert_logits.shape == (tester.batch_size, 3, config.num_labels)
+    num_labels = config.task_configs[0].num_labels
+    assert out.logits.shape == (tester.batch_size, num_labels)
+    assert out.expert_logits.shape == (tester.batch_size, 3, num_labels)
     assert out.gate_weights.shape == (tester.batch_size, 3)
     torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(tester.batch_size))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
@@ -141,8 +144,8 @@ def test_from_pretrained_honours_the_dtype(tester, tmp_path, dtype):
     model = tester.get_model(target_mean=800.0, target_std=100.0).eval()
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path, dtype=dtype).eval()
-    assert loaded.experts["moment"].compute_dtype == dtype and loaded.heads["dlinear"].dense1.weight.dtype == dtype
-    assert loaded.gate.dense.weight.dtype == dtype
+    assert loaded.experts["moment"].compute_dtype == dtype and task_of(loaded).heads["dlinear"].dense1.weight.dtype == dtype
+    assert task_of(loaded).gate.dense.weight.dtype == dtype
     assert loaded.experts["timesnet"].compute_dtype == torch.float32
     for key, value in model.experts["timesnet"].state_dict().items():
         assert torch.equal(loaded.experts["timesnet"].state_dict()[key], value), key
@@ -169,7 +172,7 @@ def test_training_with_unset_target_scaling_warns_once(tester, caplog):
     assert caplog.text.count("target scaling is unset") == 1
     caplog.clear()
     fit_label_statistics(model, labels)
-    assert model.config.target_mean == pytest.approx(816.667, abs=1e-3)
+    assert model.config.task_configs[0].target_mean == pytest.approx(816.667, abs=1e-3)
     model._warned_target_scaling = False
     with caplog.at_level("WARNING", logger="enecg_hf.modeling_enecg"), torch.no_grad():
         loss = model(tester.get_inputs(), labels=labels).loss
@@ -210,7 +213,7 @@ def test_heads_standardize_and_clip_their_inputs(tester):
     features = model.compute_features(tester.get_inputs())
     embeddings = [e * 100 + 7 for e in features.expert_embeddings]  # another scale and offset
     model.fit_head_standardization(embeddings)
-    head = next(iter(model.heads.values()))
+    head = next(iter(task_of(model).heads.values()))
     torch.testing.assert_close(head.input_mean, embeddings[0].mean(0))
     # A head sees (x - mean) / std, clipped to +-2: a wild value gives the same output as the clip value.
     wild, clipped = embeddings[0].clone(), embeddings[0].clone()
@@ -227,7 +230,7 @@ def test_a_linear_path_extrapolates_but_stays_bounded(tester):
     features = model.compute_features(tester.get_inputs())
     embeddings = list(features.expert_embeddings)
     model.fit_head_standardization(embeddings)
-    name, head = next(iter(model.heads.items()))
+    name, head = next(iter(task_of(model).heads.items()))
     with torch.no_grad():
         head.linear.weight.fill_(0.5)
 
@@ -241,7 +244,7 @@ def test_a_linear_path_extrapolates_but_stays_bounded(tester):
     assert torch.isfinite(at(1e6)).all() and (at(1e6) - at(0.0)).abs().max() < 0.5 * 24 + 1e-3
     wild = [e.clone() for e in embeddings]
     wild[0][:, 0] = head.input_mean[0] + 1e6 * head.input_std[0]
-    heads = model.stacked_heads()
+    heads = task_of(model).stacked_heads()
     stacked = heads.forward(heads.stack_inputs(wild), training=False)
     torch.testing.assert_close(stacked[:, 0], head(wild[0]))
 
@@ -251,7 +254,7 @@ def test_folders_saved_before_head_standardization_load_as_saved(tester, tmp_pat
     model = tester.get_model(head_standardize=False).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["head_standardize"], config["head_input_clip"], config["expert_loss_weight"], config["class_weights"]
+    del config["head_standardize"], config["head_input_clip"], config["expert_loss_weight"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     reloaded = EnECGModel.from_pretrained(tmp_path).eval()
     assert reloaded.config.head_standardize is False
@@ -312,7 +315,7 @@ def test_linear_paths_read_an_unmeasured_value_as_the_training_mean():
     names = expert.feature_names
     assert [(names[v], names[f]) for v, f in expert.missing_indicators][:2] == [
         ("II.rr_mean", "II.rr_mean_missing"), ("II.rr_std", "II.rr_std_missing")]
-    head = model.heads["features"]
+    head = task_of(model).heads["features"]
     assert isinstance(head, EnECGHead) and head.impute_columns == [v for v, _ in expert.missing_indicators]
     rng = np.random.default_rng(0)
     embedding = torch.tensor(rng.uniform(0.5, 1.2, (40, 14)), dtype=torch.float32)
@@ -325,16 +328,16 @@ def test_linear_paths_read_an_unmeasured_value_as_the_training_mean():
     z = head.standardize_input(embedding)
     assert torch.all(z[:3, 0] == 0.0) and torch.all(z[:3, 7] > 3.0)
     # The paper's FFN head keeps reading the placeholder as it always did.
-    assert EnECGModel(EnECGConfig(**{**config.to_dict(), "head_type": "ffn"})).heads["features"].impute_columns == []
+    assert task_of(EnECGModel(EnECGConfig(**{**config.to_dict(), "head_type": "ffn"}))).heads["features"].impute_columns == []
 
 
 def test_huber_loss_is_the_absolute_error_beyond_delta(tester):
     model = tester.get_model(target_mean=800.0, target_std=100.0, huber_delta=0.05)
     scaled, labels = torch.tensor([[0.0], [0.0]]), torch.tensor([800.0 + 100.0 * 2.0, 800.0 + 100.0 * 0.01])
     expected = ((2.0 - 0.025) + 0.5 * 0.01**2 / 0.05) / 2  # |r| - delta/2 beyond delta, r^2 / (2 delta) within
-    assert float(model.loss_function(scaled, labels)) == pytest.approx(expected, rel=1e-5)
+    assert float(task_of(model).loss_function(scaled, labels)) == pytest.approx(expected, rel=1e-5)
     mse = tester.get_model(target_mean=800.0, target_std=100.0, regression_loss="mse")
-    assert float(mse.loss_function(scaled, labels)) == pytest.approx((4.0 + 1e-4) / 2, rel=1e-5)
+    assert float(task_of(mse).loss_function(scaled, labels)) == pytest.approx((4.0 + 1e-4) / 2, rel=1e-5)
 
 
 def test_uniform_gate_is_plain_average(tester):
@@ -401,7 +404,7 @@ def test_trainable_parameters_are_exactly_the_adaptation(tester):
 
     full = tester.get_model(adaptation="full")
     trainable = {n for n, p in full.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in full.named_parameters() if n.startswith(("heads.", "gate."))}
+    assert trainable == {n for n, _ in full.named_parameters() if n.startswith(("tasks.label.heads.", "tasks.label.gate."))}
 
 
 # ------------------------------------------------------------------------------------------------ save and load
@@ -446,7 +449,7 @@ def saved_lora_model(tester, tmp_path_factory):
     model = tester.get_model(adaptation="lora", target_mean=800.0, target_std=100.0).eval()
     with torch.no_grad():
         model.fit_head_standardization(model.compute_features(tester.get_inputs(seed=11)).expert_embeddings)
-    assert all(float(head.input_std.sub(1).abs().max()) > 0 for head in model.heads.values())
+    assert all(float(head.input_std.sub(1).abs().max()) > 0 for head in task_of(model).heads.values())
     train_a_little(model, tester.get_inputs())
     assert any(layer.get_delta_weight("default").abs().sum() > 0 for layer in model.lora_layers().values())
     folder = tmp_path_factory.mktemp("lora") / "model"
@@ -603,16 +606,16 @@ def test_random_weights_are_logged(tester, caplog):
     "overrides, field",
     [
         ({"adaptation": "qlora"}, "adaptation"),
-        ({"problem_type": "ranking"}, "problem_type"),
+        ({"problem_type": "ranking"}, r"tasks: tasks\[0\] \('label'\)\.problem_type"),
         ({"gate_leads": ["X9"]}, "gate_leads"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"sampling_rate": 0}, "sampling_rate"),
-        ({"target_std": 0.0}, "target_std"),
+        ({"target_std": 0.0}, r"tasks: tasks\[0\] \('label'\)\.target_std"),
         ({"head_type": "mlp"}, "head_type"),
         ({"regression_loss": "l1"}, "regression_loss"),
         ({"huber_delta": 0.0}, "huber_delta"),
-        ({"logit_temperature": 0.0}, "logit_temperature"),
-        ({"logit_temperature": float("nan")}, "logit_temperature"),
+        ({"logit_temperature": 0.0}, r"tasks: tasks\[0\] \('label'\)\.logit_temperature"),
+        ({"logit_temperature": float("nan")}, r"tasks: tasks\[0\] \('label'\)\.logit_temperature"),
         ({"experts": []}, "experts"),
         ({"experts": [{"name": "a", "type": "transformerxl", "input_length": 10}]}, "experts"),
         ({"experts": [{"name": "a", "type": "dlinear", "input_length": 10, "leads": ["V7"]}]}, "experts"),
@@ -678,7 +681,8 @@ def test_hub_configs_are_valid():
     }
     for name, (problem_type, label, num_labels) in expected_tasks.items():
         config = EnECGConfig.from_json_file(HUB_CONFIGS / f"{name}.json")
-        assert (config.problem_type, config.label_name, config.num_labels) == (problem_type, label, num_labels)
+        task = config.task_configs[0]
+        assert (task.problem_type, task.label_name, task.num_labels) == (problem_type, label, num_labels)
         by_name = {e.name: e for e in config.expert_configs}
         assert by_name["moment"].settings["preset"] == "large" and by_name["moment"].input_length == 5000
         assert by_name["moment"].pretrained == "AutonLab/MOMENT-1-large"
@@ -748,18 +752,18 @@ def test_logit_temperature_divides_the_mixtures_logits_and_is_saved(tester, tmp_
     divided by it, the heads' own are not; it is saved with the config; 1.0 leaves the logits untouched."""
     model = tester.get_model(**PROBLEMS["single_label"], adaptation="full").eval()
     with torch.no_grad():
-        for parameter in model.heads.parameters():
+        for parameter in task_of(model).heads.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     inputs = tester.get_inputs(seed=5)
     with torch.no_grad():
         plain = model(inputs)
-        model.config.logit_temperature = 2.0
+        model.config.task_configs[0].logit_temperature = 2.0
         scaled = model(inputs)
     assert plain.logits.abs().max() > 0
     torch.testing.assert_close(scaled.logits, plain.logits / 2.0)
     assert torch.equal(scaled.expert_logits, plain.expert_logits)
     model.save_pretrained(tmp_path)
     reloaded = EnECGModel.from_pretrained(tmp_path).eval()
-    assert reloaded.config.logit_temperature == 2.0
+    assert reloaded.config.task_configs[0].logit_temperature == 2.0
     with torch.no_grad():
         assert torch.equal(reloaded(inputs).logits, scaled.logits)

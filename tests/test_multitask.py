@@ -1,5 +1,6 @@
-"""Multi-task EnECG: one pass of the experts, a head set and a gate per task, masked losses; single-task folders of
-the earlier release load unchanged."""
+"""Every EnECG model is a list of tasks: one pass of the experts, a head set and a gate per task, masked losses; a
+single-task model is a model with one task, and single-task folders saved before (`heads.*`, `gate.*`, the task at
+the top level of the config) load as one."""
 
 import json
 from pathlib import Path
@@ -52,16 +53,31 @@ def fixture_input() -> torch.Tensor:
     return torch.tensor(np.stack([x, 0.5 * x[::-1]]), dtype=torch.float32)
 
 
-def test_a_single_task_folder_of_the_earlier_release_predicts_its_saved_outputs(tmp_path):
-    """tests/fixtures/single_task_v0_1 was saved by enecg_hf 0.1.0 before multi-task support (with its outputs on a
-    fixed input); the current code loads it with the same keys and reproduces every output to float32 rounding
-    (`ACROSS_ENVIRONMENTS`). Within this process the folder, saved again by the current code, reloads bit for bit."""
-    from transformers import AutoModel
+# Single-task folders saved before every model was a list of tasks: by enecg_hf 0.1.0 before multi-task support (a
+# regression, FFN heads, LoRA), and by the code of commit bcd33b8 (a classification with linear-path heads, input
+# standardisation, class weights and a logit temperature). Each holds its outputs on `fixture_input()`.
+OLD_SINGLE_TASK_FOLDERS = {"single_task_v0_1": "age", "single_task_bcd33b8": "sex"}
 
-    folder = FIXTURES / "single_task_v0_1"
+
+@pytest.mark.parametrize("fixture", sorted(OLD_SINGLE_TASK_FOLDERS))
+def test_a_single_task_folder_saved_before_predicts_its_saved_outputs(tmp_path, fixture):
+    """An old single-task folder loads as a one-task model (its `heads.*` and `gate.*` mapped to the task's modules,
+    its top-level label fields to its `tasks` entry) and reproduces every output to float32 rounding
+    (`ACROSS_ENVIRONMENTS`; in this environment bit for bit). Saved again it is written in today's layout, and
+    reloads bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    folder = FIXTURES / fixture
     model = AutoModel.from_pretrained(folder).eval()
-    assert not model.config.is_multitask and model.config.label_name == "age"
-    assert {key.split(".")[0] for key in model.state_dict()} == {"experts", "heads", "gate"}
+    saved_config = json.loads((folder / "config.json").read_text())
+    assert model.config.task_names == [OLD_SINGLE_TASK_FOLDERS[fixture]] == [saved_config["label_name"]]
+    assert {key.split(".")[0] for key in load_file(str(folder / "model.safetensors"))} == {"experts", "heads", "gate"}
+    assert {key.split(".")[0] for key in model.state_dict()} == {"experts", "tasks"}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)  # re-frozen
+    task = model.config.task_configs[0]
+    for field in ("problem_type", "target_mean", "target_std", "class_weights", "logit_temperature"):
+        assert getattr(task, field) == saved_config.get(field, getattr(task, field)), field
     with torch.no_grad():
         output = model(fixture_input())
     expected = json.loads((folder / "expected_outputs.json").read_text())
@@ -70,12 +86,62 @@ def test_a_single_task_folder_of_the_earlier_release_predicts_its_saved_outputs(
         torch.testing.assert_close(getattr(output, key).flatten().double(), saved, **ACROSS_ENVIRONMENTS,
                                    msg=lambda message, key=key: f"{key}: {message}")
 
+    with torch.no_grad():  # the config given, as pipelines do: the weights are mapped all the same
+        given = AutoModel.from_pretrained(folder, config=AutoConfig.from_pretrained(folder)).eval()(fixture_input())
+    assert all(torch.equal(getattr(given, key), getattr(output, key)) for key in expected)
+
     model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert [t["name"] for t in written["tasks"]] == model.config.task_names
+    assert not {"label_name", "problem_type", "id2label", "target_mean", "logit_temperature"} & set(written)
+    assert {key.split(".")[0] for key in load_file(str(tmp_path / "model.safetensors"))} == {"experts", "tasks"}
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         again = reloaded(fixture_input())
     for key in expected:
         assert torch.equal(getattr(again, key), getattr(output, key)), key
+
+
+def test_old_single_task_weights_are_mapped_to_the_task_and_nothing_else():
+    """The key mapping of an old single-task folder: `heads.` and `gate.` at the start of a key move under the one
+    task; expert keys stay; a model with several tasks maps nothing (it was always saved under `tasks.`)."""
+    from enecg_hf.modeling_enecg import map_single_task_keys, single_task_key_mapping
+
+    one = EnECGConfig(experts=EXPERTS, label_name="sex", problem_type="single_label_classification", **SMALL)
+    state = {"heads.dlinear.dense1.base_layer.weight": 1, "gate.out_proj.lora_A.default.weight": 2,
+             "experts.dlinear.heads.x": 3, "experts.timesnet.gate.y": 4}
+    assert map_single_task_keys(state, one) == {
+        "tasks.sex.heads.dlinear.dense1.base_layer.weight": 1, "tasks.sex.gate.out_proj.lora_A.default.weight": 2,
+        "experts.dlinear.heads.x": 3, "experts.timesnet.gate.y": 4}
+    assert single_task_key_mapping(multitask_config()) == {}
+    assert map_single_task_keys({"tasks.sex.gate.dense.weight": 1}, one) == {"tasks.sex.gate.dense.weight": 1}
+
+
+def test_a_single_task_model_is_a_model_with_one_task():
+    """`EnECGConfig(label_name=..., problem_type=...)` (the single-task fields of earlier releases) builds a one-task
+    model with the same modules, outputs and loss as one built from `tasks`, and answers as a single-task Hugging
+    Face model: tensors, not dicts. The single-task fields are not kept at the top level."""
+    old_style = EnECGConfig(experts=EXPERTS, label_name="sex", problem_type="single_label_classification",
+                            id2label={0: "female", 1: "male"}, class_weights=[1.5, 0.5], **SMALL)
+    new_style = EnECGConfig(experts=EXPERTS, tasks=[{"name": "sex", "problem_type": "single_label_classification",
+                                                     "class_names": ["female", "male"], "class_weights": [1.5, 0.5]}],
+                            **SMALL)
+    assert old_style.tasks == new_style.tasks and old_style.to_diff_dict() == new_style.to_diff_dict()
+    assert not hasattr(old_style, "label_name") and old_style.problem_type is None
+    torch.manual_seed(0)
+    a = EnECGModel(old_style).eval()
+    torch.manual_seed(0)
+    b = EnECGModel(new_style).eval()
+    assert not hasattr(a, "heads") and not hasattr(a, "gate") and list(a.tasks) == ["sex"]
+    labels = torch.tensor([0, 1, 1])
+    out_a, out_b = a(records(), labels=labels), b(records(), labels={"sex": labels})
+    assert out_a.logits.shape == (3, 2) and out_a.task_losses is None
+    for key in ("loss", "logits", "expert_logits", "gate_weights"):
+        assert torch.equal(getattr(out_a, key), getattr(out_b, key)), key
+    per_task = a.forward_tasks(records())
+    assert list(per_task) == ["sex"] and torch.equal(per_task["sex"].logits, out_a.logits)
+    with pytest.raises(ValueError, match="already|tasks"):
+        EnECGConfig(experts=EXPERTS, tasks=new_style.tasks, label_name="age")
 
 
 def test_one_forward_runs_every_expert_once_and_answers_every_task():
@@ -145,7 +211,7 @@ def test_a_task_of_a_multitask_model_learns_what_a_single_task_model_learns():
     held_out = np.arange(16, 24)
     a, b = predict(multi.tasks["sex"], table, held_out), predict(single, table, held_out)
     assert np.array_equal(a["logits"], b["logits"]) and np.array_equal(a["gate_weights"], b["gate_weights"])
-    assert multi.config.tasks[1]["class_weights"] == single.config.class_weights  # fitted into the task's entry
+    assert multi.config.tasks[1]["class_weights"] == single.config.tasks[0]["class_weights"]  # fitted into the entry
 
 
 def test_multitask_save_load_and_peft_adapter_round_trip(tmp_path):
@@ -248,3 +314,37 @@ def test_train_py_labels_all_trains_one_model_that_serves_every_task(tmp_path):
     for task in answer["tasks"].values():
         assert set(task["gate_weights"]) == {"dlinear", "timesnet"}
         assert sum(task["gate_weights"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+# A model config's fields that describe a single task: earlier releases kept a single-task model's at the top level.
+TASK_FIELDS_OFF_THE_MODEL_CONFIG = {"label_name", "label_unit", "problem_type", "target_mean", "target_std",
+                                    "class_weights", "logit_temperature", "id2label", "label2id", "num_labels"}
+
+
+def test_every_model_takes_one_code_path():
+    """Every model is a list of tasks, with one code path: no code of the package, train.py, the Space, bench or the
+    tests asks whether a model has one task or several (`is_multitask`), keeps heads and a gate outside
+    `model.tasks` (the mixin a single-task model shared with its tasks, `task_ensembles`), or reads a task's fields
+    off a model config (`model.config.label_name`: each task's are in `config.tasks`). Read with `ast`;
+    configuration_enecg.py maps the single-task fields of old configs (`single_task_entry`) and is left out of the
+    last check."""
+    import ast
+
+    files = [*(REPO / "enecg_hf").rglob("*.py"), REPO / "train.py", *(REPO / "space").glob("*.py"),
+             *(REPO / "bench").glob("*.py"), *(REPO / "tests").rglob("*.py")]
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(REPO)
+        for node in ast.walk(tree):
+            name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+            if name in ("is_multitask", "EnECGTaskMixin", "task_ensembles"):
+                found.append(f"{where}:{node.lineno} {name}")
+            if (isinstance(node, ast.Attribute) and node.attr in TASK_FIELDS_OFF_THE_MODEL_CONFIG
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == "config"
+                    and path.name != "configuration_enecg.py"):
+                found.append(f"{where}:{node.lineno} .config.{node.attr} (a task's field: config.task_configs[i])")
+    assert not found, "\n".join(found)
+    model = EnECGModel(EnECGConfig(experts=EXPERTS, **SMALL))
+    assert not hasattr(model, "heads") and not hasattr(model, "gate") and list(model.tasks) == ["label"]
+    assert {key.split(".")[0] for key in model.state_dict()} == {"experts", "tasks"}

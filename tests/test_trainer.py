@@ -52,10 +52,11 @@ def test_trainer_learns_rr_intervals_from_a_built_dataset(simulated, tmp_path):
     trainer.train()
 
     train_labels = np.asarray(simulated.select(train_idx)["rr_interval"], dtype=np.float64)
-    assert model.config.target_mean == pytest.approx(train_labels.mean(), rel=1e-6)
-    assert model.config.target_std == pytest.approx(train_labels.std(), rel=1e-6)
-    assert float(model.heads["features"].input_std.sub(1).abs().max()) > 0  # head standardisation was fitted
-    assert float(model.heads["features"].linear.weight.abs().max()) > 0  # and the linear path (LoRA cannot train it)
+    (task,) = model.tasks.values()  # a single-task model: one task
+    assert task.task_config.target_mean == pytest.approx(train_labels.mean(), rel=1e-6)
+    assert task.task_config.target_std == pytest.approx(train_labels.std(), rel=1e-6)
+    assert float(task.heads["features"].input_std.sub(1).abs().max()) > 0  # head standardisation was fitted
+    assert float(task.heads["features"].linear.weight.abs().max()) > 0  # and the linear path (LoRA cannot train it)
     metrics = trainer.evaluate()
     test_labels = np.asarray(simulated.select(test_idx)["rr_interval"], dtype=np.float64)
     mean_predictor = float(np.abs(test_labels - train_labels.mean()).mean())

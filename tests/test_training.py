@@ -126,7 +126,8 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
             "configuration_enecg.py", "modeling_enecg.py", "adapter"} <= files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_enecg.EnECGModel"
-    assert config["label_name"] == "rr_interval" and config["target_std"] > 0
+    (task,) = config["tasks"]
+    assert task["name"] == "rr_interval" and task["target_std"] > 0
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "model-index:" in card and "- ecg" in card and "RANDOM weights" in card
@@ -483,8 +484,10 @@ def test_ludb_sex_classification_and_push_without_network(work):
     assert {"accuracy", "precision", "recall", "f1", "auroc"} <= set(metrics["cv"])
     assert all(0.0 <= metrics["cv"][k]["mean"] <= 1.0 for k in ("accuracy", "f1"))
     config = json.loads((folder / "config.json").read_text())
-    assert config["problem_type"] == "single_label_classification"
-    assert config["id2label"] == {"0": "female", "1": "male"}
+    (task,) = config["tasks"]  # a single-task model is a model with one task
+    assert (task["name"], task["problem_type"], task["class_names"]) == ("sex", "single_label_classification",
+                                                                          ["female", "male"])
+    assert "problem_type" not in config and "id2label" not in config
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -792,7 +795,8 @@ def test_class_label_columns_encode_by_class_name():
     built = datasets.Dataset.from_dict({"arrhythmia": ["other", None, "sinus_rhythm"], "sex": [1, 0, None]},
                                        features=datasets.Features({"arrhythmia": datasets.ClassLabel(names=names),
                                                                    "sex": datasets.ClassLabel(names=["female", "male"])}))
-    config = {"label_name": "arrhythmia", "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
+    config = {"label_name": "arrhythmia", "problem_type": "single_label_classification",
+              "id2label": {"0": "other", "1": "sinus_rhythm", "2": "atrial_fibrillation"}}
     spec = TaskSpec.infer("arrhythmia", built, config)
     assert [spec.encode(v) for v in built["arrhythmia"]] == [0, None, 1]
     assert [TaskSpec.infer("sex", built, {}).encode(v) for v in built["sex"]] == [1, 0, None]

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..configuration_enecg import task_entries
+
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
@@ -84,32 +86,35 @@ class TaskSpec:
     def num_labels(self) -> int:
         return 1 if self.is_regression else len(self.class_names)
 
+    def task_entry(self) -> dict[str, Any]:
+        """This task as an entry of `EnECGConfig.tasks` (name, problem type, unit or classes)."""
+        return {"name": self.name, "problem_type": self.problem_type, "unit": self.unit,
+                "class_names": list(self.class_names) if self.class_names else None}
+
     def config_fields(self) -> dict[str, Any]:
-        """The `EnECGConfig` fields that describe this task (label name, problem type, unit or classes)."""
-        fields = {"label_name": self.name, "problem_type": self.problem_type}
-        if self.is_regression:
-            return {**fields, "num_labels": 1, "label_unit": self.unit}
-        return {**fields, "label_unit": None, "id2label": dict(enumerate(self.class_names)),
-                "label2id": {name: i for i, name in enumerate(self.class_names)}}
+        """The `EnECGConfig` fields of a single-task model predicting this task: `{"tasks": [its entry]}`."""
+        return {"tasks": [self.task_entry()]}
 
     @classmethod
-    def from_config(cls, config: Any) -> "TaskSpec":
-        """The task an `EnECGConfig` (or its dict) predicts."""
-        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-        name = get("label_name") or "label"
-        known = TASKS.get(name)
-        if get("problem_type") == "regression":
-            return cls(name, "regression", unit=get("label_unit"), description=known.description if known else "",
+    def from_config(cls, config: Any, name: str | None = None) -> "TaskSpec":
+        """The task `name` (default: the first) of an `EnECGConfig` or its dict (of either shape)."""
+        entries = task_entries(config if isinstance(config, dict) else config.to_dict())
+        entry = next((e for e in entries if e["name"] == name), None) if name else entries[0]
+        if entry is None:
+            raise TaskError(f"The config has no task {name!r}; its tasks are {[e['name'] for e in entries]}")
+        known = TASKS.get(entry["name"])
+        if entry["problem_type"] == "regression":
+            return cls(entry["name"], "regression", unit=entry.get("unit"),
+                       description=known.description if known else "",
                        valid_range=known.valid_range if known and known.is_regression else None)
-        id2label = get("id2label") or {}
-        classes = tuple(id2label[k] for k in sorted(id2label, key=int))
-        return cls(name, get("problem_type"), class_names=classes, description=known.description if known else "")
+        return cls(entry["name"], entry["problem_type"], class_names=tuple(entry["class_names"]),
+                   description=known.description if known else "")
 
     @classmethod
     def infer(cls, name: str, dataset, config_dict: dict[str, Any] | None = None) -> "TaskSpec":
         """The task of column `name` of `dataset`: from `TASKS` for the five EnECG labels, else from the column
         (a `ClassLabel` or strings: classification; floats: regression). The classes of a config that already
-        predicts this column (`config_dict`'s `label_name` and `id2label`) keep their order."""
+        predicts this column (a task of `config_dict`, of either shape) keep their order."""
         import datasets
 
         config_dict = config_dict or {}
@@ -118,11 +123,9 @@ class TaskSpec:
                             f"Known tasks: {sorted(TASKS)}")
         feature = dataset.features[name]
         column_classes = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        same_label = config_dict.get("label_name") == name
-        config_classes = None
-        if same_label and config_dict.get("id2label"):
-            id2label = config_dict["id2label"]
-            config_classes = tuple(id2label[k] for k in sorted(id2label, key=int))
+        config_task = next((task for task in task_entries(config_dict) if task["name"] == name), None)
+        same_label = config_task is not None
+        config_classes = tuple(config_task["class_names"]) if same_label and config_task.get("class_names") else None
         if name in TASKS:
             known = TASKS[name]
             if known.is_regression:
@@ -133,7 +136,7 @@ class TaskSpec:
                        column_classes=column_classes)
         dtype = getattr(feature, "dtype", None)
         if dtype in ("float16", "float32", "float64"):
-            return cls(name, "regression", unit=config_dict.get("label_unit") if same_label else None)
+            return cls(name, "regression", unit=config_task.get("unit") if same_label else None)
         if dtype is None:
             raise TaskError(f"Label column {name!r} is not a scalar column ({feature}); pick a scalar column")
         values = tuple(sorted({str(v) for v in dataset[name] if not is_missing(v)}))

@@ -58,25 +58,24 @@ class EnECGExplanation:
 
 
 class _EnsembleFromNormalized(torch.nn.Module):
-    """z-scored input (batch, leads, samples) -> ensemble logits."""
+    """z-scored input (batch, leads, samples) -> the ensemble logits of task `task`."""
 
-    def __init__(self, model, task: str | None = None):
+    def __init__(self, model, task: str):
         super().__init__()
         self.model, self.task = model, task
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         features = self.model.compute_normalized_features(normalized)
-        logits = self.model(expert_embeddings=features.expert_embeddings, gate_inputs=features.gate_inputs).logits
-        return logits[self.task] if self.task is not None else logits
+        return self.model.tasks[self.task](features.expert_embeddings, features.gate_inputs).logits
 
 
 class _ExpertFromNormalized(torch.nn.Module):
     """z-scored input -> one expert head's own output: the expert, its head and label scaling, nothing else."""
 
-    def __init__(self, model, name: str, task: str | None = None):
+    def __init__(self, model, name: str, task: str):
         super().__init__()
         self.model, self.name = model, name
-        self.ensemble = model.tasks[task] if task is not None else model  # the task's heads and label scaling
+        self.ensemble = model.tasks[task]  # the task's heads and label scaling
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         embedding = self.model.experts[self.name](normalized)
@@ -108,7 +107,7 @@ def explain(
         target: output index to explain; default 0 for regression and the predicted class for classification.
         n_steps, internal_batch_size: captum's IG settings (more steps: smaller convergence delta, more time).
         experts: also attribute each differentiable expert's own head output.
-        task: the task to explain, for a multi-task model (default: its first task).
+        task: the task to explain (default: the model's first, a single-task model's only task).
     """
     attr = _require("captum.attr")
     model.eval()
@@ -144,43 +143,36 @@ def explain(
     )
 
 
-def _task_to_explain(model, task: str | None) -> str | None:
-    """The task of a multi-task model to explain (its first by default); `None` for a single-task model.
+def _task_to_explain(model, task: str | None) -> str:
+    """The task to explain: `task`, or the model's first.
 
     Raises:
-        ValueError: `task` is not one of the model's tasks (or, single-task, not its label).
+        ValueError: `task` is not one of the model's tasks.
     """
-    if model.config.is_multitask:
-        task = task or model.config.task_names[0]
-        if task not in model.config.task_names:
-            raise ValueError(f"task {task!r} is not one of the model's tasks {model.config.task_names}")
-        return task
-    if task is not None and task != model.config.label_name:
-        raise ValueError(f"task {task!r}: this single-task model predicts {model.config.label_name!r}")
-    return None
+    task = task or model.config.task_names[0]
+    if task not in model.config.task_names:
+        raise ValueError(f"task {task!r} is not one of the model's tasks {model.config.task_names}")
+    return task
 
 
-def _task_output(model, inputs: torch.Tensor, task: str | None):
-    """The model's output on `inputs` (batch, leads, samples), without gradients; for a multi-task model, the
-    `task`'s `logits`, `expert_logits` and `gate_weights` alone, in the output class of a single-task model."""
+def _task_output(model, inputs: torch.Tensor, task: str):
+    """The `task`'s output on `inputs` (batch, leads, samples), without gradients: its `logits`, `expert_logits` and
+    `gate_weights`."""
     with torch.no_grad():
-        output = model(input_values=inputs)
-    if task is not None:  # one task's view of a multi-task output
-        output = type(output)(**{key: getattr(output, key)[task] for key in ("logits", "expert_logits", "gate_weights")})
-    return output
+        return model.forward_tasks(input_values=inputs)[task]
 
 
-def _targets(model, task: str | None, logits: torch.Tensor, target: int | Sequence[int] | None,
+def _targets(model, task: str, logits: torch.Tensor, target: int | Sequence[int] | None,
              batch: int) -> torch.Tensor:
     """(batch,) output index to explain per record: `target` if given, else 0 for regression and the class of the
     highest logit (`logits`: (batch, classes)) for classification."""
     if target is not None:
         return torch.as_tensor(target, dtype=torch.long).expand(batch).clone()
-    problem_type = (model.tasks[task].task_config if task is not None else model.config).problem_type
+    problem_type = model.tasks[task].task_config.problem_type
     return torch.zeros(batch, dtype=torch.long) if problem_type == "regression" else logits.argmax(-1)
 
 
-def _expert_saliency(attr, model, task: str | None, normalized: torch.Tensor, targets: torch.Tensor, n_steps: int,
+def _expert_saliency(attr, model, task: str, normalized: torch.Tensor, targets: torch.Tensor, n_steps: int,
                      internal_batch_size: int, experts: bool) -> tuple[dict[str, np.ndarray | None], dict[str, str]]:
     """Integrated gradients of each differentiable expert head's own output (only when `experts`), from the flat
     record to `normalized` (batch, leads, samples).

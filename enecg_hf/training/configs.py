@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..configuration_enecg import EnECGConfig
+from ..configuration_enecg import SINGLE_TASK_DEFAULTS, EnECGConfig, task_entries
 from ..data.tasks import TaskSpec
 from .arguments import TrainScriptArguments
 from .errors import TrainingSetupError
@@ -23,24 +23,19 @@ def resolve_config_path(config: str) -> Path:
     raise TrainingSetupError(f"Config {config!r} not found (a JSON path, or a name in {HUB_CONFIGS_DIR})")
 
 
-# Fields of a single-task config that a multi-task one keeps per task instead.
-SINGLE_TASK_FIELDS = ("label_name", "label_unit", "problem_type", "id2label", "label2id", "num_labels", "target_mean",
-                      "target_std", "class_weights", "logit_temperature")
+# The task fields of a config file (of either shape: `tasks`, or one task at the top level); the run's tasks replace
+# them.
+TASK_FILE_FIELDS = (*SINGLE_TASK_DEFAULTS, "problem_type", "id2label", "label2id", "num_labels", "tasks")
 
 
-def build_config(args: TrainScriptArguments, label: TaskSpec | list[TaskSpec], config_dict: dict[str, Any]
+def build_config(args: TrainScriptArguments, labels: TaskSpec | list[TaskSpec], config_dict: dict[str, Any]
                  ) -> EnECGConfig:
-    """The config of every model of the run: the file's, with the task(s) and the command-line overrides. A list of
-    tasks makes a multi-task config (`tasks`; a task's `loss_weight` in the file's `tasks` is kept)."""
-    if isinstance(label, TaskSpec):
-        data = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id", "num_labels", "problem_type", "tasks")}
-        data.update(label.config_fields())
-    else:
-        data = {k: v for k, v in config_dict.items() if k not in SINGLE_TASK_FIELDS}
-        weights = {task["name"]: task.get("loss_weight", 1.0) for task in config_dict.get("tasks") or []}
-        data["tasks"] = [{"name": spec.name, "problem_type": spec.problem_type, "unit": spec.unit,
-                          "class_names": list(spec.class_names) if spec.class_names else None,
-                          "loss_weight": weights.get(spec.name, 1.0)} for spec in label]
+    """The config of every model of the run: the file's, with the run's tasks `labels` (one `TaskSpec` is a list of
+    one) and the command-line overrides. A task's `loss_weight` in the file is kept."""
+    specs = [labels] if isinstance(labels, TaskSpec) else list(labels)
+    data = {k: v for k, v in config_dict.items() if k not in TASK_FILE_FIELDS}
+    weights = {task["name"]: task.get("loss_weight", 1.0) for task in task_entries(config_dict)}
+    data["tasks"] = [{**spec.task_entry(), "loss_weight": weights.get(spec.name, 1.0)} for spec in specs]
     if args.experts:
         known = [e["name"] for e in data["experts"]]
         unknown = [name for name in args.experts if name not in known]

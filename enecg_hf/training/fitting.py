@@ -44,16 +44,16 @@ import torch.nn.functional as F
 
 from ..data.splits import institution
 from ..features.table import FeatureTable  # the table a fit reads (re-exported: its home is enecg_hf.features)
-from ..modeling_enecg import EnECGModel, EnECGTaskMixin, mix_experts
+from ..modeling_enecg import EnECGModel, EnECGTaskEnsemble, mix_experts
 from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths
 
 
 logger = logging.getLogger(__name__)
 
 FIT_STRATEGIES = ("stacked", "joint")
-# What a fit trains: a single-task `EnECGModel`, or one task of a multi-task model (`model.tasks[name]`). Both have
-# `heads`, `gate`, `task_config` and the task's forward on expert features.
-TaskModel = EnECGTaskMixin
+# What a fit trains: one task of a model (`model.tasks[name]`): its `heads`, `gate`, `task_config` and forward on
+# expert features. `fit_enecg` and `predict` also take a single-task `EnECGModel` for its only task (`task_of`).
+TaskModel = EnECGTaskEnsemble
 CLASS_WEIGHTINGS = ("balanced", "none")
 INNER_GROUPS = ("source", "subject")
 STACKINGS = ("sparse", "full")
@@ -208,6 +208,16 @@ def subject_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
     return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.arange(len(groups)), groups=groups)]
 
 
+def task_of(model: EnECGModel | TaskModel) -> TaskModel:
+    """What a fit trains: a task of a model (`model.tasks[name]`) as it is, or a single-task model's only task."""
+    if isinstance(model, EnECGTaskEnsemble):
+        return model
+    if len(model.tasks) != 1:
+        raise ValueError(f"This model has several tasks ({model.config.task_names}): fit and predict each one, "
+                         "model.tasks[name]")
+    return next(iter(model.tasks.values()))
+
+
 def reset_heads_and_gate(model: TaskModel, seed: int) -> None:
     """Draw the heads' and gate's initial weights again from `seed` (LoRA adapters: A random, B zero)."""
     torch.manual_seed(seed)
@@ -225,7 +235,7 @@ def job_seed(seed: int, name: str) -> int:
 
 def prepare_targets(model: TaskModel, labels: torch.Tensor, weighting: str) -> None:
     """Set what the training records determine in the task's config: target scaling (regression) and class weights."""
-    config = model.task_config
+    config = task_of(model).task_config
     if config.problem_type == "regression":
         values = labels.double()
         std = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
@@ -269,11 +279,12 @@ class Patience:
 
 
 class EnECGFitter:
-    """Fits the heads and gate of `model` on a `FeatureTable` (see the module docstring): a single-task `EnECGModel`,
-    or one task of a multi-task model (`model.tasks[name]`, whose heads and gate read the same shared features)."""
+    """Fits the heads and gate of one task on a `FeatureTable` (see the module docstring): `model.tasks[name]`, or a
+    single-task model (its only task; `task_of`). Every task's heads and gate read the same shared features."""
 
-    def __init__(self, model: TaskModel, settings: FitSettings, runner: JobRunner | None = None, autocast=None):
-        self.model = model
+    def __init__(self, model: EnECGModel | TaskModel, settings: FitSettings, runner: JobRunner | None = None,
+                 autocast=None):
+        self.model = task_of(model)
         self.settings = settings
         self.runner = runner or InProcessRunner()
         self.autocast = autocast  # a context-manager factory (accelerate's mixed precision), or None
@@ -670,17 +681,20 @@ class EnECGFitter:
         return self.model.compute_expert_logits([e[rows] for e in table.expert_embeddings]).float()
 
 
-def fit_enecg(model: TaskModel, table: FeatureTable, rows: np.ndarray, settings: FitSettings | None = None,
+def fit_enecg(model: EnECGModel | TaskModel, table: FeatureTable, rows: np.ndarray, settings: FitSettings | None = None,
               runner: JobRunner | None = None, name: str = "fit") -> FitReport:
-    """Fit `model`'s heads and gate on `table` rows `rows` (see the module docstring); returns what was decided."""
+    """Fit the heads and gate of `model` (a task, `model.tasks[name]`, or a single-task model) on `table` rows `rows`
+    (see the module docstring); returns what was decided."""
     return EnECGFitter(model, settings or FitSettings(), runner).fit(table, rows, name)
 
 
 @torch.no_grad()
-def predict(model: TaskModel, table: FeatureTable, rows: np.ndarray | None = None, batch_size: int = 256
+def predict(model: EnECGModel | TaskModel, table: FeatureTable, rows: np.ndarray | None = None, batch_size: int = 256
             ) -> dict[str, np.ndarray]:
-    """Predictions of `model` for `table` rows (default all): `logits` (rows, labels) in the label's unit,
-    `expert_logits` (rows, experts, labels), `gate_weights` (rows, experts), and the `labels`."""
+    """Predictions of `model` (a task, `model.tasks[name]`, or a single-task model) for `table` rows (default all):
+    `logits` (rows, labels) in the label's unit, `expert_logits` (rows, experts, labels), `gate_weights` (rows,
+    experts), and the `labels`."""
+    model = task_of(model)
     model.eval()
     rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "expert_logits": [], "gate_weights": []}
@@ -694,5 +708,5 @@ def predict(model: TaskModel, table: FeatureTable, rows: np.ndarray | None = Non
     return result
 
 
-__all__ = ["FitSettings", "FeatureTable", "FitReport", "EnECGFitter", "InProcessRunner", "fit_enecg", "predict",
+__all__ = ["FitSettings", "FeatureTable", "FitReport", "EnECGFitter", "InProcessRunner", "fit_enecg", "predict", "task_of",
            "subject_folds", "FIT_STRATEGIES"]

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..modeling_enecg import EnECGTaskMixin
+from ..modeling_enecg import EnECGTaskEnsemble
 
 
 # L2 penalties tried for every linear path (per record, on standardised inputs): from almost none to strong.
 DEFAULT_L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
-def standardized_embeddings(model: EnECGTaskMixin, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def standardized_embeddings(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Every expert's embedding as its head reads it on the linear path (`EnECGHead.standardize_input`: standardised
     with the head's fitted statistics, unmeasured values at the mean, within +-`linear_clip`; unchanged without
     standardisation)."""
@@ -44,7 +44,7 @@ def _padded(embeddings: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([F.pad(e, (0, width - e.shape[-1])) for e in embeddings], dim=1)
 
 
-def solve_linear_paths(model: EnECGTaskMixin, inputs: torch.Tensor, labels: torch.Tensor, l2: float,
+def solve_linear_paths(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: torch.Tensor, l2: float,
                        start: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit every expert's linear path on `inputs` `(rows, experts, width)`: returns `weight` `(experts, num_labels,
@@ -80,11 +80,11 @@ def linear_predictions(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 @torch.no_grad()
-def _loss_per_expert(model: EnECGTaskMixin, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss_per_expert(model: EnECGTaskEnsemble, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([model.loss_function(predictions[:, e], labels) for e in range(predictions.shape[1])])
 
 
-def fit_linear_paths(model: EnECGTaskMixin, embeddings: Sequence[torch.Tensor], labels: torch.Tensor,
+def fit_linear_paths(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor], labels: torch.Tensor,
                      folds: Sequence[tuple[np.ndarray, np.ndarray]], l2_grid: Sequence[float] = DEFAULT_L2_GRID
                      ) -> dict[str, torch.Tensor]:
     """Choose each expert's L2 penalty by the out-of-fold loss over `folds` and fit its linear path.

@@ -91,7 +91,7 @@ def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec
 
 @dataclass
 class TaskData:
-    """One task of a run: its spec, what it trains (the model, or `model.tasks[name]`), its labelled records."""
+    """One task of a run: its spec, what it trains (`model.tasks[name]`), its labelled records."""
 
     spec: TaskSpec
     keep: np.ndarray  # dataset rows with this task's label (and a usable signal)
@@ -250,10 +250,13 @@ def source_summary(task: TaskData, results: list[dict[str, Any]], metric) -> dic
 
 
 def task_names(args: TrainScriptArguments, config_dict: dict[str, Any], dataset) -> list[str]:
-    """The label columns of a multi-task run: `--labels`, or with `--labels all` or none, every task of the config
-    (default: of `enecg_hf.data.TASKS`) that the dataset has values for; the others are left out, with a warning."""
+    """The label columns of the run: `--label`, `--labels`, or with `--labels all` or neither, every task of the
+    config (default: of `enecg_hf.data.TASKS`) that the dataset has values for; the others are left out, with a
+    warning."""
     from ..data import TASKS, is_missing
 
+    if args.label:
+        return [args.label]
     if args.labels and args.labels != ["all"]:
         if len(set(args.labels)) != len(args.labels):
             raise TrainingSetupError(f"--labels names a task twice: {args.labels}")
@@ -270,21 +273,20 @@ def task_names(args: TrainScriptArguments, config_dict: dict[str, Any], dataset)
     return names
 
 
-def resolve_run_config(args: TrainScriptArguments) -> tuple[dict[str, Any], bool]:
-    """The run's config (the content of its JSON file), and whether the run trains a multi-task model (`--labels`, or
-    a config with tasks and no `--label`). Fills in `args.label` (one task: default the config's `label_name`) and
-    `args.output_dir` (default outputs/enecg-<config>-<label>, or -multitask)."""
+def resolve_run_config(args: TrainScriptArguments) -> dict[str, Any]:
+    """The run's config (the content of its JSON file). Fills in `args.label` when neither `--label` nor `--labels`
+    names the task and the config holds one task at the top level (its `label_name`; a config with `tasks` trains
+    them all), and `args.output_dir` (default outputs/enecg-<config>-<label>, or -multitask)."""
     config_path = resolve_config_path(args.config)
     config_dict = json.loads(config_path.read_text())
-    multitask = bool(args.labels) or bool(config_dict.get("tasks") and not args.label)
-    if not multitask:
-        args.label = args.label or config_dict.get("label_name")
+    if not (args.label or args.labels or config_dict.get("tasks")):
+        args.label = config_dict.get("label_name")
         if not args.label:
             raise TrainingSetupError("--label is required (the config names no label_name)")
     if args.output_dir is None:
-        run_name = "multitask" if multitask else args.label
+        run_name = args.label or "multitask"
         args.output_dir = str(Path("outputs") / f"enecg-{config_path.stem}-{run_name}")
-    return config_dict, multitask
+    return config_dict
 
 
 @dataclass
@@ -326,17 +328,17 @@ def start_accelerator(args: TrainScriptArguments, output_dir: Path):
     return accelerator
 
 
-def load_tasks(args: TrainScriptArguments, accelerator, cache_dir: Path, config_dict: dict[str, Any],
-               multitask: bool) -> tuple[Any, EnECGConfig, list[TaskData]]:
+def load_tasks(args: TrainScriptArguments, accelerator, cache_dir: Path, config_dict: dict[str, Any]
+               ) -> tuple[Any, EnECGConfig, list[TaskData]]:
     """The dataset, the run's config and each task's labelled records and folds: all checked before any training
     time is spent."""
     dataset = load_training_dataset(args, accelerator, cache_dir)
-    names = task_names(args, config_dict, dataset) if multitask else [args.label]
+    names = task_names(args, config_dict, dataset)
     try:
         specs = [TaskSpec.infer(name, dataset, config_dict) for name in names]
     except TaskError as error:
         raise TrainingSetupError(str(error)) from error
-    config = build_config(args, specs if multitask else specs[0], config_dict)
+    config = build_config(args, specs, config_dict)
     check_signal_compatibility(dataset, config)
     tasks = [prepare_task(dataset, spec, args) for spec in specs]
     for task in tasks:
@@ -360,45 +362,46 @@ def start_checkpoints(args: TrainScriptArguments, accelerator, checkpoint_root: 
 
 
 def build_model_and_features(args: TrainScriptArguments, config: EnECGConfig, dataset, tasks: list[TaskData],
-                             accelerator, store_dir: Path, multitask: bool) -> EnECGModel:
-    """The model (its frozen experts loaded once) on the run's device, and each task's `target` (the model, or its
-    `model.tasks[name]`) and `table` (its records' features, computed once per record for every task)."""
+                             accelerator, store_dir: Path) -> EnECGModel:
+    """The model (its frozen experts loaded once) on the run's device, and each task's `target`
+    (`model.tasks[name]`) and `table` (its records' features, computed once per record for every task)."""
     torch.manual_seed(args.seed)
     model = build_model_with_experts(config)
     model.set_expert_precision(args.expert_precision)
     features, _ = build_feature_cache(dataset, model, accelerator, store_dir, args.feature_batch_size)
     model.set_expert_precision("fp32")  # features are computed: heads and gate train on them, the model saves fp32
-    ensembles = model.task_ensembles()
     for task in tasks:
-        task.target = ensembles[task.spec.name] if multitask else model
+        task.target = model.tasks[task.spec.name]
         task.table = load_feature_table(features, task.keep, task.labels, task.records, config.expert_names)
     return model.to(accelerator.device)
 
 
 def fit_tasks(args: TrainScriptArguments, tasks: list[TaskData], accelerator, checkpoint_root: Path,
-              expert_names: list[str], multitask: bool) -> dict[str, Any]:
-    """Each task's CV folds, then its final fit on every record; its metrics by name (main process). A multi-task run
-    keeps each task's jobs in its own checkpoint folder, under the names (and so the seeds) of a single-task run:
-    each task's heads and gate learn exactly what a single-task run on the same records would."""
+              expert_names: list[str]) -> dict[str, Any]:
+    """Each task's CV folds, then its final fit on every record; its metrics by name (main process). A run of
+    several tasks keeps each task's jobs in its own checkpoint folder (and its log lines prefixed with its name),
+    under the names (and so the seeds) of a single-task run: each task's heads and gate learn exactly what a
+    single-task run on the same records would."""
     task_metrics = {}
     runners = []
+    several = len(tasks) > 1
     for task in tasks:
-        runner = CheckpointedJobRunner(checkpoint_root / task.spec.name if multitask else checkpoint_root, accelerator)
+        runner = CheckpointedJobRunner(checkpoint_root / task.spec.name if several else checkpoint_root, accelerator)
         runners.append(runner)
         task_metrics[task.spec.name] = fit_task(task, args, runner, accelerator, expert_names,
-                                                log_prefix=f"{task.spec.name}/" if multitask else "")
+                                                log_prefix=f"{task.spec.name}/" if several else "")
     logger.info("Jobs of this process: %d run, %d reused from checkpoints", sum(r.jobs_run for r in runners),
                 sum(r.jobs_reused for r in runners))
     return task_metrics
 
 
-def run_metrics(args: TrainScriptArguments, dataset, task_metrics: dict[str, Any], accelerator, train_seconds: float,
-                multitask: bool) -> dict[str, Any]:
-    """The content of `metrics.json`: the task's metrics (a multi-task run: every task's, under `tasks`), with the
+def run_metrics(args: TrainScriptArguments, dataset, task_metrics: dict[str, Any], accelerator, train_seconds: float
+                ) -> dict[str, Any]:
+    """The content of `metrics.json`: the task's metrics (several tasks: every task's, under `tasks`), with the
     run's processes, feature caching and time."""
     run_fields = {"num_processes": accelerator.num_processes, "cache_features": args.cache_features,
                   "train_seconds": train_seconds}
-    if not multitask:
+    if len(task_metrics) == 1:
         return {**next(iter(task_metrics.values())), **run_fields}
     return {"labels": list(task_metrics), "records": len(dataset), "strategy": args.strategy, "tasks": task_metrics,
             "warnings": [f"{name}: {w}" for name, m in task_metrics.items() for w in m["warnings"]], **run_fields}
@@ -413,21 +416,21 @@ def training_records(dataset, tasks: list[TaskData]):
 def run(args: TrainScriptArguments) -> dict[str, Any]:
     """Run a whole training job (see the module docstring); returns the content of `metrics.json`."""
     start_time = time.perf_counter()
-    config_dict, multitask = resolve_run_config(args)
+    config_dict = resolve_run_config(args)
     folders = RunFolders.from_args(args)
     accelerator = start_accelerator(args, folders.output)
-    dataset, config, tasks = load_tasks(args, accelerator, folders.cache, config_dict, multitask)
+    dataset, config, tasks = load_tasks(args, accelerator, folders.cache, config_dict)
     start_checkpoints(args, accelerator, folders.checkpoints)
-    model = build_model_and_features(args, config, dataset, tasks, accelerator, folders.store, multitask)
+    model = build_model_and_features(args, config, dataset, tasks, accelerator, folders.store)
     if args.report_to:
         accelerator.init_trackers("enecg", config={k: str(v) for k, v in args.to_dict().items()})
-    task_metrics = fit_tasks(args, tasks, accelerator, folders.checkpoints, config.expert_names, multitask)
+    task_metrics = fit_tasks(args, tasks, accelerator, folders.checkpoints, config.expert_names)
 
     # ---- output folder (main process), then the Hub
     metrics = None
     if accelerator.is_main_process:
         metrics = run_metrics(args, dataset, task_metrics, accelerator,
-                              round(time.perf_counter() - start_time, 1), multitask)
+                              round(time.perf_counter() - start_time, 1))
         save_output_folder(model.cpu(), folders.output, args, metrics, training_records(dataset, tasks))
         logger.info("Saved the model folder %s", folders.output.resolve())
     accelerator.wait_for_everyone()

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from ..configuration_enecg import EnECGConfig, EnECGTaskConfig
 from ..modeling_enecg import EnECGModel
-from .fitting import CLASS_WEIGHTINGS, prepare_targets
+from .fitting import CLASS_WEIGHTINGS, prepare_targets, task_of
 from .scoring import load_metric
 
 
@@ -43,18 +44,19 @@ def model_inputs(dataset, label: str | None = None, config=None):
     Args:
         dataset: a `datasets.Dataset` with a `signal` column ((12, samples) in mV) and the label column.
         label: the label column (`rr_interval`, `age`, `sex`, `potassium_flag`, `arrhythmia`, or any other); default
-            `config.label_name`.
-        config: the model's `EnECGConfig` (optional): checks the signal shape and the class names, and maps a
-            string label column to class indices through `config.label2id`.
+            the name of the config's task (of a single-task config).
+        config: the model's `EnECGConfig` (optional): checks the signal shape and the class names of the task
+            `label`, and maps a string label column to class indices through the task's class names.
 
     Returns:
         The dataset with `input_values` and `labels` only, in torch format, without the records that have no label.
     """
     import datasets
 
-    label = label or getattr(config, "label_name", None)
+    task = task_config_of(config, label) if config is not None else None
+    label = label or (task.label_name if task is not None else None)
     if not label:
-        raise ValueError("model_inputs: name the label column (label=...), or pass a config with a label_name")
+        raise ValueError("model_inputs: name the label column (label=...), or pass the model's config")
     missing = [name for name in ("signal", label) if name not in dataset.column_names]
     if missing:
         raise ValueError(f"model_inputs: the dataset has no column {missing} (columns: {dataset.column_names})")
@@ -75,9 +77,9 @@ def model_inputs(dataset, label: str | None = None, config=None):
         dataset = dataset.select(keep)
 
     feature = dataset.features[label]
-    classification = config is not None and config.problem_type != "regression"
+    classification = task is not None and task.problem_type != "regression"
     if classification:
-        names = [config.id2label[i] for i in range(config.num_labels)]
+        names = [task.id2label[i] for i in range(task.num_labels)]
         if isinstance(feature, datasets.ClassLabel):
             if feature.names != names:
                 raise ValueError(f"model_inputs: the classes of {label!r} are {feature.names}, the model's are {names}")
@@ -93,12 +95,23 @@ def model_inputs(dataset, label: str | None = None, config=None):
     return dataset.with_format("torch")
 
 
+def task_config_of(config: EnECGConfig, label: str | None = None) -> EnECGTaskConfig:
+    """The task of `config` named `label`, or (no `label`) its only task."""
+    tasks = {task.label_name: task for task in config.task_configs}
+    if label is None and len(tasks) == 1:
+        return next(iter(tasks.values()))
+    if label not in tasks:
+        raise ValueError(f"The model's tasks are {list(tasks)}: name one of them (got {label!r})")
+    return tasks[label]
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def fit_label_statistics(model: EnECGModel, labels, class_weighting: str = "balanced") -> None:
-    """Set what the training labels determine in `model.config` (as `train.py` does, `fitting.prepare_targets`):
+    """Set what the training labels determine in a single-task model's task config (as `train.py` does,
+    `fitting.prepare_targets`):
     `target_mean`/`target_std` for regression (the heads learn the standardised label), `class_weights` for
     single-label classification (`class_weighting="balanced"`: inverse class frequency; `"none"`: no weights).
 
@@ -113,12 +126,12 @@ def fit_label_statistics(model: EnECGModel, labels, class_weighting: str = "bala
     if labels.is_floating_point() and not torch.isfinite(labels).all():
         raise ValueError("fit_label_statistics: the labels contain NaN or infinite values; leave out the records "
                          "without a label (model_inputs does)")
-    prepare_targets(model, labels, class_weighting)
+    prepare_targets(task_of(model), labels, class_weighting)
 
 
 def label_statistics_are_set(model: EnECGModel) -> bool:
     """Whether `fit_label_statistics` (or `train.py`) has set the target scaling; classification needs nothing."""
-    config = model.config
+    config = task_of(model).task_config
     return config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0)
 
 
@@ -126,7 +139,8 @@ def head_standardization_is_set(model: EnECGModel) -> bool:
     """Whether the heads' input standardisation was fitted (or is switched off)."""
     if not model.config.head_standardize:
         return True
-    return any(bool(head.input_mean.any()) or bool((head.input_std != 1).any()) for head in model.heads.values())
+    return any(bool(head.input_mean.any()) or bool((head.input_std != 1).any())
+               for task in model.tasks.values() for head in task.heads.values())
 
 
 @torch.no_grad()
@@ -175,15 +189,15 @@ class EnECGTrainerCallback(TrainerCallback):
                              "iterable one, call fit_label_statistics and model.fit_head_standardization yourself")
         if self.overwrite or not label_statistics_are_set(model):
             fit_label_statistics(model, _labels_of(dataset), self.class_weighting)
-            logger.info("EnECGTrainerCallback: %s from %d training records", _describe_statistics(model.config),
-                        len(dataset))
+            logger.info("EnECGTrainerCallback: %s from %d training records",
+                        _describe_statistics(task_of(model).task_config), len(dataset))
         if self.head_standardization and (self.overwrite or not head_standardization_is_set(model)):
             from torch.utils.data import DataLoader
 
             loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size,
                                 collate_fn=getattr(train_dataloader, "collate_fn", None))
             embeddings = expert_embeddings_of(model, loader)
-            if any(head.linear_path for head in model.heads.values()):
+            if any(head.linear_path for head in task_of(model).heads.values()):
                 fit_linear_paths_in_place(model, embeddings, _labels_of(dataset))
                 logger.info("EnECGTrainerCallback: the heads' linear paths fitted on %d training records", len(dataset))
             model.fit_head_standardization(embeddings)
@@ -199,8 +213,9 @@ def fit_linear_paths_in_place(model: EnECGModel, embeddings: list[torch.Tensor],
     from .linear_heads import fit_linear_paths
 
     splits = list(KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(np.arange(len(labels))))
-    result = fit_linear_paths(model, embeddings, torch.as_tensor(labels), splits)
-    model.set_linear_paths(result["weight"], result["bias"])
+    task = task_of(model)
+    result = fit_linear_paths(task, embeddings, torch.as_tensor(labels), splits)
+    task.set_linear_paths(result["weight"], result["bias"])
 
 
 def _enecg_model(model) -> EnECGModel:
@@ -208,8 +223,8 @@ def _enecg_model(model) -> EnECGModel:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(base, EnECGModel) and type(base).__name__ != "EnECGModel":
         raise TypeError(f"EnECGTrainerCallback trains EnECG models, got {type(base).__name__}")
-    if base.config.is_multitask:
-        raise ValueError("EnECGTrainerCallback trains single-task models. Train a multi-task model with "
+    if len(base.tasks) != 1:
+        raise ValueError("EnECGTrainerCallback trains single-task models. Train a model with several tasks with "
                          "`train.py --labels ...`, or fit each task on expert features with "
                          "enecg_hf.training.fit_enecg(model.tasks[name], table, rows)")
     return base
