@@ -13,8 +13,8 @@ import torch
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.features import FeatureTable
 from enecg_hf.training.fitting import (
-    EnECGFitter, FitSettings, InProcessRunner, fit_enecg, job_seed, predict, prepare_targets, reset_heads_and_gate,
-    subject_folds, task_of,
+    EnECGFitter, FitSettings, InProcessRunner, fewest_within_paired_error, fit_enecg, job_seed,
+    one_standard_error_epoch, predict, prepare_targets, reset_heads_and_gate, subject_folds, task_of,
 )
 
 
@@ -272,7 +272,6 @@ def test_stacked_heads_compute_what_the_head_modules_compute(adaptation, head_ty
 
 
 def test_one_standard_error_rule_prefers_the_stacked_weights_unless_clearly_beaten():
-    from enecg_hf.training.fitting import one_standard_error_epoch
 
     noisy = torch.tensor([[1.00, 0.99, 0.98], [1.10, 1.12, 1.08], [0.90, 0.88, 0.91]])  # 0.02 better, within noise
     assert one_standard_error_epoch(noisy) == 0
@@ -465,19 +464,53 @@ def test_a_source_shortcut_earns_no_gate_weight_on_out_of_source_folds():
     assert weights["subject"] > 0.15 and weights["source"] < 0.02, weights
 
 
-def test_sparse_stacking_gives_weight_only_to_the_experts_held_out_records_ask_for():
+def test_default_stacking_keeps_a_weaker_expert_that_held_out_records_ask_for():
+    """Two experts measure the label (5 % and 10 % noise, independent): mixing in the weaker one lowers the error a
+    little, on every inner fold. The default stacking keeps it, and predicts unseen records better than the better
+    expert alone."""
+    rng = np.random.default_rng(0)
+    labels = rng.uniform(500, 1200, 300)
+    measured = [np.concatenate([labels[:, None] / 1000 * (1 + rng.normal(0, noise, (300, 1))),
+                                rng.normal(0, 1, (300, 15))], axis=1) for noise in (0.05, 0.1)]
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    table = FeatureTable([*map(as_tensor, measured), as_tensor(rng.normal(0, 1, (300, 16)))],
+                         as_tensor(rng.normal(0, 1, (300, 20))), as_tensor(labels),
+                         np.asarray([f"s{i}" for i in range(300)]))
+    train, test = np.arange(150), np.arange(150, 300)
+    model = make_model()
+    weights = fit_enecg(model, table, train, FitSettings(**FAST)).stacked_weights
+    assert 0.02 < weights["memorizer"] < 0.3 and weights["noise"] == 0.0, weights
+    out = predict(model, table, test)
+    mixed, alone = (np.abs(logits - labels[test]).mean() for logits in (out["logits"][:, 0], out["expert_logits"][:, 0, 0]))
+    assert mixed < alone, (mixed, alone)
+
+
+def test_sparse_stacking_judges_candidates_by_their_paired_fold_differences():
+    """Candidates scored on the same folds: one that is better on every fold is better, however much the folds differ
+    in difficulty. The unpaired one-standard-error rule (the error of the best candidate's losses) would keep the
+    simpler one here."""
+    curves = torch.tensor([[1.00, 0.95, 0.96], [2.00, 1.95, 1.96], [3.00, 2.95, 2.96]])  # (folds, candidates)
+    assert fewest_within_paired_error(curves) == 1
+    assert one_standard_error_epoch(curves) == 0
+    noisy = torch.tensor([[1.00, 0.90], [2.00, 2.05], [3.00, 3.02]])  # better on one fold, worse on two: not shown
+    assert fewest_within_paired_error(noisy) == 0
+    assert fewest_within_paired_error(curves[:1]) == 1  # one fold: no error, the lowest
+
+
+def test_stacking_gives_weight_only_to_the_experts_held_out_records_ask_for():
     """An expert that measures the answer needs no help from heads that predict about the training mean: mixing
-    them in only shrinks every prediction towards it. The default stacking keeps the fewest experts within one
-    standard error of the best mixture (here the measuring one, weight exactly 1); `stacking="full"` mixes all."""
+    them in only shrinks every prediction towards it. The default stacking keeps the fewest experts (entering by
+    their own held-out loss) within one standard error of the lowest held-out loss, `"lowest"` the number of lowest
+    loss (here both: the measuring one, weight exactly 1); `stacking="full"` mixes all."""
     rng = np.random.default_rng(4)
     labels = rng.uniform(500, 1200, 120)
     table = measurement_table(labels)
     weights = {}
-    for stacking in ("sparse", "full"):
+    for stacking in ("sparse", "lowest", "full"):
         model = make_model()
         report = fit_enecg(model, table, np.arange(120), FitSettings(**dict(FAST, stacking=stacking)))
         weights[stacking] = report.stacked_weights
-    assert weights["sparse"] == {"signal": 1.0, "memorizer": 0.0, "noise": 0.0}, weights
+    assert weights["sparse"] == weights["lowest"] == {"signal": 1.0, "memorizer": 0.0, "noise": 0.0}, weights
     assert weights["full"]["memorizer"] + weights["full"]["noise"] > 0.0, weights
     out = predict(model, table, np.arange(5))  # an excluded expert's gate weight is exactly 0 (also in the model)
     assert float(out["gate_weights"][:, 1:].max()) > 0.0
