@@ -32,7 +32,8 @@ TRAIN = REPO / "train.py"
 # Elsewhere float rounding differs and an inner-CV epoch choice can flip, moving a fold's MAE by a few ms: the fresh
 # venv of issue 25, on another machine, printed CV MAE 28.56 ± 9.2 and quickstart 16.3 where this one printed
 # 26.62 ± 9.58 and 16.4 (eight experts, before the median-beat one; nine: 25.72 ± 4.54 and 26.0; with the heads'
-# linear paths, Huber loss and sparse stacking: 19.59 ± 12.8 and 6.0, 5.7 in another process). The bounds are 1.5x
+# linear paths, Huber loss and sparse stacking: 19.59 ± 12.8 and 6.0, 5.7 in another process; with the paired
+# stacking rule 19.88 ± 11.8 and 8.2). The bounds are 1.5x
 # the largest of those moves (1.9 ms); a dependency change exceeds them: neurokit2 0.2.13 instead of 0.3.0 gave 25.92 ±
 # 3.82 and a quickstart MAE of 27.9 (eight experts, checked). The mean predictor's figures move only by the README's
 # rounding.

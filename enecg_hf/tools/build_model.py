@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     folders = build_datasets(args.data_dir, args.work_dir)
-    run = args.work_dir / "run"
+    run = args.work_dir / args.output.name  # the card train.py writes is titled after its folder: the model's name
     command = [sys.executable, str(REPO / "train.py"), *RECIPE, "--dataset", *map(str, folders),
                "--output_dir", str(run), "--cache_dir", args.cache_dir or str(args.work_dir / "cache")]
     if (run / "checkpoints").is_dir():  # an interrupted run: its finished jobs are reused
