@@ -17,9 +17,8 @@ FROZEN_PASS = ("compute_features", "compute_frozen_columns")
 # Where the pass may run: the model itself and `features/compute.py`, the one way features are computed.
 RUNS_THE_PASS = {"modeling_enecg.py", "features/compute.py"}
 # Still running it on their own, to fold into `features.compute` (the list may only shrink; the test fails until a
-# folded entry is removed): the `transformers.Trainer` callback's embeddings, left while issue 27 point 1 reshapes
-# trainer.py.
-NOT_YET_FOLDED = {"training/trainer.py"}
+# folded entry is removed): none.
+NOT_YET_FOLDED: set[str] = set()
 
 
 def modules_calling(names: tuple[str, ...], root: Path = PACKAGE) -> set[str]:

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..configuration_enecg import EnECGConfig, EnECGTaskConfig
+from ..features.compute import compute_features
 from ..modeling_enecg import EnECGModel
 from .fitting import CLASS_WEIGHTINGS, prepare_targets, task_of
 from .scoring import load_metric
@@ -151,8 +152,8 @@ def expert_embeddings_of(model: EnECGModel, batches) -> list[torch.Tensor]:
     model.eval()
     try:
         for batch in batches:
-            features = model.compute_features(batch["input_values"].to(model.device))
-            parts.append([e.float().cpu() for e in features.expert_embeddings])
+            embeddings, _ = compute_features(model, batch["input_values"].to(model.device))
+            parts.append([e.cpu() for e in embeddings])
     finally:
         model.train(was_training)
     return [torch.cat([batch[i] for batch in parts]) for i in range(len(model.experts))]
