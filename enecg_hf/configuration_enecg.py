@@ -59,6 +59,8 @@ class EnECGExpertConfig:
         return asdict(self)
 
 
+# What the learned gate reads per record (`EnECGConfig.gate_input`).
+GATE_INPUTS = ("leads", "predictions")
 # Fields of one entry of `EnECGConfig.tasks`; `name` and `problem_type` are required (and `class_names` for a
 # classification). `num_labels` is only written for a regression with several outputs (a folder of an earlier release).
 TASK_FIELDS = ("name", "problem_type", "unit", "class_names", "target_mean", "target_std", "class_weights",
@@ -215,6 +217,12 @@ class EnECGConfig(PreTrainedConfig):
             Width of the gate's hidden layer.
         gate_type (`str`, defaults to `"learned"`):
             `"learned"` (the MLP gate) or `"uniform"` (plain average of the experts, the ablation).
+        gate_input (`str`, defaults to `"leads"`):
+            What the learned gate reads per record: `"leads"`, the samples of `gate_leads` (the paper); or
+            `"predictions"`, every head's prediction of the task (standardised with the statistics of the
+            out-of-fold predictions the gate was fitted on), so that the weights can follow what the experts say
+            about the record (`train.py --gate_input predictions`). On the 1,628 records of the shipped model it was
+            no better than the stacked weights the lead-II gate keeps (docs/benchmarks.md), so it is not the default.
         adaptation (`str`, defaults to `"lora"`):
             `"lora"`: heads and gate frozen, PEFT LoRA adapters on their linear layers are trained (the paper).
             `"full"`: heads and gate are trained directly.
@@ -262,6 +270,7 @@ class EnECGConfig(PreTrainedConfig):
     gate_input_length: int = 5000
     gate_hidden_size: int = 256
     gate_type: str = "learned"
+    gate_input: str = "leads"
     adaptation: str = "lora"
     lora_r: int = 8
     lora_alpha: int = 32
@@ -347,6 +356,8 @@ class EnECGConfig(PreTrainedConfig):
             fail("huber_delta", f"must be positive, got {self.huber_delta}")
         if self.gate_type not in ("learned", "uniform"):
             fail("gate_type", f"must be 'learned' or 'uniform', got {self.gate_type!r}")
+        if self.gate_input not in GATE_INPUTS:
+            fail("gate_input", f"must be one of {GATE_INPUTS}, got {self.gate_input!r}")
         for name in ("sampling_rate", "input_length", "head_hidden_size", "gate_input_length", "gate_hidden_size", "lora_r"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

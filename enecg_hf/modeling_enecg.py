@@ -466,6 +466,10 @@ class EnECGTaskEnsemble(nn.Module):
                 for name, dim in embedding_dims.items()
             }
         )
+        if task_config.gate_input == "predictions":  # every head's prediction, standardised (fitted with the gate)
+            gate_input_size = len(embedding_dims) * task_config.num_labels
+            self.register_buffer("gate_input_mean", torch.zeros(gate_input_size))
+            self.register_buffer("gate_input_std", torch.ones(gate_input_size))
         self.gate = EnECGGate(gate_input_size, task_config.gate_hidden_size, len(embedding_dims))
 
     @property
@@ -487,7 +491,8 @@ class EnECGTaskEnsemble(nn.Module):
         [`EnECGModelOutput`]); records whose label is missing (NaN, or -100 for a class index) are left out of the
         loss."""
         scaled_expert_logits = self.compute_expert_logits(expert_embeddings).float()
-        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0]).float()
+        gate_weights = self.compute_gate_weights(gate_inputs, scaled_expert_logits.shape[0],
+                                                 scaled_expert_logits).float()
         scaled_logits = mix_experts(scaled_expert_logits, gate_weights)
         loss = None
         if labels is not None:
@@ -529,12 +534,39 @@ class EnECGTaskEnsemble(nn.Module):
         return torch.stack([head(e.to(head.dense1.weight.dtype)) for head, e in zip(self.heads.values(), expert_embeddings)],
                            dim=1)
 
-    def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Softmax weights of the experts, (batch, experts); `gate_inputs` may be None for the uniform gate."""
+    def compute_gate_weights(self, gate_inputs: torch.Tensor | None, batch_size: int,
+                             scaled_expert_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax weights of the experts, (batch, experts), from what the gate reads ([`gate_features`]);
+        `gate_inputs` may be None for the uniform gate or a gate that reads the heads' predictions."""
         if self.task_config.gate_type == "uniform":
             device = next(self.heads.parameters()).device
             return torch.full((batch_size, len(self.heads)), 1.0 / len(self.heads), device=device)
-        return self.gate(gate_inputs.to(self.gate.dense.weight.dtype))
+        return self.gate(self.gate_features(gate_inputs, scaled_expert_logits))
+
+    def gate_features(self, gate_inputs: torch.Tensor | None, scaled_expert_logits: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """What the learned gate reads, (batch, gate input size): the gate leads' samples `gate_inputs`, or with
+        `gate_input="predictions"` the heads' predictions `scaled_expert_logits` (batch, experts, labels; on the
+        heads' scale, as [`compute_expert_logits`] gives them), detached and standardised."""
+        dtype = self.gate.dense.weight.dtype
+        if self.task_config.gate_input != "predictions":
+            return gate_inputs.to(dtype)
+        if scaled_expert_logits is None:
+            raise ValueError("A gate that reads the heads' predictions needs them (scaled_expert_logits)")
+        flat = scaled_expert_logits.detach().float().flatten(1)
+        return ((flat - self.gate_input_mean) / self.gate_input_std).to(dtype)
+
+    @torch.no_grad()
+    def fit_gate_input_standardization(self, scaled_expert_logits: torch.Tensor) -> None:
+        """Set the standardisation of a gate that reads the heads' predictions from `scaled_expert_logits`
+        (records, experts, labels): the out-of-fold predictions the gate is fitted on (a column that does not vary
+        keeps a standard deviation of 1)."""
+        if self.task_config.gate_input != "predictions":
+            return
+        flat = scaled_expert_logits.detach().float().flatten(1)
+        std = flat.std(0) if len(flat) > 1 else torch.ones_like(self.gate_input_std)
+        self.gate_input_mean.copy_(flat.mean(0))
+        self.gate_input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
         """Regression heads learn a standardised target; report it in the label's unit."""

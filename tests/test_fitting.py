@@ -517,3 +517,29 @@ def test_stacking_gives_weight_only_to_the_experts_held_out_records_ask_for():
     sparse = make_model()
     fit_enecg(sparse, table, np.arange(120), FitSettings(**FAST))
     assert float(predict(sparse, table, np.arange(5))["gate_weights"][:, 1:].max()) == 0.0
+
+
+def test_a_gate_that_reads_the_heads_predictions_fits_saves_and_reloads(tmp_path):
+    """`gate_input="predictions"` (train.py --gate_input predictions): the gate reads every head's prediction,
+    standardised by the out-of-fold predictions it was fitted on; the statistics are saved with the model, and the
+    gate's weights then follow what the heads say about each record."""
+    labels = np.random.default_rng(2).uniform(500, 1200, 90)
+    table = measurement_table(labels)
+    model = make_model(gate_input="predictions")
+    assert model.tasks["label"].gate.dense.in_features == 3  # three heads, one output each
+    report = fit_enecg(model, table, np.arange(60), FitSettings(**dict(FAST, stacking="full")))  # every head mixed
+    task = model.tasks["label"]
+    out_of_fold = report.out_of_fold_predictions.flatten(1)
+    assert torch.allclose(task.gate_input_mean, out_of_fold.mean(0)) and torch.allclose(task.gate_input_std,
+                                                                                       out_of_fold.std(0))
+    torch.nn.init.normal_(task.gate.out_proj.weight)  # an input-dependent gate, as gate epochs would make it
+    expected = predict(model, table, np.arange(60, 90))
+    assert expected["gate_weights"].std(0).max() > 1e-3  # the weights differ from record to record
+    model.save_pretrained(tmp_path)
+    reloaded = EnECGModel.from_pretrained(tmp_path)
+    assert reloaded.config.gate_input == "predictions"
+    again = predict(reloaded, table, np.arange(60, 90))
+    np.testing.assert_allclose(again["logits"], expected["logits"], rtol=1e-6)
+    np.testing.assert_allclose(again["gate_weights"], expected["gate_weights"], rtol=1e-6)
+    with pytest.raises(ValueError, match="gate_input"):
+        make_model(gate_input="embeddings")

@@ -58,6 +58,7 @@ MODEL_CHANGES = {
     "gate_input_length": 250,
     "gate_hidden_size": 8,
     "gate_type": "uniform",
+    "gate_input": "predictions",
     "adaptation": "full",
     "lora_r": 2,
     "lora_alpha": 8,

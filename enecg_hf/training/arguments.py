@@ -119,6 +119,10 @@ class ModelArguments:
         metavar="EXPERTS"))
     gate: str | None = field(default=None, metadata=option(
         "uniform = plain average of the experts", choices=["learned", "uniform"]))
+    gate_input: str | None = field(default=None, metadata=option(
+        "what the learned gate reads per record: the samples of the config's gate_leads (the paper; the config's "
+        "default) or every head's prediction (docs/benchmarks.md: no better on ../shared/data)",
+        choices=["leads", "predictions"]))
     adaptation: str | None = field(default=None, metadata=option(choices=["lora", "full"]))
     expert_precision: str = field(default="fp32", metadata=option(
         "precision of the frozen experts' pass: int8 (dynamic quantisation of their Linear layers, CPU), bf16/fp16 "

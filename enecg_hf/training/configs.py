@@ -44,6 +44,8 @@ def build_config(args: TrainScriptArguments, labels: TaskSpec | list[TaskSpec], 
         data["experts"] = [e for e in data["experts"] if e["name"] in args.experts]
     if args.gate:
         data["gate_type"] = args.gate
+    if args.gate_input:
+        data["gate_input"] = args.gate_input
     if args.adaptation:
         data["adaptation"] = args.adaptation
     try:

@@ -563,6 +563,9 @@ class EnECGFitter:
         log_weights = self._stacking(predictions, labels, folds)
         model.gate.set_stacked_log_weights(log_weights)
         stacked = torch.softmax(log_weights, 0)
+        # What the gate reads per record: the gate leads, or these out-of-fold predictions (standardised by them).
+        model.fit_gate_input_standardization(predictions)
+        inputs = model.gate_features(table.gate_inputs[rows], predictions).float()
 
         # 2. The input-dependent part, from zero. Its number of epochs is cross-validated over these records (by
         # subject, or by institution: `_fold_groups`), with the one-standard-error rule: the fewest epochs whose held-out loss is within one standard
@@ -576,13 +579,14 @@ class EnECGFitter:
             for fold, (fit_part, check_part) in enumerate(
                     subject_folds(groups, self.settings.inner_folds, job_seed(self.settings.seed, name))):
                 model.gate.load_state_dict(gate_start)
-                curves.append(self._train_gate(table, rows, predictions, labels, fit_part, self.settings.gate_epochs,
+                curves.append(self._train_gate(inputs, predictions, labels, fit_part, self.settings.gate_epochs,
                                                f"{name}/cv-{fold}", check_part))
             best_epoch = one_standard_error_epoch(torch.stack(curves))
             model.gate.load_state_dict(gate_start)
             if best_epoch:
-                self._train_gate(table, rows, predictions, labels, np.arange(len(rows)), best_epoch, f"{name}/all")
+                self._train_gate(inputs, predictions, labels, np.arange(len(rows)), best_epoch, f"{name}/all")
         state = {f"gate.{k}": v.detach().clone() for k, v in model.gate.state_dict().items()}
+        state |= {k: v.detach().clone() for k, v in model.named_buffers() if k.startswith("gate_input_")}
         state["report.stacked_weights"] = stacked
         state["report.gate_epochs"] = torch.tensor(best_epoch)
         return state
@@ -592,7 +596,7 @@ class EnECGFitter:
         """Set the task's `logit_temperature` from the fitted gate's mixture of the out-of-fold head predictions
         `(rows, experts, labels)` of the records `rows`: the temperature of lowest unweighted cross-entropy."""
         model = self.model
-        weights = model.compute_gate_weights(table.gate_inputs[torch.as_tensor(rows)], len(rows)).float()
+        weights = model.compute_gate_weights(table.gate_inputs[torch.as_tensor(rows)], len(rows), predictions).float()
         logits = mix_experts(predictions.float(), weights).double()
         labels = table.labels[torch.as_tensor(rows)].long()
         present = labels >= 0
@@ -617,17 +621,18 @@ class EnECGFitter:
         """The gate's input-independent log-weights ([`stack_experts`] by the settings' rule)."""
         return stack_experts(self.model.loss_function, predictions, labels, folds, self.settings.stacking)
 
-    def _train_gate(self, table: FeatureTable, rows: np.ndarray, predictions: torch.Tensor, labels: torch.Tensor,
+    def _train_gate(self, inputs: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
                     fit_part: np.ndarray, epochs: int, name: str, check_part: np.ndarray | None = None
                     ) -> torch.Tensor | None:
-        """Train the gate on positions `fit_part` of `rows` for `epochs` epochs; with `check_part`, the loss on those
-        positions before training and after every epoch, `(epochs + 1,)`."""
+        """Train the gate on positions `fit_part` of its records for `epochs` epochs, reading `inputs` (records,
+        gate input size; `EnECGTaskEnsemble.gate_features`) and mixing `predictions`; with `check_part`, the loss on
+        those positions before training and after every epoch, `(epochs + 1,)`."""
         model = self.model
 
         def check_loss() -> torch.Tensor:
             model.gate.eval()
             with torch.no_grad():
-                weights = model.gate(table.gate_inputs[rows[check_part]].float())
+                weights = model.gate(inputs[check_part])
                 return model.loss_function(mix_experts(predictions[check_part], weights), labels[check_part]).float()
 
         optimizer = torch.optim.AdamW(self._trainable("gate."), lr=self.settings.gate_learning_rate,
@@ -638,7 +643,7 @@ class EnECGFitter:
             model.gate.train()  # the gate alone: model.train() walks every expert's modules (a 20 ms tree walk)
             for batch in self._batches(fit_part, name, epoch):
                 with self._autocast():
-                    weights = model.gate(table.gate_inputs[rows[batch]].float())
+                    weights = model.gate(inputs[batch])
                     loss = model.loss_function(mix_experts(predictions[batch], weights), labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
