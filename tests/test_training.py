@@ -936,3 +936,22 @@ def test_the_options_of_a_fit_take_their_defaults_from_fit_settings(monkeypatch)
     parser = {action.dest: action.default for action in changed.build_parser()._actions}
     assert [fields[name] for name in options] == [parser[name] for name in options] == [f"changed {n}" for n in options]
     assert dataclasses.asdict(rebuilt(feature_cli).FeatureScriptArguments())["seed"] == "changed seed"  # train.py's
+
+
+def test_resuming_accepts_an_option_added_later_only_while_it_is_unset(tmp_path):
+    """Checkpoints written before a release added an option (their run.json lacks it) resume when the option is left
+    unset (None: the earlier behaviour), and are refused when it is set or when any recorded argument differs."""
+    from enecg_hf.training.arguments import TrainScriptArguments
+    from enecg_hf.training.errors import TrainingSetupError
+    from enecg_hf.training.run import _check_resume
+
+    saved = {"config": "tiny", "learning_rate": 0.003}
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    args = TrainScriptArguments()
+    _check_resume(args, tmp_path, {**saved, "gate_input": None})
+    with pytest.raises(TrainingSetupError, match=r"arguments differ from the checkpointed run: \['gate_input'\]"):
+        _check_resume(args, tmp_path, {**saved, "gate_input": "predictions"})
+    with pytest.raises(TrainingSetupError, match=r"\['learning_rate'\]"):
+        _check_resume(args, tmp_path, {**saved, "learning_rate": 0.005, "gate_input": None})
+    with pytest.raises(TrainingSetupError, match=r"\['learning_rate'\]"):  # recorded there, unknown here
+        _check_resume(args, tmp_path, {"config": "tiny", "gate_input": None})

@@ -58,8 +58,11 @@ def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: d
         raise TrainingSetupError(f"--resume_from_checkpoint: {path} is unreadable ({error}), so the checkpoints under "
                                  f"{checkpoint_root} cannot be matched to this run; start it again without "
                                  "--resume_from_checkpoint") from None
-    if saved != run_info:
-        changed = sorted(k for k in {*run_info, *saved} if saved.get(k) != run_info.get(k))
+    # An option left unset (None) that the checkpointed run did not know yet (a later release added it) is the same
+    # run: unset options keep the behaviour the earlier release had.
+    changed = sorted(k for k in {*run_info, *saved}
+                     if saved.get(k) != run_info.get(k) and not (k not in saved and run_info.get(k) is None))
+    if changed:
         raise TrainingSetupError(f"--resume_from_checkpoint: arguments differ from the checkpointed run: {changed}")
     unexpected = unexpected_checkpoint_files(checkpoint_root)
     if unexpected:
