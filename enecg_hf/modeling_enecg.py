@@ -957,11 +957,7 @@ class EnECGModel(EnECGPreTrainedModel):
         unexpected = sorted(k for k, v in kwargs.items() if v is not None)
         if unexpected:
             raise TypeError(f"EnECGModel.forward got unexpected arguments {unexpected}")
-        if expert_embeddings is None or gate_inputs is None:
-            if input_values is None:
-                raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
-            features = self.compute_features(input_values)
-            expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
+        expert_embeddings, gate_inputs = self._features_or_given(input_values, expert_embeddings, gate_inputs)
         hidden_states = tuple(expert_embeddings) if output_hidden_states else None
         outputs = self.forward_tasks(expert_embeddings=expert_embeddings, gate_inputs=gate_inputs,
                                      labels=self._labels_by_task(labels))
@@ -987,13 +983,20 @@ class EnECGModel(EnECGPreTrainedModel):
         """Every task's output, `{task name: EnECGModelOutput}` (a single-task model's too: one entry), from
         `input_values` or precomputed `expert_embeddings` and `gate_inputs` (see [`forward`]); `labels` by task name
         (tasks without labels may be left out). What [`forward`] returns, before a single task's is unwrapped."""
-        if expert_embeddings is None or gate_inputs is None:
-            if input_values is None:
-                raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
-            features = self.compute_features(input_values)
-            expert_embeddings, gate_inputs = features.expert_embeddings, features.gate_inputs
+        expert_embeddings, gate_inputs = self._features_or_given(input_values, expert_embeddings, gate_inputs)
         labels = labels or {}
         return {name: task(expert_embeddings, gate_inputs, labels.get(name)) for name, task in self.tasks.items()}
+
+    def _features_or_given(self, input_values, expert_embeddings, gate_inputs
+                           ) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+        """The precomputed `expert_embeddings` and `gate_inputs` when both are given, else the frozen pass of
+        `input_values`."""
+        if expert_embeddings is not None and gate_inputs is not None:
+            return expert_embeddings, gate_inputs
+        if input_values is None:
+            raise ValueError("Pass input_values, or both expert_embeddings and gate_inputs")
+        features = self.compute_features(input_values)
+        return features.expert_embeddings, features.gate_inputs
 
     def _labels_by_task(self, labels: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """`forward`'s labels by task name: a dict as given, or a single-task model's tensor under its task's name."""
