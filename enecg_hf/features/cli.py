@@ -23,10 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
-from ..training.arguments import DATA_FORMATS, comma_list, fit_setting, option
+from ..training.arguments import DATA_FORMATS, TrainScriptArguments, comma_list, fit_setting, option
 from .store import CACHE_ENV, build_features, feature_store_dir
 
 
@@ -133,8 +132,7 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
         config_dict = json.loads(resolve_config_path(args.config).read_text())
         # The experts do not depend on the task (building the heads does not move the RNG that random-weight experts
         # are drawn from): any task gives the experts, and so the store columns, of every model train.py builds.
-        config = build_config(SimpleNamespace(experts=args.experts, gate=None, adaptation=None), TASKS["rr_interval"],
-                              config_dict)
+        config = build_config(TrainScriptArguments(experts=args.experts), TASKS["rr_interval"], config_dict)
         check_signal_compatibility(dataset, config)
         torch.manual_seed(args.seed)  # as train.py does before building its model
         model = build_model_with_experts(config).to(state.device)
