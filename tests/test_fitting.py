@@ -79,7 +79,8 @@ def test_gate_on_in_sample_predictions_trusts_the_memorizer():
     """Why out-of-fold: fitted in-sample, the gate prefers the head that memorised its training records."""
     table = synthetic_table()
     train, _ = split(table)
-    settings = dict(FAST, epochs=60, early_stopping=False, gate_epochs=0)
+    # Ridge linear paths: the memorizer's path reads all its inputs (a sparse path drops them, memorising less).
+    settings = dict(FAST, epochs=60, early_stopping=False, gate_epochs=0, linear_selection="ridge")
     out_of_fold = fit_enecg(make_model(adaptation="full"), table, train, FitSettings(**settings))
     in_sample = fit_enecg(make_model(adaptation="full"), table, train,
                           FitSettings(**settings, gate_predictions="in_sample"))
@@ -213,6 +214,7 @@ def test_joint_strategy_trains_heads_and_gate_together():
         (dict(epochs=0), "epochs must be at least 1"),
         (dict(gate_learning_rate=0.0), "gate_learning_rate must be positive"),
         (dict(calibration="platt"), "calibration must be one of"),
+        (dict(linear_selection="lasso"), "linear_selection must be one of"),
     ],
 )
 def test_bad_fit_settings(settings, message):
@@ -416,12 +418,83 @@ def test_each_linear_path_keeps_the_penalty_with_the_lowest_out_of_fold_loss():
     prepare_targets(model, table.labels, "balanced")
     folds = subject_folds(table.groups, 3, 0)
     grid = (1e-3, 0.1, 10.0)
-    result = fit_linear_paths(task_of(model), table.expert_embeddings, table.labels, folds, grid)
+    result = fit_linear_paths(task_of(model), table.expert_embeddings, table.labels, folds, grid, selection="ridge")
     assert result["out_of_fold_loss"].shape == (3, 3)
     chosen = [grid[int(i)] for i in result["out_of_fold_loss"].argmin(dim=0)]
     assert result["l2"].tolist() == pytest.approx(chosen)
     assert chosen[0] < 10.0 and chosen[1] == 10.0  # the informative expert is fitted; the memorizer shrunk to nothing
     assert result["weight"].shape == (3, 1, 16) and {f"fold-{k}.weight" for k in range(3)} <= set(result)
+
+
+def test_sparse_paths_are_scikit_learn_lasso():
+    """`solve_sparse_paths` at penalty l1 is scikit-learn's Lasso(alpha = l1 / 2) on the standardised target (MSE),
+    with exact zeros where Lasso has them."""
+    from sklearn.linear_model import Lasso
+
+    from enecg_hf.training.linear_heads import solve_sparse_paths
+
+    rng = np.random.default_rng(4)
+    n, d, l1 = 200, 10, 0.1
+    x = rng.normal(0, 1, (n, d))
+    labels = torch.tensor(x[:, :3] @ np.array([2.0, -1.0, 0.5]) + rng.normal(0, 1, n), dtype=torch.float32)
+    model = make_model(regression_loss="mse")
+    prepare_targets(model, labels, "none")
+    inputs = torch.tensor(x, dtype=torch.float32)[:, None, :].expand(-1, 3, -1)
+    weight, bias = solve_sparse_paths(task_of(model), inputs, labels, l1, max_iter=5000, tolerance=1e-9)
+    config = task_of(model).task_config
+    reference = Lasso(alpha=l1 / 2, tol=1e-12, max_iter=100000).fit(x, (labels.numpy() - config.target_mean) / config.target_std)
+    assert 0 < (reference.coef_ == 0).sum() < d  # the penalty drops some inputs and keeps others
+    for e in range(3):
+        np.testing.assert_allclose(weight[e, 0].numpy(), reference.coef_, atol=1e-3)
+        np.testing.assert_allclose(bias[e].numpy(), [reference.intercept_], atol=1e-3)
+        assert (weight[e, 0].numpy() == 0).tolist() == (reference.coef_ == 0).tolist()
+
+
+def correlate_table(rows: int, train: int, seed: int = 0) -> FeatureTable:
+    """Issue #29's RR case in miniature: column 0 measures the label (0.5 % noise); columns 1-8 (like `rr_std`, QT,
+    QTc) follow it loosely on the training records and are shifted and unrelated elsewhere; columns 9-15 noise. The
+    first `train` rows are the training source (labels 600-1100), the rest another one (330-1300)."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([rng.uniform(600, 1100, train), rng.uniform(330, 1300, rows - train)])
+    measured = labels / 1000 * (1 + rng.normal(0, 0.005, rows))
+    in_source = (np.arange(rows) < train)[:, None]
+    correlates = np.where(in_source, (labels[:, None] - 850) / 150 + rng.normal(0, 2, (rows, 8)),
+                          rng.normal(1.5, 1, (rows, 8)))
+    columns = np.column_stack([measured, correlates, rng.normal(0, 1, (rows, 7))])
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return FeatureTable([as_tensor(columns)] * 3, as_tensor(rng.normal(0, 1, (rows, 20))), as_tensor(labels),
+                        np.asarray([f"s{i}" for i in range(rows)]))
+
+
+def test_the_sparse_path_keeps_the_measurement_and_drops_source_specific_correlates():
+    """Correlates that lower the in-sample error a little (within the folds' noise) cost the ridge path where they
+    stop holding; the sparse path (the regression default) reads the measurement alone."""
+    from enecg_hf.training.linear_heads import fit_linear_paths, linear_predictions, resolve_selection
+    from enecg_hf.training.linear_heads import standardized_embeddings, _padded
+
+    table = correlate_table(230, 150)
+    train, test = np.arange(150), np.arange(150, 230)
+    errors = {}
+    for selection in ("sparse", "ridge"):
+        model = make_model()
+        prepare_targets(model, table.labels[train], "none")
+        task = task_of(model)
+        folds = subject_folds(table.groups[train], 5, 0)
+        result = fit_linear_paths(task, [e[train] for e in table.expert_embeddings], table.labels[train], folds,
+                                  selection=selection)
+        task.fit_head_standardization([e[train] for e in table.expert_embeddings])
+        inputs = _padded(standardized_embeddings(task, table.expert_embeddings), 16)[test]
+        scaled = linear_predictions(inputs, result["weight"], result["bias"])[:, 0, 0]
+        predicted = scaled.numpy() * task.task_config.target_std + task.task_config.target_mean
+        errors[selection] = np.abs(predicted - table.labels[test].numpy()).mean()
+        if selection == "sparse":
+            assert result["inputs"].tolist() == [1, 1, 1] and (result["weight"][:, 0, 1:] == 0).all()
+            assert (result["l1"] > 0).all()
+        else:
+            assert (result["inputs"] == 16).all() and (result["l1"] == 0).all()
+    assert errors["sparse"] < 5.0 and errors["ridge"] > 1.3 * errors["sparse"], errors  # 3.5 and 5.5 ms when written
+    assert resolve_selection(task_of(make_model()), "auto") == "sparse"
+    assert resolve_selection(task_of(make_model("single_label_classification")), "auto") == "ridge"
 
 
 def source_table(n_per_source: int = 60, seed: int = 0) -> FeatureTable:

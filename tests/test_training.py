@@ -134,7 +134,8 @@ def test_main_job_without_arguments_learns_rr_and_writes_a_hub_ready_folder(main
     assert card.startswith("---\n") and "model-index:" in card and "- ecg" in card and "RANDOM weights" in card
     assert "license: apache-2.0" in card and "3-fold cross-validation" in card
     # The card says how the heads and the gate were fitted, with the epochs each expert got.
-    assert "the L2 penalty that inner cross-validation chose (moment " in card and "Mean gate weights" in card
+    # A regression's linear paths are sparse by default: the card says how many inputs each reads.
+    assert "sparse (relaxed lasso" in card and "inputs read: moment " in card and "Mean gate weights" in card
     assert "for the epochs that inner cross-validation confirmed (0: the linear map alone): moment " in card
     training_args = json.loads((folder / "training_args.json").read_text())
     # The main job runs with the default training settings.

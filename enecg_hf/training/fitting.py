@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from ..data.splits import institution
 from ..features.table import FeatureTable  # the table a fit reads (re-exported: its home is enecg_hf.features)
 from ..modeling_enecg import EnECGModel, EnECGTaskEnsemble, mix_experts
-from .linear_heads import DEFAULT_L2_GRID, fit_linear_paths
+from .linear_heads import DEFAULT_L2_GRID, LINEAR_SELECTIONS, fit_linear_paths
+from .selection import fewest_within_paired_error, one_standard_error_epoch
 
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class FitSettings:
             The joint strategy has no out-of-fold predictions and keeps 1. Not a `train.py` flag.
         linear_l2: the L2 penalties tried for the heads' linear paths (`head_type="linear_ffn"`); each expert's is
             chosen by its out-of-fold loss over the inner folds (`linear_heads`). Not a `train.py` flag.
+        linear_selection: which inputs each linear path reads (`linear_heads`): `"auto"` (default; sparse for
+            regression, ridge for classification), `"sparse"` (relaxed lasso: the fewest inputs within one paired
+            standard error of the lowest out-of-fold loss) or `"ridge"` (all inputs). Not a `train.py` flag.
         seed: every job's seed derives from it.
     """
 
@@ -126,6 +130,7 @@ class FitSettings:
     ffn_epochs: str = "one_standard_error"
     calibration: str = "temperature"
     linear_l2: tuple[float, ...] = DEFAULT_L2_GRID
+    linear_selection: str = "auto"
     seed: int = 42
 
     def __post_init__(self):
@@ -155,6 +160,8 @@ class FitSettings:
         for name in ("learning_rate", "gate_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.linear_selection not in LINEAR_SELECTIONS:
+            raise ValueError(f"linear_selection must be one of {LINEAR_SELECTIONS}, got {self.linear_selection!r}")
         self.linear_l2 = tuple(float(v) for v in self.linear_l2)
         if not self.linear_l2 or not all(v > 0 for v in self.linear_l2):
             raise ValueError(f"linear_l2 must be positive penalties, got {self.linear_l2}")
@@ -180,8 +187,8 @@ class InProcessRunner:
 @dataclass
 class FitReport:
     """What a fit decided: epochs per expert (of the FFN on top of the linear path, for `linear_ffn` heads: 0 is the
-    linear path alone), out-of-fold losses, the stacked gate weights and the gate's epochs, and the L2 penalty of
-    each linear path, and the temperature of the classification logits (`logit_temperature`, 1.0 when not calibrated).
+    linear path alone), out-of-fold losses, the stacked gate weights and the gate's epochs, each linear path's
+    L2 and L1 penalties and how many inputs it reads, and the temperature of the classification logits (`logit_temperature`, 1.0 when not calibrated).
     `out_of_fold_predictions` (`stacked`): the heads' predictions of every training record by heads
     that never saw it, `(rows, experts, num_labels)` on the heads' scale (what the gate is fitted on; not saved),
     and `inner_folds`, the folds they come from (positions into the fit's rows; not saved)."""
@@ -192,6 +199,8 @@ class FitReport:
     stacked_weights: dict[str, float] = field(default_factory=dict)
     gate_epochs: int = 0
     linear_l2: dict[str, float] = field(default_factory=dict)
+    linear_l1: dict[str, float] = field(default_factory=dict)
+    linear_inputs: dict[str, int] = field(default_factory=dict)
     logit_temperature: float = 1.0
     out_of_fold_predictions: torch.Tensor | None = field(default=None, repr=False)
     inner_folds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
@@ -252,30 +261,6 @@ def prepare_targets(model: TaskModel, labels: torch.Tensor, weighting: str) -> N
             present = counts > 0
             weights = torch.where(present, counts.sum() / (present.sum() * counts.clamp_min(1)), torch.ones_like(counts))
             config.class_weights = [round(float(w), 6) for w in weights]
-
-
-def one_standard_error_epoch(curves: torch.Tensor) -> int:
-    """The fewest epochs whose mean held-out loss is within one standard error of the lowest (Breiman's rule), from
-    per-fold loss curves `(folds, epochs + 1)` whose column 0 is the untrained start."""
-    mean = curves.mean(dim=0)
-    best = int(mean.argmin())
-    standard_error = float(curves[:, best].std(unbiased=True)) / len(curves) ** 0.5 if len(curves) > 1 else 0.0
-    return int(torch.nonzero(mean <= mean[best] + standard_error)[0])
-
-
-def fewest_within_paired_error(curves: torch.Tensor) -> int:
-    """The first column of `curves` `(folds, candidates)` - held-out losses of nested candidates, simplest first -
-    whose mean loss exceeds the lowest mean by at most one standard error of their per-fold differences.
-
-    The standard error of the differences, not of the best candidate's losses (`one_standard_error_epoch`): the
-    candidates are scored on the same folds, so how hard a fold is cancels out. On rhythm (3 classes) the inner
-    folds' losses spread by 20-50 % from the easiest to the hardest, and the unpaired error let one expert stand for
-    two whose mixture was better on most folds."""
-    mean = curves.mean(dim=0)
-    best = int(mean.argmin())
-    differences = curves - curves[:, best : best + 1]
-    error = differences.std(dim=0, unbiased=True) / len(curves) ** 0.5 if len(curves) > 1 else torch.zeros_like(mean)
-    return int(torch.nonzero(differences.mean(dim=0) <= error)[0])
 
 
 def stack_experts(loss_function: Callable, predictions: torch.Tensor, labels: torch.Tensor,
@@ -378,6 +363,8 @@ class EnECGFitter:
         if self._linear_path():  # first the linear paths, on the same inner folds: cheap convex fits
             linear = self.runner.map(f"{name}/linear-paths", lambda _: self._linear_job(table, rows, folds), [None])[0]
             report.linear_l2 = dict(zip(model.expert_names, linear["l2"].tolist()))
+            report.linear_l1 = dict(zip(model.expert_names, linear["l1"].tolist()))
+            report.linear_inputs = dict(zip(model.expert_names, linear["inputs"].tolist()))
         if settings.strategy == "joint":
             state = self.runner.map(f"{name}/joint", lambda _: self._joint_job(table, rows, name, linear), [None])[0]
             self._reset(state)
@@ -394,8 +381,9 @@ class EnECGFitter:
         predictions = self._fit_final(table, rows, folds, predictions, final_linear, name, report)
         if settings.calibration == "temperature" and model.task_config.problem_type == "single_label_classification":
             report.logit_temperature = self._calibrate(table, rows, predictions)
-        logger.info("%s: head epochs %s; linear-path L2 %s; out-of-fold losses %s; stacked gate weights %s; gate "
-                    "epochs %d", name, report.expert_epochs, report.linear_l2,
+        logger.info("%s: head epochs %s; linear paths: L2 %s, L1 %s, inputs read %s; out-of-fold losses %s; stacked "
+                    "gate weights %s; gate epochs %d", name, report.expert_epochs, report.linear_l2, report.linear_l1,
+                    report.linear_inputs,
                     {k: round(v, 4) for k, v in report.out_of_fold_loss.items()},
                     {k: round(v, 3) for k, v in report.stacked_weights.items()}, report.gate_epochs)
         if report.logit_temperature != 1.0:
@@ -530,7 +518,7 @@ class EnECGFitter:
         `rows`), the fits of every inner fold's training part and of all `rows` (`linear_heads.fit_linear_paths`)."""
         model = self._start_job("linear-paths")
         result = fit_linear_paths(model, [e[rows] for e in table.expert_embeddings], table.labels[rows], folds,
-                                  self.settings.linear_l2)
+                                  self.settings.linear_l2, self.settings.linear_selection)
         return {k: v for k, v in result.items() if k != "out_of_fold"}
 
     @staticmethod
