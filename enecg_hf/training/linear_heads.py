@@ -69,6 +69,16 @@ def _padded(embeddings: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([F.pad(e, (0, width - e.shape[-1])) for e in embeddings], dim=1)
 
 
+def _starting_point(model: EnECGTaskEnsemble, inputs: torch.Tensor,
+                    start: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A solver's first `(weight, bias)`: a copy of `start`, or zeros shaped for `inputs` `(rows, experts, width)`."""
+    if start is not None:
+        return start[0].clone(), start[1].clone()
+    experts, width = inputs.shape[1], inputs.shape[2]
+    num_labels = model.task_config.num_labels
+    return torch.zeros(experts, num_labels, width), torch.zeros(experts, num_labels)
+
+
 def solve_linear_paths(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: torch.Tensor, l2: float,
                        start: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 100
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +86,8 @@ def solve_linear_paths(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: t
     width)` and `bias` `(experts, num_labels)` minimising the task's loss plus `l2 / 2 * ||weight_e||^2` per expert.
 
     `start`: the solution for a neighbouring penalty (a warm start along the penalty path)."""
-    experts, width = inputs.shape[1], inputs.shape[2]
-    num_labels = model.task_config.num_labels
-    if start is None:
-        weight, bias = torch.zeros(experts, num_labels, width), torch.zeros(experts, num_labels)
-    else:
-        weight, bias = start[0].clone(), start[1].clone()
+    experts = inputs.shape[1]
+    weight, bias = _starting_point(model, inputs, start)
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
@@ -109,12 +115,8 @@ def solve_sparse_paths(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: t
 
     `start`: the solution for a neighbouring penalty (a warm start along the penalty path); the iterations stop when
     no weight moves by more than `tolerance`."""
-    experts, width = inputs.shape[1], inputs.shape[2]
-    num_labels = model.task_config.num_labels
-    if start is None:
-        weight, bias = torch.zeros(experts, num_labels, width), torch.zeros(experts, num_labels)
-    else:
-        weight, bias = start[0].clone(), start[1].clone()
+    experts = inputs.shape[1]
+    weight, bias = _starting_point(model, inputs, start)
     threshold = l1 / experts
 
     def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
