@@ -299,13 +299,28 @@ def test_a_corrupt_shard_is_recomputed_with_a_logged_reason(records, tmp_path, c
 
 
 def test_command_line_arguments():
-    from enecg_hf.features.cli import parse_args
+    import dataclasses
+
+    from enecg_hf.features.cli import FeatureScriptArguments, main, parse_args
+    from enecg_hf.training import TrainingSetupError, TrainScriptArguments
 
     args = parse_args(["--data_format", "ludb", "--data_path", "x", "--experts", "dlinear,features"])
     assert args.experts == ["dlinear", "features"] and args.torch_threads == 1 and args.seed == 42
-    for bad in ([], ["--dataset", "d", "--data_format", "ludb"], ["--dataset", "d", "--shard_size", "0"]):
-        with pytest.raises(SystemExit):
+    for bad in ([], ["--dataset", "d", "--data_format", "ludb"], ["--dataset", "d", "--shard_size", "0"],
+                ["--data_format", "ludb", "--num_records", "5"]):
+        with pytest.raises(TrainingSetupError):
             parse_args(bad)
+    with pytest.raises(SystemExit, match="--shard_size must be at least 1"):  # main() exits with the message
+        main(["--dataset", "d", "--shard_size", "0"])
+    # The options train.py also has are train.py's: the same defaults and argparse settings (help aside).
+    train_fields = {f.name: f for f in dataclasses.fields(TrainScriptArguments)}
+    shared = [f for f in dataclasses.fields(FeatureScriptArguments) if f.name in train_fields]
+    assert len(shared) == 11
+    for f in shared:
+        source = train_fields[f.name]
+        assert (f.default, f.default_factory) == (source.default, source.default_factory), f.name
+        assert {k: v for k, v in f.metadata.items() if k != "help"} == {
+            k: v for k, v in source.metadata.items() if k != "help"}, f.name
 
 
 def test_default_location_is_the_shared_user_cache(monkeypatch, tmp_path):

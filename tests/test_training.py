@@ -936,7 +936,9 @@ def test_the_options_of_a_fit_take_their_defaults_from_fit_settings(monkeypatch)
     fields = {f.name: f.default for f in dataclasses.fields(changed.TrainScriptArguments)}
     parser = {action.dest: action.default for action in changed.build_parser()._actions}
     assert [fields[name] for name in options] == [parser[name] for name in options] == [f"changed {n}" for n in options]
-    assert dataclasses.asdict(rebuilt(feature_cli).FeatureScriptArguments())["seed"] == "changed seed"  # train.py's
+    # The feature CLI declares its shared options from train.py's (train_option): they follow them.
+    monkeypatch.setitem(sys.modules, arguments.__name__, changed)
+    assert dataclasses.asdict(rebuilt(feature_cli).FeatureScriptArguments())["seed"] == "changed seed"
 
 
 def test_resuming_accepts_an_option_added_later_only_while_it_is_unset(tmp_path):

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..training.arguments import DATA_FORMATS, TrainScriptArguments, comma_list, fit_setting, option
+from ..training.arguments import (
+    TrainScriptArguments, check_data_arguments, comma_list, option, train_option,
+)
+from ..training.errors import TrainingSetupError
 from .store import CACHE_ENV, build_features, feature_store_dir
 
 
@@ -34,28 +37,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FeatureScriptArguments:
-    """The options of `python -m enecg_hf.features` (the data and model options mean what they mean in train.py)."""
+    """The options of `python -m enecg_hf.features`: train.py's data and model options (declared there, with their
+    defaults and help), and the store's own."""
 
-    config: str = field(default="tiny", metadata=option(
-        "EnECG config JSON, or the name of one in hub_configs/ (tiny)"))
-    dataset: list[str] | None = field(default=None, metadata=option(
-        "dataset folder(s) written by `Dataset.save_to_disk` / `python -m enecg_hf.data` (several, as train.py "
-        "takes them)", metavar="DATASET"))
-    data_format: str | None = field(default=None, metadata=option(
-        "build the dataset on the fly with enecg_hf.data.build_dataset", choices=DATA_FORMATS))
-    data_path: str | None = field(default=None, metadata=option("input of --data_format (a folder of records)"))
-    num_records: int | None = field(default=None, metadata=option("records to simulate (--data_format simulated)"))
-    limit: int | None = field(default=None, metadata=option("use only the first N records"))
-    experts: list[str] | None = field(default=None, metadata=option(
-        "comma-separated subset of the config's experts (default: all)", metavar="EXPERTS"))
-    expert_precision: str = field(default="fp32", metadata=option(
-        "precision of the experts' pass, as train.py --expert_precision (its values are stored apart from fp32 ones)",
-        choices=["fp32", "bf16", "fp16", "int8"]))
-    seed: int = fit_setting("seed", help=(
+    config: str = train_option("config")
+    dataset: list[str] | None = train_option("dataset")
+    data_format: str | None = train_option("data_format")
+    data_path: str | None = train_option("data_path")
+    num_records: int | None = train_option("num_records")
+    limit: int | None = train_option("limit")
+    experts: list[str] | None = train_option("experts")
+    expert_precision: str = train_option("expert_precision", help=(
+        "precision of the experts' pass, as train.py --expert_precision (its values are stored apart from fp32 ones)"))
+    seed: int = train_option("seed", help=(
         "seed of train.py's run: random-weight experts are initialised from it (and simulated records made with it)"))
-    cache_dir: str | None = field(default=None, metadata=option(
-        f"cache folder; the store is CACHE_DIR/features (default ${CACHE_ENV}/features, else ~/.cache/enecg_hf/features)"))
-    feature_batch_size: int = field(default=16, metadata=option("records per forward pass of the experts"))
+    cache_dir: str | None = train_option("cache_dir")
+    feature_batch_size: int = train_option("feature_batch_size")
     shard_size: int = field(default=256, metadata=option(
         "each process writes a shard file every N records of an expert (a killed run loses at most this many)..."))
     shard_seconds: float = field(default=60.0, metadata=option(
@@ -76,6 +73,8 @@ def build_parser():
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FeatureScriptArguments:
+    """The command's arguments (`sys.argv` by default). Argparse's own errors and `--help` exit as argparse does;
+    arguments that cannot go together raise `TrainingSetupError`, which `main()` turns into an exit message."""
     parser = build_parser()
     (args, unknown) = parser.parse_args_into_dataclasses(list(sys.argv[1:] if argv is None else argv),
                                                          return_remaining_strings=True, look_for_args_file=False)
@@ -84,17 +83,12 @@ def parse_args(argv: Sequence[str] | None = None) -> FeatureScriptArguments:
     for name in ("experts", "dataset"):  # "a,b" and "a b" alike, as train.py
         if getattr(args, name) is not None:
             setattr(args, name, [item for value in getattr(args, name) for item in comma_list(value)])
-    if args.dataset and args.data_format:
-        parser.error("pass either --dataset or --data_format/--data_path, not both")
-    if not args.dataset and not args.data_format:
-        parser.error("no data: pass --dataset DIR, or --data_format FORMAT [--data_path PATH]")
-    if args.num_records is not None and args.data_format != "simulated":
-        parser.error("--num_records is for --data_format simulated; use --limit to read fewer real records")
+    check_data_arguments(args)
     for name in ("feature_batch_size", "shard_size", "torch_threads"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            raise TrainingSetupError(f"--{name} must be at least 1")
     if not args.shard_seconds > 0:
-        parser.error("--shard_seconds must be positive")
+        raise TrainingSetupError("--shard_seconds must be positive")
     return args
 
 
@@ -153,15 +147,6 @@ def run(args: FeatureScriptArguments) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    from ..training.errors import TrainingSetupError
-    from ..training.launch import relaunch_on_cpu, requested_cpu_processes
+    from ..training.launch import run_command
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    processes = requested_cpu_processes()
-    if processes and processes > 1:
-        relaunch_on_cpu(processes, argv, module="enecg_hf.features")
-    try:
-        return run(args)
-    except TrainingSetupError as error:
-        raise SystemExit(str(error)) from None
+    return run_command(argv, parse_args, run, module="enecg_hf.features")

@@ -11,8 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..precision_enecg import EXPERT_PRECISIONS
 from .errors import TrainingSetupError
-from .fitting import FitSettings
+from .fitting import CLASS_WEIGHTINGS, FIT_STRATEGIES, INNER_GROUPS, FitSettings
 
 DATA_FORMATS = ("mimic-iv-ecg", "ptb-xl", "challenge", "ludb", "jsonl", "simulated")  # enecg_hf.data.FORMATS
 
@@ -40,13 +41,16 @@ def option(help: str | None = None, **metadata: Any) -> dict[str, Any]:
     return {"help": help, **metadata} if help else metadata
 
 
+# The options that set a `FitSettings` field (declared with `fit_setting`): what `fit_settings()` passes on.
+FIT_OPTIONS: set[str] = set()
+
+
 def fit_setting(name: str, help: str | None = None, **metadata: Any) -> Any:
     """`field(...)` of the option that sets the `FitSettings` field `name`: its default is that field's (read from
     `FitSettings`, which holds the defaults of a fit), its help and argparse settings are given here."""
     setting = {f.name: f for f in dataclasses.fields(FitSettings)}[name]
-    if setting.default_factory is not dataclasses.MISSING:
-        return field(default_factory=setting.default_factory, metadata=option(help, **metadata))
-    return field(default=setting.default, metadata=option(help, **metadata))
+    FIT_OPTIONS.add(name)
+    return field(default=setting.default, default_factory=setting.default_factory, metadata=option(help, **metadata))
 
 
 # One dataclass per group of `python train.py --help`; `TrainScriptArguments` holds them all. `HfArgumentParser` builds
@@ -81,7 +85,7 @@ class FitArguments:
 
     strategy: str = fit_setting("strategy", help=(
         "stacked (default): heads on their own losses with cross-validated early stopping, gate on their out-of-fold "
-        "predictions; joint: the research code's single stage on the mixture's loss"), choices=["stacked", "joint"])
+        "predictions; joint: the research code's single stage on the mixture's loss"), choices=list(FIT_STRATEGIES))
     epochs: int = fit_setting("epochs", help=(
         "most epochs of a head fit (stacked: early-stopped by the inner folds; joint: all)"))
     batch_size: int = fit_setting("batch_size")
@@ -96,7 +100,7 @@ class FitArguments:
     gate_learning_rate: float = fit_setting("gate_learning_rate")
     class_weighting: str = fit_setting("class_weighting", help=(
         "classification: weigh classes by inverse frequency (balanced) or records equally"),
-        choices=["balanced", "none"])
+        choices=list(CLASS_WEIGHTINGS))
     folds: int = field(default=3, metadata=option("subject-wise CV folds (0 or 1: no CV, final fit only)"))
     cv_groups: list[str] = field(default_factory=lambda: ["subject"], metadata=option(
         "what cross-validation holds out: subject (--folds subject-wise folds, default), source (leave-one-source-"
@@ -104,7 +108,7 @@ class FitArguments:
         metavar="CV_GROUPS"))
     inner_groups: str = fit_setting("inner_groups", help=(
         "inner folds (heads' penalties and epochs, gate): subject (default), or source: whole institutions held out "
-        "when the training records come from two or more, else subjects"), choices=["subject", "source"])
+        "when the training records come from two or more, else subjects"), choices=list(INNER_GROUPS))
     seed: int = fit_setting("seed")
     mixed_precision: str = field(default="no", metadata=option(
         "autocast of heads and gate (experts and cached features stay float32)", choices=["no", "fp16", "bf16"]))
@@ -127,7 +131,7 @@ class ModelArguments:
     expert_precision: str = field(default="fp32", metadata=option(
         "precision of the frozen experts' pass: int8 (dynamic quantisation of their Linear layers, CPU), bf16/fp16 "
         "(autocast; fp16 on a GPU); the saved model keeps float32 weights (docs/training.md, 'Expert precision')",
-        choices=["fp32", "bf16", "fp16", "int8"]))
+        choices=list(EXPERT_PRECISIONS)))
 
 
 @dataclass
@@ -176,8 +180,29 @@ class TrainScriptArguments(HubArguments, CacheArguments, ModelArguments, FitArgu
 
     def fit_settings(self) -> FitSettings:
         """The `fitting.FitSettings` these arguments name (the settings without an option keep their defaults)."""
-        names = {f.name for f in dataclasses.fields(FitSettings)}
-        return FitSettings(**{k: v for k, v in self.to_dict().items() if k in names})
+        return FitSettings(**{name: getattr(self, name) for name in FIT_OPTIONS})
+
+
+def train_option(name: str, help: str | None = None) -> Any:
+    """`field(...)` of another command's option that means what train.py's `--name` means: train.py's default and
+    argparse settings, and its help unless `help` is given (`python -m enecg_hf.features` declares its data and model
+    options so)."""
+    source = {f.name: f for f in dataclasses.fields(TrainScriptArguments)}[name]
+    metadata = dict(source.metadata) if help is None else {**source.metadata, "help": help}
+    return field(default=source.default, default_factory=source.default_factory, metadata=metadata)
+
+
+def check_data_arguments(args: Any) -> None:
+    """Raise `TrainingSetupError` where the data options (`--dataset`, `--data_format`, `--num_records`) of `args`
+    cannot go together; train.py and `python -m enecg_hf.features` check them so."""
+    if args.dataset and args.data_format:
+        raise TrainingSetupError("Pass either --dataset or --data_format/--data_path, not both")
+    if not args.dataset and not args.data_format:
+        raise TrainingSetupError("No data: pass --dataset DIR, or --data_format FORMAT [--data_path PATH] "
+                                 "(e.g. simulated)")
+    if args.num_records is not None and args.data_format != "simulated":
+        raise TrainingSetupError("--num_records is for --data_format simulated; use --limit to read fewer real "
+                                 "records")
 
 
 def build_parser():
@@ -232,11 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
         raise TrainingSetupError("Pass either --label (one task) or --labels (a multi-task model), not both")
     if args.labels and "all" in args.labels and len(args.labels) > 1:
         raise TrainingSetupError("--labels all stands alone (it means every task column the dataset has)")
-    if args.dataset and args.data_format:
-        raise TrainingSetupError("Pass either --dataset or --data_format/--data_path, not both")
-    if not args.dataset and not args.data_format:
-        raise TrainingSetupError("No data: pass --dataset DIR, or --data_format FORMAT [--data_path PATH] "
-                                 "(e.g. simulated)")
+    check_data_arguments(args)
     for name in ("epochs", "batch_size", "feature_batch_size"):
         if getattr(args, name) < 1:
             raise TrainingSetupError(f"--{name} must be at least 1")
@@ -250,7 +271,4 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainScriptArguments:
     if unknown or not args.cv_groups or len(set(args.cv_groups)) != len(args.cv_groups):
         raise TrainingSetupError("--cv_groups takes subject, source or subject,source; got "
                                  f"{','.join(args.cv_groups)}")
-    if args.num_records is not None and args.data_format != "simulated":
-        raise TrainingSetupError("--num_records is for --data_format simulated; use --limit to read fewer real "
-                                 "records")
     return args

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
 from .labels import check_class_coverage, check_repeated_records, encode_labels
-from .launch import relaunch_on_cpu, requested_cpu_processes, setup_logging, use_cpu
+from .launch import run_command, setup_logging, use_cpu
 from .output import print_summary, push_folder, save_output_folder
 from .records import check_signal_compatibility, drop_unusable_signals, load_training_dataset, make_folds
 from .scoring import baseline_predictions, format_metrics, load_metric, score, summarize
@@ -448,13 +447,5 @@ def run(args: TrainScriptArguments) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(argv)  # errors in the arguments show before any process is started
-        processes = requested_cpu_processes()
-        if processes and processes > 1:
-            relaunch_on_cpu(processes, argv)
-        return run(args)
-    except TrainingSetupError as error:  # a message for the command line, not a traceback
-        raise SystemExit(str(error)) from None
+    return run_command(argv, parse_args, run)
 
