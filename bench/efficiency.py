@@ -37,13 +37,12 @@ from transformers import Trainer, TrainingArguments
 
 from enecg_hf import EnECGModel
 from enecg_hf.data import TASKS, build_dataset, subject_kfold
-from enecg_hf.features import build_features
+from enecg_hf.features import FeatureTable, build_features
 from enecg_hf.signal_enecg import normalize_ecg
 from enecg_hf.training import (EnECGFitter, EnECGTrainerCallback, FitSettings, TrainScriptArguments, model_inputs,
                                predict)
 from enecg_hf.training.configs import build_config
 from enecg_hf.training.labels import encode_labels
-from enecg_hf.training.run import load_feature_table
 from harness import (REPO, in_fresh_process, interleaved, machine_info, markdown_table, parser, peak_rss_mib,
                      render_only, require_data, save)
 
@@ -135,7 +134,7 @@ def trainer_fit(model, records, label: str, job, workdir: str) -> int:
 def store_table(model, records, labels, store: str, batch_size: int):
     """train.py's feature path: the store fills in what is missing, training reads in-memory tensors."""
     features, _ = build_features(records, model, store_dir=store, batch_size=batch_size, progress=False)
-    return load_feature_table(features, np.arange(len(records)), labels, records, model.expert_names)
+    return FeatureTable.from_store(features, np.arange(len(records)), labels, records, model.expert_names)
 
 
 def fitter_fit(model, table, rows, job) -> None:

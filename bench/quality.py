@@ -40,7 +40,7 @@ from enecg_hf import EnECGModel
 from enecg_hf.configuration_enecg import EnECGExpertConfig
 from enecg_hf.data import TASKS, build_dataset, institution, leave_one_source_out, source_groups
 from enecg_hf.expert_features import EnECGFeaturesExpert
-from enecg_hf.features import FeatureTable, build_features, embedding_column
+from enecg_hf.features import GATE_INPUTS_COLUMN, FeatureTable, build_features, embedding_column
 from enecg_hf.preprocessing_enecg import STANDARD_LEAD_NAMES
 from enecg_hf.training import (FitSettings, TrainScriptArguments, baseline_predictions, fit_enecg, load_metric, predict,
                                score, summarize)
@@ -176,7 +176,7 @@ def expert_features(records, store: str | None, pretrained: bool, pretrained_row
             features[name] = torch.full((len(records), values.shape[1]), float("nan"))
             features[name][torch.as_tensor(rows)] = values
         if key == "tiny":
-            features["gate_inputs"] = table["gate_inputs"].float()
+            features[GATE_INPUTS_COLUMN] = table[GATE_INPUTS_COLUMN].float()
     return configs, features
 
 
@@ -227,7 +227,7 @@ def run_task(task: str, records, labels: pd.DataFrame, features: dict, configs: 
             continue
         config = {**base, **(overrides(base) if callable(overrides) else overrides)}
         experts = [e["name"] for e in config["experts"]]
-        table = FeatureTable([features[n][record_rows] for n in experts], features["gate_inputs"][record_rows],
+        table = FeatureTable([features[n][record_rows] for n in experts], features[GATE_INPUTS_COLUMN][record_rows],
                              torch.from_numpy(y), groups, sources)
         for seed in seeds if row in MAIN_ROWS else seeds[:args.ablation_seeds]:
             torch.manual_seed(seed)
@@ -390,7 +390,7 @@ def run_loso(task: str, records, labels: pd.DataFrame, features: dict, configs: 
     labelled = labels[labels["folder"] == "ludb"] if task == "rr_interval" else labels
     keep, y = encode_labels(labelled, spec)
     rows, groups = labelled.index[keep].to_numpy(), labelled["group"].to_numpy()[keep]
-    table = FeatureTable([features[n] for n in experts], features["gate_inputs"],
+    table = FeatureTable([features[n] for n in experts], features[GATE_INPUTS_COLUMN],
                          torch.zeros(len(labels)), labels["subject"].to_numpy(), labels["group"].to_numpy())
     if task == "rr_interval":  # train on LUDB; score the Challenge records against their R-peak reference and
         # the MIT-BIH windows against their beat annotations

@@ -31,6 +31,7 @@ import torch
 import wfdb
 
 import quality
+from enecg_hf.features import GATE_INPUTS_COLUMN
 from enecg_hf.io_enecg import read_record
 from enecg_hf.preprocessing_enecg import resample
 from harness import DATA_DIR, machine_info, markdown_table, parser, render_only, require_data, save
@@ -118,7 +119,7 @@ def measure(args, store: str | None) -> dict:
     feature_seconds = time.perf_counter() - started
     print(f"[source_rate] expert features of {len(labels)} records x 2 versions ready after {feature_seconds:.0f} s",
           flush=True)
-    experts = [name for name in features["native"][1] if name != "gate_inputs"]
+    experts = [name for name in features["native"][1] if name != GATE_INPUTS_COLUMN]
     drift = {name: embedding_drift(features["native"][1][name], features["via_100hz"][1][name]) for name in experts}
     runs = {version: {task: quality.run_task(task, loaded[version][0], loaded[version][1], features[version][1],
                                              configs, args) for task in TASKS} for version in VERSIONS}

@@ -3,7 +3,8 @@ tensors (training reads every row many times).
 
 A table comes from the model (`FeatureTable.from_model`: the frozen pass run over records in memory, with
 `compute.compute_feature_batch`, the function the store computes with) or from frozen feature columns by name
-(`FeatureTable.from_columns`: e.g. rows of the store's table, `store.build_features`).
+(`FeatureTable.from_columns`; `FeatureTable.from_store` for labelled rows of the store's table, as
+`store.build_features` returns it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from ..data.splits import source_groups
 from ..modeling_enecg import GATE_INPUTS_COLUMN, EnECGModel, embedding_column
 from .compute import compute_feature_batch
 
@@ -70,6 +72,19 @@ class FeatureTable:
         return cls([columns[embedding_column(name)].float() for name in expert_names],
                    columns[GATE_INPUTS_COLUMN].float(), torch.as_tensor(labels),
                    None if groups is None else np.asarray(groups), None if sources is None else np.asarray(sources))
+
+    @classmethod
+    def from_store(cls, features, keep: np.ndarray, labels: np.ndarray, records,
+                   expert_names: Sequence[str]) -> "FeatureTable":
+        """The rows `keep` of the store's table `features` (a `datasets.Dataset`, one row per record of `records`)
+        in memory, with their `labels`, subjects (`subject_id`; a record without one is its own) and source groups
+        (`enecg_hf.data.source_groups` of `records`, the dataset rows `keep` selected)."""
+        columns = [embedding_column(name) for name in expert_names] + [GATE_INPUTS_COLUMN]
+        table = features.select(keep, keep_in_memory=True).with_format("torch", columns=columns)[:]
+        groups = None
+        if "subject_id" in records.column_names:
+            groups = [f"subject:{s}" if s is not None else f"row:{i}" for i, s in enumerate(records["subject_id"])]
+        return cls.from_columns(table, expert_names, torch.from_numpy(labels), groups, source_groups(records))
 
     @classmethod
     def from_model(cls, model: EnECGModel, input_values: torch.Tensor, labels, groups=None,

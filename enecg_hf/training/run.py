@@ -21,7 +21,7 @@ from .arguments import NON_RESULT_ARGS, TrainScriptArguments, parse_args
 from .configs import build_config, resolve_config_path
 from .errors import TrainingSetupError
 from ..features.store import feature_store_dir
-from ..features import build_feature_cache, embedding_column
+from ..features import build_feature_cache
 from .files import write_json_atomic
 from .fitting import EnECGFitter, FeatureTable, predict
 from .jobs import CheckpointedJobRunner, unexpected_checkpoint_files
@@ -67,17 +67,6 @@ def _check_resume(args: TrainScriptArguments, checkpoint_root: Path, run_info: d
     if unexpected:
         raise TrainingSetupError(f"--resume_from_checkpoint: {checkpoint_root} holds files this package never writes "
                          f"(refusing to read them): {[str(p) for p in unexpected[:5]]}")
-
-
-def load_feature_table(features, keep: np.ndarray, labels: np.ndarray, records, expert_names: list[str]) -> FeatureTable:
-    """The labelled records' cached features as in-memory tensors (training reads every row many times), with their
-    subjects and source groups."""
-    columns = [embedding_column(name) for name in expert_names] + ["gate_inputs"]
-    table = features.select(keep, keep_in_memory=True).with_format("torch", columns=columns)[:]
-    groups = None
-    if "subject_id" in records.column_names:
-        groups = np.asarray([f"subject:{s}" if s is not None else f"row:{i}" for i, s in enumerate(records["subject_id"])])
-    return FeatureTable.from_columns(table, expert_names, torch.from_numpy(labels), groups, source_groups(records))
 
 
 def beats_baseline(cv: dict[str, Any], baseline: dict[str, Any], label: TaskSpec) -> tuple[bool, str]:
@@ -374,7 +363,7 @@ def build_model_and_features(args: TrainScriptArguments, config: EnECGConfig, da
     model.set_expert_precision("fp32")  # features are computed: heads and gate train on them, the model saves fp32
     for task in tasks:
         task.target = model.tasks[task.spec.name]
-        task.table = load_feature_table(features, task.keep, task.labels, task.records, config.expert_names)
+        task.table = FeatureTable.from_store(features, task.keep, task.labels, task.records, config.expert_names)
     return model.to(accelerator.device)
 
 
