@@ -346,7 +346,7 @@ class EnECGStackedHeads:
         self.clip = first.input_clip
         self.linear_clip = first.linear_clip
         self.head_dropout = first.dropout.p
-        self.linear_path = first.linear_path
+        self.has_linear_paths = first.linear_path
         self.tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if self.standardize:
@@ -366,7 +366,7 @@ class EnECGStackedHeads:
                     self.scaling = modules[0].scaling[LORA_ADAPTER]
                     dropout = modules[0].lora_dropout[LORA_ADAPTER]
                     self.lora_dropout = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
-            if self.linear_path:
+            if self.has_linear_paths:
                 self.tensors["linear.weight"] = torch.stack([self._pad(h.linear.weight, 0.0) for h in heads])
                 self.tensors["linear.bias"] = torch.stack([h.linear.bias.detach() for h in heads]).clone()
         # Mean imputation of unmeasured values (`EnECGHead.standardize_input`): per expert and column, the column of
@@ -412,7 +412,7 @@ class EnECGStackedHeads:
         hidden = F.dropout(F.relu(self._linear("dense1", x, training)), self.head_dropout, training)
         hidden = F.dropout(F.relu(self._linear("dense2", hidden, training)), self.head_dropout, training)
         output = self._linear("out_proj", hidden, training)
-        if self.linear_path:
+        if self.has_linear_paths:
             t = self.tensors
             wide = z.clamp(-self.linear_clip, self.linear_clip) if self.standardize else z
             output = output + torch.baddbmm(t["linear.bias"].unsqueeze(1), wide, t["linear.weight"].transpose(1, 2))
@@ -437,7 +437,7 @@ class EnECGStackedHeads:
                 a = self.tensors[f"{layer}.lora_A"][e]
                 state[f"{prefix}{layer}.lora_A.{LORA_ADAPTER}.weight"] = a[:, :width] if layer == "dense1" else a
                 state[f"{prefix}{layer}.lora_B.{LORA_ADAPTER}.weight"] = self.tensors[f"{layer}.lora_B"][e]
-        if self.linear_path:
+        if self.has_linear_paths:
             state[prefix + "linear.weight"] = self.tensors["linear.weight"][e, :, :width]
             state[prefix + "linear.bias"] = self.tensors["linear.bias"][e]
         return {k: v.detach().clone() for k, v in state.items()}
@@ -633,6 +633,28 @@ class EnECGTaskEnsemble(nn.Module):
             dim = head.linear.in_features
             head.linear.weight.copy_(weight[e, :, :dim])
             head.linear.bias.copy_(bias[e])
+
+    @property
+    def has_linear_paths(self) -> bool:
+        """Whether the heads have linear paths (`head_type="linear_ffn"`): fitted (`set_linear_paths`), not trained."""
+        return any(head.linear_path for head in self.heads.values())
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What a gradient step of the heads and gate trains: the parameters that require gradients, the fitted linear
+        paths left out."""
+        fitted = {id(p) for head in self.heads.values() if head.linear_path for p in head.linear.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in fitted]
+
+    def head_standardization_is_set(self) -> bool:
+        """Whether the heads' input standardisation was fitted (`fit_head_standardization`), or is switched off."""
+        heads = [head for head in self.heads.values() if head.standardize]
+        return not heads or any(bool(head.input_mean.any()) or bool((head.input_std != 1).any()) for head in heads)
+
+    def gate_state(self) -> dict[str, torch.Tensor]:
+        """A copy of what a fitted gate is, keyed as in this module's state dict: the gate's weights and the
+        standardisation of its input."""
+        state = {f"gate.{k}": v.detach().clone() for k, v in self.gate.state_dict().items()}
+        return state | {k: v.detach().clone() for k, v in self.named_buffers() if k.startswith("gate_input_")}
 
 
 

@@ -69,3 +69,42 @@ def test_training_uses_no_peft_internals():
              for use in peft_internals(path.read_text(), str(path))}
     assert not found, ("enecg_hf/training reaches into PEFT's LoRA layers; give the model (modeling_enecg.py) the "
                        f"operation instead: {sorted(found)}")
+
+
+# The heads' and gate's inner parts: their attributes, and the parameter and buffer names that spell them.
+HEAD_GATE_INTERNALS = {"linear_path", "input_mean", "input_std", "gate_input_mean", "gate_input_std", "dense1",
+                       "dense2", "out_proj"}
+NAME_PARTS = (".linear.", "gate_input_", "input_mean", "input_std")
+
+
+def head_gate_internals(source: str, filename: str) -> list[str]:
+    """`line: what` for every attribute of `HEAD_GATE_INTERNALS` that `source` reads and every string that filters
+    parameters or buffers by a part of their name (`NAME_PARTS`)."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Attribute) and node.attr in HEAD_GATE_INTERNALS:
+            found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and any(
+                part in node.value for part in NAME_PARTS):
+            found.append(f"{node.lineno}: {node.value!r}")
+    return sorted(found, key=lambda use: int(use.split(":")[0]))
+
+
+def test_the_scan_finds_head_and_gate_internals():
+    before = '''
+params = [p for n, p in model.named_parameters() if ".linear." not in n]
+state = {k: v for k, v in model.named_buffers() if k.startswith("gate_input_")}
+fitted = any(head.input_mean.any() for head in heads)
+linear = any(head.linear_path for head in heads)
+'''
+    found = head_gate_internals(before, "before.py")
+    assert [line.split(":")[0] for line in found] == ["2", "3", "4", "5"], found
+    assert not head_gate_internals("model.has_linear_paths\nmodel.trained_parameters()\nmodel.gate_state()\n", "after.py")
+
+
+def test_training_reads_no_head_or_gate_internals():
+    """Training asks the task ensemble (`has_linear_paths`, `trained_parameters`, `head_standardization_is_set`,
+    `gate_state`, ...) instead of reading the heads' and gate's parts or filtering their names."""
+    found = {f"{path.relative_to(REPO).as_posix()}:{use}" for path in sorted(TRAINING.rglob("*.py"))
+             for use in head_gate_internals(path.read_text(), str(path))}
+    assert not found, f"enecg_hf/training reads the heads' or gate's inner parts: {sorted(found)}"

@@ -357,10 +357,10 @@ class EnECGFitter:
         self._reset()
         prepare_targets(model, table.labels[rows], settings.class_weighting)
         report = FitReport(settings.strategy)
-        folds = self._inner_folds(table, rows, name) if settings.strategy == "stacked" or self._linear_path() else []
+        folds = self._inner_folds(table, rows, name) if settings.strategy == "stacked" or self.model.has_linear_paths else []
         report.inner_folds = folds
         linear = None
-        if self._linear_path():  # first the linear paths, on the same inner folds: cheap convex fits
+        if self.model.has_linear_paths:  # first the linear paths, on the same inner folds: cheap convex fits
             linear = self.runner.map(f"{name}/linear-paths", lambda _: self._linear_job(table, rows, folds), [None])[0]
             report.linear_l2 = dict(zip(model.expert_names, linear["l2"].tolist()))
             report.linear_l1 = dict(zip(model.expert_names, linear["l1"].tolist()))
@@ -490,7 +490,7 @@ class EnECGFitter:
                     kept.update(heads.head_state(expert))
 
         patience = Patience(self.settings.patience)
-        if heads.linear_path:  # epoch 0, the linear path alone, is a candidate too
+        if heads.has_linear_paths:  # epoch 0, the linear path alone, is a candidate too
             if eval_inputs is not None:
                 patience = Patience(self.settings.patience, evaluate())
             if expert_epochs is not None:
@@ -508,7 +508,7 @@ class EnECGFitter:
             if expert_epochs is not None:
                 keep(epoch)
         if eval_rows is not None:
-            length = self.settings.epochs + heads.linear_path
+            length = self.settings.epochs + heads.has_linear_paths
             history += [history[-1]] * (length - len(history))  # stopped early: the heads stay as they are
             return {"predictions": torch.stack(history)}
         return kept
@@ -524,9 +524,6 @@ class EnECGFitter:
     @staticmethod
     def _fold_linear(linear: dict[str, torch.Tensor] | None, fold: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if linear is None else (linear[f"fold-{fold}.weight"], linear[f"fold-{fold}.bias"])
-
-    def _linear_path(self) -> bool:
-        return any(head.linear_path for head in self.model.heads.values())
 
     def _fold_groups(self, table: FeatureTable, rows: np.ndarray) -> np.ndarray:
         """What inner folds keep on one side: the institution of each row when `inner_groups="source"` and the rows
@@ -574,8 +571,7 @@ class EnECGFitter:
             model.gate.load_state_dict(gate_start)
             if best_epoch:
                 self._train_gate(inputs, predictions, labels, np.arange(len(rows)), best_epoch, f"{name}/all")
-        state = {f"gate.{k}": v.detach().clone() for k, v in model.gate.state_dict().items()}
-        state |= {k: v.detach().clone() for k, v in model.named_buffers() if k.startswith("gate_input_")}
+        state = model.gate_state()
         state["report.stacked_weights"] = stacked
         state["report.gate_epochs"] = torch.tensor(best_epoch)
         return state
@@ -653,7 +649,7 @@ class EnECGFitter:
         model.fit_head_standardization([e[rows] for e in table.expert_embeddings])
         if linear is not None:
             model.set_linear_paths(linear["weight"], linear["bias"])
-        optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad and ".linear." not in n],
+        optimizer = torch.optim.AdamW(model.trained_parameters(),
                                       lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay, foreach=True)
         for epoch in range(1, self.settings.epochs + 1):
             model.heads.train()

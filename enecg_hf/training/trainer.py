@@ -138,10 +138,7 @@ def label_statistics_are_set(model: EnECGModel) -> bool:
 
 def head_standardization_is_set(model: EnECGModel) -> bool:
     """Whether the heads' input standardisation was fitted (or is switched off)."""
-    if not model.config.head_standardize:
-        return True
-    return any(bool(head.input_mean.any()) or bool((head.input_std != 1).any())
-               for task in model.tasks.values() for head in task.heads.values())
+    return all(task.head_standardization_is_set() for task in model.tasks.values())
 
 
 @torch.no_grad()
@@ -198,7 +195,7 @@ class EnECGTrainerCallback(TrainerCallback):
             loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size,
                                 collate_fn=getattr(train_dataloader, "collate_fn", None))
             embeddings = expert_embeddings_of(model, loader)
-            if any(head.linear_path for head in task_of(model).heads.values()):
+            if task_of(model).has_linear_paths:
                 fit_linear_paths_in_place(model, embeddings, _labels_of(dataset))
                 logger.info("EnECGTrainerCallback: the heads' linear paths fitted on %d training records", len(dataset))
             model.fit_head_standardization(embeddings)
