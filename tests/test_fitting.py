@@ -426,28 +426,25 @@ def test_each_linear_path_keeps_the_penalty_with_the_lowest_out_of_fold_loss():
     assert result["weight"].shape == (3, 1, 16) and {f"fold-{k}.weight" for k in range(3)} <= set(result)
 
 
-def test_sparse_paths_are_scikit_learn_lasso():
-    """`solve_sparse_paths` at penalty l1 is scikit-learn's Lasso(alpha = l1 / 2) on the standardised target (MSE),
-    with exact zeros where Lasso has them."""
-    from sklearn.linear_model import Lasso
-
-    from enecg_hf.training.linear_heads import solve_sparse_paths
+def test_lasso_supports_grow_as_the_penalty_weakens():
+    """Three inputs carry the target and seven nothing: the strongest penalty keeps none, a middle one the three, the
+    weakest more; a classification is refused the sparse selection."""
+    from enecg_hf.training.linear_heads import lasso_supports, resolve_selection
 
     rng = np.random.default_rng(4)
-    n, d, l1 = 200, 10, 0.1
+    n, d = 200, 10
     x = rng.normal(0, 1, (n, d))
     labels = torch.tensor(x[:, :3] @ np.array([2.0, -1.0, 0.5]) + rng.normal(0, 1, n), dtype=torch.float32)
     model = make_model(regression_loss="mse")
     prepare_targets(model, labels, "none")
     inputs = torch.tensor(x, dtype=torch.float32)[:, None, :].expand(-1, 3, -1)
-    weight, bias = solve_sparse_paths(task_of(model), inputs, labels, l1, max_iter=5000, tolerance=1e-9)
-    config = task_of(model).task_config
-    reference = Lasso(alpha=l1 / 2, tol=1e-12, max_iter=100000).fit(x, (labels.numpy() - config.target_mean) / config.target_std)
-    assert 0 < (reference.coef_ == 0).sum() < d  # the penalty drops some inputs and keeps others
-    for e in range(3):
-        np.testing.assert_allclose(weight[e, 0].numpy(), reference.coef_, atol=1e-3)
-        np.testing.assert_allclose(bias[e].numpy(), [reference.intercept_], atol=1e-3)
-        assert (weight[e, 0].numpy() == 0).tolist() == (reference.coef_ == 0).tolist()
+    kept = lasso_supports(task_of(model), inputs, labels, (3.0, 0.1, 1e-4))
+    assert kept.shape == (3, 3, d) and (kept == kept[:, :1]).all()  # the same problem for 3 experts
+    assert kept[0].sum() == 0
+    assert kept[1, 0].tolist() == [True] * 3 + [False] * 7
+    assert kept[2, 0].sum() > 3
+    with pytest.raises(ValueError, match="for regressions"):
+        resolve_selection(task_of(make_model("single_label_classification")), "sparse")
 
 
 def correlate_table(rows: int, train: int, seed: int = 0) -> FeatureTable:

@@ -11,17 +11,18 @@ scikit-learn's `LogisticRegression` (multinomial, `C = 1 / (l2 * n)`), with its 
 experts' problems are independent, so one solver runs them side by side on embeddings zero-padded to the widest (a
 zero column gets a zero weight).
 
-Which inputs a path reads (`selection`): `"ridge"` reads all of them at the chosen L2 penalty. `"sparse"` is the
-relaxed lasso: for every L1 penalty of a grid (strongest first), an L1-penalised fit (`solve_sparse_paths`,
-proximal gradient) gives the inputs it keeps, and the path is refitted on those inputs alone with the grid's
-weakest L2 penalty, so that the L1 penalty selects without shrinking what it keeps; each expert keeps the fewest
-inputs whose out-of-fold loss is within one paired standard error of the lowest (`fewest_within_paired_error`).
-`"auto"` (default): sparse for regression, ridge for classification. Why sparse for regression: an output that
-must extrapolate carries every correlate's weight times its out-of-range value. LUDB-trained RR paths of the
-features expert leaned on `rr_std`, QT and QTc besides `rr_mean` (within the folds' noise on LUDB), and that cost
-2-3 ms on Holter windows of MIT-BIH, where RR varies far more; the sparse path keeps `rr_mean` alone (MIT-BIH 10.5
--> 8.7 ms, Challenge 7.2 -> 5.5 ms, the linear path alone). Class logits pass through a softmax, and the sparse
-selection was not measured on classification.
+Which inputs a path reads (`selection`): `"ridge"` reads all of them at the chosen L2 penalty. `"sparse"` (for
+regressions) is the relaxed lasso: for every L1 penalty of a grid, the lasso (`lasso_supports`: scikit-learn's
+`lasso_path`, coordinate descent, on the squared error of the standardised target) gives the inputs it keeps, and
+the path is refitted on those inputs alone with the task's loss and the grid's weakest L2 penalty, so that the L1
+penalty selects without shrinking what it keeps; each expert keeps the fewest inputs whose out-of-fold loss is within
+one paired standard error of the lowest (`fewest_within_paired_error`). `"auto"` (default): sparse for regression,
+ridge for classification. Why sparse for regression: an output that must extrapolate carries every correlate's
+weight times its out-of-range value. LUDB-trained RR paths of the features expert leaned on `rr_std`, QT and QTc
+besides `rr_mean` (within the folds' noise on LUDB), and that cost 2-3 ms on Holter windows of MIT-BIH, where RR
+varies far more; the sparse path keeps `rr_mean` alone (MIT-BIH 10.5 -> 8.7 ms, Challenge 7.2 -> 5.5 ms, the
+linear path alone). Class logits pass through a softmax; a sparse selection was not measured on classification and
+is not offered there.
 
 Why: a head that must learn "the answer is this one value" through a frozen random FFN with LoRA learns whatever
 correlates on the training records instead, and a ReLU network does not extrapolate beyond them (LUDB-trained RR
@@ -30,6 +31,7 @@ heads predicted 928 ms for a 472 ms tachycardia from another hospital). A linear
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -51,8 +53,11 @@ def resolve_selection(model: EnECGTaskEnsemble, selection: str) -> str:
     """`"sparse"` or `"ridge"`: `selection`, with `"auto"` sparse for a regression and ridge otherwise."""
     if selection not in LINEAR_SELECTIONS:
         raise ValueError(f"selection must be one of {LINEAR_SELECTIONS}, got {selection!r}")
+    regression = model.task_config.problem_type == "regression"
+    if selection == "sparse" and not regression:
+        raise ValueError("the sparse selection of linear paths is for regressions (the lasso of a squared error)")
     if selection == "auto":
-        return "sparse" if model.task_config.problem_type == "regression" else "ridge"
+        return "sparse" if regression else "ridge"
     return selection
 
 
@@ -105,55 +110,28 @@ def solve_linear_paths(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: t
     return weight.detach(), bias.detach()
 
 
-def solve_sparse_paths(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: torch.Tensor, l1: float,
-                       start: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 500,
-                       tolerance: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The L1-penalised linear paths: `weight` `(experts, num_labels, width)` and `bias` `(experts, num_labels)`
-    minimising the task's loss plus `l1 * ||weight_e||_1` per expert (scaled by 1/experts, as the loss), by
-    accelerated proximal gradient (FISTA) with a backtracking step, restarted whenever the momentum raises the
-    objective; an input the penalty drops has weight exactly 0.
+def lasso_supports(model: EnECGTaskEnsemble, inputs: torch.Tensor, labels: torch.Tensor,
+                   l1_grid: Sequence[float]) -> torch.Tensor:
+    """Which inputs an L1-penalised fit keeps at each penalty of `l1_grid` (strongest first): `(len(l1_grid), experts,
+    width)` booleans. Each expert's path is scikit-learn's `lasso_path` (coordinate descent, warm-started along the
+    grid) on `inputs` `(rows, experts, width)` and the task's standardised target, with `alpha = l1 / 2`: the squared
+    error of a regression, on the scale of `solve_linear_paths`' penalties. It selects; the refit on the kept inputs
+    and the choice among penalties are on the task's own loss (Huber by default)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import lasso_path
 
-    `start`: the solution for a neighbouring penalty (a warm start along the penalty path); the iterations stop when
-    no weight moves by more than `tolerance`."""
-    experts = inputs.shape[1]
-    weight, bias = _starting_point(model, inputs, start)
-    threshold = l1 / experts
-
-    def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return model.loss_function(linear_predictions(inputs, w, b), labels)
-
-    point_w, point_b, momentum, step = weight, bias, 1.0, 1.0
-    current = float(loss(weight, bias)) + threshold * float(weight.abs().sum())
-    for _ in range(max_iter):
-        point_w, point_b = point_w.detach().requires_grad_(True), point_b.detach().requires_grad_(True)
-        value = loss(point_w, point_b)
-        grad_w, grad_b = torch.autograd.grad(value, (point_w, point_b))
-        point_w, point_b, value = point_w.detach(), point_b.detach(), float(value.detach())
-        with torch.no_grad():
-            while True:  # backtracking: the quadratic model at `point` must bound the loss at the new weights
-                moved = point_w - step * grad_w
-                new_w = moved.sign() * (moved.abs() - step * threshold).clamp(min=0.0)
-                new_b = point_b - step * grad_b
-                dw, db = new_w - point_w, new_b - point_b
-                new_loss = float(loss(new_w, new_b))
-                bound = value + float((grad_w * dw).sum() + (grad_b * db).sum() + (dw.pow(2).sum() + db.pow(2).sum()) / (2 * step))
-                # float32 rounding: a relative slack, or the step would shrink to nothing near the optimum
-                if new_loss <= bound + 1e-6 * max(1.0, abs(value)) or step < 1e-10:
-                    break
-                step *= 0.5
-            new_objective = new_loss + threshold * float(new_w.abs().sum())
-            change = max(float((new_w - weight).abs().max()), float((new_b - bias).abs().max()))
-            if new_objective > current and change >= tolerance:
-                # the momentum overshot: restart from the last iterate without it (once converged, a rise is rounding)
-                point_w, point_b, momentum = weight, bias, 1.0
-                continue
-            next_momentum = (1.0 + (1.0 + 4.0 * momentum**2) ** 0.5) / 2.0
-            point_w = new_w + (momentum - 1.0) / next_momentum * (new_w - weight)
-            point_b = new_b + (momentum - 1.0) / next_momentum * (new_b - bias)
-            weight, bias, momentum, current = new_w, new_b, next_momentum, new_objective
-        if change < tolerance:
-            break
-    return weight, bias
+    config = model.task_config
+    target = ((labels.double() - config.target_mean) / config.target_std).numpy()
+    target = target - target.mean()  # lasso_path fits no intercept: centre both sides
+    alphas = np.asarray(l1_grid, dtype=np.float64) / 2
+    kept = torch.zeros(len(alphas), inputs.shape[1], inputs.shape[2], dtype=torch.bool)
+    for e in range(inputs.shape[1]):
+        x = inputs[:, e].double().numpy()
+        with warnings.catch_warnings():  # the weakest penalties may stop short of full convergence: they select
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            _, coefs, _ = lasso_path(x - x.mean(axis=0), target, alphas=alphas)
+        kept[:, e] = torch.from_numpy(coefs != 0).T
+    return kept
 
 
 def linear_predictions(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -167,23 +145,26 @@ def _loss_per_expert(model: EnECGTaskEnsemble, predictions: torch.Tensor, labels
 
 
 class _PenaltyPath:
-    """The linear paths along a grid of penalties, strongest first, each solution warm-starting the next: ridge (the
-    grid's L2 penalties) or sparse (L1 penalties, each fit refitted on the inputs it keeps with `refit_l2`)."""
+    """The linear paths along a grid of penalties: ridge (the grid's L2 penalties) or sparse (the inputs each L1
+    penalty keeps, refitted with `refit_l2`)."""
 
     def __init__(self, model: EnECGTaskEnsemble, selection: str, grid: Sequence[float], refit_l2: float):
         self.model, self.sparse, self.refit_l2 = model, selection == "sparse", refit_l2
-        self.grid = sorted(float(v) for v in grid)[::-1]
+        self.grid = sorted(float(v) for v in grid)[::-1]  # strongest first
 
-    def fit(self, inputs: torch.Tensor, labels: torch.Tensor, penalty: float, state=None):
-        """`(weight, bias, state)` at `penalty`; `state` warm-starts the next (weaker) penalty."""
-        if not self.sparse:
-            weight, bias = solve_linear_paths(self.model, inputs, labels, penalty, state)
-            return weight, bias, (weight, bias)
-        state = solve_sparse_paths(self.model, inputs, labels, penalty, state)
-        kept = (state[0] != 0).any(dim=1, keepdim=True)  # (experts, 1, width): the inputs the L1 fit keeps
-        weight, bias = solve_linear_paths(self.model, inputs * kept.squeeze(1), labels, self.refit_l2,
-                                          (state[0], state[1]))
-        return weight * kept, bias, state
+    def solve(self, inputs: torch.Tensor, labels: torch.Tensor,
+              penalties: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`(weight, bias)` at each of `penalties` (strongest first), each solution warm-starting the next."""
+        solutions, start = [], None
+        kept = lasso_supports(self.model, inputs, labels, penalties) if self.sparse else [None] * len(penalties)
+        for penalty, mask in zip(penalties, kept):
+            if mask is None:
+                start = solve_linear_paths(self.model, inputs, labels, penalty, start)
+            else:
+                weight, bias = solve_linear_paths(self.model, inputs * mask, labels, self.refit_l2, start)
+                start = (weight * mask[:, None, :], bias)
+            solutions.append(start)
+        return solutions
 
 
 def fit_linear_paths(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor], labels: torch.Tensor,
@@ -222,11 +203,9 @@ def fit_linear_paths(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor
     for train, held_out in folds:
         model.fit_head_standardization([e[train] for e in embeddings])
         inputs = _padded(standardized_embeddings(model, embeddings), width)
-        solutions, state = {}, None
+        solutions = dict(zip(grid, path.solve(inputs[train], labels[train], grid)))
         for g, penalty in enumerate(grid):
-            weight, bias, state = path.fit(inputs[train], labels[train], penalty, state)
-            solutions[penalty] = (weight, bias)
-            out_of_fold[g, held_out] = linear_predictions(inputs[held_out], weight, bias)
+            out_of_fold[g, held_out] = linear_predictions(inputs[held_out], *solutions[penalty])
         fits.append(solutions)
     losses = torch.stack([_loss_per_expert(model, out_of_fold[g], labels) for g in range(len(grid))])  # (grid, E)
     if selection == "sparse":  # the simplest (strongest penalty first) within the paired error, per expert
@@ -255,9 +234,8 @@ def fit_linear_paths(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor
     inputs = _padded(standardized_embeddings(model, embeddings), width)
     weight = torch.zeros(len(embeddings), model.task_config.num_labels, width)
     bias = torch.zeros(len(embeddings), model.task_config.num_labels)
-    state = None
-    for g in sorted(set(chosen.tolist())):
-        solution_weight, solution_bias, state = path.fit(inputs, labels, grid[g], state)
+    distinct = sorted(set(chosen.tolist()))
+    for g, (solution_weight, solution_bias) in zip(distinct, path.solve(inputs, labels, [grid[g] for g in distinct])):
         mask = chosen == g
         weight[mask], bias[mask] = solution_weight[mask], solution_bias[mask]
     result["weight"], result["bias"] = weight, bias
@@ -265,5 +243,5 @@ def fit_linear_paths(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor
     return result
 
 
-__all__ = ["DEFAULT_L1_GRID", "DEFAULT_L2_GRID", "LINEAR_SELECTIONS", "fit_linear_paths", "resolve_selection",
-           "solve_linear_paths", "solve_sparse_paths", "standardized_embeddings"]
+__all__ = ["DEFAULT_L1_GRID", "DEFAULT_L2_GRID", "LINEAR_SELECTIONS", "fit_linear_paths", "lasso_supports",
+           "resolve_selection", "solve_linear_paths", "standardized_embeddings"]
