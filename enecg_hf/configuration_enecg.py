@@ -101,8 +101,18 @@ class EnECGTaskConfig:
         return self._entry.get("unit")
 
     @property
+    def is_regression(self) -> bool:
+        return self._entry["problem_type"] == "regression"
+
+    @property
+    def target_scaling_is_set(self) -> bool:
+        """Whether a regression's target scaling was set from training labels (it is not the defaults 0 and 1); a
+        classification has none to set."""
+        return not self.is_regression or (self.target_mean, self.target_std) != (0.0, 1.0)
+
+    @property
     def num_labels(self) -> int:
-        if self._entry["problem_type"] == "regression":
+        if self.is_regression:
             return int(self._entry.get("num_labels", 1))
         return len(self._entry["class_names"])
 

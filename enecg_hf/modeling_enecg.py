@@ -507,7 +507,7 @@ class EnECGTaskEnsemble(nn.Module):
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """Classification logits divided by `logit_temperature` (temperature scaling; regression unchanged)."""
         temperature = float(self.task_config.logit_temperature)
-        if self.task_config.problem_type == "regression" or temperature == 1.0:
+        if self.task_config.is_regression or temperature == 1.0:
             return logits
         return logits / temperature
 
@@ -515,7 +515,7 @@ class EnECGTaskEnsemble(nn.Module):
         """A regression model trained with the default `target_mean=0, target_std=1` learns labels in their own unit
         (hundreds of ms): the loss is huge and training goes nowhere, without an error. Say so, once."""
         config = self.task_config
-        if config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0):
+        if config.target_scaling_is_set:
             return
         if not getattr(self, "_warned_target_scaling", False):
             self._warned_target_scaling = True
@@ -570,7 +570,7 @@ class EnECGTaskEnsemble(nn.Module):
 
     def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
         """Regression heads learn a standardised target; report it in the label's unit."""
-        if self.task_config.problem_type != "regression":
+        if not self.task_config.is_regression:
             return values
         return values.float() * self.task_config.target_std + self.task_config.target_mean
 

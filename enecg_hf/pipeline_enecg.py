@@ -364,7 +364,7 @@ def prepare_record(
 def _scores(task, logits: torch.Tensor) -> torch.Tensor:
     """What a task's logits (last axis: its outputs) say: the value (regression) or class probabilities (softmax;
     sigmoid for multi-label)."""
-    if task.problem_type == "regression":
+    if task.is_regression:
         return logits
     return torch.sigmoid(logits) if task.problem_type == "multi_label_classification" else torch.softmax(logits, -1)
 
@@ -372,7 +372,7 @@ def _scores(task, logits: torch.Tensor) -> torch.Tensor:
 def _task_values(task, scores: torch.Tensor, top_k: int | None = None) -> dict[str, Any]:
     """A task's prediction from its (num_labels,) scores: `{"label", "value", "unit"}` (the label's name) for
     regression, `{"label", "score", "scores": [{"label", "score"}, ... top_k]}` for classification."""
-    if task.problem_type == "regression":
+    if task.is_regression:
         return {"label": task.label_name, "value": float(scores[0]), "unit": task.label_unit}
     id2label = {int(k): v for k, v in task.id2label.items()}
     k = len(id2label) if top_k is None else max(1, min(int(top_k), len(id2label)))
@@ -561,7 +561,7 @@ class EnECGPipeline(ChunkPipeline):
         for task in config.task_configs:
             stacked = torch.from_numpy(np.stack(scores[task.label_name]))
             summary[task.label_name] = {
-                **_task_values(task, stacked.quantile(0.5, dim=0) if task.problem_type == "regression"
+                **_task_values(task, stacked.quantile(0.5, dim=0) if task.is_regression
                                else stacked.mean(dim=0), top_k),
                 **counts,
             }
@@ -579,7 +579,7 @@ class EnECGPipeline(ChunkPipeline):
                                 "is outside what the model can compute with")
         result = _task_values(task, _scores(task, logits), top_k)
         expert_scores = _scores(task, expert_logits)
-        if task.problem_type == "regression":
+        if task.is_regression:
             experts = {name: float(expert_scores[i, 0]) for i, name in enumerate(names)}
         else:
             id2label = {int(k): v for k, v in task.id2label.items()}

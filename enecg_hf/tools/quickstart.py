@@ -49,7 +49,7 @@ def predict_with_trained_model(folder: str, num_records: int, seed: int) -> dict
         logits, gate_weights = outputs[label].logits, outputs[label].gate_weights
         rows = []
         for i, (_, labels) in enumerate(records):
-            if task.problem_type == "regression":
+            if task.is_regression:
                 prediction = round(float(logits[i, 0]), 1)
             else:
                 prediction = task.id2label[int(logits[i].argmax())]
@@ -59,7 +59,7 @@ def predict_with_trained_model(folder: str, num_records: int, seed: int) -> dict
                 "gate_weights": {name: round(w, 3) for name, w in zip(model.expert_names, gate_weights[i].tolist())},
             })
         result = {"label": label, "unit": task.label_unit, "records": rows}
-        if task.problem_type == "regression":
+        if task.is_regression:
             errors = [abs(r["predicted"] - r["true"]) for r in rows if r["true"] is not None]
             result["mean_absolute_error"] = round(float(np.mean(errors)), 1)
         results[label] = result

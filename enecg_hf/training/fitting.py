@@ -249,7 +249,7 @@ def job_seed(seed: int, name: str) -> int:
 def prepare_targets(model: TaskModel, labels: torch.Tensor, weighting: str) -> None:
     """Set what the training records determine in the task's config: target scaling (regression) and class weights."""
     config = task_of(model).task_config
-    if config.problem_type == "regression":
+    if config.is_regression:
         values = labels.double()
         std = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
         config.target_mean, config.target_std = float(values.mean()), std if std > 1e-8 else 1.0

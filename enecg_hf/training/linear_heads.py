@@ -53,7 +53,7 @@ def resolve_selection(model: EnECGTaskEnsemble, selection: str) -> str:
     """`"sparse"` or `"ridge"`: `selection`, with `"auto"` sparse for a regression and ridge otherwise."""
     if selection not in LINEAR_SELECTIONS:
         raise ValueError(f"selection must be one of {LINEAR_SELECTIONS}, got {selection!r}")
-    regression = model.task_config.problem_type == "regression"
+    regression = model.task_config.is_regression
     if selection == "sparse" and not regression:
         raise ValueError("the sparse selection of linear paths is for regressions (the lasso of a squared error)")
     if selection == "auto":

@@ -78,7 +78,7 @@ def model_inputs(dataset, label: str | None = None, config=None):
         dataset = dataset.select(keep)
 
     feature = dataset.features[label]
-    classification = task is not None and task.problem_type != "regression"
+    classification = task is not None and not task.is_regression
     if classification:
         names = [task.id2label[i] for i in range(task.num_labels)]
         if isinstance(feature, datasets.ClassLabel):
@@ -132,8 +132,7 @@ def fit_label_statistics(model: EnECGModel, labels, class_weighting: str = "bala
 
 def label_statistics_are_set(model: EnECGModel) -> bool:
     """Whether `fit_label_statistics` (or `train.py`) has set the target scaling; classification needs nothing."""
-    config = task_of(model).task_config
-    return config.problem_type != "regression" or (config.target_mean, config.target_std) != (0.0, 1.0)
+    return task_of(model).task_config.target_scaling_is_set
 
 
 def head_standardization_is_set(model: EnECGModel) -> bool:
@@ -236,7 +235,7 @@ def _labels_of(dataset) -> torch.Tensor:
 
 
 def _describe_statistics(config) -> str:
-    if config.problem_type == "regression":
+    if config.is_regression:
         return f"target scaling mean {config.target_mean:.4g}, std {config.target_std:.4g}"
     return f"class weights {config.class_weights}"
 
