@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .expert_base import check_record_seconds
-from .expert_features import _import_neurokit, find_r_peaks
+from .neurokit_enecg import find_r_peaks, import_neurokit
 
 
 FLAT_RANGE = 1e-6  # a lead whose peak-to-peak range is below this (or that is not finite) is flat / missing
@@ -140,7 +140,7 @@ class EnECGBeatPooling:
             raise ValueError(f"Expert {expert_name!r}: beat_pooling points must be a positive integer, got "
                              f"{s['points']!r}")
         self.settings = s
-        self._nk = _import_neurokit(f"Beat pooling (expert {expert_name!r})")
+        self._nk = import_neurokit(f"Beat pooling (expert {expert_name!r})")
         self.leads = list(leads)
         self.detection_leads = [lead for lead in s["detection_leads"] if lead in self.leads] or self.leads[:1]
         self.sampling_rate = input_length / float(s["record_seconds"])

@@ -9,8 +9,10 @@ from typing import Any, Sequence
 
 from transformers import PreTrainedConfig
 
-from .expert_registry import EXPERT_TYPES
 from .preprocessing_enecg import STANDARD_LEAD_NAMES
+
+# The expert types a config may name; `expert_registry.expert_class` maps each to the class that implements it.
+EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade", "median_beat")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 HEAD_TYPES = ("linear_ffn", "ffn")
 REGRESSION_LOSSES = ("huber", "mse")

@@ -7,11 +7,7 @@ expert next to the foundation models (RR interval is directly measurable from R 
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
-import threading
-import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -19,6 +15,9 @@ import torch
 
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert, check_record_seconds
+from .neurokit_enecg import (
+    DELINEATION_METHODS, check_indices, delineator, find_r_peaks, import_neurokit, quiet_neurokit,
+)
 
 
 if TYPE_CHECKING:
@@ -33,75 +32,6 @@ FEATURE_RANGES = {
     "qrs": (0.02, 0.3), "qt": (0.12, 0.8), "qtc": (0.15, 0.9),
 }
 MIN_SECONDS = 2.0  # shorter signals are not analysed: every value is flagged missing
-# neurokit2 warns on degenerate signals; the expert silences that with `warnings.catch_warnings`, which saves and
-# restores the process-wide filter list. Two threads inside it at once restore each other's lists, and an "ignore
-# everything" filter can outlive both (every later warning of the process is lost). One measurement at a time holds
-# the filters; it costs little, as neurokit2's measurements hold the GIL most of the time anyway. Re-entrant: a
-# measurement calls `find_r_peaks`, which silences them too (and so do the median-beat expert and beat pooling).
-_WARNINGS_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def quiet_neurokit():
-    """neurokit2's warnings and numpy's floating-point warnings silenced, one thread at a time (`_WARNINGS_LOCK`)."""
-    with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _import_neurokit(expert: str = "The ECG-features expert"):
-    try:
-        import neurokit2
-    except ImportError as err:
-        raise ImportError(
-            f"{expert} needs neurokit2, an optional dependency: pip install enecg_hf[features] "
-            "(or pip install neurokit2)"
-        ) from err
-    return neurokit2
-
-
-# neurokit2's wave delineation methods (`nk.ecg_delineate(method=...)`, with its aliases) and the private function
-# behind each, which the expert calls directly (see `_delineate`).
-DELINEATION_METHODS = {
-    "dwt": "_dwt_ecg_delineator", "discrete wavelet transform": "_dwt_ecg_delineator",
-    "prominence": "_prominence_ecg_delineator", "peak-prominence": "_prominence_ecg_delineator",
-    "emrich": "_prominence_ecg_delineator", "emrich2024": "_prominence_ecg_delineator",
-    "peak": "_ecg_delineator_peak", "peaks": "_ecg_delineator_peak", "derivative": "_ecg_delineator_peak",
-    "gradient": "_ecg_delineator_peak", "cwt": "_ecg_delineator_cwt", "continuous wavelet transform": "_ecg_delineator_cwt",
-}
-
-
-def _delineator(method: str):
-    """neurokit2's own delineator function for `method`, or None if this neurokit2 has no such private function."""
-    try:
-        module = importlib.import_module("neurokit2.ecg.ecg_delineate")
-    except ImportError:
-        return None
-    return getattr(module, DELINEATION_METHODS[method.lower()], None)
-
-
-def _check_indices(indices: Any, length: int) -> None:
-    """Raise where neurokit2's `signal_formatpeaks` (the pandas output of `ecg_peaks` / `ecg_delineate`, which the
-    expert skips) would raise: an index at or past the end of the signal, or a negative one."""
-    for index in indices:
-        if not 0 <= index < length:
-            raise IndexError(f"index {index} outside a signal of {length} samples")
-
-
-def find_r_peaks(nk: Any, signal: np.ndarray, sampling_rate: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """`nk.ecg_peaks` without its pandas output: `nk.ecg_clean`, then neurokit2's detector and its output's index
-    check. Returns the cleaned signal and the R peaks (samples); `(None, no peaks)` when neurokit2 cannot process the
-    signal (it raises on degenerate signals in many ways; all mean "not measured")."""
-    with quiet_neurokit():
-        try:
-            cleaned = nk.ecg_clean(signal, sampling_rate=sampling_rate)
-            found = nk.ecg_findpeaks(cleaned, sampling_rate=sampling_rate, method="neurokit")["ECG_R_Peaks"]
-            _check_indices(found, cleaned.size)
-        except Exception:
-            return None, np.zeros(0, dtype=np.int64)
-    return cleaned, np.asarray(found, dtype=np.int64)
-
-
 def _median_duration(waves: dict[str, Any], start: str, end: str, sampling_rate: float) -> float:
     """Median over beats of (end - start) in seconds, ignoring beats where either mark is missing; NaN if none."""
     a = np.asarray(waves.get(start, []), dtype=float)
@@ -145,7 +75,7 @@ class EnECGFeaturesExpert(EnECGExpert):
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
-        self._nk = _import_neurokit()
+        self._nk = import_neurokit()
         if not float(self.settings["record_seconds"]) > 0:
             raise ValueError(f"Expert {config.name!r}: record_seconds must be positive")
         method = self.settings["delineation"]
@@ -154,7 +84,7 @@ class EnECGFeaturesExpert(EnECGExpert):
                 f"Expert {config.name!r}: delineation must be one of neurokit2's methods "
                 f"{sorted(set(DELINEATION_METHODS))}, got {method!r}"
             )
-        self._delineator = _delineator(method)
+        self._delineator = delineator(method)
         self.sampling_rate = config.input_length / float(self.settings["record_seconds"])
         self.embedding_dim = self.num_leads * 2 * len(FEATURE_NAMES)
 
@@ -219,7 +149,7 @@ class EnECGFeaturesExpert(EnECGExpert):
             if value[-1] >= len(cleaned):
                 value[-1] = np.nan
         for value in waves.values():
-            _check_indices([int(x) for x in value if ~np.isnan(x) and x > 0], len(cleaned))
+            check_indices([int(x) for x in value if ~np.isnan(x) and x > 0], len(cleaned))
         return {name: [x for x in value if x > 0 or np.isnan(x)] for name, value in waves.items()}
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -238,4 +168,4 @@ class EnECGFeaturesExpert(EnECGExpert):
         return torch.tensor(np.stack(rows), dtype=torch.float32, device=inputs.device)
 
 
-__all__ = ["EnECGFeaturesExpert", "FEATURE_NAMES", "find_r_peaks"]
+__all__ = ["EnECGFeaturesExpert", "FEATURE_NAMES"]

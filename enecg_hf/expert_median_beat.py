@@ -20,7 +20,7 @@ import torch
 from .beats_enecg import beats_in_window, bin_matrix, detect_beats, edge_names, flat_leads, window_edges
 from .configuration_enecg import EnECGExpertConfig
 from .expert_base import EnECGExpert, check_record_seconds
-from .expert_features import DELINEATION_METHODS, _delineator, _import_neurokit, quiet_neurokit
+from .neurokit_enecg import DELINEATION_METHODS, delineator, import_neurokit, quiet_neurokit
 
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class EnECGMedianBeatExpert(EnECGExpert):
 
     def __init__(self, config: EnECGExpertConfig, lead_names: Sequence[str]):
         super().__init__(config, lead_names)
-        self._nk = _import_neurokit("The median-beat expert")
+        self._nk = import_neurokit("The median-beat expert")
         s = self.settings
         where = f"Expert {config.name!r} (median_beat)"
         if not float(s["record_seconds"]) > 0:
@@ -163,7 +163,7 @@ class EnECGMedianBeatExpert(EnECGExpert):
         if not isinstance(method, str) or method.lower() not in DELINEATION_METHODS:
             raise ValueError(f"{where}: delineation must be one of neurokit2's methods "
                              f"{sorted(set(DELINEATION_METHODS))}, got {method!r}")
-        self._delineator = _delineator(method)
+        self._delineator = delineator(method)
         fs = self.sampling_rate
         # Window in samples from the R peak (sample k covers [k, k+1)), and the map averaging it into the points.
         self.window = (math.floor(start_ms * fs / 1000), math.ceil(stop_ms * fs / 1000))

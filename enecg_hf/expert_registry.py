@@ -1,21 +1,20 @@
-"""Which class implements each expert type. Add a new expert by adding its type to `EXPERT_TYPES` and its import to
-`expert_class`.
+"""Which class implements each expert type. Add a new expert by adding its type to `configuration_enecg.EXPERT_TYPES`
+and its import to `expert_class`.
 
-Cheap to import (no expert module is loaded until its type is asked for), so `configuration_enecg` takes
-`EXPERT_TYPES` from here: a config that names MOMENT does not import `momentfm` until a model is built.
+No expert module is loaded until its type is asked for: a config that names MOMENT does not import `momentfm` until a
+model is built. The configuration knows the types and nothing of the experts, which import it: no import loop.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .configuration_enecg import EXPERT_TYPES
+
 
 if TYPE_CHECKING:
     from .configuration_enecg import EnECGConfig, EnECGExpertConfig
     from .expert_base import EnECGExpert
-
-
-EXPERT_TYPES = ("moment", "dlinear", "timesnet", "tempo", "ecgfm", "features", "openecg", "deepfade", "median_beat")
 
 
 def expert_class(expert_type: str) -> type[EnECGExpert]:

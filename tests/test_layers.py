@@ -115,6 +115,6 @@ def test_the_check_finds_upward_and_private_imports_at_any_depth():
         "another folder"]
     # Downward, within a folder (private or not), the package's dunder names, and a package's own relative imports.
     assert violations("enecg_hf.training.run", "from ..features.store import feature_store_dir\n") == []
-    assert violations("enecg_hf.beats_enecg", "from .expert_features import _import_neurokit\n") == []
+    assert violations("enecg_hf.beats_enecg", "from .expert_features import _private_helper\n") == []
     assert violations("enecg_hf.features.store", "from .. import __version__\n") == []
     assert violations("enecg_hf.features", "from .store import CACHE_ENV\n", is_package=True) == []
