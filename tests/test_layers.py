@@ -6,8 +6,9 @@
 2. `training/`: above the store it reads;
 3. `tools/` and the command lines (`__main__` modules and `cli*` modules of any folder).
 
-No module imports from a layer above its own (also inside a function), and no module imports a private name
-(leading underscore) from another folder. Read with `ast`, without importing anything.
+No module imports from a layer above its own (also inside a function), no module imports a private name (leading
+underscore) of another module, and no modules import each other in a loop. Read with `ast`, without importing
+anything.
 """
 
 from __future__ import annotations
@@ -118,3 +119,61 @@ def test_the_check_finds_upward_and_private_imports_at_any_depth():
     assert violations("enecg_hf.beats_enecg", "from .expert_features import _private_helper\n") == []
     assert violations("enecg_hf.features.store", "from .. import __version__\n") == []
     assert violations("enecg_hf.features", "from .store import CACHE_ENV\n", is_package=True) == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports (a name imported from a module counts as that module), at any
+    depth (imports inside functions too: they tie the modules as much)."""
+    graph = {}
+    for module, source, is_package in package_modules():
+        graph[module] = {target for _, target, _ in imports_of(module, source, is_package) if target != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import loops of `graph`: its strongly connected components of two or more modules (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_check_finds_a_loop():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_loops_and_no_private_names_between_modules():
+    """No modules import each other in a loop, even through an import inside a function (the configuration once
+    imported the expert registry, which imports every expert, which imports the configuration); and no module takes a
+    private name of another (what two modules share is public in the one that owns it)."""
+    graph = import_graph()
+    assert len(graph) > 50
+    assert not cycles(graph), cycles(graph)
+    private = [f"{module}:{line} imports {target}.{name}" for module, source, is_package in package_modules()
+               for line, target, name in imports_of(module, source, is_package)
+               if name and is_private(name) and target != module]
+    assert not private, "\n".join(private)
