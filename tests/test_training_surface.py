@@ -99,7 +99,8 @@ linear = any(head.linear_path for head in heads)
 '''
     found = head_gate_internals(before, "before.py")
     assert [line.split(":")[0] for line in found] == ["2", "3", "4", "5"], found
-    assert not head_gate_internals("model.has_linear_paths\nmodel.trained_parameters()\nmodel.gate_state()\n", "after.py")
+    after = "model.has_linear_paths\nmodel.trained_parameters()\nmodel.gate_state()\n"
+    assert not head_gate_internals(after, "after.py")
 
 
 def test_training_reads_no_head_or_gate_internals():

@@ -24,7 +24,8 @@ from .table import FeatureTable
 from ..modeling_enecg import GATE_INPUTS_COLUMN
 
 __all__ = [
-    "CACHE_ENV", "GATE_INPUTS_COLUMN", "Column", "CorruptShard", "FeatureStore", "FeatureTable", "build_feature_cache", "build_features",
+    "CACHE_ENV", "GATE_INPUTS_COLUMN", "Column", "CorruptShard", "FeatureStore", "FeatureTable", "build_feature_cache",
+    "build_features",
     "column_fingerprints", "compute_feature_batch", "compute_features", "default_cache_root", "embedding_column",
     "expert_fingerprint", "feature_store_dir", "model_columns", "record_keys", "signal_digest",
 ]

@@ -187,8 +187,9 @@ class InProcessRunner:
 @dataclass
 class FitReport:
     """What a fit decided: epochs per expert (of the FFN on top of the linear path, for `linear_ffn` heads: 0 is the
-    linear path alone), out-of-fold losses, the stacked gate weights and the gate's epochs, each linear path's
-    L2 and L1 penalties and how many inputs it reads, and the temperature of the classification logits (`logit_temperature`, 1.0 when not calibrated).
+    linear path alone), out-of-fold losses, the stacked gate weights and the gate's epochs, each linear path's L2 and
+    L1 penalties and how many inputs it reads, and the temperature of the classification logits
+    (`logit_temperature`, 1.0 when not calibrated).
     `out_of_fold_predictions` (`stacked`): the heads' predictions of every training record by heads
     that never saw it, `(rows, experts, num_labels)` on the heads' scale (what the gate is fitted on; not saved),
     and `inner_folds`, the folds they come from (positions into the fit's rows; not saved)."""
@@ -357,7 +358,8 @@ class EnECGFitter:
         self._reset()
         prepare_targets(model, table.labels[rows], settings.class_weighting)
         report = FitReport(settings.strategy)
-        folds = self._inner_folds(table, rows, name) if settings.strategy == "stacked" or self.model.has_linear_paths else []
+        inner = settings.strategy == "stacked" or self.model.has_linear_paths
+        folds = self._inner_folds(table, rows, name) if inner else []
         report.inner_folds = folds
         linear = None
         if self.model.has_linear_paths:  # first the linear paths, on the same inner folds: cheap convex fits

@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import TrainingSetupError
+
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +93,13 @@ def setup_logging(state) -> None:
         datasets.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
 
+
 def run_command(argv: Sequence[str] | None, parse_args: Callable[[list[str]], Any], run: Callable[[Any], Any],
                 module: str | None = None) -> Any:
     """A command line's `main()`: parse `argv` (`sys.argv` by default) first, so that errors in the arguments show
     before any process starts; start the N CPU processes `accelerate launch --cpu --num_processes N` asked for
     (`module`: started as `python -m module`); then `run` them. `TrainingSetupError` exits with its message, not a
     traceback."""
-    from .errors import TrainingSetupError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)

@@ -20,7 +20,7 @@ one paired standard error of the lowest (`fewest_within_paired_error`). `"auto"`
 ridge for classification. Why sparse for regression: an output that must extrapolate carries every correlate's
 weight times its out-of-range value. LUDB-trained RR paths of the features expert leaned on `rr_std`, QT and QTc
 besides `rr_mean` (within the folds' noise on LUDB), and that cost 2-3 ms on Holter windows of MIT-BIH, where RR
-varies far more; the sparse path keeps `rr_mean` alone (MIT-BIH 10.5 -> 8.7 ms, Challenge 7.2 -> 5.5 ms, the
+varies far more; the sparse path keeps `rr_mean` alone (MIT-BIH 10.5 -> 8.7 ms, Challenge 7.0 -> 5.5 ms, the
 linear path alone). Class logits pass through a softmax; a sparse selection was not measured on classification and
 is not offered there.
 
