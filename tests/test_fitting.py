@@ -490,8 +490,44 @@ def test_the_sparse_path_keeps_the_measurement_and_drops_source_specific_correla
         else:
             assert (result["inputs"] == 16).all() and (result["l1"] == 0).all()
     assert errors["sparse"] < 5.0 and errors["ridge"] > 1.3 * errors["sparse"], errors  # 3.5 and 5.5 ms when written
-    assert resolve_selection(task_of(make_model()), "auto") == "sparse"
-    assert resolve_selection(task_of(make_model("single_label_classification")), "auto") == "ridge"
+    assert resolve_selection(task_of(make_model()), "auto") == ("sparse", "ridge")
+    assert resolve_selection(task_of(make_model("single_label_classification")), "auto") == ("ridge",)
+
+
+def test_auto_selection_keeps_the_sparse_path_unless_ridge_is_clearly_better():
+    """The default of a regression, per expert: the measurement's path stays sparse (1 input); an answer spread thin
+    over 16 weak inputs, where the lasso keeps a few and ridge's small weights on all of them generalise better,
+    gets the ridge path. Each expert's held-out error is then that of the better of the two."""
+    from enecg_hf.training.linear_heads import fit_linear_paths, linear_predictions, standardized_embeddings, _padded
+
+    rng = np.random.default_rng(0)
+    train, rows = 30, 230
+    labels = rng.normal(50, 15, rows)
+    measured = np.column_stack([labels / 100 * (1 + rng.normal(0, 0.01, rows)), rng.normal(0, 1, (rows, 15))])
+    diffuse = (labels[:, None] - 50) / 15 + rng.normal(0, 2, (rows, 16))
+    embeddings = [torch.tensor(a, dtype=torch.float32) for a in (measured, diffuse, diffuse)]
+    targets = torch.tensor(labels, dtype=torch.float32)
+    folds = subject_folds(np.asarray([f"s{i}" for i in range(train)]), 5, 0)
+    errors, results = {}, {}
+    for selection in ("auto", "sparse", "ridge"):
+        model = make_model()
+        prepare_targets(model, targets[:train], "none")
+        task = task_of(model)
+        results[selection] = fit_linear_paths(task, [e[:train] for e in embeddings], targets[:train], folds,
+                                              selection=selection)
+        task.fit_head_standardization([e[:train] for e in embeddings])
+        inputs = _padded(standardized_embeddings(task, embeddings), 16)[train:]
+        scaled = linear_predictions(inputs, results[selection]["weight"], results[selection]["bias"])[:, :, 0]
+        predicted = scaled.numpy() * task.task_config.target_std + task.task_config.target_mean
+        errors[selection] = np.abs(predicted - labels[train:, None]).mean(axis=0)
+    auto = results["auto"]
+    assert auto["inputs"].tolist() == [1, 16, 16] and auto["l1"][0] > 0 and (auto["l1"][1:] == 0).all()
+    assert auto["out_of_fold_loss"].shape == (2, 3) and auto["out_of_fold"].shape == (train, 3, 1)
+    assert errors["sparse"][0] < 0.8 * errors["ridge"][0] and errors["ridge"][1] < 0.9 * errors["sparse"][1], errors
+    np.testing.assert_allclose(errors["auto"], [errors["sparse"][0], *errors["ridge"][1:]], rtol=1e-5)
+    for k in range(len(folds)):  # the inner folds' fits come from the same choice
+        torch.testing.assert_close(auto[f"fold-{k}.weight"][1:], results["ridge"][f"fold-{k}.weight"][1:])
+        torch.testing.assert_close(auto[f"fold-{k}.weight"][0], results["sparse"][f"fold-{k}.weight"][0])
 
 
 def source_table(n_per_source: int = 60, seed: int = 0) -> FeatureTable:

@@ -107,9 +107,10 @@ class FitSettings:
             The joint strategy has no out-of-fold predictions and keeps 1. Not a `train.py` flag.
         linear_l2: the L2 penalties tried for the heads' linear paths (`head_type="linear_ffn"`); each expert's is
             chosen by its out-of-fold loss over the inner folds (`linear_heads`). Not a `train.py` flag.
-        linear_selection: which inputs each linear path reads (`linear_heads`): `"auto"` (default; sparse for
-            regression, ridge for classification), `"sparse"` (relaxed lasso: the fewest inputs within one paired
-            standard error of the lowest out-of-fold loss) or `"ridge"` (all inputs). Not a `train.py` flag.
+        linear_selection: which inputs each linear path reads (`linear_heads`): `"auto"` (default; for regression
+            each expert's sparse path unless its ridge path's out-of-fold loss is lower by more than one paired
+            standard error, ridge for classification), `"sparse"` (relaxed lasso: the fewest inputs within one
+            paired standard error of the lowest out-of-fold loss) or `"ridge"` (all inputs). Not a `train.py` flag.
         seed: every job's seed derives from it.
     """
 
