@@ -151,6 +151,14 @@ def _loss_per_expert(model: EnECGTaskEnsemble, predictions: torch.Tensor, labels
     return torch.stack([model.loss_function(predictions[:, e], labels) for e in range(predictions.shape[1])])
 
 
+def _fold_losses(model: EnECGTaskEnsemble, candidates: Sequence[torch.Tensor], labels: torch.Tensor,
+                 folds: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """Each candidate's loss per expert on each fold's held-out rows, `(folds, candidates, experts)`, from the
+    candidates' out-of-fold predictions `(rows, experts, num_labels)` each."""
+    return torch.stack([torch.stack([_loss_per_expert(model, c[held_out], labels[held_out]) for c in candidates])
+                        for _, held_out in folds])
+
+
 class _PenaltyPath:
     """The linear paths along a grid of penalties: ridge (the grid's L2 penalties) or sparse (the inputs each L1
     penalty keeps, refitted with `refit_l2`)."""
@@ -214,8 +222,7 @@ def _simplest_within_paired_error(model: EnECGTaskEnsemble, results: Sequence[di
     """Each expert's path from the first of `results` (the fits of nested selections, simplest first) whose
     out-of-fold loss is within one paired standard error of the lowest over `folds` (`fewest_within_paired_error`),
     in `fit_linear_paths`' layout."""
-    per_fold = torch.stack([torch.stack([_loss_per_expert(model, r["out_of_fold"][held_out], labels[held_out])
-                                         for r in results]) for _, held_out in folds])  # (folds, results, experts)
+    per_fold = _fold_losses(model, [r["out_of_fold"] for r in results], labels, folds)  # (folds, results, experts)
     chosen = [fewest_within_paired_error(per_fold[:, :, e]) for e in range(per_fold.shape[-1])]
     merged = {"out_of_fold_loss": torch.stack([_loss_per_expert(model, r["out_of_fold"], labels) for r in results])}
     for key in results[0].keys() - merged.keys():  # the experts along dimension 0, `out_of_fold`'s along 1
@@ -243,8 +250,7 @@ def _fit_selection(model: EnECGTaskEnsemble, embeddings: Sequence[torch.Tensor],
         fits.append(solutions)
     losses = torch.stack([_loss_per_expert(model, out_of_fold[g], labels) for g in range(len(grid))])  # (grid, E)
     if selection == "sparse":  # the simplest (strongest penalty first) within the paired error, per expert
-        per_fold = torch.stack([torch.stack([_loss_per_expert(model, out_of_fold[g, held_out], labels[held_out])
-                                             for g in range(len(grid))]) for _, held_out in folds])  # (folds, grid, E)
+        per_fold = _fold_losses(model, out_of_fold, labels, folds)  # (folds, grid, E)
         chosen = torch.tensor([fewest_within_paired_error(per_fold[:, :, e]) for e in range(len(embeddings))])
     else:
         chosen = losses.argmin(dim=0)
