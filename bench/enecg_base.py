@@ -182,11 +182,14 @@ def routing(task, train: np.ndarray, test: np.ndarray, report, settings, config,
 
 
 # ---------------------------------------------------------------------------------------------------------- the run
-def run_task(task, fractions, settings, config, analyses: bool, first_folds: int | None = None) -> dict:
+def run_task(task, fractions, settings, config, analyses: bool, outer_folds: list[int] | None = None) -> dict:
+    """One task's learning curve and routing over `outer_folds` (numbered from 1; default all)."""
     spec, table = task.spec, task.table
     metric = load_metric(spec.problem_type)
     folds = []
-    for i, (train, test) in enumerate(task.folds[:first_folds]):
+    for i, (train, test) in enumerate(task.folds):
+        if outer_folds is not None and i + 1 not in outer_folds:
+            continue
         fold = {"fold": i + 1, "test_records": int(len(test)), "fractions": {}}
         for fraction in fractions:
             rows = subsample_subjects(train, table.groups, fraction, settings.seed + i)
@@ -232,7 +235,7 @@ def measure(args) -> dict:
         }
         for task in tasks:  # each task's results saved as soon as they are in (a long run can be stopped)
             results["tasks"][task.spec.name] = run_task(task, fractions, settings, config, args.analyses,
-                                                        args.first_folds)
+                                                        folds_to_run(args))
             partial = {**results, "run": {"elapsed_s": round(time.perf_counter() - started, 1), "partial": True}}
             args.output.with_suffix(".partial.json").write_text(json.dumps(partial, indent=1) + "\n")
     results["run"] = {"load_average_start": list(load), "load_average_end": list(os.getloadavg()),
@@ -240,18 +243,30 @@ def measure(args) -> dict:
     return results
 
 
+def folds_to_run(args) -> list[int] | None:
+    """The outer folds to run (numbered from 1), from `--folds` or `--first-folds`; None: all."""
+    if args.folds:
+        return sorted({int(f) for f in args.folds.split(",")})
+    return list(range(1, args.first_folds + 1)) if args.first_folds else None
+
+
 def combine(parts: list[dict]) -> dict:
-    """One result from runs over other fractions (or tasks): fold entries merged."""
+    """One result from runs over other fractions, tasks or outer folds: fold entries merged by fold number."""
     results = parts[0]
     for part in parts[1:]:
         for name, block in part["tasks"].items():
             mine = results["tasks"].setdefault(name, block)
             if mine is block:
                 continue
-            for fold, other in zip(mine["folds"], block["folds"]):
+            by_number = {fold["fold"]: fold for fold in mine["folds"]}
+            for other in block["folds"]:
+                fold = by_number.setdefault(other["fold"], other)
+                if fold is other:
+                    continue
                 fold["fractions"].update(other["fractions"])
                 if "routing" in other:
                     fold["routing"] = other["routing"]
+            mine["folds"] = [by_number[number] for number in sorted(by_number)]
         results["setup"]["fractions"] = sorted(set(results["setup"]["fractions"]) | set(part["setup"]["fractions"]))
         results["run"]["elapsed_s"] = max(results["run"]["elapsed_s"], part["run"]["elapsed_s"])
     results["tasks"] = {t: results["tasks"][t] for t in TASKS if t in results["tasks"]}
@@ -352,6 +367,8 @@ def main() -> None:
     add("--analyses", action=argparse.BooleanOptionalAction, default=True,
         help="the routing comparison at 100 %% (default on)")
     add("--first-folds", type=int, default=None, help="only the first N outer folds (a quick look)")
+    add("--folds", default=None, help="comma-separated outer folds to run, numbered from 1 (e.g. 4,5; runs over "
+        "other folds are merged with --combine)")
     add("--combine", nargs="+", type=Path, metavar="JSON", help="merge runs into --output")
     args = options.parse_args()
     if args.render_only:

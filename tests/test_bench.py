@@ -297,3 +297,22 @@ def test_learning_curve_subsamples_whole_subjects_nested(monkeypatch):
         chosen = set(groups[rows])
         assert set(train[np.isin(groups[train], list(chosen))]) == set(rows)
     assert not np.array_equal(quarter, subsample_subjects(train, groups, 0.25, seed=8))
+
+
+def test_learning_curve_runs_over_other_folds_combine_by_fold_number(monkeypatch):
+    """bench/enecg_base.py --combine: runs over other outer folds (--folds 4,5 after --first-folds 3) become one task
+    block with every fold once, in order, and runs over other fractions of the same fold merge into that fold."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from enecg_base import combine
+
+    def run(folds, fraction, seconds):
+        entries = [{"fold": f, "fractions": {fraction: {"fold_seen": f}}} for f in folds]
+        return {"tasks": {"age": {"folds": entries}}, "setup": {"fractions": [float(fraction)]},
+                "run": {"elapsed_s": seconds}}
+
+    merged = combine([run([1, 2, 3], "1.0", 10.0), run([4, 5], "1.0", 30.0), run([2], "0.5", 5.0)])
+    folds = merged["tasks"]["age"]["folds"]
+    assert [f["fold"] for f in folds] == [1, 2, 3, 4, 5]
+    assert all(f["fractions"]["1.0"] == {"fold_seen": f["fold"]} for f in folds)
+    assert set(folds[1]["fractions"]) == {"1.0", "0.5"} and set(folds[0]["fractions"]) == {"1.0"}
+    assert merged["setup"]["fractions"] == [0.5, 1.0] and merged["run"]["elapsed_s"] == 30.0
