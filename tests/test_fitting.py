@@ -13,7 +13,8 @@ import torch
 from enecg_hf import EnECGConfig, EnECGModel
 from enecg_hf.features import FeatureTable
 from enecg_hf.training.fitting import (
-    EnECGFitter, FitSettings, InProcessRunner, fewest_within_paired_error, fit_enecg, job_seed,
+    EXCLUDED_LOG_WEIGHT, EnECGFitter, FitSettings, InProcessRunner, fewest_within_paired_error, fit_enecg,
+    floored_log_weights, job_seed,
     one_standard_error_epoch, predict, prepare_targets, reset_heads_and_gate, subject_folds, task_of,
 )
 
@@ -623,6 +624,55 @@ def test_stacking_gives_weight_only_to_the_experts_held_out_records_ask_for():
     sparse = make_model()
     fit_enecg(sparse, table, np.arange(120), FitSettings(**FAST))
     assert float(predict(sparse, table, np.arange(5))["gate_weights"][:, 1:].max()) == 0.0
+
+
+def routing_table(n: int, seed: int, share: float) -> tuple[FeatureTable, np.ndarray]:
+    """A measurement (expert 0) that is off by +300 on a rare kind of record (`share` of them, flagged in the gate's
+    input), and an expert (1) that is exact on those records and 15 % off on the others: stacking keeps expert 0
+    alone, and only a gate that reads the flag can use expert 1 where it is right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.uniform(600, 1100, n)
+    rare = rng.random(n) < share
+    measured = (labels / 1000 + 0.3 * rare) * (1 + rng.normal(0, 0.003, n))
+    other = labels / 1000 * (1 + np.where(rare, 0.0, 0.15) * rng.normal(0, 1, n))
+    gate_inputs = rng.normal(0, 1, (n, 20))
+    gate_inputs[:, 0] = np.where(rare, 3.0, -3.0)
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    embeddings = [np.concatenate([column[:, None], rng.normal(0, 1, (n, 15))], 1) for column in (measured, other)]
+    return FeatureTable([as_tensor(e) for e in embeddings] + [as_tensor(rng.normal(0, 1, (n, 16)))],
+                        as_tensor(gate_inputs), as_tensor(labels), np.asarray([f"s{i}" for i in range(n)])), rare
+
+
+def test_floored_log_weights_raise_every_weight_to_the_floor():
+    log_weights = torch.tensor([0.0, EXCLUDED_LOG_WEIGHT, EXCLUDED_LOG_WEIGHT])
+    weights = torch.softmax(floored_log_weights(log_weights, 0.01), 0)
+    assert torch.allclose(weights, torch.tensor([1.0, 0.01, 0.01]) / 1.02)
+    assert floored_log_weights(log_weights, 0.0) is log_weights
+    with pytest.raises(ValueError, match="gate_weight_floor"):
+        FitSettings(gate_weight_floor=1.0)
+
+
+def test_the_gate_can_route_to_an_expert_stacking_left_out():
+    """Sparse stacking gives expert 1 a weight of exactly 0, where the softmax passes it no gradient: started there
+    (`gate_weight_floor=0`, the behaviour before) the gate can never learn that the flagged records need it. Started
+    from the floored weights (default), the cross-validated gate routes those records to it."""
+    table, rare = routing_table(240, seed=2, share=0.08)
+    train, test = np.arange(180), np.arange(180, 240)
+    truth = table.labels[test].numpy()
+    results = {}
+    for floor in (0.0, 0.01):
+        model = make_model()
+        report = fit_enecg(model, table, train, FitSettings(**dict(FAST, gate_epochs=40, gate_weight_floor=floor)))
+        assert report.stacked_weights["memorizer"] == 0.0  # stacking leaves it out either way
+        out = predict(model, table, test)
+        results[floor] = (report.gate_epochs, np.abs(out["logits"][:, 0] - truth), out["gate_weights"])
+    epochs, errors, weights = results[0.0]
+    assert epochs == 0 and float(weights[:, 1].max()) == 0.0  # no gradient: the stacked weights stay
+    epochs, floored_errors, weights = results[0.01]
+    assert epochs > 0
+    assert weights[rare[test], 1].mean() > 0.5 > weights[~rare[test], 1].mean()
+    assert floored_errors[rare[test]].mean() < 0.5 * errors[rare[test]].mean()
+    assert floored_errors.mean() < 0.6 * errors.mean()
 
 
 def test_a_gate_that_reads_the_heads_predictions_fits_saves_and_reloads(tmp_path):

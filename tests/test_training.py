@@ -914,7 +914,7 @@ def test_the_options_of_a_fit_take_their_defaults_from_fit_settings(monkeypatch)
     options = [f.name for f in dataclasses.fields(arguments.TrainScriptArguments) if f.name in settings]
     # The other settings (early_stopping, gate_predictions, stacking, ffn_epochs, calibration, linear_l2) are no flags.
     assert options == ["strategy", "epochs", "batch_size", "learning_rate", "weight_decay", "inner_folds", "patience",
-                       "gate_epochs", "gate_learning_rate", "class_weighting", "inner_groups", "seed"]
+                       "gate_epochs", "gate_learning_rate", "gate_weight_floor", "class_weighting", "inner_groups", "seed"]
     assert arguments.TrainScriptArguments().fit_settings() == FitSettings()
     for name in ("strategy", "class_weighting", "inner_groups"):  # choices: the values FitSettings accepts
         choices = next(f for f in dataclasses.fields(arguments.FitArguments) if f.name == name).metadata["choices"]

@@ -98,6 +98,9 @@ class FitArguments:
     gate_epochs: int = fit_setting("gate_epochs", help=(
         "most epochs of the gate's input-dependent part (early-stopped; 0: stacked weights only)"))
     gate_learning_rate: float = fit_setting("gate_learning_rate")
+    gate_weight_floor: float = fit_setting("gate_weight_floor", help=(
+        "the gate's input-dependent part starts from the stacked weights with every expert at least this weight, so "
+        "that it can route to an expert stacking left out (0: from the stacked weights; epoch 0 is always them)"))
     class_weighting: str = fit_setting("class_weighting", help=(
         "classification: weigh classes by inverse frequency (balanced) or records equally"),
         choices=list(CLASS_WEIGHTINGS))

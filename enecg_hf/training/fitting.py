@@ -76,6 +76,11 @@ class FitSettings:
         gate_epochs, gate_learning_rate: most epochs and learning rate of the gate's input-dependent part (its
             epoch count is cross-validated over the out-of-fold predictions, 0 included; `gate_epochs=0` keeps only
             the stacked weights).
+        gate_weight_floor: where the input-dependent part starts: the stacked weights with every expert at least
+            this weight (renormalised). Sparse stacking gives a left-out expert a weight of exactly 0, where the
+            softmax passes it no gradient, so a gate started there could never route to it (0: start at the stacked
+            weights themselves). Epoch 0 of the cross-validation - what the gate keeps unless held-out records ask
+            for more - is always the stacked weights without the floor.
         class_weighting: `"balanced"` weighs each class of single-label classification by the inverse of its
             frequency in the training records (so a rare rhythm is not ignored), `"none"` weighs records equally.
         early_stopping: `False` trains every head for all `epochs` (an ablation; the inner folds still give the
@@ -122,6 +127,7 @@ class FitSettings:
     inner_folds: int = 5
     gate_epochs: int = 100
     gate_learning_rate: float = 3e-3
+    gate_weight_floor: float = 0.01
     class_weighting: str = "balanced"
     early_stopping: bool = True
     patience: int = 20
@@ -158,6 +164,8 @@ class FitSettings:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.gate_epochs < 0:
             raise ValueError(f"gate_epochs must be >= 0, got {self.gate_epochs}")
+        if not 0 <= self.gate_weight_floor < 1:
+            raise ValueError(f"gate_weight_floor must be in [0, 1), got {self.gate_weight_floor}")
         for name in ("learning_rate", "gate_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -263,6 +271,15 @@ def prepare_targets(model: TaskModel, labels: torch.Tensor, weighting: str) -> N
             present = counts > 0
             weights = torch.where(present, counts.sum() / (present.sum() * counts.clamp_min(1)), torch.ones_like(counts))
             config.class_weights = [round(float(w), 6) for w in weights]
+
+
+def floored_log_weights(log_weights: torch.Tensor, floor: float) -> torch.Tensor:
+    """The log-weights `(experts,)` of `softmax(log_weights)` with every weight raised to at least `floor` and
+    renormalised (`floor=0`: `log_weights` unchanged)."""
+    if floor <= 0:
+        return log_weights
+    weights = torch.softmax(log_weights.double(), 0).clamp_min(floor)
+    return torch.log(weights / weights.sum()).to(log_weights.dtype)
 
 
 def stack_experts(loss_function: Callable, predictions: torch.Tensor, labels: torch.Tensor,
@@ -556,24 +573,28 @@ class EnECGFitter:
         model.fit_gate_input_standardization(predictions)
         inputs = model.gate_features(table.gate_inputs[rows], predictions).float()
 
-        # 2. The input-dependent part, from zero. Its number of epochs is cross-validated over these records (by
-        # subject, or by institution: `_fold_groups`), with the one-standard-error rule: the fewest epochs whose held-out loss is within one standard
-        # error of the best. 0 - the stacked weights alone - unless held-out records clearly say otherwise: on a few
-        # hundred records a gate reading raw leads mostly learns noise (docs/benchmarks.md, ablations).
+        # 2. The input-dependent part, from zero, on top of the stacked weights with a floor (`gate_weight_floor`).
+        # Its number of epochs is cross-validated over these records (by subject, or by institution:
+        # `_fold_groups`), with the one-standard-error rule: the fewest epochs whose held-out loss is within one
+        # standard error of the best, where epoch 0 is the stacked weights alone. 0 unless held-out records clearly
+        # say otherwise: on a few hundred records a gate reading raw leads mostly learns noise (docs/benchmarks.md,
+        # ablations).
         best_epoch = 0
         groups = self._fold_groups(table, rows)
         if self.settings.gate_epochs > 0 and len(set(groups.tolist())) >= 2:
             gate_start = {k: v.detach().clone() for k, v in model.gate.state_dict().items()}
+            floored = floored_log_weights(log_weights, self.settings.gate_weight_floor)
             curves = []
             for fold, (fit_part, check_part) in enumerate(
                     subject_folds(groups, self.settings.inner_folds, job_seed(self.settings.seed, name))):
                 model.gate.load_state_dict(gate_start)
                 curves.append(self._train_gate(inputs, predictions, labels, fit_part, self.settings.gate_epochs,
-                                               f"{name}/cv-{fold}", check_part))
+                                               f"{name}/cv-{fold}", check_part, start_log_weights=floored))
             best_epoch = one_standard_error_epoch(torch.stack(curves))
             model.gate.load_state_dict(gate_start)
             if best_epoch:
-                self._train_gate(inputs, predictions, labels, np.arange(len(rows)), best_epoch, f"{name}/all")
+                self._train_gate(inputs, predictions, labels, np.arange(len(rows)), best_epoch, f"{name}/all",
+                                 start_log_weights=floored)
         state = model.gate_state()
         state["report.stacked_weights"] = stacked
         state["report.gate_epochs"] = torch.tensor(best_epoch)
@@ -610,11 +631,12 @@ class EnECGFitter:
         return stack_experts(self.model.loss_function, predictions, labels, folds, self.settings.stacking)
 
     def _train_gate(self, inputs: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
-                    fit_part: np.ndarray, epochs: int, name: str, check_part: np.ndarray | None = None
-                    ) -> torch.Tensor | None:
+                    fit_part: np.ndarray, epochs: int, name: str, check_part: np.ndarray | None = None,
+                    start_log_weights: torch.Tensor | None = None) -> torch.Tensor | None:
         """Train the gate on positions `fit_part` of its records for `epochs` epochs, reading `inputs` (records,
         gate input size; `EnECGTaskEnsemble.gate_features`) and mixing `predictions`; with `check_part`, the loss on
-        those positions before training and after every epoch, `(epochs + 1,)`."""
+        those positions before training (the gate as it is) and after every epoch, `(epochs + 1,)`. With
+        `start_log_weights` `(experts,)`, training starts from those input-independent log-weights."""
         model = self.model
 
         def check_loss() -> torch.Tensor:
@@ -626,6 +648,8 @@ class EnECGFitter:
         optimizer = torch.optim.AdamW(self._trainable("gate."), lr=self.settings.gate_learning_rate,
                                       weight_decay=self.settings.weight_decay, foreach=True)
         curve = [check_loss()] if check_part is not None else []
+        if start_log_weights is not None and epochs > 0:
+            model.gate.set_stacked_log_weights(start_log_weights)
         patience = Patience(self.settings.patience, curve[0] if curve else None)
         for epoch in range(1, epochs + 1):
             model.gate.train()  # the gate alone: model.train() walks every expert's modules (a 20 ms tree walk)
