@@ -162,3 +162,17 @@ def test_model_card_usage_snippets_run_as_written(tmp_path, monkeypatch):
     direct = namespace["ecg"](namespace["record"].p_signal.T, sampling_rate=500,
                               lead_names=namespace["record"].sig_name)
     assert direct["value"] == pytest.approx(float(output.logits[0, 0]), rel=1e-5)
+
+
+def test_the_card_says_what_the_gate_reads():
+    """The card's description of the gate follows `gate_type` and `gate_input` (the shipped model's gate reads the
+    heads' predictions, not lead II)."""
+    from enecg_hf import EnECGConfig
+    from enecg_hf.training.model_card import gate_description
+
+    experts = [{"name": "dlinear", "type": "dlinear", "input_length": 500, "settings": {"preset": "tiny"}}]
+    assert gate_description(EnECGConfig(experts=experts, gate_leads=["II", "V1"])) == (
+        "learned softmax gate reading II, V1")
+    assert gate_description(EnECGConfig(experts=experts, gate_input="predictions")) == (
+        "learned softmax gate reading the heads' predictions")
+    assert gate_description(EnECGConfig(experts=experts, gate_type="uniform")) == "uniform average (no learned gate)"

@@ -169,6 +169,15 @@ def _task_descriptions(tasks: list[dict[str, Any]], multitask: bool) -> dict[str
     }
 
 
+def gate_description(config) -> str:
+    """What the card says the gate is: the uniform average, or a learned gate and what it reads per record."""
+    if config.gate_type != "learned":
+        return "uniform average (no learned gate)"
+    if getattr(config, "gate_input", "leads") == "predictions":
+        return "learned softmax gate reading the heads' predictions"
+    return "learned softmax gate reading " + ", ".join(config.gate_leads)
+
+
 def _model_descriptions(model: EnECGModel, multitask: bool) -> dict[str, Any]:
     """The template's words on the model itself: experts and their sources, heads, gate, input layout."""
     config = model.config
@@ -178,9 +187,7 @@ def _model_descriptions(model: EnECGModel, multitask: bool) -> dict[str, Any]:
         "expert_table": expert_table(model),
         "adaptation_description": (f"LoRA r={config.lora_r}, alpha={config.lora_alpha}" if config.adaptation == "lora"
                                    else "trained fully"),
-        "gate_description": ("learned softmax gate reading " + ", ".join(config.gate_leads)
-                             if config.gate_type == "learned" else "uniform average (no learned gate)")
-                            + (" per task" if multitask else ""),
+        "gate_description": gate_description(config) + (" per task" if multitask else ""),
         "leads": len(config.lead_names), "lead_names": config.lead_names, "input_length": config.input_length,
         "sampling_rate": config.sampling_rate, "seconds": f"{config.input_length / config.sampling_rate:g}",
         "normalization": config.normalization, "head_type": getattr(config, "head_type", "ffn"),
