@@ -60,7 +60,7 @@ BATCH, PATIENCE = 128, 20
 # (from exactly 0 the softmax gives it no gradient).
 WEIGHT_FLOOR = 0.01
 ROUTERS = ("lead_ii", "predictions", "embeddings")  # what the gate network reads
-ROUTER_LABELS = {"stacked": "stacked weights only (default)",
+ROUTER_LABELS = {"stacked": "stacked weights only (lead-II gate at 0 epochs)",
                  "stacked_with_floor": f"stacked weights, each at least {WEIGHT_FLOOR:.0%} (where the gates start)",
                  "lead_ii": "gate on lead II (500 samples)", "predictions": "gate on the heads' predictions",
                  "embeddings": "gate on the experts' embeddings"}
