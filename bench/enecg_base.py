@@ -43,7 +43,7 @@ from enecg_hf.modeling_enecg import EnECGGate, mix_experts
 from enecg_hf.tools.build_model import SOURCES, TASKS, build_datasets
 from enecg_hf.training import TrainScriptArguments, baseline_predictions, fit_enecg, load_metric, predict, score
 from enecg_hf.training.configs import resolve_config_path
-from enecg_hf.training.fitting import one_standard_error_epoch, subject_folds
+from enecg_hf.training.fitting import FitSettings, floored_log_weights, one_standard_error_epoch, subject_folds
 from enecg_hf.training.run import build_model_and_features, load_tasks
 from enecg_hf.training.scoring import summarize
 from harness import DATA_DIR, REPO, machine_info, markdown_table, parser, save
@@ -56,9 +56,9 @@ HEADLINE = {"regression": "mae", "single_label_classification": "auroc"}
 # The routers' training: larger batches than train.py's gate (32) and early ending keep ~25 gate fits per outer fold
 # affordable; the epoch count is still chosen by held-out loss.
 BATCH, PATIENCE = 128, 20
-# Where a router starts: the stacked weights with a floor, so that an expert stacking left out can be routed to
-# (from exactly 0 the softmax gives it no gradient).
-WEIGHT_FLOOR = 0.01
+# Where a router starts: the stacked weights with the package gate's floor, so that an expert stacking left out can
+# be routed to (from exactly 0 the softmax gives it no gradient).
+WEIGHT_FLOOR = FitSettings().gate_weight_floor
 ROUTERS = ("lead_ii", "predictions", "embeddings")  # what the gate network reads
 ROUTER_LABELS = {"stacked": "stacked weights only (lead-II gate at 0 epochs)",
                  "stacked_with_floor": f"stacked weights, each at least {WEIGHT_FLOOR:.0%} (where the gates start)",
@@ -147,7 +147,7 @@ def routing(task, train: np.ndarray, test: np.ndarray, report, settings, config,
         test_predictions = target.compute_expert_logits([e[test] for e in table.expert_embeddings]).float()
     train_predictions = report.out_of_fold_predictions.float()
     stacked = torch.tensor([report.stacked_weights[n] for n in target.expert_names])
-    log_weights = torch.log(stacked.clamp_min(WEIGHT_FLOOR))
+    log_weights = floored_log_weights(torch.log(stacked), WEIGHT_FLOOR)
     labels_train, labels_test = table.labels[train], table.labels[test].numpy()
     inputs = {
         "lead_ii": (table.gate_inputs[train].float(), table.gate_inputs[test].float()),

@@ -173,7 +173,7 @@ def gate_description(config) -> str:
     """What the card says the gate is: the uniform average, or a learned gate and what it reads per record."""
     if config.gate_type != "learned":
         return "uniform average (no learned gate)"
-    if getattr(config, "gate_input", "leads") == "predictions":
+    if config.gate_input == "predictions":
         return "learned softmax gate reading the heads' predictions"
     return "learned softmax gate reading " + ", ".join(config.gate_leads)
 
